@@ -1,0 +1,212 @@
+"""Memory: budgets, measurement, and a per-tile log.
+
+One place for everything about bytes:
+
+* :func:`parse_bytes` turns ``"2GB"`` / ``"512MiB"`` / ``2e9`` into an int.
+* :func:`default_budget` is the working-memory budget when the user gives none: a safe
+  fraction of what the device has free.
+* :class:`MemoryLog` records, for every tile the engine processed, its rectangle (in LR
+  cells), the bytes the planner accounted for it and the measured peak (CUDA allocator
+  statistics on GPUs, the process resident set size on CPU). The napari memory layer and the
+  CLI report are drawn from it.
+* :func:`is_out_of_memory` recognises the allocation failures that trigger a retry with
+  smaller tiles.
+
+The budget bounds the engine's *working* memory (tiles of weights, gathered neighbour
+values, partial outputs). Inputs and the output array are not counted: the output is what
+the user asked for and can be a memory-mapped file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(value: "int | float | str | None", name: str = "max_memory") -> Optional[int]:
+    """Parse a byte count: an int/float, or a string like ``"2GB"``, ``"1.5 GiB"``, ``"512MB"``.
+
+    GB/MB/kB are powers of ten, GiB/MiB/KiB powers of two. None and ``"auto"`` return None
+    (meaning: use :func:`default_budget`).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: give a number of bytes or a string like '2GB'")
+    if isinstance(value, (int, float)):
+        if not (value > 0) or value != value or value == float("inf"):
+            raise ValueError(f"{name}={value!r}: the memory budget must be a positive number of bytes")
+        return int(value)
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)", text)
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(
+            f"{name}={value!r} is not a size; use bytes or a string like '2GB', '512MiB', '1.5GiB'"
+        )
+    nbytes = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if nbytes <= 0:
+        raise ValueError(f"{name}={value!r}: the memory budget must be positive")
+    return nbytes
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable size with binary units (``1.5 GiB``)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def available_bytes(device: torch.device) -> int:
+    """Bytes the device has free now (CUDA: driver free memory; CPU/MPS: available RAM)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def default_budget(device: torch.device) -> int:
+    """Working-memory budget when the user gives none.
+
+    CUDA: 60% of free device memory. CPU/MPS: 40% of available RAM, capped at 8 GiB (bigger
+    tiles do not make the CPU faster; they only take memory from the rest of the machine).
+    """
+    free = available_bytes(device)
+    if device.type == "cuda":
+        return int(free * 0.6)
+    return int(min(free * 0.4, 8 * 2**30))
+
+
+def process_rss() -> int:
+    """Resident set size of this process in bytes (0 when it cannot be read)."""
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except Exception:  # pragma: no cover - psutil is a dependency, but never fail on a reading
+        return 0
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for allocation failures worth retrying with a smaller tile."""
+    if isinstance(exc, MemoryError):
+        return True
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    if isinstance(exc, RuntimeError):
+        msg = str(exc).lower()
+        return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+    return False
+
+
+@dataclass
+class TileRecord:
+    """One processed tile: LR-cell rectangle [i0, i1) x [j0, j1), bytes, and timing."""
+
+    stage: str
+    i0: int
+    i1: int
+    j0: int
+    j1: int
+    planned_bytes: int
+    peak_bytes: int
+    seconds: float
+
+
+@dataclass
+class MemoryLog:
+    """Per-tile memory records of one computation, and the overall peak.
+
+    ``peak_bytes`` of a record is ``torch.cuda.max_memory_allocated`` above the level before
+    the tile (CUDA), or the process RSS after the tile (CPU; RSS cannot be sampled inside a
+    torch kernel, so the planned bytes are the better per-tile figure there).
+    """
+
+    device: str = "cpu"
+    budget_bytes: int = 0
+    tiles: List[TileRecord] = field(default_factory=list)
+
+    def add(self, record: TileRecord) -> None:
+        self.tiles.append(record)
+
+    @property
+    def peak_planned_bytes(self) -> int:
+        return max((t.planned_bytes for t in self.tiles), default=0)
+
+    @property
+    def peak_measured_bytes(self) -> int:
+        return max((t.peak_bytes for t in self.tiles), default=0)
+
+    def tile_map(self, lr_shape: "tuple[int, int]", stage: Optional[str] = None, measured: bool = True):
+        """An (h, w) float array: for each LR cell, the peak bytes of the tile that covered it.
+
+        Several stages may cover the same cell; the largest value wins.
+        """
+        import numpy as np
+
+        out = np.zeros(lr_shape, dtype=np.float64)
+        for t in self.tiles:
+            if stage is not None and t.stage != stage:
+                continue
+            value = t.peak_bytes if measured else t.planned_bytes
+            block = out[t.i0 : t.i1, t.j0 : t.j1]
+            np.maximum(block, value, out=block)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "budget_bytes": self.budget_bytes,
+            "peak_planned_bytes": self.peak_planned_bytes,
+            "peak_measured_bytes": self.peak_measured_bytes,
+            "tiles": [t.__dict__ for t in self.tiles],
+        }
+
+
+class TileMeter:
+    """Context manager measuring one tile's peak on the device (see :class:`MemoryLog`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+        self.peak = 0
+
+    def __enter__(self) -> "TileMeter":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = int(torch.cuda.max_memory_allocated(self.device) - self.base)
+        else:
+            self.peak = process_rss()

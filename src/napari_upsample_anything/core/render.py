@@ -1,0 +1,437 @@
+"""GSJBU render with bounded memory: exact published formulas, block-structured.
+
+Why it is fast and small
+------------------------
+All HR pixels of one *block* (the pixels whose centre LR cell is the same) share the same
+``K`` candidate neighbours. For a block, the log-weight of pixel ``p`` and neighbour ``q`` is
+
+    log w(p, q) = -(A_q dX^2 + 2 B_q dX dY + C_q dY^2) - rho_q ||I(p) - J(q)||^2
+
+with ``dX = lx(p) - Dx(q)`` in coordinates local to the block's centre cell and ``J`` the
+bilinear LR guide. Expanding the squares makes it a dot product of a per-pixel feature
+vector ``phi(p)`` (``lx^2, lx ly, ly^2, lx, ly, 1, ||I'||^2, I'``) and a per-neighbour vector
+``psi(q)`` (``m = 7 + G`` entries): the log-weights of a whole tile are one batched matrix
+product ``[blocks, P, m] x [blocks, m, K]``. Guide values are centred on the block's own LR
+guide value (``I' = I - J(c)``) to keep the expansion well conditioned (float32 error about
+1e-6 relative to the float64 reference). Softmax over neighbours, then one more batched
+product with the gathered neighbour values ``[blocks, K, C]`` gives the output. Nothing of
+size ``K * H * W * C`` exists; a tile of blocks bounds everything else.
+
+Published quirks, reproduced by default (``RenderOptions``):
+
+* ``border="repeat"``: near the border the clamped neighbour index repeats a border cell,
+  and every copy counts. ``"unique"`` counts each LR cell once.
+* ``radius_units="hr"``: the dynamic radius ``ceil(alpha * sigma)`` compares a sigma in HR
+  pixels with offsets in LR cells (so it is almost always the full ``radius``).
+  ``"lr"`` divides sigma by the scale first.
+
+Only the disk ``dy^2 + dx^2 <= radius^2`` of the published ``(2 radius + 1)^2`` square can
+ever be kept by the published mask, so the other offsets are not evaluated. No other offset
+is skipped. The published bilinear fallback (used where the softmax denominator is below
+1e-6) can never trigger: the centre cell is always kept and the running maximum makes the
+denominator at least 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .errors import MemoryBudgetError
+from .field import KernelField, kernel_coefficients
+from .grid import BlockGrid
+from .guide import Guide
+from .interp import linear_taps, resample
+from .memory import MemoryLog, TileMeter, TileRecord, format_bytes, is_out_of_memory
+from .progress import CancelFn, ProgressFn, check_cancel, report
+
+Tile = Tuple[int, int, int, int]  # LR cells [i0, i1) x [j0, j1)
+
+# Working-set size per tile that keeps a CPU's caches busy; bigger tiles are not faster.
+CPU_PREFERRED_TILE_BYTES = 24 * 2**20
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Method options shared by render and fit (defaults reproduce the published code)."""
+
+    radius: int = 8
+    alpha: float = 2.0
+    border: str = "repeat"
+    radius_units: str = "hr"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.radius, (int, np.integer)) or self.radius < 0:
+            raise ValueError(f"radius={self.radius!r}: give a non-negative int (published: 8)")
+        if not (self.alpha > 0):
+            raise ValueError(f"alpha={self.alpha!r}: must be positive (published: 2)")
+        if self.border not in ("repeat", "unique"):
+            raise ValueError(f"border={self.border!r}: use 'repeat' (published) or 'unique'")
+        if self.radius_units not in ("hr", "lr"):
+            raise ValueError(f"radius_units={self.radius_units!r}: use 'hr' (published) or 'lr'")
+
+
+class _BlockAttention(torch.autograd.Function):
+    """``softmax(phi @ psi + mask) @ values`` per block, with a lean hand-written backward.
+
+    phi [B, P, m] f32, psi [B, m, K] f32, values [B, K, C], mask [B, P|1, K] bool or None.
+    Returns [B, P, C] float32. Log-weights and softmax are float32; ``agg_dtype`` is the
+    dtype of the weights-times-values product (float32 accumulation in every case).
+    """
+
+    @staticmethod
+    def forward(ctx, phi, psi, values, mask, agg_dtype):  # type: ignore[override]
+        logits = torch.bmm(phi, psi)
+        if mask is not None:
+            logits.masked_fill_(mask, -math.inf)
+        weights = torch.softmax(logits, dim=-1)
+        del logits
+        if agg_dtype == torch.float32:
+            out = torch.bmm(weights, values.to(torch.float32))
+        else:
+            out = torch.bmm(weights.to(agg_dtype), values.to(agg_dtype)).to(torch.float32)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ctx.save_for_backward(phi, weights, values, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        phi, weights, values, out = ctx.saved_tensors
+        grad_out = grad_out.to(torch.float32)
+        vals = values.to(torch.float32)
+        grad_logits = torch.bmm(grad_out, vals.transpose(1, 2))
+        grad_logits.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(weights)
+        grad_psi = torch.bmm(phi.transpose(1, 2), grad_logits) if ctx.needs_input_grad[1] else None
+        grad_values = None
+        if ctx.needs_input_grad[2]:
+            grad_values = torch.bmm(weights.transpose(1, 2), grad_out).to(values.dtype)
+        return None, grad_psi, grad_values, None, None
+
+
+def block_attention(phi, psi, values, mask=None, agg_dtype=torch.float32):
+    """Functional entry to :class:`_BlockAttention` (differentiable in psi and values)."""
+    return _BlockAttention.apply(phi, psi, values, mask, agg_dtype)
+
+
+def lr_guide(guide: Guide, lr_shape: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``I_lr``: the guide bilinearly resized to (h, w), align_corners=False, no antialias."""
+    (H, W), (h, w) = guide.shape, lr_shape
+    ty = linear_taps(torch.arange(h), H, h)
+    tx = linear_taps(torch.arange(w), W, w)
+    return resample(guide.gather_fn(device), ty, tx).to(device)
+
+
+def bicubic_lr_guide(guide: Guide, lr_shape: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The fit's input: the guide bicubically resized to (h, w), align_corners=False."""
+    from .interp import cubic_taps
+
+    (H, W), (h, w) = guide.shape, lr_shape
+    ty = cubic_taps(torch.arange(h), H, h)
+    tx = cubic_taps(torch.arange(w), W, w)
+    return resample(guide.gather_fn(device), ty, tx).to(device)
+
+
+class BlockEngine:
+    """Tiles, features and the render loop for one guide over one LR grid.
+
+    Parameters
+    ----------
+    guide : Guide
+        The normalised high-resolution guide, (H, W) with G channels.
+    lr_shape : (h, w)
+        LR grid of the kernel field and of every map rendered with it. ``h <= H``, ``w <= W``.
+    options : RenderOptions
+    device : torch.device
+    """
+
+    def __init__(self, guide: Guide, lr_shape: Tuple[int, int], options: RenderOptions, device: torch.device):
+        self.guide = guide
+        self.options = options
+        self.device = device
+        self.grid = BlockGrid.build(guide.shape, lr_shape, options.radius)
+        self.lr_shape = (int(lr_shape[0]), int(lr_shape[1]))
+        self.channels = guide.channels
+        self.m = 7 + guide.channels
+        self.guide_lr = lr_guide(guide, self.lr_shape, device)  # [G, h, w]
+        rows, cols = self.grid.rows, self.grid.cols
+        h, w = self.lr_shape
+        H, W = guide.shape
+        self._taps_y = linear_taps(rows.index.reshape(-1), h, H)
+        self._taps_x = linear_taps(cols.index.reshape(-1), w, W)
+        self._ly = rows.local.to(device)
+        self._lx = cols.local.to(device)
+        self._dy = self.grid.offsets.dy.to(device)
+        self._dx = self.grid.offsets.dx.to(device)
+        self._r2 = self.grid.offsets.r2.to(device)
+        self.regular = rows.is_regular and cols.is_regular
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def K(self) -> int:
+        return len(self.grid.offsets)
+
+    @property
+    def P(self) -> int:
+        return self.grid.block_pixels
+
+    def tile_hr_rows_cols(self, tile: Tile) -> Tuple[torch.Tensor, torch.Tensor]:
+        i0, i1, j0, j1 = tile
+        return self.grid.rows.index[i0:i1].reshape(-1), self.grid.cols.index[j0:j1].reshape(-1)
+
+    def tile_valid(self, tile: Tile) -> torch.Tensor:
+        """[B, P] bool: which padded block pixels are real HR pixels."""
+        i0, i1, j0, j1 = tile
+        vy = self.grid.rows.valid[i0:i1].to(self.device)
+        vx = self.grid.cols.valid[j0:j1].to(self.device)
+        v = vy[:, None, :, None] & vx[None, :, None, :]
+        return v.reshape((i1 - i0) * (j1 - j0), self.P)
+
+    def to_blocks(self, img: torch.Tensor, tile: Tile) -> torch.Tensor:
+        """``[G, nr*Py, nc*Px]`` (padded tile rows/cols) -> ``[B, P, G]`` block layout."""
+        i0, i1, j0, j1 = tile
+        nr, nc = i1 - i0, j1 - j0
+        py, px = self.grid.rows.pad, self.grid.cols.pad
+        g = img.shape[0]
+        return img.reshape(g, nr, py, nc, px).permute(1, 3, 2, 4, 0).reshape(nr * nc, py * px, g)
+
+    def from_blocks(self, blocks: torch.Tensor, tile: Tile) -> torch.Tensor:
+        """``[B, P, C]`` -> ``[C, rows, cols]`` with padding rows/columns dropped."""
+        i0, i1, j0, j1 = tile
+        nr, nc = i1 - i0, j1 - j0
+        py, px = self.grid.rows.pad, self.grid.cols.pad
+        c = blocks.shape[-1]
+        img = blocks.reshape(nr, nc, py, px, c).permute(4, 0, 2, 1, 3).reshape(c, nr * py, nc * px)
+        if not self.regular:
+            vy = self.grid.rows.valid[i0:i1].reshape(-1).to(img.device)
+            vx = self.grid.cols.valid[j0:j1].reshape(-1).to(img.device)
+            img = img[:, vy][:, :, vx]
+        return img
+
+    # ------------------------------------------------------------------ features
+    def guide_blocks(self, tile: Tile) -> torch.Tensor:
+        """Normalised guide of the tile in block layout ``[B, P, G]``."""
+        rows, cols = self.tile_hr_rows_cols(tile)
+        return self.to_blocks(self.guide.gather(rows, cols, self.device), tile)
+
+    def pixel_features(self, tile: Tile, guide_blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``phi``: ``[B, P, 7 + G]`` = lx^2, lx*ly, ly^2, lx, ly, 1, ||I'||^2, I' (I' = I - J(centre))."""
+        i0, i1, j0, j1 = tile
+        nr, nc = i1 - i0, j1 - j0
+        py, px = self.grid.rows.pad, self.grid.cols.pad
+        if guide_blocks is None:
+            guide_blocks = self.guide_blocks(tile)
+        jc = self.guide_lr[:, i0:i1, j0:j1].permute(1, 2, 0).reshape(nr * nc, 1, self.channels)
+        ic = guide_blocks - jc
+        ly = self._ly[i0:i1][:, None, :, None].expand(nr, nc, py, px).reshape(nr * nc, py * px)
+        lx = self._lx[j0:j1][None, :, None, :].expand(nr, nc, py, px).reshape(nr * nc, py * px)
+        cols = [lx * lx, lx * ly, ly * ly, lx, ly, torch.ones_like(lx), (ic * ic).sum(-1)]
+        return torch.cat([torch.stack(cols, -1), ic], -1).contiguous()
+
+    def neighbours(self, tile: Tile, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Neighbour geometry of a tile for the first ``k`` offsets.
+
+        Returns ``q [B, k]`` (flat LR index, clamped), ``Dy [B, k]``, ``Dx [B, k]`` (offset of
+        the neighbour's centre from the block's centre cell, HR pixels) and, for
+        ``border="unique"``, a ``[B, 1, k]`` mask of clamped (repeated) neighbours.
+        """
+        i0, i1, j0, j1 = tile
+        h, w = self.lr_shape
+        nr, nc = i1 - i0, j1 - j0
+        dev = self.device
+        ii = torch.arange(i0, i1, device=dev)
+        jj = torch.arange(j0, j1, device=dev)
+        qy_raw = ii[:, None] + self._dy[None, :k]
+        qx_raw = jj[:, None] + self._dx[None, :k]
+        qy = qy_raw.clamp(0, h - 1)
+        qx = qx_raw.clamp(0, w - 1)
+        q = (qy[:, None, :] * w + qx[None, :, :]).reshape(nr * nc, k)
+        d_y = ((qy - ii[:, None]).to(torch.float32) * float(self.grid.rows.scale))
+        d_x = ((qx - jj[:, None]).to(torch.float32) * float(self.grid.cols.scale))
+        d_y = d_y[:, None, :].expand(nr, nc, k).reshape(nr * nc, k)
+        d_x = d_x[None, :, :].expand(nr, nc, k).reshape(nr * nc, k)
+        repeated = None
+        if self.options.border == "unique":
+            inside = (qy == qy_raw)[:, None, :] & (qx == qx_raw)[None, :, :]
+            repeated = (~inside).reshape(nr * nc, 1, k)
+        return q, d_y, d_x, repeated
+
+    def neighbour_features(self, coef: torch.Tensor, tile: Tile, geometry) -> torch.Tensor:
+        """``psi``: ``[B, 7 + G, k]``, the neighbour side of the log-weight dot product.
+
+        ``coef`` is :func:`kernel_coefficients` ``[4, h, w]`` (differentiable).
+        """
+        q, d_y, d_x, _ = geometry
+        i0, i1, j0, j1 = tile
+        nb, k = q.shape
+        flat_q = q.reshape(-1)
+        A, B, C, rho = coef.reshape(4, -1)[:, flat_q].reshape(4, nb, k)
+        g = self.channels
+        jq = self.guide_lr.reshape(g, -1)[:, flat_q].reshape(g, nb, k)
+        jc = self.guide_lr[:, i0:i1, j0:j1].reshape(g, nb, 1)
+        jd = jq - jc
+        ax = A * d_x + B * d_y
+        cy = B * d_x + C * d_y
+        const = -(ax * d_x + cy * d_y) - rho * (jd * jd).sum(0)
+        rows = [-A, -2 * B, -C, 2 * ax, 2 * cy, const, -rho]
+        return torch.cat([torch.stack(rows, 1), (2 * rho)[:, None, :] * jd.permute(1, 0, 2)], 1)
+
+    def radius_sq(self, sigma_eff: torch.Tensor, tile: Tile) -> torch.Tensor:
+        """Published dynamic radius squared per block pixel, ``[B, P]`` (int)."""
+        i0, i1, j0, j1 = tile
+        py, px = self.grid.rows.pad, self.grid.cols.pad
+        ty = tuple(t.reshape(self.lr_shape[0], py, -1)[i0:i1].reshape((i1 - i0) * py, -1) for t in self._taps_y)
+        tx = tuple(t.reshape(self.lr_shape[1], px, -1)[j0:j1].reshape((j1 - j0) * px, -1) for t in self._taps_x)
+        src = sigma_eff.detach()
+        if self.options.radius_units == "lr":
+            src = src / min(self.grid.rows.scale, self.grid.cols.scale)
+        sig = resample(lambda r, c: src[None].index_select(1, r.to(src.device)).index_select(2, c.to(src.device)), ty, tx)
+        r = torch.ceil(float(self.options.alpha) * sig.to(self.device)).clamp_(1, self.options.radius)
+        r = self.to_blocks(r, tile)[..., 0]
+        return (r * r).to(torch.int64)
+
+    def weights_mask(self, r2_pix: torch.Tensor, repeated: Optional[torch.Tensor], k: int):
+        """Bool mask ``[B, P|1, k]`` of dropped (pixel, neighbour) pairs, or None if none is."""
+        mask = None
+        if int(r2_pix.min()) < int(self.grid.offsets.r2[k - 1]):
+            mask = self._r2[None, None, :k] > r2_pix[:, :, None]
+        if repeated is not None:
+            mask = repeated if mask is None else (mask | repeated)
+        return mask
+
+    def tile_k(self, r2_pix: torch.Tensor) -> int:
+        """Offsets needed by a tile: those inside the largest dynamic radius of its pixels."""
+        return max(1, self.grid.offsets.count_within(int(r2_pix.max())))
+
+    # ------------------------------------------------------------------ planning
+    def bytes_per_block(self, channels: int, agg_bytes: int, training: bool) -> int:
+        """Working bytes of one block in a tile (upper bound, all offsets)."""
+        P, K, m, g = self.P, self.K, self.m, self.channels
+        weights = P * K * (4 + 4 + 1)  # logits, softmax, mask
+        if agg_bytes != 4:
+            weights += P * K * agg_bytes
+        if training:
+            weights += P * K * 4  # grad of logits
+        values = K * channels * (agg_bytes + (4 if agg_bytes != 4 else 0))
+        outputs = 3 * P * channels * 4
+        feats = P * (m + 2 * g + 4) * 4 + 12 * m * K * 4 + 8 * K * 8
+        return int(weights + values + outputs + feats)
+
+    def plan(self, per_block: int, budget: int, preferred: Optional[int] = None) -> List[Tile]:
+        """Split the LR grid into tiles of whole blocks that fit ``budget`` bytes each."""
+        h, w = self.lr_shape
+        if per_block > budget:
+            raise MemoryBudgetError(
+                f"max_memory={format_bytes(budget)} is too small: one LR cell ({self.P} HR pixels x "
+                f"{self.K} neighbours) needs {format_bytes(per_block)}; raise max_memory to at least "
+                f"{format_bytes(per_block * 2)} (or lower radius / the number of channels)"
+            )
+        n = budget // per_block
+        if preferred is not None:
+            n = max(1, min(n, preferred // per_block))
+        if n >= w:
+            nr = min(h, n // w)
+            return [(i, min(i + nr, h), 0, w) for i in range(0, h, nr)]
+        return [(i, i + 1, j, min(j + n, w)) for i in range(h) for j in range(0, w, n)]
+
+    # ------------------------------------------------------------------ render
+    def render(
+        self,
+        values: torch.Tensor,
+        field: KernelField,
+        out,
+        *,
+        agg_dtype: torch.dtype = torch.float32,
+        budget: int,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+        memlog: Optional[MemoryLog] = None,
+        stage: str = "render",
+    ) -> None:
+        """Render ``values`` ``[C, h, w]`` with ``field`` into ``out`` ``(C, H, W)``.
+
+        ``out`` is a torch tensor (any device) or a numpy array / memmap; it is written
+        tile by tile. Tiles that run out of memory are split and retried.
+        """
+        C = int(values.shape[0])
+        h, w = self.lr_shape
+        agg_bytes = torch.empty((), dtype=agg_dtype).element_size()
+        values_flat = values.to(self.device).permute(1, 2, 0).reshape(h * w, C).to(agg_dtype).contiguous()
+        coef = kernel_coefficients(field).detach().to(self.device)
+        sigma_eff = torch.maximum(field.sigma_x, field.sigma_y).detach().to(self.device)
+        per_block = self.bytes_per_block(C, agg_bytes, training=False)
+        preferred = CPU_PREFERRED_TILE_BYTES if self.device.type == "cpu" else None
+        queue = self.plan(per_block, budget, preferred)
+        total, done = h * w, 0
+        if memlog is not None:
+            memlog.budget_bytes = budget
+            memlog.device = str(self.device)
+        while queue:
+            tile = queue.pop(0)
+            check_cancel(cancel, stage)
+            t0 = time.perf_counter()
+            try:
+                with torch.no_grad(), TileMeter(self.device) as meter:
+                    block_out = self._render_tile(values_flat, coef, sigma_eff, tile, agg_dtype)
+                    _write(out, self.from_blocks(block_out, tile), self._hr_rect(tile))
+                    del block_out
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                if not is_out_of_memory(exc):
+                    raise
+                queue[0:0] = _split(tile, exc, per_block)
+                _free(self.device)
+                continue
+            nblocks = (tile[1] - tile[0]) * (tile[3] - tile[2])
+            done += nblocks
+            if memlog is not None:
+                memlog.add(TileRecord(stage, *tile, per_block * nblocks, meter.peak, time.perf_counter() - t0))
+            report(progress, done, total, stage=stage)
+
+    def _hr_rect(self, tile: Tile) -> Tuple[int, int, int, int]:
+        i0, i1, j0, j1 = tile
+        y0, y1 = self.grid.rows.hr_range(i0, i1)
+        x0, x1 = self.grid.cols.hr_range(j0, j1)
+        return y0, y1, x0, x1
+
+    def _render_tile(self, values_flat, coef, sigma_eff, tile: Tile, agg_dtype) -> torch.Tensor:
+        r2_pix = self.radius_sq(sigma_eff, tile)
+        k = self.tile_k(r2_pix)
+        geometry = self.neighbours(tile, k)
+        q = geometry[0]
+        phi = self.pixel_features(tile)
+        psi = self.neighbour_features(coef, tile, geometry)
+        mask = self.weights_mask(r2_pix, geometry[3], k)
+        vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
+        return block_attention(phi, psi, vals, mask, agg_dtype)
+
+
+def _write(out, tile_img: torch.Tensor, rect: Tuple[int, int, int, int]) -> None:
+    y0, y1, x0, x1 = rect
+    if isinstance(out, torch.Tensor):
+        out[:, y0:y1, x0:x1] = tile_img.to(device=out.device, dtype=out.dtype)
+    else:
+        out[:, y0:y1, x0:x1] = tile_img.to("cpu").numpy().astype(out.dtype, copy=False)
+
+
+def _split(tile: Tile, exc: BaseException, per_block: int) -> List[Tile]:
+    i0, i1, j0, j1 = tile
+    if i1 - i0 > 1:
+        mid = (i0 + i1) // 2
+        return [(i0, mid, j0, j1), (mid, i1, j0, j1)]
+    if j1 - j0 > 1:
+        mid = (j0 + j1) // 2
+        return [(i0, i1, j0, mid), (i0, i1, mid, j1)]
+    raise MemoryBudgetError(
+        f"out of memory even for a single LR cell (planned {format_bytes(per_block)}): "
+        f"free device memory or lower radius / the number of channels ({exc})"
+    ) from exc
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
