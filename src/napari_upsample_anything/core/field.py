@@ -22,7 +22,7 @@ _FORMAT = "napari-upsample-anything/kernel-field/1"
 _NAMES = ("sigma_x", "sigma_y", "theta", "sigma_r")
 
 
-@dataclass
+@dataclass(eq=False)
 class KernelField:
     """Four ``(h, w)`` float tensors on the LR grid.
 
@@ -77,6 +77,10 @@ class KernelField:
     @property
     def device(self) -> torch.device:
         return self.sigma_x.device
+
+    def equal(self, other: "KernelField") -> bool:
+        """True when all four maps are identical (metadata is not compared)."""
+        return all(torch.equal(getattr(self, n).cpu(), getattr(other, n).cpu()) for n in _NAMES)
 
     def to(self, device: "str | torch.device") -> "KernelField":
         """A copy on ``device`` (float32)."""

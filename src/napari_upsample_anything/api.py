@@ -1,0 +1,342 @@
+"""Public API: ``fit_kernels``, ``render``, ``upsample`` (and ``extract_features``).
+
+These functions validate and convert inputs (numpy or torch, channels-last guides, 2D or
+3D maps), resolve device / precision / memory budget once, and call the core. They hold no
+computing logic of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from .core.device import resolve_device, resolve_precision
+from .core.field import KernelField
+from .core.fit import PUBLISHED_LR, PUBLISHED_STEPS, fit_field
+from .core.guide import Guide, Normalize, check_sequence_pair
+from .core.memory import MemoryLog, default_budget, parse_bytes
+from .core.progress import CancelFn, ProgressFn
+from .core.render import BlockEngine, RenderOptions
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+Budget = Union[int, float, str, None]
+
+
+def _budget(max_memory: Budget, device: torch.device) -> int:
+    nbytes = parse_bytes(max_memory)
+    return default_budget(device) if nbytes is None else nbytes
+
+
+def _lr_map(lr_map, name: str = "lr_map") -> Tuple[torch.Tensor, bool]:
+    """(C, h, w) float32 tensor from a (C, h, w) / (h, w) numpy array or tensor; + was-numpy flag."""
+    is_numpy = not isinstance(lr_map, torch.Tensor)
+    if is_numpy:
+        if not hasattr(lr_map, "__array__"):
+            raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(lr_map).__name__}")
+        arr = np.asarray(lr_map)
+        if arr.dtype == bool:
+            arr = arr.astype(np.float32)
+        if not (np.issubdtype(arr.dtype, np.number)) or np.issubdtype(arr.dtype, np.complexfloating):
+            raise TypeError(f"{name} has dtype {arr.dtype}; give a real-valued map")
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    else:
+        t = lr_map.detach()
+        if t.is_complex():
+            raise TypeError(f"{name} has dtype {t.dtype}; give a real-valued map")
+        t = t.to(torch.float32)
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3:
+        raise ValueError(f"{name} must be (C, h, w) or (h, w), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf values; replace them (e.g. np.nan_to_num) first")
+    return t, is_numpy
+
+
+def _check_scale(lr_shape: Tuple[int, int], hr_shape: Tuple[int, int], what: str) -> None:
+    h, w = lr_shape
+    H, W = hr_shape
+    if h < 1 or w < 1:
+        raise ValueError(f"{what} (h, w) = {lr_shape} must be at least 1 x 1")
+    if h > H or w > W:
+        raise ValueError(
+            f"{what} (h, w) = {lr_shape} is larger than the guide (H, W) = {hr_shape}: the scale "
+            f"H/h, W/w must be >= 1. Maps are channels-first (C, h, w); for a channels-last "
+            "(h, w, C) map use np.moveaxis(m, -1, 0)"
+        )
+
+
+def _options(radius: int, alpha: float, border: str, radius_units: str) -> RenderOptions:
+    return RenderOptions(radius=radius, alpha=alpha, border=border, radius_units=radius_units)
+
+
+def fit_kernels(
+    guide: ArrayLike,
+    lr_shape: Tuple[int, int],
+    *,
+    steps: int = PUBLISHED_STEPS,
+    lr: float = PUBLISHED_LR,
+    radius: int = 8,
+    alpha: float = 2.0,
+    border: str = "repeat",
+    radius_units: str = "hr",
+    device: "str | torch.device" = "auto",
+    precision: "str | torch.dtype" = "auto",
+    max_memory: Budget = None,
+    normalize: Normalize = "auto",
+    init: Optional[KernelField] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelFn] = None,
+    seed: Optional[int] = None,
+    memory_log: Optional[MemoryLog] = None,
+) -> KernelField:
+    """Fit the GSJBU kernel field on ``guide`` for an LR grid of ``lr_shape`` (test-time optimisation).
+
+    Parameters
+    ----------
+    guide : (H, W) or (H, W, G) array or tensor
+        The high-resolution image, channels-last. Normalised by ``normalize`` (uint8 / 255 by
+        default; see :mod:`napari_upsample_anything.core.guide`).
+    lr_shape : (h, w)
+        Size of the low-resolution maps the field will upsample (e.g. the ViT patch grid).
+        Any ``H/h, W/w >= 1``, integer or not.
+    steps : int
+        Adam updates. The default (51) reproduces the published loop ("50 steps").
+    lr : float
+        Initial learning rate (published: 0.1), decayed by ``(1e-9/lr)^(t/5100)``.
+    radius, alpha, border, radius_units :
+        Method options; defaults reproduce the published code (see ``RenderOptions``).
+    device : "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
+    precision : "auto" | "fp32" | "fp16" | "bf16"
+        Dtype of the weights-times-values products. Log-weights, softmax and gradients are
+        float32 always.
+    max_memory : bytes, "2GB", "512MiB" or None
+        Working-memory budget (inputs and outputs not counted). None: 60% of free GPU memory,
+        or 40% of available RAM (at most 8 GiB) on CPU.
+    init : KernelField, optional
+        Start from this field instead of the published initial one.
+    progress : callable(done, total, info), optional
+        Called after every step with ``info = {"stage": "fit", "loss": ...}``.
+    cancel : callable() -> bool, optional
+        Polled before every step and tile; True raises :class:`Cancelled`.
+    seed : int, optional
+        Seeds torch's RNG. The fit itself is deterministic; this is for reproducible callers.
+    memory_log : MemoryLog, optional
+        Receives one record per processed tile (bytes and time).
+
+    Returns
+    -------
+    KernelField
+        ``(h, w)`` maps; ``field.meta`` holds the loss per step, final loss, PSNR and time.
+    """
+    g = Guide(guide, normalize)
+    lr_shape = check_sequence_pair(lr_shape, "lr_shape")
+    _check_scale(lr_shape, g.shape, "lr_shape")
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps={steps!r}: give a non-negative int (published: 51)")
+    if not (lr > 0):
+        raise ValueError(f"lr={lr!r}: the learning rate must be positive (published: 0.1)")
+    options = _options(radius, alpha, border, radius_units)
+    dev = resolve_device(device)
+    agg = resolve_precision(precision, dev)
+    if init is not None:
+        init.validate(lr_shape, "init")
+    if seed is not None:
+        torch.manual_seed(int(seed))
+    return fit_field(
+        g,
+        lr_shape,
+        steps=int(steps),
+        lr=float(lr),
+        options=options,
+        device=dev,
+        budget=_budget(max_memory, dev),
+        init=init,
+        progress=progress,
+        cancel=cancel,
+        memlog=memory_log,
+        agg_dtype=agg,
+    )
+
+
+def render(
+    lr_map: ArrayLike,
+    guide: ArrayLike,
+    field: KernelField,
+    *,
+    radius: int = 8,
+    alpha: float = 2.0,
+    border: str = "repeat",
+    radius_units: str = "hr",
+    device: "str | torch.device" = "auto",
+    precision: "str | torch.dtype" = "auto",
+    max_memory: Budget = None,
+    normalize: Normalize = "auto",
+    out: Optional[ArrayLike] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelFn] = None,
+    memory_log: Optional[MemoryLog] = None,
+) -> ArrayLike:
+    """Upsample ``lr_map`` to the guide's resolution with a fitted kernel field.
+
+    Parameters
+    ----------
+    lr_map : (C, h, w) or (h, w) array or tensor
+        Any low-resolution map on the field's grid: features, probabilities, depth.
+    guide : (H, W) or (H, W, G) array or tensor
+        The image the field was fitted on (same normalisation rule).
+    field : KernelField
+        From :func:`fit_kernels` (or :meth:`KernelField.load`), shape ``(h, w)``.
+    out : array or tensor (C, H, W), optional
+        Written in place (e.g. a ``numpy.memmap`` for outputs larger than RAM) and returned.
+    Other parameters: as in :func:`fit_kernels`. ``progress`` is called once per tile with
+    ``done``/``total`` counted in LR cells.
+
+    Returns
+    -------
+    (C, H, W) float32, numpy if ``lr_map`` was numpy, else a torch tensor on ``lr_map``'s
+    device (2D maps come back as ``(1, H, W)``).
+    """
+    values, was_numpy = _lr_map(lr_map)
+    g = Guide(guide, normalize)
+    C, h, w = values.shape
+    _check_scale((h, w), g.shape, "lr_map")
+    if not isinstance(field, KernelField):
+        raise TypeError(f"field must be a KernelField, got {type(field).__name__}")
+    field.validate((h, w), "field")
+    dev = resolve_device(device)
+    agg = resolve_precision(precision, dev)
+    budget = _budget(max_memory, dev)
+    options = _options(radius, alpha, border, radius_units)
+    H, W = g.shape
+    if out is None:
+        out = np.empty((C, H, W), np.float32) if was_numpy else torch.empty((C, H, W), dtype=torch.float32, device=values.device)
+    elif tuple(out.shape) != (C, H, W):
+        raise ValueError(f"out has shape {tuple(out.shape)}; it must be (C, H, W) = {(C, H, W)}")
+    engine = BlockEngine(g, (h, w), options, dev)
+    engine.render(
+        values.to(dev),
+        field.to(dev),
+        out,
+        agg_dtype=agg,
+        budget=budget,
+        progress=progress,
+        cancel=cancel,
+        memlog=memory_log,
+    )
+    return out
+
+
+def upsample(
+    guide: ArrayLike,
+    lr_map: ArrayLike,
+    *,
+    steps: int = PUBLISHED_STEPS,
+    lr: float = PUBLISHED_LR,
+    radius: int = 8,
+    alpha: float = 2.0,
+    border: str = "repeat",
+    radius_units: str = "hr",
+    device: "str | torch.device" = "auto",
+    precision: "str | torch.dtype" = "auto",
+    max_memory: Budget = None,
+    normalize: Normalize = "auto",
+    out: Optional[ArrayLike] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelFn] = None,
+    seed: Optional[int] = None,
+    memory_log: Optional[MemoryLog] = None,
+    return_field: bool = False,
+):
+    """Fit the kernels on ``guide`` and upsample ``lr_map`` with them, in one call.
+
+    ``hr = upsample(image, features)`` is to GSJBU what ``cv2.resize`` is to bilinear.
+    Parameters as in :func:`fit_kernels` and :func:`render`; ``progress`` receives
+    ``info["stage"]`` = ``"fit"`` then ``"render"``. With ``return_field=True`` returns
+    ``(hr, field)``.
+    """
+    values, _ = _lr_map(lr_map)
+    field = fit_kernels(
+        guide,
+        tuple(values.shape[-2:]),
+        steps=steps,
+        lr=lr,
+        radius=radius,
+        alpha=alpha,
+        border=border,
+        radius_units=radius_units,
+        device=device,
+        precision=precision,
+        max_memory=max_memory,
+        normalize=normalize,
+        progress=progress,
+        cancel=cancel,
+        seed=seed,
+        memory_log=memory_log,
+    )
+    hr = render(
+        lr_map,
+        guide,
+        field,
+        radius=radius,
+        alpha=alpha,
+        border=border,
+        radius_units=radius_units,
+        device=device,
+        precision=precision,
+        max_memory=max_memory,
+        normalize=normalize,
+        out=out,
+        progress=progress,
+        cancel=cancel,
+        memory_log=memory_log,
+    )
+    return (hr, field) if return_field else hr
+
+
+def pca_rgb(features: ArrayLike, *, basis=None, fit_on: Optional[ArrayLike] = None, max_samples: Optional[int] = 100_000, seed: int = 0):
+    """3-component PCA of a ``(C, ...)`` feature map as an RGB image in [0, 1].
+
+    Parameters
+    ----------
+    features : (C, h, w) or (C, H, W)
+        The map to colour.
+    basis : PCABasis, optional
+        Reuse a basis (e.g. the LR one, so LR and HR pictures share colours).
+    fit_on : (C, ...), optional
+        Fit the basis on this map instead (the paper fits on the LR features).
+    max_samples : int or None
+        Fit on a seeded random subsample of at most this many positions.
+
+    Returns
+    -------
+    rgb : (..., 3) float32 in [0, 1]
+    basis : PCABasis
+    """
+    from .core.pca import fit_pca
+
+    if basis is None:
+        basis = fit_pca(features if fit_on is None else fit_on, 3, max_samples, seed)
+    return basis.to_rgb(basis.project(features)), basis
+
+
+def render_pca(lr_map: ArrayLike, guide: ArrayLike, field: KernelField, *, basis=None, seed: int = 0, **render_kwargs):
+    """HR PCA picture without rendering all channels (exact shortcut).
+
+    Projects ``lr_map`` on the PCA basis (fitted on ``lr_map`` itself unless given), renders
+    the 3 projections, and colours them: the same image as ``pca_rgb(render(lr_map, ...),
+    basis=basis)`` to float precision, because the render commutes with affine maps.
+
+    Returns ``(rgb (H, W, 3) float32, basis)``. ``render_kwargs`` go to :func:`render`.
+    """
+    from .core.pca import fit_pca
+
+    values, _ = _lr_map(lr_map)
+    if basis is None:
+        basis = fit_pca(values, 3, None, seed)
+    hr_proj = render(basis.project(values), guide, field, **render_kwargs)
+    return basis.to_rgb(hr_proj), basis
