@@ -1,0 +1,37 @@
+"""Shared fixtures and helpers for the test suite."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+DATA = TESTS / "data"
+sys.path.insert(0, str(TESTS))  # so tests can import reference_gsjbu
+
+
+def rel_err(out, ref) -> float:
+    """max |out - ref| / max |ref| (the tolerance measure used throughout the tests)."""
+    out = torch.as_tensor(np.asarray(out) if not isinstance(out, torch.Tensor) else out).double()
+    ref = torch.as_tensor(np.asarray(ref) if not isinstance(ref, torch.Tensor) else ref).double()
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def random_field(h: int, w: int, gen: torch.Generator, sigma=(0.5, 40.0), sigma_r=(0.003, 0.5)):
+    """A random kernel field (log-uniform sigmas, any angle), as KernelField."""
+    from napari_upsample_anything.core.field import KernelField
+
+    def logu(lo, hi):
+        return torch.exp(torch.empty(h, w).uniform_(np.log(lo), np.log(hi), generator=gen))
+
+    theta = torch.empty(h, w).uniform_(-np.pi + 1e-3, np.pi - 1e-3, generator=gen)
+    return KernelField(logu(*sigma), logu(*sigma), theta, logu(*sigma_r))
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,40 @@
+"""The compute core never imports a GUI toolkit; the package imports torch lazily."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import napari_upsample_anything
+
+CORE = Path(napari_upsample_anything.__file__).parent / "core"
+GUI = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "superqt", "magicgui", "vispy")
+
+
+def test_core_sources_have_no_gui_imports():
+    pattern = re.compile(r"^\s*(import|from)\s+(" + "|".join(GUI) + r")\b", re.M)
+    offenders = [p.name for p in CORE.glob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_importing_core_loads_no_gui_module():
+    code = (
+        "import sys, importlib, pkgutil\n"
+        "import napari_upsample_anything.core as core\n"
+        "for m in pkgutil.iter_modules(core.__path__):\n"
+        "    importlib.import_module('napari_upsample_anything.core.' + m.name)\n"
+        f"bad = [m for m in {GUI!r} if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == ""
+
+
+def test_package_import_does_not_import_torch():
+    code = "import sys, napari_upsample_anything; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
