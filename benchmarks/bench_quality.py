@@ -1,0 +1,1156 @@
+#!/usr/bin/env python
+"""Quality benchmark: GSJBU (this package) against nearest / bilinear / bicubic / a fixed JBU.
+
+Writes ``quality.md`` (tables) and ``quality_crops.png`` (figure) into ``--out`` (default
+``docs/``). Everything runs on the CPU from data that ships with scikit-image plus synthetic
+scenes with known label maps; nothing is downloaded.
+
+Tasks (see ``docs/quality.md`` for the protocol in words):
+
+1. self-reconstruction: downsample the image (bicubic, the fit's own protocol, and area),
+   upsample it guided by the full-resolution original; PSNR / SSIM against the original.
+2. held-out channel: fit the kernels on a guide made of the *other* colour channels, then
+   upsample the downsampled held-out channel; PSNR / SSIM against the true channel.
+3. label maps (synthetic scenes): area-pool the one-hot labels by the scale, upsample,
+   argmax; mIoU, pixel accuracy, boundary F1 at 2 px tolerance.
+4. robustness: tasks 1-3 with Gaussian noise (sigma 10, 20 on the 0-255 scale) on the guide.
+5. optimisation steps: 10 / 25 / 51 / 100 / 300 Adam steps, quality against fit time.
+
+Usage::
+
+    python benchmarks/bench_quality.py            # full run (about 10-15 min on 2 CPU cores)
+    python benchmarks/bench_quality.py --quick    # smoke run (under 2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO / "src"))
+
+import napari_upsample_anything as upa  # noqa: E402
+
+METHODS = ("nearest", "bilinear", "bicubic", "jbu", "gsjbu")
+LABELS = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic", "jbu": "JBU (fixed)", "gsjbu": "GSJBU (ours)"}
+CHANNEL_NAMES = "RGB"
+
+
+# ======================================================================================
+# configuration
+# ======================================================================================
+@dataclass
+class Config:
+    name: str
+    size: Tuple[int, int]  # (H, W) of every test image
+    scales: Tuple[int, ...]
+    steps: int  # GSJBU Adam steps of the main runs (published: 51)
+    real: Tuple[str, ...]  # scikit-image sample images
+    synthetic: Tuple[str, ...]  # "voronoi-<seed>" / "polygons-<seed>"
+    noise: Tuple[int, ...]  # guide noise sigmas (0-255 scale) of the robustness task
+    noise_scales: Tuple[int, ...]  # scales at which the robustness task runs
+    sweep_steps: Tuple[int, ...]
+    sweep_images: Tuple[str, ...]
+    sweep_scale: int
+    reference_cases: Tuple[Tuple[str, Tuple[int, int], int], ...]  # (image, (H, W), scale)
+    jbu_sigma_s: Tuple[float, ...]  # grid (LR cells)
+    jbu_sigma_r: Tuple[float, ...]  # grid (guide units, [0, 1])
+    figure_cases: Tuple[Tuple[str, str, int, str], ...]  # (task, image, scale, down)
+    crop: int  # side of the figure crops (HR pixels)
+
+
+FULL = Config(
+    name="full",
+    size=(224, 256),
+    scales=(14, 16),
+    steps=51,
+    real=("astronaut", "camera", "coffee", "chelsea", "immunohistochemistry", "retina", "hubble_deep_field", "cell"),
+    synthetic=("voronoi-1", "voronoi-2", "polygons-1", "polygons-2"),
+    noise=(10, 20),
+    noise_scales=(16,),
+    sweep_steps=(10, 25, 51, 100, 300),
+    sweep_images=("astronaut", "polygons-1"),
+    sweep_scale=16,
+    reference_cases=(("astronaut", (112, 128), 14), ("polygons-1", (96, 112), 16)),
+    jbu_sigma_s=(0.35, 0.5, 0.7, 1.0, 1.4),
+    jbu_sigma_r=(0.03, 0.06, 0.1, 0.2, 0.4),
+    figure_cases=(
+        ("T1", "astronaut", 16, "area"),
+        ("T1", "coffee", 16, "area"),
+        ("T2", "chelsea", 16, "area"),
+        ("T3", "polygons-1", 16, "area"),
+    ),
+    crop=96,
+)
+
+QUICK = Config(
+    name="quick",
+    size=(112, 128),
+    scales=(14, 16),
+    steps=25,
+    real=("astronaut", "camera"),
+    synthetic=("voronoi-1",),
+    noise=(20,),
+    noise_scales=(16,),
+    sweep_steps=(5, 25),
+    sweep_images=("astronaut",),
+    sweep_scale=16,
+    reference_cases=(("astronaut", (56, 64), 14),),
+    jbu_sigma_s=(0.5, 1.0),
+    jbu_sigma_r=(0.06, 0.2),
+    figure_cases=(("T1", "astronaut", 16, "area"), ("T3", "voronoi-1", 16, "area")),
+    crop=48,
+)
+
+
+# ======================================================================================
+# data
+# ======================================================================================
+# Crop boxes (fractions top, bottom, left, right) before the aspect crop and resize.
+_CROPS = {"retina": (0.18, 0.82, 0.18, 0.82)}
+
+
+def _aspect_crop(img: np.ndarray, aspect: float) -> np.ndarray:
+    """Largest centred crop with width / height = ``aspect``."""
+    H, W = img.shape[:2]
+    if W / H > aspect:
+        w = int(round(H * aspect))
+        x0 = (W - w) // 2
+        return img[:, x0 : x0 + w]
+    h = int(round(W / aspect))
+    y0 = (H - h) // 2
+    return img[y0 : y0 + h]
+
+
+def load_real(name: str, size: Tuple[int, int]) -> np.ndarray:
+    """A scikit-image sample image as float32 (H, W, G) in [0, 1], G = 3 or 1."""
+    import skimage.data
+    from skimage.transform import resize
+
+    arr = getattr(skimage.data, name)()
+    if name in _CROPS:
+        t, b, l, r = _CROPS[name]
+        H, W = arr.shape[:2]
+        arr = arr[int(t * H) : int(b * H), int(l * W) : int(r * W)]
+    arr = arr.astype(np.float32) / 255.0
+    arr = _aspect_crop(arr, size[1] / size[0])
+    out = resize(arr, size, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+    if out.ndim == 2:
+        out = out[:, :, None]
+    return np.clip(out, 0.0, 1.0)
+
+
+_PALETTE = np.array(
+    [
+        [0.80, 0.32, 0.25],
+        [0.25, 0.50, 0.82],
+        [0.36, 0.70, 0.34],
+        [0.86, 0.76, 0.34],
+        [0.78, 0.40, 0.30],  # close to class 0: the classes differ mostly by texture there
+    ],
+    np.float32,
+)
+
+
+def _class_textures(rng: np.random.Generator, H: int, W: int, n: int) -> np.ndarray:
+    """``[n, H, W]`` zero-mean textures: oriented stripes plus smoothed noise, one per class."""
+    from scipy.ndimage import gaussian_filter
+
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    out = np.empty((n, H, W), np.float32)
+    for c in range(n):
+        ang = rng.uniform(0, np.pi)
+        period = rng.uniform(4.0, 11.0)
+        stripes = np.sin(2 * np.pi * (xx * np.cos(ang) + yy * np.sin(ang)) / period)
+        noise = gaussian_filter(rng.normal(size=(H, W)).astype(np.float32), rng.uniform(0.8, 2.5))
+        noise /= noise.std() + 1e-8
+        out[c] = rng.uniform(0.3, 0.7) * stripes + 0.5 * noise
+    return out
+
+
+def _finish_scene(rng, ids: np.ndarray, id_class: np.ndarray, H: int, W: int, n_classes: int):
+    from scipy.ndimage import gaussian_filter
+
+    id_color = _PALETTE[id_class] + rng.normal(0.0, 0.05, (len(id_class), 3)).astype(np.float32)
+    tex = _class_textures(rng, H, W, n_classes)
+    labels = id_class[ids]
+    amp = 0.07
+    img = id_color[ids] + amp * np.take_along_axis(tex, labels[None], 0)[0][:, :, None]
+    img = np.stack([gaussian_filter(img[:, :, g], 0.6) for g in range(3)], -1)  # optics
+    return np.clip(img, 0.0, 1.0).astype(np.float32), labels.astype(np.int64)
+
+
+def voronoi_scene(seed: int, size: Tuple[int, int], n_classes: int = 5):
+    """Textured Voronoi cells; each cell carries one of ``n_classes`` labels."""
+    rng = np.random.default_rng(1000 + seed)
+    H, W = size
+    n_cells = max(6, int(round(H * W / 1400)))  # cells of about 37 x 37 px
+    seeds = rng.uniform((0, 0), (H, W), (n_cells, 2)).astype(np.float32)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    d = (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2
+    ids = np.argmin(d, -1)
+    id_class = rng.integers(0, n_classes, n_cells)
+    return _finish_scene(rng, ids, id_class, H, W, n_classes)
+
+
+def polygons_scene(seed: int, size: Tuple[int, int], n_classes: int = 5):
+    """Random polygons (some thin and elongated) on a textured background (class 0)."""
+    from skimage.draw import polygon
+
+    rng = np.random.default_rng(2000 + seed)
+    H, W = size
+    n_poly = max(8, int(round(H * W / 2500)))
+    ids = np.zeros((H, W), np.int64)
+    id_class = [0]
+    for i in range(n_poly):
+        cy, cx = rng.uniform(0, H), rng.uniform(0, W)
+        radius = rng.uniform(0.1, 0.3) * min(H, W)
+        nv = int(rng.integers(3, 8))
+        ang = np.sort(rng.uniform(0, 2 * np.pi, nv))
+        rad = radius * rng.uniform(0.6, 1.0, nv)
+        py, px = rad * np.sin(ang), rad * np.cos(ang)
+        if rng.uniform() < 0.35:  # thin structure: squash one axis, then rotate
+            py = py * rng.uniform(0.12, 0.3)
+        rot = rng.uniform(0, np.pi)
+        ry = py * np.cos(rot) + px * np.sin(rot) + cy
+        rx = -py * np.sin(rot) + px * np.cos(rot) + cx
+        rr, cc = polygon(ry, rx, shape=(H, W))
+        ids[rr, cc] = i + 1
+        id_class.append(int(rng.integers(1, n_classes)))
+    return _finish_scene(rng, ids, np.array(id_class), H, W, n_classes)
+
+
+@dataclass
+class Scene:
+    name: str
+    image: np.ndarray  # (H, W, G) float32 [0, 1]
+    labels: Optional[np.ndarray] = None  # (H, W) int64 for synthetic scenes
+    n_classes: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "synthetic" if self.labels is not None else "real"
+
+    @property
+    def channels(self) -> int:
+        return int(self.image.shape[2])
+
+
+def load_scene(name: str, size: Tuple[int, int]) -> Scene:
+    if name.startswith("voronoi-") or name.startswith("polygons-"):
+        kind, seed = name.split("-")
+        make = voronoi_scene if kind == "voronoi" else polygons_scene
+        img, labels = make(int(seed), size)
+        return Scene(name, img, labels, 5)
+    return Scene(name, load_real(name, size))
+
+
+def crop_scene(scene: Scene, size: Tuple[int, int]) -> Scene:
+    H, W = size
+    y0 = (scene.image.shape[0] - H) // 2
+    x0 = (scene.image.shape[1] - W) // 2
+    lab = None if scene.labels is None else scene.labels[y0 : y0 + H, x0 : x0 + W]
+    return Scene(scene.name, np.ascontiguousarray(scene.image[y0 : y0 + H, x0 : x0 + W]), lab, scene.n_classes)
+
+
+def add_noise(img: np.ndarray, sigma255: float, seed: int) -> np.ndarray:
+    if sigma255 <= 0:
+        return img
+    rng = np.random.default_rng(seed)
+    noisy = img + rng.normal(0.0, sigma255 / 255.0, img.shape).astype(np.float32)
+    return np.clip(noisy, 0.0, 1.0).astype(np.float32)
+
+
+def lr_shape_for(size: Tuple[int, int], scale: float) -> Tuple[int, int]:
+    return max(1, int(round(size[0] / scale))), max(1, int(round(size[1] / scale)))
+
+
+# ======================================================================================
+# resampling helpers and the baselines
+# ======================================================================================
+def chw(img_hwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img_hwc.transpose(2, 0, 1))).float()
+
+
+def downsample(x_chw: torch.Tensor, lr_shape: Tuple[int, int], mode: str) -> torch.Tensor:
+    """``bicubic``: F.interpolate bicubic, align_corners=False, no antialias (the fit's own
+    LR input); ``area``: box average over each LR cell's footprint (adaptive average pool)."""
+    if mode == "bicubic":
+        return F.interpolate(x_chw[None], size=lr_shape, mode="bicubic", align_corners=False)[0]
+    if mode == "area":
+        return F.interpolate(x_chw[None], size=lr_shape, mode="area")[0]
+    raise ValueError(mode)
+
+
+def interp_up(lr_chw: torch.Tensor, size: Tuple[int, int], mode: str) -> torch.Tensor:
+    """Guide-free upsampling. ``nearest`` is pixel-centre aligned (torch ``nearest-exact``)."""
+    if mode == "nearest":
+        return F.interpolate(lr_chw[None], size=size, mode="nearest-exact")[0]
+    return F.interpolate(lr_chw[None], size=size, mode=mode, align_corners=False)[0]
+
+
+@torch.no_grad()
+def jbu_upsample(
+    lr_map: torch.Tensor,
+    guide_chw: torch.Tensor,
+    sigma_s: float,
+    sigma_r: float,
+    radius: Optional[int] = None,
+    max_bytes: int = 256 * 2**20,
+) -> torch.Tensor:
+    """Classic joint bilateral upsampling (Kopf et al. 2007) with one global kernel.
+
+    ``out(p) = sum_q w(p, q) F(q) / sum_q w(p, q)`` over the LR cells ``q`` in a
+    ``(2 radius + 1)^2`` window around ``p``'s centre cell, with
+    ``w = exp(-|u(p) - q|^2 / (2 sigma_s^2) - ||I(p) - I(q)||^2 / (2 sigma_r^2))``:
+    ``u(p)`` is ``p``'s position in LR-cell units (pixel-centre convention, as GSJBU),
+    ``sigma_s`` is in LR cells, ``I(q)`` is the guide sampled at the cell centre (bilinear
+    resize to the LR grid, no antialias). Cells outside the LR grid are skipped. Computed with a
+    running maximum in the log domain, one offset at a time over bands of HR rows, so memory is
+    ``O(rows * W * (C + G))``: never anything with a window-size factor.
+    """
+    lr_map = lr_map.float()
+    guide_chw = guide_chw.float()
+    C, h, w = lr_map.shape
+    G, H, W = guide_chw.shape
+    r = int(radius) if radius is not None else max(1, int(math.ceil(2.0 * sigma_s)))
+    g_lr = F.interpolate(guide_chw[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    u = (torch.arange(H, dtype=torch.float32) + 0.5) * (h / H) - 0.5
+    v = (torch.arange(W, dtype=torch.float32) + 0.5) * (w / W) - 0.5
+    uc = torch.round(u).clamp(0, h - 1).long()
+    vc = torch.round(v).clamp(0, w - 1).long()
+    inv_s = 1.0 / (2.0 * sigma_s * sigma_s)
+    inv_r = 1.0 / (2.0 * sigma_r * sigma_r)
+    offsets = [(0, 0)] + [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if (dy, dx) != (0, 0)]
+    per_row = W * 4 * (3 * C + 2 * G + 8)
+    rows = max(1, min(H, max_bytes // per_row))
+    out = torch.empty(C, H, W)
+    for y0 in range(0, H, rows):
+        y1 = min(H, y0 + rows)
+        uu, ucc, gg = u[y0:y1], uc[y0:y1], guide_chw[:, y0:y1]
+        m = num = den = None
+        for dy, dx in offsets:
+            qy, qx = ucc + dy, vc + dx
+            ok = ((qy >= 0) & (qy < h))[:, None] & ((qx >= 0) & (qx < w))[None, :]
+            qyc, qxc = qy.clamp(0, h - 1), qx.clamp(0, w - 1)
+            spatial = ((uu - qy.float()) ** 2)[:, None] + ((v - qx.float()) ** 2)[None, :]
+            g_q = g_lr[:, qyc][:, :, qxc]
+            lw = -spatial * inv_s - ((gg - g_q) ** 2).sum(0) * inv_r
+            vals = lr_map[:, qyc][:, :, qxc]
+            if m is None:  # the centre cell: always inside the grid
+                m, num, den = lw, vals.clone(), torch.ones_like(lw)
+                continue
+            lw = torch.where(ok, lw, torch.full_like(lw, -math.inf))
+            new_m = torch.maximum(m, lw)
+            a, b = torch.exp(m - new_m), torch.exp(lw - new_m)
+            num = num * a + vals * b
+            den = den * a + b
+            m = new_m
+        out[:, y0:y1] = num / den
+    return out
+
+
+def guide_arg(img_hwc: np.ndarray) -> np.ndarray:
+    """The guide as handed to the public API: (H, W) for one channel, else (H, W, G)."""
+    return img_hwc[:, :, 0] if img_hwc.shape[2] == 1 else img_hwc
+
+
+class Upsamplers:
+    """All methods behind one call; GSJBU fields are fitted once per (guide, LR shape, steps)."""
+
+    def __init__(self, jbu_params: Tuple[float, float], steps: int, device: str = "auto"):
+        self.jbu_params = jbu_params
+        self.steps = steps
+        self.device = device
+        self.fields: Dict[tuple, "upa.KernelField"] = {}
+        self.seconds: Dict[str, List[float]] = {m: [] for m in METHODS}
+
+    def field(self, key: tuple, guide_hwc: np.ndarray, lr_shape, steps: Optional[int] = None):
+        """The fitted field for ``key + (lr_shape, steps)`` (precomputed by :func:`fit_all`, else fitted now)."""
+        steps = self.steps if steps is None else steps
+        k = key + (tuple(lr_shape), steps)
+        if k not in self.fields:
+            self.fields[k] = upa.fit_kernels(guide_arg(guide_hwc), lr_shape=tuple(lr_shape), steps=steps, device=self.device)
+        return self.fields[k]
+
+    @property
+    def fit_seconds(self) -> List[Tuple[tuple, float]]:
+        return [(k, float(f.meta["seconds"])) for k, f in self.fields.items()]
+
+    def run(self, method: str, lr_chw: torch.Tensor, guide_hwc: np.ndarray, key: tuple, steps=None) -> np.ndarray:
+        H, W = guide_hwc.shape[:2]
+        if method == "gsjbu":
+            f = self.field(key, guide_hwc, tuple(lr_chw.shape[-2:]), steps)
+        t0 = time.perf_counter()
+        if method in ("nearest", "bilinear", "bicubic"):
+            out = interp_up(lr_chw, (H, W), method).numpy()
+        elif method == "jbu":
+            out = jbu_upsample(lr_chw, chw(guide_hwc), *self.jbu_params).numpy()
+        elif method == "gsjbu":
+            out = upa.render(lr_chw.numpy(), guide_arg(guide_hwc), f, device=self.device)
+        else:
+            raise ValueError(method)
+        self.seconds[method].append(time.perf_counter() - t0)
+        return np.asarray(out, np.float32)
+
+
+# ======================================================================================
+# metrics
+# ======================================================================================
+def psnr(truth: np.ndarray, pred: np.ndarray) -> float:
+    from skimage.metrics import peak_signal_noise_ratio
+
+    return float(peak_signal_noise_ratio(truth, np.clip(pred, 0, 1), data_range=1.0))
+
+
+def ssim(truth_hwc: np.ndarray, pred_hwc: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    t, p = truth_hwc, np.clip(pred_hwc, 0, 1)
+    if t.shape[2] == 1:
+        return float(structural_similarity(t[:, :, 0], p[:, :, 0], data_range=1.0))
+    return float(structural_similarity(t, p, data_range=1.0, channel_axis=2))
+
+
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose right or lower neighbour carries another label (and those neighbours)."""
+    b = np.zeros(labels.shape, bool)
+    dx = labels[:, 1:] != labels[:, :-1]
+    dy = labels[1:, :] != labels[:-1, :]
+    b[:, 1:] |= dx
+    b[:, :-1] |= dx
+    b[1:, :] |= dy
+    b[:-1, :] |= dy
+    return b
+
+
+def boundary_f1(truth: np.ndarray, pred: np.ndarray, tol: float = 2.0) -> float:
+    """F1 of boundary pixels matched within ``tol`` px (Euclidean) in both directions."""
+    from scipy.ndimage import distance_transform_edt
+
+    bt, bp = boundaries(truth), boundaries(pred)
+    if not bt.any() and not bp.any():
+        return 1.0
+    if not bt.any() or not bp.any():
+        return 0.0
+    dt = distance_transform_edt(~bt)
+    dp = distance_transform_edt(~bp)
+    precision = float((dt[bp] <= tol).mean())
+    recall = float((dp[bt] <= tol).mean())
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def label_metrics(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> Dict[str, float]:
+    ious = []
+    for c in range(n_classes):
+        t, p = truth == c, pred == c
+        union = np.logical_or(t, p).sum()
+        if union:
+            ious.append(np.logical_and(t, p).sum() / union)
+    return {
+        "miou": float(np.mean(ious)),
+        "acc": float((truth == pred).mean()),
+        "bf1": boundary_f1(truth, pred, 2.0),
+    }
+
+
+# ======================================================================================
+# the tasks
+# ======================================================================================
+class Runner:
+    def __init__(self, cfg: Config, ups: Upsamplers, log: Callable[[str], None]):
+        self.cfg = cfg
+        self.ups = ups
+        self.log = log
+        self.records: List[dict] = []
+        self.figure: Dict[tuple, dict] = {}
+
+    def _keep_for_figure(self, task, scene, scale, noise, down, truth, preds, lr_up, channel=None):
+        key = (task, scene.name, scale, down)
+        if noise == 0 and key in set(self.cfg.figure_cases):
+            self.figure[key] = {"truth": truth, "preds": preds, "lr": lr_up, "channel": channel}
+
+    def image_tasks(self, scene: Scene, scale: int, noise: int) -> None:
+        """Tasks 1 and 2 (and 3 for synthetic scenes) for one scene, scale and guide noise."""
+        cfg, ups = self.cfg, self.ups
+        H, W = scene.image.shape[:2]
+        lr = lr_shape_for((H, W), scale)
+        guides = guides_for(scene, noise)
+        guide = guides["all"]
+        base = dict(image=scene.name, kind=scene.kind, scale=scale, noise=noise, lr=f"{lr[0]}x{lr[1]}")
+        truth_chw = chw(scene.image)
+        key = (scene.name, noise, "all")
+        # ---- task 1: self-reconstruction
+        for down in ("bicubic", "area"):
+            lr_map = downsample(truth_chw, lr, down)
+            preds = {}
+            for m in METHODS:
+                pred = ups.run(m, lr_map, guide, key).transpose(1, 2, 0)
+                preds[m] = pred
+                self.records.append(
+                    dict(base, task="T1", down=down, method=m, psnr=psnr(scene.image, pred), ssim=ssim(scene.image, pred))
+                )
+            self._keep_for_figure("T1", scene, scale, noise, down, scene.image, preds, interp_up(lr_map, (H, W), "nearest").numpy().transpose(1, 2, 0))
+        # ---- task 2: held-out channel
+        if scene.channels == 3:
+            c = held_out_channel(scene.name)
+            key2 = (scene.name, noise, f"without-{CHANNEL_NAMES[c]}")
+            guide2 = guides[key2[2]]
+            truth = scene.image[:, :, c : c + 1]
+            for down in ("bicubic", "area"):
+                lr_map = downsample(truth_chw[c : c + 1], lr, down)
+                preds = {}
+                for m in METHODS:
+                    pred = ups.run(m, lr_map, guide2, key2).transpose(1, 2, 0)
+                    preds[m] = pred
+                    self.records.append(
+                        dict(base, task="T2", down=down, method=m, channel=CHANNEL_NAMES[c], psnr=psnr(truth, pred), ssim=ssim(truth, pred))
+                    )
+                self._keep_for_figure("T2", scene, scale, noise, down, truth, preds, interp_up(lr_map, (H, W), "nearest").numpy().transpose(1, 2, 0), CHANNEL_NAMES[c])
+        # ---- task 3: label maps
+        if scene.labels is not None:
+            onehot = F.one_hot(torch.from_numpy(scene.labels), scene.n_classes).permute(2, 0, 1).float()
+            probs = F.interpolate(onehot[None], size=lr, mode="area")[0]
+            preds = {}
+            for m in METHODS:
+                out = ups.run(m, probs, guide, key)
+                pred = out.argmax(0)
+                preds[m] = pred
+                self.records.append(dict(base, task="T3", down="area", method=m, **label_metrics(scene.labels, pred, scene.n_classes)))
+            lr_up = interp_up(probs, (H, W), "nearest").numpy().argmax(0)
+            self._keep_for_figure("T3", scene, scale, noise, "area", scene.labels, preds, lr_up)
+
+    def steps_sweep(self, scene: Scene) -> List[dict]:
+        cfg, ups = self.cfg, self.ups
+        H, W = scene.image.shape[:2]
+        lr = lr_shape_for((H, W), cfg.sweep_scale)
+        truth_chw = chw(scene.image)
+        key = (scene.name, 0, "all")
+        rows = []
+        for steps in cfg.sweep_steps:
+            f = ups.field(key, scene.image, lr, steps)
+            row = dict(image=scene.name, steps=steps, seconds=float(f.meta["seconds"]), fit_psnr=float(f.meta["psnr"]))
+            for down in ("bicubic", "area"):
+                pred = ups.run("gsjbu", downsample(truth_chw, lr, down), scene.image, key, steps).transpose(1, 2, 0)
+                row[f"psnr_{down}"] = psnr(scene.image, pred)
+            if scene.labels is not None:
+                onehot = F.one_hot(torch.from_numpy(scene.labels), scene.n_classes).permute(2, 0, 1).float()
+                probs = F.interpolate(onehot[None], size=lr, mode="area")[0]
+                pred = ups.run("gsjbu", probs, scene.image, key, steps).argmax(0)
+                row.update(label_metrics(scene.labels, pred, scene.n_classes))
+            rows.append(row)
+            self.log(f"  steps {steps:4d}: fit {row['seconds']:.1f} s, T1 PSNR {row['psnr_bicubic']:.2f} / {row['psnr_area']:.2f} dB")
+        return rows
+
+
+def guides_for(scene: Scene, noise: int) -> Dict[str, np.ndarray]:
+    """The guides a scene's tasks use at one noise level: ``"all"`` channels (tasks 1, 3) and,
+    for RGB scenes, ``"without-X"`` (task 2: the other two channels)."""
+    guide = add_noise(scene.image, noise, seed=hash_seed(scene.name, noise))
+    out = {"all": guide}
+    if scene.channels == 3:
+        c = held_out_channel(scene.name)
+        out[f"without-{CHANNEL_NAMES[c]}"] = np.ascontiguousarray(guide[:, :, [g for g in range(3) if g != c]])
+    return out
+
+
+def plan_fits(cfg: Config, scenes: Sequence[Scene]) -> List[tuple]:
+    """Every GSJBU fit the run needs: ``(key, guide, lr_shape, steps)``, longest first."""
+    jobs = []
+    for scene in scenes:
+        for scale in cfg.scales:
+            lr = lr_shape_for(scene.image.shape[:2], scale)
+            for noise in (0,) + (tuple(cfg.noise) if scale in cfg.noise_scales else ()):
+                for variant, guide in guides_for(scene, noise).items():
+                    jobs.append(((scene.name, noise, variant, lr, cfg.steps), guide, lr, cfg.steps))
+        if scene.name in cfg.sweep_images:
+            lr = lr_shape_for(scene.image.shape[:2], cfg.sweep_scale)
+            guide = guides_for(scene, 0)["all"]
+            for steps in cfg.sweep_steps:
+                jobs.append(((scene.name, 0, "all", lr, steps), guide, lr, steps))
+    unique = {j[0]: j for j in jobs}
+    return sorted(unique.values(), key=lambda j: -j[3] * j[1].shape[0] * j[1].shape[1] * (7 + j[1].shape[2]))
+
+
+def fit_all(jobs: Sequence[tuple], workers: int, device: str, log) -> Dict[tuple, "upa.KernelField"]:
+    """Run the fits, in ``workers`` processes with one torch thread each when ``workers > 1``.
+
+    On a shared 2-core machine two single-threaded fits side by side waste far less CPU than
+    one two-threaded fit (OpenMP threads spin while they wait for a busy core).
+    """
+    from napari_upsample_anything.api import fit_kernels
+
+    fields: Dict[tuple, "upa.KernelField"] = {}
+    t0 = time.perf_counter()
+    if workers <= 1:
+        for key, guide, lr, steps in jobs:
+            fields[key] = fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = mp.get_context("spawn")  # fork after torch's thread pool started can hang
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as ex:
+            futures = {
+                key: ex.submit(fit_kernels, guide_arg(guide), lr_shape=lr, steps=steps, device=device)
+                for key, guide, lr, steps in jobs
+            }
+            for i, (key, fut) in enumerate(futures.items()):
+                fields[key] = fut.result()
+                if (i + 1) % 10 == 0 or i + 1 == len(futures):
+                    log(f"  fitted {i + 1}/{len(futures)} fields ({time.perf_counter() - t0:.0f} s)")
+    return fields
+
+
+def hash_seed(name: str, noise: int) -> int:
+    return (sum((i + 1) * ord(ch) for i, ch in enumerate(name)) * 131 + int(noise)) % (2**31)
+
+
+def held_out_channel(name: str) -> int:
+    """The channel task 2 holds out: fixed per image (R, G, B in turn over the image list)."""
+    order = {
+        "astronaut": 0, "coffee": 1, "chelsea": 2, "immunohistochemistry": 0, "retina": 1,
+        "hubble_deep_field": 2, "voronoi-1": 0, "voronoi-2": 1, "polygons-1": 2, "polygons-2": 0,
+    }  # fmt: skip
+    return order.get(name, hash_seed(name, 0) % 3)
+
+
+# ======================================================================================
+# JBU tuning and the dense reference
+# ======================================================================================
+def tune_jbu(cfg: Config, scenes: Sequence[Scene], log) -> dict:
+    """Grid search of (sigma_s, sigma_r) on the synthetic scenes' self-reconstruction
+    (both LR variants, all scales): the best mean PSNR is frozen for every task."""
+    grid = np.zeros((len(cfg.jbu_sigma_s), len(cfg.jbu_sigma_r)))
+    t0 = time.perf_counter()
+    for scene in scenes:
+        truth_chw = chw(scene.image)
+        H, W = scene.image.shape[:2]
+        for scale in cfg.scales:
+            lr = lr_shape_for((H, W), scale)
+            for down in ("bicubic", "area"):
+                lr_map = downsample(truth_chw, lr, down)
+                for i, ss in enumerate(cfg.jbu_sigma_s):
+                    for j, sr in enumerate(cfg.jbu_sigma_r):
+                        pred = jbu_upsample(lr_map, truth_chw, ss, sr).numpy().transpose(1, 2, 0)
+                        grid[i, j] += psnr(scene.image, pred)
+    grid /= max(1, len(scenes) * len(cfg.scales) * 2)
+    i, j = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    best = (float(cfg.jbu_sigma_s[i]), float(cfg.jbu_sigma_r[j]))
+    log(f"JBU grid search: best sigma_s={best[0]} LR cells, sigma_r={best[1]} ({grid[i, j]:.2f} dB), {time.perf_counter() - t0:.1f} s")
+    return {"grid": grid, "best": best, "seconds": time.perf_counter() - t0}
+
+
+def reference_check(cfg: Config, steps: int, device: str, log) -> List[dict]:
+    """Our render vs the dense float64 reference (tests/reference_gsjbu.py) with one fitted field."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from reference_gsjbu import reference_render
+    finally:
+        sys.path.pop(0)
+    rows = []
+    for name, size, scale in cfg.reference_cases:
+        scene = crop_scene(load_scene(name, cfg.size), size)
+        lr = lr_shape_for(size, scale)
+        guide = scene.image
+        lr_map = downsample(chw(guide), lr, "area")
+        f = upa.fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device)
+        t0 = time.perf_counter()
+        ours = upa.render(lr_map.numpy(), guide_arg(guide), f, device=device)
+        t_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ref = reference_render(lr_map, chw(guide), f.sigma_x.cpu(), f.sigma_y.cpu(), f.theta.cpu(), f.sigma_r.cpu())
+        t_ref = time.perf_counter() - t0
+        diff = float(np.abs(ours.astype(np.float64) - ref.numpy()).max())
+        rows.append(dict(image=name, size=f"{size[0]}x{size[1]}", lr=f"{lr[0]}x{lr[1]}", scale=size[1] / lr[1],
+                         channels=int(lr_map.shape[0]), max_abs=diff, ours_s=t_ours, ref_s=t_ref,
+                         sigma_r_min=float(f.sigma_r.min())))  # fmt: skip
+        log(f"reference {name} {size} -> lr {lr}: max |ours - float64 reference| = {diff:.2e} (ref {t_ref:.1f} s)")
+    return rows
+
+
+# ======================================================================================
+# aggregation and markdown
+# ======================================================================================
+def select(records, **kw):
+    return [r for r in records if all(r.get(k) == v for k, v in kw.items())]
+
+
+def mean_of(records, metric, **kw) -> float:
+    vals = [r[metric] for r in select(records, **kw) if metric in r]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def fmt(metric: str, v: float) -> str:
+    if v != v:
+        return "-"
+    if metric in ("miou", "acc", "bf1"):
+        return f"{100 * v:.2f}"
+    if metric == "ssim":
+        return f"{v:.4f}"
+    return f"{v:.2f}"
+
+
+# (task, down, metric, column title)
+SUMMARY_COLS = [
+    ("T1", "bicubic", "psnr", "T1 PSNR (bicubic LR)"),
+    ("T1", "bicubic", "ssim", "T1 SSIM (bicubic LR)"),
+    ("T1", "area", "psnr", "T1 PSNR (area LR)"),
+    ("T1", "area", "ssim", "T1 SSIM (area LR)"),
+    ("T2", "bicubic", "psnr", "T2 PSNR (bicubic LR)"),
+    ("T2", "area", "psnr", "T2 PSNR (area LR)"),
+    ("T3", "area", "miou", "T3 mIoU %"),
+    ("T3", "area", "acc", "T3 acc %"),
+    ("T3", "area", "bf1", "T3 BF1@2px %"),
+]
+
+
+def summary_table(records, scale, noise) -> str:
+    rows = []
+    for m in METHODS:
+        row = [LABELS[m]]
+        for task, down, metric, _ in SUMMARY_COLS:
+            row.append(fmt(metric, mean_of(records, metric, task=task, down=down, method=m, scale=scale, noise=noise)))
+        rows.append(row)
+    return md_table(["method"] + [c[3] for c in SUMMARY_COLS], _mark_best(rows))
+
+
+def _mark_best(rows):
+    """Bold the best value of each column (higher is better everywhere)."""
+    rows = [list(r) for r in rows]
+    for j in range(1, len(rows[0])):
+        vals = [float(r[j]) if r[j] != "-" else -1e9 for r in rows]
+        best = max(vals)
+        for r, v in zip(rows, vals):
+            if v == best and r[j] != "-":
+                r[j] = f"**{r[j]}**"
+    return rows
+
+
+def verdicts(records, cfg: Config) -> Tuple[str, List[str]]:
+    """Per condition: GSJBU mean vs the better of bilinear / bicubic, and per-image losses."""
+    rows, losses = [], []
+    conds = []
+    for noise in (0,) + tuple(cfg.noise):
+        scales = cfg.scales if noise == 0 else cfg.noise_scales
+        for scale in scales:
+            for task, down, metric, title in SUMMARY_COLS:
+                if metric in ("ssim", "acc") and noise:
+                    continue
+                conds.append((task, down, metric, title, scale, noise))
+    for task, down, metric, title, scale, noise in conds:
+        sel = dict(task=task, down=down, scale=scale, noise=noise)
+        images = sorted({r["image"] for r in select(records, **sel)})
+        if not images:
+            continue
+        ours = mean_of(records, metric, method="gsjbu", **sel)
+        bl = mean_of(records, metric, method="bilinear", **sel)
+        bc = mean_of(records, metric, method="bicubic", **sel)
+        jb = mean_of(records, metric, method="jbu", **sel)
+        lost = []
+        for im in images:
+            o = mean_of(records, metric, method="gsjbu", image=im, **sel)
+            b = max(mean_of(records, metric, method="bilinear", image=im, **sel), mean_of(records, metric, method="bicubic", image=im, **sel))
+            if o < b:
+                lost.append(f"{im} ({fmt(metric, o)} vs {fmt(metric, b)})")
+        best_interp = max(bl, bc)
+        verdict = "tie" if abs(ours - best_interp) < 1e-12 else ("win" if ours > best_interp else "**loss**")
+        rows.append([title, str(scale), str(noise), fmt(metric, ours), fmt(metric, best_interp),
+                     f"{(100 if metric in ('miou', 'acc', 'bf1') else 1) * (ours - best_interp):+.{4 if metric == 'ssim' else 2}f}",
+                     fmt(metric, jb), verdict, f"{len(images) - len(lost)}/{len(images)}"])  # fmt: skip
+        if lost:
+            losses.append(f"- {title}, scale {scale}, guide noise {noise}: " + "; ".join(lost))
+    table = md_table(
+        ["task / metric", "scale", "noise", "GSJBU", "best of bilinear/bicubic", "delta", "JBU", "mean", "images GSJBU >= both"],
+        rows,
+    )
+    return table, losses
+
+
+def per_image_tables(records, cfg: Config) -> List[str]:
+    out = []
+    for noise in (0,) + tuple(cfg.noise):
+        scales = cfg.scales if noise == 0 else cfg.noise_scales
+        for scale in scales:
+            for task, down, metrics in (("T1", "bicubic", ("psnr", "ssim")), ("T1", "area", ("psnr", "ssim")),
+                                        ("T2", "bicubic", ("psnr", "ssim")), ("T2", "area", ("psnr", "ssim")),
+                                        ("T3", "area", ("miou", "acc", "bf1"))):  # fmt: skip
+                sel = dict(task=task, down=down, scale=scale, noise=noise)
+                recs = select(records, **sel)
+                if not recs:
+                    continue
+                images = list(dict.fromkeys(r["image"] for r in recs))
+                rows = []
+                for im in images:
+                    r0 = select(recs, image=im)[0]
+                    name = im + (f" [{r0['channel']}]" if "channel" in r0 else "")
+                    row = [name, r0["lr"]]
+                    for m in METHODS:
+                        row.append(" / ".join(fmt(k, mean_of(recs, k, image=im, method=m)) for k in metrics))
+                    rows.append(row)
+                what = {"T1": "self-reconstruction", "T2": "held-out channel", "T3": "label maps"}[task]
+                unit = " / ".join({"psnr": "PSNR dB", "ssim": "SSIM", "miou": "mIoU %", "acc": "acc %", "bf1": "BF1 %"}[k] for k in metrics)
+                out.append(f"#### {task} {what}, {down} LR, scale {scale}, guide noise {noise} ({unit})\n\n"
+                           + md_table(["image", "LR", *[LABELS[m] for m in METHODS]], rows))  # fmt: skip
+    return out
+
+
+def robustness_table(records, cfg: Config) -> str:
+    rows = []
+    noises = (0,) + tuple(cfg.noise)
+    for scale in cfg.noise_scales:
+        for task, down, metric, title in SUMMARY_COLS:
+            if metric in ("ssim", "acc"):
+                continue
+            for m in METHODS:
+                vals = [mean_of(records, metric, task=task, down=down, method=m, scale=scale, noise=n) for n in noises]
+                if all(v != v for v in vals):
+                    continue
+                rows.append([title, str(scale), LABELS[m]] + [fmt(metric, v) for v in vals])
+    return md_table(["task / metric", "scale", "method"] + [f"noise {n}" for n in noises], rows)
+
+
+def environment() -> Dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import scipy
+    import skimage
+
+    return {
+        "date (UTC)": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "CPU": f"{cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scikit-image": skimage.__version__,
+        "scipy": scipy.__version__,
+        "napari-upsample-anything": getattr(upa, "__version__", "?"),
+        "platform": platform.platform(),
+    }
+
+
+def write_markdown(path: Path, cfg: Config, res: dict) -> None:
+    rec = res["records"]
+    env = res["env"]
+    jbu = res["jbu"]
+    L: List[str] = []
+    a = L.append
+    a("# Quality evaluation against baselines")
+    a("")
+    a(f"Generated by `python benchmarks/bench_quality.py{' --quick' if cfg.name == 'quick' else ''}` "
+      f"({cfg.name} mode) in {res['wall_seconds'] / 60:.1f} min of wall time. Do not edit by hand: rerun the script.")  # fmt: skip
+    if cfg.name == "quick":
+        a("")
+        a("> **Quick mode**: small images, few steps, few cases: a smoke test of the pipeline, not a result.")
+    a("")
+    a("## Setup")
+    a("")
+    a(f"- **Images** ({cfg.size[0]} x {cfg.size[1]}, float in [0, 1]): scikit-image samples "
+      f"{', '.join('`' + n + '`' for n in cfg.real)} (largest centred crop with the target aspect, "
+      "antialiased resize; `retina`: its central 64 % first) and synthetic scenes "
+      f"{', '.join('`' + n + '`' for n in cfg.synthetic)} with known label maps (5 classes; textured "
+      "Voronoi cells of about 37 px, or random polygons, about a third of them thin slivers, on a textured "
+      "background; two classes share almost the same colour and differ by texture; fixed seeds).")  # fmt: skip
+    lrs = ", ".join(f"scale {s}: LR {lr_shape_for(cfg.size, s)[0]} x {lr_shape_for(cfg.size, s)[1]}"
+                    f" (H/h = {cfg.size[0] / lr_shape_for(cfg.size, s)[0]:.3g}, W/w = {cfg.size[1] / lr_shape_for(cfg.size, s)[1]:.3g})"
+                    for s in cfg.scales)  # fmt: skip
+    a(f"- **Scales**: {lrs}.")
+    a("- **Methods**: `nearest` (pixel-centre aligned, torch `nearest-exact`), `bilinear`, `bicubic` "
+      "(torch `F.interpolate`, `align_corners=False`), `JBU (fixed)`: classic joint bilateral upsampling "
+      "with one global spatial sigma (in LR cells) and one range sigma, window radius ceil(2 sigma_s), "
+      f"tuned once (grid below) and frozen at sigma_s = {jbu['best'][0]} LR cells, sigma_r = {jbu['best'][1]}; "
+      f"`GSJBU (ours)`: `upa.fit_kernels(guide, lr_shape, steps={cfg.steps})` + `upa.render`, published "
+      "settings (R_max 8, alpha 2, repeated border cells, radius in HR units, lr 0.1 with the published decay), "
+      "the same for every image.")  # fmt: skip
+    a("- **Task 1, self-reconstruction**: the image is downsampled to the LR grid and upsampled again, "
+      "guided by the original. *bicubic LR* = `F.interpolate(bicubic, align_corners=False)` without "
+      "antialias: exactly the LR input that GSJBU's test-time fit reconstructs, so this column is the "
+      "paper's self-reconstruction protocol and GSJBU's own training objective (it is evaluated on the "
+      "image it was fitted on). *area LR* = box average of each LR cell's footprint (like a patch token "
+      "summarising its patch): the kernels were not fitted on it.")  # fmt: skip
+    a("- **Task 2, held-out channel**: the guide is the image *without* one colour channel (the channel "
+      "is listed per image); GSJBU fits its kernels on that two-channel guide, then upsamples the held-out "
+      "channel's LR map. Nothing in the fit has seen that channel: a test of the kernels transferring to "
+      "another signal, as they must for features.")  # fmt: skip
+    a("- **Task 3, label maps** (synthetic scenes): one-hot labels are area-pooled to the LR grid "
+      "(class fractions), upsampled by each method, and the argmax is scored: mIoU (classes present in "
+      "truth or prediction), pixel accuracy, boundary F1 with 2 px tolerance (boundary pixels matched "
+      "within a Euclidean distance of 2 px). GSJBU reuses the field fitted on the scene's RGB guide.")  # fmt: skip
+    a(f"- **Task 4, robustness**: tasks 1-3 with Gaussian noise (sigma {', '.join(map(str, cfg.noise))} on the "
+      f"0-255 scale, clipped) added to the guide only (at scale {', '.join(map(str, cfg.noise_scales))}); "
+      "the LR map and the truth stay clean. GSJBU refits on the noisy guide. nearest / bilinear / bicubic "
+      "ignore the guide, so their numbers do not change.")  # fmt: skip
+    a(f"- **Task 5, steps**: GSJBU fitted with {', '.join(map(str, cfg.sweep_steps))} Adam steps "
+      f"(published schedule) on {', '.join(cfg.sweep_images)} at scale {cfg.sweep_scale}.")  # fmt: skip
+    a("- PSNR (`skimage.metrics.peak_signal_noise_ratio`, data range 1) and SSIM "
+      "(`structural_similarity`, 7x7 window, per channel) on predictions clipped to [0, 1]; "
+      "higher is better everywhere. Means are over all images of a task (real and synthetic).")  # fmt: skip
+    a("")
+    a("## Same computation as the dense float64 reference")
+    a("")
+    a("GSJBU render of a fitted field against `tests/reference_gsjbu.py` (every pixel, all 289 "
+      "offsets, float64, written from ALGORITHM.md), area-downsampled RGB image as the LR map:")  # fmt: skip
+    a("")
+    a(md_table(["image", "HR", "LR", "scale W/w", "channels", "max abs diff", "min fitted sigma_r", "ours (s)", "reference (s)"],
+               [[r["image"], r["size"], r["lr"], f"{r['scale']:.3g}", r["channels"], f"{r['max_abs']:.2e}", f"{r['sigma_r_min']:.3g}",
+                 f"{r['ours_s']:.3f}", f"{r['ref_s']:.2f}"] for r in res["reference"]]))  # fmt: skip
+    a("")
+    for s in cfg.scales:
+        a(f"## Mean results, scale {s}, clean guide")
+        a("")
+        a(summary_table(rec, s, 0))
+        a("")
+    a("T1 = self-reconstruction (PSNR dB, SSIM), T2 = held-out channel (PSNR dB), T3 = label maps "
+      "(percent). Best per column in bold.")  # fmt: skip
+    a("")
+    a("## Where GSJBU wins and loses (vs the better of bilinear and bicubic)")
+    a("")
+    table, losses = verdicts(rec, cfg)
+    a(table)
+    a("")
+    if losses:
+        a("Images on which GSJBU is below the better of bilinear and bicubic (GSJBU vs best of the two):")
+        a("")
+        L.extend(losses)
+    else:
+        a("GSJBU is at least as good as both bilinear and bicubic on every image of every task.")
+    a("")
+    a(DISCUSSION)
+    a("")
+    a("## Robustness to guide noise (task 4, means)")
+    a("")
+    a(robustness_table(rec, cfg))
+    a("")
+    a("## Optimisation steps (task 5): quality against fit time")
+    a("")
+    rows = []
+    for r in res["steps"]:
+        rows.append([r["image"], r["steps"], f"{r['seconds']:.1f}", f"{r['fit_psnr']:.2f}", f"{r['psnr_bicubic']:.2f}",
+                     f"{r['psnr_area']:.2f}", fmt("miou", r.get("miou", float("nan"))), fmt("bf1", r.get("bf1", float("nan")))])  # fmt: skip
+    a(md_table(["image", "steps", "fit (s)", "fit PSNR", "T1 PSNR bicubic LR", "T1 PSNR area LR", "T3 mIoU %", "T3 BF1 %"], rows))
+    a("")
+    a("Fit PSNR is the engine's own report (`field.meta['psnr']`, the bicubic-LR reconstruction). "
+      "The published loop stops after 51 steps.")  # fmt: skip
+    a("")
+    a("## JBU grid search (synthetic scenes, mean T1 PSNR over both LR variants and all scales)")
+    a("")
+    grid = jbu["grid"]
+    a(md_table(["sigma_s (LR cells) \\ sigma_r"] + [f"{v:g}" for v in cfg.jbu_sigma_r],
+               [[f"{ss:g}"] + [f"{grid[i, j]:.2f}" for j in range(grid.shape[1])] for i, ss in enumerate(cfg.jbu_sigma_s)]))  # fmt: skip
+    a("")
+    a(f"Frozen: sigma_s = {jbu['best'][0]}, sigma_r = {jbu['best'][1]} (search took {jbu['seconds']:.1f} s). "
+      "The tuning scenes are also test scenes of tasks 1-3, which favours JBU there.")  # fmt: skip
+    a("")
+    a("## Run time")
+    a("")
+    fits = res["fit_seconds"]
+    main_fits = [s for k, s in fits if k[-1] == cfg.steps and k[-2] in [lr_shape_for(cfg.size, sc) for sc in cfg.scales]]
+    threads = "1 torch thread per fit, " + (f"{res['workers']} fits side by side" if res["workers"] > 1 else "in-process")
+    rows = [["GSJBU fit", f"{np.mean(main_fits):.2f}" if main_fits else "-", str(len(main_fits)),
+             f"{cfg.size[0]}x{cfg.size[1]}, {cfg.steps} steps, 1-3 guide channels; {threads}"],
+            ["all GSJBU fits (wall)", f"{res['fit_phase_seconds']:.1f}", str(len(fits)), "including the steps sweep"]]  # fmt: skip
+    if res["workers"] <= 1:
+        rows[0][3] = f"{cfg.size[0]}x{cfg.size[1]}, {cfg.steps} steps, 1-3 guide channels, in-process"
+    for m in METHODS:
+        s = res["seconds"][m]
+        if s:
+            rows.append([f"{LABELS[m]} upsample", f"{np.mean(s):.3f}", str(len(s)), "1-5 channels, render only"])
+    a(md_table(["step", "mean seconds", "calls", "note"], rows))
+    a("")
+    a("## Figure")
+    a("")
+    a("![crops](quality_crops.png)")
+    a("")
+    a("`quality_crops.png`: crops (the window with the most edge energy in the truth, chosen "
+      "automatically) of the truth, the LR input shown with nearest upsampling, bilinear, JBU and GSJBU, "
+      "scale 16, clean guide; each panel's title gives the whole-image score.")  # fmt: skip
+    a("")
+    a("## Per-image results")
+    a("")
+    for t in per_image_tables(rec, cfg):
+        a(t)
+        a("")
+    a("## Environment")
+    a("")
+    a(md_table(["", ""], [[k, v] for k, v in env.items()] + [
+        ["wall time", f"{res['wall_seconds']:.0f} s ({res['wall_seconds'] / 60:.1f} min)"],
+        ["load average at start / end", f"{res['load'][0]} / {res['load'][1]}"],
+        ["command", "`" + " ".join(res["argv"]) + "`"],
+    ]))  # fmt: skip
+    a("")
+    a("Timings are wall-clock on a shared 2-core machine; the load average shows how much other work ran.")
+    path.write_text("\n".join(L) + "\n")
+
+
+DISCUSSION = """### Reading the results
+
+(See the discussion in the project report; this paragraph is regenerated with the tables.)"""
+
+
+# ======================================================================================
+# figure
+# ======================================================================================
+def best_window(truth: np.ndarray, crop: int) -> Tuple[int, int]:
+    """Top-left corner of the ``crop`` window with the largest gradient energy of the truth."""
+    t = truth.astype(np.float32)
+    if t.ndim == 3:
+        t = t.mean(2)
+    gy, gx = np.gradient(t)
+    e = np.hypot(gy, gx)
+    ii = np.pad(e.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    H, W = e.shape
+    c = min(crop, H, W)
+    s = ii[c:, c:] - ii[:-c, c:] - ii[c:, :-c] + ii[:-c, :-c]
+    y, x = np.unravel_index(int(np.argmax(s)), s.shape)
+    return int(y), int(x)
+
+
+def write_figure(path: Path, cfg: Config, runner: Runner, records) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in cfg.figure_cases if c in runner.figure]
+    cols = ["truth", "LR input", "bilinear", "jbu", "gsjbu"]
+    fig, axes = plt.subplots(len(cases), len(cols), figsize=(2.3 * len(cols), 2.5 * len(cases)), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for i, case in enumerate(cases):
+        task, name, scale, down = case
+        item = runner.figure[case]
+        truth = item["truth"]
+        label_task = task == "T3"
+        y, x = best_window(truth if not label_task else boundaries(truth).astype(np.float32), cfg.crop)
+        c = min(cfg.crop, truth.shape[0], truth.shape[1])
+        panels = [truth, item["lr"], item["preds"]["bilinear"], item["preds"]["jbu"], item["preds"]["gsjbu"]]
+        for j, (col, img) in enumerate(zip(cols, panels)):
+            ax = axes[i, j]
+            crop = img[y : y + c, x : x + c]
+            if label_task:
+                ax.imshow(cmap(crop % 10)[..., :3], interpolation="nearest")
+            elif crop.shape[-1] == 1:
+                ax.imshow(np.clip(crop[..., 0], 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.imshow(np.clip(crop, 0, 1), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            title = {"truth": "truth", "LR input": "LR input"}.get(col, LABELS.get(col, col))
+            if col in METHODS:
+                metric = "miou" if label_task else "psnr"
+                v = mean_of(records, metric, task=task, image=name, scale=scale, down=down, noise=0, method=col)
+                title += f"\n{fmt(metric, v)}{' mIoU' if label_task else ' dB'}"
+            ax.set_title(title, fontsize=8)
+            if j == 0:
+                what = {"T1": "self-rec.", "T2": f"held-out {item['channel']}", "T3": "labels"}[task]
+                ax.set_ylabel(f"{name}\n{what}, x{scale}\n{down} LR", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ======================================================================================
+# main
+# ======================================================================================
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small smoke run (under 2 minutes)")
+    p.add_argument("--out", type=Path, default=REPO / "docs", help="folder for quality.md and quality_crops.png")
+    p.add_argument("--steps", type=int, default=None, help="GSJBU steps of the main runs (default: 51; quick: 25)")
+    p.add_argument("--device", default="cpu", help="device for GSJBU (default cpu: the documented setting)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the main process (default: torch's choice)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes for the GSJBU fits, one torch thread each (default: 2; 1 = in-process)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    if args.steps is not None:
+        cfg = replace(cfg, steps=int(args.steps))
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    load0 = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+
+    scenes = [load_scene(n, cfg.size) for n in cfg.real + cfg.synthetic]
+    synth = [s for s in scenes if s.kind == "synthetic"]
+    jbu = tune_jbu(cfg, synth, log)
+    reference = reference_check(cfg, cfg.steps, args.device, log)
+
+    ups = Upsamplers(jbu["best"], cfg.steps, args.device)
+    jobs = plan_fits(cfg, scenes)
+    log(f"fitting {len(jobs)} kernel fields with {args.workers} worker(s)")
+    t_fit = time.perf_counter()
+    ups.fields.update(fit_all(jobs, args.workers, args.device, log))
+    t_fit = time.perf_counter() - t_fit
+    runner = Runner(cfg, ups, log)
+    for scene in scenes:
+        for scale in cfg.scales:
+            for noise in (0,) + (tuple(cfg.noise) if scale in cfg.noise_scales else ()):
+                t0 = time.perf_counter()
+                runner.image_tasks(scene, scale, noise)
+                r = select(runner.records, image=scene.name, scale=scale, noise=noise, task="T1", down="bicubic")
+                score = {x["method"]: x["psnr"] for x in r}
+                log(f"{scene.name:22s} x{scale} noise {noise:2d}: T1 PSNR bilinear {score['bilinear']:.2f}, "
+                    f"JBU {score['jbu']:.2f}, GSJBU {score['gsjbu']:.2f} dB ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    steps_rows = []
+    for name in cfg.sweep_images:
+        log(f"steps sweep: {name}")
+        steps_rows += runner.steps_sweep(next(s for s in scenes if s.name == name))
+
+    wall = time.perf_counter() - t_start
+    load1 = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+    res = {
+        "config": cfg,
+        "records": runner.records,
+        "reference": reference,
+        "jbu": jbu,
+        "steps": steps_rows,
+        "fit_seconds": ups.fit_seconds,
+        "fit_phase_seconds": t_fit,
+        "workers": args.workers,
+        "seconds": ups.seconds,
+        "env": environment(),
+        "load": (load0, load1),
+        "argv": ["python", "benchmarks/bench_quality.py"] + list(argv if argv is not None else sys.argv[1:]),
+    }
+    fig_path = out / "quality_crops.png"
+    write_figure(fig_path, cfg, runner, runner.records)
+    res["wall_seconds"] = time.perf_counter() - t_start
+    md_path = out / "quality.md"
+    write_markdown(md_path, cfg, res)
+    res["paths"] = {"markdown": md_path, "figure": fig_path}
+    log(f"wrote {md_path} and {fig_path} in {res['wall_seconds']:.0f} s")
+    return res
+
+
+if __name__ == "__main__":
+    main()
