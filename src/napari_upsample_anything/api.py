@@ -1,4 +1,7 @@
-"""Public API: ``fit_kernels``, ``render``, ``upsample`` (and ``extract_features``).
+"""Public API: ``fit_kernels``, ``render``, ``upsample``, ``pca_rgb``, ``render_pca``.
+
+``extract_features`` lives in :mod:`.core.features` (it validates its own inputs) and is
+re-exported by the package.
 
 These functions validate and convert inputs (numpy or torch, channels-last guides, 2D or
 3D maps), resolve device / precision / memory budget once, and call the core. They hold no
