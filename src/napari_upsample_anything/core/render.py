@@ -456,6 +456,35 @@ class BlockEngine:
                 memlog.add(TileRecord(stage, *tile, per_block * nblocks, meter.peak, time.perf_counter() - t0))
             report(progress, done, total, stage=stage)
 
+    def pixel_weights(self, field: KernelField, y: int, x: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Effective upsampling weights of HR pixel ``(y, x)`` over its LR neighbours.
+
+        Returns ``(weights [k], cells [k])``: the softmax weights (they sum to one) and the
+        flat LR index ``i * w + j`` of each neighbour. With ``border="repeat"`` a border cell
+        can appear several times; :func:`pixel_weight_map` sums them. ``render`` at that
+        pixel equals ``weights @ lr_map.reshape(C, -1)[:, cells].T``.
+        """
+        H, W = self.guide.shape
+        if not (0 <= y < H and 0 <= x < W):
+            raise ValueError(f"pixel ({y}, {x}) is outside the {H} x {W} guide")
+        rows, cols = self.grid.rows, self.grid.cols
+        i = int(torch.searchsorted(rows.start, torch.tensor(y), right=True)) - 1
+        j = int(torch.searchsorted(cols.start, torch.tensor(x), right=True)) - 1
+        tile = (i, i + 1, j, j + 1)
+        p = (y - int(rows.start[i])) * cols.pad + (x - int(cols.start[j]))
+        coef = kernel_coefficients(field).detach().to(self.device)
+        sigma_eff = torch.maximum(field.sigma_x, field.sigma_y).detach().to(self.device)
+        with torch.no_grad():
+            r2_pix = self.radius_sq(sigma_eff, tile)
+            k = self.tile_k(r2_pix)
+            geometry = self.neighbours(tile, k)
+            phi = self.pixel_features(tile)[:, p : p + 1]
+            psi, rho, jd = self.neighbour_features(coef, tile, geometry)
+            mask = self.weights_mask(r2_pix[:, p : p + 1], geometry[3], k)
+            eye = torch.eye(k, device=self.device)[None]  # values = identity: out = the weights
+            weights = block_attention(phi, psi, rho, jd, eye, mask)[0, 0]
+        return weights.cpu(), geometry[0][0].cpu()
+
     def _hr_rect(self, tile: Tile) -> Tuple[int, int, int, int]:
         i0, i1, j0, j1 = tile
         y0, y1 = self.grid.rows.hr_range(i0, i1)
@@ -472,6 +501,15 @@ class BlockEngine:
         mask = self.weights_mask(r2_pix, geometry[3], k)
         vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
         return block_attention(phi, psi, rho, jd, vals, mask, agg_dtype, workspace)
+
+
+def pixel_weight_map(engine: BlockEngine, field: KernelField, y: int, x: int) -> np.ndarray:
+    """``(h, w)`` float64 map of HR pixel ``(y, x)``'s weights over the LR grid (sums to one)."""
+    weights, cells = engine.pixel_weights(field, y, x)
+    h, w = engine.lr_shape
+    out = np.zeros(h * w, np.float64)
+    np.add.at(out, cells.numpy(), weights.double().numpy())
+    return out.reshape(h, w)
 
 
 def _write(out, tile_img: torch.Tensor, rect: Tuple[int, int, int, int]) -> None:
