@@ -82,8 +82,19 @@ class _TileCache:
         self.engine = engine
         self.keep = keep
         self.store = {}
+        self.geometry = {}
         self.workspace = Workspace(engine.device)
         self.agg_dtype = torch.float32
+
+    def neighbours(self, tile: Tile, k: int):
+        """Neighbour geometry of a tile (kept, like the features, only when the cache fits)."""
+        key = (tile, k)
+        if key in self.geometry:
+            return self.geometry[key]
+        geometry = self.engine.neighbours(tile, k)
+        if self.keep:
+            self.geometry[key] = geometry
+        return geometry
 
     def get(self, tile: Tile):
         if tile in self.store:
@@ -207,7 +218,7 @@ def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, 
             phi, target, valid = cache.get(tile)
             r2 = engine.radius_sq(sigma_eff, tile)
             k = engine.tile_k(r2)
-            geometry = engine.neighbours(tile, k)
+            geometry = cache.neighbours(tile, k)
             q = geometry[0]
             psi, rho, jd = engine.neighbour_features(coef_leaf, tile, geometry)
             mask = engine.weights_mask(r2, geometry[3], k)

@@ -347,11 +347,16 @@ class BlockEngine:
         """Published dynamic radius squared per block pixel, ``[B, P]`` (int)."""
         i0, i1, j0, j1 = tile
         py, px = self.grid.rows.pad, self.grid.cols.pad
+        units = min(self.grid.rows.scale, self.grid.cols.scale) if self.options.radius_units == "lr" else 1.0
+        # Bilinear values are convex combinations, so they are >= the smallest sigma: when
+        # that one already gives the full radius (with a margin for rounding), skip the resize.
+        if float(self.options.alpha) * float(sigma_eff.min()) / units >= self.options.radius - 1 + 1e-3:
+            return torch.full(((i1 - i0) * (j1 - j0), py * px), self.options.radius**2, dtype=torch.int64, device=self.device)
         ty = tuple(t.reshape(self.lr_shape[0], py, -1)[i0:i1].reshape((i1 - i0) * py, -1) for t in self._taps_y)
         tx = tuple(t.reshape(self.lr_shape[1], px, -1)[j0:j1].reshape((j1 - j0) * px, -1) for t in self._taps_x)
         src = sigma_eff.detach()
         if self.options.radius_units == "lr":
-            src = src / min(self.grid.rows.scale, self.grid.cols.scale)
+            src = src / units
         sig = resample(lambda r, c: src[None].index_select(1, r.to(src.device)).index_select(2, c.to(src.device)), ty, tx)
         r = torch.ceil(float(self.options.alpha) * sig.to(self.device)).clamp_(1, self.options.radius)
         r = self.to_blocks(r, tile)[..., 0]
