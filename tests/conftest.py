@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -35,3 +36,23 @@ def random_field(h: int, w: int, gen: torch.Generator, sigma=(0.5, 40.0), sigma_
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+def _display_problem() -> "str | None":
+    """Why napari cannot draw here, or None. (pytest-xvfb normally provides a display.)"""
+    platform = os.environ.get("QT_QPA_PLATFORM", "")
+    if platform.split(":")[0] in {"offscreen", "minimal"}:
+        return f"QT_QPA_PLATFORM={platform!r}: vispy cannot draw there; unset it and run under Xvfb (bash scripts/test.sh)"
+    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        return "no DISPLAY: run the GUI tests under Xvfb (bash scripts/test.sh, or install xvfb for pytest-xvfb)"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Fail GUI tests with a message before pytest-qt's session QApplication would abort the
+    whole process on a machine without a display."""
+    if item.get_closest_marker("gui") is not None:
+        problem = _display_problem()
+        if problem:
+            pytest.fail(problem, pytrace=False)
