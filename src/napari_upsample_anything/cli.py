@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -160,7 +159,7 @@ def process_image(image, name: str, outdir: Path, args, quiet: bool = False) -> 
     report = {
         "image": name,
         "image_shape": list(np.shape(image)),
-        "image_dtype": str(np.asarray(image[:1]).dtype) if hasattr(image, "__getitem__") else None,
+        "image_dtype": str(getattr(image, "dtype", "")),
         "backbone": fmap.backbone,
         "weights_source": fmap.weights_source,
         "layer": args.layer,
@@ -258,7 +257,6 @@ def model_free_demo(image, outdir: Path, args, field=None, quiet: bool = False) 
 
 
 def cmd_demo(args) -> int:
-    import numpy as np
     import skimage.data
 
     from .core.features import WeightsUnavailableError
@@ -290,7 +288,6 @@ def cmd_demo(args) -> int:
         rows.append([name] + [f"{free['psnr_db'][m][name]:.2f}" for m in free["psnr_db"]])
     print(_table(rows))
     print(f"outputs in {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
-    _ = np  # numpy imported for side effects of skimage only
     return EXIT_OK
 
 
@@ -358,5 +355,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())
