@@ -49,16 +49,18 @@ def resample(gather, taps_y, taps_x) -> torch.Tensor:
     """Apply separable taps: ``gather(rows, cols)`` returns a ``[G, len(rows), len(cols)]`` block.
 
     ``taps_y = (idx [ny, ty], weight [ny, ty])``, likewise ``taps_x``. Returns
-    ``[G, ny, nx]`` float32, computed in float64 then rounded once.
+    ``[G, ny, nx]`` float32, computed in float64 then rounded once (float32 on Apple MPS,
+    which has no float64).
     """
     iy, wy = taps_y
     ix, wx = taps_x
     ny, ty = iy.shape
     nx, tx = ix.shape
-    block = gather(iy.reshape(-1), ix.reshape(-1)).to(torch.float64)
+    block = gather(iy.reshape(-1), ix.reshape(-1))
+    block = block.to(torch.float32 if block.device.type == "mps" else torch.float64)
     g = block.shape[0]
     block = block.reshape(g, ny, ty, nx, tx)
-    wy = wy.to(block.device)
-    wx = wx.to(block.device)
+    wy = wy.to(block.device, block.dtype)
+    wx = wx.to(block.device, block.dtype)
     out = torch.einsum("gaybx,ay,bx->gab", block, wy, wx)
     return out.to(torch.float32)

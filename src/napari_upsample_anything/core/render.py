@@ -8,14 +8,14 @@ All HR pixels of one *block* (the pixels whose centre LR cell is the same) share
     log w(p, q) = -(A_q dX^2 + 2 B_q dX dY + C_q dY^2) - rho_q ||I(p) - J(q)||^2
 
 with ``dX = lx(p) - Dx(q)`` in coordinates local to the block's centre cell and ``J`` the
-bilinear LR guide. Expanding the squares makes it a dot product of a per-pixel feature
-vector ``phi(p)`` (``lx^2, lx ly, ly^2, lx, ly, 1, ||I'||^2, I'``) and a per-neighbour vector
-``psi(q)`` (``m = 7 + G`` entries): the log-weights of a whole tile are one batched matrix
-product ``[blocks, P, m] x [blocks, m, K]``. Guide values are centred on the block's own LR
-guide value (``I' = I - J(c)``) to keep the expansion well conditioned (float32 error about
-1e-6 relative to the float64 reference). Softmax over neighbours, then one more batched
-product with the gathered neighbour values ``[blocks, K, C]`` gives the output. Nothing of
-size ``K * H * W * C`` exists; a tile of blocks bounds everything else.
+bilinear LR guide. The spatial part expands into a dot product of a per-pixel vector
+``phi(p) = (lx^2, lx ly, ly^2, lx, ly, 1)`` and a per-neighbour vector ``psi(q)``: for a
+whole tile it is one batched matrix product ``[blocks, P, 6] x [blocks, 6, K]``. The range
+part is computed as a difference over the G guide channels, like the published code
+(expanding it too would cancel catastrophically for fitted ``sigma_r`` near 0.003). Softmax
+over neighbours, then one more batched product with the gathered neighbour values
+``[blocks, K, C]`` gives the output. Nothing of size ``K * H * W * C`` exists; a tile of
+blocks bounds everything else. docs/engine.md has the details and the measured errors.
 
 Published quirks, reproduced by default (``RenderOptions``):
 
