@@ -157,3 +157,35 @@ def test_fit_argument_errors(small):
         upa.fit_kernels(guide, 7)
     with pytest.raises(TypeError, match="guide must be a numpy array or a torch tensor"):
         upa.fit_kernels("image.png", (3, 4))
+
+
+def test_area_downsample_option_is_the_cell_average():
+    from napari_upsample_anything.core.guide import Guide
+    from napari_upsample_anything.core.render import area_lr_guide
+
+    rng = np.random.default_rng(7)
+    img = rng.random((56, 70, 3)).astype(np.float32)  # scale 14 x 14
+    got = area_lr_guide(Guide(img), (4, 5), torch.device("cpu"))
+    ref = torch.nn.functional.avg_pool2d(torch.from_numpy(img).permute(2, 0, 1)[None], 14)[0]
+    assert rel_err(got, ref) < 1e-6
+    odd = area_lr_guide(Guide(img), (3, 4), torch.device("cpu"))  # non-integer: cell blocks
+    assert odd.shape == (3, 3, 4) and abs(float(odd.mean()) - float(img.mean())) < 0.02
+    f_area = upa.fit_kernels(img, (4, 5), steps=3, downsample="area")
+    f_bic = upa.fit_kernels(img, (4, 5), steps=3)
+    assert f_area.meta["downsample"] == "area" and not f_area.equal(f_bic)
+    with pytest.raises(ValueError, match="downsample='nearest'"):
+        upa.fit_kernels(img, (4, 5), steps=1, downsample="nearest")
+
+
+def test_guide_smoothing_equals_rendering_a_smoothed_guide(small, gen):
+    from scipy.ndimage import gaussian_filter
+
+    guide, lr = small
+    field = random_field(3, 4, gen)
+    smooth = np.stack([gaussian_filter(guide[..., c] / 255.0, 1.5, mode="nearest") for c in range(3)], -1)
+    a = upa.render(lr, guide, field, guide_smoothing=1.5)
+    b = upa.render(lr, smooth.astype(np.float32), field, normalize="none")
+    assert rel_err(a, b) < 1e-4
+    assert rel_err(a, upa.render(lr, guide, field)) > 1e-3
+    with pytest.raises(ValueError, match="guide_smoothing=-1"):
+        upa.render(lr, guide, field, guide_smoothing=-1)

@@ -91,6 +91,8 @@ def fit_kernels(
     precision: "str | torch.dtype" = "auto",
     max_memory: Budget = None,
     normalize: Normalize = "auto",
+    guide_smoothing: float = 0.0,
+    downsample: str = "bicubic",
     init: Optional[KernelField] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
@@ -120,6 +122,14 @@ def fit_kernels(
     max_memory : bytes, "2GB", "512MiB" or None
         Working-memory budget (inputs and outputs not counted). None: 60% of free GPU memory,
         or 40% of available RAM (at most 8 GiB) on CPU.
+    guide_smoothing : float
+        Gaussian sigma (HR pixels) applied to the normalised guide before fitting (and, passed
+        to :func:`render` too, before rendering). 0 (default, published) is off. Helps with
+        noisy guides, the method's known weakness (docs/quality.md).
+    downsample : "bicubic" | "area"
+        How the fit's LR input is made from the guide: published non-antialiased bicubic
+        (default), or the average of each cell's pixels (closer to how a ViT token summarises
+        its patch; measured better for maps made by averaging, see docs/quality.md).
     init : KernelField, optional
         Start from this field instead of the published initial one.
     progress : callable(done, total, info), optional
@@ -136,7 +146,7 @@ def fit_kernels(
     KernelField
         ``(h, w)`` maps; ``field.meta`` holds the loss per step, final loss, PSNR and time.
     """
-    g = Guide(guide, normalize)
+    g = Guide(guide, normalize, smoothing=guide_smoothing)
     lr_shape = check_sequence_pair(lr_shape, "lr_shape")
     _check_scale(lr_shape, g.shape, "lr_shape")
     if int(steps) != steps or steps < 0:
@@ -163,6 +173,7 @@ def fit_kernels(
         cancel=cancel,
         memlog=memory_log,
         agg_dtype=agg,
+        downsample=downsample,
     )
 
 
@@ -179,6 +190,7 @@ def render(
     precision: "str | torch.dtype" = "auto",
     max_memory: Budget = None,
     normalize: Normalize = "auto",
+    guide_smoothing: float = 0.0,
     out: Optional[ArrayLike] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
@@ -205,7 +217,7 @@ def render(
     device (2D maps come back as ``(1, H, W)``).
     """
     values, was_numpy = _lr_map(lr_map)
-    g = Guide(guide, normalize)
+    g = Guide(guide, normalize, smoothing=guide_smoothing)
     C, h, w = values.shape
     _check_scale((h, w), g.shape, "lr_map")
     if not isinstance(field, KernelField):
@@ -248,6 +260,8 @@ def upsample(
     precision: "str | torch.dtype" = "auto",
     max_memory: Budget = None,
     normalize: Normalize = "auto",
+    guide_smoothing: float = 0.0,
+    downsample: str = "bicubic",
     out: Optional[ArrayLike] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
@@ -276,6 +290,8 @@ def upsample(
         precision=precision,
         max_memory=max_memory,
         normalize=normalize,
+        guide_smoothing=guide_smoothing,
+        downsample=downsample,
         progress=progress,
         cancel=cancel,
         seed=seed,
@@ -293,6 +309,7 @@ def upsample(
         precision=precision,
         max_memory=max_memory,
         normalize=normalize,
+        guide_smoothing=guide_smoothing,
         out=out,
         progress=progress,
         cancel=cancel,

@@ -126,9 +126,10 @@ def process_image(image, name: str, outdir: Path, args, quiet: bool = False) -> 
     memlog = MemoryLog()
     t = time.perf_counter()
     bar = Bar(f"{name}: fit", quiet)
+    smooth = dict(guide_smoothing=args.guide_smoothing)
     field = api.fit_kernels(
         guide, tuple(geom.lr_shape), steps=args.steps, device=device, precision=args.precision,
-        max_memory=budget, progress=bar, memory_log=memlog,
+        max_memory=budget, progress=bar, memory_log=memlog, downsample=args.fit_downsample, **smooth,
     )
     bar.close()
     times["fit"] = time.perf_counter() - t
@@ -136,7 +137,7 @@ def process_image(image, name: str, outdir: Path, args, quiet: bool = False) -> 
 
     t = time.perf_counter()
     bar = Bar(f"{name}: HR PCA", quiet)
-    hr_rgb, basis = api.render_pca(feats, guide, field, device=device, precision=args.precision, max_memory=budget, progress=bar)
+    hr_rgb, basis = api.render_pca(feats, guide, field, device=device, precision=args.precision, max_memory=budget, progress=bar, **smooth)
     bar.close()
     lr_rgb, _ = api.pca_rgb(feats, basis=basis)
     save_png(outdir / "pca.png", side_by_side(nearest_resize(lr_rgb, hr_rgb.shape[:2]), hr_rgb))
@@ -149,7 +150,7 @@ def process_image(image, name: str, outdir: Path, args, quiet: bool = False) -> 
         H, W = guide.shape[:2]
         mm = np.lib.format.open_memmap(outdir / "features_hr.npy", mode="w+", dtype=np.dtype(args.dtype), shape=(C, H, W))
         bar = Bar(f"{name}: HR features", quiet)
-        api.render(feats, guide, field, device=device, precision=args.precision, max_memory=budget, out=mm, progress=bar, memory_log=memlog)
+        api.render(feats, guide, field, device=device, precision=args.precision, max_memory=budget, out=mm, progress=bar, memory_log=memlog, **smooth)
         bar.close()
         mm.flush()
         del mm
@@ -169,6 +170,8 @@ def process_image(image, name: str, outdir: Path, args, quiet: bool = False) -> 
         "channels": int(feats.shape[0]),
         "output_dtype": None if args.pca_only else args.dtype,
         "steps": args.steps,
+        "fit_downsample": args.fit_downsample,
+        "guide_smoothing": args.guide_smoothing,
         "device": str(device),
         "precision": args.precision,
         "seconds": times,
@@ -238,13 +241,14 @@ def model_free_demo(image, outdir: Path, args, field=None, quiet: bool = False) 
     lr = F.adaptive_avg_pool2d(truth[None], (h, w))[0]
     if field is None:
         bar = Bar("demo: fit", quiet)
-        field = api.fit_kernels(image, (h, w), steps=args.steps, device=args.device, max_memory=_parse_memory(args.max_memory), progress=bar)
+        field = api.fit_kernels(image, (h, w), steps=args.steps, device=args.device, max_memory=_parse_memory(args.max_memory),
+                                progress=bar, downsample=args.fit_downsample, guide_smoothing=args.guide_smoothing)
         bar.close()
     results = {
         "nearest": F.interpolate(lr[None], size=(H, W), mode="nearest")[0],
         "bilinear": F.interpolate(lr[None], size=(H, W), mode="bilinear", align_corners=False)[0],
         "bicubic": F.interpolate(lr[None], size=(H, W), mode="bicubic", align_corners=False)[0].clamp(0, 1),
-        "gsjbu": torch.from_numpy(api.render(lr.numpy(), image, field, device=args.device)),
+        "gsjbu": torch.from_numpy(api.render(lr.numpy(), image, field, device=args.device, guide_smoothing=args.guide_smoothing)),
     }
     names = ["haematoxylin", "DAB", "DAB probability"]
     psnr = {}
@@ -312,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                        help="dtype of the feature aggregation; auto = fp16 on CUDA, fp32 elsewhere (default: %(default)s)")
         p.add_argument("--max-memory", default=None, help="working-memory budget, e.g. 2GB or 512MiB (default: a safe fraction of free memory)")
+        p.add_argument("--fit-downsample", default="bicubic", choices=["bicubic", "area"],
+                       help="LR input of the kernel fit: bicubic (published) or area averages, closer to how a ViT token summarises its patch (default: %(default)s)")
+        p.add_argument("--guide-smoothing", type=float, default=0.0,
+                       help="Gaussian sigma in pixels applied to the image before fitting and rendering; helps with noisy images (default: %(default)s = off)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     run = sub.add_parser("run", help="process image files", description="Extract features, fit kernels, write HR features, PCA picture, kernels and a report per image.")

@@ -25,7 +25,7 @@ from .field import KernelField, kernel_coefficients
 from .guide import Guide
 from .memory import MemoryLog, TileMeter, TileRecord, is_out_of_memory
 from .progress import CancelFn, ProgressFn, check_cancel, report
-from .render import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions, Tile, Workspace, bicubic_lr_guide, block_attention
+from .render import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions, Tile, Workspace, area_lr_guide, bicubic_lr_guide, block_attention
 
 PUBLISHED_STEPS = 51  # optimizer updates in the published loop (steps 0..50, "50 steps")
 PUBLISHED_LR = 0.1
@@ -123,19 +123,29 @@ def fit_field(
     memlog: Optional[MemoryLog] = None,
     final_loss: bool = True,
     agg_dtype: torch.dtype = torch.float32,
+    downsample: str = "bicubic",
 ) -> KernelField:
     """Fit a :class:`KernelField` on ``guide`` for an LR grid of ``lr_shape``.
 
     Returns the fitted field; ``field.meta`` holds ``loss_per_step`` (the L1 loss before each
     update, as the published loop sees it), ``final_loss`` (after the last update, if
     ``final_loss``), ``psnr`` of the final reconstruction and ``seconds``.
+
+    ``downsample`` makes the fit's LR input: ``"bicubic"`` (published: non-antialiased
+    bicubic, close to sampling each cell's centre) or ``"area"`` (each cell's average, like a
+    ViT token; docs/quality.md measures when it transfers better).
     """
     t_start = time.perf_counter()
     engine = BlockEngine(guide, lr_shape, options, device)
     h, w = engine.lr_shape
     H, W = guide.shape
     G = guide.channels
-    values = bicubic_lr_guide(guide, lr_shape, device)  # [G, h, w]
+    if downsample == "bicubic":
+        values = bicubic_lr_guide(guide, lr_shape, device)  # [G, h, w]
+    elif downsample == "area":
+        values = area_lr_guide(guide, lr_shape, device)
+    else:
+        raise ValueError(f"downsample={downsample!r}: use 'bicubic' (published) or 'area'")
     values_flat = values.permute(1, 2, 0).reshape(h * w, G).contiguous()
     field0 = (init if init is not None else KernelField.initial(lr_shape)).to(device)
     raw = field0.raw().detach().clone().requires_grad_(True)
@@ -182,6 +192,7 @@ def fit_field(
         "hr_shape": [H, W],
         "guide_channels": G,
         "guide_normalize": guide.rule,
+        "downsample": downsample,
         "steps": steps,
         "lr": lr,
         "radius": options.radius,

@@ -157,7 +157,7 @@ class Guide:
     normalize : see the module docstring.
     """
 
-    def __init__(self, image, normalize: Normalize = "auto", name: str = "guide"):
+    def __init__(self, image, normalize: Normalize = "auto", name: str = "guide", smoothing: float = 0.0):
         arr = _as_array(image, name)
         validate_image(arr, name)
         self.data = arr
@@ -168,6 +168,30 @@ class Guide:
         self.scale = torch.as_tensor(scale, dtype=torch.float32)
         self.clip = clip
         self.rule = rule
+        if not (smoothing >= 0) or smoothing != smoothing:
+            raise ValueError(f"guide_smoothing={smoothing!r}: give a Gaussian sigma >= 0 in pixels (0 = off)")
+        self.smoothing = float(smoothing)
+        if self.smoothing > 0:
+            self._smooth()
+
+    def _smooth(self) -> None:
+        """Replace the data by its normalised, Gaussian-smoothed float32 copy (H, W, G).
+
+        Noisy guides are the method's known weakness: the range term compares each pixel's
+        noisy value with the LR cells, so noise chooses the neighbour. Smoothing the guide
+        (for the fit and the render alike) trades a little edge sharpness for robustness.
+        This is the one place where a full-size float copy of the guide is made.
+        """
+        from scipy.ndimage import gaussian_filter
+
+        full = self.full().permute(1, 2, 0).cpu().numpy()
+        for g in range(full.shape[2]):
+            full[:, :, g] = gaussian_filter(full[:, :, g], self.smoothing, mode="nearest")
+        self.data = full
+        self.offset = torch.zeros(self.channels)
+        self.scale = torch.ones(self.channels)
+        self.clip = False
+        self.rule = f"{self.rule}, Gaussian smoothing sigma {self.smoothing:g} px"
 
     @property
     def device(self) -> torch.device:
@@ -204,8 +228,8 @@ class Guide:
         return self.gather(torch.arange(H), torch.arange(W), device)
 
 
-def as_guide(guide, normalize: Normalize = "auto") -> Guide:
-    return guide if isinstance(guide, Guide) else Guide(guide, normalize)
+def as_guide(guide, normalize: Normalize = "auto", smoothing: float = 0.0) -> Guide:
+    return guide if isinstance(guide, Guide) else Guide(guide, normalize, smoothing=smoothing)
 
 
 def check_sequence_pair(value: Sequence[int], name: str) -> Tuple[int, int]:

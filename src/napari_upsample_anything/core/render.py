@@ -187,6 +187,24 @@ def lr_guide(guide: Guide, lr_shape: Tuple[int, int], device: torch.device) -> t
     return resample(guide.gather_fn(device), ty, tx).to(device)
 
 
+def area_lr_guide(guide: Guide, lr_shape: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The guide averaged over each LR cell's block of HR pixels (a box average; for an
+    integer scale exactly ``avg_pool2d``), the way a ViT token summarises its patch."""
+    from .grid import AxisBlocks
+
+    (H, W), (h, w) = guide.shape, lr_shape
+    rows, cols = AxisBlocks.build(H, h), AxisBlocks.build(W, w)
+    col_cell = torch.repeat_interleave(torch.arange(w), cols.count).to(device)
+    out = torch.zeros(guide.channels, h, w, dtype=torch.float64, device=device)
+    all_cols = torch.arange(W)
+    for i in range(h):
+        r0, n = int(rows.start[i]), int(rows.count[i])
+        band = guide.gather(torch.arange(r0, r0 + n), all_cols, device).to(torch.float64).sum(1)  # [G, W]
+        out[:, i].index_add_(1, col_cell, band)
+    out /= (rows.count[:, None] * cols.count[None, :]).to(device, torch.float64)
+    return out.to(torch.float32)
+
+
 def bicubic_lr_guide(guide: Guide, lr_shape: Tuple[int, int], device: torch.device) -> torch.Tensor:
     """The fit's input: the guide bicubically resized to (h, w), align_corners=False."""
     from .interp import cubic_taps
