@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,14 @@ def test_render_peak_memory_stays_under_a_small_budget():
     large = _peak_above_base("2GB")
     assert small <= 32 * 10**6 + 16 * 2**20, format_bytes(small)
     assert large > 2 * small, (format_bytes(small), format_bytes(large))
+
+
+def test_memory_log_merges_repeated_tiles():
+    import napari_upsample_anything as upa
+
+    rng = np.random.default_rng(1)
+    log = upa.MemoryLog()
+    upa.fit_kernels(rng.random((70, 84, 3)).astype(np.float32), (5, 6), steps=4, max_memory="3MB", memory_log=log)
+    rects = [(t.i0, t.i1, t.j0, t.j1) for t in log.tiles]
+    assert len(rects) == len(set(rects)) > 1  # one record per tile, not one per tile and step
+    assert log.tile_map((5, 6), stage="fit", measured=False).min() > 0

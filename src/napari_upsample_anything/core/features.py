@@ -71,6 +71,7 @@ from .device import resolve_device
 from .errors import MemoryBudgetError
 from .guide import Normalize, normalization_affine, validate_image
 from .memory import default_budget, format_bytes, parse_bytes
+from .platform_fixes import preload_triton_safely
 from .progress import CancelFn, ProgressFn, check_cancel, report
 
 __all__ = [
@@ -309,6 +310,7 @@ def resolve_backbone_name(backbone: str) -> str:
     ``"dinov2_vits14"`` -> ``"vit_small_patch14_dinov2.lvd142m"``; an untagged timm name gets
     timm's default pretrained tag. Unknown names raise a ValueError listing the short names.
     """
+    preload_triton_safely()  # before timm -> torchvision -> torch._dynamo -> triton
     import timm
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
@@ -337,6 +339,7 @@ def resolve_backbone_name(backbone: str) -> str:
 
 def _create(timm_name: str, on_meta: bool) -> torch.nn.Module:
     """The bare architecture: on the meta device (free, weights come next) or randomly initialised."""
+    preload_triton_safely()  # before timm -> torchvision -> torch._dynamo -> triton
     import timm
 
     kwargs = dict(pretrained=False, num_classes=0, dynamic_img_size=True)

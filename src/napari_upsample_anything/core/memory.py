@@ -153,9 +153,21 @@ class MemoryLog:
     device: str = "cpu"
     budget_bytes: int = 0
     tiles: List[TileRecord] = field(default_factory=list)
+    _index: dict = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, record: TileRecord) -> None:
-        self.tiles.append(record)
+        """Record a tile. The same tile seen again (every fit step processes every tile)
+        updates its record: peaks keep their maximum, seconds add up."""
+        key = (record.stage, record.i0, record.i1, record.j0, record.j1)
+        index = self._index.get(key)
+        if index is None:
+            self._index[key] = len(self.tiles)
+            self.tiles.append(record)
+            return
+        old = self.tiles[index]
+        old.planned_bytes = max(old.planned_bytes, record.planned_bytes)
+        old.peak_bytes = max(old.peak_bytes, record.peak_bytes)
+        old.seconds += record.seconds
 
     @property
     def peak_planned_bytes(self) -> int:

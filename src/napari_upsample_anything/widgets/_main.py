@@ -1,0 +1,488 @@
+"""**Upsample Anything** dock widget: features -> kernel fit -> HR PCA of an image layer.
+
+Pick an image layer (2D gray, RGB, multichannel with a chosen channel axis, or a z/t stack:
+the current slice or all slices), a backbone and its options, and press Run. The
+computation (:func:`._pipeline.run_pipeline`) runs in a napari ``thread_worker``: one yield
+per ViT window, optimisation step and render tile, shown in napari's activity dock and in
+the widget's status line; Cancel stops it before the next step or tile. Results appear as
+layers aligned with the source (see :mod:`._frame`):
+
+``<name> HR PCA``
+    RGB, full resolution: the first three principal components of the upsampled features.
+``<name> LR PCA``
+    RGB on the patch grid (the ViT's own resolution), same colours; hidden at first.
+``<name> kernels``
+    The fitted kernels as 1-sigma ellipse outlines (Vectors), coloured by ``sigma_r``;
+    hidden at first, drawn in detail by the Kernel inspector.
+``<name> memory``
+    Per LR cell, the peak memory (MiB) of the engine tiles that covered it; hidden at first,
+    managed by the Memory monitor.
+
+The HR feature array (C x H x W) is kept in memory, or memory-mapped in a temporary file
+when large, for the other widgets and for "Save HR features".
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._frame import Frame, SelectionError, full_res_data, layer_kind
+from ._pipeline import (
+    Outcome,
+    Progress,
+    RunConfig,
+    error_message,
+    run_pipeline,
+    save_hr_features,
+    save_kernels,
+)
+from ._qt_common import LayerPicker, PluginWidget, Runner, release_memory, torch_loaded
+from ._registry import FitResult, get_state, put_layer, result_label, unwrap_viewer
+
+#: Short backbone names offered in the combo box (any timm ViT name can be typed).
+BACKBONES = (
+    "dinov2_vits14",
+    "dinov2_vitb14",
+    "dinov2_vitl14",
+    "dinov2_vitg14",
+    "dinov2_vits14_reg",
+    "dinov2_vitb14_reg",
+    "dinov2_vitl14_reg",
+    "dinov2_vitg14_reg",
+)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+HR_FEATURE_CHOICES = (
+    ("keep (in memory; memory-mapped when large)", "auto"),
+    ("keep in memory", "memory"),
+    ("keep memory-mapped (temporary file)", "memmap"),
+    ("don't compute (PCA only)", "none"),
+)
+#: Kernels drawn in the default ``<name> kernels`` layer (a stride keeps it under this).
+DEFAULT_KERNEL_LIMIT = 50_000
+
+
+def add_result_layers(viewer, result: FitResult) -> None:
+    """Create or replace the result's four layers (HR PCA, LR PCA, kernels, memory)."""
+    from ._kernels import kernel_stride, plane_positions, vectors_data
+    from ._memory import memory_layer_data
+
+    frame, planes, key, name = result.frame, result.planes, result.key, result.name
+    owner = result.owner
+    factor = planes[0].factor
+    common = {"owner": owner, "result": key}
+    hr = put_layer(
+        viewer, frame.stack([p.lr_rgb for p in planes]), "image", name=f"{name} LR PCA", role="lr_pca",
+        rgb=True, visible=False, **frame.transform(factor), **common,
+        extra_tag={"lr_shape": list(planes[0].lr_shape), "factor": list(factor)},
+    )
+    result.layers["lr_pca"] = weakref.ref(hr)
+    hr = put_layer(
+        viewer, frame.stack([p.hr_rgb for p in planes]), "image", name=f"{name} HR PCA", role="hr_pca",
+        rgb=True, **frame.transform(), **common,
+    )
+    result.layers["hr_pca"] = weakref.ref(hr)
+    mem, kind = memory_layer_data(result)
+    layer = put_layer(
+        viewer, mem, "image", name=f"{name} memory", role="memory", colormap="inferno", visible=False,
+        opacity=0.8, **frame.transform(factor), **common,
+        extra_tag={"unit": "MiB", "value": kind, "stage": "all"},
+    )
+    result.layers["memory"] = weakref.ref(layer)
+    stride = kernel_stride(planes, DEFAULT_KERNEL_LIMIT)
+    data, features, count = vectors_data(frame, plane_positions(frame, planes), n_sigma=1.0, stride=stride, segments=16)
+    from ._kernels import color_limits
+
+    H = planes[0].hr_shape[0]
+    layer = put_layer(
+        viewer, data, "vectors", name=f"{name} kernels", role="kernels", features=features,
+        edge_color="sigma_r", edge_colormap="viridis", edge_contrast_limits=color_limits(features.get("sigma_r", np.zeros(1))),
+        edge_width=max(0.5, H / 800), vector_style="line", visible=False, opacity=0.8, **frame.transform(), **common,
+        extra_tag={"n_sigma": 1.0, "stride": stride, "count": count, "style": "vectors", "color_by": "sigma_r"},
+    )
+    result.layers["kernels"] = weakref.ref(layer)
+
+
+class UpsampleAnythingWidget(PluginWidget):
+    """The main dock widget (see the module docstring)."""
+
+    def __init__(self, napari_viewer, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
+        self.state = get_state(napari_viewer)
+        self.runner = Runner(napari_viewer, "Upsample Anything", self)
+        self.runner.progressed.connect(self._on_progress)
+        self.runner.finished.connect(self._on_finished)
+        self._pending: Optional[dict] = None
+        self.result: Optional[FitResult] = None  # the latest result of this widget
+        self._probe = None
+        self._build()
+        self._probe_devices()
+
+    # ------------------------------------------------------------------ UI
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        layout.addLayout(form)
+
+        self.layer_picker = LayerPicker(self.viewer, ("image", "labels"), parent=self)
+        self.layer_picker.setToolTip("The image to fit the kernels on (its own layer is never modified)")
+        form.addRow("Image layer", self.layer_picker)
+        self.layer_info = QLabel("")
+        self.layer_info.setWordWrap(True)
+        form.addRow("", self.layer_info)
+
+        self.channel_combo = QComboBox()
+        self.channel_combo.setToolTip(
+            "A leading axis holding the channels of one image (fluorescence channels). "
+            "Other leading axes are slices (z, t)."
+        )
+        form.addRow("Channel axis", self.channel_combo)
+        self.slices_combo = QComboBox()
+        self.slices_combo.addItem("current slice", "current")
+        self.slices_combo.addItem("all slices", "all")
+        self.slices_combo.setToolTip("For stacks: process the slice shown, or every slice (one kernel field each)")
+        form.addRow("Slices", self.slices_combo)
+
+        self.backbone_combo = QComboBox()
+        self.backbone_combo.setEditable(True)
+        self.backbone_combo.addItems(BACKBONES)
+        self.backbone_combo.setToolTip("DINOv2 size (S/B/L/g, _reg = with registers) or any timm ViT name")
+        form.addRow("Backbone", self.backbone_combo)
+        self.block_spin = QSpinBox()
+        self.block_spin.setRange(-64, 63)
+        self.block_spin.setValue(-1)
+        self.block_spin.setToolTip("Transformer block whose patch tokens are used; -1 = last")
+        form.addRow("Layer", self.block_spin)
+        self.input_spin = QSpinBox()
+        self.input_spin.setRange(0, 16384)
+        self.input_spin.setSingleStep(14)
+        self.input_spin.setSpecialValueText("image size")
+        self.input_spin.setToolTip("Working resolution of the backbone (long side, pixels); 'image size' = tokens of ~14 px")
+        form.addRow("Input size", self.input_spin)
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(0, 100000)
+        self.steps_spin.setValue(51)
+        self.steps_spin.setToolTip("Adam steps of the kernel fit (published: 51)")
+        form.addRow("Steps", self.steps_spin)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu"])
+        self.device_combo.setToolTip("auto = CUDA, then Apple MPS, then CPU")
+        form.addRow("Device", self.device_combo)
+        self.precision_combo = QComboBox()
+        self.precision_combo.addItems(PRECISIONS)
+        self.precision_combo.setToolTip("Aggregation dtype; auto = fp16 on CUDA, fp32 elsewhere")
+        form.addRow("Precision", self.precision_combo)
+        self.memory_edit = QLineEdit()
+        self.memory_edit.setPlaceholderText("auto  (e.g. 2GB, 512MiB)")
+        self.memory_edit.setToolTip("Working-memory budget; auto = 60% of free GPU memory, or 40% of RAM (max 8 GiB) on CPU")
+        form.addRow("Memory budget", self.memory_edit)
+
+        self.random_check = QCheckBox("Random weights (testing only)")
+        self.random_check.setToolTip("A randomly initialised backbone: runs offline, but the features and PCA colours are meaningless")
+        form.addRow("Weights", self.random_check)
+        row = QHBoxLayout()
+        self.weights_edit = QLineEdit()
+        self.weights_edit.setPlaceholderText("pretrained, from the Hugging Face cache")
+        self.weights_edit.setToolTip("A local weights file (.safetensors, .pth, .bin) for the chosen backbone")
+        self.weights_button = QPushButton("…")
+        self.weights_button.setMaximumWidth(32)
+        self.weights_button.clicked.connect(self._browse_weights)
+        row.addWidget(self.weights_edit)
+        row.addWidget(self.weights_button)
+        form.addRow("Weights file", row)
+        self.hr_combo = QComboBox()
+        for text, value in HR_FEATURE_CHOICES:
+            self.hr_combo.addItem(text, value)
+        self.hr_combo.setToolTip("The full-resolution feature array (C x H x W), kept for saving and scripting")
+        form.addRow("HR features", self.hr_combo)
+
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout.addLayout(buttons)
+        self.status = QLabel("Pick an image layer and press Run.")
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+        saves = QHBoxLayout()
+        self.save_features_button = QPushButton("Save HR features…")
+        self.save_features_button.clicked.connect(self._save_features_dialog)
+        self.save_kernels_button = QPushButton("Save kernels…")
+        self.save_kernels_button.clicked.connect(self._save_kernels_dialog)
+        for b in (self.save_features_button, self.save_kernels_button):
+            b.setEnabled(False)
+            saves.addWidget(b)
+        layout.addLayout(saves)
+        layout.addStretch(1)
+
+        self.layer_picker.currentIndexChanged.connect(self._on_layer_changed)
+        self.channel_combo.currentIndexChanged.connect(self._update_layer_info)
+        self._on_layer_changed()
+
+    # ------------------------------------------------------------------ layer choice
+    def _on_layer_changed(self, *_args) -> None:
+        layer = self.layer_picker.layer()
+        self.channel_combo.blockSignals(True)
+        self.channel_combo.clear()
+        self.channel_combo.addItem("none", None)
+        if layer is not None and layer_kind(layer) == "image" and not getattr(layer, "rgb", False):
+            shape = full_res_data(layer).shape
+            for a in range(len(shape) - 2):
+                self.channel_combo.addItem(f"axis {a} ({shape[a]})", a)
+        self.channel_combo.setEnabled(self.channel_combo.count() > 1)
+        self.channel_combo.blockSignals(False)
+        self._update_layer_info()
+
+    def _update_layer_info(self, *_args) -> None:
+        layer = self.layer_picker.layer()
+        if layer is None:
+            self.layer_info.setText("no image layer (File > Open Sample > Upsample Anything)")
+            self.slices_combo.setEnabled(False)
+            return
+        try:
+            frame = Frame.from_layer(layer, channel_axis=self.channel_combo.currentData())
+        except (SelectionError, ValueError) as exc:
+            self.layer_info.setText(str(exc).split(";")[0])
+            self.slices_combo.setEnabled(False)
+            return
+        self.layer_info.setText(frame.describe())
+        self.slices_combo.setEnabled(frame.is_stack)
+
+    def _browse_weights(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Backbone weights", "", "Weights (*.safetensors *.pth *.pt *.bin *.ckpt);;All files (*)"
+        )
+        if path:
+            self.weights_edit.setText(path)
+            self.random_check.setChecked(False)
+
+    def _probe_devices(self) -> None:
+        """List CUDA / MPS devices in the background (this imports torch off the GUI thread)."""
+        from napari.qt.threading import create_worker
+
+        from ._pipeline import available_devices
+
+        worker = create_worker(available_devices, _start_thread=False)
+        worker.returned.connect(self._set_devices)
+        worker.finished.connect(self._probe_done)
+        self._probe = worker
+        worker.start()
+
+    def _probe_done(self) -> None:
+        self._probe = None
+
+    def _set_devices(self, devices) -> None:
+        current = self.device_combo.currentText()
+        self.device_combo.blockSignals(True)
+        self.device_combo.clear()
+        self.device_combo.addItems(list(devices))
+        if current in devices:
+            self.device_combo.setCurrentText(current)
+        self.device_combo.blockSignals(False)
+
+    # ------------------------------------------------------------------ run
+    def config(self) -> RunConfig:
+        """The :class:`RunConfig` the fields describe."""
+        weights = self.weights_edit.text().strip() or None
+        return RunConfig(
+            backbone=self.backbone_combo.currentText().strip() or "dinov2_vits14",
+            layer=int(self.block_spin.value()),
+            steps=int(self.steps_spin.value()),
+            device=self.device_combo.currentText(),
+            precision=self.precision_combo.currentText(),
+            max_memory=self.memory_edit.text().strip() or None,
+            pretrained=not self.random_check.isChecked(),
+            weights=None if self.random_check.isChecked() else weights,
+            input_size=int(self.input_spin.value()) or None,
+            hr_features=self.hr_combo.currentData(),
+        )
+
+    def run(self) -> bool:
+        """Start a run on the selected layer; False (with a notification) when it cannot start."""
+        if self.runner.running:
+            self._message("info", "A run is already in progress; cancel it first.", self.status)
+            return False
+        layer = self.layer_picker.layer()
+        if layer is None:
+            self._message(
+                "error",
+                "No image layer to work on: open an image (or File > Open Sample > Upsample Anything) and select it.",
+                self.status,
+            )
+            return False
+        try:
+            frame = Frame.from_layer(
+                layer,
+                channel_axis=self.channel_combo.currentData(),
+                mode=self.slices_combo.currentData() or "current",
+                current=self.viewer.dims.point,
+            )
+            config = self.config()
+            config.validate()
+        except (SelectionError, ValueError, FileNotFoundError) as exc:
+            self._message("error", str(exc), self.status)
+            return False
+        data = full_res_data(layer)
+        planes = [(idx, functools.partial(_plane_copy, frame, data, idx)) for idx in frame.indices]
+        self._pending = {
+            "frame": frame,
+            "source_ref": weakref.ref(layer),
+            "source_id": str(layer.unique_id),
+            "config": config,
+        }
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText(f"starting on '{layer.name}' ({frame.describe()})…")
+        self.runner.start(
+            _run_planes,
+            planes,
+            config,
+            channel_axis=frame.feature_channel_axis,
+            device=config.device,
+            budget=config.budget,
+            desc=f"Upsample Anything: {layer.name}",
+        )
+        return True
+
+    def cancel(self) -> None:
+        if self.runner.running:
+            self.runner.cancel()
+            self.status.setText("cancelling (stops before the next step)…")
+
+    def _on_progress(self, event: Progress) -> None:
+        self.status.setText(event.text())
+
+    def _on_finished(self, outcome: Outcome) -> None:
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        pending, self._pending = self._pending, None
+        if self._cleaned:  # the widget was closed: nothing to show, nothing to add
+            return
+        if outcome.status == "cancelled":
+            self._message("info", "Upsample Anything: cancelled; no layer was changed.", self.status)
+            return
+        if outcome.status == "error":
+            self._message("error", error_message(outcome.error), self.status)
+            return
+        if pending is None:  # pragma: no cover - a finished run always has its context
+            return
+        self._publish(outcome, pending)
+
+    def _publish(self, outcome: Outcome, pending: dict) -> None:
+        pipeline = outcome.value
+        frame: Frame = pending["frame"]
+        owner = f"source:{pending['source_id']}"
+        old = self.state.result_for_source(pending["source_id"])
+        key = self.state.new_key()
+        result = FitResult(
+            key=key,
+            frame=frame,
+            pipeline=pipeline,
+            source_id=pending["source_id"],
+            source_ref=pending["source_ref"],
+            owner=owner,
+        )
+        result.label = result_label(result)
+        with self.state.keep_results():
+            add_result_layers(self.viewer, result)
+        if old is not None:
+            self.state.drop_result(old.key)
+        self.state.add_result(result)
+        self.result = result
+        p0 = pipeline.planes[0]
+        psnr = p0.field.meta.get("psnr")
+        random = " — random weights: the PCA colours are meaningless" if pipeline.weights_source == "random-init" else ""
+        self.status.setText(
+            f"done in {outcome.seconds:.1f} s: {len(pipeline.planes)} plane(s), LR {p0.lr_shape[0]} x {p0.lr_shape[1]}"
+            f" -> HR {p0.hr_shape[0]} x {p0.hr_shape[1]}, {p0.features.shape[0]} channels"
+            + (f", fit PSNR {psnr:.1f} dB" if psnr is not None else "")
+            + random
+        )
+        self.save_features_button.setEnabled(p0.hr_features is not None)
+        self.save_kernels_button.setEnabled(True)
+
+    # ------------------------------------------------------------------ saving
+    def save_hr_features(self, path) -> Path:
+        """Write the latest result's HR features to ``path`` (``.npy``)."""
+        if self.result is None:
+            raise ValueError("nothing to save yet: run first")
+        return save_hr_features(self.result.pipeline, path, self.result.frame.leading_shape() if len(self.result.planes) > 1 else ())
+
+    def save_kernels(self, path):
+        """Write the latest result's kernel field(s) to ``path`` (``.npz``)."""
+        if self.result is None:
+            raise ValueError("nothing to save yet: run first")
+        return save_kernels(self.result.pipeline, path)
+
+    def _save_features_dialog(self) -> None:
+        self._save_dialog("features")
+
+    def _save_kernels_dialog(self) -> None:
+        self._save_dialog("kernels")
+
+    def _save_dialog(self, what: str) -> None:
+        if self.result is None:
+            return
+        name = self.result.name.replace(" ", "_")
+        if what == "features":
+            path, _ = QFileDialog.getSaveFileName(self, "Save HR features", f"{name}_hr_features.npy", "NumPy array (*.npy)")
+        else:
+            path, _ = QFileDialog.getSaveFileName(self, "Save kernels", f"{name}_kernels.npz", "Kernel field (*.npz)")
+        if not path:
+            return
+        try:
+            out = self.save_hr_features(path) if what == "features" else self.save_kernels(path)
+        except (OSError, ValueError) as exc:
+            self._message("error", f"Could not save: {exc}", self.status)
+            return
+        self._message("info", f"Saved {out if not isinstance(out, list) else ', '.join(map(str, out))}", self.status)
+
+    # ------------------------------------------------------------------ cleanup
+    def cleanup(self) -> None:
+        """Stop the computation (within one step), drop cached models, free device memory."""
+        self.runner.shutdown()
+        if torch_loaded():
+            try:
+                from ..core.features import clear_model_cache
+
+                clear_model_cache()
+            except Exception:  # noqa: BLE001 - never fail while closing
+                pass
+        release_memory()
+
+
+
+def _plane_copy(frame: Frame, data, index):
+    """A copy of one plane (so later edits of the layer data do not change the fitted guide)."""
+    return np.array(frame.plane(data, index), copy=True)
+
+
+def _run_planes(planes, config, *, channel_axis=None, progress=None, cancel=None):
+    """:func:`run_pipeline` on lazily read planes (read in the worker thread, not the GUI's)."""
+    ready = [(idx, img() if callable(img) else img) for idx, img in planes]
+    return run_pipeline(ready, config, channel_axis=channel_axis, progress=progress, cancel=cancel)
+
+
+__all__ = ["UpsampleAnythingWidget", "add_result_layers", "BACKBONES"]

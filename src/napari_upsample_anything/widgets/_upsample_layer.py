@@ -1,0 +1,334 @@
+"""**Upsample a layer with fitted kernels**: the "upsample anything" part of the method.
+
+Any low-resolution map that covers the fitted image -- a probability map, a depth map, a
+multi-channel prediction, or a Labels layer -- is upsampled to the image's full resolution
+with the kernels fitted on that image (:func:`._pipeline.upsample_planes`).
+
+* **Image layers**: every value is upsampled. Leading axes are channels (``(C, h, w)``),
+  an RGB layer's colours too; for a result fitted on all slices of a stack, the map must
+  carry the same slice axes right before ``(h, w)`` (e.g. ``(Z, h, w)``).
+* **Labels layers**: one-hot encoded (one channel per label value), upsampled, and turned
+  back into labels by argmax: ``<name> upsampled`` (Labels), plus optionally the class
+  probabilities ``<name> upsampled probabilities`` (an image with one leading class axis).
+
+The map is taken to cover the whole image: LR cell ``(i, j)`` of an ``h x w`` map is the
+image region ``[i H/h, (i+1) H/h) x [j W/w, (j+1) W/w)``, whatever the layer's own scale.
+If its grid is not the fitted one (the ViT patch grid), kernels are fitted for its grid on
+the same image first (same number of steps; kept for the next time). Outputs are aligned
+with the fitted image's HR layers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional, Tuple
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._frame import full_res_data, layer_kind
+from ._pipeline import (
+    Outcome,
+    Progress,
+    UpsampleRequest,
+    error_message,
+    upsample_planes,
+)
+from ._qt_common import LayerPicker, PluginWidget, ResultPicker, Runner
+from ._registry import FitResult, get_state, put_layer, unwrap_viewer
+
+MAX_CHANNELS = 4096
+
+
+class InputError(ValueError):
+    """The chosen LR layer does not fit the chosen result (the message says why)."""
+
+
+def prepare_maps(layer, result: FitResult) -> Tuple[List[np.ndarray], dict]:
+    """Per-plane LR maps for ``result`` from an Image or Labels layer, and how to rebuild the output.
+
+    Returns ``(maps, info)``: ``maps[k]`` is ``(C, h, w)`` float (image) or ``(h, w)`` int
+    (labels) for ``result.planes[k]``; ``info`` has ``labels``, ``rgb``, ``chan_shape`` and
+    the layer's scale/translate of the channel axes.
+    """
+    kind = layer_kind(layer)
+    if kind not in ("image", "labels"):
+        raise InputError(f"Layer '{layer.name}' is a {kind} layer; pick an Image (values) or Labels layer.")
+    data = full_res_data(layer)
+    rgb = bool(getattr(layer, "rgb", False))
+    arr = data
+    shape = tuple(int(n) for n in arr.shape)
+    if rgb:
+        shape = shape[:-1]
+    if len(shape) < 2:
+        raise InputError(f"Layer '{layer.name}' has shape {shape}; a map needs at least 2 dimensions (h, w).")
+    frame = result.frame
+    multi = len(result.planes) > 1
+    S = frame.slice_shape if multi else ()
+    lead = shape[:-2]
+    if multi:
+        if len(lead) < len(S) or tuple(lead[len(lead) - len(S):]) != tuple(S):
+            raise InputError(
+                f"'{result.label}' was fitted on {len(result.planes)} slices (slice axes of size {S}); "
+                f"layer '{layer.name}' of shape {shape} must end with those axes then (h, w), e.g. {S + ('h', 'w')}."
+            )
+        chan = lead[: len(lead) - len(S)]
+    else:
+        chan = lead
+    labels = kind == "labels"
+    if labels and chan:
+        raise InputError(
+            f"Labels layer '{layer.name}' has shape {shape}; use a 2D labels map (h, w)"
+            + (f" or one with the stack's slice axes {S}" if multi else "")
+            + "."
+        )
+    if rgb and chan:
+        raise InputError(f"RGB layer '{layer.name}' of shape {shape} has extra axes; use a 2D RGB map.")
+    C = int(np.prod(chan)) if chan else (shape_rgb(data) if rgb else 1)
+    if C > MAX_CHANNELS:
+        raise InputError(f"Layer '{layer.name}' has {C} channels; at most {MAX_CHANNELS} are upsampled at once.")
+    H, W = result.planes[0].hr_shape
+    h, w = shape[-2:]
+    if h > H or w > W:
+        raise InputError(
+            f"Layer '{layer.name}' is {h} x {w}, larger than the fitted image ({H} x {W}): it is not a low-resolution map of it."
+        )
+    maps: List[np.ndarray] = []
+    for plane in result.planes:
+        key = tuple([slice(None)] * len(chan)) + (tuple(plane.index) if multi else ())
+        m = np.asarray(arr[key]) if key else np.asarray(arr)
+        if labels:
+            maps.append(np.asarray(m))
+        elif rgb:
+            maps.append(np.moveaxis(m, -1, 0).astype(np.float32))
+        else:
+            maps.append(m.reshape((C, h, w)).astype(np.float32))
+    scale = tuple(float(s) for s in layer.scale)
+    translate = tuple(float(t) for t in layer.translate)
+    info = {
+        "labels": labels,
+        "rgb": rgb,
+        "chan_shape": tuple(chan),
+        "chan_scale": scale[: len(chan)],
+        "chan_translate": translate[: len(chan)],
+        "grid": (h, w),
+        "dtype": np.dtype(getattr(arr, "dtype", np.int32)) if labels else np.dtype(np.float32),
+    }
+    return maps, info
+
+
+def shape_rgb(data) -> int:
+    return int(data.shape[-1])
+
+
+def assemble(result: FitResult, per_plane: List[np.ndarray], chan_shape: Tuple[int, ...] = ()) -> np.ndarray:
+    """Stack per-plane outputs ``(C, H, W)`` (or ``(H, W)``) into ``chan + leading + (H, W)``."""
+    frame = result.frame
+    lead = frame.leading_shape()
+    H, W = result.planes[0].hr_shape
+    out = np.zeros(tuple(chan_shape) + lead + (H, W), dtype=per_plane[0].dtype)
+    nchan = len(chan_shape)
+    for plane, arr in zip(result.planes, per_plane):
+        pos = frame.position(plane.index)
+        out[(slice(None),) * nchan + pos] = arr.reshape(tuple(chan_shape) + (H, W))
+    return out
+
+
+def output_transform(result: FitResult, chan_scale=(), chan_translate=()) -> dict:
+    t = result.frame.transform()
+    return {
+        "scale": tuple(chan_scale) + tuple(t["scale"]),
+        "translate": tuple(chan_translate) + tuple(t["translate"]),
+    }
+
+
+class UpsampleLayerWidget(PluginWidget):
+    """The upsample-a-layer dock widget (see the module docstring)."""
+
+    def __init__(self, napari_viewer, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
+        self.state = get_state(napari_viewer)
+        self.runner = Runner(napari_viewer, "Upsample layer", self)
+        self.runner.progressed.connect(self._on_progress)
+        self.runner.finished.connect(self._on_finished)
+        self._pending: Optional[dict] = None
+        self.outputs: dict = {}
+        self._build()
+
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        layout.addLayout(form)
+        self.layer_picker = LayerPicker(self.viewer, ("image", "labels"), parent=self)
+        self.layer_picker.setToolTip("The low-resolution map to upsample (it is never modified)")
+        form.addRow("Low-res layer", self.layer_picker)
+        self.result_picker = ResultPicker(self.viewer)
+        self.result_picker.setToolTip("The image whose fitted kernels are used")
+        form.addRow("Kernels of", self.result_picker)
+        self.info_label = QLabel("")
+        self.info_label.setWordWrap(True)
+        form.addRow("", self.info_label)
+        self.prob_check = QCheckBox("Labels: also add class probabilities")
+        self.prob_check.setToolTip("One image with a leading class axis (adds a slider to a 2D viewer)")
+        self.prob_check.setChecked(False)
+        form.addRow(self.prob_check)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        form.addRow("Device", self.device_combo)
+        self.memory_edit = QLineEdit()
+        self.memory_edit.setPlaceholderText("auto  (e.g. 2GB)")
+        form.addRow("Memory budget", self.memory_edit)
+        row = QHBoxLayout()
+        self.run_button = QPushButton("Upsample")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        layout.addLayout(row)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self.layer_picker.currentIndexChanged.connect(self._update_info)
+        self.result_picker.currentIndexChanged.connect(self._update_info)
+        self._update_info()
+
+    def _update_info(self, *_args) -> None:
+        layer, result = self.layer_picker.layer(), self.result_picker.result()
+        if layer is None or result is None:
+            self.info_label.setText("pick a low-resolution layer and a fitted image")
+            return
+        try:
+            maps, info = prepare_maps(layer, result)
+        except (InputError, ValueError) as exc:
+            self.info_label.setText(str(exc))
+            return
+        h, w = info["grid"]
+        H, W = result.planes[0].hr_shape
+        what = "labels (one-hot)" if info["labels"] else f"{maps[0].shape[0]} channel(s)"
+        refit = "" if (h, w) == result.planes[0].lr_shape else "; kernels will be fitted for this grid first"
+        self.info_label.setText(f"{what}, {h} x {w} -> {H} x {W}{refit}")
+
+    def run(self) -> bool:
+        """Start upsampling; False (with a notification) when the selection does not work."""
+        if self.runner.running:
+            self._message("info", "An upsampling is already running; cancel it first.", self.status)
+            return False
+        layer = self.layer_picker.layer()
+        result = self.result_picker.result()
+        if layer is None:
+            self._message("error", "No low-resolution layer: add an Image or Labels layer to upsample.", self.status)
+            return False
+        if result is None:
+            self._message("error", "No fitted image yet: run 'Upsample Anything' on the image first.", self.status)
+            return False
+        try:
+            maps, info = prepare_maps(layer, result)
+        except (InputError, ValueError) as exc:
+            self._message("error", str(exc), self.status)
+            return False
+        request = UpsampleRequest(
+            maps=maps,
+            planes=list(result.planes),
+            labels=info["labels"],
+            device=self.device_combo.currentText(),
+            precision=result.pipeline.config.precision,
+            max_memory=self.memory_edit.text().strip() or None,
+            refit_steps=int(result.pipeline.config.steps),
+        )
+        self._pending = {"layer_ref": weakref.ref(layer), "name": layer.name, "uid": str(layer.unique_id), "result": result, "info": info}
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText(f"upsampling '{layer.name}'…")
+        self.runner.start(upsample_planes, request, device=request.device, budget=request.max_memory, desc=f"Upsample {layer.name}")
+        return True
+
+    def cancel(self) -> None:
+        if self.runner.running:
+            self.runner.cancel()
+            self.status.setText("cancelling…")
+
+    def _on_progress(self, event: Progress) -> None:
+        self.status.setText(event.text())
+
+    def _on_finished(self, outcome: Outcome) -> None:
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        pending, self._pending = self._pending, None
+        if self._cleaned:  # the widget was closed: nothing to show, nothing to add
+            return
+        if outcome.status == "cancelled":
+            self._message("info", "Upsampling cancelled; no layer was changed.", self.status)
+            return
+        if outcome.status == "error":
+            self._message("error", error_message(outcome.error), self.status)
+            return
+        if pending is None:  # pragma: no cover
+            return
+        self._publish(outcome.value, pending)
+        self.status.setText(f"done in {outcome.seconds:.1f} s")
+
+    def _publish(self, outputs: List[dict], pending: dict) -> None:
+        result: FitResult = pending["result"]
+        info = pending["info"]
+        name = pending["name"]
+        owner = f"lr:{pending['uid']}"
+        tag = {"source_map": name, "fitted": result.label}
+        self.outputs = {}
+        with self.state.keep_results():
+            if info["labels"]:
+                labels = assemble(result, [o["labels"] for o in outputs])
+                layer = put_layer(
+                    self.viewer, labels.astype(info["dtype"], copy=False), "labels", name=f"{name} upsampled",
+                    role="upsampled", owner=owner, result=result.key, extra_tag=tag, **result.frame.transform(),
+                )
+                self.outputs["labels"] = layer
+                if self.prob_check.isChecked():
+                    K = outputs[0]["probabilities"].shape[0]
+                    probs = assemble(result, [o["probabilities"] for o in outputs], (K,))
+                    player = put_layer(
+                        self.viewer, probs, "image", name=f"{name} upsampled probabilities",
+                        role="upsampled_probabilities", owner=owner, result=result.key, colormap="magma",
+                        visible=False, contrast_limits=(0.0, 1.0),
+                        extra_tag=dict(tag, classes=[int(c) for c in outputs[0]["classes"]]),
+                        **output_transform(result, (1.0,), (0.0,)),
+                    )
+                    self.outputs["probabilities"] = player
+            else:
+                values = [o["values"] for o in outputs]
+                if info["rgb"]:
+                    data = result.frame.stack([np.moveaxis(v, 0, -1) for v in values])
+                    layer = put_layer(
+                        self.viewer, data, "image", name=f"{name} upsampled", role="upsampled", owner=owner,
+                        result=result.key, rgb=True, extra_tag=tag, **result.frame.transform(),
+                    )
+                else:
+                    data = assemble(result, values, info["chan_shape"])
+                    src = pending["layer_ref"]()
+                    kwargs = {}
+                    if src is not None and layer_kind(src) == "image":
+                        kwargs["colormap"] = src.colormap.name
+                        kwargs["contrast_limits"] = tuple(src.contrast_limits)
+                    layer = put_layer(
+                        self.viewer, data, "image", name=f"{name} upsampled", role="upsampled", owner=owner,
+                        result=result.key, extra_tag=tag,
+                        **output_transform(result, info["chan_scale"], info["chan_translate"]), **kwargs,
+                    )
+                self.outputs["values"] = layer
+
+    def cleanup(self) -> None:
+        self.runner.shutdown()
+

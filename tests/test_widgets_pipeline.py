@@ -1,0 +1,320 @@
+"""The plugin's Qt-free parts: layer frames and alignment, the pipeline, the thread bridge,
+the manifest, sample data, and import hygiene (no torch until a widget computes)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_upsample_anything.core.errors import Cancelled
+from napari_upsample_anything.widgets._frame import Frame, SelectionError
+from napari_upsample_anything.widgets._pipeline import (
+    RunConfig,
+    RunHandle,
+    UpsampleRequest,
+    argmax_labels,
+    guarded,
+    iter_events,
+    one_hot,
+    run_pipeline,
+    upsample_planes,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Image:
+    """Stand-in for napari.layers.Image (the frame only reads these attributes)."""
+
+    def __init__(self, data, name="src", rgb=False, scale=None, translate=None):
+        self.data = data
+        self.name = name
+        self.rgb = rgb
+        nd = data.ndim - (1 if rgb else 0)
+        self.scale = tuple(scale or (1.0,) * nd)
+        self.translate = tuple(translate or (0.0,) * nd)
+        self.multiscale = False
+
+
+class Labels(Image):
+    pass
+
+
+def _world(scale, translate, data_coords):
+    return np.asarray(translate) + np.asarray(scale) * np.asarray(data_coords)
+
+
+# ---------------------------------------------------------------------------------- frame
+def test_lr_transform_puts_cell_centres_on_hr_cell_centres():
+    layer = Image(np.zeros((100, 73)), scale=(0.7, 1.3), translate=(5.0, -2.0))
+    frame = Frame.from_layer(layer)
+    h, w = 7, 5
+    f = (100 / h, 73 / w)  # not integers
+    hr = frame.transform()
+    lr = frame.transform(f)
+    assert np.allclose(hr["scale"], layer.scale) and np.allclose(hr["translate"], layer.translate)
+    for i, j in [(0, 0), (6, 4), (3, 2)]:
+        centre_hr = ((i + 0.5) * f[0] - 0.5, (j + 0.5) * f[1] - 0.5)
+        assert np.allclose(_world(lr["scale"], lr["translate"], (i, j)), _world(hr["scale"], hr["translate"], centre_hr))
+    # The LR grid's outer edges coincide with the image's outer pixel edges.
+    assert np.allclose(_world(lr["scale"], lr["translate"], (-0.5, -0.5)), _world(layer.scale, layer.translate, (-0.5, -0.5)))
+    assert np.allclose(_world(lr["scale"], lr["translate"], (h - 0.5, w - 0.5)), _world(layer.scale, layer.translate, (99.5, 72.5)))
+
+
+def test_stack_frames_current_and_all():
+    data = np.arange(2 * 3 * 20 * 30, dtype=np.float32).reshape(2, 3, 20, 30)  # (t, z, y, x)
+    layer = Image(data, scale=(1.0, 2.0, 0.5, 0.5), translate=(0.0, 10.0, 0.0, 0.0))
+    world = _world(layer.scale, layer.translate, (1, 2, 5, 5))
+    cur = Frame.from_layer(layer, mode="current", current=world)
+    assert cur.indices == ((1, 2),) and cur.slice_axes == (0, 1)
+    assert cur.leading_shape() == (1, 1)
+    t = cur.transform()
+    assert np.allclose(t["translate"][:2], (1.0, 10.0 + 2 * 2.0)) and np.allclose(t["scale"][:2], (1.0, 2.0))
+    assert np.array_equal(cur.plane(data, (1, 2)), data[1, 2])
+    allf = Frame.from_layer(layer, mode="all")
+    assert len(allf.indices) == 6 and allf.leading_shape() == (2, 3)
+    stacked = allf.stack([np.full((20, 30), k, np.float32) for k in range(6)])
+    assert stacked.shape == (2, 3, 20, 30) and stacked[1, 2, 0, 0] == 5
+    assert np.allclose(allf.transform()["translate"], layer.translate)
+    # Placing one plane of an "all" result (the pixel-weights layer does this).
+    at = allf.transform(at=(0, 1))
+    assert np.allclose(at["translate"][:2], (0.0, 12.0))
+    idx, y, x, inside = allf.pixel_at(_world(layer.scale, layer.translate, (1, 1, 19, 3)))
+    assert (idx, y, x, inside) == ((1, 1), 19, 3, True)
+    assert not allf.pixel_at(_world(layer.scale, layer.translate, (0, 0, 25, 3)))[3]
+
+
+def test_channel_axis_is_stretched_over_all_channels():
+    data = np.zeros((4, 5, 16, 16), np.uint16)  # (c, z, y, x)
+    layer = Image(data, scale=(1.0, 3.0, 1.0, 1.0))
+    frame = Frame.from_layer(layer, channel_axis=0, mode="all")
+    assert frame.slice_axes == (1,) and frame.n_channels == 4 and frame.leading_shape() == (1, 5)
+    t = frame.transform()
+    # napari maps world c to data round((c - translate) / scale): 0 for every channel 0..3.
+    for c in range(4):
+        assert np.rint((c - t["translate"][0]) / t["scale"][0]) == 0
+    plane = frame.plane(np.arange(data.size).reshape(data.shape), (2,))
+    assert plane.shape == (16, 16, 4) and frame.feature_channel_axis == -1
+    with pytest.raises(SelectionError, match="leading axis"):
+        Frame.from_layer(layer, channel_axis=3)
+
+
+def test_frame_refuses_labels_and_rgb_channel_axis():
+    with pytest.raises(SelectionError, match="Labels layer.*Image layer"):
+        Frame.from_layer(Labels(np.zeros((20, 20), np.int32)))
+    rgb = Image(np.zeros((20, 20, 3), np.uint8), rgb=True)
+    f = Frame.from_layer(rgb)
+    assert f.shape == (20, 20) and f.plane(rgb.data, ()).shape == (20, 20, 3)
+    with pytest.raises(SelectionError, match="RGB"):
+        Frame.from_layer(Image(np.zeros((2, 20, 20, 3), np.uint8), rgb=True), channel_axis=0)
+
+
+def test_outlines_are_clipped_to_the_image():
+    from napari_upsample_anything.widgets._kernels import clip_points, clip_segments
+
+    vec = np.array(
+        [
+            [[5.0, 5.0], [1.0, 1.0]],  # inside: unchanged
+            [[-10.0, 5.0], [-3.0, 0.0]],  # outside: dropped
+            [[1.0, 1.0], [-4.0, 0.0]],  # leaves the image: end clamped to y = -0.5
+        ]
+    )
+    out, keep = clip_segments(vec, (20, 30))
+    assert keep.tolist() == [True, False, True]
+    assert np.allclose(out[0], vec[0]) and np.allclose(out[1, 0] + out[1, 1], [-0.5, 1.0])
+    assert np.allclose(clip_points(np.array([[-3.0, 40.0]]), (20, 30)), [[-0.5, 29.5]])
+
+
+# ---------------------------------------------------------------------------------- labels
+def test_one_hot_and_argmax_round_trip():
+    lab = np.array([[0, 5, 5], [17, 0, 17]], np.int32)
+    oh, classes = one_hot(lab)
+    assert oh.shape == (3, 2, 3) and list(classes) == [0, 5, 17]
+    assert np.array_equal(oh.sum(0), np.ones((2, 3)))
+    back = argmax_labels(oh, classes, lab.dtype)
+    assert np.array_equal(back, lab) and back.dtype == np.int32
+    with pytest.raises(ValueError, match="classes"):
+        one_hot(np.arange(300).reshape(15, 20))
+
+
+# ---------------------------------------------------------------------------------- bridge
+def _counting(n, *, progress=None, cancel=None, fail_at=None, delay=0.0):
+    from napari_upsample_anything.core.progress import check_cancel
+    from napari_upsample_anything.widgets._pipeline import Progress
+
+    for k in range(n):
+        check_cancel(cancel, "counting")
+        if fail_at == k:
+            raise RuntimeError("boom")  # a RuntimeError, as napari's GeneratorWorker would swallow
+        time.sleep(delay)
+        progress(Progress("fit", k + 1, n))
+    return "result"
+
+
+def test_guarded_yields_every_event_and_returns_an_outcome():
+    gen = guarded(_counting, RunHandle(), 5)
+    events = []
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        outcome = stop.value
+    assert [e.done for e in events] == [1, 2, 3, 4, 5]
+    assert outcome.status == "done" and outcome.value == "result"
+
+
+def test_guarded_turns_errors_and_cancel_into_outcomes():
+    gen = guarded(_counting, RunHandle(), 5, fail_at=2)
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            next(gen)
+    assert stop.value.value.status == "error" and str(stop.value.value.error) == "boom"
+
+    handle = RunHandle()
+    gen = guarded(_counting, handle, 10_000, delay=0.001)
+    seen = 0
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            next(gen)
+            seen += 1
+            if seen == 3:
+                handle.cancel()
+    assert stop.value.value.status == "cancelled" and seen <= 4
+
+
+def test_closing_the_generator_cancels_and_joins():
+    handle = RunHandle()
+    gen = iter_events(_counting, handle, 10_000, delay=0.001)
+    next(gen)
+    gen.close()
+    assert handle.cancelled and not handle.thread.is_alive()
+
+
+# ---------------------------------------------------------------------------------- pipeline
+def _img(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.sin(yy / 5.0) + np.cos(xx / 7.0)
+    return np.stack([base, base.T[:h, :w] if h == w else base, rng.random((h, w))], -1).astype(np.float32) / 3 + 0.3
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
+def test_run_pipeline_two_planes_shared_basis_and_cancel():
+    events = []
+    cfg = RunConfig(steps=2, pretrained=False, device="cpu", hr_features="none")
+    res = run_pipeline([((0,), _img(42, 56, 0)), ((1,), _img(42, 56, 1))], cfg, progress=events.append)
+    assert [p.index for p in res.planes] == [(0,), (1,)]
+    assert all(p.hr_features is None and p.hr_rgb.shape == (42, 56, 3) for p in res.planes)
+    assert res.weights_source == "random-init" and res.basis.n_components == 3
+    assert [e.done for e in events if e.stage == "fit" and e.plane == 1] == [1, 2]
+    assert {e.stage for e in events} == {"features", "fit", "pca"}
+    assert all(len(p.memlog.tiles) > 0 for p in res.planes)
+
+    # cancel() is polled before every step: a cancel during step 3 stops before step 4.
+    calls = []
+
+    def cancel():
+        return len([e for e in calls if e.stage == "fit"]) >= 3
+
+    with pytest.raises(Cancelled):
+        run_pipeline([((), _img(42, 42))], RunConfig(steps=500, pretrained=False, device="cpu"), progress=calls.append, cancel=cancel)
+    assert max(e.done for e in calls if e.stage == "fit") == 3
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
+def test_upsample_planes_labels_and_values():
+    res = run_pipeline([((), _img(42, 42))], RunConfig(steps=1, pretrained=False, device="cpu", hr_features="none"))
+    plane = res.planes[0]
+    lab = np.zeros((3, 3), np.int16)
+    lab[1:, 1:] = 4
+    (out,) = upsample_planes(UpsampleRequest([lab], [plane], labels=True, device="cpu"))
+    assert out["labels"].shape == (42, 42) and out["labels"].dtype == np.int16
+    assert set(np.unique(out["labels"])) <= {0, 4} and np.allclose(out["probabilities"].sum(0), 1, atol=1e-5)
+    (vals,) = upsample_planes(UpsampleRequest([np.ones((2, 3, 3), np.float32)], [plane], device="cpu"))
+    assert np.allclose(vals["values"], 1.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- manifest
+def test_manifest_validates_and_is_packaged():
+    import importlib.resources
+
+    from npe2 import PluginManifest
+
+    mf = PluginManifest.from_file(ROOT / "napari.yaml")
+    assert mf.name == "napari-upsample-anything"
+    assert {w.display_name for w in mf.contributions.widgets} == {
+        "Upsample Anything",
+        "Kernel inspector",
+        "Memory monitor",
+        "Upsample a layer with fitted kernels",
+    }
+    assert {s.key for s in mf.contributions.sample_data} == {"histology", "cells", "retina"}
+    commands = {c.id for c in mf.contributions.commands}
+    for items in mf.contributions.menus.values():
+        assert all(i.command in commands for i in items)
+    # The installed distribution exposes the same file through its entry point.
+    installed = PluginManifest.from_distribution("napari-upsample-anything")
+    assert installed.contributions.widgets == mf.contributions.widgets
+    packaged = importlib.resources.files("napari_upsample_anything") / "napari.yaml"
+    assert packaged.read_text() == (ROOT / "napari.yaml").read_text()
+    # Every python_name resolves (imports the widget modules: still no torch, see below).
+    mf.validate_imports()
+
+
+def test_sample_data():
+    from napari_upsample_anything.widgets import _sample_data as sd
+
+    (data, meta, kind), = sd.histology()
+    assert data.shape == (512, 512, 3) and meta["rgb"] and kind == "image"
+    (data, meta, kind), = sd.cells()
+    assert data.ndim == 2 and kind == "image"
+    (data, meta, kind), = sd.retina()
+    assert data.shape == (1411, 1411, 3)
+
+
+def test_listing_and_importing_the_plugin_does_not_import_torch():
+    code = r"""
+import sys
+from npe2 import PluginManager
+pm = PluginManager.instance()
+pm.discover()
+mf = pm.get_manifest("napari-upsample-anything")
+widgets = [w.display_name for w in pm.iter_widgets() if w.plugin_name == mf.name]
+assert len(widgets) == 4, widgets
+assert len(list(mf.contributions.sample_data)) == 3
+assert "torch" not in sys.modules, "listing contributions imported torch"
+mf.validate_imports()  # imports every python_name target (widget and sample modules)
+import napari_upsample_anything as upa, napari_upsample_anything.widgets
+assert "torch" not in sys.modules, "importing the widget modules imported torch"
+print("OK", widgets)
+"""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
+
+
+_LLVM = sorted(glob.glob("/usr/lib/*/libLLVM*.so*"))
+
+
+@pytest.mark.skipif(not _LLVM or not sys.platform.startswith("linux"), reason="needs a system libLLVM (Mesa)")
+def test_timm_imports_after_mesa_llvm_is_loaded():
+    """With Mesa's libLLVM loaded (software OpenGL), importing triton crashes unless preloaded."""
+    pytest.importorskip("triton")
+    code = rf"""
+import ctypes, os
+ctypes.CDLL({_LLVM[-1]!r}, mode=os.RTLD_NOW | ctypes.RTLD_GLOBAL)  # what the GL driver does
+from napari_upsample_anything.core.platform_fixes import preload_triton_safely
+assert preload_triton_safely()
+import timm  # -> torchvision -> torch._dynamo -> triton
+print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, (out.returncode, out.stderr[-2000:])
