@@ -66,10 +66,13 @@ def dense_render(feat, guide, sx, sy, th, sr, *, n_chunk=289, c_chunk=None):
         logw = logw - diff2 / (2 * sr.reshape(-1)[q].clamp_min(1e-6) ** 2 + 1e-8)
         logw = torch.where(keep, logw, torch.full_like(logw, -math.inf))
         m_new = torch.maximum(m, logw.max(0).values)
-        scale_old = torch.exp(m - m_new)
+        # A chunk can have every offset masked for a pixel (all outside its dynamic radius):
+        # keep the running maximum finite there so that exp() gives 0, not NaN.
+        ref = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        scale_old = torch.exp(m - ref)
         num = num * scale_old
         den = den * scale_old
-        wts = torch.exp(logw - m_new)
+        wts = torch.exp(logw - ref)
         den = den + wts.sum(0)
         for c0 in range(0, C, c_chunk):
             # As published: gather every channel of every neighbour, then keep the chunk
@@ -102,5 +105,5 @@ def dense_fit(guide, lr_shape, steps=51, lr=0.1):
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return raw.detach(), losses
