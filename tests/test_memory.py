@@ -45,15 +45,18 @@ def test_oom_recognition():
 def test_plan_respects_budget_and_covers_grid():
     engine = BlockEngine(Guide(torch.rand(140, 98, 3).numpy()), (10, 7), RenderOptions(), torch.device("cpu"))
     per_block = engine.bytes_per_block(64, 4, training=False)
-    for budget in (per_block, 3 * per_block, 20 * per_block, 10**9):
+    small_chunks = 4 * engine.P * engine.K * 4  # tight budgets use one-block chunks
+    for budget in (small_chunks + per_block, small_chunks + 3 * per_block, 40 * 2**20, 10**9):
         tiles = engine.plan(per_block, budget)
+        fixed = engine.tile_overhead()
         covered = torch.zeros(10, 7, dtype=torch.int32)
         for i0, i1, j0, j1 in tiles:
-            assert (i1 - i0) * (j1 - j0) * per_block <= budget
+            assert fixed + (i1 - i0) * (j1 - j0) * per_block <= budget
             covered[i0:i1, j0:j1] += 1
         assert bool((covered == 1).all())
+    assert len(engine.plan(per_block, small_chunks + per_block)) == 70  # one cell per tile
     with pytest.raises(MemoryBudgetError, match="too small"):
-        engine.plan(per_block, per_block - 1)
+        engine.plan(per_block, small_chunks + per_block - 1)
 
 
 def test_memory_log_records_every_tile():

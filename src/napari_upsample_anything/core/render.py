@@ -77,6 +77,15 @@ class RenderOptions:
             raise ValueError(f"radius_units={self.radius_units!r}: use 'hr' (published) or 'lr'")
 
 
+# Blocks per cache-sized chunk inside a tile (CPU): the [chunk, P, K] temporaries of the
+# log-weights stay in the CPU caches across their seven elementwise passes (measured at
+# 224x224: range term 24 ms -> 13 ms per fit step). GPUs take the whole tile at once.
+CPU_CHUNK_BYTES = 5 * 2**19
+# Fixed per-tile overhead of the chunk temporaries (log-weights, range, temporary, weights),
+# sized for the largest chunk a CPU or a small GPU tile uses.
+CHUNK_OVERHEAD_BYTES = 4 * CPU_CHUNK_BYTES
+
+
 class Workspace:
     """Reusable flat buffers for the per-tile weight tensors.
 
@@ -88,8 +97,9 @@ class Workspace:
     before the next tile's forward (the fit loop does exactly that).
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, chunk_bytes: int = CPU_CHUNK_BYTES):
         self.device = device
+        self.chunk_bytes = chunk_bytes  # size of the log-weight chunks (CPU), see chunk_blocks
         self._bufs = {}
 
     def get(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -105,6 +115,13 @@ class Workspace:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 
+def chunk_blocks(device: torch.device, p: int, k: int, nb: int, chunk_bytes: int = CPU_CHUNK_BYTES) -> int:
+    """Blocks processed together inside a tile."""
+    if device.type != "cpu":
+        return max(1, nb)
+    return max(1, min(nb, chunk_bytes // max(1, p * k * 4)))
+
+
 class _BlockAttention(torch.autograd.Function):
     """``softmax(log_w) @ values`` per block, with a lean hand-written backward.
 
@@ -118,6 +135,11 @@ class _BlockAttention(torch.autograd.Function):
     cancel catastrophically once a fitted ``sigma_r`` reaches 0.003 (measured error 3e-3).
     Log-weights and softmax are float32; ``agg_dtype`` is the dtype of the weights-times-values
     product. Gradients flow to ``psi``, ``rho`` and ``values``.
+
+    Blocks are processed in cache-sized chunks (:func:`chunk_blocks`); only the softmax
+    weights of the whole tile are kept, and only when a backward will need them. With few
+    channels the values are stored column-major (``[B, C, K]`` contiguous): MKL's batched
+    product is 2.4x faster in that layout (measured: 10.3 ms -> 4.3 ms, 256 blocks, C = 3).
     """
 
     @staticmethod
@@ -126,49 +148,79 @@ class _BlockAttention(torch.autograd.Function):
         g = jd.shape[2]
         ws = workspace if workspace is not None else Workspace(phi.device)
         wd = phi.dtype  # float32 in the engine; float64 in gradient tests
-        logits = torch.bmm(phi[:, :, :6], psi, out=ws.get("logits", (nb, p, k), wd))
-        dist = ws.get("range", (nb, p, k), wd)
-        for c in range(g):
-            ic = phi[:, :, 7 + c, None]
-            jc = jd[:, None, :, c]
-            if c == 0:
-                torch.sub(ic, jc, out=dist).square_()
+        half = agg_dtype not in (torch.float32, torch.float64)
+        needs_grad = any(ctx.needs_input_grad[1:5])
+        cb = chunk_blocks(phi.device, p, k, nb, ws.chunk_bytes)
+        vmat = values.to(agg_dtype if half else wd)  # [B, K, C]
+        if vmat.shape[2] < 32:  # few channels: column-major storage (see the class docstring)
+            vmat = vmat.transpose(1, 2).contiguous().transpose(1, 2)
+        out = torch.empty(nb, p, vmat.shape[2], dtype=wd, device=phi.device)
+        weights_all = ws.get("weights", (nb, p, k), wd) if needs_grad else None
+        logits_buf = ws.get("logits", (cb, p, k), wd)
+        dist_buf = ws.get("range", (cb, p, k), wd)
+        tmp_buf = ws.get("tmp", (cb, p, k), wd) if g > 1 else None
+        wchunk_buf = None if needs_grad else ws.get("weights_chunk", (cb, p, k), wd)
+        spatial = phi[:, :, :6]
+        for b0 in range(0, nb, cb):
+            b1 = min(nb, b0 + cb)
+            n = b1 - b0
+            logits = torch.bmm(spatial[b0:b1], psi[b0:b1], out=logits_buf[:n])
+            dist = dist_buf[:n]
+            for c in range(g):
+                ic = phi[b0:b1, :, 7 + c, None]
+                jc = jd[b0:b1, None, :, c]
+                if c == 0:
+                    torch.sub(ic, jc, out=dist).square_()
+                else:
+                    tmp = torch.sub(ic, jc, out=tmp_buf[:n])
+                    dist.addcmul_(tmp, tmp)
+            logits.addcmul_(dist, rho[b0:b1, None, :], value=-1.0)
+            if mask is not None:
+                logits.masked_fill_(mask[b0:b1], -math.inf)
+            w = torch.softmax(logits, dim=-1, out=weights_all[b0:b1] if needs_grad else wchunk_buf[:n])
+            if half:
+                out[b0:b1] = torch.bmm(w.to(agg_dtype), vmat[b0:b1]).to(wd)
             else:
-                tmp = torch.sub(ic, jc, out=ws.get("tmp", (nb, p, k), wd))
-                dist.addcmul_(tmp, tmp)
-        logits.addcmul_(dist, rho[:, None, :], value=-1.0)
-        if mask is not None:
-            logits.masked_fill_(mask, -math.inf)
-        weights = torch.softmax(logits, dim=-1, out=ws.get("weights", (nb, p, k), wd))
-        del logits, dist
-        if agg_dtype in (torch.float32, torch.float64):
-            out = torch.bmm(weights, values.to(wd))
-        else:
-            out = torch.bmm(weights.to(agg_dtype), values.to(agg_dtype)).to(wd)
+                torch.bmm(w, vmat[b0:b1], out=out[b0:b1])
         ctx.workspace = workspace
-        if any(ctx.needs_input_grad[1:5]):
-            ctx.save_for_backward(phi, jd, weights, values, out)
+        ctx.chunk = cb
+        ctx.values_dtype = values.dtype
+        if needs_grad:
+            ctx.save_for_backward(phi, jd, weights_all, vmat, out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        phi, jd, weights, values, out = ctx.saved_tensors
+        phi, jd, weights, vmat, out = ctx.saved_tensors
         ws = ctx.workspace if ctx.workspace is not None else Workspace(phi.device)
+        nb, p, k = weights.shape
         wd = weights.dtype
+        cb = ctx.chunk
         grad_out = grad_out.to(wd)
-        vals = values.to(wd)
-        grad_logits = torch.bmm(grad_out, vals.transpose(1, 2), out=ws.get("logits", tuple(weights.shape), wd))
-        grad_logits.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(weights)
-        grad_psi = grad_rho = grad_values = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # One product gives the spatial gradient and, through the expanded range term
-            # (fine for a gradient: no cancellation against a softmax maximum), rho's.
-            sums = torch.bmm(phi.transpose(1, 2), grad_logits)  # [B, 7 + G, K]
-            grad_psi = sums[:, :6]
-            jj = jd.transpose(1, 2)  # [B, G, K]
-            grad_rho = -(sums[:, 6] - 2 * (jj * sums[:, 7:]).sum(1) + (jj * jj).sum(1) * sums[:, 5])
-        if ctx.needs_input_grad[4]:
-            grad_values = torch.bmm(weights.transpose(1, 2), grad_out).to(values.dtype)
+        vals_t = vmat.to(wd).transpose(1, 2)  # [B, C, K]
+        shift = (grad_out * out).sum(-1, keepdim=True)  # [B, P, 1]
+        want_psi = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        want_values = ctx.needs_input_grad[4]
+        grad_psi = torch.empty(nb, 6, k, dtype=wd, device=phi.device) if want_psi else None
+        grad_rho = torch.empty(nb, k, dtype=wd, device=phi.device) if want_psi else None
+        grad_values = torch.empty(nb, k, vmat.shape[2], dtype=wd, device=phi.device) if want_values else None
+        buf = ws.get("logits", (cb, p, k), wd)
+        for b0 in range(0, nb, cb):
+            b1 = min(nb, b0 + cb)
+            w = weights[b0:b1]
+            grad_logits = torch.bmm(grad_out[b0:b1], vals_t[b0:b1], out=buf[: b1 - b0])
+            grad_logits.sub_(shift[b0:b1]).mul_(w)
+            if want_psi:
+                # One product gives the spatial gradient and, through the expanded range term
+                # (fine for a gradient: no cancellation against a softmax maximum), rho's.
+                sums = torch.bmm(phi[b0:b1].transpose(1, 2), grad_logits)  # [n, 7 + G, K]
+                grad_psi[b0:b1] = sums[:, :6]
+                jj = jd[b0:b1].transpose(1, 2)  # [n, G, K]
+                grad_rho[b0:b1] = -(sums[:, 6] - 2 * (jj * sums[:, 7:]).sum(1) + (jj * jj).sum(1) * sums[:, 5])
+            if want_values:
+                grad_values[b0:b1] = torch.bmm(w.transpose(1, 2), grad_out[b0:b1])
+        if grad_values is not None:
+            grad_values = grad_values.to(ctx.values_dtype)
         return None, grad_psi, grad_rho, None, grad_values, None, None, None
 
 
@@ -248,6 +300,7 @@ class BlockEngine:
         self._dx = self.grid.offsets.dx.to(device)
         self._r2 = self.grid.offsets.r2.to(device)
         self.regular = rows.is_regular and cols.is_regular
+        self.chunk_bytes = CPU_CHUNK_BYTES  # set by plan() from the budget
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -395,28 +448,53 @@ class BlockEngine:
 
     # ------------------------------------------------------------------ planning
     def bytes_per_block(self, channels: int, agg_bytes: int, training: bool) -> int:
-        """Working bytes of one block in a tile (upper bound, all offsets)."""
+        """Working bytes of one block in a tile (upper bound, all offsets).
+
+        Log-weight temporaries live in cache-sized chunks (:data:`CHUNK_OVERHEAD_BYTES` per
+        tile, see :func:`chunk_blocks`); per block there are the softmax weights when a backward
+        needs them, the mask, gathered values (also transposed), outputs and features.
+        """
         P, K, m, g = self.P, self.K, self.m, self.channels
-        weights = P * K * (4 + 4 + 4 + 4 + 1)  # logits, range distance, temporary, softmax, mask
-        if agg_bytes != 4:
-            weights += P * K * agg_bytes
+        weights = P * K * 1  # mask
         if training:
-            weights += P * K * 4  # grad of logits
-        values = K * channels * (agg_bytes + (4 if agg_bytes != 4 else 0))
+            weights += P * K * 4  # softmax weights kept for the backward
+        values = K * channels * (2 * agg_bytes + (4 if agg_bytes != 4 else 0))
         outputs = 3 * P * channels * 4
         feats = P * (m + 2 * g + 4) * 4 + 12 * m * K * 4 + 8 * K * 8
         return int(weights + values + outputs + feats)
 
+    def tile_overhead(self) -> int:
+        """Bytes every tile needs whatever its size: the four chunk temporaries (CPU)."""
+        if self.device.type != "cpu":
+            return 0
+        return 4 * max(self.chunk_bytes, self.P * self.K * 4)
+
+    def workspace(self) -> "Workspace":
+        return Workspace(self.device, self.chunk_bytes)
+
+    def tile_block_bytes(self, per_block: int) -> int:
+        """Per-block bytes of a tile: on GPUs the whole tile is one chunk, so its log-weight
+        temporaries (four ``P x K`` float32 tensors) count per block."""
+        return per_block + (4 * self.P * self.K * 4 if self.device.type != "cpu" else 0)
+
     def plan(self, per_block: int, budget: int, preferred: Optional[int] = None) -> List[Tile]:
-        """Split the LR grid into tiles of whole blocks that fit ``budget`` bytes each."""
+        """Split the LR grid into tiles of whole blocks that fit ``budget`` bytes each.
+
+        ``budget`` covers :meth:`tile_overhead` plus ``per_block`` bytes per block.
+        """
         h, w = self.lr_shape
-        if per_block > budget:
+        per_block = self.tile_block_bytes(per_block)
+        # Cache-sized chunks unless the budget is tight; then one block per chunk.
+        self.chunk_bytes = CPU_CHUNK_BYTES if budget >= 8 * CHUNK_OVERHEAD_BYTES else 0
+        room = budget - self.tile_overhead()
+        if per_block > room:
+            need = self.tile_overhead() + per_block
             raise MemoryBudgetError(
                 f"max_memory={format_bytes(budget)} is too small: one LR cell ({self.P} HR pixels x "
-                f"{self.K} neighbours) needs {format_bytes(per_block)}; raise max_memory to at least "
-                f"{format_bytes(per_block * 2)} (or lower radius / the number of channels)"
+                f"{self.K} neighbours) needs {format_bytes(need)}; raise max_memory to at least "
+                f"{format_bytes(need * 2)} (or lower radius / the number of channels)"
             )
-        n = budget // per_block
+        n = room // per_block
         if preferred is not None:
             n = max(1, min(n, preferred // per_block))
         if n >= w:
@@ -456,7 +534,7 @@ class BlockEngine:
         if memlog is not None:
             memlog.budget_bytes = budget
             memlog.device = str(self.device)
-        workspace = Workspace(self.device)
+        workspace = self.workspace()
         while queue:
             tile = queue.pop(0)
             check_cancel(cancel, stage)
@@ -470,7 +548,7 @@ class BlockEngine:
                 if not is_out_of_memory(exc):
                     raise
                 queue[0:0] = _split(tile, exc, per_block)
-                workspace = Workspace(self.device)
+                workspace = self.workspace()
                 _free(self.device)
                 continue
             nblocks = (tile[1] - tile[0]) * (tile[3] - tile[2])
