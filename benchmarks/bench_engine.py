@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import napari_upsample_anything as upa  # noqa: E402
-from napari_upsample_anything.core.memory import format_bytes  # noqa: E402
+from napari_upsample_anything.core.units import format_bytes  # noqa: E402
 
 # Measured for the published code on this project's 2-core CPU at 224x224, C=384 (issue #2):
 # 8.6 GB peak; memory of the dense layout grows with H * W.

@@ -42,8 +42,9 @@ for p in (REPO / "src", REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import napari_upsample_anything as upa  # noqa: E402
 from bench_quality import LABELS, METHODS, jbu_upsample  # noqa: E402
+
+import napari_upsample_anything as upa  # noqa: E402
 
 # The JBU setting frozen by bench_quality's grid search (sigma_s in LR cells, sigma_r).
 DEFAULT_JBU = (4.0, 0.03)
@@ -117,7 +118,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = p.parse_args(argv)
 
-    from napari_upsample_anything.core.features import WeightsUnavailableError, extract_features
+    from napari_upsample_anything.core.features import (
+        WeightsUnavailableError,
+        extract_features,
+    )
 
     random_init = args.weights is None and not args.pretrained
     if random_init:

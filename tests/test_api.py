@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import random_field, rel_err
 
 import napari_upsample_anything as upa
-from conftest import random_field, rel_err
 from napari_upsample_anything.core.errors import MemoryBudgetError
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import napari_upsample_anything
 
 CORE = Path(napari_upsample_anything.__file__).parent / "core"
@@ -33,8 +35,10 @@ def test_importing_core_loads_no_gui_module():
     assert res.stdout.strip() == ""
 
 
-def test_package_import_does_not_import_torch():
-    code = "import sys, napari_upsample_anything; print('torch' in sys.modules)"
+@pytest.mark.parametrize("module", ["napari_upsample_anything", "napari_upsample_anything.core.units"])
+def test_import_does_not_import_torch(module):
+    # core.units parses the widgets' memory budget in the GUI thread, before any run loads torch.
+    code = f"import sys, {module}; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_field
+
 from napari_upsample_anything.core.field import KernelField, kernel_coefficients
 
 

@@ -7,14 +7,24 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATA, rel_err
+from reference_gsjbu import reference_render
+
 from napari_upsample_anything.core.errors import Cancelled
 from napari_upsample_anything.core.field import KernelField
-from napari_upsample_anything.core.fit import Adam, _loss_and_grad, _TileCache, fit_field, schedule_gamma
+from napari_upsample_anything.core.fit import (
+    Adam,
+    _loss_and_grad,
+    _TileCache,
+    fit_field,
+    schedule_gamma,
+)
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.render import BlockEngine, RenderOptions, bicubic_lr_guide
-from reference_gsjbu import reference_render
+from napari_upsample_anything.core.render import (
+    BlockEngine,
+    RenderOptions,
+    bicubic_lr_guide,
+)
 
 CPU = torch.device("cpu")
 

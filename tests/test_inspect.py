@@ -5,12 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_field
+
 from napari_upsample_anything.core.ellipses import kernel_ellipses
 from napari_upsample_anything.core.field import KernelField, kernel_coefficients
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.render import BlockEngine, RenderOptions, pixel_weight_map
+from napari_upsample_anything.core.render import (
+    BlockEngine,
+    RenderOptions,
+    pixel_weight_map,
+)
 
 
 def test_outline_points_lie_on_the_n_sigma_ellipse(gen):

@@ -13,7 +13,11 @@ import torch
 
 from napari_upsample_anything.core.errors import MemoryBudgetError
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.memory import format_bytes, is_out_of_memory, parse_bytes
+from napari_upsample_anything.core.memory import (
+    format_bytes,
+    is_out_of_memory,
+    parse_bytes,
+)
 from napari_upsample_anything.core.render import BlockEngine, RenderOptions
 
 

@@ -11,7 +11,6 @@ there as soon as a layer is drawn, which would hide every other test result.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

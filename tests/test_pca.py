@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import random_field
 
 import napari_upsample_anything as upa
-from conftest import random_field
 
 
 def test_pca_rgb_range_and_shape(gen):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATA, random_field, rel_err
+from reference_gsjbu import reference_render
+
 from napari_upsample_anything.core.field import KernelField
 from napari_upsample_anything.core.guide import Guide
 from napari_upsample_anything.core.render import BlockEngine, RenderOptions
-from reference_gsjbu import reference_render
 
 CPU = torch.device("cpu")
 

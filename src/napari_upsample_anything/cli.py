@@ -72,7 +72,7 @@ def _table(rows: List[List[str]]) -> str:
 
 
 def _parse_memory(text: Optional[str]):
-    from .core.memory import parse_bytes
+    from .core.units import parse_bytes
 
     if text is None:
         return None

@@ -25,7 +25,15 @@ from .field import KernelField, kernel_coefficients
 from .guide import Guide
 from .memory import MemoryLog, TileMeter, TileRecord, is_out_of_memory
 from .progress import CancelFn, ProgressFn, check_cancel, report
-from .render import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions, Tile, area_lr_guide, bicubic_lr_guide, block_attention
+from .render import (
+    CPU_PREFERRED_TILE_BYTES,
+    BlockEngine,
+    RenderOptions,
+    Tile,
+    area_lr_guide,
+    bicubic_lr_guide,
+    block_attention,
+)
 
 PUBLISHED_STEPS = 51  # optimizer updates in the published loop (steps 0..50, "50 steps")
 PUBLISHED_LR = 0.1

@@ -47,14 +47,12 @@ from qtpy.QtWidgets import (
 from ._frame import Frame, SelectionError, full_res_data, layer_kind
 from ._pipeline import (
     Outcome,
-    Progress,
     RunConfig,
-    error_message,
     run_pipeline,
     save_hr_features,
     save_kernels,
 )
-from ._qt_common import LayerPicker, PluginWidget, Runner, release_memory, torch_loaded
+from ._qt_common import LayerPicker, Runner, RunWidget, release_memory, torch_loaded
 from ._registry import FitResult, get_state, put_layer, result_label, unwrap_viewer
 
 #: Short backbone names offered in the combo box (any timm ViT name can be typed).
@@ -120,7 +118,7 @@ def add_result_layers(viewer, result: FitResult) -> None:
     result.layers["kernels"] = weakref.ref(layer)
 
 
-class UpsampleAnythingWidget(PluginWidget):
+class UpsampleAnythingWidget(RunWidget):
     """The main dock widget (see the module docstring)."""
 
     def __init__(self, napari_viewer, parent: Optional[QWidget] = None):
@@ -366,29 +364,7 @@ class UpsampleAnythingWidget(PluginWidget):
         )
         return True
 
-    def cancel(self) -> None:
-        if self.runner.running:
-            self.runner.cancel()
-            self.status.setText("cancelling (stops before the next step)…")
-
-    def _on_progress(self, event: Progress) -> None:
-        self.status.setText(event.text())
-
-    def _on_finished(self, outcome: Outcome) -> None:
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        pending, self._pending = self._pending, None
-        if self._cleaned:  # the widget was closed: nothing to show, nothing to add
-            return
-        if outcome.status == "cancelled":
-            self._message("info", "Upsample Anything: cancelled; no layer was changed.", self.status)
-            return
-        if outcome.status == "error":
-            self._message("error", error_message(outcome.error), self.status)
-            return
-        if pending is None:  # pragma: no cover - a finished run always has its context
-            return
-        self._publish(outcome, pending)
+    cancelled_text = "Upsample Anything: cancelled; no layer was changed."
 
     def _publish(self, outcome: Outcome, pending: dict) -> None:
         pipeline = outcome.value

@@ -51,6 +51,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..core.units import format_bytes
 from ._qt_common import PluginWidget, ResultPicker
 from ._registry import FitResult, get_state, put_layer, remove_own_layer, unwrap_viewer
 
@@ -65,14 +66,7 @@ VALUES = ("auto", "measured", "planned")
 
 def fmt_bytes(n: Optional[float]) -> str:
     """``1.5 GiB``-style size (``-`` for None)."""
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
+    return "-" if n is None else format_bytes(n)
 
 
 # ---------------------------------------------------------------------------------- sampling

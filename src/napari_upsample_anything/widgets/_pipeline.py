@@ -102,7 +102,7 @@ class RunConfig:
     memmap_dir: Optional[str] = None  # where memory-mapped HR features go (default: a temp dir)
 
     def validate(self) -> None:
-        from ..core.memory import parse_bytes
+        from ..core.units import parse_bytes  # torch-free: validation runs in the GUI thread
 
         if int(self.steps) != self.steps or self.steps < 0:
             raise ValueError(f"steps={self.steps!r}: give a non-negative whole number (published: 51)")
@@ -437,7 +437,7 @@ def upsample_planes(
     """
     from .. import api
     from ..core.device import resolve_device
-    from ..core.memory import parse_bytes
+    from ..core.units import parse_bytes
 
     device = resolve_device(request.device)
     budget = parse_bytes(None if request.max_memory in (None, "", "auto") else request.max_memory, "memory budget")

@@ -81,6 +81,49 @@ class PluginWidget(QWidget):
 
 
 # ---------------------------------------------------------------------------------- pickers
+class RunWidget(PluginWidget):
+    """A dock widget with a Run / Cancel pair driving a :class:`Runner`.
+
+    Subclasses create ``run_button``, ``cancel_button``, ``status`` (QLabel) and ``runner``,
+    store their run's context in ``_pending`` when they start one, and implement
+    :meth:`_publish`. Cancel, progress and the end of a run are handled here once.
+    """
+
+    #: shown when a run ends cancelled
+    cancelled_text = "Cancelled; no layer was changed."
+
+    def __init__(self, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self._pending: Optional[dict] = None
+
+    def cancel(self) -> None:
+        if self.runner.running:
+            self.runner.cancel()
+            self.status.setText("cancelling (stops before the next step)…")
+
+    def _on_progress(self, event: Progress) -> None:
+        self.status.setText(event.text())
+
+    def _on_finished(self, outcome: Outcome) -> None:
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        pending, self._pending = self._pending, None
+        if self._cleaned:  # the widget was closed: nothing to show, nothing to add
+            return
+        if outcome.status == "cancelled":
+            self._message("info", self.cancelled_text, self.status)
+            return
+        if outcome.status == "error":
+            self._message("error", error_message(outcome.error), self.status)
+            return
+        if pending is None:  # pragma: no cover - a finished run always has its context
+            return
+        self._publish(outcome, pending)
+
+    def _publish(self, outcome: Outcome, pending: dict) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
 class LayerPicker(QComboBox):
     """A combo box of the viewer's layers of some kinds, kept in sync with the layer list.
 

@@ -39,12 +39,10 @@ from qtpy.QtWidgets import (
 from ._frame import full_res_data, layer_kind
 from ._pipeline import (
     Outcome,
-    Progress,
     UpsampleRequest,
-    error_message,
     upsample_planes,
 )
-from ._qt_common import LayerPicker, PluginWidget, ResultPicker, Runner
+from ._qt_common import LayerPicker, ResultPicker, Runner, RunWidget
 from ._registry import FitResult, get_state, put_layer, unwrap_viewer
 
 MAX_CHANNELS = 4096
@@ -152,7 +150,7 @@ def output_transform(result: FitResult, chan_scale=(), chan_translate=()) -> dic
     }
 
 
-class UpsampleLayerWidget(PluginWidget):
+class UpsampleLayerWidget(RunWidget):
     """The upsample-a-layer dock widget (see the module docstring)."""
 
     def __init__(self, napari_viewer, parent: Optional[QWidget] = None):
@@ -256,32 +254,13 @@ class UpsampleLayerWidget(PluginWidget):
         self.runner.start(upsample_planes, request, device=request.device, budget=request.max_memory, desc=f"Upsample {layer.name}")
         return True
 
-    def cancel(self) -> None:
-        if self.runner.running:
-            self.runner.cancel()
-            self.status.setText("cancelling…")
+    cancelled_text = "Upsampling cancelled; no layer was changed."
 
-    def _on_progress(self, event: Progress) -> None:
-        self.status.setText(event.text())
-
-    def _on_finished(self, outcome: Outcome) -> None:
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        pending, self._pending = self._pending, None
-        if self._cleaned:  # the widget was closed: nothing to show, nothing to add
-            return
-        if outcome.status == "cancelled":
-            self._message("info", "Upsampling cancelled; no layer was changed.", self.status)
-            return
-        if outcome.status == "error":
-            self._message("error", error_message(outcome.error), self.status)
-            return
-        if pending is None:  # pragma: no cover
-            return
-        self._publish(outcome.value, pending)
+    def _publish(self, outcome: Outcome, pending: dict) -> None:
+        self._add_outputs(outcome.value, pending)
         self.status.setText(f"done in {outcome.seconds:.1f} s")
 
-    def _publish(self, outputs: List[dict], pending: dict) -> None:
+    def _add_outputs(self, outputs: List[dict], pending: dict) -> None:
         result: FitResult = pending["result"]
         info = pending["info"]
         name = pending["name"]
