@@ -189,3 +189,19 @@ def test_guide_smoothing_equals_rendering_a_smoothed_guide(small, gen):
     assert rel_err(a, upa.render(lr, guide, field)) > 1e-3
     with pytest.raises(ValueError, match="guide_smoothing=-1"):
         upa.render(lr, guide, field, guide_smoothing=-1)
+
+
+def test_render_reuses_the_smoothing_the_field_was_fitted_with(small, tmp_path):
+    guide, lr = small
+    field = upa.fit_kernels(guide, (3, 4), steps=2, guide_smoothing=1.5)
+    assert field.meta["guide_smoothing"] == 1.5
+    hr = upa.render(lr, guide, field)
+    assert np.array_equal(hr, upa.render(lr, guide, field, guide_smoothing=1.5))
+    assert rel_err(hr, upa.render(lr, guide, field, guide_smoothing=0)) > 1e-3
+    # the setting travels with the saved kernels
+    field.save(tmp_path / "k.npz")
+    assert np.array_equal(upa.render(lr, guide, upa.KernelField.load(tmp_path / "k.npz")), hr)
+    # and upsample() fits and renders with the same guide
+    assert np.array_equal(upa.upsample(guide, lr, steps=2, guide_smoothing=1.5), hr)
+    # published fits record 0: no smoothing at render time
+    assert upa.fit_kernels(guide, (3, 4), steps=0).meta["guide_smoothing"] == 0.0

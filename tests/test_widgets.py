@@ -180,6 +180,18 @@ def test_main_widget_end_to_end(fitted):
     assert w.save_features_button.isEnabled() and w.save_kernels_button.isEnabled()
 
 
+def test_main_widget_fit_options_reach_the_run_config(make_napari_viewer):
+    w = _main(make_napari_viewer())
+    cfg = w.config()
+    assert (cfg.guide_smoothing, cfg.fit_downsample) == (0.0, "bicubic")  # the published method by default
+    assert w.smoothing_spin.text() == "off"
+    w.smoothing_spin.setValue(2.0)
+    w.fit_input_combo.setCurrentIndex(1)
+    cfg = w.config()
+    assert (cfg.guide_smoothing, cfg.fit_downsample) == (2.0, "area")
+    cfg.validate()
+
+
 def test_user_layers_untouched_and_rerun_replaces_only_own(make_napari_viewer, qtbot):
     from napari_upsample_anything.widgets import get_results
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import rel_err
 
 from napari_upsample_anything.core.errors import Cancelled
 from napari_upsample_anything.widgets._frame import Frame, SelectionError
@@ -239,6 +240,33 @@ def test_upsample_planes_labels_and_values():
     assert set(np.unique(out["labels"])) <= {0, 4} and np.allclose(out["probabilities"].sum(0), 1, atol=1e-5)
     (vals,) = upsample_planes(UpsampleRequest([np.ones((2, 3, 3), np.float32)], [plane], device="cpu"))
     assert np.allclose(vals["values"], 1.0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")
+def test_fit_options_reach_the_fit_the_render_and_refits():
+    import napari_upsample_anything as upa
+
+    cfg = RunConfig(steps=1, pretrained=False, device="cpu", hr_features="memory", guide_smoothing=2.0, fit_downsample="area")
+    plane = run_pipeline([((), _img(42, 42))], cfg).planes[0]
+    assert plane.field.meta["guide_smoothing"] == 2.0 and plane.field.meta["downsample"] == "area"
+    expected = upa.render(plane.features, plane.guide, plane.field, guide_smoothing=2.0, device="cpu")
+    assert rel_err(plane.hr_features, expected) < 1e-5
+    # the kernel inspector's per-pixel weights use the same smoothed guide
+    from napari_upsample_anything.widgets._kernels import (
+        clear_engine_cache,
+        pixel_weights,
+    )
+
+    clear_engine_cache()
+    w = pixel_weights(plane, 20, 17)
+    assert rel_err((plane.features * w).sum((1, 2)), plane.hr_features[:, 20, 17]) < 1e-4
+    # a map on another grid refits the kernels with the image's options
+    (vals,) = upsample_planes(UpsampleRequest([np.random.default_rng(0).random((2, 2), np.float32)], [plane], device="cpu"))
+    refit = plane.extra_fields[(2, 2)]
+    assert refit.meta["guide_smoothing"] == 2.0 and refit.meta["downsample"] == "area"
+    for bad, match in (({"guide_smoothing": -1.0}, "guide smoothing"), ({"fit_downsample": "nearest"}, "fit input")):
+        with pytest.raises(ValueError, match=match):
+            RunConfig(**bad).validate()
 
 
 # ---------------------------------------------------------------------------------- manifest

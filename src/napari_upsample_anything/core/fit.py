@@ -141,7 +141,7 @@ def fit_field(
 
     ``downsample`` makes the fit's LR input: ``"bicubic"`` (published: non-antialiased
     bicubic, close to sampling each cell's centre) or ``"area"`` (each cell's average, like a
-    ViT token; docs/quality.md measures when it transfers better).
+    ViT token; docs/quality_options.md measures when it transfers better).
     """
     t_start = time.perf_counter()
     engine = BlockEngine(guide, lr_shape, options, device)
@@ -200,6 +200,7 @@ def fit_field(
         "hr_shape": [H, W],
         "guide_channels": G,
         "guide_normalize": guide.rule,
+        "guide_smoothing": guide.smoothing,  # render() reuses it unless told otherwise
         "downsample": downsample,
         "steps": steps,
         "lr": lr,

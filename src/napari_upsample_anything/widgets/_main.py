@@ -33,6 +33,7 @@ import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -180,6 +181,25 @@ class UpsampleAnythingWidget(RunWidget):
         self.steps_spin.setValue(51)
         self.steps_spin.setToolTip("Adam steps of the kernel fit (published: 51)")
         form.addRow("Steps", self.steps_spin)
+        self.smoothing_spin = QDoubleSpinBox()
+        self.smoothing_spin.setRange(0.0, 50.0)
+        self.smoothing_spin.setSingleStep(0.5)
+        self.smoothing_spin.setDecimals(1)
+        self.smoothing_spin.setSuffix(" px")
+        self.smoothing_spin.setSpecialValueText("off")
+        self.smoothing_spin.setToolTip(
+            "Gaussian sigma applied to the image before the kernel fit and render. Off = published. "
+            "For noisy images (e.g. 2 px): noise makes the kernels follow the speckle (docs/quality_options.md)"
+        )
+        form.addRow("Guide smoothing", self.smoothing_spin)
+        self.fit_input_combo = QComboBox()
+        self.fit_input_combo.addItem("bicubic (published)", "bicubic")
+        self.fit_input_combo.addItem("cell averages", "area")
+        self.fit_input_combo.setToolTip(
+            "How the fit makes its low-resolution input from the image: published bicubic resize, or the "
+            "average of each cell (closer to how a ViT token summarises its patch)"
+        )
+        form.addRow("Fit input", self.fit_input_combo)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu"])
         self.device_combo.setToolTip("auto = CUDA, then Apple MPS, then CPU")
@@ -315,6 +335,8 @@ class UpsampleAnythingWidget(RunWidget):
             weights=None if self.random_check.isChecked() else weights,
             input_size=int(self.input_spin.value()) or None,
             hr_features=self.hr_combo.currentData(),
+            guide_smoothing=float(self.smoothing_spin.value()),
+            fit_downsample=self.fit_input_combo.currentData(),
         )
 
     def run(self) -> bool:

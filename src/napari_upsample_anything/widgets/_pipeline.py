@@ -44,6 +44,7 @@ AUTO_IN_MEMORY_BYTES = 2 * 2**30
 MAX_LABEL_CLASSES = 256
 
 HR_FEATURE_MODES = ("auto", "memory", "memmap", "none")
+FIT_DOWNSAMPLE = ("bicubic", "area")  # the fit's LR input (core.fit.fit_field)
 
 
 # ---------------------------------------------------------------------------------- events
@@ -100,15 +101,23 @@ class RunConfig:
     input_size: Optional[int] = None
     hr_features: str = "auto"  # "auto" | "memory" | "memmap" | "none"
     memmap_dir: Optional[str] = None  # where memory-mapped HR features go (default: a temp dir)
+    guide_smoothing: float = 0.0  # Gaussian sigma (px) on the image before fit and render; 0 = published
+    fit_downsample: str = "bicubic"  # the fit's LR input: "bicubic" (published) or "area"
 
     def validate(self) -> None:
-        from ..core.units import parse_bytes  # torch-free: validation runs in the GUI thread
+        from ..core.units import (
+            parse_bytes,  # torch-free: validation runs in the GUI thread
+        )
 
         if int(self.steps) != self.steps or self.steps < 0:
             raise ValueError(f"steps={self.steps!r}: give a non-negative whole number (published: 51)")
         parse_bytes(None if self.max_memory in (None, "", "auto") else self.max_memory, "memory budget")
         if self.hr_features not in HR_FEATURE_MODES:
             raise ValueError(f"hr_features={self.hr_features!r}: use one of {HR_FEATURE_MODES}")
+        if not (float(self.guide_smoothing) >= 0):
+            raise ValueError(f"guide smoothing={self.guide_smoothing!r}: give a Gaussian sigma >= 0 in pixels (0 = off)")
+        if self.fit_downsample not in FIT_DOWNSAMPLE:
+            raise ValueError(f"fit input={self.fit_downsample!r}: use one of {FIT_DOWNSAMPLE}")
         if self.weights:
             p = Path(self.weights).expanduser()
             if not p.is_file():
@@ -302,6 +311,8 @@ def run_pipeline(
                 guide,
                 tuple(fmap.geometry.lr_shape),
                 steps=int(config.steps),
+                guide_smoothing=float(config.guide_smoothing),
+                downsample=config.fit_downsample,
                 device=device,
                 precision=config.precision,
                 max_memory=budget,
@@ -464,6 +475,8 @@ def upsample_planes(
                     plane.guide,
                     grid,
                     steps=int(request.refit_steps),
+                    guide_smoothing=api.fitted_smoothing(plane.field),  # same fit options as the image's
+                    downsample=plane.field.meta.get("downsample", "bicubic"),
                     device=device,
                     precision=request.precision,
                     max_memory=budget,
