@@ -338,20 +338,24 @@ class MemoryMonitorWidget(PluginWidget):
 
     def _on_run_finished(self, info: dict) -> None:
         self._overlay_t = 0.0
-        self.poll()
+        self.poll(record=True)  # the run's last sample, even when it ended before the first timer tick
         if not self.state.running:
             self.timer.start(IDLE_INTERVAL_MS)
         self._update_summary()
 
-    def poll(self) -> Dict[str, Optional[int]]:
-        """Take one sample, update the labels, the plot and the overlay; returns the sample."""
+    def poll(self, record: bool = False) -> Dict[str, Optional[int]]:
+        """Take one sample, update the labels, the plot and the overlay; returns the sample.
+
+        The plot records samples while a run is going (or ``record``); idle samples only
+        update the labels, so the plot keeps showing the last run.
+        """
         s = sample_memory(self.device)
         self.device = str(s.get("device", self.device))
         self.last = s
         cur = int(s.get("current") or 0)
         self.peak = max(self.peak, cur)
         t = time.perf_counter()
-        if self.state.running or not self.plot.samples:
+        if record or self.state.running or not self.plot.samples:
             self.plot.add(t, cur)
         self.device_label.setText(self.device + ("  (running)" if self.state.running else ""))
         self.current_label.setText(fmt_bytes(cur))
