@@ -22,6 +22,13 @@ Usage::
     python benchmarks/bench_quality.py --quick    # smoke run (under 2 min)
     python benchmarks/bench_quality.py --save-raw /tmp/q.pkl   # keep raw results
     python benchmarks/bench_quality.py --from-raw /tmp/q.pkl   # re-render the docs only
+    python benchmarks/bench_quality.py --options  # engine options study -> quality_options.md
+    python benchmarks/bench_quality.py --options --quick        # its smoke run
+
+The options study (``--options``, about 12 min on 2 CPU cores) runs tasks 1-3 at scale 16 on a
+clean guide and at guide noise 10 and 20 with GSJBU published, with ``downsample="area"``, with
+``guide_smoothing`` and with both (see :data:`OPTION_VARIANTS`; :data:`OPTION_SKIP` lists the
+pairs left out), against bilinear, bicubic and the tuned JBU.
 """
 
 from __future__ import annotations
@@ -377,22 +384,33 @@ def guide_arg(img_hwc: np.ndarray) -> np.ndarray:
     return img_hwc[:, :, 0] if img_hwc.shape[2] == 1 else img_hwc
 
 
-class Upsamplers:
-    """All methods behind one call; GSJBU fields are fitted once per (guide, LR shape, steps)."""
+def field_key(key: tuple, lr_shape, steps: int, options: Optional[dict] = None) -> tuple:
+    """Key of a fitted field: ``key + (lr_shape, steps)``, plus the sorted fit options when any
+    differ from the published defaults (so the main run's keys carry no options)."""
+    k = tuple(key) + (tuple(lr_shape), int(steps))
+    return k + (tuple(sorted(options.items())),) if options else k
 
-    def __init__(self, jbu_params: Tuple[float, float], steps: int, device: str = "auto"):
+
+class Upsamplers:
+    """All methods behind one call; GSJBU fields are fitted once per (guide, LR shape, steps,
+    fit options). ``variants`` maps each GSJBU method name to its engine options (keyword
+    arguments of ``upa.fit_kernels``; ``guide_smoothing`` is passed to ``upa.render`` too)."""
+
+    def __init__(self, jbu_params: Tuple[float, float], steps: int, device: str = "auto", variants: Optional[Dict[str, dict]] = None):
         self.jbu_params = jbu_params
         self.steps = steps
         self.device = device
+        self.variants: Dict[str, dict] = {"gsjbu": {}} if variants is None else dict(variants)
         self.fields: Dict[tuple, "upa.KernelField"] = {}
-        self.seconds: Dict[str, List[float]] = {m: [] for m in METHODS}
+        self.seconds: Dict[str, List[float]] = {m: [] for m in (*METHODS, *self.variants)}
 
-    def field(self, key: tuple, guide_hwc: np.ndarray, lr_shape, steps: Optional[int] = None):
-        """The fitted field for ``key + (lr_shape, steps)`` (precomputed by :func:`fit_all`, else fitted now)."""
+    def field(self, key: tuple, guide_hwc: np.ndarray, lr_shape, steps: Optional[int] = None, options: Optional[dict] = None):
+        """The fitted field for :func:`field_key` (precomputed by :func:`fit_all`, else fitted now)."""
         steps = self.steps if steps is None else steps
-        k = key + (tuple(lr_shape), steps)
+        options = options or {}
+        k = field_key(key, lr_shape, steps, options)
         if k not in self.fields:
-            self.fields[k] = upa.fit_kernels(guide_arg(guide_hwc), lr_shape=tuple(lr_shape), steps=steps, device=self.device)
+            self.fields[k] = upa.fit_kernels(guide_arg(guide_hwc), lr_shape=tuple(lr_shape), steps=steps, device=self.device, **options)
         return self.fields[k]
 
     @property
@@ -401,15 +419,17 @@ class Upsamplers:
 
     def run(self, method: str, lr_chw: torch.Tensor, guide_hwc: np.ndarray, key: tuple, steps=None) -> np.ndarray:
         H, W = guide_hwc.shape[:2]
-        if method == "gsjbu":
-            f = self.field(key, guide_hwc, tuple(lr_chw.shape[-2:]), steps)
+        options = self.variants.get(method)
+        if options is not None:
+            f = self.field(key, guide_hwc, tuple(lr_chw.shape[-2:]), steps, options)
         t0 = time.perf_counter()
         if method in ("nearest", "bilinear", "bicubic"):
             out = interp_up(lr_chw, (H, W), method).numpy()
         elif method == "jbu":
             out = jbu_upsample(lr_chw, chw(guide_hwc), *self.jbu_params).numpy()
-        elif method == "gsjbu":
-            out = upa.render(lr_chw.numpy(), guide_arg(guide_hwc), f, device=self.device)
+        elif options is not None:
+            smoothing = float(options.get("guide_smoothing", 0.0))  # explicit, though render defaults to the field's
+            out = upa.render(lr_chw.numpy(), guide_arg(guide_hwc), f, device=self.device, guide_smoothing=smoothing)
         else:
             raise ValueError(method)
         self.seconds[method].append(time.perf_counter() - t0)
@@ -480,10 +500,11 @@ def label_metrics(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> Dict[s
 # the tasks
 # ======================================================================================
 class Runner:
-    def __init__(self, cfg: Config, ups: Upsamplers, log: Callable[[str], None]):
+    def __init__(self, cfg: Config, ups: Upsamplers, log: Callable[[str], None], methods: Sequence[str] = METHODS):
         self.cfg = cfg
         self.ups = ups
         self.log = log
+        self.methods = tuple(methods)
         self.records: List[dict] = []
         self.figure: Dict[tuple, dict] = {}
 
@@ -492,9 +513,11 @@ class Runner:
         if noise == 0 and key in set(self.cfg.figure_cases):
             self.figure[key] = {"truth": truth, "preds": preds, "lr": lr_up, "channel": channel}
 
-    def image_tasks(self, scene: Scene, scale: int, noise: int) -> None:
-        """Tasks 1 and 2 (and 3 for synthetic scenes) for one scene, scale and guide noise."""
+    def image_tasks(self, scene: Scene, scale: int, noise: int, methods: Optional[Sequence[str]] = None) -> None:
+        """Tasks 1 and 2 (and 3 for synthetic scenes) for one scene, scale and guide noise
+        (``methods``: default the runner's)."""
         ups = self.ups
+        methods = self.methods if methods is None else tuple(methods)
         H, W = scene.image.shape[:2]
         lr = lr_shape_for((H, W), scale)
         guides = guides_for(scene, noise)
@@ -506,7 +529,7 @@ class Runner:
         for down in ("bicubic", "area"):
             lr_map = downsample(truth_chw, lr, down)
             preds = {}
-            for m in METHODS:
+            for m in methods:
                 pred = ups.run(m, lr_map, guide, key).transpose(1, 2, 0)
                 preds[m] = pred
                 self.records.append(
@@ -522,7 +545,7 @@ class Runner:
             for down in ("bicubic", "area"):
                 lr_map = downsample(truth_chw[c : c + 1], lr, down)
                 preds = {}
-                for m in METHODS:
+                for m in methods:
                     pred = ups.run(m, lr_map, guide2, key2).transpose(1, 2, 0)
                     preds[m] = pred
                     self.records.append(
@@ -534,7 +557,7 @@ class Runner:
             onehot = F.one_hot(torch.from_numpy(scene.labels), scene.n_classes).permute(2, 0, 1).float()
             probs = F.interpolate(onehot[None], size=lr, mode="area")[0]
             preds = {}
-            for m in METHODS:
+            for m in methods:
                 out = ups.run(m, probs, guide, key)
                 pred = out.argmax(0)
                 preds[m] = pred
@@ -577,36 +600,55 @@ def guides_for(scene: Scene, noise: int) -> Dict[str, np.ndarray]:
 
 
 def plan_fits(cfg: Config, scenes: Sequence[Scene]) -> List[tuple]:
-    """Every GSJBU fit the run needs: ``(key, guide, lr_shape, steps)``, longest first."""
+    """Every GSJBU fit the run needs: ``(field key, guide, lr_shape, steps, fit options)``, longest
+    first (published options: ``{}``)."""
     jobs = []
     for scene in scenes:
         for scale in cfg.scales:
             lr = lr_shape_for(scene.image.shape[:2], scale)
             for noise in (0,) + (tuple(cfg.noise) if scale in cfg.noise_scales else ()):
                 for variant, guide in guides_for(scene, noise).items():
-                    jobs.append(((scene.name, noise, variant, lr, cfg.steps), guide, lr, cfg.steps))
+                    jobs.append((field_key((scene.name, noise, variant), lr, cfg.steps), guide, lr, cfg.steps, {}))
         if scene.name in cfg.sweep_images:
             lr = lr_shape_for(scene.image.shape[:2], cfg.sweep_scale)
             guide = guides_for(scene, 0)["all"]
             for steps in cfg.sweep_steps:
-                jobs.append(((scene.name, 0, "all", lr, steps), guide, lr, steps))
+                jobs.append((field_key((scene.name, 0, "all"), lr, steps), guide, lr, steps, {}))
+    return longest_first(jobs)
+
+
+def longest_first(jobs: Sequence[tuple]) -> List[tuple]:
+    """Unique fit jobs, the most expensive first (steps x pixels x (7 + guide channels))."""
     unique = {j[0]: j for j in jobs}
     return sorted(unique.values(), key=lambda j: -j[3] * j[1].shape[0] * j[1].shape[1] * (7 + j[1].shape[2]))
 
 
-def fit_all(jobs: Sequence[tuple], workers: int, device: str, log) -> Dict[tuple, "upa.KernelField"]:
-    """Run the fits, in ``workers`` processes with one torch thread each when ``workers > 1``.
+def fit_all(jobs: Sequence[tuple], workers: int, device: str, log, during: Optional[Callable] = None) -> Dict[tuple, "upa.KernelField"]:
+    """Run the fits ``(key, guide, lr_shape, steps, fit options)``, in ``workers`` processes with
+    one torch thread each when ``workers > 1``.
 
     On a shared 2-core machine two single-threaded fits side by side waste far less CPU than
-    one two-threaded fit (OpenMP threads spin while they wait for a busy core).
+    one two-threaded fit (OpenMP threads spin while they wait for a busy core). ``during`` (if
+    given) is called in this process once the fits are queued, as ``during(wait)``: ``wait(key)``
+    returns that job's field as soon as it is fitted (with ``workers <= 1`` it fits it then).
     """
     from napari_upsample_anything.api import fit_kernels
 
     fields: Dict[tuple, "upa.KernelField"] = {}
     t0 = time.perf_counter()
     if workers <= 1:
-        for key, guide, lr, steps in jobs:
-            fields[key] = fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device)
+        by_key = {j[0]: j for j in jobs}
+
+        def fit_now(key):
+            if key not in fields:
+                _, guide, lr, steps, options = by_key[key]
+                fields[key] = fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device, **options)
+            return fields[key]
+
+        if during is not None:
+            during(fit_now)
+        for key in by_key:
+            fit_now(key)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -614,9 +656,17 @@ def fit_all(jobs: Sequence[tuple], workers: int, device: str, log) -> Dict[tuple
         ctx = mp.get_context("spawn")  # fork after torch's thread pool started can hang
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as ex:
             futures = {
-                key: ex.submit(fit_kernels, guide_arg(guide), lr_shape=lr, steps=steps, device=device)
-                for key, guide, lr, steps in jobs
+                key: ex.submit(fit_kernels, guide_arg(guide), lr_shape=lr, steps=steps, device=device, **options)
+                for key, guide, lr, steps, options in jobs
             }
+            if during is not None:
+
+                def wait(key):
+                    if key not in fields:
+                        fields[key] = futures[key].result()
+                    return fields[key]
+
+                during(wait)
             for i, (key, fut) in enumerate(futures.items()):
                 fields[key] = fut.result()
                 if (i + 1) % 10 == 0 or i + 1 == len(futures):
@@ -733,10 +783,11 @@ SUMMARY_COLS = [
 ]
 
 
-def summary_table(records, scale, noise) -> str:
+def summary_table(records, scale, noise, methods: Sequence[str] = METHODS, labels: Optional[Dict[str, str]] = None) -> str:
+    labels = LABELS if labels is None else labels
     rows = []
-    for m in METHODS:
-        row = [LABELS[m]]
+    for m in methods:
+        row = [labels[m]]
         for task, down, metric, _ in SUMMARY_COLS:
             row.append(fmt(metric, mean_of(records, metric, task=task, down=down, method=m, scale=scale, noise=noise)))
         rows.append(row)
@@ -755,8 +806,9 @@ def _mark_best(rows):
     return rows
 
 
-def verdicts(records, cfg: Config) -> Tuple[str, List[str]]:
-    """Per condition: GSJBU mean vs the better of bilinear / bicubic, and per-image losses."""
+def verdicts(records, cfg: Config, method: str = "gsjbu") -> Tuple[str, List[str]]:
+    """Per condition: ``method``'s mean (default GSJBU) vs the better of bilinear / bicubic, and
+    per-image losses."""
     rows, losses = [], []
     conds = []
     for noise in (0,) + tuple(cfg.noise):
@@ -771,13 +823,13 @@ def verdicts(records, cfg: Config) -> Tuple[str, List[str]]:
         images = sorted({r["image"] for r in select(records, **sel)})
         if not images:
             continue
-        ours = mean_of(records, metric, method="gsjbu", **sel)
+        ours = mean_of(records, metric, method=method, **sel)
         bl = mean_of(records, metric, method="bilinear", **sel)
         bc = mean_of(records, metric, method="bicubic", **sel)
         jb = mean_of(records, metric, method="jbu", **sel)
         lost = []
         for im in images:
-            o = mean_of(records, metric, method="gsjbu", image=im, **sel)
+            o = mean_of(records, metric, method=method, image=im, **sel)
             b = max(mean_of(records, metric, method="bilinear", image=im, **sel), mean_of(records, metric, method="bicubic", image=im, **sel))
             if o < b:
                 lost.append(f"{im} ({fmt(metric, o)} vs {fmt(metric, b)})")
@@ -795,7 +847,8 @@ def verdicts(records, cfg: Config) -> Tuple[str, List[str]]:
     return table, losses
 
 
-def per_image_tables(records, cfg: Config) -> List[str]:
+def per_image_tables(records, cfg: Config, methods: Sequence[str] = METHODS, labels: Optional[Dict[str, str]] = None) -> List[str]:
+    labels = LABELS if labels is None else labels
     out = []
     for noise in (0,) + tuple(cfg.noise):
         scales = cfg.scales if noise == 0 else cfg.noise_scales
@@ -813,13 +866,13 @@ def per_image_tables(records, cfg: Config) -> List[str]:
                     r0 = select(recs, image=im)[0]
                     name = im + (f" [{r0['channel']}]" if "channel" in r0 else "")
                     row = [name, r0["lr"]]
-                    for m in METHODS:
+                    for m in methods:
                         row.append(" / ".join(fmt(k, mean_of(recs, k, image=im, method=m)) for k in metrics))
                     rows.append(row)
                 what = {"T1": "self-reconstruction", "T2": "held-out channel", "T3": "label maps"}[task]
                 unit = " / ".join({"psnr": "PSNR dB", "ssim": "SSIM", "miou": "mIoU %", "acc": "acc %", "bf1": "BF1 %"}[k] for k in metrics)
                 out.append(f"#### {task} {what}, {down} LR, scale {scale}, guide noise {noise} ({unit})\n\n"
-                           + md_table(["image", "LR", *[LABELS[m] for m in METHODS]], rows))  # fmt: skip
+                           + md_table(["image", "LR", *[labels[m] for m in methods]], rows))  # fmt: skip
     return out
 
 
@@ -1060,12 +1113,9 @@ def discussion(res: dict, cfg: Config) -> str:
              "breaks that correspondence, most on grayscale guides with fine texture"
              + (f" (`camera` at scale {sc16}: {cam_b:.1f} dB on bicubic LR, {cam_a:.1f} dB on area LR, where JBU gets {cam_j:.1f} dB)"
                 if cam_b == cam_b else "")
-             + ". A spot check with the fit's LR input switched to area averaging (not an engine option today) "
-             "raised the held-out-channel PSNR on area LR at scale 16 from 17.8 to 21.9 dB (astronaut), 24.2 to 29.7 "
-             "(coffee), 25.2 to 29.2 (chelsea), 24.1 to 26.3 (immunohistochemistry) and 30.5 to 32.7 (retina), while "
-             "the same held-out channels on bicubic LR got 0.7-4.6 dB worse and `voronoi-1`'s label mIoU went from 98.7 "
-             "to 97.3 %: the fit's "
-             "downsampling should match how the LR map was made.")  # fmt: skip
+             + ". The engine option `upa.fit_kernels(..., downsample=\"area\")` fits on each cell's average "
+             "instead; [quality_options.md](quality_options.md) measures what it gains on area LR and costs on "
+             "bicubic LR, on every image and task.")  # fmt: skip
     if jbu_ahead:
         L.append("- **The tuned fixed JBU is a strong baseline.** With the grid's widest window (sigma_s = "
                  f"{res['jbu']['best'][0]:g} LR cells: the same 17 x 17-cell reach as GSJBU) and a sharp range sigma "
@@ -1100,8 +1150,10 @@ def discussion(res: dict, cfg: Config) -> str:
              "edge. The fit cannot learn to ignore the noise because its target is the same noisy guide, so matching "
              "noisy colours lowers its loss (spot check, `voronoi-1` at scale 16, sigma 20: the fitted median sigma_r "
              "moves only from 0.041 to 0.045; the field fitted on the noisy guide but rendered with the clean one gives "
-             "98.2 % mIoU instead of 84.3 %). Smoothing the guide first (Gaussian, 2 px) recovers most of it in that "
-             "spot check (93.2 % mIoU and 94.2 % BF1, above bicubic's 92.9 % and 91.3 %).")  # fmt: skip
+             "98.2 % mIoU instead of 84.3 %). The engine option `guide_smoothing=sigma` (a Gaussian blur of the "
+             "guide, sigma in HR pixels, given to `fit_kernels`; `render` reuses the field's) smooths the guide first; "
+             f"[quality_options.md](quality_options.md) measures it at {OPTION_SMOOTHING:g} px, alone and with the area "
+             "fit, on every image.")  # fmt: skip
     st = res["steps"]
     if st:
         by = {}
@@ -1119,16 +1171,459 @@ def discussion(res: dict, cfg: Config) -> str:
                      + ". More steps improve the fit's own objective by under a dB and transfer little to maps the "
                      "kernels were not fitted on"
                      + (f"; 25 steps lose {min(less):.1f}-{max(less):.1f} dB of fit PSNR" if less else "")
-                     + ". The published 51 steps is a sound default. (Fit times in that table are single-threaded and "
-                     "were measured while other work shared the CPU, so they are noisy.)")  # fmt: skip
+                     + ". The published 51 steps is a sound default. (Fit times in that table are single-threaded, "
+                     "two fits side by side on the machine's cores.)")  # fmt: skip
     L.append("- **The render is the published computation**: the dense float64 reference differs from ours by "
              f"{max(r['max_abs'] for r in res['reference']):.1e} at most (float32 round-off), with fitted range sigmas "
              "down to 0.007.")  # fmt: skip
     L.append("")
-    L.append("Spot checks quoted above were run separately with the same images and settings; they are not regenerated "
-             "by this script.")  # fmt: skip
+    L.append("The spot check quoted above was run separately with the same images and settings; it is not regenerated "
+             "by this script. The engine options are measured by `python benchmarks/bench_quality.py --options`.")  # fmt: skip
     return "\n".join(L)
 
+
+
+# ======================================================================================
+# options study (--options): the engine options aimed at the losses found above
+# ======================================================================================
+# Gaussian sigma of the guide smoothing, in HR pixels. Chosen before the run (one value, not
+# tuned on these results); the page gives the reasons (see options_sigma_text).
+OPTION_SMOOTHING = 2.0
+OPTION_VARIANTS: Dict[str, dict] = {  # GSJBU method name -> engine options (fit_kernels; smoothing also render)
+    "gsjbu": {},
+    "gsjbu-area": {"downsample": "area"},
+    "gsjbu-smooth": {"guide_smoothing": OPTION_SMOOTHING},
+    "gsjbu-area-smooth": {"downsample": "area", "guide_smoothing": OPTION_SMOOTHING},
+}
+OPTION_BASELINES = ("bilinear", "bicubic", "jbu")
+OPTION_LABELS = {
+    "bilinear": "bilinear",
+    "bicubic": "bicubic",
+    "jbu": "JBU (fixed)",
+    "gsjbu": "GSJBU published",
+    "gsjbu-area": "GSJBU area fit",
+    "gsjbu-smooth": f"GSJBU smoothed {OPTION_SMOOTHING:g} px",
+    "gsjbu-area-smooth": f"GSJBU area fit + smoothed {OPTION_SMOOTHING:g} px",
+}
+# (variant, guide noise) pairs not run, to keep the full run under 15 minutes on 2 cores: both
+# options on a clean guide answer no question the other rows leave open, and noise 10 (full run
+# only) asks only whether smoothing helps at moderate noise too.
+OPTION_SKIP: Tuple[Tuple[str, int], ...] = (("gsjbu-area-smooth", 0), ("gsjbu-area", 10), ("gsjbu-area-smooth", 10))
+# (task, down, metric): the mean losses of quality.md the options are aimed at (transfer tasks) ...
+OPTION_FOCUS = (("T2", "area", "psnr"), ("T3", "area", "miou"), ("T3", "area", "bf1"))
+# ... and the columns over which per-image losses are counted
+OPTION_COUNT = (("T1", "bicubic", "psnr"), ("T1", "area", "psnr"), ("T2", "bicubic", "psnr")) + OPTION_FOCUS
+
+
+def options_config(base: Config) -> Config:
+    """The options study's configuration: ``base``'s images, steps and JBU grid at one scale
+    (16), clean guide and guide noise 10 (full run only) and 20; no steps sweep, reference
+    check or figure."""
+    quick = base.name == "quick"
+    return replace(base, name="options-quick" if quick else "options", scales=(16,), noise=(20,) if quick else (10, 20),
+                   noise_scales=(16,), sweep_steps=(), sweep_images=(), reference_cases=(), figure_cases=())  # fmt: skip
+
+
+def option_plan(cfg: Config) -> Dict[int, Tuple[str, ...]]:
+    """Guide noise -> the GSJBU variants run at that noise."""
+    return {n: tuple(v for v in OPTION_VARIANTS if (v, n) not in OPTION_SKIP) for n in (0,) + tuple(cfg.noise)}
+
+
+def variant_of(key: tuple) -> str:
+    """The GSJBU variant whose options a field key (:func:`field_key`) carries."""
+    opts = key[5] if len(key) > 5 else ()
+    for v, o in OPTION_VARIANTS.items():
+        if tuple(sorted(o.items())) == tuple(opts):
+            return v
+    raise KeyError(opts)
+
+
+def run_options(cfg: Config, args, log) -> dict:
+    """The options study: every variant of :data:`OPTION_VARIANTS` on tasks 1-3; raw results."""
+    t_start = time.perf_counter()
+    load0 = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+    scenes = [load_scene(n, cfg.size) for n in cfg.real + cfg.synthetic]
+    synth = [s for s in scenes if s.kind == "synthetic"]
+    scale = cfg.scales[0]
+    plan = option_plan(cfg)
+    ups = Upsamplers((float("nan"), float("nan")), cfg.steps, args.device, OPTION_VARIANTS)
+    runner = Runner(cfg, ups, log, OPTION_BASELINES + tuple(OPTION_VARIANTS))
+    # scene by scene (not longest first), so that each scene's renders can start while later scenes fit
+    jobs: Dict[Tuple[str, int], List[tuple]] = {}
+    for scene in scenes:
+        lr = lr_shape_for(scene.image.shape[:2], scale)
+        for noise, variants in plan.items():
+            for gname, guide in guides_for(scene, noise).items():
+                for v in variants:
+                    opts = OPTION_VARIANTS[v]
+                    k = field_key((scene.name, noise, gname), lr, cfg.steps, opts)
+                    jobs.setdefault((scene.name, noise), []).append((k, guide, lr, cfg.steps, opts))
+    jbu: dict = {}
+    t_run = time.perf_counter()
+
+    def evaluate(wait) -> None:
+        """In this process while the workers fit: JBU tuning and the baselines, then each scene's
+        GSJBU variants as soon as its fields are ready."""
+        jbu.update(tune_jbu(cfg, synth, log))
+        ups.jbu_params = jbu["best"]
+        t0 = time.perf_counter()
+        for scene in scenes:
+            for noise in plan:
+                runner.image_tasks(scene, scale, noise, OPTION_BASELINES)
+        log(f"baselines (bilinear, bicubic, JBU) on every image and noise: {time.perf_counter() - t0:.1f} s")
+        for scene in scenes:
+            for noise, variants in plan.items():
+                for job in jobs[(scene.name, noise)]:
+                    ups.fields[job[0]] = wait(job[0])
+                t0 = time.perf_counter()
+                runner.image_tasks(scene, scale, noise, variants)
+                r = select(runner.records, image=scene.name, scale=scale, noise=noise, task="T1", down="area")
+                score = ", ".join(f"{OPTION_LABELS[x['method']]} {x['psnr']:.2f}" for x in r)
+                log(f"{scene.name:22s} x{scale} noise {noise:2d}: T1 PSNR (area LR) {score} dB "
+                    f"(renders {time.perf_counter() - t0:.1f} s; {time.perf_counter() - t_run:.0f} s since the start)")  # fmt: skip
+
+    all_jobs = [j for js in jobs.values() for j in js]
+    log(f"options study: fitting {len(all_jobs)} kernel fields with {args.workers} worker(s)")
+    t_fit = time.perf_counter()
+    ups.fields.update(fit_all(all_jobs, args.workers, args.device, log, during=evaluate))
+    t_fit = time.perf_counter() - t_fit
+    fit_meta = [dict(image=k[0], noise=k[1], guide=k[2], variant=variant_of(k), downsample=f.meta["downsample"],
+                     normalize=f.meta["guide_normalize"], seconds=float(f.meta["seconds"]), fit_psnr=float(f.meta["psnr"]),
+                     sigma_r_median=float(f.sigma_r.median()))
+                for k, f in ups.fields.items()]  # fmt: skip
+    load1 = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+    return {
+        "kind": "options",
+        "config": cfg,
+        "records": runner.records,
+        "jbu": jbu,
+        "variants": {v: dict(o) for v, o in OPTION_VARIANTS.items()},
+        "labels": dict(OPTION_LABELS),
+        "smoothing": OPTION_SMOOTHING,
+        "plan": plan,
+        "fit_meta": fit_meta,
+        "fit_phase_seconds": t_fit,
+        "workers": args.workers,
+        "seconds": ups.seconds,
+        "env": environment(),
+        "load": (load0, load1),
+        "argv": ["python", "benchmarks/bench_quality.py"] + _shown_args(args.argv),
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+
+
+def _best_interp(rec, metric, **kw) -> float:
+    return max(mean_of(rec, metric, method="bilinear", **kw), mean_of(rec, metric, method="bicubic", **kw))
+
+
+def _pts(metric: str) -> float:
+    return 100.0 if metric in ("miou", "acc", "bf1") else 1.0
+
+
+def fmt_delta(metric: str, d: float) -> str:
+    if d != d:
+        return "-"
+    return f"{_pts(metric) * d:+.{4 if metric == 'ssim' else 2}f}"
+
+
+def options_delta_table(res: dict, against: str) -> str:
+    """Mean difference of each GSJBU variant against ``against`` ("interp": the better of
+    bilinear and bicubic, or a method name), per noise and summary column, with the number of
+    images at least as good (``interp``) or strictly better (a method)."""
+    rec, cfg, labels = res["records"], res["config"], res["labels"]
+    scale = cfg.scales[0]
+    rows = []
+    for noise, variants in res["plan"].items():
+        for v in variants:
+            if v == against:
+                continue
+            row = [labels[v], str(noise)]
+            for task, down, metric, _ in SUMMARY_COLS:
+                sel = dict(task=task, down=down, scale=scale, noise=noise)
+                images = sorted({r["image"] for r in select(rec, method=v, **sel)})
+                if not images:
+                    row.append("-")
+                    continue
+                if against == "interp":
+                    d = mean_of(rec, metric, method=v, **sel) - _best_interp(rec, metric, **sel)
+                    k = sum(mean_of(rec, metric, method=v, image=im, **sel) >= _best_interp(rec, metric, image=im, **sel) for im in images)
+                else:
+                    d = mean_of(rec, metric, method=v, **sel) - mean_of(rec, metric, method=against, **sel)
+                    k = sum(mean_of(rec, metric, method=v, image=im, **sel) > mean_of(rec, metric, method=against, image=im, **sel) for im in images)
+                row.append(f"{fmt_delta(metric, d)} ({k}/{len(images)})")
+            rows.append(row)
+    return md_table(["variant", "noise"] + [c[3] for c in SUMMARY_COLS], rows)
+
+
+def options_sigma_text(res: dict) -> str:
+    """Why the one smoothing sigma: residual noise against the fitted range sigmas, and blur
+    against the cell size (numbers from this run's published fields)."""
+    cfg, s = res["config"], res["smoothing"]
+    # a 2D Gaussian of sigma s px scales white noise's std by 1 / (2 sqrt(pi) s)
+    factor = 1.0 / (2.0 * math.sqrt(math.pi) * s)
+    noise = max(cfg.noise)
+    pub0 = [m["sigma_r_median"] for m in res["fit_meta"] if m["variant"] == "gsjbu" and m["noise"] == 0]
+    cell = cfg.size[1] / lr_shape_for(cfg.size, cfg.scales[0])[1]
+    med = float(np.median(pub0)) if pub0 else float("nan")
+    return (f"**Why sigma {s:g} px** (chosen before the run, the only value run): a Gaussian of sigma s px scales white "
+            f"noise's standard deviation by 1 / (2 sqrt(pi) s), {factor:.3f} at {s:g} px, so guide noise of sigma {noise} "
+            f"(0-255) drops from {noise / 255:.3f} to {factor * noise / 255:.4f} in guide units; the published fits on the "
+            f"clean guides of this run have a median range sigma (`field.sigma_r`) of {med:.3f}, so the residual noise no "
+            f"longer decides which cell a pixel trusts (1.5 px would leave {noise / 255 / (2 * math.sqrt(math.pi) * 1.5):.4f}). "
+            f"Its blur (about +-{2 * s:g} px across an edge) stays well inside a {cell:.3g} px cell. A spot check before "
+            "the option existed (`voronoi-1`, sigma 20) recovered most of the label loss at 2 px.")  # fmt: skip
+
+
+def options_discussion(res: dict) -> str:
+    """The "reading the results" section of the options page, every number from ``res``."""
+    rec, cfg, lab, plan = res["records"], res["config"], res["labels"], res["plan"]
+    scale = cfg.scales[0]
+    noisy = max(cfg.noise)
+    titles = {(t, d, m): title for t, d, m, title in SUMMARY_COLS}
+    M = lambda v, t, d, m, n: mean_of(rec, m, method=v, task=t, down=d, scale=scale, noise=n)  # noqa: E731
+    B = lambda t, d, m, n: _best_interp(rec, m, task=t, down=d, scale=scale, noise=n)  # noqa: E731
+
+    def unit(m):
+        return " points" if m in ("miou", "acc", "bf1") else (" dB" if m == "psnr" else "")
+
+    def change(v, t, d, m, n, ref="gsjbu"):
+        a, b = M(ref, t, d, m, n), M(v, t, d, m, n)
+        return f"{fmt(m, a)} -> {fmt(m, b)} ({fmt_delta(m, b - a)}{unit(m)})"
+
+    def below(v, t, d, m, n):
+        """Images on which variant v is below the better of bilinear and bicubic."""
+        sel = dict(task=t, down=d, scale=scale, noise=n)
+        ims = sorted({r["image"] for r in select(rec, method=v, **sel)})
+        return [im for im in ims if mean_of(rec, m, method=v, image=im, **sel) < _best_interp(rec, m, image=im, **sel)], len(ims)
+
+    def mean_losses(v, n):
+        return [titles[c] for c in OPTION_FOCUS if M(v, *c, n) == M(v, *c, n) and M(v, *c, n) < B(*c, n)]
+
+    L = ["## Reading the results", ""]
+    # (a) the area fit on maps made by averaging, clean guide
+    if "gsjbu-area" in plan.get(0, ()):
+        lost_p, n_im = below("gsjbu", "T2", "area", "psnr", 0)
+        lost_a, _ = below("gsjbu-area", "T2", "area", "psnr", 0)
+        gain = M("gsjbu-area", "T2", "area", "psnr", 0) > M("gsjbu", "T2", "area", "psnr", 0)
+        price = M("gsjbu-area", "T2", "bicubic", "psnr", 0) < M("gsjbu", "T2", "bicubic", "psnr", 0)
+        if gain and price:
+            verdict = ("So the fit's downsampling should match how the LR map was made: the area fit for maps made by "
+                       "averaging (the closer model of a ViT token), the published fit for point-sampled (bicubic) maps.")  # fmt: skip
+        elif gain:
+            verdict = "The area fit is ahead on area LR without a loss on bicubic LR on these means."
+        else:
+            verdict = "On these means the area fit does not improve maps made by averaging."
+        worse = [t for m, t in (("miou", "mIoU"), ("bf1", "BF1")) if M("gsjbu-area", "T3", "area", m, 0) < M("gsjbu", "T3", "area", m, 0)]
+        if gain and worse:
+            verdict += f" The label maps, though area-pooled, do not gain from it ({' and '.join(worse)} lower)."
+        L.append(
+            "- **Area fit, clean guide (maps made by averaging).** Held-out channel on area LR (the loss the option "
+            f"targets): {change('gsjbu-area', 'T2', 'area', 'psnr', 0)} against {fmt('psnr', B('T2', 'area', 'psnr', 0))} dB "
+            f"for the better of bilinear and bicubic; images below that: {len(lost_p)}/{n_im} published"
+            + (f" ({', '.join(lost_p)})" if lost_p else "") + f", {len(lost_a)}/{n_im} with the area fit"
+            + (f" ({', '.join(lost_a)})" if lost_a else "") + ". "
+            f"Labels (area-pooled, so also averaged): mIoU {change('gsjbu-area', 'T3', 'area', 'miou', 0)}, BF1 "
+            f"{change('gsjbu-area', 'T3', 'area', 'bf1', 0)}. Held-out channel on bicubic LR (point-sampled maps): "
+            f"{change('gsjbu-area', 'T2', 'bicubic', 'psnr', 0)}. Self-reconstruction follows the objective (each "
+            f"LR kind is one fit's own training input, so these are not transfer results): area LR "
+            f"{change('gsjbu-area', 'T1', 'area', 'psnr', 0)}, bicubic LR {change('gsjbu-area', 'T1', 'bicubic', 'psnr', 0)}. "
+            + verdict
+        )  # fmt: skip
+    # (b) smoothing on the noisy guides
+    for nz in sorted(n for n in plan if n and "gsjbu-smooth" in plan[n]):
+        parts = []
+        for c in OPTION_FOCUS:
+            parts.append(f"{titles[c]} {fmt(c[2], M('gsjbu', *c, nz))} -> {fmt(c[2], M('gsjbu-smooth', *c, nz))} "
+                         f"(better of bilinear and bicubic: {fmt(c[2], B(*c, nz))})")  # fmt: skip
+        left = {v: mean_losses(v, nz) for v in plan[nz]}
+        L.append(
+            f"- **Guide smoothing, guide noise {nz}.** Published -> smoothed {res['smoothing']:g} px: " + "; ".join(parts) + ". "
+            f"Means of {', '.join(titles[c] for c in OPTION_FOCUS)} still below the better of bilinear and bicubic at "
+            f"noise {nz}: " + "; ".join(f"{lab[v]}: {', '.join(x) if x else 'none'}" for v, x in left.items()) + "."
+        )  # fmt: skip
+    # (c) what smoothing costs on a clean guide
+    if "gsjbu-smooth" in plan.get(0, ()):
+        cost = [f"{titles[c]} {fmt_delta(c[2], M('gsjbu-smooth', *c, 0) - M('gsjbu', *c, 0))}" for c in OPTION_COUNT]
+        clean_loss = mean_losses("gsjbu-smooth", 0)
+        why = (" On bicubic LR the fit now rebuilds a blurred guide while the score is taken against the sharp image."
+               if M("gsjbu-smooth", "T1", "bicubic", "psnr", 0) < M("gsjbu", "T1", "bicubic", "psnr", 0) else "")  # fmt: skip
+        n_worse = sum(M("gsjbu-smooth", *c, 0) < M("gsjbu", *c, 0) for c in OPTION_COUNT)
+        L.append(
+            "- **Smoothing on a clean guide** (the cost when the guide was not noisy), smoothed minus published: "
+            + ", ".join(cost) + " (dB or points)." + why + " Means of "
+            + ", ".join(titles[c] for c in OPTION_FOCUS) + " below the better of bilinear and bicubic: "
+            + (", ".join(clean_loss) if clean_loss else "none") + "."
+            + (f" Worse than published on {n_worse} of these {len(OPTION_COUNT)} means: smoothing is a remedy for noisy "
+               "guides, not a default." if 2 * n_worse > len(OPTION_COUNT) else "")
+        )  # fmt: skip
+    # (d) both options on the noisy guide
+    if "gsjbu-area-smooth" in plan.get(noisy, ()):
+        best_v = {}
+        for c in OPTION_FOCUS:
+            vals = {v: M(v, *c, noisy) for v in plan[noisy]}
+            best_v[titles[c]] = max(vals, key=lambda v: vals[v])
+        L.append(
+            f"- **Both options, guide noise {noisy}**: area fit + smoothing vs smoothing alone: "
+            + "; ".join(f"{titles[c]} {fmt_delta(c[2], M('gsjbu-area-smooth', *c, noisy) - M('gsjbu-smooth', *c, noisy))}" for c in OPTION_FOCUS)
+            + f". Best GSJBU variant per column at noise {noisy}: "
+            + "; ".join(f"{t}: {lab[v]}" for t, v in best_v.items()) + "."
+        )  # fmt: skip
+    # (e) the fixed JBU
+    jbu_ahead = []
+    for n, variants in plan.items():
+        for c in OPTION_FOCUS:
+            best_g = max(variants, key=lambda v: M(v, *c, n))
+            if M("jbu", *c, n) > M(best_g, *c, n):
+                jbu_ahead.append(f"{titles[c]} at noise {n} ({fmt(c[2], M('jbu', *c, n))} vs {fmt(c[2], M(best_g, *c, n))}, {lab[best_g]})")
+    L.append("- **The tuned fixed JBU** is still ahead of the best GSJBU variant on: "
+             + ("; ".join(jbu_ahead) if jbu_ahead else "none of these columns") + ".")  # fmt: skip
+    # (f) per-image losses, all variants
+    counts = []
+    for n, variants in plan.items():
+        per = []
+        for v in variants:
+            k = sum(len(below(v, *c, n)[0]) for c in OPTION_COUNT)
+            per.append(f"{lab[v]} {k}")
+        counts.append(f"noise {n}: " + ", ".join(per))
+    n_cases = {n: sum(below("gsjbu", *c, n)[1] for c in OPTION_COUNT) for n in plan}
+    L.append(f"- **Per-image losses** (image x column pairs below the better of bilinear and bicubic, over the "
+             f"{', '.join(titles[c] for c in OPTION_COUNT)} columns; {n_cases[0]} pairs per noise level): "
+             + "; ".join(counts) + ". The lists are below.")  # fmt: skip
+    L.append("")
+    L.append(f"Limits: one scale ({scale}), one smoothing sigma, guide noise {', '.join(map(str, plan))} only, and not every "
+             "variant at every noise (see Setup); the JBU was tuned on the synthetic scenes, which are also test scenes here.")  # fmt: skip
+    return "\n".join(L)
+
+
+def write_options_markdown(path: Path, cfg: Config, res: dict) -> None:
+    rec, env, jbu, lab, plan = res["records"], res["env"], res["jbu"], res["labels"], res["plan"]
+    quick = "quick" in cfg.name
+    scale = cfg.scales[0]
+    lr = lr_shape_for(cfg.size, scale)
+    s = res["smoothing"]
+    L: List[str] = []
+    a = L.append
+    a("# Engine options against GSJBU's measured losses")
+    a("")
+    a(f"Generated by `python benchmarks/bench_quality.py --options{' --quick' if quick else ''}` ({cfg.name} mode) in "
+      f"{res['wall_seconds'] / 60:.1f} min of wall time. Do not edit by hand: rerun the script.")  # fmt: skip
+    if quick:
+        a("")
+        a("> **Quick mode**: small images, few steps, few cases: a smoke test of the pipeline, not a result.")
+    a("")
+    a("[quality.md](quality.md) finds two conditions in which the published GSJBU loses to plain bicubic: maps made by "
+      "*area averaging* (the published fit reconstructs the guide from its non-antialiased bicubic downsampling, "
+      "close to a point sample of each cell), and *noisy guides* (the range term follows the noise). The engine has "
+      "an option for each; this page measures both, alone and together, on the same images, tasks and metrics.")  # fmt: skip
+    a("")
+    a("## Setup")
+    a("")
+    a(f"- **Images** ({cfg.size[0]} x {cfg.size[1]}): the {len(cfg.real) + len(cfg.synthetic)} images of quality.md, "
+      f"{', '.join('`' + n + '`' for n in cfg.real + cfg.synthetic)}.")  # fmt: skip
+    nz = [str(n) for n in plan]
+    a(f"- **Scale {scale}**: LR {lr[0]} x {lr[1]}. **Guide noise** {', '.join(nz[:-1])} and {nz[-1]} (sigma on the 0-255 "
+      "scale, on the guide only, same seeds as quality.md); GSJBU refits on the noisy guide.")  # fmt: skip
+    a(f"- **Methods**: `bilinear`, `bicubic`; `JBU (fixed)`: tuned by quality.md's grid search (rerun here), frozen at "
+      f"sigma_s = {jbu['best'][0]:g} LR cells, sigma_r = {jbu['best'][1]:g}; and GSJBU, {cfg.steps} steps, in four "
+      "variants:")  # fmt: skip
+    a(f"  - `{lab['gsjbu']}`: `upa.fit_kernels(guide, lr_shape, steps={cfg.steps})` + `upa.render(lr_map, guide, field)` "
+      "(refitted in this run, not copied from quality.md: its numbers can differ slightly from quality.md's when the "
+      "two pages come from different engine revisions, float sums in another order amplified over the fit's steps);")  # fmt: skip
+    a(f"  - `{lab['gsjbu-area']}`: `fit_kernels(..., downsample=\"area\")`: the fit's LR input is the average of each "
+      "cell's pixels instead of the bicubic resize; render unchanged;")  # fmt: skip
+    a(f"  - `{lab['gsjbu-smooth']}`: `fit_kernels(..., guide_smoothing={s:g})` and `render(..., guide_smoothing={s:g})`: "
+      f"a Gaussian of sigma {s:g} HR pixels on the normalised guide before both (the field records it, and render reuses it);")  # fmt: skip
+    a(f"  - `{lab['gsjbu-area-smooth']}`: both options.")
+    skipped = [f"{lab[v]} at noise {n}" for v, n in OPTION_SKIP if n in plan]
+    if skipped:
+        a(f"- **Not run**, to keep the full run under 15 minutes on 2 CPU cores: {', '.join(skipped)}.")
+    a("- " + options_sigma_text(res))
+    a("- **Tasks** as in quality.md: T1 self-reconstruction, T2 held-out channel (fit on the other two channels), T3 "
+      "label maps (area-pooled one-hot labels, argmax), each on *bicubic LR* (non-antialiased, the published fit's "
+      "own input) and *area LR* (cell averages, like ViT tokens); T3 is area only. PSNR / SSIM on [0, 1]; mIoU, "
+      "pixel accuracy and boundary F1 at 2 px in percent. Higher is better everywhere.")  # fmt: skip
+    fm = res["fit_meta"]
+    chk = {v: sorted({(m["downsample"], m["normalize"]) for m in fm if m["variant"] == v}) for v in res["variants"]}
+    a("- **Fits used the options**: every field's `meta` (downsample; guide normalisation) per variant: "
+      + "; ".join(f"{lab[v]}: " + ", ".join(f"{d} / {nz}" for d, nz in c) for v, c in chk.items()) + ".")  # fmt: skip
+    a("")
+    for n, variants in plan.items():
+        a(f"## Mean results, scale {scale}, {'clean guide' if n == 0 else f'guide noise {n}'}")
+        a("")
+        a(summary_table(rec, scale, n, OPTION_BASELINES + variants, lab))
+        a("")
+    n_t2 = len({r["image"] for r in select(rec, task="T2")})
+    a(f"Means over all images of a task (T2: the {n_t2} colour images; T3: the {len(cfg.synthetic)} synthetic scenes). "
+      "Best per column in bold. T1 on a fit's own LR input (bicubic LR for the published fit, area LR for the area "
+      "fit; the smoothed fits rebuild the smoothed guide) is that fit's training objective, evaluated on the image it "
+      "was fitted on: it shows the optimiser works, not that the kernels transfer; T2 and T3 do.")  # fmt: skip
+    a("")
+    a("## Mean differences")
+    a("")
+    a("Against the better of bilinear and bicubic (the criterion of quality.md's losses); in brackets the images on "
+      "which the variant is at least as good as both:")  # fmt: skip
+    a("")
+    a(options_delta_table(res, "interp"))
+    a("")
+    a("Against GSJBU published at the same noise; in brackets the images on which the variant is strictly better:")
+    a("")
+    a(options_delta_table(res, "gsjbu"))
+    a("")
+    a("PSNR in dB, SSIM in SSIM units, label metrics in percentage points.")
+    a("")
+    a(options_discussion(res))
+    a("")
+    a("## Where each variant still loses")
+    a("")
+    a("Images on which the variant is below the better of bilinear and bicubic (variant vs best of the two); "
+      "SSIM and accuracy are left out at noise > 0, as in quality.md:")  # fmt: skip
+    a("")
+    for v in OPTION_VARIANTS:
+        noises = [n for n, vs in plan.items() if v in vs]
+        _, losses = verdicts([r for r in rec if r["noise"] in noises], cfg, method=v)
+        a(f"### {lab[v]}")
+        a("")
+        if losses:
+            L.extend(losses)
+        else:
+            a("At least as good as both on every image of every task.")
+        a("")
+    a("## Run time")
+    a("")
+    threads = "1 torch thread per fit, " + (f"{res['workers']} fits side by side" if res["workers"] > 1 else "in-process")
+    rows = []
+    for v in OPTION_VARIANTS:
+        secs = [m["seconds"] for m in fm if m["variant"] == v]
+        if secs:
+            rows.append([f"fit, {lab[v]}", f"{np.mean(secs):.2f}", str(len(secs)),
+                         f"{cfg.size[0]}x{cfg.size[1]}, {cfg.steps} steps, 1-3 guide channels; {threads}"])  # fmt: skip
+    rows.append(["fits and renders (wall)", f"{res['fit_phase_seconds']:.1f}", str(len(fm)),
+                 "the fits in the workers; JBU tuning, the baselines and each scene's renders in the main process "
+                 "meanwhile (so fit times include that competition)"])  # fmt: skip
+    for m in OPTION_BASELINES + tuple(OPTION_VARIANTS):
+        sec = res["seconds"].get(m, [])
+        if sec:
+            rows.append([f"{lab[m]} upsample", f"{np.mean(sec):.3f}", str(len(sec)), "1-5 channels, render only"])
+    rows.append(["whole run (wall)", f"{res['wall_seconds']:.1f}", "1", f"load average at start / end: {res['load'][0]} / {res['load'][1]}"])
+    a(md_table(["step", "mean seconds", "calls", "note"], rows))
+    a("")
+    a(f"JBU grid search: {jbu['seconds']:.1f} s (while the fits ran).")
+    a("")
+    a("## Per-image results")
+    a("")
+    for t in per_image_tables(rec, cfg, OPTION_BASELINES + tuple(OPTION_VARIANTS), lab):
+        a(t)
+        a("")
+    a("## Environment")
+    a("")
+    a(md_table(["", ""], [[k, v] for k, v in env.items()] + [
+        ["wall time", f"{res['wall_seconds']:.0f} s ({res['wall_seconds'] / 60:.1f} min)"],
+        ["load average at start / end", f"{res['load'][0]} / {res['load'][1]}"],
+        ["command", "`" + " ".join(res["argv"]) + "`"],
+    ]))  # fmt: skip
+    a("")
+    a("Timings are wall-clock on a shared 2-core machine; the load average shows how much other work ran.")
+    path.write_text("\n".join(L) + "\n")
 
 
 # ======================================================================================
@@ -1260,6 +1755,10 @@ def _shown_args(argv: Sequence[str]) -> List[str]:
 def write_outputs(res: dict, out: Path) -> Dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     cfg = res["config"]
+    if res.get("kind") == "options":
+        md_path = out / "quality_options.md"
+        write_options_markdown(md_path, cfg, res)
+        return {"markdown": md_path}
     fig_path = out / "quality_crops.png"
     write_figure(fig_path, cfg, res["figure"], res["records"])
     md_path = out / "quality.md"
@@ -1270,7 +1769,9 @@ def write_outputs(res: dict, out: Path) -> Dict[str, Path]:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small smoke run (under 2 minutes)")
-    p.add_argument("--out", type=Path, default=REPO / "docs", help="folder for quality.md and quality_crops.png")
+    p.add_argument("--options", action="store_true",
+                   help="the engine-options study (downsample='area', guide_smoothing) instead: writes quality_options.md")  # fmt: skip
+    p.add_argument("--out", type=Path, default=REPO / "docs", help="folder for quality.md and quality_crops.png (or quality_options.md)")
     p.add_argument("--steps", type=int, default=None, help="GSJBU steps of the main runs (default: 51; quick: 20)")
     p.add_argument("--device", default="cpu", help="device for GSJBU (default cpu: the documented setting)")
     p.add_argument("--threads", type=int, default=1,
@@ -1279,7 +1780,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes for the GSJBU fits, one torch thread each (default: 2; 1 = in-process)")  # fmt: skip
     p.add_argument("--save-raw", type=Path, default=None, help="also pickle the raw results (to re-render the docs later)")
-    p.add_argument("--from-raw", type=Path, default=None, help="re-render quality.md / the figure from a --save-raw pickle")
+    p.add_argument("--from-raw", type=Path, default=None,
+                   help="re-render quality.md / the figure (or quality_options.md) from a --save-raw pickle")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
@@ -1295,7 +1797,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             cfg = replace(cfg, steps=int(args.steps))
         if args.threads:
             torch.set_num_threads(int(args.threads))
-        res = run(cfg, args, log)
+        res = run_options(options_config(cfg), args, log) if args.options else run(cfg, args, log)
         if args.save_raw is not None:
             import pickle
 
@@ -1303,7 +1805,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             with open(args.save_raw, "wb") as fh:
                 pickle.dump(res, fh)
     res["paths"] = write_outputs(res, Path(args.out))
-    log(f"wrote {res['paths']['markdown']} and {res['paths']['figure']} ({res['wall_seconds']:.0f} s of computing)")
+    log(f"wrote {' and '.join(str(v) for v in res['paths'].values())} ({res['wall_seconds']:.0f} s of computing)")
     return res
 
 

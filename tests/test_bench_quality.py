@@ -159,3 +159,102 @@ def test_bench_features_mechanics(tmp_path):
         assert -1.0 <= r["cos"] <= 1.0 and math.isfinite(r["rel_l2"]) and r["rel_l2"] >= 0
     text = (tmp_path / "features.md").read_text()
     assert "meaningless" in text and "2x2 -> 4x4 tokens" in text
+
+
+# ---------------------------------------------------------------------------------------
+# the engine-options study (--options)
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def options_run(bq, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality_options")
+    res = bq.main(["--options", "--quick", "--out", str(out), "--quiet"])
+    return res, out
+
+
+def test_options_quick_writes_page(options_run, bq):
+    res, out = options_run
+    assert not (out / "quality.md").exists() and not (out / "quality_crops.png").exists()
+    md = (out / "quality_options.md").read_text()
+    for heading in ("Do not edit by hand", "## Setup", "Why sigma 2 px", "## Mean results, scale 16, clean guide",
+                    "## Mean results, scale 16, guide noise 20", "## Mean differences", "## Reading the results",
+                    "## Where each variant still loses", "## Run time", "## Per-image results", "## Environment"):  # fmt: skip
+        assert heading in md, heading
+    assert "Quick mode" in md and torch.__version__ in md
+    for m in bq.OPTION_BASELINES + tuple(bq.OPTION_VARIANTS):
+        label = bq.OPTION_LABELS[m]
+        assert f"| {label} |" in md, label
+        if m in bq.OPTION_VARIANTS:
+            assert f"### {label}" in md, label  # its list of remaining losses
+    # every mean-table row of every method carries numbers, no "-" and no nan
+    for line in md.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        if cells[0] in bq.OPTION_LABELS.values() and len(cells) == 1 + len(bq.SUMMARY_COLS):
+            assert all(math.isfinite(float(c)) for c in cells[1:]), line
+
+
+def test_options_quick_used_the_options(options_run, bq):
+    res, _ = options_run
+    rec, plan = res["records"], res["plan"]
+    assert res["kind"] == "options" and res["smoothing"] == bq.OPTION_SMOOTHING
+    assert {r["method"] for r in rec} == set(bq.OPTION_BASELINES) | set(bq.OPTION_VARIANTS)
+    assert set(plan) == {0, 20} and "gsjbu-area-smooth" not in plan[0] and set(plan[20]) == set(bq.OPTION_VARIANTS)
+    for r in rec:
+        assert r["scale"] == 16 and (r["method"] in bq.OPTION_BASELINES or r["method"] in plan[r["noise"]]), r
+        for k in ("psnr", "ssim", "miou", "acc", "bf1"):
+            if k in r:
+                assert math.isfinite(r[k]), r
+    # every (variant, noise) of the plan has T1, T2 and T3 results on every image it applies to
+    for noise, variants in plan.items():
+        for v in variants:
+            assert {r["task"] for r in bq.select(rec, method=v, noise=noise)} == {"T1", "T2", "T3"}
+    # the fields were fitted with each variant's options (engine meta), one per guide and variant
+    fm = res["fit_meta"]
+    for m in fm:
+        opts = bq.OPTION_VARIANTS[m["variant"]]
+        assert m["downsample"] == opts.get("downsample", "bicubic"), m
+        assert ("Gaussian smoothing sigma 2 px" in m["normalize"]) == ("guide_smoothing" in opts), m
+    n_guides = len({(m["image"], m["noise"], m["guide"]) for m in fm})
+    assert len(fm) == sum(len(vs) for vs in plan.values()) * n_guides // len(plan)
+    # and they change the results: every variant differs from the published fit on every T1 / T2 case
+    for noise, variants in plan.items():
+        pub = {(r["image"], r["task"], r["down"]): r["psnr"] for r in bq.select(rec, method="gsjbu", noise=noise) if "psnr" in r}
+        for v in variants:
+            if v != "gsjbu":
+                other = {(r["image"], r["task"], r["down"]): r["psnr"] for r in bq.select(rec, method=v, noise=noise) if "psnr" in r}
+                assert other.keys() == pub.keys() and all(other[k] != pub[k] for k in pub), v
+    # published options add nothing to the field key: the main run's keys are unchanged
+    assert bq.field_key(("x", 0, "all"), (7, 8), 20, {}) == ("x", 0, "all", (7, 8), 20)
+
+
+def test_options_raw_rerender(options_run, bq, tmp_path):
+    import pickle
+
+    res, out = options_run
+    raw = tmp_path / "raw.pkl"
+    with open(raw, "wb") as fh:
+        pickle.dump({k: v for k, v in res.items() if k != "paths"}, fh)
+    again = bq.main(["--from-raw", str(raw), "--out", str(tmp_path / "docs"), "--quiet"])
+    assert (tmp_path / "docs" / "quality_options.md").read_text() == (out / "quality_options.md").read_text()
+    assert again["records"] == res["records"]
+
+
+def test_upsamplers_pass_options_to_fit_and_render(bq):
+    import napari_upsample_anything as upa
+
+    rng = np.random.default_rng(0)
+    guide = rng.uniform(0, 1, (32, 40, 3)).astype(np.float32)
+    lr_map = torch.from_numpy(rng.uniform(0, 1, (2, 4, 5)).astype(np.float32))
+    variants = {"pub": {}, "area": {"downsample": "area"}, "smooth": {"guide_smoothing": 2.0}}
+    ups = bq.Upsamplers((1.0, 0.1), 2, "cpu", variants)
+    outs = {v: ups.run(v, lr_map, guide, ("g", 0, "all")) for v in variants}
+    fields = {v: ups.fields[bq.field_key(("g", 0, "all"), (4, 5), 2, o)] for v, o in variants.items()}
+    assert len(ups.fields) == 3
+    assert fields["area"].meta["downsample"] == "area" and fields["pub"].meta["downsample"] == "bicubic"
+    assert "smoothing sigma 2" in fields["smooth"].meta["guide_normalize"]
+    # the smoothed variant's render smooths the guide too (the same as render's default: the field's sigma)
+    f = fields["smooth"]
+    with_s = upa.render(lr_map.numpy(), guide, f, device="cpu", guide_smoothing=2.0)
+    without = upa.render(lr_map.numpy(), guide, f, device="cpu", guide_smoothing=0.0)
+    assert np.array_equal(outs["smooth"], with_s) and not np.allclose(outs["smooth"], without)
+    assert np.array_equal(upa.render(lr_map.numpy(), guide, f, device="cpu"), with_s)
+    assert np.array_equal(outs["pub"], upa.render(lr_map.numpy(), guide, fields["pub"], device="cpu"))
