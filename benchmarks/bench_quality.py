@@ -919,7 +919,6 @@ def environment() -> Dict[str, str]:
 
 def write_markdown(path: Path, cfg: Config, res: dict) -> None:
     rec = res["records"]
-    env = res["env"]
     jbu = res["jbu"]
     L: List[str] = []
     a = L.append
@@ -1058,20 +1057,21 @@ def write_markdown(path: Path, cfg: Config, res: dict) -> None:
       "automatically) of the truth, the LR input shown with nearest upsampling, bilinear, JBU and GSJBU, "
       "scale 16, clean guide; each panel's title gives the whole-image score.")  # fmt: skip
     a("")
-    a("## Per-image results")
-    a("")
-    for t in per_image_tables(rec, cfg):
-        a(t)
-        a("")
-    a("## Environment")
-    a("")
-    a(md_table(["", ""], [[k, v] for k, v in env.items()] + [
+    write_tail(path, L, per_image_tables(rec, cfg), res)
+
+
+def write_tail(path: Path, L: List[str], tables: Sequence[str], res: dict) -> None:
+    """Append a page's per-image tables and environment section to ``L`` and write the page."""
+    L += ["## Per-image results", ""]
+    for t in tables:
+        L += [t, ""]
+    L += ["## Environment", ""]
+    L.append(md_table(["", ""], [[k, v] for k, v in res["env"].items()] + [
         ["wall time", f"{res['wall_seconds']:.0f} s ({res['wall_seconds'] / 60:.1f} min)"],
         ["load average at start / end", f"{res['load'][0]} / {res['load'][1]}"],
         ["command", "`" + " ".join(res["argv"]) + "`"],
     ]))  # fmt: skip
-    a("")
-    a("Timings are wall-clock on a shared 2-core machine; the load average shows how much other work ran.")
+    L += ["", "Timings are wall-clock on a shared 2-core machine; the load average shows how much other work ran."]
     path.write_text("\n".join(L) + "\n")
 
 
@@ -1496,7 +1496,8 @@ def options_discussion(res: dict) -> str:
 
 
 def write_options_markdown(path: Path, cfg: Config, res: dict) -> None:
-    rec, env, jbu, lab, plan = res["records"], res["env"], res["jbu"], res["labels"], res["plan"]
+    rec, jbu = res["records"], res["jbu"]
+    lab, plan = res["labels"], res["plan"]
     quick = "quick" in cfg.name
     scale = cfg.scales[0]
     lr = lr_shape_for(cfg.size, scale)
@@ -1609,21 +1610,7 @@ def write_options_markdown(path: Path, cfg: Config, res: dict) -> None:
     a("")
     a(f"JBU grid search: {jbu['seconds']:.1f} s (while the fits ran).")
     a("")
-    a("## Per-image results")
-    a("")
-    for t in per_image_tables(rec, cfg, OPTION_BASELINES + tuple(OPTION_VARIANTS), lab):
-        a(t)
-        a("")
-    a("## Environment")
-    a("")
-    a(md_table(["", ""], [[k, v] for k, v in env.items()] + [
-        ["wall time", f"{res['wall_seconds']:.0f} s ({res['wall_seconds'] / 60:.1f} min)"],
-        ["load average at start / end", f"{res['load'][0]} / {res['load'][1]}"],
-        ["command", "`" + " ".join(res["argv"]) + "`"],
-    ]))  # fmt: skip
-    a("")
-    a("Timings are wall-clock on a shared 2-core machine; the load average shows how much other work ran.")
-    path.write_text("\n".join(L) + "\n")
+    write_tail(path, L, per_image_tables(rec, cfg, OPTION_BASELINES + tuple(OPTION_VARIANTS), lab), res)
 
 
 # ======================================================================================
