@@ -251,6 +251,19 @@ def test_invalid_images(vits, image, exc, match):
         extract_features(image, vits)
 
 
+def test_too_small_image_is_refused_before_the_model_is_built(monkeypatch):
+    import napari_upsample_anything.core.features as features
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the backbone was loaded for an image smaller than one patch")
+
+    monkeypatch.setattr(features, "load_backbone", no_model)
+    with pytest.raises(ValueError, match="smaller than one 14 x 14 patch of dinov2_vitg14"):
+        extract_features(np.zeros((10, 100), np.uint8), "dinov2_vitg14", pretrained=False)
+    with pytest.raises(ValueError, match="smaller than one 16 x 16 patch"):
+        extract_features(np.zeros((100, 15), np.uint8), "vit_small_patch16_224", pretrained=False)
+
+
 def test_input_size(vits):
     img = u8((100, 73))
     fm = extract_features(img, vits, input_size=224)  # long side 224: 100 x 73 -> 224 x 164

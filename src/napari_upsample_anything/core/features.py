@@ -55,6 +55,7 @@ import difflib
 import math
 import numbers
 import os
+import re
 import sys
 import threading
 import warnings
@@ -927,6 +928,15 @@ def _resolve_layer(layer, depth: int, name: str) -> int:
     return int(layer) % depth
 
 
+def _check_one_patch(image_shape: Tuple[int, int], patch: Optional[Tuple[int, int]], name: str) -> None:
+    (H, W), (ph, pw) = image_shape, patch or (1, 1)
+    if H < ph or W < pw:
+        raise ValueError(
+            f"image is {H} x {W} pixels, smaller than one {ph} x {pw} patch of {name}; "
+            "upsampling needs at least one whole patch"
+        )
+
+
 def extract_features(
     image: ImageLike,
     backbone: "str | Backbone | torch.nn.Module" = "dinov2_vits14",
@@ -1014,6 +1024,11 @@ def extract_features(
     working = _working_shape((H, W), input_size)
     check_cancel(cancel, "feature extraction")
 
+    if isinstance(backbone, str):
+        # Names carry the patch size ("..._patch14_..."): refuse a too-small image before
+        # building (or downloading) the model.
+        patch = re.search(r"patch(\d+)", resolve_backbone_name(backbone))
+        _check_one_patch((H, W), (int(patch.group(1)),) * 2 if patch else None, backbone)
     if not isinstance(backbone, str) and weights is not None:
         raise ValueError(
             "weights= is only used with a backbone name; a Backbone or module already has its "
@@ -1037,11 +1052,7 @@ def extract_features(
     idx = _resolve_layer(layer, depth, bb.name)
 
     ph, pw = bb.patch_size
-    if H < ph or W < pw:
-        raise ValueError(
-            f"image is {H} x {W} pixels, smaller than one {ph} x {pw} patch of {bb.name}; "
-            "upsampling needs at least one whole patch"
-        )
+    _check_one_patch((H, W), (ph, pw), bb.name)
     h, w = _token_grid(working, (ph, pw))
     if h > H or w > W:
         raise ValueError(
