@@ -917,6 +917,22 @@ def environment() -> Dict[str, str]:
     }
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages as text ("-" where the OS has none)."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+
+
+def run_stamp(args, load_at_start: str, t_start: float) -> dict:
+    """What every page says about its run: workers, environment, load, command, wall time."""
+    return {
+        "workers": args.workers,
+        "env": environment(),
+        "load": (load_at_start, load_average()),
+        "argv": ["python", "benchmarks/bench_quality.py"] + _shown_args(args.argv),
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+
+
 def write_markdown(path: Path, cfg: Config, res: dict) -> None:
     rec = res["records"]
     jbu = res["jbu"]
@@ -1241,7 +1257,7 @@ def variant_of(key: tuple) -> str:
 def run_options(cfg: Config, args, log) -> dict:
     """The options study: every variant of :data:`OPTION_VARIANTS` on tasks 1-3; raw results."""
     t_start = time.perf_counter()
-    load0 = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+    load0 = load_average()
     scenes = [load_scene(n, cfg.size) for n in cfg.real + cfg.synthetic]
     synth = [s for s in scenes if s.kind == "synthetic"]
     scale = cfg.scales[0]
@@ -1291,7 +1307,6 @@ def run_options(cfg: Config, args, log) -> dict:
                      normalize=f.meta["guide_normalize"], seconds=float(f.meta["seconds"]), fit_psnr=float(f.meta["psnr"]),
                      sigma_r_median=float(f.sigma_r.median()))
                 for k, f in ups.fields.items()]  # fmt: skip
-    load1 = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
     return {
         "kind": "options",
         "config": cfg,
@@ -1303,12 +1318,8 @@ def run_options(cfg: Config, args, log) -> dict:
         "plan": plan,
         "fit_meta": fit_meta,
         "fit_phase_seconds": t_fit,
-        "workers": args.workers,
         "seconds": ups.seconds,
-        "env": environment(),
-        "load": (load0, load1),
-        "argv": ["python", "benchmarks/bench_quality.py"] + _shown_args(args.argv),
-        "wall_seconds": time.perf_counter() - t_start,
+        **run_stamp(args, load0, t_start),
     }
 
 
@@ -1680,7 +1691,7 @@ def write_figure(path: Path, cfg: Config, figure: Dict[tuple, dict], records) ->
 def run(cfg: Config, args, log) -> dict:
     """Compute everything; returns the raw results (no files written)."""
     t_start = time.perf_counter()
-    load0 = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+    load0 = load_average()
     scenes = [load_scene(n, cfg.size) for n in cfg.real + cfg.synthetic]
     synth = [s for s in scenes if s.kind == "synthetic"]
     jbu = tune_jbu(cfg, synth, log)
@@ -1707,7 +1718,6 @@ def run(cfg: Config, args, log) -> dict:
     for name in cfg.sweep_images:
         log(f"steps sweep: {name}")
         steps_rows += runner.steps_sweep(next(s for s in scenes if s.name == name))
-    load1 = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
     return {
         "config": cfg,
         "records": runner.records,
@@ -1717,12 +1727,8 @@ def run(cfg: Config, args, log) -> dict:
         "steps": steps_rows,
         "fit_seconds": ups.fit_seconds,
         "fit_phase_seconds": t_fit,
-        "workers": args.workers,
         "seconds": ups.seconds,
-        "env": environment(),
-        "load": (load0, load1),
-        "argv": ["python", "benchmarks/bench_quality.py"] + _shown_args(args.argv),
-        "wall_seconds": time.perf_counter() - t_start,
+        **run_stamp(args, load0, t_start),
     }
 
 

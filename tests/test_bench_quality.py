@@ -91,14 +91,19 @@ def test_quick_benchmark_numbers_are_sane(quick_run, bq):
     assert [r["steps"] for r in res["steps"]] == list(cfg.sweep_steps) * len(cfg.sweep_images)
 
 
-def test_raw_results_rerender(quick_run, bq, tmp_path):
+def rerender(bq, res: dict, tmp_path):
+    """Pickle ``res`` as ``--save-raw`` would and re-render the pages into ``tmp_path / "docs"``."""
     import pickle
 
-    res, _ = quick_run
     raw = tmp_path / "raw.pkl"
     with open(raw, "wb") as fh:
         pickle.dump({k: v for k, v in res.items() if k != "paths"}, fh)
-    again = bq.main(["--from-raw", str(raw), "--out", str(tmp_path / "docs"), "--quiet"])
+    return bq.main(["--from-raw", str(raw), "--out", str(tmp_path / "docs"), "--quiet"])
+
+
+def test_raw_results_rerender(quick_run, bq, tmp_path):
+    res, _ = quick_run
+    again = rerender(bq, res, tmp_path)
     assert (tmp_path / "docs" / "quality.md").read_text().count("| GSJBU (ours) |") >= 2
     assert again["records"] == res["records"]
 
@@ -227,13 +232,8 @@ def test_options_quick_used_the_options(options_run, bq):
 
 
 def test_options_raw_rerender(options_run, bq, tmp_path):
-    import pickle
-
     res, out = options_run
-    raw = tmp_path / "raw.pkl"
-    with open(raw, "wb") as fh:
-        pickle.dump({k: v for k, v in res.items() if k != "paths"}, fh)
-    again = bq.main(["--from-raw", str(raw), "--out", str(tmp_path / "docs"), "--quiet"])
+    again = rerender(bq, res, tmp_path)
     assert (tmp_path / "docs" / "quality_options.md").read_text() == (out / "quality_options.md").read_text()
     assert again["records"] == res["records"]
 
