@@ -228,10 +228,6 @@ class Guide:
         return self.gather(torch.arange(H), torch.arange(W), device)
 
 
-def as_guide(guide, normalize: Normalize = "auto", smoothing: float = 0.0) -> Guide:
-    return guide if isinstance(guide, Guide) else Guide(guide, normalize, smoothing=smoothing)
-
-
 def check_sequence_pair(value: Sequence[int], name: str) -> Tuple[int, int]:
     try:
         a, b = (int(v) for v in value)

@@ -56,7 +56,7 @@ def _features(ell, repeat: int, n_sigma: float) -> Dict[str, np.ndarray]:
     return {k: np.repeat(v, repeat) for k, v in feats.items()}
 
 
-def _lift(points: np.ndarray, lead: Sequence[int]) -> np.ndarray:
+def lift(points: np.ndarray, lead: Sequence[int]) -> np.ndarray:
     """Prepend leading-axis coordinates to ``[..., 2]`` (y, x) points."""
     if not len(lead):
         return points
@@ -128,8 +128,8 @@ def vectors_data(
     for plane, lead in planes:
         ell = ellipses_of(plane, n_sigma, stride)
         vec, keep = clip_segments(ell.vectors(segments), plane.hr_shape)  # [n, 2, 2]: start, displacement
-        pos = _lift(vec[:, 0, :], lead)
-        disp = _lift(vec[:, 1, :], [0] * len(lead))
+        pos = lift(vec[:, 0, :], lead)
+        disp = lift(vec[:, 1, :], [0] * len(lead))
         datas.append(np.stack([pos, disp], axis=1))
         feats.append({k: v[keep] for k, v in _features(ell, segments, n_sigma).items()})
         count += len(ell)
@@ -153,7 +153,7 @@ def shapes_data(
     for plane, lead in planes:
         ell = ellipses_of(plane, n_sigma, 1, per_plane)
         pts = clip_points(ell.outline(segments), plane.hr_shape)
-        polys.extend(_lift(pts, lead))
+        polys.extend(lift(pts, lead))
         feats.append(_features(ell, 1, n_sigma))
     features = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]} if feats else {}
     return polys, features
@@ -237,11 +237,6 @@ def cell_outlines(plane: PlaneResult, cells: np.ndarray, n_sigma: float = 2.0, s
     w = plane.lr_shape[1]
     flat = cells[:, 0] * w + cells[:, 1]
     return clip_points(ell.subset(flat).outline(segments), plane.hr_shape)
-
-
-def lift(points: np.ndarray, lead: Sequence[int]) -> np.ndarray:
-    """Public alias of :func:`_lift` for the widgets."""
-    return _lift(points, lead)
 
 
 def plane_positions(frame: Frame, planes: Sequence[PlaneResult], at: Optional[Index] = None) -> List[Tuple[PlaneResult, Tuple[int, ...]]]:

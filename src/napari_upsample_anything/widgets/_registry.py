@@ -24,7 +24,7 @@ import contextlib
 import itertools
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
 from psygnal import Signal
 
@@ -295,7 +295,3 @@ def result_label(result: FitResult) -> str:
     if frame.is_stack:
         where = " (all slices)" if frame.mode == "all" else f" (slice {', '.join(map(str, frame.indices[0]))})"
     return f"{frame.source_name}{where}"
-
-
-def lr_factor(plane: PlaneResult) -> Tuple[float, float]:
-    return plane.factor
