@@ -7,7 +7,8 @@
 #    libraries that PyQt6's Qt xcb platform plugin and vispy's OpenGL need. Only packages
 #    that are missing are installed; with none missing, apt is not touched at all.
 # 2. .venv (python3 -m venv) if missing.
-# 3. PyTorch first, pinned (see below), then `pip install -e ".[testing]"`.
+# 3. PyTorch first, pinned (see below), then `pip install -e ".[testing]"` (napari, PyQt6,
+#    pytest, and the build and lint tools CI uses: build, setuptools-scm, ruff).
 #
 # Steps that are already done are skipped; a stamp in .venv records the last successful
 # pip install, so a second run takes seconds. Environment knobs:
@@ -138,7 +139,7 @@ WANT_STAMP="$(
 venv_complete() {
     "$VPY" - <<'EOF' >/dev/null 2>&1
 import importlib.util as u, sys
-mods = ["torch", "torchvision", "napari", "PyQt6", "pytestqt", "pytest_xvfb", "napari_upsample_anything"]
+mods = ["torch", "torchvision", "napari", "PyQt6", "pytestqt", "pytest_xvfb", "ruff", "build", "napari_upsample_anything"]
 sys.exit(any(u.find_spec(m) is None for m in mods))
 EOF
 }

@@ -11,7 +11,24 @@ its widgets) without importing torch::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+try:
+    # Set by setuptools-scm from the git tag at build/install time (pyproject.toml).
+    __version__ = version("napari-upsample-anything")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+if TYPE_CHECKING:
+    # The same names as _LAZY below, imported eagerly only for type checkers and IDEs
+    # (tests/test_packaging.py checks that the two lists agree).
+    from .api import fit_kernels, pca_rgb, render, render_pca, upsample
+    from .core.errors import Cancelled, MemoryBudgetError
+    from .core.features import FeatureMap, WeightsUnavailableError, extract_features, load_backbone
+    from .core.field import KernelField
+    from .core.memory import MemoryLog
+    from .core.pca import PCABasis
 
 _LAZY = {
     "fit_kernels": ("api", "fit_kernels"),
@@ -30,7 +47,24 @@ _LAZY = {
     "MemoryBudgetError": ("core.errors", "MemoryBudgetError"),
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+# Written out (not computed from _LAZY) so that linters and type checkers can read it.
+__all__ = [
+    "Cancelled",
+    "FeatureMap",
+    "KernelField",
+    "MemoryBudgetError",
+    "MemoryLog",
+    "PCABasis",
+    "WeightsUnavailableError",
+    "__version__",
+    "extract_features",
+    "fit_kernels",
+    "load_backbone",
+    "pca_rgb",
+    "render",
+    "render_pca",
+    "upsample",
+]
 
 
 def __getattr__(name: str):

@@ -288,7 +288,7 @@ def cmd_demo(args) -> int:
     field.save(out / "kernels.npz")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     rows = [["map (PSNR dB)"] + list(free["psnr_db"])]
-    for i, name in enumerate(free["maps"]):
+    for name in free["maps"]:
         rows.append([name] + [f"{free['psnr_db'][m][name]:.2f}" for m in free["psnr_db"]])
     print(_table(rows))
     print(f"outputs in {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
