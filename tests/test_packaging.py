@@ -293,3 +293,14 @@ def test_wheel_installs_into_fresh_venv_and_napari_discovers_it(built):
     assert got["torch"] is False  # discovery reads the manifest without importing torch
     assert "napari-upsample-anything.main_widget" in got["commands"]
     assert len(got["widgets"]) >= 3
+
+
+def test_backbones_module_split_keeps_the_features_names():
+    """core.backbones holds the models; core.features re-exports them (the same objects, one cache)."""
+    from napari_upsample_anything.core import backbones, features
+
+    for name in backbones.__all__:
+        assert getattr(features, name) is getattr(backbones, name), name
+        assert name in features.__all__
+    assert features._CACHE is backbones._CACHE  # clear_model_cache() empties what the widgets check
+    assert not hasattr(backbones, "extract_features")  # extraction stays in features (its own module)

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     # (tests/test_packaging.py checks that the two lists agree).
     from .api import fit_kernels, pca_rgb, render, render_pca, upsample
     from .core.errors import Cancelled, MemoryBudgetError
-    from .core.features import FeatureMap, WeightsUnavailableError, extract_features, load_backbone
+    from .core.backbones import WeightsUnavailableError, load_backbone
+    from .core.features import FeatureMap, extract_features
     from .core.field import KernelField
     from .core.memory import MemoryLog
     from .core.pca import PCABasis
@@ -38,9 +39,9 @@ _LAZY = {
     "render_pca": ("api", "render_pca"),
     "PCABasis": ("core.pca", "PCABasis"),
     "extract_features": ("core.features", "extract_features"),
-    "load_backbone": ("core.features", "load_backbone"),
+    "load_backbone": ("core.backbones", "load_backbone"),
     "FeatureMap": ("core.features", "FeatureMap"),
-    "WeightsUnavailableError": ("core.features", "WeightsUnavailableError"),
+    "WeightsUnavailableError": ("core.backbones", "WeightsUnavailableError"),
     "KernelField": ("core.field", "KernelField"),
     "MemoryLog": ("core.memory", "MemoryLog"),
     "Cancelled": ("core.errors", "Cancelled"),
