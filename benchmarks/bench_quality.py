@@ -30,6 +30,10 @@ clean guide and at guide noise 10 and 20 with GSJBU published, with ``downsample
 ``guide_smoothing`` and with both (see :data:`OPTION_VARIANTS`; :data:`OPTION_SKIP` lists the
 pairs left out), against bilinear, bicubic and the tuned JBU.
 
+The pages are generated except their interpretation: the text between ``<!-- written: NAME -->``
+and ``<!-- /written -->`` is written by hand in ``docs/`` and kept verbatim on every rerun
+(check it against the new tables when they change).
+
 The code lives in the package ``benchmarks/quality/`` (config, scenes, baselines, metrics,
 run, report); this script is its command line and re-exports the names other scripts and
 the tests use.

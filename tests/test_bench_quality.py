@@ -180,7 +180,7 @@ def test_options_quick_writes_page(options_run, bq):
     res, out = options_run
     assert not (out / "quality.md").exists() and not (out / "quality_crops.png").exists()
     md = (out / "quality_options.md").read_text()
-    for heading in ("Do not edit by hand", "## Setup", "Why sigma 2 px", "## Mean results, scale 16, clean guide",
+    for heading in ("only the blocks marked `written`", "## Setup", "Why sigma 2 px", "## Mean results, scale 16, clean guide",
                     "## Mean results, scale 16, guide noise 20", "## Mean differences", "## Reading the results",
                     "## Where each variant still loses", "## Run time", "## Per-image results", "## Environment"):  # fmt: skip
         assert heading in md, heading
@@ -258,3 +258,46 @@ def test_upsamplers_pass_options_to_fit_and_render(bq):
     assert np.array_equal(outs["smooth"], with_s) and not np.allclose(outs["smooth"], without)
     assert np.array_equal(upa.render(lr_map.numpy(), guide, f, device="cpu"), with_s)
     assert np.array_equal(outs["pub"], upa.render(lr_map.numpy(), guide, fields["pub"], device="cpu"))
+
+
+# ---------------------------------------------------------------------------------------
+# the interpretation is written by hand, not generated
+# ---------------------------------------------------------------------------------------
+def _written(text: str) -> dict:
+    import re
+
+    return {m[1]: m[2] for m in re.finditer(r"<!-- written: ([a-z0-9-]+) -->\n(.*?)<!-- /written -->", text, re.S)}
+
+
+@pytest.mark.parametrize("page", ["quality.md", "quality_options.md"])
+def test_docs_pages_carry_hand_written_interpretation(page):
+    """The committed pages have their interpretation in `written` blocks, none of them a placeholder."""
+    docs = BENCH.parent / "docs" / page
+    blocks = _written(docs.read_text())
+    assert "reading" in blocks
+    for name, text in blocks.items():
+        assert "Not written yet" not in text and len(text) > 200, name
+
+
+def test_pages_keep_the_written_blocks_and_regenerate_the_rest(quick_run, options_run, bq, tmp_path):
+    docs = BENCH.parent / "docs"
+    for (res, out), page in ((quick_run, "quality.md"), (options_run, "quality_options.md")):
+        text = (out / page).read_text()
+        # a page written elsewhere takes the repository's hand-written text, verbatim
+        assert _written(text) == _written((docs / page).read_text())
+        # an edit inside a block survives a rerun into the same folder; the generated parts come back
+        again = tmp_path / page.replace(".md", "")
+        again.mkdir()
+        edited = text.replace("<!-- written: reading -->\n", "<!-- written: reading -->\nAn edit by hand.\n", 1)
+        edited = edited.replace("## Setup", "## Setup (edited outside a block)", 1)
+        (again / page).write_text(edited)
+        import pickle
+
+        raw = tmp_path / f"{page}.pkl"
+        raw.write_bytes(pickle.dumps({k: v for k, v in res.items() if k != "paths"}))
+        bq.main(["--from-raw", str(raw), "--out", str(again), "--quiet"])
+        rerun = (again / page).read_text()
+        assert _written(rerun)["reading"].startswith("An edit by hand.\n")
+        assert "## Setup (edited outside a block)" not in rerun and "\n## Setup\n" in rerun
+        assert rerun.replace("An edit by hand.\n", "", 1) == text
+        assert not list(again.glob(".*.tmp"))  # written to a temporary name, then renamed
