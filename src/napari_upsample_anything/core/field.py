@@ -298,8 +298,8 @@ class KernelField:
             field_.validate(None, "file")
             if options is not None and options.lr_shape is not None and options.lr_shape != field_.shape:
                 raise ValueError(f"its options say lr_shape={options.lr_shape} but the maps are {field_.shape}")
-        except (ValueError, TypeError, KeyError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as exc:
-            if isinstance(exc, FileNotFoundError):
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the one clear error
+            if isinstance(exc, (FileNotFoundError, PermissionError, MemoryError)):
                 raise
             raise ValueError(f"{path} is not a kernel field file: {exc}") from None
         return field_.to(device) if torch.device(device).type != "cpu" else field_
