@@ -384,6 +384,11 @@ def guide_arg(img_hwc: np.ndarray) -> np.ndarray:
     return img_hwc[:, :, 0] if img_hwc.shape[2] == 1 else img_hwc
 
 
+def guide_axis(img_hwc: np.ndarray) -> Optional[int]:
+    """``channel_axis`` for :func:`guide_arg`'s array (the API never guesses e.g. 2 channels)."""
+    return None if img_hwc.shape[2] == 1 else -1
+
+
 def field_key(key: tuple, lr_shape, steps: int, options: Optional[dict] = None) -> tuple:
     """Key of a fitted field: ``key + (lr_shape, steps)``, plus the sorted fit options when any
     differ from the published defaults (so the main run's keys carry no options)."""
@@ -410,7 +415,7 @@ class Upsamplers:
         options = options or {}
         k = field_key(key, lr_shape, steps, options)
         if k not in self.fields:
-            self.fields[k] = upa.fit_kernels(guide_arg(guide_hwc), lr_shape=tuple(lr_shape), steps=steps, device=self.device, **options)
+            self.fields[k] = upa.fit_kernels(guide_arg(guide_hwc), lr_shape=tuple(lr_shape), steps=steps, device=self.device, channel_axis=guide_axis(guide_hwc), **options)
         return self.fields[k]
 
     @property
@@ -642,7 +647,7 @@ def fit_all(jobs: Sequence[tuple], workers: int, device: str, log, during: Optio
         def fit_now(key):
             if key not in fields:
                 _, guide, lr, steps, options = by_key[key]
-                fields[key] = fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device, **options)
+                fields[key] = fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device, channel_axis=guide_axis(guide), **options)
             return fields[key]
 
         if during is not None:
@@ -656,7 +661,7 @@ def fit_all(jobs: Sequence[tuple], workers: int, device: str, log, during: Optio
         ctx = mp.get_context("spawn")  # fork after torch's thread pool started can hang
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as ex:
             futures = {
-                key: ex.submit(fit_kernels, guide_arg(guide), lr_shape=lr, steps=steps, device=device, **options)
+                key: ex.submit(fit_kernels, guide_arg(guide), lr_shape=lr, steps=steps, device=device, channel_axis=guide_axis(guide), **options)
                 for key, guide, lr, steps, options in jobs
             }
             if during is not None:
@@ -726,7 +731,7 @@ def reference_check(cfg: Config, steps: int, device: str, log) -> List[dict]:
         lr = lr_shape_for(size, scale)
         guide = scene.image
         lr_map = downsample(chw(guide), lr, "area")
-        f = upa.fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device)
+        f = upa.fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device, channel_axis=guide_axis(guide))
         t0 = time.perf_counter()
         ours = upa.render(lr_map.numpy(), guide_arg(guide), f, device=device)
         t_ours = time.perf_counter() - t0

@@ -28,6 +28,8 @@ _LAZY = {
     "MemoryLog": ("core.memory", "MemoryLog"),
     "Cancelled": ("core.errors", "Cancelled"),
     "MemoryBudgetError": ("core.errors", "MemoryBudgetError"),
+    "FitDivergedError": ("core.errors", "FitDivergedError"),
+    "FitOptions": ("core.field", "FitOptions"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -477,7 +477,7 @@ def upsample_planes(
                     grid,
                     steps=int(request.refit_steps),
                     guide_smoothing=api.fitted_smoothing(plane.field),  # same fit options as the image's
-                    downsample=plane.field.meta.get("downsample", "bicubic"),
+                    downsample=plane.field.options.downsample if plane.field.options else "bicubic",
                     channel_axis=-1 if plane.guide.ndim == 3 else None,
                     device=device,
                     precision=request.precision,
