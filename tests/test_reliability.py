@@ -449,3 +449,19 @@ def test_check_helpers():
             check_int(bad, "n")
     with pytest.raises(ValueError, match="x=-1: must be >= 0"):
         check_float(-1, "x", minimum=0)
+
+
+def test_extract_features_checks_finiteness_after_the_cast():
+    image = np.random.default_rng(0).random((64, 64)) * 1e300  # finite float64, Inf in float32
+    with pytest.raises(ValueError, match="image has values that are not finite after conversion to float32"):
+        upa.extract_features(image, "dinov2_vits14", pretrained=False)
+
+
+def test_float32_render_of_a_map_near_the_float32_limit(small, gen):
+    guide, _ = small
+    lr = np.random.default_rng(5).uniform(-3e38, 3e38, size=(2, 3, 4)).astype(np.float32)
+    lr[0, 0, 0], lr[1, 0, 0] = 3.4e38, -3.4e38
+    field = random_field(3, 4, gen)
+    out = upa.render(lr, guide, field)
+    assert np.isfinite(out).all()
+    assert rel_err(out, _reference(lr.astype(np.float64), guide, field)) < 1e-4

@@ -711,6 +711,11 @@ def _prepare_rgb(image, normalize: Normalize, channel_axis: Optional[int]) -> Tu
     x = (x - torch.as_tensor(offset, dtype=torch.float32)) * torch.as_tensor(scale, dtype=torch.float32)
     if clip:
         x = x.clamp_(0.0, 1.0)
+    if not bool(torch.isfinite(x).all()):  # checked after the float32 cast: 1e300 is finite before it
+        raise ValueError(
+            f"image has values that are not finite after conversion to float32 and normalize={normalize!r} "
+            "(beyond +-3.4e38, or a degenerate (lo, hi) range); rescale the image or use normalize='auto'"
+        )
     x = x.permute(2, 0, 1)
     if x.shape[0] != 3:
         # Gray, 2 or >3 channels: one gray plane (after per-channel normalisation, so every

@@ -102,7 +102,10 @@ class FitOptions:
         largest = max(self.hr_shape) if self.hr_shape is not None else MAX_SIDE
         set_(
             "guide_smoothing",
-            check_float(self.guide_smoothing, "guide_smoothing", minimum=0.0, maximum=float(largest), hint="Gaussian sigma in pixels, at most the image size"),
+            check_float(
+                self.guide_smoothing, "guide_smoothing", minimum=0.0, maximum=float(largest),
+                hint="Gaussian sigma in pixels, at most the image size",
+            ),
         )
         set_("lr", check_float(self.lr, "lr", positive=True, hint="published: 0.1"))
         set_("steps", check_int(self.steps, "steps", minimum=0, maximum=MAX_STEPS, hint="published: 51"))
