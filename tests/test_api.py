@@ -118,7 +118,8 @@ BAD = [
     (dict(radius=-1), ValueError, "radius=-1"),
     (dict(border="wrap"), ValueError, "border='wrap'"),
     (dict(precision="fp8"), ValueError, "precision='fp8'"),
-    (dict(guide=np.zeros((3, 42, 100), np.float32)), ValueError, "channels-first"),
+    (dict(guide=np.zeros((3, 42, 100), np.float32)), ValueError, "ambiguous"),
+    (dict(guide=np.zeros((3, 42, 100), np.float32)), ValueError, "Pass channel_axis=0 for (C, H, W) channels"),
 ]
 
 
@@ -153,7 +154,7 @@ def test_fit_argument_errors(small):
         upa.fit_kernels(guide, (3, 4), steps=-1)
     with pytest.raises(ValueError, match="lr=0"):
         upa.fit_kernels(guide, (3, 4), lr=0)
-    with pytest.raises(ValueError, match="lr_shape must be a pair"):
+    with pytest.raises(TypeError, match="lr_shape=7: give a pair of ints"):
         upa.fit_kernels(guide, 7)
     with pytest.raises(TypeError, match="guide must be a numpy array or a torch tensor"):
         upa.fit_kernels("image.png", (3, 4))

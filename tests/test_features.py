@@ -165,23 +165,24 @@ def test_random_init_warns_and_geometry():
 def _kinds():
     base = u8((100, 73, 3), seed=1)
     g16 = rng(2).integers(0, 4096, size=(100, 73), dtype=np.uint16)  # a 12-bit camera
+    # (image, channel_axis given, channel axis used, mode); ambiguous layouts need the axis.
     return {
-        "gray_u8": (base[..., 0], None, "gray"),
-        "rgb_u8": (base, 2, "RGB"),
-        "rgba_u8": (np.concatenate([base, u8((100, 73, 1), seed=3)], axis=2), 2, "RGBA, alpha dropped"),
-        "chw_u16": (rng(4).integers(0, 65535, size=(5, 100, 73), dtype=np.uint16), 0, "mean of 5 normalised channels"),
-        "hwc_float": (rng(5).normal(size=(100, 73, 6)).astype(np.float32), 2, "mean of 6 normalised channels"),
-        "gray_u16": (g16, None, "gray"),
-        "gray_float": (rng(6).uniform(-3, 1000, size=(100, 73)), None, "gray"),
-        "one_channel_first": (base[None, ..., 0], 0, "gray"),
-        "bool": (base[..., 0] > 128, None, "gray"),
+        "gray_u8": (base[..., 0], None, None, "gray"),
+        "rgb_u8": (base, None, 2, "RGB"),
+        "rgba_u8": (np.concatenate([base, u8((100, 73, 1), seed=3)], axis=2), None, 2, "RGBA, alpha dropped"),
+        "chw_u16": (rng(4).integers(0, 65535, size=(5, 100, 73), dtype=np.uint16), 0, 0, "mean of 5 normalised channels"),
+        "hwc_float": (rng(5).normal(size=(100, 73, 6)).astype(np.float32), -1, 2, "mean of 6 normalised channels"),
+        "gray_u16": (g16, None, None, "gray"),
+        "gray_float": (rng(6).uniform(-3, 1000, size=(100, 73)), None, None, "gray"),
+        "one_channel_first": (base[None, ..., 0], 0, 0, "gray"),
+        "bool": (base[..., 0] > 128, None, None, "gray"),
     }
 
 
 @pytest.mark.parametrize("kind", list(_kinds()))
 def test_input_kinds_shapes(vits, kind):
-    image, axis, mode = _kinds()[kind]
-    fm = extract_features(image, vits)
+    image, given, axis, mode = _kinds()[kind]
+    fm = extract_features(image, vits, channel_axis=given)
     assert fm.features.shape == (384, 7, 5)
     assert fm.geometry.image_shape == (100, 73)
     assert bool(torch.isfinite(fm.features).all())
@@ -196,10 +197,10 @@ def test_input_kinds_are_interpreted_consistently(vits):
     # RGBA: the alpha channel has no influence.
     rgba = np.concatenate([rgb, u8((100, 73, 1), seed=9)], axis=2)
     assert torch.equal(f(rgba), f_rgb)
-    # (C, H, W) and (H, W, C) of the same data agree; channel_axis overrides the guess.
+    # (C, H, W) and (H, W, C) of the same data agree (the axis must be given: never guessed).
     multi = rng(4).integers(0, 65535, size=(5, 100, 73), dtype=np.uint16)
-    f_chw = f(multi)
-    assert torch.allclose(f(np.moveaxis(multi, 0, -1)), f_chw, atol=1e-5)
+    f_chw = f(multi, channel_axis=0)
+    assert torch.allclose(f(np.moveaxis(multi, 0, -1), channel_axis=-1), f_chw, atol=1e-5)
     assert torch.allclose(f(np.moveaxis(multi, 0, 1), channel_axis=1), f_chw, atol=1e-5)
     # An explicit axis with 4 channels means 4 channels, not RGBA.
     four = extract_features(rgba, vits, channel_axis=-1)
@@ -212,7 +213,7 @@ def test_input_kinds_are_interpreted_consistently(vits):
     assert torch.allclose(f(gray), f(np.repeat(gray[..., None], 3, axis=2)), atol=1e-6)
     # 2 channels in [0, 1] are averaged to gray.
     two = rng(7).uniform(size=(100, 73, 2)).astype(np.float32)
-    assert torch.allclose(f(two), f(two.mean(axis=2)), atol=1e-5)
+    assert torch.allclose(f(two, channel_axis=-1), f(two.mean(axis=2)), atol=1e-5)
     # uint16: robust percentiles, so an affine intensity change does not matter ...
     g16 = rng(2).integers(0, 4096, size=(100, 73), dtype=np.uint16)
     f16 = f(g16)
@@ -221,8 +222,14 @@ def test_input_kinds_are_interpreted_consistently(vits):
     assert not torch.allclose(f(g16, normalize="unit"), f16, atol=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(40, 100, 73), (70, 100, 100), (5, 64, 64), (64, 64, 2), (3, 64, 64), (64, 64, 5)])
+def test_ambiguous_axes_are_never_guessed(vits, shape):
+    with pytest.raises(ValueError, match=r"ambiguous.*channel_axis=0 for \(C, H, W\).*image\[z\] separately"):
+        extract_features(np.zeros(shape, np.float32), vits)
+
+
 def test_channel_axis_guess_and_errors(vits):
-    with pytest.raises(ValueError, match="z-stack"):
+    with pytest.raises(ValueError, match="ambiguous"):
         extract_features(np.zeros((40, 100, 73), np.float32), vits)
     # ... unless the caller says it is a 40-channel image.
     fm = extract_features(rng(0).uniform(size=(40, 100, 73)).astype(np.float32), vits, channel_axis=0)

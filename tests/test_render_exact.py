@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 
 
 def fast_render(lr, guide_hwc, field, options=RenderOptions(), budget=2**30, agg=torch.float32, normalize="none"):
-    engine = BlockEngine(Guide(guide_hwc, normalize), tuple(lr.shape[-2:]), options, CPU)
+    engine = BlockEngine(Guide(guide_hwc, normalize, channel_axis=-1), tuple(lr.shape[-2:]), options, CPU)
     out = torch.full((lr.shape[0], *engine.guide.shape), float("nan"))
     engine.render(lr, field, out, agg_dtype=agg, budget=budget)
     return out

@@ -106,6 +106,11 @@ def jbu_upsample(
     return out
 
 
+def guide_axis(img_hwc: np.ndarray) -> Optional[int]:
+    """``channel_axis`` for :func:`guide_arg`'s array (the API never guesses e.g. 2 channels)."""
+    return None if img_hwc.shape[2] == 1 else -1
+
+
 def guide_arg(img_hwc: np.ndarray) -> np.ndarray:
     """The guide as handed to the public API: (H, W) for one channel, else (H, W, G)."""
     return img_hwc[:, :, 0] if img_hwc.shape[2] == 1 else img_hwc
@@ -137,7 +142,7 @@ class Upsamplers:
         options = options or {}
         k = field_key(key, lr_shape, steps, options)
         if k not in self.fields:
-            self.fields[k] = upa.fit_kernels(guide_arg(guide_hwc), lr_shape=tuple(lr_shape), steps=steps, device=self.device, **options)
+            self.fields[k] = upa.fit_kernels(guide_arg(guide_hwc), lr_shape=tuple(lr_shape), steps=steps, device=self.device, channel_axis=guide_axis(guide_hwc), **options)
         return self.fields[k]
 
     @property

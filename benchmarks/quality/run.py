@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import napari_upsample_anything as upa
 
 from . import REPO
-from .baselines import Upsamplers, chw, downsample, field_key, guide_arg, interp_up, jbu_upsample
+from .baselines import Upsamplers, chw, downsample, field_key, guide_arg, guide_axis, interp_up, jbu_upsample
 from .config import (
     CHANNEL_NAMES,
     METHODS,
@@ -170,7 +170,7 @@ def fit_all(jobs: Sequence[tuple], workers: int, device: str, log, during: Optio
         def fit_now(key):
             if key not in fields:
                 _, guide, lr, steps, options = by_key[key]
-                fields[key] = fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device, **options)
+                fields[key] = fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device, channel_axis=guide_axis(guide), **options)
             return fields[key]
 
         if during is not None:
@@ -184,7 +184,7 @@ def fit_all(jobs: Sequence[tuple], workers: int, device: str, log, during: Optio
         ctx = mp.get_context("spawn")  # fork after torch's thread pool started can hang
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as ex:
             futures = {
-                key: ex.submit(fit_kernels, guide_arg(guide), lr_shape=lr, steps=steps, device=device, **options)
+                key: ex.submit(fit_kernels, guide_arg(guide), lr_shape=lr, steps=steps, device=device, channel_axis=guide_axis(guide), **options)
                 for key, guide, lr, steps, options in jobs
             }
             if during is not None:
@@ -241,7 +241,7 @@ def reference_check(cfg: Config, steps: int, device: str, log) -> List[dict]:
         lr = lr_shape_for(size, scale)
         guide = scene.image
         lr_map = downsample(chw(guide), lr, "area")
-        f = upa.fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device)
+        f = upa.fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device, channel_axis=guide_axis(guide))
         t0 = time.perf_counter()
         ours = upa.render(lr_map.numpy(), guide_arg(guide), f, device=device)
         t_ours = time.perf_counter() - t0

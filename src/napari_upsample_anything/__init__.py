@@ -46,6 +46,8 @@ _LAZY = {
     "MemoryLog": ("core.memory", "MemoryLog"),
     "Cancelled": ("core.errors", "Cancelled"),
     "MemoryBudgetError": ("core.errors", "MemoryBudgetError"),
+    "FitDivergedError": ("core.errors", "FitDivergedError"),
+    "FitOptions": ("core.field", "FitOptions"),
 }
 
 # Written out (not computed from _LAZY) so that linters and type checkers can read it.

@@ -15,10 +15,11 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .core.checks import check_choice, check_float, check_int, check_int_pair, check_tensor_usable
 from .core.device import resolve_device, resolve_precision
-from .core.field import KernelField
+from .core.field import MAX_ALPHA, MAX_RADIUS, MAX_STEPS, FitOptions, KernelField
 from .core.fit import PUBLISHED_LR, PUBLISHED_STEPS, fit_field
-from .core.guide import Guide, Normalize, check_sequence_pair
+from .core.guide import Guide, Normalize, _as_array, channels_last
 from .core.memory import MemoryLog, default_budget, parse_bytes
 from .core.progress import CancelFn, ProgressFn
 from .core.render import BlockEngine, RenderOptions
@@ -43,12 +44,11 @@ def _lr_map(lr_map, name: str = "lr_map") -> Tuple[torch.Tensor, bool]:
             arr = arr.astype(np.float32)
         if not (np.issubdtype(arr.dtype, np.number)) or np.issubdtype(arr.dtype, np.complexfloating):
             raise TypeError(f"{name} has dtype {arr.dtype}; give a real-valued map")
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        with np.errstate(over="ignore"):  # beyond float32 range becomes Inf: refused below
+            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     else:
-        t = lr_map.detach()
-        if t.is_complex():
-            raise TypeError(f"{name} has dtype {t.dtype}; give a real-valued map")
-        t = t.to(torch.float32)
+        check_tensor_usable(lr_map, name)
+        t = lr_map.detach().to(torch.float32)
     if t.ndim == 2:
         t = t[None]
     if t.ndim != 3:
@@ -56,7 +56,10 @@ def _lr_map(lr_map, name: str = "lr_map") -> Tuple[torch.Tensor, bool]:
     if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf values; replace them (e.g. np.nan_to_num) first")
+        raise ValueError(
+            f"{name} contains NaN or Inf values (after conversion to float32: values beyond +-3.4e38 "
+            "become Inf); replace or rescale them (e.g. np.nan_to_num) first"
+        )
     return t, is_numpy
 
 
@@ -74,7 +77,100 @@ def _check_scale(lr_shape: Tuple[int, int], hr_shape: Tuple[int, int], what: str
 
 
 def _options(radius: int, alpha: float, border: str, radius_units: str) -> RenderOptions:
-    return RenderOptions(radius=radius, alpha=alpha, border=border, radius_units=radius_units)
+    return RenderOptions(
+        radius=check_int(radius, "radius", minimum=0, maximum=MAX_RADIUS, hint="published: 8"),
+        alpha=check_float(alpha, "alpha", positive=True, maximum=MAX_ALPHA, hint="published: 2"),
+        border=check_choice(border, "border", ("repeat", "unique")),
+        radius_units=check_choice(radius_units, "radius_units", ("hr", "lr")),
+    )
+
+
+def render_options(
+    field: KernelField,
+    radius: Optional[int] = None,
+    alpha: Optional[float] = None,
+    border: Optional[str] = None,
+    radius_units: Optional[str] = None,
+) -> RenderOptions:
+    """The method options to render ``field`` with: those it was fitted with
+    (``field.options``; the published defaults for fields without options), each replaced by
+    the argument when that is not None."""
+    base = field.options.render_kwargs() if field.options is not None else RenderOptions().__dict__.copy()
+    given = dict(radius=radius, alpha=alpha, border=border, radius_units=radius_units)
+    base.update({k: v for k, v in given.items() if v is not None})
+    return _options(**base)
+
+
+def fitted_guide(
+    field: KernelField,
+    guide: ArrayLike,
+    *,
+    normalize: Optional[Normalize] = None,
+    guide_smoothing: Optional[float] = None,
+    channel_axis: Optional[int] = None,
+) -> Guide:
+    """``guide`` normalised, smoothed and laid out as for ``field``'s fit (each None
+    argument: the field's recorded option; ``"auto"``, 0 and None for fields without options)."""
+    fitted = field.options
+    if normalize is None:
+        normalize = fitted.normalize if fitted is not None else "auto"
+    if guide_smoothing is None:
+        guide_smoothing = fitted_smoothing(field)
+    if channel_axis is None and fitted is not None and getattr(guide, "ndim", None) == 3:
+        channel_axis = fitted.channel_axis
+    return Guide(guide, normalize, smoothing=guide_smoothing, channel_axis=channel_axis)
+
+
+def _check_out(out, shape: Tuple[int, int, int], values: torch.Tensor, lr_was_numpy: bool, agg: torch.dtype):
+    """Refuse an ``out`` buffer the render would silently wrap, truncate or not fill."""
+    if isinstance(out, torch.Tensor):
+        if out.device.type == "meta":
+            raise TypeError("out is a tensor on the 'meta' device, which holds no values; give a real buffer")
+        if out.dtype not in (torch.float16, torch.float32, torch.float64):
+            raise TypeError(f"out has dtype {out.dtype}; give a float16, float32 or float64 buffer")
+        if not lr_was_numpy and out.device != values.device:
+            raise TypeError(
+                f"out is on {out.device} but lr_map is on {values.device}; give out on lr_map's device"
+            )
+        is_half = out.dtype == torch.float16
+    elif isinstance(out, np.ndarray):
+        if out.dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(
+                f"out has dtype {out.dtype}; give a float16, float32 or float64 array (other dtypes "
+                "would wrap or truncate the values)"
+            )
+        if not out.flags.writeable:
+            raise ValueError("out is read-only; give a writable array (e.g. a memmap opened with mode='w+')")
+        is_half = out.dtype == np.float16
+    else:
+        raise TypeError(f"out must be a numpy array (or memmap) or a torch tensor, got {type(out).__name__}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}; it must be (C, H, W) = {shape}")
+    if is_half and float(values.abs().max()) > 65504.0:
+        raise ValueError(
+            "out is float16 but lr_map has values beyond 65504 (float16's largest), which would become Inf; "
+            "give a float32 out"
+        )
+
+
+def _half_precision_affine(values: torch.Tensor, agg: torch.dtype):
+    """``(normalised values, (scale [C], shift [C]))`` for a half-precision render, else ``(values, None)``.
+
+    The render is affine-equivariant (every pixel's weights sum to one), so centring and
+    scaling each channel to [-1, 1] before the float16 / bfloat16 product and undoing it on
+    the output is exact up to rounding, and keeps any finite map (uint16 values up to 65535,
+    depth in millimetres) inside the half-precision range.
+    """
+    if agg in (torch.float32, torch.float64):
+        return values, None
+    v = values.to(torch.float64)
+    lo = v.amin(dim=(1, 2))
+    hi = v.amax(dim=(1, 2))
+    shift = (lo + hi) / 2
+    scale = (hi - lo) / 2
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    normalised = ((v - shift[:, None, None]) / scale[:, None, None]).to(torch.float32)
+    return normalised, (scale.to(torch.float32), shift.to(torch.float32))
 
 
 def fit_kernels(
@@ -93,6 +189,7 @@ def fit_kernels(
     normalize: Normalize = "auto",
     guide_smoothing: float = 0.0,
     downsample: str = "bicubic",
+    channel_axis: Optional[int] = None,
     init: Optional[KernelField] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
@@ -105,7 +202,8 @@ def fit_kernels(
     ----------
     guide : (H, W) or (H, W, G) array or tensor
         The high-resolution image, channels-last. Normalised by ``normalize`` (uint8 / 255 by
-        default; see :mod:`napari_upsample_anything.core.guide`).
+        default; see :mod:`napari_upsample_anything.core.guide`). A 3-D guide other than gray /
+        RGB / RGBA channels-last (last axis 1, 3 or 4) needs ``channel_axis``.
     lr_shape : (h, w)
         Size of the low-resolution maps the field will upsample (e.g. the ViT patch grid).
         Any ``H/h, W/w >= 1``, integer or not.
@@ -133,6 +231,9 @@ def fit_kernels(
         (default), or the average of each cell's pixels (closer to how a ViT token summarises
         its patch). Measured on clean guides: +1.9 dB on maps made by averaging, -2.3 dB on
         point-sampled maps (docs/quality_options.md).
+    channel_axis : int, optional
+        Channel axis of a 3-D guide (0 for (C, H, W), -1 for (H, W, C)). Needed whenever the
+        layout is ambiguous (anything but gray / RGB / RGBA channels-last); never guessed.
     init : KernelField, optional
         Start from this field instead of the published initial one.
     progress : callable(done, total, info), optional
@@ -147,30 +248,56 @@ def fit_kernels(
     Returns
     -------
     KernelField
-        ``(h, w)`` maps; ``field.meta`` holds the loss per step, final loss, PSNR and time.
+        ``(h, w)`` maps; ``field.options`` (:class:`FitOptions`) records how it was fitted
+        (render uses the same options by default); ``field.meta`` holds the loss per step,
+        final loss, PSNR and time.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A bad argument (the message names it).
+    FitDivergedError
+        The loss or the kernel parameters became NaN / Inf (learning rate too large, or a
+        degenerate guide normalisation); never a field full of NaN.
     """
-    g = Guide(guide, normalize, smoothing=guide_smoothing)
-    lr_shape = check_sequence_pair(lr_shape, "lr_shape")
-    _check_scale(lr_shape, g.shape, "lr_shape")
-    if int(steps) != steps or steps < 0:
-        raise ValueError(f"steps={steps!r}: give a non-negative int (published: 51)")
-    if not (lr > 0):
-        raise ValueError(f"lr={lr!r}: the learning rate must be positive (published: 0.1)")
+    # Cheap argument checks first, then the guide (which may be large).
+    lr_shape = check_int_pair(lr_shape, "lr_shape")
+    steps = check_int(steps, "steps", minimum=0, maximum=MAX_STEPS, hint="published: 51")
+    lr = check_float(lr, "lr", positive=True, hint="the learning rate; published: 0.1")
+    if seed is not None:
+        seed = check_int(seed, "seed", minimum=-(2**63), maximum=2**64 - 1)
     options = _options(radius, alpha, border, radius_units)
+    downsample = check_choice(downsample, "downsample", ("bicubic", "area"))
+    if init is not None and not isinstance(init, KernelField):
+        raise TypeError(f"init must be a KernelField, got {type(init).__name__}")
     dev = resolve_device(device)
     agg = resolve_precision(precision, dev)
+    budget = _budget(max_memory, dev)
+    g = Guide(guide, normalize, smoothing=guide_smoothing, channel_axis=channel_axis)
+    _check_scale(lr_shape, g.shape, "lr_shape")
+    fit_options = FitOptions(
+        **options.__dict__,
+        guide_smoothing=g.smoothing,
+        downsample=downsample,
+        normalize=tuple(normalize) if isinstance(normalize, (tuple, list)) else normalize,
+        channel_axis=channel_axis,
+        hr_shape=g.shape,
+        lr_shape=lr_shape,
+        lr=lr,
+        steps=steps,
+    )
     if init is not None:
         init.validate(lr_shape, "init")
     if seed is not None:
-        torch.manual_seed(int(seed))
-    return fit_field(
+        torch.manual_seed(seed)
+    field = fit_field(
         g,
         lr_shape,
-        steps=int(steps),
-        lr=float(lr),
+        steps=steps,
+        lr=lr,
         options=options,
         device=dev,
-        budget=_budget(max_memory, dev),
+        budget=budget,
         init=init,
         progress=progress,
         cancel=cancel,
@@ -178,11 +305,15 @@ def fit_kernels(
         agg_dtype=agg,
         downsample=downsample,
     )
+    field.options = fit_options
+    return field
 
 
 def fitted_smoothing(field: KernelField) -> float:
     """The guide smoothing sigma (HR pixels) ``field`` was fitted with; 0 if it does not say."""
-    return float(field.meta.get("guide_smoothing", 0.0) or 0.0)
+    if field.options is not None:
+        return field.options.guide_smoothing
+    return check_float(field.meta.get("guide_smoothing", 0.0) or 0.0, "field.meta['guide_smoothing']", minimum=0.0)
 
 
 def render(
@@ -190,15 +321,17 @@ def render(
     guide: ArrayLike,
     field: KernelField,
     *,
-    radius: int = 8,
-    alpha: float = 2.0,
-    border: str = "repeat",
-    radius_units: str = "hr",
+    radius: Optional[int] = None,
+    alpha: Optional[float] = None,
+    border: Optional[str] = None,
+    radius_units: Optional[str] = None,
     device: "str | torch.device" = "auto",
     precision: "str | torch.dtype" = "auto",
     max_memory: Budget = None,
-    normalize: Normalize = "auto",
+    normalize: Optional[Normalize] = None,
     guide_smoothing: Optional[float] = None,
+    channel_axis: Optional[int] = None,
+    allow_resized_guide: bool = False,
     out: Optional[ArrayLike] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
@@ -214,11 +347,20 @@ def render(
         The image the field was fitted on (same normalisation rule).
     field : KernelField
         From :func:`fit_kernels` (or :meth:`KernelField.load`), shape ``(h, w)``.
-    guide_smoothing : float or None
-        None (default): the sigma the field was fitted with (``field.meta["guide_smoothing"]``,
-        0 for fields without it), so kernels always meet the guide they were fitted on.
-    out : array or tensor (C, H, W), optional
+    radius, alpha, border, radius_units, normalize, guide_smoothing, channel_axis :
+        None (default): what the field was fitted with (``field.options``; the published
+        defaults, ``"auto"`` and 0 for fields without options), so kernels always meet the
+        guide and footprint they were fitted with. A value overrides it.
+    allow_resized_guide : bool
+        The guide must have the (H, W) the field was fitted on (``field.options.hr_shape``);
+        True renders on a guide of another size anyway (the kernels' sigmas are in the fit's
+        HR pixels).
+    out : float16/32/64 array or tensor (C, H, W), optional
         Written in place (e.g. a ``numpy.memmap`` for outputs larger than RAM) and returned.
+        A torch ``out`` must be on ``lr_map``'s device (when ``lr_map`` is a tensor).
+    precision : "auto" | "fp32" | "fp16" | "bf16"
+        Half precisions centre and scale every channel to [-1, 1] before the product and undo
+        it on the output (exact up to rounding: the weights sum to one), so any finite map works.
     Other parameters: as in :func:`fit_kernels`. ``progress`` is called once per tile with
     ``done``/``total`` counted in LR cells.
 
@@ -230,21 +372,28 @@ def render(
     values, was_numpy = _lr_map(lr_map)
     if not isinstance(field, KernelField):
         raise TypeError(f"field must be a KernelField, got {type(field).__name__}")
-    if guide_smoothing is None:
-        guide_smoothing = fitted_smoothing(field)
-    g = Guide(guide, normalize, smoothing=guide_smoothing)
-    C, h, w = values.shape
-    _check_scale((h, w), g.shape, "lr_map")
-    field.validate((h, w), "field")
+    if not isinstance(allow_resized_guide, (bool, np.bool_)):
+        raise TypeError(f"allow_resized_guide={allow_resized_guide!r}: give True or False")
+    options = render_options(field, radius, alpha, border, radius_units)
     dev = resolve_device(device)
     agg = resolve_precision(precision, dev)
     budget = _budget(max_memory, dev)
-    options = _options(radius, alpha, border, radius_units)
+    g = fitted_guide(field, guide, normalize=normalize, guide_smoothing=guide_smoothing, channel_axis=channel_axis)
+    C, h, w = values.shape
+    _check_scale((h, w), g.shape, "lr_map")
+    field.validate((h, w), "field")
+    fitted_hr = field.options.hr_shape if field.options is not None else None
+    if fitted_hr is not None and tuple(g.shape) != tuple(fitted_hr) and not allow_resized_guide:
+        raise ValueError(
+            f"guide is {g.shape[0]} x {g.shape[1]} but the field was fitted on a {fitted_hr[0]} x {fitted_hr[1]} "
+            "guide; render with the image the field was fitted on, refit, or pass allow_resized_guide=True"
+        )
     H, W = g.shape
     if out is None:
         out = np.empty((C, H, W), np.float32) if was_numpy else torch.empty((C, H, W), dtype=torch.float32, device=values.device)
-    elif tuple(out.shape) != (C, H, W):
-        raise ValueError(f"out has shape {tuple(out.shape)}; it must be (C, H, W) = {(C, H, W)}")
+    else:
+        _check_out(out, (C, H, W), values, was_numpy, agg)
+    values, affine = _half_precision_affine(values, agg)
     engine = BlockEngine(g, (h, w), options, dev)
     engine.render(
         values.to(dev),
@@ -255,6 +404,7 @@ def render(
         progress=progress,
         cancel=cancel,
         memlog=memory_log,
+        affine=None if affine is None else tuple(a.to(dev) for a in affine),
     )
     return out
 
@@ -275,6 +425,7 @@ def upsample(
     normalize: Normalize = "auto",
     guide_smoothing: float = 0.0,
     downsample: str = "bicubic",
+    channel_axis: Optional[int] = None,
     out: Optional[ArrayLike] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
@@ -289,7 +440,11 @@ def upsample(
     ``info["stage"]`` = ``"fit"`` then ``"render"``. With ``return_field=True`` returns
     ``(hr, field)``.
     """
-    values, _ = _lr_map(lr_map)
+    values, was_numpy = _lr_map(lr_map)
+    if out is not None:  # refuse a bad buffer before the fit, not after it
+        layout, _, _ = channels_last(_as_array(guide, "guide"), channel_axis)
+        H, W = int(layout.shape[0]), int(layout.shape[1])
+        _check_out(out, (int(values.shape[0]), H, W), values, was_numpy, torch.float32)
     field = fit_kernels(
         guide,
         tuple(values.shape[-2:]),
@@ -305,6 +460,7 @@ def upsample(
         normalize=normalize,
         guide_smoothing=guide_smoothing,
         downsample=downsample,
+        channel_axis=channel_axis,
         progress=progress,
         cancel=cancel,
         seed=seed,
@@ -323,6 +479,7 @@ def upsample(
         max_memory=max_memory,
         normalize=normalize,
         guide_smoothing=guide_smoothing,
+        channel_axis=channel_axis,
         out=out,
         progress=progress,
         cancel=cancel,

@@ -21,7 +21,11 @@ def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device
     ``"auto"`` (or None) picks CUDA, then Apple MPS, then the CPU. Asking for a device that
     this machine does not have raises a ValueError that says what is available.
     """
-    if device is None or (isinstance(device, str) and device.lower() == "auto"):
+    if isinstance(device, bool) or not (device is None or isinstance(device, (str, torch.device))):
+        raise TypeError(f"device={device!r}: give a device name ('auto', 'cpu', 'cuda', 'cuda:N', 'mps') or a torch.device")
+    if isinstance(device, str):
+        device = device.strip().lower()  # "CPU", "Cuda:0" and "AUTO" alike
+    if device is None or device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -46,6 +50,8 @@ def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device
     elif dev.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ValueError(f"device={device!r}: Apple MPS is not available; use 'cpu' or 'auto'")
+    elif dev.type == "meta":
+        raise ValueError(f"device={device!r} holds no data; use 'auto', 'cpu', 'cuda' or 'mps'")
     elif dev.type != "cpu":
         raise ValueError(f"device={device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'mps'")
     return dev
@@ -58,13 +64,15 @@ def resolve_precision(precision: "str | torch.dtype | None", device: torch.devic
     Log-weights and the softmax are always computed in float32: they come from an expanded
     quadratic form that half precision cannot hold (see docs/engine.md).
     """
-    if precision is None or (isinstance(precision, str) and precision.lower() == "auto"):
+    if isinstance(precision, bool) or not (precision is None or isinstance(precision, (str, torch.dtype))):
+        raise TypeError(f"precision={precision!r}: use 'auto', 'fp32', 'fp16' or 'bf16'")
+    if precision is None or (isinstance(precision, str) and precision.strip().lower() == "auto"):
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(precision, torch.dtype):
         if precision in (torch.float32, torch.float16, torch.bfloat16):
             return precision
         raise ValueError(f"precision={precision!r}: use float32, float16 or bfloat16")
-    key = str(precision).lower()
+    key = str(precision).strip().lower()
     if key not in _PRECISIONS:
         raise ValueError(
             f"precision={precision!r} is unknown; use 'auto', 'fp32', 'fp16' or 'bf16'"

@@ -16,3 +16,12 @@ class MemoryBudgetError(MemoryError):
     The message says how many bytes the smallest tile needs, so the caller can raise the
     budget (or lower the radius / number of channels).
     """
+
+
+class FitDivergedError(ValueError, FloatingPointError):
+    """The kernel fit produced a non-finite loss or parameter.
+
+    Raised instead of returning a field full of NaN. The message names the cause: a learning
+    rate too large for the image (the loss or parameters blew up after some updates), or a
+    degenerate guide normalisation (the loss is not finite before any update).
+    """

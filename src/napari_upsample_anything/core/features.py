@@ -17,10 +17,11 @@ general not integers, which the engine accepts.
 Channels
 --------
 * ``(H, W)``: grayscale, copied into R, G and B.
-* 3D arrays: the channel axis is ``channel_axis`` when given; otherwise the smaller of the
-  first and last axes (a tie goes to the last: napari's RGB convention). A guessed axis
-  larger than 16 is refused as probably a z-stack.
-* 3 channels: used as R, G, B. 4 channels on a *guessed* last axis: RGBA, alpha dropped.
+* 3D arrays: the channel axis is ``channel_axis`` when given. Without it, only gray / RGB /
+  RGBA channels-last ``(H, W, 1 | 3 | 4)`` with ``H, W > 4`` (napari's RGB convention) is
+  accepted; any other 3D layout (``(5, H, W)``, ``(H, W, 2)``, a z-stack) is ambiguous
+  between channels and planes and raises a ValueError asking for ``channel_axis``.
+* 3 channels: used as R, G, B. 4 channels on an inferred last axis: RGBA, alpha dropped.
 * 1 channel: gray. 2 or more than 3 channels (and 4 with an explicit ``channel_axis``):
   every channel is normalised on its own, then the channels are averaged to one gray image.
   The ViT was trained on natural RGB photographs; assigning arbitrary fluorescence channels
@@ -77,7 +78,7 @@ from .backbones import (  # noqa: F401  (re-exported: callers import these from 
     resolve_backbone_name,
 )
 from .errors import MemoryBudgetError
-from .guide import Normalize, normalization_affine, validate_image
+from .guide import Normalize, channels_last, normalization_affine, validate_image
 from .memory import default_budget, format_bytes, parse_bytes
 from .progress import CancelFn, ProgressFn, check_cancel, report
 
@@ -97,7 +98,6 @@ __all__ = [
     "window_bytes",
 ]
 
-_MAX_GUESSED_CHANNELS = 16
 _MIN_WINDOW = 4  # tokens per side; smaller windows give the ViT too little context to be useful
 
 ImageLike = Union[np.ndarray, torch.Tensor]
@@ -214,6 +214,8 @@ class FeatureMap:
 
 def _to_numpy(image) -> np.ndarray:
     if isinstance(image, torch.Tensor):
+        if image.device.type == "meta":
+            raise TypeError("image is a tensor on the 'meta' device, which holds no values; give real data")
         return image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         return image
@@ -235,22 +237,10 @@ def _channels_last(arr: np.ndarray, channel_axis: Optional[int]) -> Tuple[np.nda
         if channel_axis is not None:
             raise ValueError(f"channel_axis={channel_axis!r} was given but the image is 2D {tuple(arr.shape)}; leave channel_axis=None")
         return arr, None, False
-    if channel_axis is not None:
-        if not isinstance(channel_axis, numbers.Integral) or not -3 <= int(channel_axis) <= 2:
-            raise ValueError(f"channel_axis={channel_axis!r}: use 0, 1, 2 or -1, -2, -3 for a 3D image")
-        axis = int(channel_axis) % 3
-        return np.moveaxis(arr, axis, -1), axis, False
-    first, last = int(arr.shape[0]), int(arr.shape[2])
-    axis = 2 if last <= first else 0
-    n = arr.shape[axis]
-    if n > _MAX_GUESSED_CHANNELS:
-        raise ValueError(
-            f"image has shape {tuple(arr.shape)}: no axis looks like channels (the smaller of the first "
-            f"and last axes has {n} > {_MAX_GUESSED_CHANNELS} entries), so it is probably a z-stack or a "
-            "time series; pass one 2D plane (e.g. image[z]), or set channel_axis= if it really is a "
-            "multichannel image"
-        )
-    return (arr if axis == 2 else np.moveaxis(arr, 0, -1)), axis, True
+    # 3-D: the axis is given, or the layout is unambiguously gray / RGB / RGBA channels-last;
+    # channels and planes are never guessed (core.guide.channels_last raises otherwise).
+    view, axis, guessed = channels_last(arr, channel_axis, "image")
+    return view, axis, guessed
 
 
 def _prepare_rgb(image, normalize: Normalize, channel_axis: Optional[int]) -> Tuple[torch.Tensor, Dict[str, Any]]:
@@ -274,6 +264,11 @@ def _prepare_rgb(image, normalize: Normalize, channel_axis: Optional[int]) -> Tu
     x = (x - torch.as_tensor(offset, dtype=torch.float32)) * torch.as_tensor(scale, dtype=torch.float32)
     if clip:
         x = x.clamp_(0.0, 1.0)
+    if not bool(torch.isfinite(x).all()):  # checked after the float32 cast: 1e300 is finite before it
+        raise ValueError(
+            f"image has values that are not finite after conversion to float32 and normalize={normalize!r} "
+            "(beyond +-3.4e38, or a degenerate (lo, hi) range); rescale the image or use normalize='auto'"
+        )
     x = x.permute(2, 0, 1)
     if x.shape[0] != 3:
         # Gray, 2 or >3 channels: one gray plane (after per-channel normalisation, so every
@@ -544,7 +539,8 @@ def extract_features(
         Intensity rule bringing each channel to [0, 1] (as for the guide: uint8 / 255,
         uint16 and out-of-range floats by 0.5/99.5 percentiles).
     channel_axis : int, optional
-        Channel axis of a 3D image; None guesses it (module docstring).
+        Channel axis of a 3D image. None: only gray / RGB / RGBA channels-last is accepted;
+        any other 3D layout raises a ValueError asking for it (module docstring).
     window : None, int or (th, tw)
         Window size in tokens. None: the largest that fits ``max_memory`` (one pass when the
         whole grid fits). An explicit window is used as given, whatever ``max_memory`` says.

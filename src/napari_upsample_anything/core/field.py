@@ -9,17 +9,140 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import os
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
+
+from .checks import check_choice, check_float, check_int, check_int_pair
 
 INIT_SIGMA = 16.0
 INIT_SIGMA_R = 0.12
 _FORMAT = "napari-upsample-anything/kernel-field/1"
 _NAMES = ("sigma_x", "sigma_y", "theta", "sigma_r")
+_MEMBERS = {f"{n}.npy" for n in _NAMES} | {"meta.npy", "options.npy"}
+
+# Bounds on what a fit accepts and a loaded file may declare. They are far beyond any sensible
+# use and exist so that a corrupt or hostile file cannot make render allocate without limit.
+MAX_RADIUS = 256  # LR cells; published 8, render cost grows as radius^2
+MAX_SIDE = 1 << 20  # pixels along one axis of the HR image
+MAX_LR_CELLS = 1 << 26  # cells of one kernel map (256 MiB of float32)
+MAX_STEPS = 10**7
+MAX_ALPHA = 1e3
+MAX_TEXT_BYTES = 64 << 20  # the JSON metadata / options members of a kernels file
+NORMALIZE_RULES = ("auto", "unit", "percentile", "none")
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How a :class:`KernelField` was fitted; ``render`` uses these unless told otherwise.
+
+    Attributes
+    ----------
+    radius, alpha, border, radius_units :
+        Method options of the fit (see ``RenderOptions``); rendering with others than the
+        fit's changes the kernels' footprint, so render defaults to these.
+    guide_smoothing : float
+        Gaussian sigma (HR pixels) applied to the normalised guide; 0 is off.
+    downsample : "bicubic" | "area"
+        How the fit's LR input was made from the guide (fit only).
+    normalize : "auto" | "unit" | "percentile" | "none" | (lo, hi)
+        The guide intensity rule asked for.
+    channel_axis : int or None
+        The guide's channel axis as given to the fit (None: gray or RGB(A) channels-last).
+    hr_shape, lr_shape : (H, W), (h, w) or None
+        Guide size and LR grid of the fit; render refuses a guide of another size unless
+        ``allow_resized_guide=True``.
+    lr : float
+        Initial learning rate.
+    steps : int
+        Adam updates.
+
+    Every value is range-checked on construction (and so on load).
+    """
+
+    radius: int = 8
+    alpha: float = 2.0
+    border: str = "repeat"
+    radius_units: str = "hr"
+    guide_smoothing: float = 0.0
+    downsample: str = "bicubic"
+    normalize: Union[str, Tuple[float, float]] = "auto"
+    channel_axis: Optional[int] = None
+    hr_shape: Optional[Tuple[int, int]] = None
+    lr_shape: Optional[Tuple[int, int]] = None
+    lr: float = 0.1
+    steps: int = 51
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        set_("radius", check_int(self.radius, "radius", minimum=0, maximum=MAX_RADIUS, hint="published: 8"))
+        set_("alpha", check_float(self.alpha, "alpha", positive=True, maximum=MAX_ALPHA, hint="published: 2"))
+        set_("border", check_choice(self.border, "border", ("repeat", "unique")))
+        set_("radius_units", check_choice(self.radius_units, "radius_units", ("hr", "lr")))
+        set_("downsample", check_choice(self.downsample, "downsample", ("bicubic", "area")))
+        set_("normalize", _check_normalize(self.normalize))
+        if self.channel_axis is not None:
+            set_("channel_axis", check_int(self.channel_axis, "channel_axis", minimum=-3, maximum=2))
+        for name in ("hr_shape", "lr_shape"):
+            value = getattr(self, name)
+            if value is not None:
+                pair = check_int_pair(value, name)
+                if max(pair) > MAX_SIDE:
+                    raise ValueError(f"{name}={pair}: larger than {MAX_SIDE} pixels along an axis")
+                set_(name, pair)
+        if self.hr_shape is not None and self.lr_shape is not None:
+            if self.lr_shape[0] > self.hr_shape[0] or self.lr_shape[1] > self.hr_shape[1]:
+                raise ValueError(f"lr_shape={self.lr_shape} is larger than hr_shape={self.hr_shape}")
+        largest = max(self.hr_shape) if self.hr_shape is not None else MAX_SIDE
+        set_(
+            "guide_smoothing",
+            check_float(
+                self.guide_smoothing, "guide_smoothing", minimum=0.0, maximum=float(largest),
+                hint="Gaussian sigma in pixels, at most the image size",
+            ),
+        )
+        set_("lr", check_float(self.lr, "lr", positive=True, hint="published: 0.1"))
+        set_("steps", check_int(self.steps, "steps", minimum=0, maximum=MAX_STEPS, hint="published: 51"))
+
+    def render_kwargs(self) -> Dict[str, Any]:
+        """``radius, alpha, border, radius_units`` as keyword arguments of ``RenderOptions``."""
+        return dict(radius=self.radius, alpha=self.alpha, border=self.border, radius_units=self.radius_units)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        for key in ("hr_shape", "lr_shape", "normalize"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "FitOptions":
+        """Options from :meth:`to_dict` output (unknown keys are ignored; all values checked)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"fit options must be a dict, got {type(d).__name__}")
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d and d[k] is not None}
+        for key in ("hr_shape", "lr_shape", "normalize"):
+            if isinstance(known.get(key), list):
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+
+def _check_normalize(value) -> Union[str, Tuple[float, float]]:
+    if isinstance(value, str):
+        return check_choice(value, "normalize", NORMALIZE_RULES)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        lo = check_float(value[0], "normalize[0]")
+        hi = check_float(value[1], "normalize[1]")
+        if not hi > lo:
+            raise ValueError(f"normalize={tuple(value)!r}: hi must be larger than lo")
+        return (lo, hi)
+    raise TypeError(f"normalize={value!r}: use 'auto', 'unit', 'percentile', 'none' or (lo, hi)")
 
 
 @dataclass(eq=False)
@@ -35,7 +158,10 @@ class KernelField:
     sigma_r : torch.Tensor (h, w)
         Range standard deviation, in normalised guide units.
     meta : dict
-        Provenance (guide shape, steps, loss history ...); saved with the field.
+        Provenance (guide shape, steps, loss history, timing ...); saved with the field.
+    options : FitOptions or None
+        How the field was fitted (None for fields made by hand); saved with the field and
+        used by default by ``render``, ``upsample``, ``render_pca`` and the inspector.
     """
 
     sigma_x: torch.Tensor
@@ -43,6 +169,7 @@ class KernelField:
     theta: torch.Tensor
     sigma_r: torch.Tensor
     meta: Dict = field(default_factory=dict, compare=False, repr=False)
+    options: Optional[FitOptions] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in _NAMES:
@@ -85,10 +212,10 @@ class KernelField:
     def to(self, device: "str | torch.device") -> "KernelField":
         """A copy on ``device`` (float32)."""
         maps = {n: getattr(self, n).to(device=device, dtype=torch.float32) for n in _NAMES}
-        return KernelField(**maps, meta=dict(self.meta))
+        return KernelField(**maps, meta=dict(self.meta), options=self.options)
 
     def detach(self) -> "KernelField":
-        return KernelField(**{n: getattr(self, n).detach() for n in _NAMES}, meta=dict(self.meta))
+        return KernelField(**{n: getattr(self, n).detach() for n in _NAMES}, meta=dict(self.meta), options=self.options)
 
     def validate(self, lr_shape: "Tuple[int, int] | None" = None, name: str = "field") -> None:
         """Raise ValueError on a shape mismatch, NaN/Inf, or non-positive sigmas."""
@@ -129,28 +256,135 @@ class KernelField:
         return {n: getattr(self, n).detach().cpu().numpy().astype(np.float32) for n in _NAMES}
 
     def save(self, path: "str | Path") -> Path:
-        """Write an ``.npz`` with the four maps and the metadata (JSON)."""
+        """Write an ``.npz`` with the four maps, the metadata and the fit options (JSON).
+
+        Atomic: written to a temporary name in the same folder, then renamed, so an
+        interrupted save never leaves a partial file under ``path`` (nor replaces an older one).
+        """
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-        meta = json.dumps({"format": _FORMAT, **_jsonable(self.meta)})
-        np.savez_compressed(path, **self.numpy(), meta=np.array(meta))
+        members = dict(self.numpy())
+        members["meta"] = np.array(json.dumps({"format": _FORMAT, **_jsonable(self.meta)}))
+        if self.options is not None:
+            members["options"] = np.array(json.dumps(self.options.to_dict()))
+        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(fh, **members)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         return path
 
     @classmethod
     def load(cls, path: "str | Path", device: "str | torch.device" = "cpu") -> "KernelField":
-        """Read a field written by :meth:`save`."""
+        """Read a field written by :meth:`save`.
+
+        The archive's member sizes and array headers are checked before anything is inflated;
+        pickles are refused. Any unreadable file (truncated, empty, text, a plain ``.npy``,
+        wrong members, shapes or values) raises ``ValueError("<path> is not a kernel field
+        file: <why>")``; a missing one FileNotFoundError.
+        """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"kernel field file not found: {path}")
-        with np.load(path, allow_pickle=False) as data:
-            missing = [n for n in _NAMES if n not in data.files]
-            if missing:
-                raise ValueError(f"{path} is not a kernel field file: it lacks {', '.join(missing)}")
-            maps = {n: torch.from_numpy(np.array(data[n], dtype=np.float32)).to(device) for n in _NAMES}
-            meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
-        meta.pop("format", None)
-        return cls(**maps, meta=meta)
+        try:
+            maps, meta, options = _read_field_file(path)
+            field_ = cls(**{n: torch.from_numpy(maps[n]) for n in _NAMES}, meta=meta, options=options)
+            field_.validate(None, "file")
+            if options is not None and options.lr_shape is not None and options.lr_shape != field_.shape:
+                raise ValueError(f"its options say lr_shape={options.lr_shape} but the maps are {field_.shape}")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the one clear error
+            if isinstance(exc, (FileNotFoundError, PermissionError, MemoryError)):
+                raise
+            raise ValueError(f"{path} is not a kernel field file: {exc}") from None
+        return field_.to(device) if torch.device(device).type != "cpu" else field_
+
+
+def _read_field_file(path: Path):
+    """``(maps, meta, options)`` of a kernels file; raises on anything unexpected."""
+    if path.is_dir():
+        raise ValueError("it is a directory")
+    if not zipfile.is_zipfile(path):
+        raise ValueError("it is not an .npz (zip) archive (empty, truncated, text or .npy?)")
+    with zipfile.ZipFile(path) as zf:
+        infos = {info.filename: info for info in zf.infolist()}
+        unknown = sorted(set(infos) - _MEMBERS)
+        if unknown:
+            raise ValueError(f"unexpected members {unknown}")
+        missing = [n for n in _NAMES if f"{n}.npy" not in infos]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+        shape = None
+        for n in _NAMES:
+            info = infos[f"{n}.npy"]
+            with zf.open(info) as fh:  # reads the .npy header only
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    map_shape, _fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                else:
+                    map_shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            if dtype.kind != "f" or dtype.itemsize > 8:
+                raise ValueError(f"{n} has dtype {dtype}; a kernel map is float")
+            if len(map_shape) != 2 or min(map_shape) < 1:
+                raise ValueError(f"{n} has shape {map_shape}; a kernel map is (h, w)")
+            if shape is not None and map_shape != shape:
+                raise ValueError(f"{n} has shape {map_shape} but sigma_x has {shape}")
+            shape = map_shape
+            if map_shape[0] * map_shape[1] > MAX_LR_CELLS:
+                raise ValueError(f"{n} declares {map_shape[0]} x {map_shape[1]} cells, more than {MAX_LR_CELLS}")
+            expected = map_shape[0] * map_shape[1] * dtype.itemsize
+            if info.file_size > expected + 4096:
+                raise ValueError(f"{n} inflates to {info.file_size} bytes, more than its {map_shape} shape needs")
+        for name in ("meta.npy", "options.npy"):
+            if name in infos and infos[name].file_size > MAX_TEXT_BYTES:
+                raise ValueError(f"{name} inflates to {infos[name].file_size} bytes (limit {MAX_TEXT_BYTES})")
+    with np.load(path, allow_pickle=False) as data:
+        maps = {}
+        for n in _NAMES:
+            arr = np.array(data[n], dtype=np.float32)
+            if not np.isfinite(arr).all():
+                raise ValueError(f"{n} contains NaN or Inf (or values beyond float32 range)")
+            maps[n] = arr
+        meta = _read_json(data, "meta")
+        raw_options = _read_json(data, "options") if "options" in data.files else None
+    meta.pop("format", None)
+    if raw_options is not None:
+        options = FitOptions.from_dict(raw_options)
+    else:
+        options = _legacy_options(meta)
+    return maps, meta, options
+
+
+def _read_json(data, name: str) -> Dict[str, Any]:
+    if name not in data.files:
+        return {}
+    arr = data[name]
+    if arr.dtype.kind != "U" or arr.ndim != 0:
+        raise ValueError(f"{name} is not a JSON text")
+    try:
+        value = json.loads(str(arr))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} is not a JSON object")
+    return value
+
+
+def _legacy_options(meta: Dict[str, Any]) -> Optional[FitOptions]:
+    """Fit options from the metadata of files written before options were saved (None if it
+    does not record the fit)."""
+    keys = ("radius", "border", "radius_units", "guide_smoothing", "downsample", "hr_shape", "lr_shape", "lr", "steps")
+    if not any(k in meta for k in keys):
+        return None
+    return FitOptions.from_dict({k: meta[k] for k in keys if k in meta})
 
 
 def _jsonable(obj):

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .errors import MemoryBudgetError
+from .errors import FitDivergedError, MemoryBudgetError
 from .field import KernelField, kernel_coefficients
 from .guide import Guide
 from .memory import MemoryLog, TileMeter, TileRecord, is_out_of_memory
@@ -189,8 +189,10 @@ def fit_field(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue  # redo this step with smaller tiles: the gradient stays exact
+        _check_loss(loss, step, lr, guide)
         losses.append(loss)
         adam.step()
+        _check_parameters(raw, step, lr)
         step += 1
         report(progress, step, steps, stage="fit", loss=loss)
 
@@ -212,11 +214,41 @@ def fit_field(
     if final_loss:
         with torch.no_grad():
             last, mse = _loss_and_grad(engine, cache, tiles, None, values_flat, n_values, per_block, None, cancel, fitted)
+        _check_loss(last, step, lr, guide)
         meta["final_loss"] = last
         meta["psnr"] = 10.0 * math.log10(1.0 / max(mse, 1e-20))
     meta["seconds"] = time.perf_counter() - t_start
     fitted.meta = meta
     return fitted
+
+
+def _check_loss(loss: float, step: int, lr: float, guide: Guide) -> None:
+    """Raise :class:`FitDivergedError` for a NaN / Inf loss, naming the likely cause."""
+    if math.isfinite(loss):
+        return
+    if step == 0:
+        raise FitDivergedError(
+            f"the fit's loss is {loss} before any update: the normalised guide is degenerate "
+            f"(normalisation rule: {guide.rule}); check normalize= (use 'auto' or a (lo, hi) that "
+            "spans the image's values) and precision= (fp16 cannot hold values beyond 65504)"
+        )
+    raise FitDivergedError(
+        f"the fit diverged: the loss became {loss} after {step} updates; the learning rate lr={lr:g} "
+        "is too large for this image (published: 0.1)"
+    )
+
+
+def _check_parameters(raw: torch.Tensor, step: int, lr: float) -> None:
+    """Raise :class:`FitDivergedError` when an update made a kernel parameter NaN / Inf or a
+    sigma overflow or underflow float32 (``sigma = exp(raw)``)."""
+    with torch.no_grad():
+        sigmas = torch.exp(raw[[0, 1, 3]])
+        ok = bool(torch.isfinite(raw).all()) and bool(torch.isfinite(sigmas).all()) and bool((sigmas > 0).all())
+    if not ok:
+        raise FitDivergedError(
+            f"the fit diverged at update {step + 1}: kernel parameters became NaN, Inf or a zero sigma; "
+            f"the learning rate lr={lr:g} is too large for this image (published: 0.1)"
+        )
 
 
 def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, memlog, cancel, field=None):

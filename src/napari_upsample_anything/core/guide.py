@@ -15,31 +15,82 @@ which assumes guide values in [0, 1]. The rule that brings an image there (``nor
 ``"none"``: values cast to float32, unchanged.
 ``(lo, hi)``: ``(x - lo) / (hi - lo)`` for every channel, not clipped.
 
+A rule that brings the guide far outside [0, 1] (more than :data:`MAX_NORMALIZED` in
+magnitude, e.g. ``(0, 1e-30)``) or that has an infinite range is refused: the range kernel
+would overflow and the fit would return NaN.
+
+Axes: ``(H, W)`` is gray; a 3-D array is taken as channels-last ``(H, W, G)`` without being
+told only when ``G`` is 1, 3 or 4 (gray, RGB, RGBA as napari holds them) and ``H, W > 4``.
+Any other 3-D layout (``(70, 100, 100)``, ``(5, 64, 64)``, ``(64, 64, 2)``) is ambiguous
+between channels and a stack of planes and needs ``channel_axis``.
+
 The original array is kept (not copied to float32): tiles are gathered from it and
 normalised on the fly, so a large uint8 image costs no extra full-size float copy.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from .checks import check_float, check_int_pair, check_tensor_usable
+
 Normalize = Union[str, Tuple[float, float]]
 
 _PERCENTILES = (0.5, 99.5)
 _SAMPLE_PIXELS = 1 << 20
+MAX_NORMALIZED = 1e6  # |normalised guide| beyond this is a degenerate normalisation
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_UNAMBIGUOUS_CHANNELS = (1, 3, 4)
 
 
 def _as_array(guide, name: str):
     if isinstance(guide, torch.Tensor):
+        check_tensor_usable(guide, name)
         return guide.detach()
     if isinstance(guide, np.ndarray):
         return guide
     if hasattr(guide, "__array__"):  # dask / zarr / PIL images and napari layer data
         return np.asarray(guide)
     raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(guide).__name__}")
+
+
+def channels_last(arr, channel_axis: Optional[int], name: str = "guide"):
+    """``(view, axis, guessed)``: the (H, W) or channels-last (H, W, G) view of a 2-D / 3-D
+    numpy array or tensor, the channel axis used (None for 2-D) and whether it was inferred.
+
+    Without ``channel_axis`` a 3-D array is accepted only as gray / RGB / RGBA channels-last
+    (last axis 1, 3 or 4 and the other two larger than 4); anything else raises a ValueError
+    asking for ``channel_axis``: channels and planes are never guessed.
+    """
+    shape = tuple(int(n) for n in arr.shape)
+    if arr.ndim not in (2, 3):
+        raise ValueError(
+            f"{name} must be (H, W) or (H, W, G) channels-last, got shape {shape}; "
+            "for a stack, pass one 2D slice at a time (e.g. image[z])"
+        )
+    if arr.ndim == 2:
+        if channel_axis is not None:
+            raise ValueError(f"channel_axis={channel_axis!r} was given but {name} is 2D {shape}; leave channel_axis=None")
+        return arr, None, False
+    if channel_axis is not None:
+        if isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral) or not -3 <= int(channel_axis) <= 2:
+            raise ValueError(f"channel_axis={channel_axis!r}: use 0, 1, 2 or -1, -2, -3 for a 3D {name}")
+        axis = int(channel_axis) % 3
+        if axis == 2:
+            return arr, 2, False
+        return (arr.movedim(axis, -1) if isinstance(arr, torch.Tensor) else np.moveaxis(arr, axis, -1)), axis, False
+    if shape[2] in _UNAMBIGUOUS_CHANNELS and min(shape[0], shape[1]) > max(_UNAMBIGUOUS_CHANNELS):
+        return arr, 2, True
+    raise ValueError(
+        f"{name} has shape {shape}, which is ambiguous: channels-last (H, W, C) is only assumed for "
+        "gray / RGB / RGBA (last axis 1, 3 or 4, the others larger than 4). Pass channel_axis=0 for "
+        "(C, H, W) channels or channel_axis=-1 for (H, W, C), or process each plane image[z] "
+        "separately for a stack"
+    )
 
 
 def validate_image(arr, name: str = "guide") -> None:
@@ -51,11 +102,6 @@ def validate_image(arr, name: str = "guide") -> None:
         )
     if any(int(n) == 0 for n in arr.shape):
         raise ValueError(f"{name} is empty (shape {tuple(arr.shape)})")
-    if arr.ndim == 3 and arr.shape[2] > 64 and arr.shape[0] <= 64:
-        raise ValueError(
-            f"{name} has shape {tuple(arr.shape)}, which looks channels-first (G, H, W); "
-            "pass it channels-last (H, W, G), e.g. np.moveaxis(a, 0, -1) or t.permute(1, 2, 0)"
-        )
     dtype_is_float = (
         arr.dtype.is_floating_point if isinstance(arr, torch.Tensor) else np.issubdtype(arr.dtype, np.floating)
     )
@@ -114,10 +160,17 @@ def normalization_affine(arr, normalize: Normalize = "auto") -> Tuple[np.ndarray
     if isinstance(normalize, (tuple, list)):
         if len(normalize) != 2:
             raise ValueError(f"normalize={normalize!r}: give a (lo, hi) pair")
-        lo, hi = float(normalize[0]), float(normalize[1])
+        lo = check_float(normalize[0], "normalize[0]", hint="the value that maps to 0")
+        hi = check_float(normalize[1], "normalize[1]", hint="the value that maps to 1")
         if not hi > lo:
             raise ValueError(f"normalize={normalize!r}: hi must be larger than lo")
-        return zeros + lo, ones / (hi - lo), False, f"range({lo:g}, {hi:g})"
+        scale = 1.0 / (hi - lo)
+        if not (np.isfinite(hi - lo) and 0 < np.float32(scale) < np.inf):
+            raise ValueError(
+                f"normalize={normalize!r}: degenerate normalisation, the range hi - lo = {hi - lo:g} "
+                "cannot be represented in float32; give a (lo, hi) that spans the image's values"
+            )
+        return zeros + lo, ones * scale, False, f"range({lo:g}, {hi:g})"
     if not isinstance(normalize, str):
         raise ValueError(f"normalize={normalize!r}: use 'auto', 'unit', 'percentile', 'none' or (lo, hi)")
     rule = normalize.lower()
@@ -157,20 +210,34 @@ class Guide:
     normalize : see the module docstring.
     """
 
-    def __init__(self, image, normalize: Normalize = "auto", name: str = "guide", smoothing: float = 0.0):
+    def __init__(
+        self,
+        image,
+        normalize: Normalize = "auto",
+        name: str = "guide",
+        smoothing: float = 0.0,
+        channel_axis: Optional[int] = None,
+    ):
         arr = _as_array(image, name)
+        arr, self.channel_axis, _ = channels_last(arr, channel_axis, name)
         validate_image(arr, name)
         self.data = arr
         self.shape: Tuple[int, int] = (int(arr.shape[0]), int(arr.shape[1]))
         self.channels = 1 if arr.ndim == 2 else int(arr.shape[2])
+        # Checked before the (possibly costly) normalisation statistics and smoothing.
+        self.smoothing = check_float(
+            smoothing,
+            "guide_smoothing",
+            minimum=0.0,
+            maximum=float(max(self.shape)),
+            hint=f"a Gaussian sigma >= 0 in pixels (0 = off), at most the {name}'s size {max(self.shape)}",
+        )
         offset, scale, clip, rule = normalization_affine(arr, normalize)
+        _check_normalized_range(arr, offset, scale, clip, normalize, name)
         self.offset = torch.as_tensor(offset, dtype=torch.float32)
         self.scale = torch.as_tensor(scale, dtype=torch.float32)
         self.clip = clip
         self.rule = rule
-        if not (smoothing >= 0) or smoothing != smoothing:
-            raise ValueError(f"guide_smoothing={smoothing!r}: give a Gaussian sigma >= 0 in pixels (0 = off)")
-        self.smoothing = float(smoothing)
         if self.smoothing > 0:
             self._smooth()
 
@@ -228,9 +295,42 @@ class Guide:
         return self.gather(torch.arange(H), torch.arange(W), device)
 
 
+def _check_normalized_range(arr, offset, scale, clip: bool, normalize, name: str) -> None:
+    """Refuse a guide whose float32 conversion or normalisation is not finite or degenerate.
+
+    Checks what the engine will see: values cast to float32 (a float64 image beyond float32
+    range is finite before the cast, Inf after), then ``(x - offset) * scale``.
+    """
+    is_float, is_bool, is_u8 = _dtype_info(arr)
+    if is_bool or (is_u8 and not clip and float(np.max(np.abs(scale))) <= 1.0):
+        return  # bounded by construction
+    g = 1 if arr.ndim == 2 else int(arr.shape[2])
+    if isinstance(arr, torch.Tensor):
+        flat = arr.reshape(-1, g)
+        lo_v = flat.amin(0).double().cpu().numpy()
+        hi_v = flat.amax(0).double().cpu().numpy()
+    else:
+        flat = np.asarray(arr).reshape(-1, g)
+        lo_v = flat.min(0).astype(np.float64)
+        hi_v = flat.max(0).astype(np.float64)
+    if is_float and max(np.abs(lo_v).max(), np.abs(hi_v).max()) > _FLOAT32_MAX:
+        raise ValueError(
+            f"{name} has values beyond the float32 range (+-3.4e38), which become Inf when the guide is "
+            "converted to float32; rescale it first"
+        )
+    if clip:
+        return  # clipped to [0, 1] after the affine
+    with np.errstate(over="ignore", invalid="ignore"):
+        ends = (np.stack([lo_v, hi_v]).astype(np.float32) - offset.astype(np.float32)) * scale.astype(np.float32)
+    largest = float(np.abs(ends).max())
+    if not np.isfinite(largest) or largest > MAX_NORMALIZED:
+        raise ValueError(
+            f"normalize={normalize!r} is a degenerate normalisation of {name}: it maps the values to "
+            f"magnitudes up to {largest:g}, while the range kernel expects about [0, 1] (the fit would "
+            "overflow to NaN); use normalize='auto' or a (lo, hi) that spans the image's values"
+        )
+
+
 def check_sequence_pair(value: Sequence[int], name: str) -> Tuple[int, int]:
-    try:
-        a, b = (int(v) for v in value)
-    except Exception as exc:
-        raise ValueError(f"{name} must be a pair of ints (h, w), got {value!r}") from exc
-    return a, b
+    """``(h, w)`` ints; TypeError / ValueError naming ``name`` otherwise (no truncation of 8.5)."""
+    return check_int_pair(value, name)

@@ -515,11 +515,14 @@ class BlockEngine:
         cancel: Optional[CancelFn] = None,
         memlog: Optional[MemoryLog] = None,
         stage: str = "render",
+        affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> None:
         """Render ``values`` ``[C, h, w]`` with ``field`` into ``out`` ``(C, H, W)``.
 
         ``out`` is a torch tensor (any device) or a numpy array / memmap; it is written
-        tile by tile. Tiles that run out of memory are split and retried.
+        tile by tile. Tiles that run out of memory are split and retried. ``affine``
+        ``(scale [C], shift [C])`` is applied to every tile as it is written (the caller's
+        undo of a per-channel normalisation; the render commutes with it).
         """
         C = int(values.shape[0])
         h, w = self.lr_shape
@@ -542,7 +545,10 @@ class BlockEngine:
             try:
                 with torch.no_grad(), TileMeter(self.device) as meter:
                     block_out = self._render_tile(values_flat, coef, sigma_eff, tile, agg_dtype, workspace)
-                    _write(out, self.from_blocks(block_out, tile), self._hr_rect(tile))
+                    tile_img = self.from_blocks(block_out, tile)
+                    if affine is not None:
+                        tile_img = torch.addcmul(affine[1][:, None, None], tile_img, affine[0][:, None, None])
+                    _write(out, tile_img, self._hr_rect(tile))
                     del block_out
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
                 if not is_out_of_memory(exc):

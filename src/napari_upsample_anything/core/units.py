@@ -24,6 +24,9 @@ _UNITS = {
 }
 
 
+MAX_BYTES = 1e18  # an exabyte: anything above is a typo (and 1e400 is infinity)
+
+
 def parse_bytes(value: "int | float | str | None", name: str = "max_memory") -> Optional[int]:
     """Parse a byte count: an int/float, or a string like ``"2GB"``, ``"1.5 GiB"``, ``"512MB"``.
 
@@ -37,6 +40,8 @@ def parse_bytes(value: "int | float | str | None", name: str = "max_memory") -> 
     if isinstance(value, (int, float)):
         if not (value > 0) or value != value or value == float("inf"):
             raise ValueError(f"{name}={value!r}: the memory budget must be a positive number of bytes")
+        if value > MAX_BYTES:
+            raise ValueError(f"{name}={value!r}: more than {MAX_BYTES:.0e} bytes; give a real budget such as '8GB'")
         return int(value)
     text = str(value).strip().lower()
     if text == "auto":
@@ -46,7 +51,10 @@ def parse_bytes(value: "int | float | str | None", name: str = "max_memory") -> 
         raise ValueError(
             f"{name}={value!r} is not a size; use bytes or a string like '2GB', '512MiB', '1.5GiB'"
         )
-    nbytes = int(float(m.group(1)) * _UNITS[m.group(2)])
+    amount = float(m.group(1)) * _UNITS[m.group(2)]
+    if not amount < MAX_BYTES:  # also catches '1e400' (inf)
+        raise ValueError(f"{name}={value!r}: more than {MAX_BYTES:.0e} bytes; give a real budget such as '8GB'")
+    nbytes = int(amount)
     if nbytes <= 0:
         raise ValueError(f"{name}={value!r}: the memory budget must be positive")
     return nbytes

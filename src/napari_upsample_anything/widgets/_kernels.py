@@ -199,15 +199,15 @@ def pixel_weights(plane: PlaneResult, y: int, x: int) -> np.ndarray:
     """
     import torch
 
-    from ..api import fitted_smoothing
-    from ..core.guide import Guide
-    from ..core.render import BlockEngine, RenderOptions, pixel_weight_map
+    from ..api import fitted_guide, render_options
+    from ..core.render import BlockEngine, pixel_weight_map
 
     ref = _ENGINE.get("plane")
     if ref is None or ref() is not plane:
         _ENGINE.clear()
-        guide = Guide(plane.guide, smoothing=fitted_smoothing(plane.field))  # the guide the kernels were fitted on
-        _ENGINE["engine"] = BlockEngine(guide, plane.lr_shape, RenderOptions(), torch.device("cpu"))
+        # The guide and options the kernels were fitted with (guide_from_image: channels-last).
+        guide = fitted_guide(plane.field, plane.guide, channel_axis=-1 if plane.guide.ndim == 3 else None)
+        _ENGINE["engine"] = BlockEngine(guide, plane.lr_shape, render_options(plane.field), torch.device("cpu"))
         _ENGINE["plane"] = weakref.ref(plane)
     return pixel_weight_map(_ENGINE["engine"], plane.field, int(y), int(x))
 

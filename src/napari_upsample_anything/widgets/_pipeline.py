@@ -313,6 +313,7 @@ def run_pipeline(
                 steps=int(config.steps),
                 guide_smoothing=float(config.guide_smoothing),
                 downsample=config.fit_downsample,
+                channel_axis=-1 if guide.ndim == 3 else None,  # guide_from_image gives channels-last
                 device=device,
                 precision=config.precision,
                 max_memory=budget,
@@ -476,7 +477,8 @@ def upsample_planes(
                     grid,
                     steps=int(request.refit_steps),
                     guide_smoothing=api.fitted_smoothing(plane.field),  # same fit options as the image's
-                    downsample=plane.field.meta.get("downsample", "bicubic"),
+                    downsample=plane.field.options.downsample if plane.field.options else "bicubic",
+                    channel_axis=-1 if plane.guide.ndim == 3 else None,
                     device=device,
                     precision=request.precision,
                     max_memory=budget,
