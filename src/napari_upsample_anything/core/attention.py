@@ -189,6 +189,7 @@ def render_blocks(
     agg_dtype=torch.float32,
     workspace: Optional[Workspace] = None,
     weights_fn=None,
+    chunk: Optional[int] = None,
 ) -> torch.Tensor:
     """Render one tile: ``[B, C, P]`` (channels first) = ``values^T @ softmax(log_w)^T`` per block.
 
@@ -196,20 +197,22 @@ def render_blocks(
     out ``[B, C, P]`` so that the tile image ``(C, rows, cols)`` is a copy of contiguous runs
     of ``P_x`` pixels (the ``[B, P, C]`` layout had to be read with stride C, 32 % of render
     time at C = 384). ``weights_fn(b0, b1) -> [n, P, K]`` replaces the eager log-weights and
-    softmax of blocks ``b0:b1`` (the compiled path, :mod:`.fused`).
+    softmax of blocks ``b0:b1`` (the compiled path, :mod:`.fused`), with ``chunk`` its fixed
+    chunk size.
     """
     nb, p, k = phi.shape[0], phi.shape[1], psi.shape[2]
     g = jd.shape[2]
     ws = workspace if workspace is not None else Workspace(phi.device)
     wd = phi.dtype
     half = agg_dtype not in (torch.float32, torch.float64)
-    cb = chunk_blocks(phi.device, p, k, nb, ws.chunk_bytes)
+    cb = chunk if chunk is not None else chunk_blocks(phi.device, p, k, nb, ws.chunk_bytes)
     vals_t = values.to(agg_dtype if half else wd).transpose(1, 2)  # [B, C, K] (a view)
     out = torch.empty(nb, vals_t.shape[1], p, dtype=wd, device=phi.device)
-    logits_buf = ws.get("logits", (cb, p, k), wd)
-    dist_buf = ws.get("range", (cb, p, k), wd)
-    tmp_buf = ws.get("tmp", (cb, p, k), wd) if g > 1 else None
-    w_buf = ws.get("weights_chunk", (cb, p, k), wd)
+    if weights_fn is None:
+        logits_buf = ws.get("logits", (cb, p, k), wd)
+        dist_buf = ws.get("range", (cb, p, k), wd)
+        tmp_buf = ws.get("tmp", (cb, p, k), wd) if g > 1 else None
+        w_buf = ws.get("weights_chunk", (cb, p, k), wd)
     spatial = phi[:, :, :6]
     for b0 in range(0, nb, cb):
         b1 = min(nb, b0 + cb)

@@ -44,6 +44,7 @@ import torch
 
 from .errors import MemoryBudgetError
 from .field import KernelField, kernel_coefficients
+from .fused import compiled_chunk_blocks, kernel, pad_blocks, resolve_backend
 from .grid import BlockGrid
 from .guide import Guide
 from .attention import (  # noqa: F401  (Workspace, chunk_blocks, block_attention: re-exported)
@@ -378,11 +379,14 @@ class BlockEngine:
         cancel: Optional[CancelFn] = None,
         memlog: Optional[MemoryLog] = None,
         stage: str = "render",
+        backend: str = "eager",
     ) -> None:
         """Render ``values`` ``[C, h, w]`` with ``field`` into ``out`` ``(C, H, W)``.
 
         ``out`` is a torch tensor (any device) or a numpy array / memmap; it is written
-        tile by tile. Tiles that run out of memory are split and retried.
+        tile by tile. Tiles that run out of memory are split and retried. ``backend``:
+        ``"eager"`` or ``"compiled"`` (log-weights and softmax as one fused kernel,
+        :mod:`.fused`; the aggregation is a GEMM either way), ``"auto"`` picks.
         """
         C = int(values.shape[0])
         h, w = self.lr_shape
@@ -398,27 +402,59 @@ class BlockEngine:
             memlog.budget_bytes = budget
             memlog.device = str(self.device)
         workspace = self.workspace()
+        path = resolve_backend(backend, self.device, float(self.guide.shape[0] * self.guide.shape[1] * self.K))
+        weights_kernel = _RenderWeights(self, max(_tile_blocks(t) for t in queue)) if path == "compiled" else None
         while queue:
             tile = queue.pop(0)
             check_cancel(cancel, stage)
             t0 = time.perf_counter()
             try:
                 with torch.no_grad(), TileMeter(self.device) as meter:
-                    block_out = self._render_tile(values_flat, coef, sigma_eff, tile, agg_dtype, workspace)
-                    _write(out, self.from_blocks(block_out, tile), self._hr_rect(tile))
+                    block_out = self._render_tile(values_flat, coef, sigma_eff, tile, agg_dtype, workspace, weights_kernel)
+                    self._write_blocks(out, block_out, tile)
                     del block_out
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
                 if not is_out_of_memory(exc):
                     raise
-                queue[0:0] = _split(tile, exc, per_block)
+                queue[0:0] = halve_tile(tile, exc, "rendering")
                 workspace = self.workspace()
-                _free(self.device)
+                release_cached_memory(self.device)
                 continue
             nblocks = (tile[1] - tile[0]) * (tile[3] - tile[2])
             done += nblocks
             if memlog is not None:
                 memlog.add(TileRecord(stage, *tile, per_block * nblocks, meter.peak, time.perf_counter() - t0))
             report(progress, done, total, stage=stage)
+
+    def _write_blocks(self, out, blocks: torch.Tensor, tile: Tile) -> None:
+        """Write a tile's ``[B, C, P]`` result into ``out`` ``(C, H, W)``.
+
+        Regular grids with a float32 ``out`` (torch tensor or numpy array/memmap) take one
+        copy straight into the final layout, reading contiguous runs of ``P_x`` pixels;
+        otherwise the tile image is assembled first (padding dropped) and handed to ``_write``.
+        """
+        i0, i1, j0, j1 = tile
+        nr, nc = i1 - i0, j1 - j0
+        py, px = self.grid.rows.pad, self.grid.cols.pad
+        c = blocks.shape[1]
+        y0, y1, x0, x1 = self._hr_rect(tile)
+        view = blocks.reshape(nr, nc, c, py, px).permute(2, 0, 3, 1, 4)  # [C, nr, py, nc, px]
+        target = None
+        if self.regular:
+            if isinstance(out, torch.Tensor) and out.dtype == blocks.dtype:
+                target = out
+            elif isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.writeable and blocks.device.type == "cpu":
+                target = torch.from_numpy(out)
+        if target is not None:
+            dest = target[:, y0:y1, x0:x1].unflatten(1, (nr, py)).unflatten(3, (nc, px))
+            dest.copy_(view)
+            return
+        img = view.reshape(c, nr * py, nc * px)
+        if not self.regular:
+            vy = self.grid.rows.valid[i0:i1].reshape(-1).to(img.device)
+            vx = self.grid.cols.valid[j0:j1].reshape(-1).to(img.device)
+            img = img[:, vy][:, :, vx]
+        _write(out, img, (y0, y1, x0, x1))
 
     def pixel_weights(self, field: KernelField, y: int, x: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Effective upsampling weights of HR pixel ``(y, x)`` over its LR neighbours.
@@ -455,16 +491,56 @@ class BlockEngine:
         x0, x1 = self.grid.cols.hr_range(j0, j1)
         return y0, y1, x0, x1
 
-    def _render_tile(self, values_flat, coef, sigma_eff, tile: Tile, agg_dtype, workspace=None) -> torch.Tensor:
+    def _render_tile(self, values_flat, coef, sigma_eff, tile: Tile, agg_dtype, workspace=None, weights_kernel=None) -> torch.Tensor:
+        """``[B, C, P]`` render of one tile (channels first, see :func:`.attention.render_blocks`)."""
         r2_pix = self.radius_sq(sigma_eff, tile)
-        k = self.tile_k(r2_pix)
+        k = self.K if weights_kernel is not None else self.tile_k(r2_pix)
         geometry = self.neighbours(tile, k)
         q = geometry[0]
         phi = self.pixel_features(tile)
         psi, rho, jd = self.neighbour_features(coef, tile, geometry)
-        mask = self.weights_mask(r2_pix, geometry[3], k)
         vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
-        return block_attention(phi, psi, rho, jd, vals, mask, agg_dtype, workspace)
+        if weights_kernel is not None:
+            weights_fn = weights_kernel.bind(phi, psi, rho, jd, r2_pix, geometry[3])
+            return render_blocks(phi, psi, rho, jd, vals, None, agg_dtype, workspace, weights_fn, weights_kernel.cb)
+        mask = self.weights_mask(r2_pix, geometry[3], k)
+        return render_blocks(phi, psi, rho, jd, vals, mask, agg_dtype, workspace)
+
+
+class _RenderWeights:
+    """Compiled softmax weights of render chunks (:func:`.fused.render_weights`), padded to a
+    fixed chunk size so that a render compiles once."""
+
+    def __init__(self, engine: BlockEngine, tile_blocks: int):
+        self.cb = compiled_chunk_blocks(engine.device, engine.P, engine.K, tile_blocks)
+        self.fn = kernel("render", True)
+        self.r2_off = engine.grid.offsets.r2.to(engine.device, torch.int32)
+        self.channels = engine.channels
+
+    def bind(self, phi, psi, rho, jd, r2_pix, repeated):
+        g, cb = self.channels, self.cb
+        nb = phi.shape[0]
+        rep = repeated[:, 0, :] if repeated is not None else torch.zeros(nb, psi.shape[2], dtype=torch.bool, device=phi.device)
+        pieces = {
+            "phi": phi[:, :, :6].transpose(1, 2),
+            "psi": psi,
+            "rho": rho,
+            "ic": phi[:, :, 7 : 7 + g].transpose(1, 2),
+            "jd": jd.transpose(1, 2),
+            "r2": r2_pix.to(torch.int32),
+            "rep": rep,
+        }
+
+        def weights(b0: int, b1: int) -> torch.Tensor:
+            x = {name: pad_blocks(t[b0:b1], cb).contiguous() for name, t in pieces.items()}
+            w = self.fn(x["phi"], x["psi"], x["rho"], x["ic"], x["jd"], x["r2"], self.r2_off, x["rep"])
+            return w[: b1 - b0]
+
+        return weights
+
+
+def _tile_blocks(tile: Tile) -> int:
+    return (tile[1] - tile[0]) * (tile[3] - tile[2])
 
 
 def pixel_weight_map(engine: BlockEngine, field: KernelField, y: int, x: int) -> np.ndarray:
@@ -482,23 +558,3 @@ def _write(out, tile_img: torch.Tensor, rect: Tuple[int, int, int, int]) -> None
         out[:, y0:y1, x0:x1] = tile_img.to(device=out.device, dtype=out.dtype)
     else:
         out[:, y0:y1, x0:x1] = tile_img.to("cpu").numpy().astype(out.dtype, copy=False)
-
-
-def _split(tile: Tile, exc: BaseException, per_block: int) -> List[Tile]:
-    i0, i1, j0, j1 = tile
-    if i1 - i0 > 1:
-        mid = (i0 + i1) // 2
-        return [(i0, mid, j0, j1), (mid, i1, j0, j1)]
-    if j1 - j0 > 1:
-        mid = (j0 + j1) // 2
-        return [(i0, i1, j0, mid), (i0, i1, mid, j1)]
-    raise MemoryBudgetError(
-        f"out of memory even for a single LR cell (planned {format_bytes(per_block)}): "
-        f"free device memory or lower radius / the number of channels ({exc})"
-    ) from exc
-
-
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
