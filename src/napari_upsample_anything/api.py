@@ -98,6 +98,8 @@ def fit_kernels(
     cancel: Optional[CancelFn] = None,
     seed: Optional[int] = None,
     memory_log: Optional[MemoryLog] = None,
+    threads: Optional[int] = None,
+    backend: str = "auto",
 ) -> KernelField:
     """Fit the GSJBU kernel field on ``guide`` for an LR grid of ``lr_shape`` (test-time optimisation).
 
@@ -143,6 +145,10 @@ def fit_kernels(
         Seeds torch's RNG. The fit itself is deterministic; this is for reproducible callers.
     memory_log : MemoryLog, optional
         Receives one record per processed tile (bytes and time).
+    threads : int, optional
+        CPU threads for this call (None: torch's setting, ``OMP_NUM_THREADS``; docs/benchmarks.md).
+    backend : "auto" | "compiled" | "eager"
+        Fused ``torch.compile`` kernels or plain tensor operations (same results; docs/engine.md).
 
     Returns
     -------
@@ -177,6 +183,8 @@ def fit_kernels(
         memlog=memory_log,
         agg_dtype=agg,
         downsample=downsample,
+        backend=backend,
+        threads=threads,
     )
 
 
@@ -203,6 +211,8 @@ def render(
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
     memory_log: Optional[MemoryLog] = None,
+    threads: Optional[int] = None,
+    backend: str = "auto",
 ) -> ArrayLike:
     """Upsample ``lr_map`` to the guide's resolution with a fitted kernel field.
 
@@ -255,6 +265,8 @@ def render(
         progress=progress,
         cancel=cancel,
         memlog=memory_log,
+        backend=backend,
+        threads=threads,
     )
     return out
 
@@ -281,6 +293,8 @@ def upsample(
     seed: Optional[int] = None,
     memory_log: Optional[MemoryLog] = None,
     return_field: bool = False,
+    threads: Optional[int] = None,
+    backend: str = "auto",
 ):
     """Fit the kernels on ``guide`` and upsample ``lr_map`` with them, in one call.
 
@@ -309,6 +323,8 @@ def upsample(
         cancel=cancel,
         seed=seed,
         memory_log=memory_log,
+        threads=threads,
+        backend=backend,
     )
     hr = render(
         lr_map,
@@ -327,6 +343,8 @@ def upsample(
         progress=progress,
         cancel=cancel,
         memory_log=memory_log,
+        threads=threads,
+        backend=backend,
     )
     return (hr, field) if return_field else hr
 

@@ -35,6 +35,7 @@ from .fused import (
 from .guide import Guide
 from .memory import MemoryLog, TileMeter, TileRecord, halve_tile, is_out_of_memory, release_cached_memory
 from .progress import CancelFn, ProgressFn, check_cancel, report
+from .threads import torch_threads
 from .render import (
     CPU_PREFERRED_TILE_BYTES,
     BlockEngine,
@@ -235,6 +236,7 @@ def fit_field(
     agg_dtype: torch.dtype = torch.float32,
     downsample: str = "bicubic",
     backend: str = "auto",
+    threads: Optional[int] = None,
 ) -> KernelField:
     """Fit a :class:`KernelField` on ``guide`` for an LR grid of ``lr_shape``.
 
@@ -251,7 +253,13 @@ def fit_field(
     Triton on CUDA) or ``"auto"`` (compiled when a compiler is there and the fit is large enough
     to repay the compile time). Both compute the same loss and exact gradient. The compiled
     path aggregates in float32 whatever ``agg_dtype`` says (the fit's values have 3 channels).
+    ``threads``: CPU threads for this call (None: torch's setting; :mod:`.threads`).
     """
+    with torch_threads(threads):
+        return _fit_field(guide, lr_shape, steps, lr, options, device, budget, init, progress, cancel, memlog, final_loss, agg_dtype, downsample, backend)
+
+
+def _fit_field(guide, lr_shape, steps, lr, options, device, budget, init, progress, cancel, memlog, final_loss, agg_dtype, downsample, backend):
     t_start = time.perf_counter()
     engine = BlockEngine(guide, lr_shape, options, device)
     h, w = engine.lr_shape

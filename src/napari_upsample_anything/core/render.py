@@ -67,6 +67,7 @@ from .memory import (
     release_cached_memory,
 )
 from .progress import CancelFn, ProgressFn, check_cancel, report
+from .threads import torch_threads
 
 Tile = Tuple[int, int, int, int]  # LR cells [i0, i1) x [j0, j1)
 
@@ -380,14 +381,20 @@ class BlockEngine:
         memlog: Optional[MemoryLog] = None,
         stage: str = "render",
         backend: str = "eager",
+        threads: Optional[int] = None,
     ) -> None:
         """Render ``values`` ``[C, h, w]`` with ``field`` into ``out`` ``(C, H, W)``.
 
         ``out`` is a torch tensor (any device) or a numpy array / memmap; it is written
         tile by tile. Tiles that run out of memory are split and retried. ``backend``:
         ``"eager"`` or ``"compiled"`` (log-weights and softmax as one fused kernel,
-        :mod:`.fused`; the aggregation is a GEMM either way), ``"auto"`` picks.
+        :mod:`.fused`; the aggregation is a GEMM either way), ``"auto"`` picks. ``threads``:
+        CPU threads for this call (None: torch's setting).
         """
+        with torch_threads(threads):
+            self._render(values, field, out, agg_dtype, budget, progress, cancel, memlog, stage, backend)
+
+    def _render(self, values, field, out, agg_dtype, budget, progress, cancel, memlog, stage, backend) -> None:
         C = int(values.shape[0])
         h, w = self.lr_shape
         agg_bytes = torch.empty((), dtype=agg_dtype).element_size()
