@@ -10,6 +10,7 @@ import torch
 from conftest import DATA, rel_err
 from reference_gsjbu import reference_render
 
+from napari_upsample_anything.core import native
 from napari_upsample_anything.core.errors import Cancelled
 from napari_upsample_anything.core.field import KernelField
 from napari_upsample_anything.core.fit import (
@@ -29,6 +30,7 @@ from napari_upsample_anything.core.render import (
 )
 
 CPU = torch.device("cpu")
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler to build the native fit kernel")
 
 
 def test_loss_curve_matches_published_implementation():
@@ -72,8 +74,8 @@ def _our_gradient(guide_hwc, lr_shape, raw, budget, path="eager"):
     tiles = engine.plan(per_block, budget)
     raw = raw.clone().requires_grad_(True)
     n = guide.channels * guide.shape[0] * guide.shape[1]
-    if path in ("fused", "compiled"):
-        prep = _ChunkedFit(engine, tiles, values, n, keep=True, compiled=path == "compiled")
+    if path in ("fused", "inductor", "native"):
+        prep = _ChunkedFit(engine, tiles, values, n, keep=True, compiled=True, kernel_name={"fused": "fused-eager"}.get(path, path))
         loss, _ = _loss_and_grad_fused(prep, tiles, raw, per_block, None, None)
     else:
         cache = _TileCache(engine, path == "eager-range-cache", keep_range=path == "eager-range-cache")
@@ -89,7 +91,9 @@ def _our_gradient(guide_hwc, lr_shape, raw, budget, path="eager"):
         (2_000_000, "eager-range-cache"),
         (2**30, "fused"),  # the compiled kernel's formulas, run eagerly (no compile time)
         (2_000_000, "fused"),
-        (2_000_000, "compiled"),
+        (2_000_000, "inductor"),  # torch.compile of those formulas (Triton on CUDA)
+        pytest.param(2**30, "native", marks=needs_native),  # the CPU C kernel
+        pytest.param(2_000_000, "native", marks=needs_native),
     ],
 )
 def test_tiled_gradient_is_the_full_image_gradient(budget, path):

@@ -10,7 +10,7 @@ from conftest import random_field, rel_err
 from reference_gsjbu import reference_render
 
 import napari_upsample_anything as upa
-from napari_upsample_anything.core import fused
+from napari_upsample_anything.core import fused, native
 from napari_upsample_anything.core.fit import fit_field
 from napari_upsample_anything.core.guide import Guide
 from napari_upsample_anything.core.render import BlockEngine, RenderOptions
@@ -52,9 +52,11 @@ def test_spatial_coefficients_backward_is_the_chain_rule(gen):
 
 
 @needs_compiler
-def test_compiled_fit_follows_the_eager_loss_curve_and_compiles_once():
-    """Loss curves within 0.1 % per step (they agree to ~1e-6), same fitted field; a second fit
-    with a different tiling of the same shape class compiles nothing new."""
+def test_compiled_fit_follows_the_eager_loss_curve_and_compiles_once(monkeypatch):
+    """torch.compile path (the native CPU kernel switched off): loss curves within 0.1 % per
+    step (they agree to ~1e-6), same fitted field; a second fit of the same shape class
+    compiles nothing new."""
+    monkeypatch.setattr(native, "available", lambda: False)
     rng = np.random.default_rng(0)
     guide = Guide((rng.random((48, 60, 3)) * 255).astype(np.uint8))
     eager = fit_field(guide, (4, 5), steps=3, budget=2**30, backend="eager")
@@ -62,6 +64,7 @@ def test_compiled_fit_follows_the_eager_loss_curve_and_compiles_once():
     compiled = fit_field(guide, (4, 5), steps=3, budget=2**30, backend="compiled")
     first = fused.compiled_graph_count() - before
     assert compiled.meta["backend"] == "compiled" and eager.meta["backend"] == "eager"
+    assert compiled.meta["kernel"] == "inductor"
     a, b = np.array(eager.meta["loss_per_step"]), np.array(compiled.meta["loss_per_step"])
     assert np.abs(b / a - 1).max() < 1e-3
     assert compiled.meta["final_loss"] == pytest.approx(eager.meta["final_loss"], rel=1e-3)
@@ -70,6 +73,21 @@ def test_compiled_fit_follows_the_eager_loss_curve_and_compiles_once():
     before = fused.compiled_graph_count()
     fit_field(guide, (4, 5), steps=2, budget=2**30, backend="compiled")  # same shapes: no recompile
     assert fused.compiled_graph_count() == before
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler to build the native fit kernel")
+def test_native_fit_follows_the_eager_loss_curve():
+    """The default CPU fit kernel: published 51-step loss curve within 0.1 % per step of the
+    eager path, on a non-integer scale (padded blocks) with the 'unique' border (masked pairs)."""
+    rng = np.random.default_rng(2)
+    guide = Guide((rng.random((50, 37, 3)) * 255).astype(np.uint8))
+    options = RenderOptions(border="unique")
+    eager = fit_field(guide, (7, 5), steps=51, budget=2**30, options=options, backend="eager")
+    fast = fit_field(guide, (7, 5), steps=51, budget=2**30, options=options, backend="auto")
+    assert fast.meta["kernel"] == "native"  # auto picks it: it builds in seconds
+    a, b = np.array(eager.meta["loss_per_step"]), np.array(fast.meta["loss_per_step"])
+    assert np.abs(b / a - 1).max() < 1e-3
+    assert fast.meta["psnr"] == pytest.approx(eager.meta["psnr"], abs=0.01)
 
 
 @needs_compiler

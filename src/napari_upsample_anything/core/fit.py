@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .field import KernelField, kernel_coefficients
+from . import native
 from .fused import (
     compiled_chunk_blocks,
     kernel,
@@ -154,6 +155,14 @@ class _TileCache:
         return item
 
 
+def fit_kernel_name(device: torch.device, guide_channels: int) -> str:
+    """Which compiled fit kernel runs: ``"native"`` (CPU, up to 3 guide channels, when a C
+    compiler can build it) or ``"inductor"`` (``torch.compile``: Triton on CUDA)."""
+    if device.type == "cpu" and guide_channels <= 3 and native.available():
+        return "native"
+    return "inductor"
+
+
 class _ChunkedFit:
     """Inputs of the fused fit kernel (:func:`.fused.fit_chunk_direct`), per tile and chunk.
 
@@ -162,14 +171,25 @@ class _ChunkedFit:
     class per fit, hence one compilation.
     """
 
-    def __init__(self, engine: BlockEngine, tiles: List[Tile], values_flat: torch.Tensor, n_values: int, keep: bool, compiled: bool):
+    def __init__(
+        self, engine: BlockEngine, tiles: List[Tile], values_flat: torch.Tensor, n_values: int, keep: bool, compiled: bool,
+        kernel_name: Optional[str] = None,
+    ):
         self.engine = engine
         self.values_flat = values_flat
         self.n_values = n_values
         self.keep = keep
         self.compiled = compiled
-        self.fn = kernel("fit", compiled)
-        self.cb = compiled_chunk_blocks(engine.device, engine.P, engine.K, max(_blocks(t) for t in tiles))
+        # CPU: the hand-written C kernel (3x faster than inductor's code for this chunk, built
+        # in seconds); CUDA, or no C compiler: torch.compile (Triton / inductor C++).
+        if kernel_name is None:
+            kernel_name = fit_kernel_name(engine.device, engine.channels) if compiled else "fused-eager"
+        self.kernel_name = kernel_name  # "native", "inductor" or "fused-eager" (uncompiled formulas)
+        self.fn = native.fit_chunk if kernel_name == "native" else kernel("fit", kernel_name == "inductor")
+        largest = max(_blocks(t) for t in tiles)
+        # The native kernel keeps no [B, P, K] intermediates and takes any B: whole tiles, no
+        # padding. Compiled kernels: cache-sized chunks of one fixed size (one compilation).
+        self.cb = largest if self.kernel_name == "native" else compiled_chunk_blocks(engine.device, engine.P, engine.K, largest)
         self.r2_off = engine.grid.offsets.r2.to(engine.device, torch.int32)
         self.store = {}
 
@@ -208,11 +228,15 @@ class _ChunkedFit:
         out = []
         for b0 in range(0, nb, cb):
             b1 = min(nb, b0 + cb)
-            item = {name: pad_blocks(t[b0:b1], cb).contiguous() for name, t in channel_major.items()}
+            item = {name: self.pad(t[b0:b1]).contiguous() for name, t in channel_major.items()}
             out.append((b0, b1 - b0, q[b0:b1].reshape(-1), item))
         if self.keep:
             self.store[tile] = out
         return out
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """Pad a chunk to the fixed chunk size of a compiled kernel (the native one takes any)."""
+        return t if self.kernel_name == "native" else pad_blocks(t, self.cb)
 
 
 def _blocks(tile: Tile) -> int:
@@ -278,7 +302,8 @@ def _fit_field(guide, lr_shape, steps, lr, options, device, budget, init, progre
 
     agg_bytes = torch.empty((), dtype=agg_dtype).element_size()
     per_block = engine.bytes_per_block(G, agg_bytes, training=True)
-    path = resolve_backend(backend, device, float(H * W * engine.K * max(1, steps)))
+    cheap_build = fit_kernel_name(device, G) == "native"  # seconds to build, cached on disk
+    path = resolve_backend(backend, device, math.inf if cheap_build else float(H * W * engine.K * max(1, steps)))
     if path == "compiled":
         cache_bytes = engine.grid.rows.n_lr * engine.grid.cols.n_lr * _ChunkedFit.bytes_per_block(engine)
         range_bytes = 0
@@ -347,6 +372,7 @@ def _fit_field(guide, lr_shape, steps, lr, options, device, budget, init, progre
         "radius_units": options.radius_units,
         "loss_per_step": losses,
         "backend": path,
+        "kernel": cache.kernel_name if path == "compiled" else "eager",
     }
     if final_loss:
         with torch.no_grad():
@@ -417,7 +443,7 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
     grad = torch.zeros_like(coef_flat) if training else None
     total = torch.zeros((), device=engine.device)
     squared = torch.zeros((), device=engine.device)
-    K, cb = engine.K, prep.cb
+    K = engine.K
     with torch.no_grad():
         for tile in tiles:
             check_cancel(cancel, "kernel fitting")
@@ -428,8 +454,8 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
                     c = coef_flat.index_select(1, q).reshape(4, n, K)  # A, B, C, rho of the neighbours
                     psi = spatial_coefficients(c, x["d_y"][:n], x["d_x"][:n])
                     loss, sq, grad_psi, grad_rho = prep.fn(
-                        x["phi"], pad_blocks(psi, cb), pad_blocks(c[3], cb), x["ic"], x["jd"], x["vals"],
-                        x["target"], x["weight"], pad_blocks(r2[b0 : b0 + n], cb), prep.r2_off, x["repeated"],
+                        x["phi"], prep.pad(psi), prep.pad(c[3]), x["ic"], x["jd"], x["vals"],
+                        x["target"], x["weight"], prep.pad(r2[b0 : b0 + n]), prep.r2_off, x["repeated"],
                     )
                     total += loss
                     squared += sq

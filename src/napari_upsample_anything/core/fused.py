@@ -56,7 +56,8 @@ def check_backend(backend: str) -> str:
 def compiler_available(device_type: str) -> bool:
     """Whether ``torch.compile`` can generate code for this device type here.
 
-    CPU: inductor needs a C++ compiler (``CXX``, ``g++``, ``c++`` or ``clang++`` on the PATH).
+    CPU: inductor needs a C++ compiler (``CXX``, ``g++``, ``c++`` or ``clang++`` on the PATH)
+    (the fit's native kernel, :mod:`.native`, needs a C compiler too).
     CUDA: Triton must be importable. Other devices (MPS): no.
     """
     if os.environ.get("UPSAMPLE_ANYTHING_NO_COMPILE"):
