@@ -388,7 +388,7 @@ class BlockEngine:
         ``out`` is a torch tensor (any device) or a numpy array / memmap; it is written
         tile by tile. Tiles that run out of memory are split and retried. ``backend``:
         ``"eager"`` or ``"compiled"`` (log-weights and softmax as one fused kernel,
-        :mod:`.fused`; the aggregation is a GEMM either way), ``"auto"`` picks. ``threads``:
+        :mod:`.fused`; the aggregation is a GEMM either way); ``"auto"`` is eager. ``threads``:
         CPU threads for this call (None: torch's setting).
         """
         with torch_threads(threads):
@@ -409,7 +409,9 @@ class BlockEngine:
             memlog.budget_bytes = budget
             memlog.device = str(self.device)
         workspace = self.workspace()
-        path = resolve_backend(backend, self.device, float(self.guide.shape[0] * self.guide.shape[1] * self.K))
+        # "auto" renders eagerly: at C = 384 the GEMM dominates and the compiled softmax gains
+        # little (docs/benchmarks_engine.md); "compiled" is there to be asked for.
+        path = resolve_backend(backend, self.device, 0.0)
         weights_kernel = _RenderWeights(self, max(_tile_blocks(t) for t in queue)) if path == "compiled" else None
         while queue:
             tile = queue.pop(0)
