@@ -89,16 +89,16 @@ def _timed(device, fn):
     return result, time.perf_counter() - t0, meter.stop()
 
 
-def run_ours(size, channels, patch, steps, device, max_memory):
+def run_ours(size, channels, patch, steps, device, max_memory, backend="auto"):
     guide = _guide(size)
     h = w = size // patch
     lr_map = torch.randn(channels, h, w, generator=torch.Generator().manual_seed(0)).numpy()
     field, t_fit, m_fit = _timed(
-        device, lambda: upa.fit_kernels(guide, (h, w), steps=steps, device=device, max_memory=max_memory)
+        device, lambda: upa.fit_kernels(guide, (h, w), steps=steps, device=device, max_memory=max_memory, backend=backend)
     )
     out = np.empty((channels, size, size), np.float32)  # untouched until the render writes it
     _, t_render, m_render = _timed(
-        device, lambda: upa.render(lr_map, guide, field, device=device, max_memory=max_memory, out=out)
+        device, lambda: upa.render(lr_map, guide, field, device=device, max_memory=max_memory, out=out, backend=backend)
     )
     return dict(
         size=size, lr=h, channels=channels, fit_s=t_fit, fit_peak=m_fit, render_s=t_render, render_peak=m_render,
@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--patch", type=int, default=14)
     ap.add_argument("--steps", type=int, default=51)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto", choices=["auto", "compiled", "eager"], help="engine path (docs/engine.md)")
     ap.add_argument("--max-memory", default=None, help="working-memory budget for ours (default: automatic)")
     ap.add_argument("--dense-sizes", type=int, nargs="*", default=[224], help="sizes at which to run the dense version")
     ap.add_argument("--out", default=None, help="markdown file to write (e.g. docs/benchmarks.md)")
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
 
     rows = []
     for size in args.sizes:
-        row, state = run_ours(size, args.channels, args.patch, args.steps, device, args.max_memory)
+        row, state = run_ours(size, args.channels, args.patch, args.steps, device, args.max_memory, args.backend)
         print(f"ours {size}: fit {row['fit_s']:.2f} s / {format_bytes(row['fit_peak'])}, "
               f"render {row['render_s']:.2f} s / {format_bytes(row['render_peak'])}", flush=True)
         if size in args.dense_sizes:

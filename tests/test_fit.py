@@ -10,11 +10,14 @@ import torch
 from conftest import DATA, rel_err
 from reference_gsjbu import reference_render
 
+from napari_upsample_anything.core import native
 from napari_upsample_anything.core.errors import Cancelled
 from napari_upsample_anything.core.field import KernelField
 from napari_upsample_anything.core.fit import (
     Adam,
+    _ChunkedFit,
     _loss_and_grad,
+    _loss_and_grad_fused,
     _TileCache,
     fit_field,
     schedule_gamma,
@@ -27,6 +30,7 @@ from napari_upsample_anything.core.render import (
 )
 
 CPU = torch.device("cpu")
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler to build the native fit kernel")
 
 
 def test_loss_curve_matches_published_implementation():
@@ -61,7 +65,7 @@ def test_adam_matches_torch_optim():
         assert torch.allclose(p1, p2, atol=1e-7, rtol=1e-6)
 
 
-def _our_gradient(guide_hwc, lr_shape, raw, budget):
+def _our_gradient(guide_hwc, lr_shape, raw, budget, path="eager"):
     guide = Guide(guide_hwc, "none")
     engine = BlockEngine(guide, lr_shape, RenderOptions(), CPU)
     h, w = lr_shape
@@ -70,19 +74,36 @@ def _our_gradient(guide_hwc, lr_shape, raw, budget):
     tiles = engine.plan(per_block, budget)
     raw = raw.clone().requires_grad_(True)
     n = guide.channels * guide.shape[0] * guide.shape[1]
-    loss, _ = _loss_and_grad(engine, _TileCache(engine, False), tiles, raw, values, n, per_block, None, None)
+    if path in ("fused", "inductor", "native"):
+        prep = _ChunkedFit(engine, tiles, values, n, keep=True, compiled=True, kernel_name={"fused": "fused-eager"}.get(path, path))
+        loss, _ = _loss_and_grad_fused(prep, tiles, raw, per_block, None, None)
+    else:
+        cache = _TileCache(engine, path == "eager-range-cache", keep_range=path == "eager-range-cache")
+        loss, _ = _loss_and_grad(engine, cache, tiles, raw, values, n, per_block, None, None)
     return loss, raw.grad, len(tiles)
 
 
-@pytest.mark.parametrize("budget", [2**30, 2_000_000])
-def test_tiled_gradient_is_the_full_image_gradient(budget):
+@pytest.mark.parametrize(
+    "budget,path",
+    [
+        (2**30, "eager"),
+        (2_000_000, "eager"),
+        (2_000_000, "eager-range-cache"),
+        (2**30, "fused"),  # the compiled kernel's formulas, run eagerly (no compile time)
+        (2_000_000, "fused"),
+        (2_000_000, "inductor"),  # torch.compile of those formulas (Triton on CUDA)
+        pytest.param(2**30, "native", marks=needs_native),  # the CPU C kernel
+        pytest.param(2_000_000, "native", marks=needs_native),
+    ],
+)
+def test_tiled_gradient_is_the_full_image_gradient(budget, path):
     """Gradient accumulated over tiles == autograd through the dense float64 reference."""
     gen = torch.Generator().manual_seed(7)
     H, W, h, w = 48, 60, 4, 5  # non-square, scale 12
     guide = torch.rand(H, W, 3, generator=gen)
     raw = KernelField.initial((h, w)).raw()
     raw = raw + 0.3 * torch.randn(raw.shape, generator=gen)  # away from the isotropic start
-    loss, grad, n_tiles = _our_gradient(guide.numpy(), (h, w), raw, budget)
+    loss, grad, n_tiles = _our_gradient(guide.numpy(), (h, w), raw, budget, path)
     if budget < 2**30:
         assert n_tiles > 1
 

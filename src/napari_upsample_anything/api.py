@@ -195,6 +195,8 @@ def fit_kernels(
     cancel: Optional[CancelFn] = None,
     seed: Optional[int] = None,
     memory_log: Optional[MemoryLog] = None,
+    threads: Optional[int] = None,
+    backend: str = "auto",
 ) -> KernelField:
     """Fit the GSJBU kernel field on ``guide`` for an LR grid of ``lr_shape`` (test-time optimisation).
 
@@ -244,6 +246,10 @@ def fit_kernels(
         Seeds torch's RNG. The fit itself is deterministic; this is for reproducible callers.
     memory_log : MemoryLog, optional
         Receives one record per processed tile (bytes and time).
+    threads : int, optional
+        CPU threads for this call (None: torch's setting, ``OMP_NUM_THREADS``; docs/benchmarks.md).
+    backend : "auto" | "compiled" | "eager"
+        Fused ``torch.compile`` kernels or plain tensor operations (same results; docs/engine.md).
 
     Returns
     -------
@@ -304,6 +310,8 @@ def fit_kernels(
         memlog=memory_log,
         agg_dtype=agg,
         downsample=downsample,
+        backend=backend,
+        threads=threads,
     )
     field.options = fit_options
     return field
@@ -336,6 +344,8 @@ def render(
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
     memory_log: Optional[MemoryLog] = None,
+    threads: Optional[int] = None,
+    backend: str = "auto",
 ) -> ArrayLike:
     """Upsample ``lr_map`` to the guide's resolution with a fitted kernel field.
 
@@ -405,6 +415,8 @@ def render(
         cancel=cancel,
         memlog=memory_log,
         affine=None if affine is None else tuple(a.to(dev) for a in affine),
+        backend=backend,
+        threads=threads,
     )
     return out
 
@@ -432,6 +444,8 @@ def upsample(
     seed: Optional[int] = None,
     memory_log: Optional[MemoryLog] = None,
     return_field: bool = False,
+    threads: Optional[int] = None,
+    backend: str = "auto",
 ):
     """Fit the kernels on ``guide`` and upsample ``lr_map`` with them, in one call.
 
@@ -465,6 +479,8 @@ def upsample(
         cancel=cancel,
         seed=seed,
         memory_log=memory_log,
+        threads=threads,
+        backend=backend,
     )
     hr = render(
         lr_map,
@@ -484,6 +500,8 @@ def upsample(
         progress=progress,
         cancel=cancel,
         memory_log=memory_log,
+        threads=threads,
+        backend=backend,
     )
     return (hr, field) if return_field else hr
 

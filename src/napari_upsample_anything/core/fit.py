@@ -8,8 +8,10 @@ one Adam step on the L1 loss. Learning rate ``lr * gamma^t`` with
 Exact full-image gradient with bounded memory: the loss is a sum over pixels, so it is
 computed tile by tile, each tile's backward accumulating into the gradient of the (small)
 per-cell coefficient maps; one backward through the parameterisation per step then gives
-exactly the gradient of the full-image loss. The log-weight/softmax backward is written out
-by hand (:class:`~.render._BlockAttention`) and never keeps more than one tile.
+exactly the gradient of the full-image loss. Two interchangeable paths compute a tile's loss
+and gradient (``backend=``): the eager one writes the log-weight/softmax backward out by
+hand (:class:`~.attention._BlockAttention`) and never keeps more than one tile; the compiled
+one runs forward and backward of a chunk of blocks as one fused kernel (:mod:`.fused`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,22 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .errors import FitDivergedError, MemoryBudgetError
+from .errors import FitDivergedError
 from .field import KernelField, kernel_coefficients
+from . import native
+from .fused import (
+    compiled_chunk_blocks,
+    kernel,
+    pad_blocks,
+    resolve_backend,
+    spatial_coefficients,
+    spatial_coefficients_backward,
+    warn_fallback,
+)
 from .guide import Guide
-from .memory import MemoryLog, TileMeter, TileRecord, is_out_of_memory
+from .memory import MemoryLog, TileMeter, TileRecord, halve_tile, is_out_of_memory, release_cached_memory
 from .progress import CancelFn, ProgressFn, check_cancel, report
+from .threads import torch_threads
 from .render import (
     CPU_PREFERRED_TILE_BYTES,
     BlockEngine,
@@ -84,13 +97,21 @@ class Adam:
 
 
 class _TileCache:
-    """Per-tile guide-only tensors (pixel features, target, valid mask), kept when they fit."""
+    """Per-tile guide-only tensors (pixel features, target, valid mask, and the range term
+    ``||I'(p) - J'(q)||^2`` of every pair), kept when they fit.
 
-    def __init__(self, engine: BlockEngine, keep: bool):
+    The range term is parameter-free (rho multiplies it, but the squared guide difference
+    itself depends only on the guide), so with ``keep_range`` it is computed once per tile
+    and reused by every step (eager path: 19-24 % of a step otherwise).
+    """
+
+    def __init__(self, engine: BlockEngine, keep: bool, keep_range: bool = False):
         self.engine = engine
         self.keep = keep
+        self.keep_range = keep and keep_range
         self.store = {}
         self.geometry = {}
+        self.ranges = {}
         self.workspace = engine.workspace()
         self.agg_dtype = torch.float32
 
@@ -104,6 +125,25 @@ class _TileCache:
             self.geometry[key] = geometry
         return geometry
 
+    def range_term(self, tile: Tile, phi: torch.Tensor, k: int) -> Optional[torch.Tensor]:
+        """``[B, P, k]`` range term of the tile's first ``k`` offsets, or None when not cached."""
+        if not self.keep_range:
+            return None
+        full = self.ranges.get(tile)
+        if full is None:
+            K = self.engine.K
+            geometry = self.neighbours(tile, K)
+            zero = torch.zeros(4, *self.engine.lr_shape, device=self.engine.device)
+            _, _, jd = self.engine.neighbour_features(zero, tile, geometry)
+            g = self.engine.channels
+            full = torch.empty(phi.shape[0], phi.shape[1], K, dtype=phi.dtype, device=phi.device)
+            for b0 in range(0, full.shape[0], 64):  # bounded temporaries
+                b1 = min(full.shape[0], b0 + 64)
+                d = phi[b0:b1, :, None, 7 : 7 + g] - jd[b0:b1, None, :, :]
+                full[b0:b1] = (d * d).sum(-1)
+            self.ranges[tile] = full
+        return full[:, :, :k]
+
     def get(self, tile: Tile):
         if tile in self.store:
             return self.store[tile]
@@ -114,6 +154,94 @@ class _TileCache:
         if self.keep:
             self.store[tile] = item
         return item
+
+
+def fit_kernel_name(device: torch.device, guide_channels: int) -> str:
+    """Which compiled fit kernel runs: ``"native"`` (CPU, up to 3 guide channels, when a C
+    compiler can build it) or ``"inductor"`` (``torch.compile``: Triton on CUDA)."""
+    if device.type == "cpu" and guide_channels <= 3 and native.available():
+        return "native"
+    return "inductor"
+
+
+class _ChunkedFit:
+    """Inputs of the fused fit kernel (:func:`.fused.fit_chunk_direct`), per tile and chunk.
+
+    Everything except the kernel coefficients is guide-only, so it is prepared once (when
+    ``keep``) in the kernel's channel-major layout, padded to the fixed chunk size: one shape
+    class per fit, hence one compilation.
+    """
+
+    def __init__(
+        self, engine: BlockEngine, tiles: List[Tile], values_flat: torch.Tensor, n_values: int, keep: bool, compiled: bool,
+        kernel_name: Optional[str] = None,
+    ):
+        self.engine = engine
+        self.values_flat = values_flat
+        self.n_values = n_values
+        self.keep = keep
+        self.compiled = compiled
+        # CPU: the hand-written C kernel (3x faster than inductor's code for this chunk, built
+        # in seconds); CUDA, or no C compiler: torch.compile (Triton / inductor C++).
+        if kernel_name is None:
+            kernel_name = fit_kernel_name(engine.device, engine.channels) if compiled else "fused-eager"
+        self.kernel_name = kernel_name  # "native", "inductor" or "fused-eager" (uncompiled formulas)
+        self.fn = native.fit_chunk if kernel_name == "native" else kernel("fit", kernel_name == "inductor")
+        largest = max(_blocks(t) for t in tiles)
+        # The native kernel keeps no [B, P, K] intermediates and takes any B: whole tiles, no
+        # padding. Compiled kernels: cache-sized chunks of one fixed size (one compilation).
+        self.cb = largest if self.kernel_name == "native" else compiled_chunk_blocks(engine.device, engine.P, engine.K, largest)
+        self.r2_off = engine.grid.offsets.r2.to(engine.device, torch.int32)
+        self.store = {}
+
+    @staticmethod
+    def bytes_per_block(engine: BlockEngine) -> int:
+        P, K, G = engine.P, engine.K, engine.channels
+        return int(P * (7 + 2 * G) * 4 + K * ((2 * G + 2) * 4 + 1 + 8))
+
+    def chunks(self, tile: Tile):
+        if tile in self.store:
+            return self.store[tile]
+        eng, cb, K = self.engine, self.cb, self.engine.K
+        target = eng.guide_blocks(tile)
+        phi = eng.pixel_features(tile, target)
+        q, d_y, d_x, repeated = eng.neighbours(tile, K)
+        zero = torch.zeros(4, *eng.lr_shape, device=eng.device)
+        _, _, jd = eng.neighbour_features(zero, tile, (q, d_y, d_x, repeated))
+        nb = q.shape[0]
+        weight = torch.full((nb, eng.P), 1.0 / self.n_values, device=eng.device)
+        if not eng.regular:
+            weight = weight * eng.tile_valid(tile)
+        rep = repeated[:, 0, :] if repeated is not None else torch.zeros(nb, K, dtype=torch.bool, device=eng.device)
+        vals = self.values_flat.index_select(0, q.reshape(-1)).reshape(nb, K, -1)
+        g = eng.channels
+        channel_major = {
+            "phi": phi[:, :, :6].transpose(1, 2),
+            "d_y": d_y,
+            "d_x": d_x,
+            "ic": phi[:, :, 7 : 7 + g].transpose(1, 2),
+            "jd": jd.transpose(1, 2),
+            "vals": vals.transpose(1, 2),
+            "target": target.transpose(1, 2),
+            "weight": weight,
+            "repeated": rep,
+        }
+        out = []
+        for b0 in range(0, nb, cb):
+            b1 = min(nb, b0 + cb)
+            item = {name: self.pad(t[b0:b1]).contiguous() for name, t in channel_major.items()}
+            out.append((b0, b1 - b0, q[b0:b1].reshape(-1), item))
+        if self.keep:
+            self.store[tile] = out
+        return out
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """Pad a chunk to the fixed chunk size of a compiled kernel (the native one takes any)."""
+        return t if self.kernel_name == "native" else pad_blocks(t, self.cb)
+
+
+def _blocks(tile: Tile) -> int:
+    return (tile[1] - tile[0]) * (tile[3] - tile[2])
 
 
 def fit_field(
@@ -132,6 +260,8 @@ def fit_field(
     final_loss: bool = True,
     agg_dtype: torch.dtype = torch.float32,
     downsample: str = "bicubic",
+    backend: str = "auto",
+    threads: Optional[int] = None,
 ) -> KernelField:
     """Fit a :class:`KernelField` on ``guide`` for an LR grid of ``lr_shape``.
 
@@ -142,7 +272,19 @@ def fit_field(
     ``downsample`` makes the fit's LR input: ``"bicubic"`` (published: non-antialiased
     bicubic, close to sampling each cell's centre) or ``"area"`` (each cell's average, like a
     ViT token; docs/quality_options.md measures when it transfers better).
+
+    ``backend``: ``"eager"`` (tensor operations, hand-written backward), ``"compiled"`` (the
+    fused kernel of :mod:`.fused` through ``torch.compile``; needs a C++ compiler on the CPU,
+    Triton on CUDA) or ``"auto"`` (compiled when a compiler is there and the fit is large enough
+    to repay the compile time). Both compute the same loss and exact gradient. The compiled
+    path aggregates in float32 whatever ``agg_dtype`` says (the fit's values have 3 channels).
+    ``threads``: CPU threads for this call (None: torch's setting; :mod:`.threads`).
     """
+    with torch_threads(threads):
+        return _fit_field(guide, lr_shape, steps, lr, options, device, budget, init, progress, cancel, memlog, final_loss, agg_dtype, downsample, backend)
+
+
+def _fit_field(guide, lr_shape, steps, lr, options, device, budget, init, progress, cancel, memlog, final_loss, agg_dtype, downsample, backend):
     t_start = time.perf_counter()
     engine = BlockEngine(guide, lr_shape, options, device)
     h, w = engine.lr_shape
@@ -161,14 +303,29 @@ def fit_field(
 
     agg_bytes = torch.empty((), dtype=agg_dtype).element_size()
     per_block = engine.bytes_per_block(G, agg_bytes, training=True)
-    cache_bytes = H * W * (engine.m + 2 * G + 1) * 4
+    cheap_build = fit_kernel_name(device, G) == "native"  # seconds to build, cached on disk
+    path = resolve_backend(backend, device, math.inf if cheap_build else float(H * W * engine.K * max(1, steps)))
+    if path == "compiled":
+        cache_bytes = engine.grid.rows.n_lr * engine.grid.cols.n_lr * _ChunkedFit.bytes_per_block(engine)
+        range_bytes = 0
+    else:
+        cache_bytes = H * W * (engine.m + 2 * G + 1) * 4
+        range_bytes = engine.grid.rows.n_lr * engine.grid.cols.n_lr * engine.P * engine.K * 4
     keep_cache = cache_bytes <= budget // 2
-    work_budget = budget - cache_bytes if keep_cache else budget
+    keep_range = keep_cache and cache_bytes + range_bytes <= budget // 2
+    work_budget = budget - (cache_bytes + (range_bytes if keep_range else 0) if keep_cache else 0)
     preferred = CPU_PREFERRED_TILE_BYTES if device.type == "cpu" else None
     tiles = engine.plan(per_block, work_budget, preferred)
-    cache = _TileCache(engine, keep_cache)
-    cache.agg_dtype = agg_dtype
     n_values = G * H * W
+
+    def make_cache(keep: bool):
+        if path == "compiled":
+            return _ChunkedFit(engine, tiles, values_flat, n_values, keep, compiled=True)
+        made = _TileCache(engine, keep, keep_range)
+        made.agg_dtype = agg_dtype
+        return made
+
+    cache = make_cache(keep_cache)
     if memlog is not None:
         memlog.budget_bytes = budget
         memlog.device = str(device)
@@ -178,16 +335,23 @@ def fit_field(
     while step < steps:
         check_cancel(cancel, "kernel fitting")
         try:
-            loss, _ = _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, memlog, cancel)
+            if path == "compiled":
+                loss, _ = _loss_and_grad_fused(cache, tiles, raw, per_block, memlog, cancel)
+            else:
+                loss, _ = _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, memlog, cancel)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+            if path == "compiled" and backend == "auto" and step == 0 and not is_out_of_memory(exc):
+                warn_fallback(exc)  # no working compiler after all: the eager path computes the same
+                path = "eager"
+                cache = make_cache(keep_cache)
+                raw.grad = None
+                continue
             if not is_out_of_memory(exc):
                 raise
-            tiles = _halve(tiles, exc)
-            cache = _TileCache(engine, False)
-            cache.agg_dtype = agg_dtype
+            tiles = [half for tile in tiles for half in halve_tile(tile, exc, "fitting")]
+            cache = make_cache(False)
             raw.grad = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_cached_memory(device)
             continue  # redo this step with smaller tiles: the gradient stays exact
         _check_loss(loss, step, lr, guide)
         losses.append(loss)
@@ -210,10 +374,15 @@ def fit_field(
         "border": options.border,
         "radius_units": options.radius_units,
         "loss_per_step": losses,
+        "backend": path,
+        "kernel": cache.kernel_name if path == "compiled" else "eager",
     }
     if final_loss:
         with torch.no_grad():
-            last, mse = _loss_and_grad(engine, cache, tiles, None, values_flat, n_values, per_block, None, cancel, fitted)
+            if path == "compiled":
+                last, mse = _loss_and_grad_fused(cache, tiles, None, per_block, None, cancel, fitted)
+            else:
+                last, mse = _loss_and_grad(engine, cache, tiles, None, values_flat, n_values, per_block, None, cancel, fitted)
         _check_loss(last, step, lr, guide)
         meta["final_loss"] = last
         meta["psnr"] = 10.0 * math.log10(1.0 / max(mse, 1e-20))
@@ -275,7 +444,8 @@ def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, 
             psi, rho, jd = engine.neighbour_features(coef_leaf, tile, geometry)
             mask = engine.weights_mask(r2, geometry[3], k)
             vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
-            out = block_attention(phi, psi, rho, jd, vals, mask, cache.agg_dtype, cache.workspace)
+            dist = cache.range_term(tile, phi, k)
+            out = block_attention(phi, psi, rho, jd, vals, mask, cache.agg_dtype, cache.workspace, dist)
             diff = (out - target).abs_()
             if valid is not None:
                 diff = diff * valid
@@ -294,16 +464,39 @@ def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, 
     return total, squared
 
 
-def _halve(tiles: List[Tile], exc: BaseException) -> List[Tile]:
-    out: List[Tile] = []
-    for i0, i1, j0, j1 in tiles:
-        if i1 - i0 > 1:
-            mid = (i0 + i1) // 2
-            out += [(i0, mid, j0, j1), (mid, i1, j0, j1)]
-        elif j1 - j0 > 1:
-            mid = (j0 + j1) // 2
-            out += [(i0, i1, j0, mid), (i0, i1, mid, j1)]
-        else:
-            raise MemoryBudgetError(f"out of memory while fitting even with one LR cell per tile ({exc})") from exc
-    return out
-
+def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cancel, field=None):
+    """:func:`_loss_and_grad` through the fused chunk kernel; also returns the MSE when training."""
+    engine = prep.engine
+    training = raw is not None
+    if training:
+        field = KernelField.from_raw(raw)
+    coef = kernel_coefficients(field)
+    coef_flat = coef.detach().reshape(4, -1)
+    sigma_eff = torch.maximum(field.sigma_x, field.sigma_y).detach()
+    grad = torch.zeros_like(coef_flat) if training else None
+    total = torch.zeros((), device=engine.device)
+    squared = torch.zeros((), device=engine.device)
+    K = engine.K
+    with torch.no_grad():
+        for tile in tiles:
+            check_cancel(cancel, "kernel fitting")
+            t0 = time.perf_counter()
+            with TileMeter(engine.device) as meter:
+                r2 = engine.radius_sq(sigma_eff, tile).to(torch.int32)
+                for b0, n, q, x in prep.chunks(tile):
+                    c = coef_flat.index_select(1, q).reshape(4, n, K)  # A, B, C, rho of the neighbours
+                    psi = spatial_coefficients(c, x["d_y"][:n], x["d_x"][:n])
+                    loss, sq, grad_psi, grad_rho = prep.fn(
+                        x["phi"], prep.pad(psi), prep.pad(c[3]), x["ic"], x["jd"], x["vals"],
+                        x["target"], x["weight"], prep.pad(r2[b0 : b0 + n]), prep.r2_off, x["repeated"],
+                    )
+                    total += loss
+                    squared += sq
+                    if training:
+                        grad_abc = spatial_coefficients_backward(grad_psi[:n], x["d_y"][:n], x["d_x"][:n])
+                        grad.index_add_(1, q, torch.cat([grad_abc, grad_rho[None, :n]]).reshape(4, -1))
+            if memlog is not None:
+                memlog.add(TileRecord("fit", *tile, per_block * _blocks(tile), meter.peak, time.perf_counter() - t0))
+    if training:
+        coef.backward(grad.view_as(coef))
+    return float(total), float(squared)

@@ -168,3 +168,31 @@ class TileMeter:
             self.peak = int(torch.cuda.max_memory_allocated(self.device) - self.base)
         else:
             self.peak = process_rss()
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the caching allocator's free blocks back to the device (after an out-of-memory
+    retry, so the smaller tiles that follow can use them). A no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def halve_tile(tile, exc: BaseException, what: str = "rendering"):
+    """Split a tile ``(i0, i1, j0, j1)`` of LR cells in two after an out-of-memory error.
+
+    Splits rows first, then columns. Returns the two halves; a single LR cell cannot be
+    split, which raises :class:`~.errors.MemoryBudgetError` naming ``what`` and chaining ``exc``.
+    """
+    from .errors import MemoryBudgetError
+
+    i0, i1, j0, j1 = tile
+    if i1 - i0 > 1:
+        mid = (i0 + i1) // 2
+        return [(i0, mid, j0, j1), (mid, i1, j0, j1)]
+    if j1 - j0 > 1:
+        mid = (j0 + j1) // 2
+        return [(i0, i1, j0, mid), (i0, i1, mid, j1)]
+    raise MemoryBudgetError(
+        f"out of memory while {what} even with one LR cell per tile: free device memory or lower "
+        f"radius / the number of channels / max_memory ({exc})"
+    ) from exc

@@ -1,4 +1,4 @@
-"""PCA pictures of feature maps (scikit-learn), and the exact low-cost HR PCA.
+"""PCA pictures of feature maps (covariance eigendecomposition), and the exact low-cost HR PCA.
 
 The basis is fitted on the LR features (``h * w`` samples of ``C`` channels), as the paper's
 figures do, or on a random subsample of any (C, ...) map. Three components become RGB in
@@ -80,8 +80,6 @@ def fit_pca(features, n_components: int = 3, max_samples: Optional[int] = 100_00
     max_samples : int or None
         Fit on a random subsample of this many positions (seeded) when the map has more.
     """
-    from sklearn.decomposition import PCA
-
     f = _as_numpy(features)
     if f.ndim < 2:
         raise ValueError(f"features must be (C, ...) with at least one spatial axis, got shape {f.shape}")
@@ -95,17 +93,43 @@ def fit_pca(features, n_components: int = 3, max_samples: Optional[int] = 100_00
         idx = np.random.default_rng(seed).choice(x.shape[0], size=max_samples, replace=False)
         x = x[np.sort(idx)]
     k = int(min(n_components, c, x.shape[0]))
-    pca = PCA(n_components=k, random_state=seed, svd_solver="full" if x.shape[0] * c < 5e7 else "randomized")
-    proj = pca.fit_transform(x)
+    components, mean, ratio = _covariance_pca(x, k)
+    proj = (x - mean.astype(np.float32)) @ components.T.astype(np.float32)
     lo = np.percentile(proj, 1, axis=0)
     hi = np.percentile(proj, 99, axis=0)
     return PCABasis(
-        components=pca.components_.astype(np.float32),
-        mean=pca.mean_.astype(np.float32),
+        components=components.astype(np.float32),
+        mean=mean.astype(np.float32),
         lo=lo.astype(np.float32),
         hi=hi.astype(np.float32),
-        explained_variance_ratio=pca.explained_variance_ratio_.astype(np.float32),
+        explained_variance_ratio=ratio.astype(np.float32),
     )
+
+
+def _covariance_pca(x: np.ndarray, k: int, rows_per_chunk: int = 16384) -> "tuple[np.ndarray, np.ndarray, np.ndarray]":
+    """Top-``k`` principal axes of ``x [n, C]`` from its C x C covariance (float64, ``eigh``).
+
+    Same result as scikit-learn's ``PCA`` (full SVD) up to rounding, with the same sign
+    convention (each component's largest-magnitude entry is positive), at a fraction of the
+    cost when ``n >> C``: one pass accumulating ``X^T X`` in chunks (no n x C float64 copy)
+    and a C x C eigendecomposition, instead of an SVD of the n x C matrix (7-15 s for a
+    4096^2 PCA picture). Returns ``(components [k, C], mean [C], explained_variance_ratio [k])``.
+    """
+    n, c = x.shape
+    mean = x.mean(0, dtype=np.float64)
+    cov = np.zeros((c, c), np.float64)
+    for r0 in range(0, n, rows_per_chunk):
+        centred = x[r0 : r0 + rows_per_chunk].astype(np.float64) - mean
+        cov += centred.T @ centred
+    cov /= max(n - 1, 1)
+    eigval, eigvec = np.linalg.eigh(cov)  # ascending
+    order = np.argsort(eigval)[::-1][:k]
+    components = eigvec[:, order].T.copy()  # [k, C]
+    biggest = np.argmax(np.abs(components), axis=1)
+    components *= np.sign(components[np.arange(k), biggest])[:, None]
+    total = float(np.clip(eigval, 0, None).sum())
+    ratio = np.clip(eigval[order], 0, None) / total if total > 0 else np.zeros(k)
+    return components, mean, ratio
 
 
 def pca_rgb(features, basis: Optional[PCABasis] = None, max_samples: Optional[int] = 100_000, seed: int = 0) -> Tuple[np.ndarray, PCABasis]:

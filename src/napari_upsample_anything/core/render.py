@@ -44,11 +44,30 @@ import torch
 
 from .errors import MemoryBudgetError
 from .field import KernelField, kernel_coefficients
+from .fused import compiled_chunk_blocks, kernel, pad_blocks, resolve_backend
 from .grid import BlockGrid
 from .guide import Guide
+from .attention import (  # noqa: F401  (Workspace, chunk_blocks, block_attention: re-exported)
+    CHUNK_OVERHEAD_BYTES,
+    CPU_CHUNK_BYTES,
+    Workspace,
+    _BlockAttention,
+    block_attention,
+    chunk_blocks,
+    render_blocks,
+)
 from .interp import linear_taps, resample
-from .memory import MemoryLog, TileMeter, TileRecord, format_bytes, is_out_of_memory
+from .memory import (
+    MemoryLog,
+    TileMeter,
+    TileRecord,
+    format_bytes,
+    halve_tile,
+    is_out_of_memory,
+    release_cached_memory,
+)
 from .progress import CancelFn, ProgressFn, check_cancel, report
+from .threads import torch_threads
 
 Tile = Tuple[int, int, int, int]  # LR cells [i0, i1) x [j0, j1)
 
@@ -75,160 +94,6 @@ class RenderOptions:
             raise ValueError(f"border={self.border!r}: use 'repeat' (published) or 'unique'")
         if self.radius_units not in ("hr", "lr"):
             raise ValueError(f"radius_units={self.radius_units!r}: use 'hr' (published) or 'lr'")
-
-
-# Blocks per cache-sized chunk inside a tile (CPU): the [chunk, P, K] temporaries of the
-# log-weights stay in the CPU caches across their seven elementwise passes (measured at
-# 224x224: range term 24 ms -> 13 ms per fit step). GPUs take the whole tile at once.
-CPU_CHUNK_BYTES = 5 * 2**19
-# Fixed per-tile overhead of the chunk temporaries (log-weights, range, temporary, weights),
-# sized for the largest chunk a CPU or a small GPU tile uses.
-CHUNK_OVERHEAD_BYTES = 4 * CPU_CHUNK_BYTES
-
-
-class Workspace:
-    """Reusable flat buffers for the per-tile weight tensors.
-
-    Each tile needs a few ``[blocks, P, K]`` float32 tensors (log-weights, which the backward
-    reuses for their gradient, range distances, softmax weights). Allocating them afresh for every tile
-    makes the C allocator map and unmap tens of MB each time; the page faults cost about as
-    much as the arithmetic on a CPU (measured: 112 ms -> 72 ms per fit step at 224x224).
-    The weights saved for backward live in this workspace, so a tile's backward must run
-    before the next tile's forward (the fit loop does exactly that).
-    """
-
-    def __init__(self, device: torch.device, chunk_bytes: int = CPU_CHUNK_BYTES):
-        self.device = device
-        self.chunk_bytes = chunk_bytes  # size of the log-weight chunks (CPU), see chunk_blocks
-        self._bufs = {}
-
-    def get(self, name: str, shape: Tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n = int(np.prod(shape))
-        buf = self._bufs.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = torch.empty(n, dtype=dtype, device=self.device)
-            self._bufs[name] = buf
-        return buf[:n].view(shape)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._bufs.values())
-
-
-def chunk_blocks(device: torch.device, p: int, k: int, nb: int, chunk_bytes: int = CPU_CHUNK_BYTES) -> int:
-    """Blocks processed together inside a tile."""
-    if device.type != "cpu":
-        return max(1, nb)
-    return max(1, min(nb, chunk_bytes // max(1, p * k * 4)))
-
-
-class _BlockAttention(torch.autograd.Function):
-    """``softmax(log_w) @ values`` per block, with a lean hand-written backward.
-
-    ``log_w[b, p, k] = phi[b, p, :6] . psi[b, :, k] - rho[b, k] * ||I'(b, p) - J'(b, k)||^2``
-    (masked pairs set to -inf). Inputs: ``phi [B, P, 7 + G]`` (``lx^2, lx ly, ly^2, lx, ly, 1,
-    ||I'||^2, I'``), ``psi [B, 6, K]``, ``rho [B, K]``, ``jd [B, K, G]`` (J'), ``values [B, K, C]``,
-    ``mask [B, P|1, K]`` bool or None. Returns ``[B, P, C]`` float32.
-
-    The spatial part is one batched matrix product (its expansion is well conditioned). The
-    range part is computed as a difference, like the published code: expanding it too would
-    cancel catastrophically once a fitted ``sigma_r`` reaches 0.003 (measured error 3e-3).
-    Log-weights and softmax are float32; ``agg_dtype`` is the dtype of the weights-times-values
-    product. Gradients flow to ``psi``, ``rho`` and ``values``.
-
-    Blocks are processed in cache-sized chunks (:func:`chunk_blocks`); only the softmax
-    weights of the whole tile are kept, and only when a backward will need them. With few
-    channels the values are stored column-major (``[B, C, K]`` contiguous): MKL's batched
-    product is 2.4x faster in that layout (measured: 10.3 ms -> 4.3 ms, 256 blocks, C = 3).
-    """
-
-    @staticmethod
-    def forward(ctx, phi, psi, rho, jd, values, mask, agg_dtype, workspace):  # type: ignore[override]
-        nb, p, k = phi.shape[0], phi.shape[1], psi.shape[2]
-        g = jd.shape[2]
-        ws = workspace if workspace is not None else Workspace(phi.device)
-        wd = phi.dtype  # float32 in the engine; float64 in gradient tests
-        half = agg_dtype not in (torch.float32, torch.float64)
-        needs_grad = any(ctx.needs_input_grad[1:5])
-        cb = chunk_blocks(phi.device, p, k, nb, ws.chunk_bytes)
-        vmat = values.to(agg_dtype if half else wd)  # [B, K, C]
-        if vmat.shape[2] < 32:  # few channels: column-major storage (see the class docstring)
-            vmat = vmat.transpose(1, 2).contiguous().transpose(1, 2)
-        out = torch.empty(nb, p, vmat.shape[2], dtype=wd, device=phi.device)
-        weights_all = ws.get("weights", (nb, p, k), wd) if needs_grad else None
-        logits_buf = ws.get("logits", (cb, p, k), wd)
-        dist_buf = ws.get("range", (cb, p, k), wd)
-        tmp_buf = ws.get("tmp", (cb, p, k), wd) if g > 1 else None
-        wchunk_buf = None if needs_grad else ws.get("weights_chunk", (cb, p, k), wd)
-        spatial = phi[:, :, :6]
-        for b0 in range(0, nb, cb):
-            b1 = min(nb, b0 + cb)
-            n = b1 - b0
-            logits = torch.bmm(spatial[b0:b1], psi[b0:b1], out=logits_buf[:n])
-            dist = dist_buf[:n]
-            for c in range(g):
-                ic = phi[b0:b1, :, 7 + c, None]
-                jc = jd[b0:b1, None, :, c]
-                if c == 0:
-                    torch.sub(ic, jc, out=dist).square_()
-                else:
-                    tmp = torch.sub(ic, jc, out=tmp_buf[:n])
-                    dist.addcmul_(tmp, tmp)
-            logits.addcmul_(dist, rho[b0:b1, None, :], value=-1.0)
-            if mask is not None:
-                logits.masked_fill_(mask[b0:b1], -math.inf)
-            w = torch.softmax(logits, dim=-1, out=weights_all[b0:b1] if needs_grad else wchunk_buf[:n])
-            if half:
-                out[b0:b1] = torch.bmm(w.to(agg_dtype), vmat[b0:b1]).to(wd)
-            else:
-                torch.bmm(w, vmat[b0:b1], out=out[b0:b1])
-        ctx.workspace = workspace
-        ctx.chunk = cb
-        ctx.values_dtype = values.dtype
-        if needs_grad:
-            ctx.save_for_backward(phi, jd, weights_all, vmat, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        phi, jd, weights, vmat, out = ctx.saved_tensors
-        ws = ctx.workspace if ctx.workspace is not None else Workspace(phi.device)
-        nb, p, k = weights.shape
-        wd = weights.dtype
-        cb = ctx.chunk
-        grad_out = grad_out.to(wd)
-        vals_t = vmat.to(wd).transpose(1, 2)  # [B, C, K]
-        shift = (grad_out * out).sum(-1, keepdim=True)  # [B, P, 1]
-        want_psi = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        want_values = ctx.needs_input_grad[4]
-        grad_psi = torch.empty(nb, 6, k, dtype=wd, device=phi.device) if want_psi else None
-        grad_rho = torch.empty(nb, k, dtype=wd, device=phi.device) if want_psi else None
-        grad_values = torch.empty(nb, k, vmat.shape[2], dtype=wd, device=phi.device) if want_values else None
-        buf = ws.get("logits", (cb, p, k), wd)
-        for b0 in range(0, nb, cb):
-            b1 = min(nb, b0 + cb)
-            w = weights[b0:b1]
-            grad_logits = torch.bmm(grad_out[b0:b1], vals_t[b0:b1], out=buf[: b1 - b0])
-            grad_logits.sub_(shift[b0:b1]).mul_(w)
-            if want_psi:
-                # One product gives the spatial gradient and, through the expanded range term
-                # (fine for a gradient: no cancellation against a softmax maximum), rho's.
-                sums = torch.bmm(phi[b0:b1].transpose(1, 2), grad_logits)  # [n, 7 + G, K]
-                grad_psi[b0:b1] = sums[:, :6]
-                jj = jd[b0:b1].transpose(1, 2)  # [n, G, K]
-                grad_rho[b0:b1] = -(sums[:, 6] - 2 * (jj * sums[:, 7:]).sum(1) + (jj * jj).sum(1) * sums[:, 5])
-            if want_values:
-                grad_values[b0:b1] = torch.bmm(w.transpose(1, 2), grad_out[b0:b1])
-        if grad_values is not None:
-            grad_values = grad_values.to(ctx.values_dtype)
-        return None, grad_psi, grad_rho, None, grad_values, None, None, None
-
-
-def block_attention(
-    phi, psi, rho, jd, values, mask=None, agg_dtype=torch.float32, workspace: Optional[Workspace] = None
-):
-    """Functional entry to :class:`_BlockAttention` (differentiable in psi, rho and values)."""
-    return _BlockAttention.apply(phi, psi, rho, jd, values, mask, agg_dtype, workspace)
 
 
 def lr_guide(guide: Guide, lr_shape: Tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -516,14 +381,23 @@ class BlockEngine:
         memlog: Optional[MemoryLog] = None,
         stage: str = "render",
         affine: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        backend: str = "eager",
+        threads: Optional[int] = None,
     ) -> None:
         """Render ``values`` ``[C, h, w]`` with ``field`` into ``out`` ``(C, H, W)``.
 
         ``out`` is a torch tensor (any device) or a numpy array / memmap; it is written
         tile by tile. Tiles that run out of memory are split and retried. ``affine``
         ``(scale [C], shift [C])`` is applied to every tile as it is written (the caller's
-        undo of a per-channel normalisation; the render commutes with it).
+        undo of a per-channel normalisation; the render commutes with it). ``backend``:
+        ``"eager"`` or ``"compiled"`` (log-weights and softmax as one fused kernel,
+        :mod:`.fused`; the aggregation is a GEMM either way); ``"auto"`` is eager. ``threads``:
+        CPU threads for this call (None: torch's setting).
         """
+        with torch_threads(threads):
+            self._render(values, field, out, agg_dtype, budget, progress, cancel, memlog, stage, backend, affine)
+
+    def _render(self, values, field, out, agg_dtype, budget, progress, cancel, memlog, stage, backend, affine) -> None:
         C = int(values.shape[0])
         h, w = self.lr_shape
         agg_bytes = torch.empty((), dtype=agg_dtype).element_size()
@@ -538,30 +412,63 @@ class BlockEngine:
             memlog.budget_bytes = budget
             memlog.device = str(self.device)
         workspace = self.workspace()
+        # "auto" renders eagerly: at C = 384 the GEMM dominates and the compiled softmax gains
+        # little (docs/benchmarks_engine.md); "compiled" is there to be asked for.
+        path = resolve_backend(backend, self.device, 0.0)
+        weights_kernel = _RenderWeights(self, max(_tile_blocks(t) for t in queue)) if path == "compiled" else None
         while queue:
             tile = queue.pop(0)
             check_cancel(cancel, stage)
             t0 = time.perf_counter()
             try:
                 with torch.no_grad(), TileMeter(self.device) as meter:
-                    block_out = self._render_tile(values_flat, coef, sigma_eff, tile, agg_dtype, workspace)
-                    tile_img = self.from_blocks(block_out, tile)
-                    if affine is not None:
-                        tile_img = torch.addcmul(affine[1][:, None, None], tile_img, affine[0][:, None, None])
-                    _write(out, tile_img, self._hr_rect(tile))
+                    block_out = self._render_tile(values_flat, coef, sigma_eff, tile, agg_dtype, workspace, weights_kernel)
+                    if affine is not None:  # float32 result: the undo must not overflow half precision
+                        block_out = torch.addcmul(affine[1][None, :, None], block_out, affine[0][None, :, None])
+                    self._write_blocks(out, block_out, tile)
                     del block_out
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
                 if not is_out_of_memory(exc):
                     raise
-                queue[0:0] = _split(tile, exc, per_block)
+                queue[0:0] = halve_tile(tile, exc, "rendering")
                 workspace = self.workspace()
-                _free(self.device)
+                release_cached_memory(self.device)
                 continue
             nblocks = (tile[1] - tile[0]) * (tile[3] - tile[2])
             done += nblocks
             if memlog is not None:
                 memlog.add(TileRecord(stage, *tile, per_block * nblocks, meter.peak, time.perf_counter() - t0))
             report(progress, done, total, stage=stage)
+
+    def _write_blocks(self, out, blocks: torch.Tensor, tile: Tile) -> None:
+        """Write a tile's ``[B, C, P]`` result into ``out`` ``(C, H, W)``.
+
+        Regular grids with a float32 ``out`` (torch tensor or numpy array/memmap) take one
+        copy straight into the final layout, reading contiguous runs of ``P_x`` pixels;
+        otherwise the tile image is assembled first (padding dropped) and handed to ``_write``.
+        """
+        i0, i1, j0, j1 = tile
+        nr, nc = i1 - i0, j1 - j0
+        py, px = self.grid.rows.pad, self.grid.cols.pad
+        c = blocks.shape[1]
+        y0, y1, x0, x1 = self._hr_rect(tile)
+        view = blocks.reshape(nr, nc, c, py, px).permute(2, 0, 3, 1, 4)  # [C, nr, py, nc, px]
+        target = None
+        if self.regular:
+            if isinstance(out, torch.Tensor) and out.dtype == blocks.dtype:
+                target = out
+            elif isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.writeable and blocks.device.type == "cpu":
+                target = torch.from_numpy(out)
+        if target is not None:
+            dest = target[:, y0:y1, x0:x1].unflatten(1, (nr, py)).unflatten(3, (nc, px))
+            dest.copy_(view)
+            return
+        img = view.reshape(c, nr * py, nc * px)
+        if not self.regular:
+            vy = self.grid.rows.valid[i0:i1].reshape(-1).to(img.device)
+            vx = self.grid.cols.valid[j0:j1].reshape(-1).to(img.device)
+            img = img[:, vy][:, :, vx]
+        _write(out, img, (y0, y1, x0, x1))
 
     def pixel_weights(self, field: KernelField, y: int, x: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Effective upsampling weights of HR pixel ``(y, x)`` over its LR neighbours.
@@ -598,16 +505,56 @@ class BlockEngine:
         x0, x1 = self.grid.cols.hr_range(j0, j1)
         return y0, y1, x0, x1
 
-    def _render_tile(self, values_flat, coef, sigma_eff, tile: Tile, agg_dtype, workspace=None) -> torch.Tensor:
+    def _render_tile(self, values_flat, coef, sigma_eff, tile: Tile, agg_dtype, workspace=None, weights_kernel=None) -> torch.Tensor:
+        """``[B, C, P]`` render of one tile (channels first, see :func:`.attention.render_blocks`)."""
         r2_pix = self.radius_sq(sigma_eff, tile)
-        k = self.tile_k(r2_pix)
+        k = self.K if weights_kernel is not None else self.tile_k(r2_pix)
         geometry = self.neighbours(tile, k)
         q = geometry[0]
         phi = self.pixel_features(tile)
         psi, rho, jd = self.neighbour_features(coef, tile, geometry)
-        mask = self.weights_mask(r2_pix, geometry[3], k)
         vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
-        return block_attention(phi, psi, rho, jd, vals, mask, agg_dtype, workspace)
+        if weights_kernel is not None:
+            weights_fn = weights_kernel.bind(phi, psi, rho, jd, r2_pix, geometry[3])
+            return render_blocks(phi, psi, rho, jd, vals, None, agg_dtype, workspace, weights_fn, weights_kernel.cb)
+        mask = self.weights_mask(r2_pix, geometry[3], k)
+        return render_blocks(phi, psi, rho, jd, vals, mask, agg_dtype, workspace)
+
+
+class _RenderWeights:
+    """Compiled softmax weights of render chunks (:func:`.fused.render_weights`), padded to a
+    fixed chunk size so that a render compiles once."""
+
+    def __init__(self, engine: BlockEngine, tile_blocks: int):
+        self.cb = compiled_chunk_blocks(engine.device, engine.P, engine.K, tile_blocks)
+        self.fn = kernel("render", True)
+        self.r2_off = engine.grid.offsets.r2.to(engine.device, torch.int32)
+        self.channels = engine.channels
+
+    def bind(self, phi, psi, rho, jd, r2_pix, repeated):
+        g, cb = self.channels, self.cb
+        nb = phi.shape[0]
+        rep = repeated[:, 0, :] if repeated is not None else torch.zeros(nb, psi.shape[2], dtype=torch.bool, device=phi.device)
+        pieces = {
+            "phi": phi[:, :, :6].transpose(1, 2),
+            "psi": psi,
+            "rho": rho,
+            "ic": phi[:, :, 7 : 7 + g].transpose(1, 2),
+            "jd": jd.transpose(1, 2),
+            "r2": r2_pix.to(torch.int32),
+            "rep": rep,
+        }
+
+        def weights(b0: int, b1: int) -> torch.Tensor:
+            x = {name: pad_blocks(t[b0:b1], cb).contiguous() for name, t in pieces.items()}
+            w = self.fn(x["phi"], x["psi"], x["rho"], x["ic"], x["jd"], x["r2"], self.r2_off, x["rep"])
+            return w[: b1 - b0]
+
+        return weights
+
+
+def _tile_blocks(tile: Tile) -> int:
+    return (tile[1] - tile[0]) * (tile[3] - tile[2])
 
 
 def pixel_weight_map(engine: BlockEngine, field: KernelField, y: int, x: int) -> np.ndarray:
@@ -625,23 +572,3 @@ def _write(out, tile_img: torch.Tensor, rect: Tuple[int, int, int, int]) -> None
         out[:, y0:y1, x0:x1] = tile_img.to(device=out.device, dtype=out.dtype)
     else:
         out[:, y0:y1, x0:x1] = tile_img.to("cpu").numpy().astype(out.dtype, copy=False)
-
-
-def _split(tile: Tile, exc: BaseException, per_block: int) -> List[Tile]:
-    i0, i1, j0, j1 = tile
-    if i1 - i0 > 1:
-        mid = (i0 + i1) // 2
-        return [(i0, mid, j0, j1), (mid, i1, j0, j1)]
-    if j1 - j0 > 1:
-        mid = (j0 + j1) // 2
-        return [(i0, i1, j0, mid), (i0, i1, mid, j1)]
-    raise MemoryBudgetError(
-        f"out of memory even for a single LR cell (planned {format_bytes(per_block)}): "
-        f"free device memory or lower radius / the number of channels ({exc})"
-    ) from exc
-
-
-def _free(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-

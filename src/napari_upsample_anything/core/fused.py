@@ -1,0 +1,259 @@
+"""Fused per-pair work of fit and render, compiled for the CPU and the GPU from one source.
+
+The eager engine (:mod:`.attention`) makes about 16 passes over ``[blocks, P, K]`` weight
+tensors per fit step (spatial product, G range passes, softmax, aggregation and their
+backward), most of them memory passes. Here the same formulas are written once as plain
+tensor expressions over a *chunk* of blocks, and ``torch.compile`` (inductor) fuses them: C++
+with OpenMP and vector instructions on the CPU (needs a C++ compiler), Triton on CUDA.
+
+One fit chunk computes, for blocks ``b``, pixels ``p`` and neighbours ``k``::
+
+    log_w = sum_j phi_j(p) psi_j(k) - rho(k) D(p, k)        (masked pairs: -inf)
+    w     = softmax_k(log_w);  out_g(p) = sum_k w v_g(k)
+    loss  = sum_p,g weight(p) |out_g(p) - target_g(p)|
+    dlog_w = w (sum_g s_g(p) v_g(k) - sum_g s_g(p) out_g(p)),   s = weight * sign(out - target)
+    dpsi_j(k) = sum_p phi_j(p) dlog_w;   drho(k) = -sum_p D(p, k) dlog_w
+
+with ``D(p, k) = sum_g (I'_g(p) - J'_g(k))^2`` the parameter-free range term (computed as a
+difference, never expanded: see docs/engine.md). ``D`` depends only on the guide; inside the
+fused kernel recomputing it costs the same as loading a cached copy (measured: 9.2 vs
+9.3 ns per pair on the CPU), so the kernel recomputes it and needs no [H W, K] cache (the
+eager path caches it, :class:`~.fit._TileCache`). The gradient is exact (not an
+approximation): tests compare both paths with the float64 reference and with each other.
+
+Shapes are static per compile (``dynamic=False``): callers pad the last chunk of a tile to
+the chunk size (padding blocks have weight 0, so they add nothing to loss or gradients) and
+always evaluate all K offsets (the dynamic radius becomes a mask), so one fit or render
+compiles once per shape class ``(chunk, P, K, G)``, not once per tile.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+import warnings
+from typing import Callable, Dict
+
+import torch
+
+BACKENDS = ("auto", "compiled", "eager")
+
+# "auto" compiles only when the work amortises the compile time (measured on the 2-core CPU:
+# 20-40 s for the first fit shape class, about 3 s from inductor's on-disk cache). Below this
+# many (pixel, neighbour) pair evaluations (pairs per step x steps) the eager path wins.
+AUTO_COMPILE_MIN_PAIR_EVALS = 2e9
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: use 'auto' (compile when it pays off), 'compiled' or 'eager'")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_available(device_type: str) -> bool:
+    """Whether ``torch.compile`` can generate code for this device type here.
+
+    CPU: inductor needs a C++ compiler (``CXX``, ``g++``, ``c++`` or ``clang++`` on the PATH)
+    (the fit's native kernel, :mod:`.native`, needs a C compiler too).
+    CUDA: Triton must be importable. Other devices (MPS): no.
+    """
+    if os.environ.get("UPSAMPLE_ANYTHING_NO_COMPILE"):
+        return False
+    if device_type == "cpu":
+        return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+    if device_type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except Exception:  # noqa: BLE001 - any import failure means no Triton
+            return False
+        return True
+    return False
+
+
+def resolve_backend(backend: str, device: torch.device, pair_evals: float = math.inf) -> str:
+    """``"compiled"`` or ``"eager"`` for a run of ``pair_evals`` (pixel, neighbour) evaluations.
+
+    ``"compiled"`` without a compiler raises a ValueError naming the fix; ``"auto"`` compiles
+    when a compiler is there and the run is large enough to amortise the compile time.
+    """
+    check_backend(backend)
+    if backend == "eager":
+        return "eager"
+    ok = compiler_available(device.type)
+    if backend == "compiled":
+        if not ok:
+            raise ValueError(
+                f"backend='compiled': torch.compile has no code generator for {device.type} here "
+                "(CPU: install a C++ compiler such as g++; CUDA: install triton); use backend='eager' or 'auto'"
+            )
+        return "compiled"
+    return "compiled" if ok and pair_evals >= AUTO_COMPILE_MIN_PAIR_EVALS else "eager"
+
+
+# ---------------------------------------------------------------------------- formulas
+# Per-pixel and per-neighbour inputs come channel-major ("structure of arrays": [B, 6, P],
+# [B, G, K], ...): inductor vectorises the pair loops along pixels or neighbours, and a
+# channel-last input then costs a strided gather per vector (measured: 2x slower fit step).
+def range_term(ic, jd) -> torch.Tensor:
+    """``D [B, P, K] = sum_g (I'_g(p) - J'_g(k))^2`` from ``ic [B, G, P]`` and ``jd [B, G, K]``."""
+    d = ic[:, 0, :, None] - jd[:, 0, None, :]
+    dist = d * d
+    for g in range(1, ic.shape[1]):
+        d = ic[:, g, :, None] - jd[:, g, None, :]
+        dist = dist + d * d
+    return dist
+
+
+def log_weights(phi, psi, rho, dist, r2_pix, r2_off, repeated) -> torch.Tensor:
+    """Masked log-weights ``[B, P, K]``.
+
+    ``phi [B, 6, P]`` (lx^2, lx ly, ly^2, lx, ly, 1), ``psi [B, 6, K]``, ``rho [B, K]``,
+    ``dist [B, P, K]``, ``r2_pix [B, P]`` (squared dynamic radius per pixel, LR cells^2),
+    ``r2_off [K]`` (squared length of each offset), ``repeated [B, K]`` bool (clamped border
+    copies dropped by ``border="unique"``).
+    """
+    logits = phi[:, 0, :, None] * psi[:, None, 0, :]
+    for j in range(1, 6):
+        logits = logits + phi[:, j, :, None] * psi[:, None, j, :]
+    logits = logits - rho[:, None, :] * dist
+    drop = (r2_off[None, None, :] > r2_pix[:, :, None]) | repeated[:, None, :]
+    return logits.masked_fill(drop, -math.inf)
+
+
+def spatial_coefficients(coef, d_y, d_x) -> torch.Tensor:
+    """``psi [B, 6, K]`` from the neighbours' ``coef [4, B, K]`` (A, B, C, rho) and offsets
+    ``d_y, d_x [B, K]`` (HR pixels): the quadratic form in the block's local coordinates."""
+    A, B, C = coef[0], coef[1], coef[2]
+    ax = A * d_x + B * d_y
+    cy = B * d_x + C * d_y
+    return torch.stack([-A, -2 * B, -C, 2 * ax, 2 * cy, -(ax * d_x + cy * d_y)], 1)
+
+
+def spatial_coefficients_backward(grad_psi, d_y, d_x) -> torch.Tensor:
+    """Chain rule through :func:`spatial_coefficients`: ``[B, 6, K]`` -> ``[3, B, K]`` (A, B, C)."""
+    g = grad_psi.unbind(1)
+    grad_a = -g[0] + 2 * g[3] * d_x - g[5] * d_x * d_x
+    grad_b = -2 * g[1] + 2 * g[3] * d_y + 2 * g[4] * d_x - 2 * g[5] * d_x * d_y
+    grad_c = -g[2] + 2 * g[4] * d_y - g[5] * d_y * d_y
+    return torch.stack([grad_a, grad_b, grad_c])
+
+
+def fit_chunk(phi, psi, rho, ic, jd, vals, target, weight, r2_pix, r2_off, repeated):
+    """Loss and exact gradient of one chunk of blocks (forward and backward fused).
+
+    Parameters
+    ----------
+    phi : [B, 6, P]
+        Pixel features (lx^2, lx ly, ly^2, lx, ly, 1), HR pixels from the block's centre.
+    psi, rho : [B, 6, K], [B, K]
+        The neighbours' spatial coefficients (:func:`spatial_coefficients`) and ``rho``.
+    ic, jd : [B, G, P], [B, G, K]
+        Guide of the pixels and LR guide of the neighbours, both minus the block's LR guide.
+    vals, target : [B, G, K], [B, G, P]
+        The fit's LR input at the neighbours; the guide at the pixels (the target).
+    weight : [B, P]
+        1 / (number of loss terms) on real pixels, 0 on padding.
+    r2_pix, r2_off, repeated
+        As in :func:`log_weights`.
+
+    Returns
+    -------
+    ``(loss_sum, squared_sum, grad_psi [B, 6, K], grad_rho [B, K])``: the weighted L1 and
+    squared-error sums and the gradient of ``loss_sum``.
+    """
+    dist = range_term(ic, jd)
+    logits = log_weights(phi, psi, rho, dist, r2_pix, r2_off, repeated)
+    w = torch.softmax(logits, dim=-1)
+    g_count = vals.shape[1]
+    outs = [(w * vals[:, g, None, :]).sum(-1) for g in range(g_count)]  # G x [B, P]
+    loss = weight.new_zeros(())
+    squared = weight.new_zeros(())
+    dot = None  # sum_g s_g v_g(k), [B, P, K]
+    shift = None  # sum_g s_g out_g, [B, P]
+    for g in range(g_count):
+        diff = outs[g] - target[:, g]
+        loss = loss + (diff.abs() * weight).sum()
+        squared = squared + (diff * diff * weight).sum()
+        s = torch.sign(diff) * weight
+        term = s[:, :, None] * vals[:, g, None, :]
+        dot = term if dot is None else dot + term
+        shift = s * outs[g] if shift is None else shift + s * outs[g]
+    grad_logits = w * (dot - shift[:, :, None])
+    grad_psi = torch.stack([(phi[:, j, :, None] * grad_logits).sum(1) for j in range(6)], 1)
+    grad_rho = -(dist * grad_logits).sum(1)
+    return loss, squared, grad_psi, grad_rho
+
+
+def render_weights(phi, psi, rho, ic, jd, r2_pix, r2_off, repeated) -> torch.Tensor:
+    """Softmax weights ``[B, P, K]`` of a render chunk (the aggregation stays a GEMM)."""
+    return torch.softmax(log_weights(phi, psi, rho, range_term(ic, jd), r2_pix, r2_off, repeated), dim=-1)
+
+
+# ---------------------------------------------------------------------------- compiled entry points
+_COMPILED: Dict[str, Callable] = {}
+_EAGER = {"fit": fit_chunk, "render": render_weights}
+
+
+def kernel(name: str, compiled: bool) -> Callable:
+    """The chunk function ``name`` (``fit``, ``render``), compiled or not.
+
+    Compiled once per process with ``dynamic=False`` (torch recompiles per new input shape:
+    callers keep shapes to a few classes). Run it under ``torch.no_grad()``.
+    """
+    fn = _EAGER[name]
+    if not compiled:
+        return fn
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[name]
+
+
+def pad_blocks(t: torch.Tensor, n: int, value: float = 0.0) -> torch.Tensor:
+    """Pad dimension 0 of ``t`` to ``n`` rows with ``value`` (no copy when it already has ``n``)."""
+    extra = n - t.shape[0]
+    if extra <= 0:
+        return t
+    return torch.cat([t, t.new_full((extra,) + tuple(t.shape[1:]), value)], 0)
+
+
+def compiled_chunk_blocks(device: torch.device, p: int, k: int, tile_blocks: int) -> int:
+    """Blocks per compiled chunk: cache-sized on the CPU (as the eager path), the largest tile on
+    a GPU (one launch per tile). Fixed for a run, so one shape class per run."""
+    from .attention import CPU_CHUNK_BYTES
+
+    if device.type != "cpu":
+        return max(1, tile_blocks)
+    return max(1, min(tile_blocks, CPU_CHUNK_BYTES // max(1, p * k * 4)))
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo has compiled so far in this process (tests bound recompilation with it)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def warn_fallback(exc: BaseException) -> None:
+    warnings.warn(f"compiled kernels unavailable ({type(exc).__name__}: {exc}); using the eager path", RuntimeWarning, stacklevel=3)
+
+
+__all__ = [
+    "BACKENDS",
+    "check_backend",
+    "compiler_available",
+    "resolve_backend",
+    "range_term",
+    "log_weights",
+    "fit_chunk",
+    "spatial_coefficients",
+    "spatial_coefficients_backward",
+    "render_weights",
+    "kernel",
+    "pad_blocks",
+    "compiled_chunk_blocks",
+    "compiled_graph_count",
+]
+

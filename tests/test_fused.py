@@ -1,0 +1,145 @@
+"""The fused / compiled engine path (core/fused.py): same numbers as the eager path and the
+float64 reference, one compilation per shape class, backend and thread options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_field, rel_err
+from reference_gsjbu import reference_render
+
+import napari_upsample_anything as upa
+from napari_upsample_anything.core import fused, native
+from napari_upsample_anything.core.fit import fit_field
+from napari_upsample_anything.core.guide import Guide
+from napari_upsample_anything.core.render import BlockEngine, RenderOptions
+from napari_upsample_anything.core.threads import torch_threads
+
+CPU = torch.device("cpu")
+needs_compiler = pytest.mark.skipif(not fused.compiler_available("cpu"), reason="no C++ compiler for torch.compile")
+
+
+def test_fit_chunk_gradient_equals_autograd(gen):
+    """The fused kernel's hand-written backward == autograd through its own forward (float64)."""
+    B, P, K, G = 2, 5, 7, 3
+    d = dict(dtype=torch.float64)
+    phi = torch.randn(B, 6, P, generator=gen, **d)
+    psi = (0.1 * torch.randn(B, 6, K, generator=gen, **d)).requires_grad_(True)
+    rho = torch.rand(B, K, generator=gen, **d).requires_grad_(True)
+    ic, jd = torch.randn(B, G, P, generator=gen, **d), torch.randn(B, G, K, generator=gen, **d)
+    vals, target = torch.randn(B, G, K, generator=gen, **d), torch.randn(B, G, P, generator=gen, **d)
+    weight = torch.rand(B, P, generator=gen, **d)
+    r2_pix = torch.randint(0, 9, (B, P), generator=gen, dtype=torch.int32)
+    r2_off = torch.arange(K, dtype=torch.int32)
+    repeated = torch.rand(B, K, generator=gen) < 0.3
+    repeated[:, 0] = False
+    loss, _, grad_psi, grad_rho = fused.fit_chunk(phi, psi, rho, ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
+    logits = fused.log_weights(phi, psi, rho, fused.range_term(ic, jd), r2_pix, r2_off, repeated)
+    out = torch.einsum("bpk,bgk->bgp", torch.softmax(logits, -1), vals)
+    ref = ((out - target).abs() * weight[:, None]).sum()
+    ref_psi, ref_rho = torch.autograd.grad(ref, (psi, rho))
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    assert torch.allclose(grad_psi, ref_psi, atol=1e-12) and torch.allclose(grad_rho, ref_rho, atol=1e-12)
+
+
+def test_spatial_coefficients_backward_is_the_chain_rule(gen):
+    coef = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen).requires_grad_(True)
+    d_y, d_x = torch.randn(3, 5, dtype=torch.float64, generator=gen), torch.randn(3, 5, dtype=torch.float64, generator=gen)
+    upstream = torch.randn(3, 6, 5, dtype=torch.float64, generator=gen)
+    (grad,) = torch.autograd.grad(fused.spatial_coefficients(coef, d_y, d_x), coef, upstream)
+    assert torch.allclose(fused.spatial_coefficients_backward(upstream, d_y, d_x), grad[:3], atol=1e-12)
+
+
+@needs_compiler
+def test_compiled_fit_follows_the_eager_loss_curve_and_compiles_once(monkeypatch):
+    """torch.compile path (the native CPU kernel switched off): loss curves within 0.1 % per
+    step (they agree to ~1e-6), same fitted field; a second fit of the same shape class
+    compiles nothing new."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    rng = np.random.default_rng(0)
+    guide = Guide((rng.random((48, 60, 3)) * 255).astype(np.uint8))
+    eager = fit_field(guide, (4, 5), steps=3, budget=2**30, backend="eager")
+    before = fused.compiled_graph_count()
+    compiled = fit_field(guide, (4, 5), steps=3, budget=2**30, backend="compiled")
+    first = fused.compiled_graph_count() - before
+    assert compiled.meta["backend"] == "compiled" and eager.meta["backend"] == "eager"
+    assert compiled.meta["kernel"] == "inductor"
+    a, b = np.array(eager.meta["loss_per_step"]), np.array(compiled.meta["loss_per_step"])
+    assert np.abs(b / a - 1).max() < 1e-3
+    assert compiled.meta["final_loss"] == pytest.approx(eager.meta["final_loss"], rel=1e-3)
+    assert rel_err(compiled.sigma_x, eager.sigma_x) < 1e-3
+    assert 1 <= first <= 2  # one graph (two if dynamo splits it): not one per tile or step
+    before = fused.compiled_graph_count()
+    fit_field(guide, (4, 5), steps=2, budget=2**30, backend="compiled")  # same shapes: no recompile
+    assert fused.compiled_graph_count() == before
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler to build the native fit kernel")
+def test_native_fit_follows_the_eager_loss_curve():
+    """The default CPU fit kernel: published 51-step loss curve within 0.1 % per step of the
+    eager path, on a non-integer scale (padded blocks) with the 'unique' border (masked pairs)."""
+    rng = np.random.default_rng(2)
+    guide = Guide((rng.random((50, 37, 3)) * 255).astype(np.uint8))
+    options = RenderOptions(border="unique")
+    eager = fit_field(guide, (7, 5), steps=51, budget=2**30, options=options, backend="eager")
+    fast = fit_field(guide, (7, 5), steps=51, budget=2**30, options=options, backend="auto")
+    assert fast.meta["kernel"] == "native"  # auto picks it: it builds in seconds
+    a, b = np.array(eager.meta["loss_per_step"]), np.array(fast.meta["loss_per_step"])
+    assert np.abs(b / a - 1).max() < 1e-3
+    assert fast.meta["psnr"] == pytest.approx(eager.meta["psnr"], abs=0.01)
+
+
+@needs_compiler
+def test_compiled_render_against_reference(gen):
+    """Compiled softmax weights, published and 'unique' border, small sigmas (dynamic radius as
+    a mask): float64 reference within 1e-4, one compilation for both option sets."""
+    H, W, h, w = 45, 61, 6, 9  # non-integer scale: padded blocks
+    guide = torch.rand(H, W, 3, generator=gen)
+    lr = torch.randn(5, h, w, generator=gen)
+    field = random_field(h, w, gen, sigma=(0.5, 6.0))
+    before = fused.compiled_graph_count()
+    for options in (RenderOptions(), RenderOptions(border="unique", radius_units="lr", alpha=0.5)):
+        engine = BlockEngine(Guide(guide.numpy(), "none"), (h, w), options, CPU)
+        out = torch.full((5, H, W), float("nan"))
+        engine.render(lr, field, out, budget=2**30, backend="compiled")
+        ref = reference_render(
+            lr, guide.permute(2, 0, 1), field.sigma_x, field.sigma_y, field.theta, field.sigma_r,
+            radius=options.radius, alpha=options.alpha, unique_border=options.border == "unique",
+            radius_in_lr_cells=options.radius_units == "lr",
+        )
+        assert rel_err(out, ref) < 1e-4
+    assert fused.compiled_graph_count() - before <= 2
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    assert fused.resolve_backend("eager", CPU) == "eager"
+    with pytest.raises(ValueError, match="backend='fast'"):
+        fused.resolve_backend("fast", CPU)
+    monkeypatch.setattr(fused, "compiler_available", lambda device_type: False)
+    assert fused.resolve_backend("auto", CPU) == "eager"  # no compiler: the eager fallback
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        fused.resolve_backend("compiled", CPU)
+    monkeypatch.setattr(fused, "compiler_available", lambda device_type: True)
+    assert fused.resolve_backend("auto", CPU, pair_evals=1e6) == "eager"  # too small to repay compiling
+    assert fused.resolve_backend("auto", CPU, pair_evals=1e12) == "compiled"
+
+
+def test_threads_option_sets_and_restores_torch_threads():
+    before = torch.get_num_threads()
+    with torch_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="threads="):
+            with torch_threads(bad):
+                pass
+    seen = []
+    rng = np.random.default_rng(1)
+    guide = (rng.random((28, 28, 3)) * 255).astype(np.uint8)
+    hr = upa.upsample(guide, rng.random((2, 2, 2)).astype(np.float32), steps=1, threads=1, backend="eager",
+                      progress=lambda *a, **k: seen.append(torch.get_num_threads()))
+    assert hr.shape == (2, 28, 28) and set(seen) == {1}
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads="):
+        upa.render(np.zeros((1, 2, 2), np.float32), guide, upa.KernelField.initial((2, 2)), threads=0)
