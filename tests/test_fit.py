@@ -154,12 +154,14 @@ def test_progress_and_cancel_within_one_step():
     assert seen == [1, 2]
 
 
-def test_out_of_memory_in_a_tile_is_retried_with_smaller_tiles(monkeypatch):
+@pytest.mark.parametrize("backend", ["eager", pytest.param("compiled", marks=needs_native)])
+def test_out_of_memory_in_a_tile_is_retried_with_smaller_tiles(monkeypatch, backend):
     import napari_upsample_anything.core.fit as fit_mod
 
     img = np.random.default_rng(1).random((56, 56, 3)).astype(np.float32)
-    expected = fit_field(Guide(img), (4, 4), steps=3, budget=2**30)
-    real = fit_mod.block_attention
+    expected = fit_field(Guide(img), (4, 4), steps=3, budget=2**30, backend=backend)
+    owner, name = (fit_mod, "block_attention") if backend == "eager" else (native, "fit_chunk")
+    real = getattr(owner, name)
     seen = []
 
     def flaky(phi, *args, **kwargs):
@@ -168,8 +170,9 @@ def test_out_of_memory_in_a_tile_is_retried_with_smaller_tiles(monkeypatch):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real(phi, *args, **kwargs)
 
-    monkeypatch.setattr(fit_mod, "block_attention", flaky)
-    got = fit_field(Guide(img), (4, 4), steps=3, budget=2**30)
+    monkeypatch.setattr(owner, name, flaky)
+    got = fit_field(Guide(img), (4, 4), steps=3, budget=2**30, backend=backend)
+    assert got.meta["backend"] == backend
     assert max(seen) > 4 and seen[-1] <= 4  # it failed big, then succeeded small
     assert np.allclose(got.meta["loss_per_step"], expected.meta["loss_per_step"], rtol=1e-5)
     assert torch.allclose(got.sigma_x, expected.sigma_x, rtol=1e-4)
