@@ -176,3 +176,21 @@ def test_out_of_memory_in_a_tile_is_retried_with_smaller_tiles(monkeypatch, back
     assert max(seen) > 4 and seen[-1] <= 4  # it failed big, then succeeded small
     assert np.allclose(got.meta["loss_per_step"], expected.meta["loss_per_step"], rtol=1e-5)
     assert torch.allclose(got.sigma_x, expected.sigma_x, rtol=1e-4)
+
+
+@needs_native
+def test_loading_the_native_kernel_keeps_subnormal_floats():
+    """Linking with -ffast-math would switch flush-to-zero on for the whole process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from napari_upsample_anything.core import native\n"
+        "assert native.available()\n"
+        "x = np.array([1e-39], np.float32)\n"
+        "print(float((x * np.float32(1.0))[0]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) > 0.0, "subnormal float32 flushed to zero after loading the kernel"

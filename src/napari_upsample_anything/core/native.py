@@ -11,9 +11,15 @@ weights and max; exp, denominator and aggregation; gradient accumulation into pe
 centre offset is never masked, so the denominator is at least 1). Tests compare it with the
 float64 reference and the other paths.
 
-Built with ``-O3 -march=native -ffast-math -fopenmp`` (fast-math lets GCC call glibc's
-vector ``expf``); the library is cached under the user cache directory, keyed by the source
-hash and the compiler, written to a temporary name and renamed when complete.
+Compiled with ``-O3 -march=native -ffast-math -fopenmp`` (fast-math lets GCC call glibc's
+vector ``expf``) but *linked* without ``-ffast-math``: linking with it adds GCC's
+``crtfastmath.o``, whose constructor turns on flush-to-zero / denormals-are-zero for the
+whole process when the library is loaded, silently changing every other computation of the
+user's program (a test checks that subnormals survive loading the kernel). The library is
+cached under the user cache directory, keyed by the source hash, the compiler and this
+CPU's model and feature flags (``-march=native`` code from one node of a cluster with a
+shared home directory must not be loaded on an older node), written to a temporary name
+and renamed when complete.
 """
 
 from __future__ import annotations
@@ -141,6 +147,19 @@ def _cache_dir() -> Path:
     return Path(base) / "napari-upsample-anything" / "native"
 
 
+def _cpu_identity() -> str:
+    """This CPU's model and feature flags (Linux: /proc/cpuinfo), for the library's cache key."""
+    import platform
+
+    ident = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            ident += "".join(line for line in f.read().splitlines(True)[:40] if line.startswith(("model name", "flags")))
+    except OSError:
+        pass
+    return ident
+
+
 @functools.lru_cache(maxsize=None)
 def _library() -> Optional[ctypes.CDLL]:
     """Build (once) and load the kernel library, or None when no compiler can build it."""
@@ -149,8 +168,10 @@ def _library() -> Optional[ctypes.CDLL]:
     cc = _compiler()
     if cc is None:
         return None
-    flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
-    key = hashlib.sha256((_SOURCE + cc + " ".join(flags)).encode()).hexdigest()[:16]
+    compile_flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+    link_flags = ["-shared", "-fopenmp"]  # no -ffast-math here: see the module docstring
+    identity = _SOURCE + cc + " ".join(compile_flags + link_flags) + _cpu_identity()
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     folder = _cache_dir()
     lib_path = folder / f"fit_chunk_{key}.so"
     if not lib_path.exists():
@@ -159,8 +180,10 @@ def _library() -> Optional[ctypes.CDLL]:
             with tempfile.TemporaryDirectory(dir=folder) as tmp:
                 src = Path(tmp) / "fit_chunk.c"
                 src.write_text(_SOURCE)
+                obj = Path(tmp) / "fit_chunk.o"
                 tmp_lib = Path(tmp) / "fit_chunk.so"
-                subprocess.run([cc, *flags, str(src), "-o", str(tmp_lib), "-lm"], check=True, capture_output=True, timeout=300)
+                subprocess.run([cc, *compile_flags, "-c", str(src), "-o", str(obj)], check=True, capture_output=True, timeout=300)
+                subprocess.run([cc, *link_flags, str(obj), "-o", str(tmp_lib), "-lm"], check=True, capture_output=True, timeout=300)
                 os.replace(tmp_lib, lib_path)  # complete file appears atomically
         except (OSError, subprocess.SubprocessError):
             return None
