@@ -12,7 +12,7 @@ from conftest import random_field, rel_err
 from reference_gsjbu import reference_render
 
 import napari_upsample_anything as upa
-from napari_upsample_anything.core.explore import TileSink, bilinear_rows
+from napari_upsample_anything.core.explore import bilinear_rows
 from napari_upsample_anything.explore import (
     ScribbleClassifier,
     apply_classifier,

@@ -35,7 +35,7 @@ Batch use (what a CLI subcommand does)::
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
