@@ -5,7 +5,7 @@
 Writes ``docs/img/explorer_*.png``. Without ``--pretrained`` the backbone has random
 weights (this machine is offline): the similarity and the classes then reflect colour and
 local structure more than meaning, but every layer is the widget's real computation on a
-224 x 224 crop of the histology sample. The scribbles are painted by the script (strokes
+168 x 168 crop of the histology sample. The scribbles are painted by the script (strokes
 inside stain masks), as a user would paint them.
 """
 
@@ -23,6 +23,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from make_screenshots import IMG, WINDOW, settle, shot, side_by_side, wait  # noqa: E402
+
+
+def wait_for(condition, timeout=1800.0):
+    import time
+
+    t0 = time.time()
+    while not condition():
+        settle(1)
+        if time.time() - t0 > timeout:
+            raise TimeoutError("the explorer did not finish")
+    settle()
 
 
 def stain_scribbles(image: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -68,7 +79,7 @@ def main() -> int:
     viewer = napari.Viewer(title="napari: Upsample Anything")
     qtwin = viewer.window._qt_window
     (data, meta, _), = _sample_data.histology()
-    crop = np.ascontiguousarray(data[160:384, 200:424])
+    crop = np.ascontiguousarray(data[200:368, 240:408])
     src = viewer.add_image(crop, name="histology", rgb=True)
     main_w = UpsampleAnythingWidget(viewer)
     explorer = FeatureExplorerWidget(viewer)
@@ -94,7 +105,7 @@ def main() -> int:
     dab = rgb2hed(crop)[..., 2]
     y, x = np.unravel_index(int(np.argmax(dab)), dab.shape)
     points.add([float(y), float(x)])
-    wait(explorer.runner)
+    wait_for(lambda: explorer.similarity is not None and not explorer.runner.running)
     for layer in viewer.layers:
         layer.visible = layer is points or layer.name in ("histology similarity",)
     viewer.reset_view()
@@ -103,6 +114,7 @@ def main() -> int:
     for k, name in enumerate(("histology", "histology similarity", "histology similarity (bilinear)")):
         for layer in viewer.layers:
             layer.visible = layer.name == name or layer is points
+        settle(60)
         parts.append(shot(viewer, f"_part{k}", canvas_only=True))
     side_by_side(*parts, out=IMG / "explorer_similarity_compare.png")
 

@@ -137,6 +137,7 @@ def test_segmentation_never_changes_the_users_labels(make_napari_viewer, qtbot, 
         assert np.allclose(np.asarray(p1.data) + np.asarray(p2.data), 1.0, atol=1e-4)
         assert np.array_equal(np.asarray(user_layer.data), before) and user_layer.data.dtype == before.dtype
         assert dict(user_layer.metadata) == meta_before
+        assert w.scribble_picker.layer() is user_layer  # not the segmentation napari made active
     path = w.save_classifier(tmp_path / "clf.npz")
     from napari_upsample_anything.core.explore import ScribbleClassifier
 
@@ -157,6 +158,8 @@ def test_own_scribbles_live_update_and_close_stops_worker(make_napari_viewer, qt
         layer.data = data  # set_data event -> live re-segmentation
     _wait(qtbot, w)
     assert _role(viewer, "explore_segmentation") is not None
+    assert w.scribble_picker.layer() is layer
+    assert w.scribble_picker.count() == 1  # the plugin's outputs are not offered as scribbles
     # a run in flight is cancelled and joined when the widget closes
     assert w.request("segment")
     assert w.runner.running

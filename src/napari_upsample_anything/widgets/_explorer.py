@@ -48,7 +48,16 @@ from qtpy.QtWidgets import (
 from ._frame import full_res_data, layer_kind
 from ._pipeline import Outcome, Progress
 from ._qt_common import LayerPicker, ResultPicker, Runner, RunWidget
-from ._registry import FitResult, find_own_layer, get_state, put_layer, remove_own_layer, tag_of, unwrap_viewer
+from ._registry import (
+    FitResult,
+    find_own_layer,
+    get_state,
+    is_own,
+    put_layer,
+    remove_own_layer,
+    tag_of,
+    unwrap_viewer,
+)
 
 ROUTES = (("HR pixels (every pixel's HR feature)", "hr"), ("LR tokens + kernels (cheaper)", "lr"))
 #: Milliseconds to wait after the last edit before a live update starts (coalesces strokes).
@@ -133,6 +142,14 @@ def plane_scribbles(layer, result: FitResult, plane) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- widget
+class ScribblePicker(LayerPicker):
+    """Labels layers to read scribbles from: the user's, and the explorer's own scribble layers
+    (never the plugin's outputs, e.g. a segmentation it just added and napari made active)."""
+
+    def _candidates(self):
+        return [l for l in super()._candidates() if not is_own(l) or tag_of(l).get("role") == "explore_scribbles"]
+
+
 class FeatureExplorerWidget(RunWidget):
     """The feature explorer dock widget (see the module docstring)."""
 
@@ -150,6 +167,7 @@ class FeatureExplorerWidget(RunWidget):
         self.outputs: dict = {}
         self._queued: list = []
         self._watched: list = []  # (layer ref, emitter name, callback)
+        self._scribbles_ref = None  # the Labels layer the running segmentation reads
         self._build()
         self._live_timer = QTimer(self)
         self._live_timer.setSingleShot(True)
@@ -195,7 +213,7 @@ class FeatureExplorerWidget(RunWidget):
 
         seg_box = QGroupBox("Scribble segmentation")
         seg_form = QFormLayout(seg_box)
-        self.scribble_picker = LayerPicker(self.viewer, ("labels",), include_own=True, parent=self)
+        self.scribble_picker = ScribblePicker(self.viewer, ("labels",), include_own=True, parent=self)
         self.scribble_picker.setToolTip("Labels layer with the scribbles (0 = unlabelled); it is only read")
         self.scribble_picker.currentIndexChanged.connect(self._watch_scribbles)
         srow = QHBoxLayout()
@@ -393,6 +411,7 @@ class FeatureExplorerWidget(RunWidget):
                 self._message("info", f"Paint at least two classes (found {classes.tolist()}).", self.status)
             return False
         route = self.route_combo.currentData()
+        self._scribbles_ref = weakref.ref(layer)
         self._start(
             "segment", compute_segmentation, plane, scribbles, result, route, self.image_check.isChecked(), self._device(result),
         )
@@ -499,8 +518,9 @@ class FeatureExplorerWidget(RunWidget):
                 self.viewer, data, "labels", name=f"{result.name} segmentation", role="explore_segmentation", opacity=0.5,
                 extra_tag={"classes": classes, "route": clf.route}, **tf, **common,
             )
-            scribbles = self.scribble_picker.layer()
+            scribbles = self._scribbles_ref() if self._scribbles_ref is not None else None
             if scribbles is not None and scribbles in self.viewer.layers:  # keep painting on top
+                self.scribble_picker.set_layer(scribbles)
                 self.viewer.layers.move(self.viewer.layers.index(scribbles), len(self.viewer.layers))
                 self.viewer.layers.selection.active = scribbles
 
