@@ -142,6 +142,8 @@ def miou(truth: np.ndarray, pred: np.ndarray) -> float:
 
 
 def run(args) -> dict:
+    import sklearn.ensemble  # noqa: F401 - imported once here, not inside the first timed call
+
     rows = []
     for family in args.families:
         for s in range(args.scenes):
