@@ -347,3 +347,23 @@ def test_progress_and_cancel(texture_case):
         segment_scribbles(lr, scribbles, img, field, device="cpu", normalize="none", cancel=lambda: True)
     with pytest.raises(upa.Cancelled):
         similarity_map(lr, (3, 3), img, field, device="cpu", normalize="none", cancel=lambda: True)
+
+
+def test_memory_mapped_hr_features_are_read_in_bands(gen, tmp_path, monkeypatch):
+    """A (C, H, W) memmap (what the main widget keeps for large images) is read band by band."""
+    from napari_upsample_anything.core import explore as core_explore
+
+    hr = torch.randn(6, 40, 30, generator=gen).numpy()
+    mm = np.lib.format.open_memmap(tmp_path / "hr.npy", mode="w+", dtype=np.float32, shape=hr.shape)
+    mm[:] = hr
+    mm.flush()
+    monkeypatch.setattr(core_explore, "BAND_BYTES", 6 * 30 * 4 * 7)  # 7 rows per band
+    ref = similarity_map(hr, [(3, 4), (30, 20)])
+    assert core_explore.band_rows(6, 30) == 7
+    assert rel_err(similarity_map(mm, [(3, 4), (30, 20)]), ref) < 1e-6
+    scribbles = np.zeros((40, 30), np.int32)
+    scribbles[2, :10] = 1
+    scribbles[35, 5:25] = 2
+    a = segment_scribbles(hr, scribbles)
+    b = segment_scribbles(mm, scribbles)
+    assert np.array_equal(a[0], b[0]) and np.allclose(a[1], b[1])

@@ -77,8 +77,10 @@ class TileSink:
         self._consume(y0, y1, x0, x1, np.asarray(value, dtype=np.float32))
 
 
-def band_rows(channels: int, width: int, budget: int = BAND_BYTES) -> int:
-    """Rows per band so that a ``(channels, rows, width)`` float32 band takes about ``budget`` bytes."""
+def band_rows(channels: int, width: int, budget: Optional[int] = None) -> int:
+    """Rows per band so that a ``(channels, rows, width)`` float32 band takes about ``budget`` bytes
+    (default :data:`BAND_BYTES`)."""
+    budget = BAND_BYTES if budget is None else budget
     return max(1, int(budget // max(1, 4 * channels * width)))
 
 
