@@ -282,6 +282,7 @@ def test_manifest_validates_and_is_packaged():
         "Kernel inspector",
         "Memory monitor",
         "Upsample a layer with fitted kernels",
+        "Feature explorer",
     }
     assert {s.key for s in mf.contributions.sample_data} == {"histology", "cells", "retina"}
     commands = {c.id for c in mf.contributions.commands}
@@ -315,7 +316,7 @@ pm = PluginManager.instance()
 pm.discover()
 mf = pm.get_manifest("napari-upsample-anything")
 widgets = [w.display_name for w in pm.iter_widgets() if w.plugin_name == mf.name]
-assert len(widgets) == 4, widgets
+assert len(widgets) == 5, widgets
 assert len(list(mf.contributions.sample_data)) == 3
 assert "torch" not in sys.modules, "listing contributions imported torch"
 mf.validate_imports()  # imports every python_name target (widget and sample modules)

@@ -37,6 +37,8 @@ _LAZY = {
     "upsample": ("api", "upsample"),
     "pca_rgb": ("api", "pca_rgb"),
     "render_pca": ("api", "render_pca"),
+    "similarity_map": ("explore", "similarity_map"),
+    "segment_scribbles": ("explore", "segment_scribbles"),
     "PCABasis": ("core.pca", "PCABasis"),
     "extract_features": ("core.features", "extract_features"),
     "load_backbone": ("core.backbones", "load_backbone"),

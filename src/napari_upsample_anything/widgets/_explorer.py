@@ -1,0 +1,547 @@
+"""**Feature explorer**: ask a fitted image's HR features questions (point similarity, scribbles).
+
+Works on a result of the main widget (picked in *Fitted image*), on the plane under the
+viewer's slider for stacks.
+
+* **Similarity**: *Add points* creates a Points layer (``<name> query points``); every point
+  clicked on the image adds to the query (the mean HR feature of the points on the current
+  plane). The cosine similarity of every pixel with it is shown as ``<name> similarity`` (HR
+  features upsampled with the fitted kernels), next to ``<name> similarity (bilinear)``
+  (bilinearly upsampled features, the usual comparison), and a Labels mask
+  ``<name> similar`` of the pixels above the *Threshold* slider (moving the slider does not
+  recompute anything).
+* **Segmentation**: paint classes (1, 2, ...) into a Labels layer -- one the widget creates
+  (*New scribbles*) or any Labels layer of the right size, which is only read, never
+  changed -- and press *Segment* (or tick *Live*): a random forest is trained on the HR
+  features at the scribbled pixels and classifies every pixel: ``<name> segmentation``
+  (Labels) and one ``<name> probability <k>`` image per class. Route *HR pixels* classifies
+  every HR pixel; *LR tokens* classifies the patch tokens and upsamples the class
+  probabilities with the kernels (much cheaper). *Save classifier* writes the training
+  samples to an ``.npz`` (no pickle; see :mod:`napari_upsample_anything.explore`) for batch use.
+
+Computations run in napari's ``thread_worker`` through the shared :class:`._qt_common.Runner`
+(progress bar, Cancel); HR features kept by the main widget are used directly, otherwise the
+features are rendered tile by tile and never held whole.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Tuple
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._frame import full_res_data, layer_kind
+from ._pipeline import Outcome, Progress
+from ._qt_common import LayerPicker, ResultPicker, Runner, RunWidget
+from ._registry import (
+    FitResult,
+    find_own_layer,
+    get_state,
+    is_own,
+    put_layer,
+    remove_own_layer,
+    tag_of,
+    unwrap_viewer,
+)
+
+ROUTES = (("HR pixels (every pixel's HR feature)", "hr"), ("LR tokens + kernels (cheaper)", "lr"))
+#: Milliseconds to wait after the last edit before a live update starts (coalesces strokes).
+LIVE_DELAY_MS = 400
+
+
+class ExplorerInputError(ValueError):
+    """The chosen layers do not fit the chosen result (the message says why)."""
+
+
+# ---------------------------------------------------------------------------------- compute (no Qt)
+def _adapter(progress):
+    """Core ``progress(done, total, info)`` -> the widgets' :class:`Progress` events."""
+    if progress is None:
+        return None
+    return lambda done, total, info: progress(Progress(str(info.get("stage", "")), int(done), int(total)))
+
+
+def compute_similarity(plane, points: np.ndarray, device: str = "auto", *, progress=None, cancel=None) -> dict:
+    """``{"kernels": (H, W), "bilinear": (H, W)}`` similarity maps of ``plane`` for ``(N, 2)`` (y, x) points."""
+    from ..explore import similarity_map
+
+    cb = _adapter(progress)
+    if plane.hr_features is not None:
+        sim = similarity_map(plane.hr_features, points, progress=cb, cancel=cancel)
+    else:
+        sim = similarity_map(plane.features, points, plane.guide, plane.field, device=device, progress=cb, cancel=cancel)
+    bil = similarity_map(plane.features, points, hr_shape=plane.hr_shape, upsampler="bilinear", progress=cb, cancel=cancel)
+    return {"kernels": sim, "bilinear": bil}
+
+
+def compute_segmentation(
+    plane, scribbles: np.ndarray, route: str = "hr", include_image: bool = False, device: str = "auto", *, progress=None, cancel=None
+) -> dict:
+    """Train on ``scribbles`` (H, W) and classify ``plane``; ``{"labels", "probabilities", "classifier"}``."""
+    from ..explore import segment_scribbles
+
+    if route == "hr" and plane.hr_features is not None:
+        features, guide, field = plane.hr_features, (plane.guide if include_image else None), None
+    else:
+        features, guide, field = plane.features, plane.guide, plane.field
+    labels, probs, clf = segment_scribbles(
+        features, scribbles, guide, field, route=route, include_image=include_image, return_classifier=True,
+        device=device, progress=_adapter(progress), cancel=cancel,
+    )
+    return {"labels": labels, "probabilities": probs, "classifier": clf}
+
+
+def plane_scribbles(layer, result: FitResult, plane) -> np.ndarray:
+    """A copy of the ``(H, W)`` scribbles of ``plane`` from a Labels layer (never a view of it).
+
+    Accepted shapes: ``(H, W)``; the result frame's own layout (leading axes of size 1 or the
+    slice axes, as the plugin's layers); or the source image's shape (without RGB).
+    """
+    if layer_kind(layer) != "labels":
+        raise ExplorerInputError(f"Layer '{layer.name}' is a {layer_kind(layer)} layer; paint scribbles into a Labels layer.")
+    data = full_res_data(layer)
+    shape = tuple(int(n) for n in data.shape)
+    H, W = plane.hr_shape
+    frame = result.frame
+    if shape[-2:] != (H, W):
+        raise ExplorerInputError(
+            f"Labels layer '{layer.name}' has shape {shape}; its last two axes must be the fitted image's (H, W) = {(H, W)}."
+        )
+    if len(shape) == 2:
+        return np.array(data, copy=True)
+    if len(shape) != frame.ndim:
+        raise ExplorerInputError(
+            f"Labels layer '{layer.name}' has shape {shape}; give (H, W) or one axis per image axis ({frame.ndim})."
+        )
+    key = []
+    for a in range(frame.ndim - 2):
+        if shape[a] == 1:
+            key.append(0)
+        elif a in frame.slice_axes and shape[a] == frame.shape[a]:
+            key.append(int(plane.index[frame.slice_axes.index(a)]))
+        elif a == frame.channel_axis:
+            key.append(0)
+        else:
+            raise ExplorerInputError(f"Labels layer '{layer.name}' has shape {shape}, which does not match the image {frame.shape}.")
+    return np.array(data[tuple(key)], copy=True)
+
+
+# ---------------------------------------------------------------------------------- widget
+class ScribblePicker(LayerPicker):
+    """Labels layers to read scribbles from: the user's, and the explorer's own scribble layers
+    (never the plugin's outputs, e.g. a segmentation it just added and napari made active)."""
+
+    def _candidates(self):
+        return [l for l in super()._candidates() if not is_own(l) or tag_of(l).get("role") == "explore_scribbles"]
+
+
+class FeatureExplorerWidget(RunWidget):
+    """The feature explorer dock widget (see the module docstring)."""
+
+    cancelled_text = "Cancelled; no layer was changed."
+
+    def __init__(self, napari_viewer, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
+        self.state = get_state(napari_viewer)
+        self.runner = Runner(napari_viewer, "Feature explorer", self)
+        self.runner.progressed.connect(self._on_progress)
+        self.runner.finished.connect(self._on_finished)
+        self.similarity: Optional[dict] = None  # last result: {"kernels", "bilinear", "result", "plane"}
+        self.segmentation: Optional[dict] = None
+        self.outputs: dict = {}
+        self._queued: list = []
+        self._watched: list = []  # (layer ref, emitter name, callback)
+        self._scribbles_ref = None  # the Labels layer the running segmentation reads
+        self._build()
+        self._live_timer = QTimer(self)
+        self._live_timer.setSingleShot(True)
+        self._live_timer.setInterval(LIVE_DELAY_MS)
+        self._live_timer.timeout.connect(self._live_segment)
+        self._points_timer = QTimer(self)
+        self._points_timer.setSingleShot(True)
+        self._points_timer.setInterval(50)
+        self._points_timer.timeout.connect(lambda: self.request("similarity"))
+
+    # ------------------------------------------------------------------ UI
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+        form = QFormLayout()
+        layout.addLayout(form)
+        self.result_picker = ResultPicker(self.viewer)
+        self.result_picker.setToolTip("The image whose HR features are explored (fitted by 'Upsample Anything')")
+        form.addRow("Fitted image", self.result_picker)
+
+        sim_box = QGroupBox("Point similarity")
+        sim_form = QFormLayout(sim_box)
+        row = QHBoxLayout()
+        self.points_button = QPushButton("Add points")
+        self.points_button.setToolTip("Create (or select) the query Points layer; click on the image to add points")
+        self.points_button.clicked.connect(self.add_points_layer)
+        self.similarity_button = QPushButton("Similarity")
+        self.similarity_button.setToolTip("Compute the similarity to the mean feature of the points on this plane")
+        self.similarity_button.clicked.connect(lambda: self.request("similarity"))
+        row.addWidget(self.points_button)
+        row.addWidget(self.similarity_button)
+        sim_form.addRow(row)
+        self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
+        self.threshold_slider.setRange(-100, 100)
+        self.threshold_slider.setValue(50)
+        self.threshold_slider.setToolTip("Pixels with a similarity at or above this value form the mask layer")
+        self.threshold_label = QLabel("0.50")
+        self.threshold_slider.valueChanged.connect(self._on_threshold)
+        trow = QHBoxLayout()
+        trow.addWidget(self.threshold_slider)
+        trow.addWidget(self.threshold_label)
+        sim_form.addRow("Threshold", trow)
+        layout.addWidget(sim_box)
+
+        seg_box = QGroupBox("Scribble segmentation")
+        seg_form = QFormLayout(seg_box)
+        self.scribble_picker = ScribblePicker(self.viewer, ("labels",), include_own=True, parent=self)
+        self.scribble_picker.setToolTip("Labels layer with the scribbles (0 = unlabelled); it is only read")
+        self.scribble_picker.currentIndexChanged.connect(self._watch_scribbles)
+        srow = QHBoxLayout()
+        srow.addWidget(self.scribble_picker, 1)
+        self.new_scribbles_button = QPushButton("New scribbles")
+        self.new_scribbles_button.setToolTip("Create an empty Labels layer on the fitted image to paint into")
+        self.new_scribbles_button.clicked.connect(self.add_scribble_layer)
+        srow.addWidget(self.new_scribbles_button)
+        seg_form.addRow("Scribbles", srow)
+        self.route_combo = QComboBox()
+        for text, value in ROUTES:
+            self.route_combo.addItem(text, value)
+        seg_form.addRow("Classify", self.route_combo)
+        self.image_check = QCheckBox("Also use the image's own channels")
+        seg_form.addRow(self.image_check)
+        self.live_check = QCheckBox("Live: re-segment after each stroke")
+        seg_form.addRow(self.live_check)
+        self.save_button = QPushButton("Save classifier…")
+        self.save_button.setEnabled(False)
+        self.save_button.clicked.connect(self._save_clicked)
+        seg_form.addRow(self.save_button)
+        layout.addWidget(seg_box)
+
+        row = QHBoxLayout()
+        self.run_button = QPushButton("Segment")
+        self.run_button.clicked.connect(lambda: self.request("segment"))
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        layout.addLayout(row)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self._watch_scribbles()
+
+    # ------------------------------------------------------------------ helpers
+    def _result(self) -> Optional[FitResult]:
+        return self.result_picker.result()
+
+    def _plane(self, result: FitResult):
+        return result.plane_at_world(self.viewer.dims.point)
+
+    def _device(self, result: FitResult) -> str:
+        return str(getattr(result.pipeline, "device", "auto") or "auto")
+
+    def _watch(self, layer, emitter: str, callback) -> None:
+        getattr(layer.events, emitter).connect(callback)
+        self._watched.append((weakref.ref(layer), emitter, callback))
+
+    def _unwatch(self, emitters: Tuple[str, ...]) -> None:
+        keep = []
+        for ref, emitter, callback in self._watched:
+            layer = ref()
+            if emitter in emitters:
+                if layer is not None:
+                    try:
+                        getattr(layer.events, emitter).disconnect(callback)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+            else:
+                keep.append((ref, emitter, callback))
+        self._watched = keep
+
+    # ------------------------------------------------------------------ layers the user works in
+    def points_layer(self, result: Optional[FitResult] = None):
+        result = result or self._result()
+        return None if result is None else find_own_layer(self.viewer, "explore_points", result.owner)
+
+    def add_points_layer(self):
+        """Create (or select) the query Points layer of the picked result, in add mode."""
+        result = self._result()
+        if result is None:
+            self._message("error", "No fitted image yet: run 'Upsample Anything' on the image first.", self.status)
+            return None
+        layer = self.points_layer(result)
+        if layer is None:
+            H = result.planes[0].hr_shape[0]
+            scale = float(result.frame.scale[-2])
+            layer = put_layer(
+                self.viewer, np.zeros((0, result.frame.ndim)), "points", name=f"{result.name} query points",
+                role="explore_points", owner=result.owner, result=result.key, face_color="red",
+                size=max(3.0, H / 50) * scale, ndim=result.frame.ndim,
+            )
+        self._unwatch(("data",))
+        self._watch(layer, "data", self._on_points_changed)
+        self.viewer.layers.selection.active = layer
+        layer.mode = "add"
+        self.status.setText("Click on the image to add query points.")
+        return layer
+
+    def _on_points_changed(self, event=None) -> None:
+        if self._cleaned:
+            return
+        self._points_timer.start()
+
+    def query_points(self, result: FitResult, plane) -> np.ndarray:
+        """``(N, 2)`` (y, x) HR pixels of the query points on ``plane`` (inside the image)."""
+        layer = self.points_layer(result)
+        if layer is None:
+            return np.zeros((0, 2), np.int64)
+        out = []
+        for p in np.asarray(layer.data, float):
+            world = layer.data_to_world(p)
+            index, y, x, inside = result.frame.pixel_at(world)
+            if inside and (not result.frame.is_stack or tuple(index) == tuple(plane.index)):
+                out.append((y, x))
+        return np.asarray(out, np.int64).reshape(-1, 2)
+
+    def add_scribble_layer(self):
+        """Create an empty Labels layer on the fitted image (the current plane) to paint scribbles into."""
+        result = self._result()
+        if result is None:
+            self._message("error", "No fitted image yet: run 'Upsample Anything' on the image first.", self.status)
+            return None
+        frame = result.frame
+        H, W = result.planes[0].hr_shape
+        data = np.zeros(frame.leading_shape() + (H, W), np.uint8)
+        layer = put_layer(
+            self.viewer, data, "labels", name=f"{result.name} scribbles", role="explore_scribbles", owner=result.owner,
+            result=result.key, **frame.transform(),
+        )
+        self.scribble_picker.set_layer(layer)
+        self.viewer.layers.selection.active = layer
+        layer.mode = "paint"
+        layer.brush_size = max(2, H // 60)
+        layer.selected_label = 1
+        self.status.setText("Paint class 1, then switch the label to 2 (and more) and paint the other classes.")
+        return layer
+
+    def _watch_scribbles(self, *_args) -> None:
+        self._unwatch(("paint", "set_data"))
+        layer = self.scribble_picker.layer()
+        if layer is None:
+            return
+        for name in ("paint", "set_data"):
+            if hasattr(layer.events, name):
+                self._watch(layer, name, self._on_scribbles_changed)
+
+    def _on_scribbles_changed(self, event=None) -> None:
+        if not self._cleaned and self.live_check.isChecked():
+            self._live_timer.start()
+
+    def _live_segment(self) -> None:
+        if self.live_check.isChecked():
+            self.request("segment", quiet=True)
+
+    # ------------------------------------------------------------------ runs
+    def request(self, kind: str, quiet: bool = False) -> bool:
+        """Start a ``"similarity"`` or ``"segment"`` run now, or after the running one."""
+        if self.runner.running:
+            if kind not in self._queued:
+                self._queued.append(kind)
+            return True
+        return self.run_similarity(quiet) if kind == "similarity" else self.run_segmentation(quiet)
+
+    def run_similarity(self, quiet: bool = False) -> bool:
+        result = self._result()
+        if result is None:
+            self._message("error", "No fitted image yet: run 'Upsample Anything' on the image first.", self.status)
+            return False
+        try:
+            plane = self._plane(result)
+        except KeyError as exc:
+            self._message("warning", str(exc), self.status)
+            return False
+        points = self.query_points(result, plane)
+        if len(points) == 0:
+            if not quiet:
+                self.status.setText("Add query points on the image first ('Add points').")
+            return False
+        self._start("similarity", compute_similarity, plane, points, result, self._device(result))
+        return True
+
+    def run_segmentation(self, quiet: bool = False) -> bool:
+        result = self._result()
+        layer = self.scribble_picker.layer()
+        if result is None:
+            self._message("error", "No fitted image yet: run 'Upsample Anything' on the image first.", self.status)
+            return False
+        if layer is None:
+            self._message("error", "No scribbles: press 'New scribbles' (or add a Labels layer) and paint two classes.", self.status)
+            return False
+        try:
+            plane = self._plane(result)
+            scribbles = plane_scribbles(layer, result, plane)
+        except (KeyError, ExplorerInputError) as exc:
+            self._message("error" if not quiet else "info", str(exc), self.status)
+            return False
+        classes = np.unique(scribbles[scribbles > 0])
+        if len(classes) < 2:
+            if not quiet:
+                self._message("info", f"Paint at least two classes (found {classes.tolist()}).", self.status)
+            return False
+        route = self.route_combo.currentData()
+        self._scribbles_ref = weakref.ref(layer)
+        self._start(
+            "segment", compute_segmentation, plane, scribbles, result, route, self.image_check.isChecked(), self._device(result),
+        )
+        return True
+
+    def _start(self, kind: str, fn, plane, first, result: FitResult, *args) -> None:
+        self._pending = {"kind": kind, "result": result, "plane": plane}
+        self.run_button.setEnabled(False)
+        self.similarity_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText(f"{kind}…")
+        device = args[-1]
+        self.runner.start(fn, plane, first, *args, device=device, desc=f"{kind} on {result.name}")
+
+    def _on_finished(self, outcome: Outcome) -> None:
+        super()._on_finished(outcome)
+        if self._cleaned:
+            return
+        self.similarity_button.setEnabled(True)
+        if self._queued and outcome.status == "done":
+            kind = self._queued.pop(0)
+            self.request(kind, quiet=True)
+        else:
+            self._queued.clear()
+
+    def _publish(self, outcome: Outcome, pending: dict) -> None:
+        if pending["kind"] == "similarity":
+            self._show_similarity(outcome.value, pending)
+        else:
+            self._show_segmentation(outcome.value, pending)
+        self.status.setText(f"{pending['kind']} done in {outcome.seconds:.1f} s")
+
+    # ------------------------------------------------------------------ outputs
+    def _placed(self, result: FitResult, plane, arr: np.ndarray):
+        at = plane.index if result.frame.is_stack else None
+        return result.frame.stack([arr], at=at), result.frame.transform(at=at)
+
+    def _show_similarity(self, value: dict, pending: dict) -> None:
+        result, plane = pending["result"], pending["plane"]
+        self.similarity = dict(value, result=result, plane=plane)
+        common = {"owner": result.owner, "result": result.key}
+        with self.state.keep_results():
+            for key, role, suffix, visible in (
+                ("bilinear", "explore_similarity_bilinear", " (bilinear)", False),
+                ("kernels", "explore_similarity", "", True),
+            ):
+                data, tf = self._placed(result, plane, value[key])
+                self.outputs[key] = put_layer(
+                    self.viewer, data, "image", name=f"{result.name} similarity{suffix}", role=role, colormap="viridis",
+                    contrast_limits=(0.0, 1.0), visible=visible, extra_tag={"index": list(plane.index)}, **tf, **common,
+                )
+            self._update_mask()
+            points = self.points_layer(result)
+            if points is not None:  # keep the points on top, so they stay clickable and visible
+                self.viewer.layers.move(self.viewer.layers.index(points), len(self.viewer.layers))
+                self.viewer.layers.selection.active = points
+
+    def threshold(self) -> float:
+        return self.threshold_slider.value() / 100.0
+
+    def _on_threshold(self, value: int) -> None:
+        self.threshold_label.setText(f"{value / 100.0:.2f}")
+        self._update_mask()
+
+    def _update_mask(self) -> None:
+        if self.similarity is None:
+            return
+        result, plane = self.similarity["result"], self.similarity["plane"]
+        mask = (self.similarity["kernels"] >= self.threshold()).astype(np.uint8)
+        layer = find_own_layer(self.viewer, "explore_similar", result.owner)
+        data, tf = self._placed(result, plane, mask)
+        if layer is not None and layer.data.shape == data.shape and tag_of(layer).get("index") == list(plane.index):
+            layer.data = data  # the slider: update in place, no new layer
+        else:
+            with self.state.keep_results():
+                layer = put_layer(
+                    self.viewer, data, "labels", name=f"{result.name} similar", role="explore_similar", owner=result.owner,
+                    result=result.key, opacity=0.4, extra_tag={"index": list(plane.index)}, **tf,
+                )
+        self.outputs["mask"] = layer
+
+    def _show_segmentation(self, value: dict, pending: dict) -> None:
+        result, plane = pending["result"], pending["plane"]
+        clf = value["classifier"]
+        self.segmentation = dict(value, result=result, plane=plane)
+        self.save_button.setEnabled(True)
+        common = {"owner": result.owner, "result": result.key}
+        classes = [int(c) for c in clf.classes]
+        with self.state.keep_results():
+            for layer in list(self.viewer.layers):  # probability layers of classes no longer painted
+                tag = tag_of(layer)
+                if tag.get("role", "").startswith("explore_probability_") and tag.get("owner") == result.owner:
+                    if int(tag.get("class", -1)) not in classes:
+                        remove_own_layer(self.viewer, tag["role"], result.owner)
+            self.outputs["probabilities"] = {}
+            for k, c in enumerate(classes):
+                data, tf = self._placed(result, plane, value["probabilities"][k])
+                self.outputs["probabilities"][c] = put_layer(
+                    self.viewer, data, "image", name=f"{result.name} probability {c}", role=f"explore_probability_{c}",
+                    colormap="magma", contrast_limits=(0.0, 1.0), visible=False, extra_tag={"class": c}, **tf, **common,
+                )
+            data, tf = self._placed(result, plane, value["labels"])
+            self.outputs["labels"] = put_layer(
+                self.viewer, data, "labels", name=f"{result.name} segmentation", role="explore_segmentation", opacity=0.5,
+                extra_tag={"classes": classes, "route": clf.route}, **tf, **common,
+            )
+            scribbles = self._scribbles_ref() if self._scribbles_ref is not None else None
+            if scribbles is not None and scribbles in self.viewer.layers:  # keep painting on top
+                self.scribble_picker.set_layer(scribbles)
+                self.viewer.layers.move(self.viewer.layers.index(scribbles), len(self.viewer.layers))
+                self.viewer.layers.selection.active = scribbles
+
+    def save_classifier(self, path) -> str:
+        """Write the last trained classifier (training samples + parameters, no pickle) to ``path``."""
+        if self.segmentation is None:
+            raise ValueError("no classifier yet: press Segment first")
+        return str(self.segmentation["classifier"].save(path))
+
+    def _save_clicked(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save classifier", "classifier.npz", "Classifier (*.npz)")
+        if path:
+            try:
+                self._message("info", f"Saved {self.save_classifier(path)}", self.status)
+            except (OSError, ValueError) as exc:
+                self._message("error", str(exc), self.status)
+
+    # ------------------------------------------------------------------ cleanup
+    def cleanup(self) -> None:
+        for timer in (self._live_timer, self._points_timer):
+            timer.stop()
+        self._unwatch(("data", "paint", "set_data"))
+        self._queued.clear()
+        self.runner.shutdown()
