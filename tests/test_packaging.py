@@ -121,7 +121,8 @@ def test_wheel_metadata_license_version_classifiers(built):
     # SPDX `license` replaces the license classifier (setuptools refuses both).
     assert not any(c.startswith("License ::") for c in classifiers)
     urls = dict(u.split(", ", 1) for u in meta.get_all("Project-URL"))
-    assert {"Source Code", "Bug Tracker", "Documentation"} <= set(urls)
+    assert urls["Paper"] == "https://arxiv.org/abs/2511.16301"
+    assert all(u.startswith("https://") for u in urls.values())
     with zipfile.ZipFile(built["wheel"]) as zf:
         names = zf.namelist()
     assert "napari_upsample_anything/napari.yaml" in names
