@@ -24,12 +24,13 @@ if TYPE_CHECKING:
     # The same names as _LAZY below, imported eagerly only for type checkers and IDEs
     # (tests/test_packaging.py checks that the two lists agree).
     from .api import fit_kernels, pca_rgb, render, render_pca, upsample
-    from .core.errors import Cancelled, MemoryBudgetError
     from .core.backbones import WeightsUnavailableError, load_backbone
+    from .core.errors import Cancelled, FitDivergedError, MemoryBudgetError
     from .core.features import FeatureMap, extract_features
-    from .core.field import KernelField
+    from .core.field import FitOptions, KernelField
     from .core.memory import MemoryLog
     from .core.pca import PCABasis
+    from .explore import segment_scribbles, similarity_map
 
 _LAZY = {
     "fit_kernels": ("api", "fit_kernels"),
@@ -56,6 +57,8 @@ _LAZY = {
 __all__ = [
     "Cancelled",
     "FeatureMap",
+    "FitDivergedError",
+    "FitOptions",
     "KernelField",
     "MemoryBudgetError",
     "MemoryLog",
@@ -68,6 +71,8 @@ __all__ = [
     "pca_rgb",
     "render",
     "render_pca",
+    "segment_scribbles",
+    "similarity_map",
     "upsample",
 ]
 

@@ -142,8 +142,21 @@ def _check_out(out, shape: Tuple[int, int, int], values: torch.Tensor, lr_was_nu
         if not out.flags.writeable:
             raise ValueError("out is read-only; give a writable array (e.g. a memmap opened with mode='w+')")
         is_half = out.dtype == np.float16
+    elif hasattr(out, "__setitem__") and hasattr(out, "shape") and hasattr(out, "dtype"):
+        # Array-like sinks (a zarr array, a writer that consumes tiles as they come): the
+        # engine only ever assigns float32 tiles to out[:, y0:y1, x0:x1].
+        try:
+            dtype = np.dtype(out.dtype)
+        except TypeError as exc:
+            raise TypeError(f"out has dtype {out.dtype!r}; give a float16, float32 or float64 array") from exc
+        if dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"out has dtype {dtype}; give a float16, float32 or float64 array")
+        is_half = dtype == np.float16
     else:
-        raise TypeError(f"out must be a numpy array (or memmap) or a torch tensor, got {type(out).__name__}")
+        raise TypeError(
+            "out must be a numpy array (or memmap), a torch tensor, or an array-like sink with shape, dtype "
+            f"and out[:, y0:y1, x0:x1] = tile assignment (e.g. a zarr array), got {type(out).__name__}"
+        )
     if tuple(out.shape) != shape:
         raise ValueError(f"out has shape {tuple(out.shape)}; it must be (C, H, W) = {shape}")
     if is_half and float(values.abs().max()) > 65504.0:
