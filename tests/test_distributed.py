@@ -168,6 +168,40 @@ def test_cancel_stops_the_run(tmp_path):
     assert np.isnan(read(store)[3 * BAND :]).all()
 
 
+def slow_band(task: BandTask) -> dict:
+    time.sleep(0.4)
+    return write_band(task)
+
+
+def test_cancel_on_the_cluster_stops_waiting_and_cancels_the_rest(cluster_client, tmp_path):
+    store = new_store(tmp_path / "out.zarr")
+    done = []
+    t0 = time.perf_counter()
+    with pytest.raises(Cancelled):
+        execute(
+            [BandTask(store, i) for i in range(N_BANDS * 4)],
+            slow_band,
+            client=cluster_client,
+            progress=lambda d, t, i: done.append(d),
+            cancel=lambda: bool(done) and done[-1] >= 1,
+        )
+    assert time.perf_counter() - t0 < 0.4 * N_BANDS * 4 / 2  # did not wait for every task
+    assert 1 <= done[-1] < N_BANDS * 4
+
+
+def test_tqdm_progress_counts_finished_tasks(tmp_path):
+    import io
+
+    from napari_upsample_anything.distributed import TqdmProgress
+
+    store = new_store(tmp_path / "out.zarr")
+    stream = io.StringIO()
+    with TqdmProgress("bands", file=stream) as bar:
+        execute([BandTask(store, i) for i in range(N_BANDS)], write_band, progress=bar)
+        assert bar._bar.n == bar._bar.total == N_BANDS
+    assert f"{N_BANDS}/{N_BANDS}" in stream.getvalue()
+
+
 def test_unreachable_scheduler_fails_fast_naming_the_address():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -131,6 +131,16 @@ def test_bad_tiling_arguments_are_typed_errors():
         plan_tile_tasks([[1, 2]], (1, 1), 1)
 
 
+def test_bad_fit_options_fail_once_before_any_tile_runs():
+    g = guide_image()
+    with pytest.raises(ValueError, match="steps"):
+        fit_tiled(g, (7, 6), tile_cells=3, halo=1, steps=-1)
+    with pytest.raises(ValueError, match="radius"):
+        fit_tiled(g, (7, 6), tile_cells=3, halo=1, steps=1, radius=-1)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        fit_tiled(g, (7, 6), tile_cells=3, halo=1, steps=1, stepz=3)
+
+
 def test_tiled_fit_on_two_worker_cluster_equals_serial_byte_for_byte():
     from napari_upsample_anything.distributed import start_local_cluster
 

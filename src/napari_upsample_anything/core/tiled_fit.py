@@ -276,6 +276,24 @@ def plan_tile_tasks(
     return [TileFitTask(t, guide, offset_t, scale_t, bool(clip), rule, dict(fit_options)) for t in tiles]
 
 
+def check_fit_options(guide_channels: int, fit_options: Dict[str, Any]) -> None:
+    """Raise the error ``api.fit_kernels`` would raise for these options, before any tile runs.
+
+    Bad options are the same for every tile: without this check each tile would fail (and be
+    retried) on its own. Runs a zero-step fit of a 4 x 4 blank guide (milliseconds).
+    """
+    from ..api import fit_kernels
+
+    options = dict(fit_options)
+    steps = options.pop("steps", 0)
+    if not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps={steps!r}: give a non-negative int (published: 51)")
+    for reserved in ("normalize", "init", "progress", "cancel"):
+        if reserved in options:
+            raise TypeError(f"{reserved}= cannot be given per tile; fit_tiled sets it (normalize= is fit_tiled's own argument)")
+    fit_kernels(np.zeros((4, 4, guide_channels), np.float32), (1, 1), steps=0, normalize="none", **options)
+
+
 def fit_tiled(
     guide: Any,
     lr_shape: Tuple[int, int],
@@ -323,6 +341,7 @@ def fit_tiled(
     from ..distributed import execute, raise_for_failures
 
     lr_shape = (int(lr_shape[0]), int(lr_shape[1]))
+    check_fit_options(1 if len(getattr(guide, "shape", ())) != 3 else int(guide.shape[2]), fit_options)
     tasks = plan_tile_tasks(guide, lr_shape, tile_cells, halo, normalize, **fit_options)
     outcomes = execute(tasks, fit_tile, client=client, retries=retries, progress=progress, cancel=cancel, **(execute_options or {}))
     raise_for_failures(outcomes)
