@@ -344,7 +344,7 @@ def run_wsi(args) -> dict:
         def show(done, total, info):
             print(f"  tiles {done}/{total} after {time.perf_counter() - t:.0f} s, load {load_average()}", flush=True)
 
-        field = fit_tiled(guide_z, lr, tile_cells=args.tile_cells, halo=args.wsi_halo, client="local", progress=show, execute_options=dict(n_workers=args.workers, memory_limit=args.memory_limit), **fit_options(args))
+        field = fit_tiled(guide_z, lr, tile_cells=args.tile_cells, halo=args.wsi_halo, client="local", progress=show, execute_options=dict(n_workers=args.workers, memory_limit=args.memory_limit), radius=args.radius, **fit_options(args))
         t_fit = time.perf_counter() - t
         meta = field.meta["tiled"]
         print(f"fit: {t_fit:.0f} s, {meta['n_tiles']} tiles, worker peak {mib(max(meta['peak_rss_per_tile']))}", flush=True)
@@ -354,13 +354,14 @@ def run_wsi(args) -> dict:
         with open("/proc/self/clear_refs", "w") as fh:  # VmHWM of the render alone
             fh.write("5")
         t = time.perf_counter()
-        upa.render(lr_map, guide, field, device="cpu", max_memory=args.max_memory, out=out)
+        upa.render(lr_map, guide, field, radius=args.radius, device="cpu", max_memory=args.max_memory, out=out)
         t_render = time.perf_counter() - t
         sample = np.asarray(out[:, size // 2 : size // 2 + 64, size // 2 : size // 2 + 64])
         return {
             "size": size,
             "lr": list(lr),
             "steps": args.steps,
+            "radius": args.radius,
             "halo": args.wsi_halo,
             "tile_cells": args.tile_cells,
             "n_tiles": meta["n_tiles"],
@@ -446,9 +447,9 @@ def table_wsi(sec: dict) -> list:
         f"Run: `{sec['stamp']['argv']}` on {sec['stamp']['date_utc']} UTC, {sec['stamp']['wall_seconds'] / 60:.1f} min wall; "
         f"load average {sec['stamp']['load_average_start']} at start, {sec['stamp']['load_average_end']} at end.",
         "",
-        "| image | LR grid | fit steps | tiles (cells, halo) | workers | worker memory limit | fit wall / sum of tiles (s) | worker peak (VmHWM) | render (s) | render process peak | output finite |",
+        "| image | LR grid | fit steps, R_max | tiles (cells, halo) | workers | worker memory limit | fit wall / sum of tiles (s) | worker peak (VmHWM) | render (s) | render process peak | output finite |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| {r['size']} x {r['size']} RGB uint8 | {r['lr'][0]} x {r['lr'][1]} | **{r['steps']} (reduced)** | {r['n_tiles']} ({r['tile_cells']}, {r['halo']}) | {r['workers']} | "
+        f"| {r['size']} x {r['size']} RGB uint8 | {r['lr'][0]} x {r['lr'][1]} | **{r['steps']} (reduced)**, {r.get('radius', 8)}{'' if r.get('radius', 8) == 8 else ' (reduced)'} | {r['n_tiles']} ({r['tile_cells']}, {r['halo']}) | {r['workers']} | "
         f"{r['memory_limit']} | {r['fit_seconds']:.0f} / {r['fit_seconds_sum']:.0f} | {mib(r['worker_peak_rss_max'])} "
         f"({'under' if r['worker_peak_rss_max'] < r['memory_limit_bytes'] else 'OVER'} the limit; idle worker {mib(r['worker_baseline_rss'])}) | {r['render_seconds']:.0f} | {mib(r['render_peak_rss'])} (budget {r['max_memory']}) | {r['output_finite']} |",
     ]
@@ -494,6 +495,7 @@ def main(argv=None) -> None:
     p.add_argument("--channels", type=int, default=16, help="channels of the rendered LR map")
     p.add_argument("--wsi-size", type=int, default=8192)
     p.add_argument("--wsi-halo", type=int, default=8)
+    p.add_argument("--radius", type=int, default=8, help="wsi: R_max of fit and render (published: 8)")
     args = p.parse_args(argv)
     if args.client in (None, "None", "none"):
         args.client = None

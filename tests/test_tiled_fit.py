@@ -120,6 +120,13 @@ def test_whole_image_fit_is_the_default_when_it_fits_the_budget():
     assert side * side * (7 + 3 + 2 * 3 + 1 + 3) * 4 <= 2**30
 
 
+def test_fit_tiled_without_tile_size_is_the_whole_fit_when_it_fits():
+    g = guide_image()
+    auto = fit_tiled(g, (7, 6), **FIT)
+    assert auto.meta["tiled"]["n_tiles"] == 1
+    assert auto.equal(upa.fit_kernels(g, (7, 6), **FIT))
+
+
 def test_bad_tiling_arguments_are_typed_errors():
     with pytest.raises(ValueError, match="tile_cells"):
         plan_fit_tiles((64, 64), (8, 8), 0, 1)

@@ -298,7 +298,7 @@ def fit_tiled(
     guide: Any,
     lr_shape: Tuple[int, int],
     *,
-    tile_cells: int,
+    tile_cells: Optional[int] = None,
     halo: int = DEFAULT_HALO,
     normalize: Normalize = "auto",
     client: Any = None,
@@ -316,8 +316,12 @@ def fit_tiled(
         numpy / torch, or a zarr array (each worker then reads only its tiles' regions).
     lr_shape : (h, w)
         The LR grid.
-    tile_cells, halo : int
-        Tile interior size and halo width in LR cells (:func:`plan_fit_tiles`).
+    tile_cells : int or None
+        Tile interior size in LR cells (:func:`plan_fit_tiles`). None: :func:`choose_tile_cells`
+        for the fit's ``max_memory`` (default budget if not given), which keeps the whole-image
+        fit (one tile) whenever it fits.
+    halo : int
+        Halo width in LR cells.
     normalize : the guide normalisation rule, applied with the whole image's statistics.
     client : None | "local" | "tcp://host:port" | distributed.Client
         Where the tiles run (:func:`napari_upsample_anything.distributed.execute`); None: here,
@@ -341,7 +345,18 @@ def fit_tiled(
     from ..distributed import execute, raise_for_failures
 
     lr_shape = (int(lr_shape[0]), int(lr_shape[1]))
-    check_fit_options(1 if len(getattr(guide, "shape", ())) != 3 else int(guide.shape[2]), fit_options)
+    channels = 1 if len(getattr(guide, "shape", ())) != 3 else int(guide.shape[2])
+    check_fit_options(channels, fit_options)
+    if tile_cells is None:
+        from .device import resolve_device
+        from .memory import default_budget, parse_bytes
+
+        budget = parse_bytes(fit_options.get("max_memory"))
+        if budget is None:
+            budget = default_budget(resolve_device(fit_options.get("device", "auto")))
+        tile_cells = choose_tile_cells((int(guide.shape[0]), int(guide.shape[1])), lr_shape, channels, budget, halo)
+        if tile_cells is None:  # the whole image fits: one tile, the whole-image fit
+            tile_cells = max(lr_shape)
     tasks = plan_tile_tasks(guide, lr_shape, tile_cells, halo, normalize, **fit_options)
     outcomes = execute(tasks, fit_tile, client=client, retries=retries, progress=progress, cancel=cancel, **(execute_options or {}))
     raise_for_failures(outcomes)
