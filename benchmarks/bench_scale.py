@@ -167,9 +167,16 @@ def compare(img, lr, whole, tiled, labels, k) -> dict:
 
 
 def run_halo(args) -> dict:
+    """Per image: whole fit, tiled fits for each halo, and (``--floor``) the float-rounding floor.
+
+    The floor is the whole fit run again with a small ``--floor-max-memory``: the same maths
+    in other tiles, so only the order of float sums differs. Tiled-vs-whole differences at or
+    below the floor are indistinguishable from rounding.
+    """
     torch.set_num_threads(1)
-    rows = []
+    out = {}
     for name in args.images:
+        load_start, t0 = load_average(), time.perf_counter()
         img = sample_image(name)
         lr = lr_shape_for(img.shape[:2], args.patch)
         labels = kmeans_labels(img, args.labels)
@@ -177,15 +184,24 @@ def run_halo(args) -> dict:
         whole = upa.fit_kernels(img, lr, **fit_options(args))
         t_whole = time.perf_counter() - t
         print(f"{name} {img.shape[:2]} lr {lr}: whole fit {t_whole:.1f} s", flush=True)
+        base = dict(image=name, hr=list(img.shape[:2]), lr=list(lr), tile_cells=args.tile_cells, seconds_whole=t_whole)
+        rows = []
+        if args.floor:
+            t = time.perf_counter()
+            again = upa.fit_kernels(img, lr, **dict(fit_options(args), max_memory=args.floor_max_memory))
+            row = dict(base, halo="floor", n_tiles=1, seconds_tiled=time.perf_counter() - t)
+            row.update(compare(img, lr, whole, again, labels, args.labels))
+            rows.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         for halo in args.halos:
             t = time.perf_counter()
             tiled = fit_tiled(img, lr, tile_cells=args.tile_cells, halo=halo, client=args.client, execute_options=dict(n_workers=args.workers), **fit_options(args))
-            t_tiled = time.perf_counter() - t
-            row = dict(image=name, hr=list(img.shape[:2]), lr=list(lr), halo=halo, tile_cells=args.tile_cells, n_tiles=tiled.meta["tiled"]["n_tiles"], seconds_whole=t_whole, seconds_tiled=t_tiled)
+            row = dict(base, halo=halo, n_tiles=tiled.meta["tiled"]["n_tiles"], seconds_tiled=time.perf_counter() - t)
             row.update(compare(img, lr, whole, tiled, labels, args.labels))
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    return {"rows": rows, "steps": args.steps, "patch": args.patch, "tile_cells": args.tile_cells, "labels": args.labels, "client": str(args.client), "workers": args.workers}
+        out[name] = {"rows": rows, "steps": args.steps, "patch": args.patch, "tile_cells": args.tile_cells, "labels": args.labels, "client": str(args.client), "workers": args.workers, "floor_max_memory": args.floor_max_memory if args.floor else None, "stamp": stamp(args, load_start, t0)}
+    return out
 
 
 # ---------------------------------------------------------------------------- large images
@@ -388,21 +404,30 @@ def _f(v, nd=3):
 
 
 def table_halo(sec: dict) -> list:
-    L = [
-        f"Run: `{sec['stamp']['argv']}` on {sec['stamp']['date_utc']} UTC, {sec['steps']} fit steps, patch {sec['patch']} "
-        f"(non-integer scales), tiles of {sec['tile_cells']} LR cells, {sec['stamp']['wall_seconds'] / 60:.1f} min wall; "
-        f"load average (1/5/15 min) {sec['stamp']['load_average_start']} at start, {sec['stamp']['load_average_end']} at end.",
+    """``sec``: {image: run}; rows of several runs (images, floor) merged, one run line per image."""
+    L = []
+    for name, run in sec.items():
+        st = run["stamp"]
+        L.append(
+            f"- `{name}`: `{st['argv']}` on {st['date_utc']} UTC, **{run['steps']} fit steps**, patch {run['patch']}, tiles of "
+            f"{run['tile_cells']} LR cells, tiled fits on {run['client'] if run['client'] != 'None' else 'this process'}"
+            f"{' (' + str(run['workers']) + ' workers)' if run['client'] == 'local' else ''}, {st['wall_seconds'] / 60:.1f} min wall; "
+            f"load average {st['load_average_start']} at start, {st['load_average_end']} at end."
+        )
+    L += [
         "",
         "| image | H x W | h x w | halo | tiles | log σx ratio median / p99 | log σr ratio median / p99 | θ median (°) | render max abs | render PSNR (dB) | labels differing (%) | mIoU tiled / whole (%) | time tiled / whole (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sec["rows"]:
-        L.append(
-            f"| {r['image']} | {r['hr'][0]} x {r['hr'][1]} | {r['lr'][0]} x {r['lr'][1]} | {r['halo']} | {r['n_tiles']} | "
-            f"{r['sigma_x_log_median']:.4f} / {r['sigma_x_log_p99']:.3f} | {r['sigma_r_log_median']:.4f} / {r['sigma_r_log_p99']:.3f} | "
-            f"{r['theta_median_deg']:.2f} | {r['render_max_abs']:.4f} | {r['render_psnr_db']:.1f} | {r['label_disagree_pct']:.3f} | "
-            f"{r['miou_tiled']:.2f} / {r['miou_whole']:.2f} | {r['seconds_tiled']:.0f} / {r['seconds_whole']:.0f} |"
-        )
+    for run in sec.values():
+        for r in sorted(run["rows"], key=lambda r: -1 if r["halo"] == "floor" else r["halo"]):
+            halo = f"floor ({run.get('floor_max_memory')} whole fit)" if r["halo"] == "floor" else r["halo"]
+            L.append(
+                f"| {r['image']} | {r['hr'][0]} x {r['hr'][1]} | {r['lr'][0]} x {r['lr'][1]} | {halo} | {r['n_tiles']} | "
+                f"{r['sigma_x_log_median']:.4f} / {r['sigma_x_log_p99']:.3f} | {r['sigma_r_log_median']:.4f} / {r['sigma_r_log_p99']:.3f} | "
+                f"{r['theta_median_deg']:.2f} | {r['render_max_abs']:.4f} | {r['render_psnr_db']:.1f} | {r['label_disagree_pct']:.3f} | "
+                f"{r['miou_tiled']:.2f} / {r['miou_whole']:.2f} | {r['seconds_tiled']:.0f} / {r['seconds_whole']:.0f} |"
+            )
     return L
 
 
@@ -481,7 +506,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20, help="fit steps (published: 51)")
     p.add_argument("--patch", type=int, default=14, help="HR pixels per LR cell (the ViT patch)")
     p.add_argument("--images", nargs="+", default=["astronaut", "coffee", "chelsea"])
-    p.add_argument("--halos", nargs="+", type=int, default=[0, 2, 4, 8])
+    p.add_argument("--halos", nargs="*", type=int, default=[0, 2, 4, 8])
+    p.add_argument("--floor", action="store_true", help="halo: also refit the whole image with --floor-max-memory (rounding floor)")
+    p.add_argument("--floor-max-memory", default="40MB")
     p.add_argument("--tile-cells", type=int, default=18, help="tile interior in LR cells")
     p.add_argument("--labels", type=int, default=4, help="k-means classes of the label task")
     p.add_argument("--client", default=None, help="None (serial), 'local' or a scheduler address for the halo study")
@@ -503,12 +530,22 @@ def main(argv=None) -> None:
         load_start, t0 = load_average(), time.perf_counter()
         runner = {"halo": run_halo, "large": run_large, "throughput": run_throughput, "wsi": lambda a: {"result": run_wsi(a)}}[args.section]
         sec = runner(args)
-        sec["stamp"] = stamp(args, load_start, t0)
         res = load_results()  # read now: other sections may have been saved while this one ran
+        if args.section == "halo":  # one run per image, each stamped: merge with other images' and rows
+            merged = res.get("halo", {})
+            for name, run in sec.items():
+                keep = [r for r in merged.get(name, {}).get("rows", []) if r["halo"] not in {x["halo"] for x in run["rows"]}]
+                if keep:
+                    run["rows"] = keep + run["rows"]
+                    run["stamp"]["argv"] += " (merged with an earlier run's rows for the other halos)"
+                merged[name] = run
+            sec = merged
+        else:
+            sec["stamp"] = stamp(args, load_start, t0)
         res[args.section] = sec
         save_results(res)
     write_report(load_results())
-    print(f"wrote {JSON_PATH.relative_to(ROOT)} and {MD_PATH.relative_to(ROOT)}")
+    print(f"wrote {JSON_PATH} and {MD_PATH}")
 
 
 if __name__ == "__main__":
