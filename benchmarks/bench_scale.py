@@ -409,7 +409,7 @@ def table_halo(sec: dict) -> list:
     for name, run in sec.items():
         st = run["stamp"]
         L.append(
-            f"- `{name}`: `{st['argv']}` on {st['date_utc']} UTC, **{run['steps']} fit steps**, patch {run['patch']}, tiles of "
+            f"- `{name}`: `{st['argv']}` finished {st['date_utc']} UTC, **{run['steps']} fit steps**, patch {run['patch']}, tiles of "
             f"{run['tile_cells']} LR cells, tiled fits on {run['client'] if run['client'] != 'None' else 'this process'}"
             f"{' (' + str(run['workers']) + ' workers)' if run['client'] == 'local' else ''}, {st['wall_seconds'] / 60:.1f} min wall; "
             f"load average {st['load_average_start']} at start, {st['load_average_end']} at end."
@@ -433,7 +433,7 @@ def table_halo(sec: dict) -> list:
 
 def table_large(sec: dict) -> list:
     L = [
-        f"Run: `{sec['stamp']['argv']}` on {sec['stamp']['date_utc']} UTC, **{sec['steps']} fit steps (reduced from 51)**, patch {sec['patch']}, "
+        f"Run: `{sec['stamp']['argv']}` finished {sec['stamp']['date_utc']} UTC, **{sec['steps']} fit steps (reduced from 51)**, patch {sec['patch']}, "
         f"worker memory limit {sec['memory_limit']}, fit budget (max_memory) {sec['max_memory']}, an idle worker (library and torch imported) "
         f"peaks at {mib(sec['worker_baseline_rss'])}, {sec['stamp']['wall_seconds'] / 60:.1f} min wall; "
         f"load average {sec['stamp']['load_average_start']} at start, {sec['stamp']['load_average_end']} at end.",
@@ -452,7 +452,7 @@ def table_large(sec: dict) -> list:
 
 def table_throughput(sec: dict) -> list:
     L = [
-        f"Run: `{sec['stamp']['argv']}` on {sec['stamp']['date_utc']} UTC, worker memory limit {sec['memory_limit']}; "
+        f"Run: `{sec['stamp']['argv']}` finished {sec['stamp']['date_utc']} UTC, worker memory limit {sec['memory_limit']}; "
         f"load average {sec['stamp']['load_average_start']} at start, {sec['stamp']['load_average_end']} at end.",
         "",
         "| workers | planes | plane | LR grid | channels | fit steps | wall (s, incl. cluster start) | planes / minute | mean task (s) | worker peak | output identical to 1 worker |",
@@ -469,7 +469,7 @@ def table_throughput(sec: dict) -> list:
 def table_wsi(sec: dict) -> list:
     r = sec["result"]
     return [
-        f"Run: `{sec['stamp']['argv']}` on {sec['stamp']['date_utc']} UTC, {sec['stamp']['wall_seconds'] / 60:.1f} min wall; "
+        f"Run: `{sec['stamp']['argv']}` finished {sec['stamp']['date_utc']} UTC, {sec['stamp']['wall_seconds'] / 60:.1f} min wall; "
         f"load average {sec['stamp']['load_average_start']} at start, {sec['stamp']['load_average_end']} at end.",
         "",
         "| image | LR grid | fit steps, R_max | tiles (cells, halo) | workers | worker memory limit | fit wall / sum of tiles (s) | worker peak (VmHWM) | render (s) | render process peak | output finite |",
