@@ -1,0 +1,351 @@
+"""Run independent tasks serially or on a Dask cluster: :func:`execute`.
+
+The pipeline lists its work as small picklable task records (one per plane, or one per
+fit tile, see :mod:`.core.tiled_fit`) and a module-level function that runs one of them in
+any process. Results that are large (HR features, rendered planes) are written by the task
+itself into its own region of a shared store (OME-Zarr), so only a small summary travels
+back through the scheduler.
+
+``execute(tasks, fn)`` runs ``fn(task)`` for every task:
+
+* ``client=None``: in this process, one after the other (the reference path; no Dask).
+* ``client="local"``: starts a :class:`distributed.LocalCluster` of worker *processes*
+  (one torch thread each by default, an optional memory limit per worker), runs the tasks
+  there, and closes the cluster when done.
+* ``client="tcp://host:8786"``: connects to a running scheduler (for example one started by
+  dask-jobqueue on SLURM, see docs/scale.md); an unreachable address fails after
+  ``connect_timeout`` seconds with :class:`SchedulerUnreachableError` naming the address.
+* ``client=<distributed.Client>``: uses it and leaves it open.
+
+Every task is retried up to ``retries`` times (Dask's ``retries=``; also when its worker
+dies, through the scheduler's rescheduling), then reported: the returned list holds one
+:class:`TaskOutcome` per task, in task order, failed ones with their error and traceback.
+Nothing is dropped. ``progress(done, total, info)`` (the protocol of
+:mod:`.core.progress`) is called as tasks finish; :class:`TqdmProgress` turns it into a
+tqdm bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback as tb
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+from .core.errors import Cancelled
+from .core.progress import CancelFn, ProgressFn, check_cancel, report
+from .core.units import parse_bytes
+
+logger = logging.getLogger(__name__)
+
+ClientSpec = Union[None, str, Any]  # None | "local" | "tcp://host:port" | distributed.Client
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+
+
+class SchedulerUnreachableError(ConnectionError):
+    """No Dask scheduler answered at the given address within the connection timeout."""
+
+
+@dataclass
+class TaskOutcome:
+    """What became of one task.
+
+    Attributes
+    ----------
+    index : int
+        Position of the task in the list given to :func:`execute`.
+    task : object
+        The task record itself.
+    ok : bool
+        True when the task returned normally (after any retries).
+    result : object
+        What ``fn(task)`` returned (None when it failed).
+    error : str or None
+        ``"ExceptionType: message"`` of the last attempt when it failed.
+    traceback : str or None
+        The formatted traceback of that failure, when Dask or Python could provide it.
+    """
+
+    index: int
+    task: Any
+    ok: bool
+    result: Any = None
+    error: Optional[str] = None
+    traceback: Optional[str] = None
+
+
+class TaskFailedError(RuntimeError):
+    """Raised by :func:`raise_for_failures` when some tasks failed; ``.failures`` lists them."""
+
+    def __init__(self, failures: Sequence[TaskOutcome]):
+        self.failures = list(failures)
+        lines = [f"  task {o.index}: {o.error}" for o in self.failures[:20]]
+        more = "" if len(self.failures) <= 20 else f"\n  ... and {len(self.failures) - 20} more"
+        super().__init__(f"{len(self.failures)} task(s) failed after their retries:\n" + "\n".join(lines) + more)
+
+
+def raise_for_failures(outcomes: Sequence[TaskOutcome]) -> None:
+    """Raise :class:`TaskFailedError` if any outcome failed."""
+    failures = [o for o in outcomes if not o.ok]
+    if failures:
+        raise TaskFailedError(failures)
+
+
+class TqdmProgress:
+    """A ``progress(done, total, info)`` callback that draws a tqdm bar over finished tasks.
+
+    Use as a context manager (or call :meth:`close`) so the bar is finished cleanly.
+    """
+
+    def __init__(self, desc: str = "tasks", **tqdm_kwargs: Any):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(desc=desc, unit="task", **tqdm_kwargs)
+
+    def __call__(self, done: int, total: int, info: dict) -> None:
+        if self._bar.total != total:
+            self._bar.total = total
+        self._bar.n = done
+        failed = info.get("failed", 0)
+        if failed:
+            self._bar.set_postfix(failed=failed, refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> "TqdmProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def connect(address: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S):
+    """A :class:`distributed.Client` connected to the scheduler at ``address``.
+
+    Raises
+    ------
+    SchedulerUnreachableError
+        When nothing answers within ``timeout`` seconds; the message names the address.
+    """
+    from distributed import Client
+
+    if not isinstance(address, str) or "://" not in address and ":" not in address:
+        raise ValueError(f"client={address!r}: give 'local', a scheduler address such as 'tcp://host:8786', or a Client")
+    try:
+        return Client(address, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise SchedulerUnreachableError(
+            f"no Dask scheduler answered at {address} within {timeout:g} s ({type(exc).__name__}: {exc}). "
+            "Check the address and that the scheduler is running (e.g. `dask scheduler`), or use "
+            "client='local' to start workers on this machine"
+        ) from exc
+
+
+def start_local_cluster(
+    n_workers: Optional[int] = None,
+    threads_per_worker: int = 1,
+    memory_limit: Union[int, float, str, None] = None,
+):
+    """Start a process-based :class:`distributed.LocalCluster` and a client to it.
+
+    Parameters
+    ----------
+    n_workers : int, optional
+        Worker processes; default ``cpu_count // threads_per_worker`` (at least 1).
+    threads_per_worker : int
+        Dask threads per worker, and torch threads per worker: the workers start with
+        ``OMP_NUM_THREADS`` set to it, which torch reads as its intra-op thread count (one
+        torch thread per worker lets ``n`` workers share ``n`` cores without oversubscription).
+    memory_limit : bytes, "4GB", "512MiB" or None
+        Memory limit of *each* worker (Dask pauses a worker at 80% and restarts it at 95%
+        of it). None: Dask's default (the machine's memory shared between workers).
+
+    Returns
+    -------
+    (client, cluster)
+    """
+    from distributed import Client, LocalCluster
+
+    threads_per_worker = int(threads_per_worker)
+    if threads_per_worker < 1:
+        raise ValueError(f"threads_per_worker={threads_per_worker!r}: give an int >= 1")
+    if n_workers is None:
+        n_workers = max(1, (os.cpu_count() or 1) // threads_per_worker)
+    if int(n_workers) != n_workers or n_workers < 1:
+        raise ValueError(f"n_workers={n_workers!r}: give an int >= 1")
+    limit = parse_bytes(memory_limit) if memory_limit is not None else "auto"
+    env = {"OMP_NUM_THREADS": str(threads_per_worker), "MKL_NUM_THREADS": str(threads_per_worker)}
+    cluster = LocalCluster(
+        n_workers=int(n_workers),
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        memory_limit=limit,
+        dashboard_address=":0",  # a free port: never collide with another user's dashboard
+        silence_logs=logging.ERROR,
+        env=env,
+    )
+    try:
+        client = Client(cluster)
+    except BaseException:
+        cluster.close()
+        raise
+    return client, cluster
+
+
+def execute(
+    tasks: Sequence[Any],
+    fn: Callable[[Any], Any],
+    *,
+    client: ClientSpec = None,
+    n_workers: Optional[int] = None,
+    threads_per_worker: int = 1,
+    memory_limit: Union[int, float, str, None] = None,
+    retries: int = 2,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelFn] = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> List[TaskOutcome]:
+    """Run ``fn(task)`` for every task, serially or on Dask workers; one outcome per task.
+
+    Parameters
+    ----------
+    tasks : sequence of picklable records
+        One unit of work each (a plane, a fit tile). Tasks must be independent; a task that
+        writes output writes only its own region, so tasks may run in any order, twice
+        (retries) or concurrently.
+    fn : callable(task) -> result
+        Picklable (a module-level function). Its result should be small (a summary dict).
+    client : None | "local" | "tcp://host:port" | distributed.Client
+        Where to run: see the module docstring.
+    n_workers, threads_per_worker, memory_limit :
+        For ``client="local"`` only (see :func:`start_local_cluster`); ``memory_limit`` is
+        per worker.
+    retries : int
+        Extra attempts of a failing task before it is reported as failed.
+    progress : callable(done, total, info), optional
+        Called once at the start (``done=0``) and after every finished task with
+        ``info = {"stage": "tasks", "failed": <failed so far>}``.
+    cancel : callable() -> bool, optional
+        Polled between tasks (serial) or while waiting (Dask); True cancels the tasks not yet
+        finished and raises :class:`~.core.errors.Cancelled`.
+    connect_timeout : float
+        Seconds to wait for a remote scheduler.
+
+    Returns
+    -------
+    list of TaskOutcome, in the order of ``tasks``. Failed tasks are logged as warnings and
+    returned with ``ok=False``; call :func:`raise_for_failures` to turn them into an error.
+    """
+    tasks = list(tasks)
+    if int(retries) != retries or retries < 0:
+        raise ValueError(f"retries={retries!r}: give an int >= 0")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if client is None:
+        outcomes = _execute_serial(tasks, fn, int(retries), progress, cancel)
+    else:
+        own_cluster = None
+        if isinstance(client, str):
+            if client == "local":
+                dask_client, own_cluster = start_local_cluster(n_workers, threads_per_worker, memory_limit)
+            else:
+                dask_client = connect(client, connect_timeout)
+                own_cluster = dask_client  # a client we opened: close it (not the cluster) at the end
+        else:
+            dask_client = client
+        try:
+            outcomes = _execute_dask(tasks, fn, dask_client, int(retries), progress, cancel)
+        finally:
+            if own_cluster is not None:
+                if own_cluster is not dask_client:
+                    dask_client.close()
+                own_cluster.close()
+    failures = [o for o in outcomes if not o.ok]
+    if failures:
+        logger.warning(
+            "%d of %d task(s) failed after %d retries: %s",
+            len(failures),
+            len(outcomes),
+            retries,
+            "; ".join(f"task {o.index}: {o.error}" for o in failures[:5]),
+        )
+    return outcomes
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _execute_serial(tasks, fn, retries, progress, cancel) -> List[TaskOutcome]:
+    outcomes: List[TaskOutcome] = []
+    failed = 0
+    report(progress, 0, len(tasks), stage="tasks", failed=0)
+    for index, task in enumerate(tasks):
+        outcome = None
+        for attempt in range(retries + 1):
+            check_cancel(cancel, "task execution")
+            try:
+                outcome = TaskOutcome(index, task, True, fn(task))
+                break
+            except Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported in the outcome, never dropped
+                outcome = TaskOutcome(index, task, False, None, _describe(exc), tb.format_exc())
+                logger.info("task %d attempt %d failed: %s", index, attempt + 1, outcome.error)
+        failed += not outcome.ok
+        outcomes.append(outcome)
+        report(progress, index + 1, len(tasks), stage="tasks", failed=failed)
+    return outcomes
+
+
+def _execute_dask(tasks, fn, client, retries, progress, cancel) -> List[TaskOutcome]:
+    from distributed import as_completed
+
+    total = len(tasks)
+    report(progress, 0, total, stage="tasks", failed=0)
+    if total == 0:
+        return []
+    token = uuid.uuid4().hex[:8]
+    name = getattr(fn, "__name__", "task")
+    futures = [
+        client.submit(fn, task, key=f"{name}-{index}-{token}", retries=retries, pure=False)
+        for index, task in enumerate(tasks)
+    ]
+    position = {f.key: i for i, f in enumerate(futures)}
+    outcomes: List[Optional[TaskOutcome]] = [None] * total
+    done = failed = 0
+    finished = as_completed(futures)
+    try:
+        while not finished.is_empty():
+            check_cancel(cancel, "task execution")
+            if not finished.has_ready():
+                time.sleep(0.05)
+                continue
+            for future in finished.next_batch(block=False):
+                index = position[future.key]
+                if future.status == "finished":
+                    outcomes[index] = TaskOutcome(index, tasks[index], True, future.result())
+                else:
+                    exc = future.exception()
+                    trace = future.traceback()
+                    outcomes[index] = TaskOutcome(
+                        index,
+                        tasks[index],
+                        False,
+                        None,
+                        _describe(exc) if exc is not None else f"task ended with status {future.status!r}",
+                        "".join(tb.format_tb(trace)) if trace is not None else None,
+                    )
+                    failed += 1
+                future.release()  # the result is held by the outcome now; free the worker's copy
+                done += 1
+                report(progress, done, total, stage="tasks", failed=failed)
+    except BaseException:
+        client.cancel([f for f in futures if not f.done()])
+        raise
+    return outcomes  # type: ignore[return-value]
