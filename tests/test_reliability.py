@@ -349,7 +349,7 @@ def test_load_checks_sizes_before_inflating(tmp_path, gen, monkeypatch):
 
 
 # ------------------------------------------------------------------ axes
-@pytest.mark.parametrize("shape", [(70, 100, 100), (5, 64, 64), (64, 64, 2), (3, 42, 56), (42, 56, 5), (4, 4, 3)])
+@pytest.mark.parametrize("shape", [(70, 100, 100), (5, 64, 64), (64, 64, 2), (3, 42, 56), (42, 56, 5), (3, 3, 3), (4, 9, 4)])
 def test_ambiguous_guides_need_channel_axis(shape):
     guide = np.random.default_rng(0).random(shape).astype(np.float32)
     with pytest.raises(ValueError, match=r"ambiguous.*Pass channel_axis=0 for \(C, H, W\) channels.*image\[z\] separately"):

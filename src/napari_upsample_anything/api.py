@@ -15,7 +15,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .core.checks import check_choice, check_float, check_int, check_int_pair, check_tensor_usable
+from .core.checks import check_choice, check_finite_array, check_float, check_int, check_int_pair, check_tensor_usable
 from .core.device import resolve_device, resolve_precision
 from .core.field import MAX_ALPHA, MAX_RADIUS, MAX_STEPS, FitOptions, KernelField
 from .core.fit import PUBLISHED_LR, PUBLISHED_STEPS, fit_field
@@ -55,11 +55,7 @@ def _lr_map(lr_map, name: str = "lr_map") -> Tuple[torch.Tensor, bool]:
         raise ValueError(f"{name} must be (C, h, w) or (h, w), got shape {tuple(t.shape)}")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(
-            f"{name} contains NaN or Inf values (after conversion to float32: values beyond +-3.4e38 "
-            "become Inf); replace or rescale them (e.g. np.nan_to_num) first"
-        )
+    check_finite_array(t, name)  # after the float32 cast: 1e300 is finite before it
     return t, is_numpy
 
 

@@ -18,7 +18,7 @@ Channels
 --------
 * ``(H, W)``: grayscale, copied into R, G and B.
 * 3D arrays: the channel axis is ``channel_axis`` when given. Without it, only gray / RGB /
-  RGBA channels-last ``(H, W, 1 | 3 | 4)`` with ``H, W > 4`` (napari's RGB convention) is
+  RGBA channels-last ``(H, W, 1 | 3 | 4)`` with ``H, W`` larger than the last axis (napari's RGB convention) is
   accepted; any other 3D layout (``(5, H, W)``, ``(H, W, 2)``, a z-stack) is ambiguous
   between channels and planes and raises a ValueError asking for ``channel_axis``.
 * 3 channels: used as R, G, B. 4 channels on an inferred last axis: RGBA, alpha dropped.

@@ -20,7 +20,7 @@ magnitude, e.g. ``(0, 1e-30)``) or that has an infinite range is refused: the ra
 would overflow and the fit would return NaN.
 
 Axes: ``(H, W)`` is gray; a 3-D array is taken as channels-last ``(H, W, G)`` without being
-told only when ``G`` is 1, 3 or 4 (gray, RGB, RGBA as napari holds them) and ``H, W > 4``.
+told only when ``G`` is 1, 3 or 4 (gray, RGB, RGBA as napari holds them) and ``H, W > G``.
 Any other 3-D layout (``(70, 100, 100)``, ``(5, 64, 64)``, ``(64, 64, 2)``) is ambiguous
 between channels and a stack of planes and needs ``channel_axis``.
 
@@ -63,7 +63,7 @@ def channels_last(arr, channel_axis: Optional[int], name: str = "guide"):
     numpy array or tensor, the channel axis used (None for 2-D) and whether it was inferred.
 
     Without ``channel_axis`` a 3-D array is accepted only as gray / RGB / RGBA channels-last
-    (last axis 1, 3 or 4 and the other two larger than 4); anything else raises a ValueError
+    (last axis 1, 3 or 4 and the other two larger than it); anything else raises a ValueError
     asking for ``channel_axis``: channels and planes are never guessed.
     """
     shape = tuple(int(n) for n in arr.shape)
@@ -83,11 +83,11 @@ def channels_last(arr, channel_axis: Optional[int], name: str = "guide"):
         if axis == 2:
             return arr, 2, False
         return (arr.movedim(axis, -1) if isinstance(arr, torch.Tensor) else np.moveaxis(arr, axis, -1)), axis, False
-    if shape[2] in _UNAMBIGUOUS_CHANNELS and min(shape[0], shape[1]) > max(_UNAMBIGUOUS_CHANNELS):
+    if shape[2] in _UNAMBIGUOUS_CHANNELS and min(shape[0], shape[1]) > shape[2]:
         return arr, 2, True
     raise ValueError(
         f"{name} has shape {shape}, which is ambiguous: channels-last (H, W, C) is only assumed for "
-        "gray / RGB / RGBA (last axis 1, 3 or 4, the others larger than 4). Pass channel_axis=0 for "
+        "gray / RGB / RGBA (last axis 1, 3 or 4, the other two larger). Pass channel_axis=0 for "
         "(C, H, W) channels or channel_axis=-1 for (H, W, C), or process each plane image[z] "
         "separately for a stack"
     )
