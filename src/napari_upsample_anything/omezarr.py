@@ -25,7 +25,7 @@ import numpy as np
 
 KERNEL_CHANNELS = ("sigma_x", "sigma_y", "theta", "sigma_r")
 #: The row-band buffer of a BandWriter holds at most about this many bytes (plus one tile).
-BAND_BYTES = 256 * 2**20
+BAND_BYTES = 128 * 2**20
 
 
 def output_axes(n_t: Optional[int], n_z: Optional[int]) -> str:

@@ -700,6 +700,7 @@ def _task_finish(task: Task, progress, cancel) -> dict:
         "dtype": str(src.dtype), "channels_used": list(opts.channels) if opts.channels is not None else "all",
         "planes": planes, "output_axes": layout["axes"], "hr_shape": layout["hr_shape"], "lr_shape": layout["lr_shape"],
         "channels": layout["C"], "geometry": info0["geometry"], "backbone": info0["backbone"], "weights_source": info0["weights_source"],
+        "fit_loss_first": planes[0]["loss_first"], "fit_loss_final": planes[0]["loss_final"], "fit_psnr_db": planes[0]["psnr_db"],
         "options": opts.to_dict(), "seconds": total, "pca_explained_variance": [float(v) for v in basis.explained_variance_ratio],
         "memory": {"process_peak_rss_bytes": _peak_rss()}, "files": files + ["report.json"],
     }

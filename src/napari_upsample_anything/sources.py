@@ -67,6 +67,12 @@ def parse_planes(text: Optional[str], n_t: int, n_z: int, arg: str = "--planes")
 
     Ranges are Python-style (end excluded); an axis not named keeps all its indices.
     """
+    ranges = plane_ranges(text, n_t, n_z, arg)
+    return [(t, z) for t in ranges["t"] for z in ranges["z"]]
+
+
+def plane_ranges(text: Optional[str], n_t: int, n_z: int, arg: str = "--planes") -> Dict[str, range]:
+    """The t and z ranges a ``--planes`` expression selects (checked against the sizes)."""
     ranges = {"t": range(n_t), "z": range(n_z)}
     if text is not None and text.strip().lower() not in ("", "all"):
         seen = set()
@@ -87,7 +93,7 @@ def parse_planes(text: Optional[str], n_t: int, n_z: int, arg: str = "--planes")
             if not (0 <= start < stop <= n):
                 raise ValueError(f"{arg} {text!r}: {ax} has {n} plane(s) (0..{n - 1}); {part.strip()} selects none or is out of range")
             ranges[ax] = range(start, stop)
-    return [(t, z) for t in ranges["t"] for z in ranges["z"]]
+    return ranges
 
 
 def normalise_axes(axes: str, ndim: int, arg: str = "axes") -> str:
@@ -162,7 +168,7 @@ def _to_tczyx(arr, axes: str):
     """A lazy TCZYX view of ``arr`` with the given (checked, upper-case) axes."""
     import dask.array as da
 
-    a = arr if hasattr(arr, "compute") and hasattr(arr, "chunks") and not hasattr(arr, "store") else None
+    a = arr if isinstance(arr, da.Array) else None
     if a is None:
         # one dask chunk per Y x X plane, so that each plane is read on its own
         chunks = tuple(int(s) if ax in "YXSC" else 1 for ax, s in zip(axes, arr.shape))
