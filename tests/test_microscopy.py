@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,7 +340,6 @@ def test_map_command_equals_upsample(tmp_path, weights_file, monkeypatch):
 def test_flags_are_validated_before_any_model_loads(tmp_path, args, message):
     img = tmp_path / "i.png"
     _rgb_png(img)
-    t0 = time.perf_counter()
     res = run_cli(["run", img, "--out", tmp_path / "o", *args], tmp_path, timeout=300)
     assert res.returncode == 2, (res.returncode, res.stderr)
     assert message in res.stderr and "Traceback" not in res.stderr

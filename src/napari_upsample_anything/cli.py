@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -322,6 +321,9 @@ def cmd_map(args) -> int:
     field = None
     if args.kernels is not None:
         field = _load_kernels(args.kernels, (t, z))
+        if tuple(field.shape) != tuple(lr.shape[-2:]):
+            raise UsageError(f"--kernels {args.kernels} are on a {field.shape[0]} x {field.shape[1]} grid but the map is "
+                             f"{lr.shape[-2]} x {lr.shape[-1]}; leave --kernels out to fit kernels for the map's grid")
     bar = Bar(f"{Path(args.map).name}", args.quiet)
     try:
         res = upsample_map(lr, guide, field, options, kind=kind, progress=bar)

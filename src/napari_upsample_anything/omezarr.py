@@ -285,3 +285,42 @@ def read_kernels(path: "str | Path") -> Dict[Tuple[int, int], Any]:
         maps = {n: torch.from_numpy(np.ascontiguousarray(data[i])) for i, n in enumerate(KERNEL_CHANNELS)}
         out[(t, z)] = KernelField(**maps, meta=dict(extra["meta"].get(key, {})))
     return out
+
+
+def layer_data(path: "str | Path", *, rgb_channels: bool = True) -> Tuple[List[Any], Dict[str, Any]]:
+    """napari ``add_image`` arguments for an OME-Zarr image, lazily: ``(levels, kwargs)``.
+
+    ``levels`` are dask arrays (one per pyramid level; napari reads only the tiles it shows),
+    ``kwargs`` the scale (pixel sizes), ``channel_axis`` and, for a 3-channel PCA picture,
+    red / green / blue colormaps with additive blending::
+
+        levels, kw = layer_data("out/stack/pca.ome.zarr")
+        viewer.add_image(levels, **kw)
+    """
+    import dask.array as da
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    ms = root.attrs["ome"]["multiscales"][0]
+    axes = "".join(a["name"] for a in ms["axes"])
+    levels = [da.from_zarr(root[d["path"]]) for d in ms["datasets"]]
+    scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
+    kw: Dict[str, Any] = {"name": ms.get("name") or Path(str(path)).name, "multiscale": len(levels) > 1}
+    if "c" in axes:
+        c = axes.index("c")
+        kw["channel_axis"] = c
+        kw["scale"] = [s for i, s in enumerate(scale) if i != c]
+        n = int(levels[0].shape[c])
+        if rgb_channels and n == 3:
+            kw["colormap"] = ["red", "green", "blue"]
+            kw["blending"] = "additive"
+            kw["contrast_limits"] = [[0.0, 1.0]] * 3
+            kw["name"] = [f"{kw['name']} {x}" for x in ("PC1", "PC2", "PC3")]
+        elif n > 8:  # features: show one channel at a time, not hundreds of layers
+            kw.pop("channel_axis")
+            kw["scale"] = scale
+    else:
+        kw["scale"] = scale
+    if not kw["multiscale"]:
+        levels = levels[0]
+    return levels, kw
