@@ -1,23 +1,35 @@
 """``upsample-anything``: the headless main job.
 
-    upsample-anything run IMAGE... --out DIR [options]
+    upsample-anything run IMAGE... --out DIR [--planes z=3] [--channels 0,2] [--format npy] [options]
+    upsample-anything map MAP --image IMAGE --out FILE [--kernels kernels.ome.zarr] [options]
     upsample-anything demo [--out DIR]
 
-Exit codes: 0 success, 1 failure (missing weights, out of memory, cancelled, ...),
-2 bad usage (unknown option, unreadable file, invalid value). Errors print one line;
-``--traceback`` shows the Python traceback for bug reports.
+``run`` processes each input through :mod:`napari_upsample_anything.pipeline` (features ->
+kernel fit -> HR PCA and HR features -> OME-Zarr or ``.npy`` files), one input at a time,
+each opened lazily; every ``Y x X`` plane of a stack on its own. Output folders are named
+from the inputs' paths relative to their common parent (deterministic), written under a
+hidden temporary name and renamed when complete; ``--skip-existing`` resumes a batch. A
+failing input is reported and the batch goes on.
+
+Exit codes: 0 success; 1 internal failure (missing weights, out of memory, a failed input);
+2 usage errors only (unknown option, invalid value, missing file, and a batch whose every
+failure was an unreadable or invalid input); 130 on Ctrl-C (after removing partial outputs).
+Every flag is validated before any model is loaded. Errors print one line; ``--traceback``
+(before or after the subcommand) shows the Python traceback for bug reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
-import time
+import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(Exception):
@@ -26,42 +38,42 @@ class UsageError(Exception):
 
 # ------------------------------------------------------------------------------ helpers
 class Bar:
-    """A tqdm progress bar driven by the core's ``progress(done, total, info)`` protocol."""
+    """tqdm progress bars driven by the pipeline's :class:`~..pipeline.Progress` events
+    (one bar per stage and plane), or by the core's ``progress(done, total, info)`` protocol."""
 
     def __init__(self, desc: str, quiet: bool = False):
         self.desc = desc
         self.quiet = quiet
         self.bar = None
+        self.key = None
 
-    def __call__(self, done: int, total: int, info: dict) -> None:
+    def __call__(self, done, total=None, info=None) -> None:
         if self.quiet:
             return
         from tqdm import tqdm
 
-        if self.bar is None or self.bar.total != total:
+        loss = None
+        if total is None:  # a pipeline Progress event
+            event = done
+            key = (event.stage, event.plane)
+            desc = f"{self.desc}: {event.stage}" + (f" {event.plane + 1}/{event.n_planes}" if event.n_planes > 1 else "")
+            done, total, loss = event.done, event.total, event.loss
+        else:
+            key, desc = total, self.desc
+            loss = (info or {}).get("loss")
+        if self.bar is None or self.key != key or self.bar.total != total:
             self.close()
-            self.bar = tqdm(total=total, desc=self.desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+            self.key = key
         self.bar.n = done
-        if "loss" in info:
-            self.bar.set_postfix(loss=f"{info['loss']:.4f}", refresh=False)
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _peak_memory(device) -> Dict[str, int]:
-    import resource
-
-    import torch
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = {"process_peak_rss_bytes": int(rss * (1 if sys.platform == "darwin" else 1024))}
-    if device.type == "cuda":
-        peak["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    return peak
 
 
 def _table(rows: List[List[str]]) -> str:
@@ -78,8 +90,8 @@ def _parse_memory(text: Optional[str]):
         return None
     try:
         return parse_bytes(text, "--max-memory")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    except (ValueError, OverflowError) as exc:
+        raise UsageError(f"--max-memory {text}: give a finite size such as 2GB or 512MiB ({exc})") from exc
 
 
 def _output_dir(out: str) -> Path:
@@ -90,125 +102,263 @@ def _output_dir(out: str) -> Path:
     return path
 
 
+def options_from_args(args, channels=None):
+    """The pipeline's options from the parsed flags, validated before any model is loaded
+    (a bad value raises :class:`UsageError` naming the flag)."""
+    from .pipeline import PipelineOptions
+
+    try:
+        opts = PipelineOptions(
+            backbone=args.backbone, layer=args.layer, input_size=args.input_size, weights=args.weights,
+            steps=args.steps, device=args.device, precision=args.precision, max_memory=args.max_memory,
+            guide_smoothing=args.guide_smoothing, fit_downsample=args.fit_downsample, channels=channels,
+            hr_features=not getattr(args, "pca_only", False), hr_dtype=getattr(args, "dtype", "float32"),
+            format=getattr(args, "format", "ome-zarr"),
+        ).validate()
+        from .core.device import resolve_device
+        from .core.features import resolve_backbone_name
+
+        resolve_backbone_name(args.backbone)  # names only: no model is created
+        resolve_device(args.device)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    return opts
+
+
+def _parse_channels_flag(text: Optional[str]):
+    if text is None or text.strip().lower() == "all":
+        return None
+    try:
+        chans = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise UsageError(f"--channels {text!r}: give 'all' or channel indices separated by commas, e.g. 0,2") from None
+    if any(c < 0 for c in chans) or len(set(chans)) != len(chans):
+        raise UsageError(f"--channels {text!r}: give distinct channel indices >= 0")
+    return chans
+
+
+def _check_planes_flag(text: Optional[str]) -> None:
+    from .sources import plane_ranges
+
+    try:  # syntax only; ranges are checked against each image
+        plane_ranges(text, 2**62, 2**62)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 # ------------------------------------------------------------------------------ run
-def process_image(image, name: str, outdir: Path, args, quiet: bool = False) -> Dict:
-    """Features -> fit -> HR PCA (+ HR features) for one image; writes files, returns the report."""
-    import numpy as np
+def process_image(source, out: Path, options, *, planes: Optional[str] = "all", name: str = "", quiet: bool = False) -> Dict:
+    """One input through the pipeline into the folder ``out`` (written under a temporary name
+    and renamed when complete); returns the report. ``source``: a path or a
+    :class:`~..pipeline.SourceRef` (an array with axes)."""
+    from .pipeline import SourceRef, plan_job, run_job
 
-    from . import api
-    from .core.device import resolve_device
-    from .core.features import extract_features
-    from .core.io import guide_from_image, nearest_resize, save_png, side_by_side
-    from .core.memory import MemoryLog
-
-    device = resolve_device(args.device)
-    budget = _parse_memory(args.max_memory)
-    times: Dict[str, float] = {}
-    outdir.mkdir(parents=True, exist_ok=True)
-
-    t = time.perf_counter()
-    bar = Bar(f"{name}: features", quiet)
-    fmap = extract_features(
-        image,
-        args.backbone,
-        layer=args.layer,
-        input_size=args.input_size,
-        weights=args.weights,
-        device=device,
-        max_memory=budget,
-        progress=bar,
-    )
-    bar.close()
-    feats, geom = fmap.features, fmap.geometry
-    times["features"] = time.perf_counter() - t
-
-    guide = guide_from_image(image)
-    memlog = MemoryLog()
-    t = time.perf_counter()
-    bar = Bar(f"{name}: fit", quiet)
-    smooth = dict(guide_smoothing=args.guide_smoothing)
-    field = api.fit_kernels(
-        guide, tuple(geom.lr_shape), steps=args.steps, device=device, precision=args.precision,
-        max_memory=budget, progress=bar, memory_log=memlog, downsample=args.fit_downsample, **smooth,
-    )
-    bar.close()
-    times["fit"] = time.perf_counter() - t
-    field.save(outdir / "kernels.npz")
-
-    t = time.perf_counter()
-    bar = Bar(f"{name}: HR PCA", quiet)
-    hr_rgb, basis = api.render_pca(feats, guide, field, device=device, precision=args.precision, max_memory=budget, progress=bar, **smooth)
-    bar.close()
-    lr_rgb, _ = api.pca_rgb(feats, basis=basis)
-    save_png(outdir / "pca.png", side_by_side(nearest_resize(lr_rgb, hr_rgb.shape[:2]), hr_rgb))
-    times["pca"] = time.perf_counter() - t
-
-    files = ["kernels.npz", "pca.png"]
-    if not args.pca_only:
-        t = time.perf_counter()
-        C = int(feats.shape[0])
-        H, W = guide.shape[:2]
-        mm = np.lib.format.open_memmap(outdir / "features_hr.npy", mode="w+", dtype=np.dtype(args.dtype), shape=(C, H, W))
-        bar = Bar(f"{name}: HR features", quiet)
-        api.render(feats, guide, field, device=device, precision=args.precision, max_memory=budget, out=mm, progress=bar, memory_log=memlog, **smooth)
+    ref = source if isinstance(source, SourceRef) else SourceRef(path=str(source))
+    bar = Bar(name or Path(str(ref.path or ref.name)).name, quiet)
+    try:
+        job = plan_job(ref, options, out, planes=planes)
+        return run_job(job, progress=bar)
+    finally:
         bar.close()
-        mm.flush()
-        del mm
-        times["render"] = time.perf_counter() - t
-        files.append("features_hr.npy")
 
-    report = {
-        "image": name,
-        "image_shape": list(np.shape(image)),
-        "image_dtype": str(getattr(image, "dtype", "")),
-        "backbone": fmap.backbone,
-        "weights_source": fmap.weights_source,
-        "layer": args.layer,
-        "geometry": geom.to_dict(),
-        "lr_shape": list(geom.lr_shape),
-        "hr_shape": list(guide.shape[:2]),
-        "channels": int(feats.shape[0]),
-        "output_dtype": None if args.pca_only else args.dtype,
-        "steps": args.steps,
-        "fit_downsample": args.fit_downsample,
-        "guide_smoothing": args.guide_smoothing,
-        "device": str(device),
-        "precision": args.precision,
-        "seconds": times,
-        "fit_loss_first": field.meta["loss_per_step"][0] if field.meta["loss_per_step"] else None,
-        "fit_loss_final": field.meta.get("final_loss"),
-        "fit_psnr_db": field.meta.get("psnr"),
-        "pca_explained_variance": [float(v) for v in basis.explained_variance_ratio],
-        "memory": {**_peak_memory(device), "budget_bytes": memlog.budget_bytes, "peak_tile_planned_bytes": memlog.peak_planned_bytes},
-        "files": files,
-    }
-    (outdir / "report.json").write_text(json.dumps(report, indent=2))
-    return report
+
+def _usage_like(exc: BaseException) -> bool:
+    from .core.errors import Cancelled, MemoryBudgetError
+
+    return isinstance(exc, (ValueError, TypeError, FileNotFoundError)) and not isinstance(exc, (MemoryBudgetError, Cancelled))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def cmd_run(args) -> int:
-    from .core.io import load_image
+    from .pipeline import SourceRef, output_names
 
-    images = []
     for p in args.images:
+        if not Path(p).exists():
+            raise UsageError(f"image file not found: {p}")
+    if args.axes is not None:
+        from .sources import normalise_axes
+
         try:
-            images.append((Path(p), load_image(p)))
-        except (FileNotFoundError, ValueError) as exc:
+            normalise_axes(args.axes, len(args.axes), "--axes")
+        except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from exc
+    _check_planes_flag(args.planes)
+    options = options_from_args(args, _parse_channels_flag(args.channels))
     out = _output_dir(args.out)
-    stems = [p.stem for p, _ in images]
-    rows = [["image", "size", "LR grid", "C", "features s", "fit s", "render s", "PSNR dB", "outputs"]]
-    for (path, image), stem in zip(images, stems):
-        sub = out / (stem if stems.count(stem) == 1 else f"{stem}_{abs(hash(str(path))) % 10000}")
-        rep = process_image(image, path.name, sub, args, quiet=args.quiet)
+    names = output_names(args.images)
+    rows = [["image", "planes", "size", "LR grid", "C", "features s", "fit s", "render s", "status", "output"]]
+    failures: List[BaseException] = []
+    for path, name in zip(args.images, names):
+        target = out / name
+        if args.skip_existing and (target / "report.json").is_file():
+            rows.append([str(path), "", "", "", "", "", "", "", "skipped (exists)", str(target)])
+            continue
+        ref = SourceRef(path=str(path), axes=args.axes, scene=args.scene)
+        try:
+            rep = process_image(ref, target, options, planes=args.planes, name=Path(path).name, quiet=args.quiet)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported; the batch goes on
+            if args.traceback:
+                import traceback
+
+                traceback.print_exc()
+            failures.append(exc)
+            print(f"upsample-anything: {path}: {'error' if not _usage_like(exc) else 'bad input'}: {_one_line(exc)}", file=sys.stderr)
+            rows.append([str(path), "", "", "", "", "", "", "", "FAILED: " + type(exc).__name__, ""])
+            continue
         s = rep["seconds"]
         rows.append([
-            path.name, "x".join(map(str, rep["hr_shape"])), "x".join(map(str, rep["lr_shape"])), str(rep["channels"]),
-            f"{s['features']:.1f}", f"{s['fit']:.1f}", f"{s.get('render', 0.0) + s['pca']:.1f}",
-            f"{rep['fit_psnr_db']:.2f}", str(sub),
+            str(path), str(len(rep["planes"])), "x".join(map(str, rep["hr_shape"])), "x".join(map(str, rep["lr_shape"])), str(rep["channels"]),
+            f"{s['features']:.1f}", f"{s['fit']:.1f}", f"{s.get('render', 0.0) + s.get('pca', 0.0):.1f}", "ok", str(target),
         ])
     print(_table(rows))
+    if failures:
+        print(f"upsample-anything: {len(failures)} of {len(args.images)} input(s) failed", file=sys.stderr)
+        return EXIT_USAGE if all(_usage_like(e) for e in failures) else EXIT_FAILURE
     return EXIT_OK
+
+
+# ------------------------------------------------------------------------------ map
+def read_map(path: "str | Path"):
+    """An LR map from ``.npy``, TIFF or OME-Zarr as ``(h, w)`` or ``(C, h, w)`` numpy (channels
+    first; OME-Zarr t / z axes of size 1 are dropped)."""
+    import numpy as np
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"map file not found: {p}")
+    name = p.name.lower()
+    try:
+        if name.endswith(".npy"):
+            arr = np.load(p, allow_pickle=False)
+        elif name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            arr = tifffile.imread(p)
+        elif name.endswith(".zarr") or p.is_dir():
+            from .omezarr import open_level0
+
+            z, axes, _ = open_level0(p)
+            arr = np.asarray(z[...])
+            drop = tuple(i for i, a in enumerate(axes) if a in "tz" and arr.shape[i] == 1)
+            arr = arr.squeeze(drop) if drop else arr
+        else:
+            raise ValueError(f"{p}: use a .npy, TIFF or OME-Zarr map")
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot read {p} as a map ({type(exc).__name__}: {exc})") from exc
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"{p}: the map has shape {arr.shape}; give (h, w) or channels-first (C, h, w)")
+    return arr
+
+
+def _write_map(path: Path, arr, pixel_sizes=None, unit=None) -> None:
+    """Write ``arr`` to ``path`` (.npy, .tif, .ome.zarr) under a temporary name, then rename."""
+    import numpy as np
+
+    name = path.name.lower()
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        if name.endswith(".npy"):
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+        elif name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            tifffile.imwrite(tmp, arr, ome=True, metadata={"axes": "YX" if arr.ndim == 2 else "CYX"})
+        else:
+            from .omezarr import create_image
+
+            a = arr if arr.ndim == 3 else arr[None]
+            z = create_image(tmp, a.shape, "cyx", dtype=a.dtype, pixel_sizes=pixel_sizes, unit=unit, name="map")
+            z[...] = a
+        if path.is_dir():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+
+def cmd_map(args) -> int:
+    from .pipeline import map_kind, upsample_map
+    from .sources import open_image
+
+    for p, flag in ((args.map, "MAP"), (args.image, "--image")):
+        if not Path(p).exists():
+            raise UsageError(f"{flag} file not found: {p}")
+    if args.kernels is not None and not Path(args.kernels).exists():
+        raise UsageError(f"--kernels file not found: {args.kernels}")
+    out = Path(args.out)
+    if not out.name.lower().endswith((".npy", ".tif", ".tiff", ".zarr")):
+        raise UsageError(f"--out {args.out}: name a .npy, .tif or .ome.zarr file")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {args.out}: the folder {out.parent} does not exist")
+    _check_planes_flag(args.planes)
+    if args.kind not in ("auto", "labels", "continuous"):
+        raise UsageError(f"--kind {args.kind}: use auto, labels or continuous")
+    options = options_from_args(args, _parse_channels_flag(args.channels))
+    try:
+        lr = read_map(args.map)
+        kind = map_kind(lr, args.kind)
+        src = open_image(args.image, axes=args.axes, scene=args.scene)
+        planes = src.planes(args.planes)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    if len(planes) != 1:
+        raise UsageError(f"{args.image} has {len(planes)} planes; pick the one the map belongs to with --planes (e.g. z=3)")
+    t, z = planes[0]
+    guide = src.guide(t, z, options.channels)
+    field = None
+    if args.kernels is not None:
+        field = _load_kernels(args.kernels, (t, z))
+        if tuple(field.shape) != tuple(lr.shape[-2:]):
+            raise UsageError(f"--kernels {args.kernels} are on a {field.shape[0]} x {field.shape[1]} grid but the map is "
+                             f"{lr.shape[-2]} x {lr.shape[-1]}; leave --kernels out to fit kernels for the map's grid")
+    bar = Bar(f"{Path(args.map).name}", args.quiet)
+    try:
+        res = upsample_map(lr, guide, field, options, kind=kind, progress=bar)
+    finally:
+        bar.close()
+    result = res["labels"] if kind == "labels" else res["values"]
+    if kind == "continuous" and lr.ndim == 2:
+        result = result[0]
+    sizes = {a: src.pixel_sizes.get(a) for a in "yx"}
+    _write_map(out, result, sizes, src.unit if any(sizes.values()) else None)
+    H, W = guide.shape[:2]
+    print(f"{args.map} ({kind}, {'x'.join(map(str, lr.shape))}) -> {out} ({'x'.join(map(str, result.shape))}, {result.dtype}); "
+          f"kernels {'from ' + str(args.kernels) if args.kernels else 'fitted'} on {Path(args.image).name} plane t={t} z={z} ({H}x{W})")
+    return EXIT_OK
+
+
+def _load_kernels(path: "str | Path", plane):
+    from .core.field import KernelField
+
+    p = Path(path)
+    try:
+        if p.is_dir() or p.name.lower().endswith(".zarr"):
+            from .omezarr import read_kernels
+
+            fields = read_kernels(p)
+            if plane in fields:
+                return fields[plane]
+            if len(fields) == 1:
+                return next(iter(fields.values()))
+            raise ValueError(f"--kernels {p} has no kernels for plane t={plane[0]} z={plane[1]} (it has {sorted(fields)})")
+        return KernelField.load(p)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - unreadable file
+        raise UsageError(f"--kernels {p} is not a kernel field file ({type(exc).__name__}: {exc})") from exc
 
 
 # ------------------------------------------------------------------------------ demo
@@ -260,6 +410,12 @@ def model_free_demo(image, outdir: Path, args, field=None, quiet: bool = False) 
     return {"lr_shape": [h, w], "hr_shape": [H, W], "maps": names, "psnr_db": psnr, "files": ["model_free_dab.png"]}, field
 
 
+def replace_format(options, fmt: str):
+    from dataclasses import replace
+
+    return replace(options, format=fmt)
+
+
 def cmd_demo(args) -> int:
     import skimage.data
 
@@ -270,14 +426,18 @@ def cmd_demo(args) -> int:
     print(f"demo: scikit-image's immunohistochemistry sample ({image.shape[0]}x{image.shape[1]} RGB) -> {out}")
     report: Dict = {"image": "skimage.data.immunohistochemistry", "image_shape": list(image.shape)}
     field = None
+    options = options_from_args(args)
     try:
-        rep = process_image(image, "immunohistochemistry", out, args, quiet=args.quiet)
+        from .pipeline import SourceRef
+
+        ref = SourceRef(array=image, axes="yxs", name="immunohistochemistry")
+        rep = process_image(ref, out / "features", replace_format(options, "npy"), name="immunohistochemistry", quiet=args.quiet)
         report["features"] = rep
         from .core.field import KernelField
 
-        field = KernelField.load(out / "kernels.npz")
+        field = KernelField.load(out / "features" / "kernels.npz")
         print(f"features: {rep['backbone']} ({rep['weights_source']}), {rep['channels']} channels, "
-              f"{rep['lr_shape'][0]}x{rep['lr_shape'][1]} -> {rep['hr_shape'][0]}x{rep['hr_shape'][1]}; pca.png, features_hr.npy written")
+              f"{rep['lr_shape'][0]}x{rep['lr_shape'][1]} -> {rep['hr_shape'][0]}x{rep['hr_shape'][1]}; features/pca.png, features/features_hr.npy written")
     except WeightsUnavailableError as exc:
         first = str(exc).strip().splitlines()[0]
         print(f"pretrained weights are not available here ({first}); running the model-free part of the demo "
@@ -297,13 +457,16 @@ def cmd_demo(args) -> int:
 
 # ------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(
         prog="upsample-anything",
         description="Upsample Anything (GSJBU): fit per-pixel Gaussian kernels on an image by test-time "
-        "optimisation and use them to upsample its DINOv2 features to full resolution.",
+        "optimisation and use them to upsample its DINOv2 features (or any low-resolution map) to full resolution.",
     )
-    ap.add_argument("--traceback", action="store_true", help="show the Python traceback on errors (for bug reports)")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{run,demo}")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    ap.add_argument("--traceback", action="store_true", help="show the Python traceback on errors (for bug reports); also accepted after the subcommand")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{run,map,demo}")
 
     def common(p):
         p.add_argument("--backbone", default="dinov2_vits14",
@@ -322,18 +485,49 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Gaussian sigma in pixels applied to the image before fitting and rendering; helps with noisy images (default: %(default)s = off)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    run = sub.add_parser("run", help="process image files", description="Extract features, fit kernels, write HR features, PCA picture, kernels and a report per image.")
-    run.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, TIFF, .npy)")
-    run.add_argument("--out", required=True, help="output directory (one sub-directory per image)")
+    def image_options(p):
+        p.add_argument("--axes", default=None,
+                       help="axes of a plain TIFF / .npy without axes metadata, e.g. zyx, cyx, tczyx, yxs (RGB); never guessed; OME files name their own")
+        p.add_argument("--scene", default=None, help="scene of a multi-scene file: index or name (default: the first)")
+        p.add_argument("--channels", default="all",
+                       help="channels that form the guide: 'all' or indices such as 0,2 (3 channels: RGB, 1: gray, others: mean of normalised channels; default: %(default)s)")
+        p.add_argument("--planes", default="all",
+                       help="Y x X planes to process: all, z=3, t=0:10, t=0,z=2:4 (Python ranges, end excluded; default: %(default)s)")
+
+    run = sub.add_parser("run", help="process image files",
+                         description="Extract features, fit kernels, write HR features, PCA picture, kernels and a report per image (one folder per input).")
+    run.add_argument("images", nargs="+", metavar="IMAGE", help="image files: OME-TIFF, TIFF, OME-Zarr, PNG, JPEG, .npy (CZI/ND2/LIF with the 'formats' extra)")
+    run.add_argument("--out", required=True, help="output directory (one sub-directory per image, named from its path relative to the inputs' common folder)")
     common(run)
+    image_options(run)
+    run.add_argument("--format", default="ome-zarr", choices=["ome-zarr", "npy"],
+                     help="array outputs: ome-zarr (features.ome.zarr, pca.ome.zarr with a pyramid, kernels.ome.zarr) or npy (features_hr.npy, kernels.npz) (default: %(default)s)")
     run.add_argument("--pca-only", action="store_true", help="write only the PCA picture, kernels and report (skip the C x H x W features)")
-    run.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of features_hr.npy (default: %(default)s)")
+    run.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of the HR features (default: %(default)s)")
+    run.add_argument("--skip-existing", action="store_true", help="skip inputs whose output folder is complete (resume an interrupted batch)")
+    run.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
+
+    mp = sub.add_parser("map", help="upsample a low-resolution map (probabilities, labels, depth) onto an image",
+                        description="Upsample an LR map file (.npy, TIFF, OME-Zarr; (h, w) or channels-first (C, h, w)) to the "
+                        "resolution of IMAGE with kernels saved by 'run' (--kernels) or fitted first. Labels in, labels out "
+                        "(argmax of the upsampled one-hot); probabilities or other values in, the same out.")
+    mp.add_argument("map", metavar="MAP", help="the LR map file")
+    mp.add_argument("--image", required=True, help="the high-resolution image (guide)")
+    mp.add_argument("--out", required=True, help="output file: .npy, .tif or .ome.zarr")
+    mp.add_argument("--kernels", default=None, help="kernels.ome.zarr or kernels.npz from 'run' (default: fit kernels for the map's grid)")
+    mp.add_argument("--kind", default="auto", choices=["auto", "labels", "continuous"],
+                    help="labels (integer map -> argmax of the upsampled one-hot) or continuous; auto: 2-D integer maps are labels (default: %(default)s)")
+    common(mp)
+    image_options(mp)
+    mp.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    mp.set_defaults(func=cmd_map)
 
     demo = sub.add_parser("demo", help="run the whole job on a bundled sample image",
                           description="Runs on scikit-image's immunohistochemistry sample. Without pretrained weights it says so and runs the model-free part.")
     demo.add_argument("--out", default="upa-demo", help="output directory (default: %(default)s)")
     common(demo)
+    demo.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo, pca_only=False, dtype="float32")
     return ap
 
@@ -346,19 +540,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise UsageError(f"--steps {args.steps}: give a non-negative number")
         return args.func(args)
     except KeyboardInterrupt:
-        print("upsample-anything: interrupted", file=sys.stderr)
-        return EXIT_FAILURE
+        # the job removed its partial outputs on the way out (pipeline.run_job aborts)
+        print("upsample-anything: interrupted; partial outputs removed", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
-        from .core.errors import Cancelled, MemoryBudgetError
-
         if args.traceback:
             import traceback
 
             traceback.print_exc()
-        usage = isinstance(exc, (UsageError, ValueError, TypeError, FileNotFoundError)) and not isinstance(exc, (MemoryBudgetError, Cancelled))
+        usage = isinstance(exc, UsageError)
         kind = "usage error" if usage else "error"
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"upsample-anything: {kind}: {message}", file=sys.stderr)
+        print(f"upsample-anything: {kind}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE if usage else EXIT_FAILURE
 
 

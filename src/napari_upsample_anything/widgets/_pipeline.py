@@ -1,13 +1,15 @@
-"""The widgets' computations, through the core only; no Qt, no napari, torch imported lazily.
+"""The widgets' side of the computations: no Qt, no napari, torch imported lazily.
 
-Everything the dock widgets compute goes through the plain functions here, so tests and
-scripts can run them without a GUI:
+The computing itself is :mod:`napari_upsample_anything.pipeline` (shared with the command
+line); this module only adapts it to the widgets (options from the widget fields, where the
+HR features are kept, the thread bridge), so tests and scripts can run it without a GUI:
 
-* :func:`run_pipeline` -- features -> kernel fit -> HR PCA (-> HR features) for one or more
-  2D planes, reporting :class:`Progress` events through ``progress(event)`` and polling
-  ``cancel()`` (the core's protocol: checked before every optimisation step and tile).
-* :func:`upsample_planes` -- any LR map (continuous, or labels as one-hot) rendered with the
-  kernels of a fitted result (refitting for another LR grid when needed).
+* :func:`run_pipeline` -- :func:`~..pipeline.run_planes` (features -> kernel fit -> HR PCA
+  -> HR features) for one or more 2D planes, with the HR features kept in memory or in a
+  temporary memory-mapped file; :class:`Progress` events through ``progress(event)``,
+  ``cancel()`` polled before every optimisation step and tile.
+* :func:`upsample_planes` -- :func:`~..pipeline.upsample_map` for each plane of a fitted
+  result (refitting for another LR grid when needed, kept for the next time).
 * :func:`iter_events` / :func:`guarded` -- the bridge to napari's generator
   ``thread_worker``: the computation runs in a helper thread and the generator yields its
   progress events (one per optimisation step / tile / window) and returns an
@@ -33,6 +35,15 @@ import numpy as np
 
 from ..core.errors import Cancelled
 from ..core.platform_fixes import preload_triton_safely
+from ..pipeline import (  # noqa: F401  (re-exported: the widgets import them from here)
+    FIT_DOWNSAMPLE,
+    MAX_LABEL_CLASSES,
+    PipelineOptions,
+    Progress,
+    argmax_labels,
+    one_hot,
+)
+from ..pipeline import PlaneFit as PlaneResult
 
 Index = Tuple[int, ...]
 ProgressCallback = Callable[["Progress"], Any]
@@ -40,41 +51,11 @@ CancelFn = Callable[[], bool]
 
 #: HR feature arrays up to this size stay in memory with ``hr_features="auto"``.
 AUTO_IN_MEMORY_BYTES = 2 * 2**30
-#: Labels layers with more distinct values than this are refused (one-hot would be too large).
-MAX_LABEL_CLASSES = 256
 
 HR_FEATURE_MODES = ("auto", "memory", "memmap", "none")
-FIT_DOWNSAMPLE = ("bicubic", "area")  # the fit's LR input (core.fit.fit_field)
 
 
 # ---------------------------------------------------------------------------------- events
-@dataclass(frozen=True)
-class Progress:
-    """One progress event: ``done`` of ``total`` units of ``stage`` on plane ``plane``.
-
-    Stages: ``"features"`` (backbone loading and ViT windows), ``"fit"`` (Adam steps; ``loss``
-    set), ``"pca"`` (tiles of the 3-channel HR PCA render), ``"render"`` (tiles of the
-    C-channel HR feature render), ``"upsample"`` (tiles of an LR map render), ``"tile"`` is
-    never used (tile records go to the memory log).
-    """
-
-    stage: str
-    done: int
-    total: int
-    plane: int = 0
-    n_planes: int = 1
-    loss: Optional[float] = None
-
-    def text(self) -> str:
-        """Short status line, e.g. ``'fit 12/51, loss 0.0123 (plane 2/5)'``."""
-        s = f"{self.stage} {self.done}/{self.total}" if self.total else self.stage
-        if self.loss is not None:
-            s += f", loss {self.loss:.4g}"
-        if self.n_planes > 1:
-            s += f" (plane {self.plane + 1}/{self.n_planes})"
-        return s
-
-
 @dataclass
 class Outcome:
     """What a guarded computation ended with: ``status`` is "done", "cancelled" or "error"."""
@@ -130,44 +111,17 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def options(self) -> PipelineOptions:
+        """The pipeline's options for these widget fields (the HR-feature storage stays here)."""
+        return PipelineOptions(
+            backbone=self.backbone, layer=int(self.layer), input_size=self.input_size or None, weights=self.weights or None,
+            pretrained=bool(self.pretrained), steps=int(self.steps), device=self.device, precision=self.precision,
+            max_memory=self.budget, guide_smoothing=float(self.guide_smoothing), fit_downsample=self.fit_downsample,
+            hr_features=self.hr_features != "none",
+        )
+
 
 # ---------------------------------------------------------------------------------- results
-@dataclass(eq=False)
-class PlaneResult:
-    """Everything computed for one 2D plane of the source image.
-
-    ``guide`` is the channels-last image the kernels were fitted on (a view of the layer data
-    when possible); ``features`` the ``(C, h, w)`` LR features; ``hr_features`` the
-    ``(C, H, W)`` HR features (numpy array, ``numpy.memmap`` in a temporary ``.npy`` file, or
-    None when not computed); ``lr_rgb`` / ``hr_rgb`` the PCA pictures.
-    """
-
-    index: Index
-    guide: np.ndarray
-    features: np.ndarray
-    geometry: Any  # core.features.FeatureGeometry
-    field: Any  # core.field.KernelField on the CPU
-    memlog: Any  # core.memory.MemoryLog
-    lr_rgb: Optional[np.ndarray] = None
-    hr_rgb: Optional[np.ndarray] = None
-    hr_features: Optional[np.ndarray] = None
-    hr_features_path: Optional[str] = None
-    extra_fields: Dict[Tuple[int, int], Any] = field(default_factory=dict)  # LR grid -> refitted field
-
-    @property
-    def lr_shape(self) -> Tuple[int, int]:
-        return tuple(self.geometry.lr_shape)  # type: ignore[return-value]
-
-    @property
-    def hr_shape(self) -> Tuple[int, int]:
-        return tuple(self.geometry.image_shape)  # type: ignore[return-value]
-
-    @property
-    def factor(self) -> Tuple[float, float]:
-        """HR pixels per LR cell ``(H/h, W/w)``."""
-        return tuple(float(s) for s in self.geometry.scale)  # type: ignore[return-value]
-
-
 @dataclass(eq=False)
 class PipelineResult:
     """What :func:`run_pipeline` returns: one :class:`PlaneResult` per plane, and the shared PCA basis."""
@@ -222,23 +176,6 @@ def _hr_feature_target(mode: str, shape: Tuple[int, ...], storage_box: list, mem
 
 
 # ---------------------------------------------------------------------------------- pipeline
-def _report(progress: Optional[ProgressCallback], event: Progress) -> None:
-    if progress is not None:
-        progress(event)
-
-
-def _core_progress(progress: Optional[ProgressCallback], stage: str, plane: int, n_planes: int):
-    """A core ``progress(done, total, info)`` callback that emits :class:`Progress` events."""
-    if progress is None:
-        return None
-
-    def cb(done: int, total: int, info: dict) -> None:
-        loss = info.get("loss")
-        progress(Progress(stage, int(done), int(total), plane, n_planes, None if loss is None else float(loss)))
-
-    return cb
-
-
 def run_pipeline(
     planes: Sequence[Tuple[Index, np.ndarray]],
     config: RunConfig,
@@ -262,165 +199,52 @@ def run_pipeline(
     cancel : callable() -> bool, optional
         Polled before every window, optimisation step and tile; True raises ``Cancelled``.
 
-    One PCA basis is fitted on the LR features of all planes together, so that colours mean
-    the same on every slice. Device memory is released (CUDA cache emptied) at the end.
+    The work is :func:`~..pipeline.run_planes` (one PCA basis fitted on the LR features of
+    all planes, so that colours mean the same on every slice); this function only decides
+    where the HR features are kept (``config.hr_features``). Device memory is released (CUDA
+    cache emptied) at the end.
     """
     preload_triton_safely()  # before timm (-> torchvision -> torch._dynamo -> triton) is imported
     import torch  # noqa: F401  (the first run pays the import here, in the worker thread)
 
-    from .. import api
     from ..core.device import resolve_device
-    from ..core.features import extract_features
-    from ..core.io import guide_from_image
-    from ..core.memory import MemoryLog, parse_bytes
-    from ..core.pca import fit_pca
+    from ..pipeline import run_planes
 
     config.validate()
-    if not planes:
-        raise ValueError("nothing to process: no planes were given")
+    options = config.options()
     device = resolve_device(config.device)
-    budget = parse_bytes(config.budget, "memory budget")
-    n = len(planes)
-    seconds = {"features": 0.0, "fit": 0.0, "pca": 0.0, "render": 0.0}
-    results: List[PlaneResult] = []
-    backbone_name, weights_source = config.backbone, ""
     storage_box: list = []
+    paths: Dict[int, Optional[str]] = {}
+
+    def hr_target(k: int, fit: PlaneResult, shape: Tuple[int, int, int]):
+        name = "hr_features" + "".join(f"_{i}" for i in fit.index)
+        out, paths[k] = _hr_feature_target(config.hr_features, shape, storage_box, config.memmap_dir, name)
+        return out
+
     try:
-        for k, (index, image) in enumerate(planes):
-            _report(progress, Progress("features", 0, 1, k, n))
-            t = time.perf_counter()
-            fmap = extract_features(
-                image,
-                config.backbone,
-                layer=int(config.layer),
-                input_size=config.input_size or None,
-                weights=config.weights or None,
-                pretrained=bool(config.pretrained),
-                device=device,
-                max_memory=budget,
-                progress=_core_progress(progress, "features", k, n),
-                cancel=cancel,
-                channel_axis=channel_axis,
-            )
-            seconds["features"] += time.perf_counter() - t
-            backbone_name, weights_source = fmap.backbone, fmap.weights_source
-            guide = guide_from_image(image, channel_axis)
-            memlog = MemoryLog()
-            t = time.perf_counter()
-            fitted = api.fit_kernels(
-                guide,
-                tuple(fmap.geometry.lr_shape),
-                steps=int(config.steps),
-                guide_smoothing=float(config.guide_smoothing),
-                downsample=config.fit_downsample,
-                channel_axis=-1 if guide.ndim == 3 else None,  # guide_from_image gives channels-last
-                device=device,
-                precision=config.precision,
-                max_memory=budget,
-                progress=_core_progress(progress, "fit", k, n),
-                cancel=cancel,
-                memory_log=memlog,
-            )
-            seconds["fit"] += time.perf_counter() - t
-            results.append(
-                PlaneResult(
-                    index=tuple(index),
-                    guide=guide,
-                    features=fmap.features.numpy(),
-                    geometry=fmap.geometry,
-                    field=fitted.to("cpu"),
-                    memlog=memlog,
-                )
-            )
-            del fmap
-
-        # One basis for all planes (fitted on the LR features, as in the paper's figures).
-        t = time.perf_counter()
-        lr_all = np.concatenate([r.features.reshape(r.features.shape[0], -1) for r in results], axis=1)
-        basis = fit_pca(lr_all, 3, 100_000, 0)
-        del lr_all
-        for k, r in enumerate(results):
-            r.lr_rgb = basis.to_rgb(basis.project(r.features))
-            r.hr_rgb, _ = api.render_pca(
-                r.features,
-                r.guide,
-                r.field,
-                basis=basis,
-                device=device,
-                precision=config.precision,
-                max_memory=budget,
-                progress=_core_progress(progress, "pca", k, n),
-                cancel=cancel,
-                memory_log=r.memlog,
-            )
-        seconds["pca"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        for k, r in enumerate(results):
-            C = int(r.features.shape[0])
-            H, W = r.hr_shape
-            name = "hr_features" + "".join(f"_{i}" for i in r.index)
-            out, path = _hr_feature_target(config.hr_features, (C, H, W), storage_box, config.memmap_dir, name)
-            if out is None:
-                continue
-            api.render(
-                r.features,
-                r.guide,
-                r.field,
-                device=device,
-                precision=config.precision,
-                max_memory=budget,
-                out=out,
-                progress=_core_progress(progress, "render", k, n),
-                cancel=cancel,
-                memory_log=r.memlog,
-            )
-            if isinstance(out, np.memmap):
-                out.flush()
-            r.hr_features, r.hr_features_path = out, path
-        seconds["render"] = time.perf_counter() - t
+        fits, basis = run_planes(planes, options, hr_target=hr_target, channel_axis=channel_axis, progress=progress, cancel=cancel)
     except BaseException:
         if storage_box:
             storage_box[0].dispose()
         raise
     finally:
         free_device_memory(device)
+    for k, f in enumerate(fits):
+        f.hr_features_path = paths.get(k)
+    seconds = {s: float(sum(f.seconds.get(s, 0.0) for f in fits)) for s in ("features", "fit", "pca", "render")}
     return PipelineResult(
-        planes=results,
+        planes=fits,
         basis=basis,
         config=config,
         device=str(device),
-        backbone=backbone_name,
-        weights_source=weights_source,
+        backbone=fits[0].backbone if fits else config.backbone,
+        weights_source=fits[0].weights_source if fits else "",
         seconds=seconds,
         storage=storage_box[0] if storage_box else None,
     )
 
 
 # ---------------------------------------------------------------------------------- LR maps
-def one_hot(labels: np.ndarray, classes: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """``(K, h, w)`` float32 one-hot of an integer ``(h, w)`` labels map, and the ``K`` class values."""
-    labels = np.asarray(labels)
-    if classes is None:
-        classes = np.unique(labels)
-    if classes.size > MAX_LABEL_CLASSES:
-        raise ValueError(
-            f"the labels layer has {classes.size} distinct values; one-hot upsampling is limited to "
-            f"{MAX_LABEL_CLASSES} classes (it renders one channel per class)"
-        )
-    pos = np.searchsorted(classes, labels)
-    out = np.zeros((classes.size,) + labels.shape, np.float32)
-    np.put_along_axis(out, pos[None], 1.0, axis=0)
-    return out, classes
-
-
-def argmax_labels(probabilities: np.ndarray, classes: np.ndarray, dtype=None) -> np.ndarray:
-    """Labels ``(H, W)`` from ``(K, H, W)`` class probabilities (ties: the lower class)."""
-    idx = np.argmax(probabilities, axis=0)
-    out = classes[idx]
-    return out.astype(dtype) if dtype is not None else out
-
-
 @dataclass
 class UpsampleRequest:
     """One LR map (per plane) to render with the kernels of a fitted result."""
@@ -440,19 +264,18 @@ def upsample_planes(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelFn] = None,
 ) -> List[Dict[str, np.ndarray]]:
-    """Render each plane's LR map with that plane's kernels.
+    """Render each plane's LR map with that plane's kernels (:func:`~..pipeline.upsample_map`).
 
     A map whose grid differs from the fitted one gets kernels fitted for its grid on the same
-    guide (kept in ``plane.extra_fields`` for the next time). Continuous maps return
-    ``{"values": (C, H, W)}``; labels return ``{"labels": (H, W), "probabilities": (K, H, W),
-    "classes": (K,)}`` (one-hot rendered, then argmax).
+    guide with the image's fit options (kept in ``plane.extra_fields`` for the next time).
+    Continuous maps return ``{"values": (C, H, W)}``; labels return ``{"labels": (H, W),
+    "probabilities": (K, H, W), "classes": (K,)}`` (one-hot rendered, then argmax).
     """
     from .. import api
     from ..core.device import resolve_device
-    from ..core.units import parse_bytes
+    from ..pipeline import upsample_map
 
     device = resolve_device(request.device)
-    budget = parse_bytes(None if request.max_memory in (None, "", "auto") else request.max_memory, "memory budget")
     n = len(request.planes)
     classes = None
     if request.labels:  # one class list for all planes, so the labels mean the same everywhere
@@ -462,52 +285,19 @@ def upsample_planes(
         for k, (lr, plane) in enumerate(zip(request.maps, request.planes)):
             lr = np.asarray(lr)
             grid = tuple(int(s) for s in lr.shape[-2:])
-            H, W = plane.hr_shape
-            if grid[0] > H or grid[1] > W:
-                raise ValueError(
-                    f"the map's grid {grid[0]} x {grid[1]} is finer than the image ({H} x {W}): nothing to upsample"
-                )
-            if grid == plane.lr_shape:
-                fld = plane.field
-            elif grid in plane.extra_fields:
-                fld = plane.extra_fields[grid]
-            else:
-                fld = api.fit_kernels(
-                    plane.guide,
-                    grid,
-                    steps=int(request.refit_steps),
-                    guide_smoothing=api.fitted_smoothing(plane.field),  # same fit options as the image's
-                    downsample=plane.field.options.downsample if plane.field.options else "bicubic",
-                    channel_axis=-1 if plane.guide.ndim == 3 else None,
-                    device=device,
-                    precision=request.precision,
-                    max_memory=budget,
-                    progress=_core_progress(progress, "fit", k, n),
-                    cancel=cancel,
-                ).to("cpu")
-                plane.extra_fields[grid] = fld
-            if request.labels:
-                values, _ = one_hot(lr, classes)
-            else:
-                values = lr.astype(np.float32, copy=False)
-                if values.ndim == 2:
-                    values = values[None]
-                if not np.isfinite(values).all():
-                    values = np.nan_to_num(values)
-            hr = api.render(
-                values,
-                plane.guide,
-                fld,
-                device=device,
-                precision=request.precision,
-                max_memory=budget,
-                progress=_core_progress(progress, "upsample", k, n),
-                cancel=cancel,
+            fld = plane.field if grid == plane.lr_shape else plane.extra_fields.get(grid)
+            options = PipelineOptions(
+                steps=int(request.refit_steps), device=str(device), precision=request.precision,
+                max_memory=None if request.max_memory in (None, "", "auto") else request.max_memory,
+                guide_smoothing=api.fitted_smoothing(plane.field),  # same fit options as the image's
+                fit_downsample=plane.field.options.downsample if plane.field.options else "bicubic",
             )
-            if request.labels:
-                out.append({"labels": argmax_labels(hr, classes, lr.dtype), "probabilities": hr, "classes": classes})
-            else:
-                out.append({"values": hr})
+            res = upsample_map(lr, plane.guide, fld, options, kind="labels" if request.labels else "continuous",
+                               classes=classes, progress=progress, cancel=cancel, plane=k, n_planes=n)
+            if fld is None:
+                plane.extra_fields[grid] = res["field"]
+            res.pop("field")
+            out.append(res)
     finally:
         free_device_memory(device)
     return out
