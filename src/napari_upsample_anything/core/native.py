@@ -136,6 +136,17 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _cpu_signature() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+        return platform.machine() + "".join(lines)
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "napari-upsample-anything" / "native"
@@ -150,7 +161,9 @@ def _library() -> Optional[ctypes.CDLL]:
     if cc is None:
         return None
     flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
-    key = hashlib.sha256((_SOURCE + cc + " ".join(flags)).encode()).hexdigest()[:16]
+    # -march=native: the library is only valid on this kind of CPU, so the CPU is in the key
+    # (a home directory shared between machines must not hand one CPU's build to another).
+    key = hashlib.sha256((_SOURCE + cc + " ".join(flags) + _cpu_signature()).encode()).hexdigest()[:16]
     folder = _cache_dir()
     lib_path = folder / f"fit_chunk_{key}.so"
     if not lib_path.exists():
