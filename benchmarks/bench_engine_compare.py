@@ -154,7 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--channels", type=int, default=384)
     ap.add_argument("--patch", type=int, default=14)
     ap.add_argument("--hr-pca-size", type=int, default=4096, help="0 skips the HR PCA row")
-    ap.add_argument("--hr-pca-steps", type=int, default=2, help="fit steps measured at that size (51 are extrapolated)")
+    ap.add_argument("--hr-pca-steps", type=int, default=3, help="fit steps measured at that size (51 are extrapolated)")
+    ap.add_argument("--parts", nargs="+", default=["build", "fit", "render", "upsample", "pca", "threads", "hrpca"],
+                    help="which rows to measure (default: all)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for everything but the threads row")
     ap.add_argument("--keep-caches", action="store_true", help="reuse compile caches (build times then not measured)")
@@ -166,13 +168,16 @@ def main(argv=None) -> int:
     load_before = _load()
     log = lambda *a: print(*a, flush=True)  # noqa: E731
 
+    parts = set(args.parts)
+    hp = max(1, args.hr_pca_size // args.patch) if args.hr_pca_size else 146
+    feats = np.random.default_rng(3).standard_normal((args.channels, hp, hp)).astype(np.float32)
     # ---------------------------------------------------------------- build / compile times
     _, c, w = _clock(native.available)
     rows.append(dict(what="native fit kernel: build (gcc, once per machine; cached)", new_cpu=c, new_wall=w))
     log(rows[-1])
 
     # ---------------------------------------------------------------- fit step
-    for size in args.fit_sizes:
+    for size in args.fit_sizes if "fit" in parts else []:
         paths = {p: FitStep(size, args.patch, p) for p in ("old", "eager", "native", "inductor")}
         for p, f in paths.items():  # first calls: caches filled, kernels compiled
             _, c, w = _clock(f)
@@ -189,8 +194,23 @@ def main(argv=None) -> int:
         log(rows[-3:])
         del paths
 
-    # ---------------------------------------------------------------- render
     S, C = args.render_size, args.channels
+    if "render" in parts:
+        render_rows(args, S, C, rows, notes, log)
+    if "upsample" in parts:
+        upsample_rows(args, C, rows, log)
+    if "pca" in parts:
+        pca_rows(args, C, feats, hp, rows, log)
+    if "threads" in parts:
+        thread_rows(args, rows, log)
+    if "hrpca" in parts and args.hr_pca_size:
+        hr_pca_rows(args, feats, hp, rows, log)
+    finish(args, rows, notes, load_before, argv)
+    return 0
+
+
+def render_rows(args, S, C, rows, notes, log):
+    # ---------------------------------------------------------------- render
     guide_u8 = _guide(S)
     h = S // args.patch
     gen = torch.Generator().manual_seed(1)
@@ -212,8 +232,9 @@ def main(argv=None) -> int:
         rows.append(dict(what=f"render {S}^2, C = {C}: {p}", old_cpu=t["old"][0], old_wall=t["old"][1], new_cpu=t[p][0], new_wall=t[p][1]))
     notes.append(f"render {S}^2: outputs of the three paths agree within {diff:.1e} (max abs / max abs)")
     log(rows[-2:])
-    del outs, engine
 
+
+def upsample_rows(args, C, rows, log):
     # ---------------------------------------------------------------- 224^2 full upsample
     guide_u8 = _guide(224)
     lr = np.random.default_rng(2).standard_normal((C, 16, 16)).astype(np.float32)
@@ -226,19 +247,21 @@ def main(argv=None) -> int:
                      new_cpu=t["new"][0], new_wall=t["new"][1]))
     log(rows[-1])
 
+
+def pca_rows(args, C, feats, hp, rows, log):
     # ---------------------------------------------------------------- PCA basis
     from sklearn.decomposition import PCA
 
     from napari_upsample_anything.core.pca import fit_pca
 
-    hp = max(1, args.hr_pca_size // args.patch) if args.hr_pca_size else 146
-    feats = np.random.default_rng(3).standard_normal((C, hp, hp)).astype(np.float32)
     x = feats.reshape(C, -1).T
     t = interleaved({"old": lambda: PCA(3, svd_solver="full").fit(x), "new": lambda: fit_pca(feats, 3, None)}, 2)
     rows.append(dict(what=f"PCA basis of a {hp}^2 x {C} LR map: SVD (old) vs covariance eigh", old_cpu=t["old"][0], old_wall=t["old"][1],
                      new_cpu=t["new"][0], new_wall=t["new"][1]))
     log(rows[-1])
 
+
+def thread_rows(args, rows, log):
     # ---------------------------------------------------------------- threads
     step = FitStep(224, args.patch, "native")
     step_eager = FitStep(224, args.patch, "eager")
@@ -259,23 +282,27 @@ def main(argv=None) -> int:
     log(rows[-2:])
     del step, step_eager
 
-    # ---------------------------------------------------------------- HR PCA at 4096^2
-    if args.hr_pca_size:
-        S = args.hr_pca_size
-        guide_u8 = _guide(S)
-        lr = feats
-        budget = "3GB"
-        fit_steps = args.hr_pca_steps
-        field, c_fit, w_fit = _clock(lambda: upa.fit_kernels(guide_u8, (hp, hp), steps=fit_steps, device="cpu", max_memory=budget))
-        per_step_cpu = c_fit / max(1, fit_steps)
-        per_step_wall = w_fit / max(1, fit_steps)
-        (rgb, _), c_r, w_r = _clock(lambda: upa.render_pca(lr, guide_u8, field, device="cpu", max_memory=budget))
-        rows.append(dict(what=f"{S}^2 HR PCA: fit, {fit_steps} steps measured (incl. setup)", new_cpu=c_fit, new_wall=w_fit))
-        rows.append(dict(what=f"{S}^2 HR PCA: 3-channel render + PCA", new_cpu=c_r, new_wall=w_r))
-        rows.append(dict(what=f"{S}^2 HR PCA: total with 51 steps, EXTRAPOLATED from the measured steps",
-                         new_cpu=51 * per_step_cpu + c_r, new_wall=51 * per_step_wall + w_r))
-        log(rows[-3:])
 
+def hr_pca_rows(args, feats, hp, rows, log):
+    # ---------------------------------------------------------------- HR PCA at 4096^2
+    S = args.hr_pca_size
+    guide_u8 = _guide(S)
+    budget = "4GB"  # room to keep the fit's guide-only kernel inputs across steps
+    n = max(2, args.hr_pca_steps)
+    field, c1, w1 = _clock(lambda: upa.fit_kernels(guide_u8, (hp, hp), steps=1, device="cpu", max_memory=budget))
+    field, cn, wn = _clock(lambda: upa.fit_kernels(guide_u8, (hp, hp), steps=n, device="cpu", max_memory=budget))
+    step_cpu, step_wall = (cn - c1) / (n - 1), (wn - w1) / (n - 1)
+    setup_cpu, setup_wall = c1 - step_cpu, w1 - step_wall  # guide, LR input, kernel inputs, final loss
+    (rgb, _), c_r, w_r = _clock(lambda: upa.render_pca(feats, guide_u8, field, device="cpu", max_memory=budget))
+    rows.append(dict(what=f"{S}^2 HR PCA: one fit step (from fits of 1 and {n} steps)", new_cpu=step_cpu, new_wall=step_wall))
+    rows.append(dict(what=f"{S}^2 HR PCA: fit setup + final loss", new_cpu=setup_cpu, new_wall=setup_wall))
+    rows.append(dict(what=f"{S}^2 HR PCA: 3-channel render + PCA", new_cpu=c_r, new_wall=w_r))
+    rows.append(dict(what=f"{S}^2 HR PCA: total with 51 steps, EXTRAPOLATED (setup + 51 x step + render)",
+                     new_cpu=setup_cpu + 51 * step_cpu + c_r, new_wall=setup_wall + 51 * step_wall + w_r))
+    log(rows[-4:])
+
+
+def finish(args, rows, notes, load_before, argv):
     load_after = _load()
     env = (f"CPU: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} torch thread(s) unless noted; "
            f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; load average (1/5/15 min) "
@@ -290,7 +317,6 @@ def main(argv=None) -> int:
         tmp = Path(args.json).with_suffix(".tmp")
         tmp.write_text(json.dumps(dict(rows=rows, notes=notes, environment=env), indent=1))
         os.replace(tmp, args.json)
-    return 0
 
 
 def _cpu_name() -> str:

@@ -142,22 +142,20 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _cpu_signature() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+        return platform.machine() + "".join(lines)
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "napari-upsample-anything" / "native"
-
-
-def _cpu_identity() -> str:
-    """This CPU's model and feature flags (Linux: /proc/cpuinfo), for the library's cache key."""
-    import platform
-
-    ident = platform.machine() + platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            ident += "".join(line for line in f.read().splitlines(True)[:40] if line.startswith(("model name", "flags")))
-    except OSError:
-        pass
-    return ident
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,7 +168,9 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     compile_flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
     link_flags = ["-shared", "-fopenmp"]  # no -ffast-math here: see the module docstring
-    identity = _SOURCE + cc + " ".join(compile_flags + link_flags) + _cpu_identity()
+    # -march=native: the library is only valid on this kind of CPU, so the CPU is in the key
+    # (a home directory shared between machines must not hand one CPU's build to another).
+    identity = _SOURCE + cc + " ".join(compile_flags + link_flags) + _cpu_signature()
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     folder = _cache_dir()
     lib_path = folder / f"fit_chunk_{key}.so"
