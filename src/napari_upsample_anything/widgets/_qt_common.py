@@ -9,8 +9,8 @@ import time
 import weakref
 from typing import Any, Callable, List, Optional, Sequence
 
-from qtpy.QtCore import QEvent, QObject, QThreadPool, QTimer, Signal
-from qtpy.QtWidgets import QApplication, QComboBox, QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtCore import QEvent, QObject, Qt, QThreadPool, QTimer, Signal
+from qtpy.QtWidgets import QApplication, QComboBox, QFrame, QLabel, QLayout, QScrollArea, QVBoxLayout, QWidget
 
 from ._frame import layer_kind
 from ._pipeline import (
@@ -131,6 +131,29 @@ class PluginWidget(QWidget):
         app = QApplication.instance()
         if app is not None:
             app.aboutToQuit.connect(self._cleanup_once)
+
+    #: Combo boxes are at least this many characters wide, and no wider by themselves (long item texts are elided).
+    COMBO_CHARS = 14
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        if not getattr(self, "_fitted_width", False):
+            self._fitted_width = True
+            self.fit_width()
+        super().showEvent(event)
+
+    def fit_width(self) -> None:
+        """Scroll vertically only: the dock is as wide as the fields need (combo boxes kept compact)."""
+        for combo in self.body.findChildren(QComboBox):
+            if combo.sizeAdjustPolicy() != QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon:
+                combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+                combo.setMinimumContentsLength(self.COMBO_CHARS)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        layout = self.body.layout()
+        if layout is not None:  # never squeeze the fields: scroll instead
+            layout.setSizeConstraint(QLayout.SizeConstraint.SetMinimumSize)
+            layout.activate()
+        bar = max(self.scroll.verticalScrollBar().sizeHint().width(), 16)
+        self.scroll.setMinimumWidth(self.body.minimumSizeHint().width() + bar + 4)
 
     def watch_viewer(self, viewer) -> None:
         """Clean up when ``viewer``'s window closes (see :class:`_WindowCloseWatcher`)."""
