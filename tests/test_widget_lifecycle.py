@@ -39,7 +39,9 @@ from qtpy.QtWidgets import QApplication
 args = json.loads(sys.argv[1])
 viewer = napari.Viewer(show=True)
 rng = np.random.default_rng(0)
-viewer.add_image((rng.random((112, 126, 3)) * 255).astype(np.uint8), name="img")
+# the last stages of a run must last long enough to be caught: a larger image for them
+shape = (308, 336, 3) if args.get("stage") in ("render", "upsample") else (112, 126, 3)
+viewer.add_image((rng.random(shape) * 255).astype(np.uint8), name="img")
 app = QApplication.instance()
 
 

@@ -44,7 +44,16 @@ from ._pipeline import (
     UpsampleRequest,
     upsample_planes,
 )
-from ._qt_common import LayerPicker, ResultPicker, Runner, RunWidget, default_threads, gui_error_message
+from ._qt_common import (
+    BackgroundTask,
+    LayerPicker,
+    ResultPicker,
+    Runner,
+    RunWidget,
+    call_with_threads,
+    default_threads,
+    gui_error_message,
+)
 from ._registry import FitResult, get_state, put_layer, unwrap_viewer
 
 MAX_CHANNELS = 4096
@@ -172,6 +181,8 @@ class UpsampleLayerWidget(RunWidget):
         self._pending: Optional[dict] = None
         self.outputs: dict = {}
         self._status_kind, self._status_layer = "hint", None
+        self._rates_task = BackgroundTask(self)  # measures this machine when a refit's cost is to be told
+        self._rates_task.done.connect(self._update_info)
         self._build()
 
     def _build(self) -> None:
@@ -242,7 +253,6 @@ class UpsampleLayerWidget(RunWidget):
         if not self._needs_refit(layer, result):
             return 0.0
         from ._estimate import cached_rates, estimate_fit, measure_rates
-        from ._qt_common import call_with_threads
 
         device, precision = self.device_combo.currentText(), result.pipeline.config.precision
         threads = int(self.threads_spin.value())
@@ -280,7 +290,11 @@ class UpsampleLayerWidget(RunWidget):
             seconds = self.refit_seconds(layer, result)
             from ._estimate import format_seconds
 
-            cost = f" (about {format_seconds(seconds)})" if seconds is not None else ""
+            if seconds is None and not self._rates_task.running:  # measure in the background, then update this line
+                device, precision = self.device_combo.currentText(), result.pipeline.config.precision
+                threads = int(self.threads_spin.value())
+                self._rates_task.start(_measure, device, precision, threads)
+            cost = f" (about {format_seconds(seconds)})" if seconds is not None else " (estimating the time…)"
             refit = f"; kernels will be fitted for this grid first{cost}"
         self.info_label.setText(f"{what}, {h} x {w} -> {H} x {W}{refit}")
 
@@ -406,5 +420,12 @@ class UpsampleLayerWidget(RunWidget):
                 self.outputs["values"] = layer
 
     def cleanup(self) -> None:
+        self._rates_task.shutdown(timeout=60.0)
         self.runner.shutdown()
+
+
+def _measure(device, precision, threads, cancel=None):
+    from ._estimate import measure_rates
+
+    return call_with_threads(threads, measure_rates, device, precision, threads, cancel)
 
