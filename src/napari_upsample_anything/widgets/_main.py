@@ -496,6 +496,8 @@ class UpsampleAnythingWidget(RunWidget):
         }
         self._estimate_timer.stop()
         self._estimator.cancel()  # a measurement now would compete with the run for the CPU
+        if self.estimate is None:  # the cancelled one will not arrive; a new one follows the run
+            self.estimate_label.setText("")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self._set_status(f"starting on '{layer.name}' ({frame.describe()})…", "running")
