@@ -12,7 +12,7 @@ LR grid: the published 14-pixel cells) with the run's device, precision and thre
 * renders of 3 and 48 channels -> seconds per HR pixel, and per HR pixel and channel;
 * a matrix product shaped like a ViT block's MLP -> the backbone's multiply-adds per second.
 
-The rates are cached per (device, precision, threads). :func:`estimate_run` scales them to
+The rates are cached per (device, precision, threads) for five minutes (the load changes). :func:`estimate_run` scales them to
 the run: the fit and render costs grow with the number of HR pixels (the kernel radius is
 fixed in HR pixels, so the work per pixel does not depend on the image size), the backbone
 with its multiply-adds (``2 x parameters x tokens``). Memory: the arrays a run keeps (guide,
@@ -41,6 +41,8 @@ BACKBONE_PARAMS = {"s": 22e6, "b": 86e6, "l": 304e6, "g": 1.1e9}
 BACKBONE_DIMS = {"s": 384, "b": 768, "l": 1024, "g": 1536}
 PATCH = 14
 CROP_CELLS = 8  # the measurement crop is CROP_CELLS x CROP_CELLS LR cells of PATCH pixels
+#: A measurement older than this (seconds) is repeated: the machine's load changes.
+RATES_MAX_AGE = 300.0
 
 _RATES: Dict[tuple, "Rates"] = {}
 _LOCK = threading.Lock()
@@ -58,6 +60,7 @@ class Rates:
     fit_planned_per_px: float  # planned working bytes of the fit per HR pixel (memory planner)
     render_planned_per_px_channel: float  # planned working bytes of a render per HR pixel and channel
     measured_in: float  # seconds the measurement took
+    measured_at: float = 0.0  # time.monotonic() when measured
 
 
 @dataclass
@@ -142,8 +145,9 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
     dev = resolve_device(device)
     key = (str(dev), precision, int(threads))
     with _LOCK:
-        if key in _RATES:
-            return _RATES[key]
+        cached = _RATES.get(key)
+        if cached is not None and time.monotonic() - cached.measured_at < RATES_MAX_AGE:
+            return cached
     t_start = time.perf_counter()
     n = CROP_CELLS * PATCH
     guide = _crop_guide(n)
@@ -197,6 +201,7 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
         fit_planned_per_px=float(log.peak_planned_bytes) / px,
         render_planned_per_px_channel=float(rlog.peak_planned_bytes) / px / 48.0,
         measured_in=time.perf_counter() - t_start,
+        measured_at=time.monotonic(),
     )
     with _LOCK:
         _RATES[key] = rates
@@ -217,7 +222,8 @@ def cached_rates(device: str, precision: str, threads: int) -> Optional[Rates]:
     except (ValueError, TypeError, RuntimeError):
         return None
     with _LOCK:
-        return _RATES.get(key)
+        cached = _RATES.get(key)
+    return cached if cached is not None and time.monotonic() - cached.measured_at < RATES_MAX_AGE else None
 
 
 def clear_rates() -> None:
