@@ -202,6 +202,7 @@ def test_estimate_before_a_run_is_within_a_factor_of_two(make_napari_viewer, qtb
     out = _run(qtbot, w)
     assert out.status == "done"
     ratio = est.total_seconds / out.seconds
+    print(f"estimate {est.total_seconds:.2f} s ({est.text()}), measured run {out.seconds:.2f} s, ratio {ratio:.2f}")
     assert 0.5 <= ratio <= 2.0, f"estimate {est.total_seconds:.2f} s, run {out.seconds:.2f} s, {est.seconds}"
 
     # the estimate follows the options (debounced)
