@@ -55,6 +55,7 @@ Attention is global inside a window only, so a windowed map is not the single-pa
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -485,6 +486,29 @@ def _check_one_patch(image_shape: Tuple[int, int], patch: Optional[Tuple[int, in
         )
 
 
+@contextlib.contextmanager
+def _cancel_between_blocks(model: torch.nn.Module, cancel: Optional[CancelFn]) -> Iterator[None]:
+    """Poll ``cancel`` before every transformer block of ``model`` while the context is open.
+
+    One window of a large backbone takes seconds to minutes on a CPU; polling between windows
+    only made a cancel wait for the whole window. The hooks are removed on exit (the model is
+    cached and shared by later calls, which bring their own ``cancel``).
+    """
+    if cancel is None:
+        yield
+        return
+
+    def check(_module, _inputs) -> None:
+        check_cancel(cancel, "feature extraction")
+
+    hooks = [block.register_forward_pre_hook(check) for block in getattr(model, "blocks", ())]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def extract_features(
     image: ImageLike,
     backbone: "str | Backbone | torch.nn.Module" = "dinov2_vits14",
@@ -631,7 +655,7 @@ def extract_features(
     for k, (i0, i1, j0, j1) in enumerate(windows):
         check_cancel(cancel, "feature extraction")
         crop = x[:, :, i0 * ph : i1 * ph, j0 * pw : j1 * pw].to(dev)
-        with torch.inference_mode():
+        with torch.inference_mode(), _cancel_between_blocks(bb.model, cancel):
             out = bb.model.forward_intermediates(
                 crop,
                 indices=[idx],

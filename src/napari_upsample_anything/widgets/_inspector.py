@@ -74,6 +74,8 @@ STYLE_LABELS = {
     "raster": "raster image",
 }
 COLORMAPS = {"theta": "twilight", "anisotropy": "plasma"}
+#: The default stride draws at most about this many kernels (more is an unreadable tangle).
+DEFAULT_DRAWN_KERNELS = 1000
 
 
 class KernelInspectorWidget(PluginWidget):
@@ -83,6 +85,7 @@ class KernelInspectorWidget(PluginWidget):
         super().__init__(parent)
         self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
         self.state = get_state(napari_viewer)
+        self.watch_viewer(napari_viewer)
         self.last_weights: Optional[np.ndarray] = None
         self.last_pixel = None
         self.last_cells: Optional[np.ndarray] = None
@@ -90,7 +93,7 @@ class KernelInspectorWidget(PluginWidget):
         self._build()
 
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         form = QFormLayout()
         layout.addLayout(form)
         self.result_picker = ResultPicker(self.viewer)
@@ -114,7 +117,10 @@ class KernelInspectorWidget(PluginWidget):
         self.stride_spin = QSpinBox()
         self.stride_spin.setRange(1, 256)
         self.stride_spin.setValue(1)
-        self.stride_spin.setToolTip("Draw every n-th kernel along each axis")
+        self.stride_spin.setToolTip(
+            f"Draw every n-th kernel along each axis (set for at most about {DEFAULT_DRAWN_KERNELS} kernels "
+            "when a fitted image is chosen)"
+        )
         kform.addRow("Stride", self.stride_spin)
         self.draw_button = QPushButton("Draw kernels")
         self.draw_button.clicked.connect(self.draw_kernels)
@@ -143,6 +149,19 @@ class KernelInspectorWidget(PluginWidget):
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
         layout.addStretch(1)
+        self._stride_for = None
+        self.result_picker.currentIndexChanged.connect(self._default_stride)
+        self._default_stride()
+
+    def _default_stride(self, *_args) -> None:
+        """A new fitted image: the stride that draws at most about :data:`DEFAULT_DRAWN_KERNELS` kernels."""
+        result = self.result_picker.result()
+        key = result.key if result is not None else None
+        if key == self._stride_for:
+            return
+        self._stride_for = key
+        if result is not None:
+            self.stride_spin.setValue(kernel_stride(result.planes, DEFAULT_DRAWN_KERNELS))
 
     # ------------------------------------------------------------------ helpers
     def _result(self) -> Optional[FitResult]:

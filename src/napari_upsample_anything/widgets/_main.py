@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -53,7 +54,18 @@ from ._pipeline import (
     save_hr_features,
     save_kernels,
 )
-from ._qt_common import LayerPicker, Runner, RunWidget, release_memory, torch_loaded
+from ._qt_common import (
+    SHUTDOWN_TIMEOUT,
+    BackgroundTask,
+    LayerPicker,
+    Runner,
+    RunWidget,
+    call_with_threads,
+    default_threads,
+    gui_error_message,
+    release_memory,
+    torch_loaded,
+)
 from ._registry import FitResult, get_state, put_layer, result_label, unwrap_viewer
 
 #: Short backbone names offered in the combo box (any timm ViT name can be typed).
@@ -76,6 +88,8 @@ HR_FEATURE_CHOICES = (
 )
 #: Kernels drawn in the default ``<name> kernels`` layer (a stride keeps it under this).
 DEFAULT_KERNEL_LIMIT = 50_000
+#: Milliseconds without an option change before the cost estimate is recomputed.
+ESTIMATE_DEBOUNCE_MS = 600
 
 
 def add_result_layers(viewer, result: FitResult) -> None:
@@ -126,18 +140,21 @@ class UpsampleAnythingWidget(RunWidget):
         super().__init__(parent)
         self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
         self.state = get_state(napari_viewer)
+        self.watch_viewer(napari_viewer)
         self.runner = Runner(napari_viewer, "Upsample Anything", self)
         self.runner.progressed.connect(self._on_progress)
         self.runner.finished.connect(self._on_finished)
+        self.runner.finished.connect(self._after_run)
         self._pending: Optional[dict] = None
         self.result: Optional[FitResult] = None  # the latest result of this widget
-        self._probe = None
+        self._probe: Optional[BackgroundTask] = None
+        self._status_kind, self._status_layer = "hint", None
         self._build()
         self._probe_devices()
 
     # ------------------------------------------------------------------ UI
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         form = QFormLayout()
         layout.addLayout(form)
 
@@ -212,6 +229,14 @@ class UpsampleAnythingWidget(RunWidget):
         self.memory_edit.setPlaceholderText("auto  (e.g. 2GB, 512MiB)")
         self.memory_edit.setToolTip("Working-memory budget; auto = 60% of free GPU memory, or 40% of RAM (max 8 GiB) on CPU")
         form.addRow("Memory budget", self.memory_edit)
+        self.threads_spin = QSpinBox()
+        self.threads_spin.setRange(1, 256)
+        self.threads_spin.setValue(default_threads())
+        self.threads_spin.setToolTip(
+            "CPU threads torch uses for this run (default: half the cores). More threads than free cores "
+            "make a run much slower on a busy machine (see the user guide)"
+        )
+        form.addRow("Threads", self.threads_spin)
 
         self.random_check = QCheckBox("Random weights (testing only)")
         self.random_check.setToolTip("A randomly initialised backbone: runs offline, but the features and PCA colours are meaningless")
@@ -241,7 +266,14 @@ class UpsampleAnythingWidget(RunWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         layout.addLayout(buttons)
-        self.status = QLabel("Pick an image layer and press Run.")
+        self.estimate_label = QLabel("")
+        self.estimate_label.setWordWrap(True)
+        self.estimate_label.setToolTip(
+            "Estimated from a quick measurement of the fit and render on a small crop on this machine "
+            "(device, precision and threads as set), scaled to the image; model loading not included"
+        )
+        layout.addWidget(self.estimate_label)
+        self.status = QLabel("")
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
         saves = QHBoxLayout()
@@ -255,8 +287,24 @@ class UpsampleAnythingWidget(RunWidget):
         layout.addLayout(saves)
         layout.addStretch(1)
 
-        self.layer_picker.currentIndexChanged.connect(self._on_layer_changed)
+        self.layer_picker.layer_changed.connect(self._on_layer_changed)
+        self.layer_picker.layers_changed.connect(self._update_status)
         self.channel_combo.currentIndexChanged.connect(self._update_layer_info)
+        self._estimate_timer = QTimer(self)
+        self._estimate_timer.setSingleShot(True)
+        self._estimate_timer.setInterval(ESTIMATE_DEBOUNCE_MS)
+        self._estimate_timer.timeout.connect(self.update_estimate)
+        self._estimator = BackgroundTask(self)
+        self._estimator.done.connect(self._show_estimate)
+        self._estimator.failed.connect(self._estimate_failed)
+        self.estimate = None  # the latest CostEstimate shown
+        for signal in (
+            self.channel_combo.currentIndexChanged, self.slices_combo.currentIndexChanged,
+            self.backbone_combo.currentTextChanged, self.input_spin.valueChanged, self.steps_spin.valueChanged,
+            self.device_combo.currentTextChanged, self.precision_combo.currentTextChanged,
+            self.memory_edit.textChanged, self.threads_spin.valueChanged, self.hr_combo.currentIndexChanged,
+        ):
+            signal.connect(self._schedule_estimate)
         self._on_layer_changed()
 
     # ------------------------------------------------------------------ layer choice
@@ -272,9 +320,11 @@ class UpsampleAnythingWidget(RunWidget):
         self.channel_combo.setEnabled(self.channel_combo.count() > 1)
         self.channel_combo.blockSignals(False)
         self._update_layer_info()
+        self._schedule_estimate()
 
     def _update_layer_info(self, *_args) -> None:
         layer = self.layer_picker.layer()
+        self._update_status()
         if layer is None:
             self.layer_info.setText("no image layer (File > Open Sample > Upsample Anything)")
             self.slices_combo.setEnabled(False)
@@ -288,6 +338,86 @@ class UpsampleAnythingWidget(RunWidget):
         self.layer_info.setText(frame.describe())
         self.slices_combo.setEnabled(frame.is_stack)
 
+    # ------------------------------------------------------------------ status and estimate
+    def _update_status(self, *_args) -> None:
+        """The idle status line, derived from the current choice (a run's own messages stay until the choice changes)."""
+        if self.runner.running or self._cleaned:
+            return
+        if self._status_kind in ("done", "message") and self.layer_picker.layer() is self._status_layer:
+            return
+        layer = self.layer_picker.layer()
+        if layer is None:
+            text = "No image layer: open an image (or File > Open Sample > Upsample Anything)."
+        elif layer_kind(layer) != "image":
+            text = f"'{layer.name}' is a {layer_kind(layer).capitalize()} layer: pick an Image layer to fit on."
+        else:
+            text = f"Ready: Run fits '{layer.name}'."
+        self.status.setText(text)
+        self.status.setToolTip("")
+        self._status_kind, self._status_layer = "hint", layer
+
+    def _set_status(self, text: str, kind: str = "message") -> None:
+        self.status.setText(text)
+        self._status_kind, self._status_layer = kind, self.layer_picker.layer()
+
+    def _after_run(self, outcome: Outcome) -> None:
+        if self._cleaned:
+            return
+        if outcome.status != "done":
+            self._status_kind, self._status_layer = "message", self.layer_picker.layer()
+        self._schedule_estimate()
+
+    def _schedule_estimate(self, *_args) -> None:
+        if not self._cleaned:
+            self._estimate_timer.start()
+
+    def _planned_run(self):
+        """``(hr_shape, n_planes, config)`` of the run the fields describe, or None when it cannot start."""
+        layer = self.layer_picker.layer()
+        if layer is None:
+            return None
+        try:
+            frame = Frame.from_layer(
+                layer,
+                channel_axis=self.channel_combo.currentData(),
+                mode=self.slices_combo.currentData() or "current",
+                current=self.viewer.dims.point,
+            )
+            config = self.config()
+            config.validate()
+        except (SelectionError, ValueError, TypeError, FileNotFoundError):
+            return None
+        return frame.plane_shape, len(frame.indices), config
+
+    def update_estimate(self) -> None:
+        """Recompute the cost estimate in the background (the measurement is cached per device/threads)."""
+        if self._cleaned:
+            return
+        if self.runner.running:  # a measurement now would compete with the run (and its thread setting)
+            return
+        planned = self._planned_run()
+        if planned is None:
+            self.estimate_label.setText("")
+            self.estimate = None
+            return
+        hr_shape, n_planes, config = planned
+        threads = int(self.threads_spin.value())
+        if self.estimate is None:
+            self.estimate_label.setText("estimating the cost on this machine…")
+        self._estimator.start(_estimate, hr_shape, n_planes, config, threads)
+
+    def _show_estimate(self, estimate) -> None:
+        if self._cleaned:
+            return
+        self.estimate = estimate
+        self.estimate_label.setText(f"Estimate: {estimate.text()}")
+
+    def _estimate_failed(self, exc) -> None:
+        if self._cleaned:
+            return
+        self.estimate = None
+        self.estimate_label.setText(f"no estimate: {gui_error_message(exc)}")
+
     def _browse_weights(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
             self, "Backbone weights", "", "Weights (*.safetensors *.pth *.pt *.bin *.ckpt);;All files (*)"
@@ -298,18 +428,9 @@ class UpsampleAnythingWidget(RunWidget):
 
     def _probe_devices(self) -> None:
         """List CUDA / MPS devices in the background (this imports torch off the GUI thread)."""
-        from napari.qt.threading import create_worker
-
-        from ._pipeline import available_devices
-
-        worker = create_worker(available_devices, _start_thread=False)
-        worker.returned.connect(self._set_devices)
-        worker.finished.connect(self._probe_done)
-        self._probe = worker
-        worker.start()
-
-    def _probe_done(self) -> None:
-        self._probe = None
+        self._probe = BackgroundTask(self)
+        self._probe.done.connect(self._set_devices)
+        self._probe.start(_list_devices)
 
     def _set_devices(self, devices) -> None:
         current = self.device_combo.currentText()
@@ -362,7 +483,8 @@ class UpsampleAnythingWidget(RunWidget):
             config = self.config()
             config.validate()
         except (SelectionError, ValueError, FileNotFoundError) as exc:
-            self._message("error", str(exc), self.status)
+            self._message("error", gui_error_message(exc), self.status)
+            self._status_kind, self._status_layer = "error", layer
             return False
         data = full_res_data(layer)
         planes = [(idx, functools.partial(_plane_copy, frame, data, idx)) for idx in frame.indices]
@@ -372,9 +494,13 @@ class UpsampleAnythingWidget(RunWidget):
             "source_id": str(layer.unique_id),
             "config": config,
         }
+        self._estimate_timer.stop()
+        self._estimator.cancel()  # a measurement now would compete with the run for the CPU
+        if self.estimate is None:  # the cancelled one will not arrive; a new one follows the run
+            self.estimate_label.setText("")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.status.setText(f"starting on '{layer.name}' ({frame.describe()})…")
+        self._set_status(f"starting on '{layer.name}' ({frame.describe()})…", "running")
         self.runner.start(
             _run_planes,
             planes,
@@ -382,6 +508,7 @@ class UpsampleAnythingWidget(RunWidget):
             channel_axis=frame.feature_channel_axis,
             device=config.device,
             budget=config.budget,
+            threads=int(self.threads_spin.value()),
             desc=f"Upsample Anything: {layer.name}",
         )
         return True
@@ -412,11 +539,12 @@ class UpsampleAnythingWidget(RunWidget):
         p0 = pipeline.planes[0]
         psnr = p0.field.meta.get("psnr")
         random = " — random weights: the PCA colours are meaningless" if pipeline.weights_source == "random-init" else ""
-        self.status.setText(
+        self._set_status(
             f"done in {outcome.seconds:.1f} s: {len(pipeline.planes)} plane(s), LR {p0.lr_shape[0]} x {p0.lr_shape[1]}"
             f" -> HR {p0.hr_shape[0]} x {p0.hr_shape[1]}, {p0.features.shape[0]} channels"
             + (f", fit PSNR {psnr:.1f} dB" if psnr is not None else "")
-            + random
+            + random,
+            "done",
         )
         self.save_features_button.setEnabled(p0.hr_features is not None)
         self.save_kernels_button.setEnabled(True)
@@ -460,6 +588,10 @@ class UpsampleAnythingWidget(RunWidget):
     # ------------------------------------------------------------------ cleanup
     def cleanup(self) -> None:
         """Stop the computation (within one step), drop cached models, free device memory."""
+        if self._probe is not None:  # its thread touches no Qt object: no need to wait for torch's import
+            self._probe.shutdown()
+        self._estimate_timer.stop()
+        self._estimator.shutdown(timeout=SHUTDOWN_TIMEOUT)
         self.runner.shutdown()
         if torch_loaded():
             try:
@@ -470,6 +602,27 @@ class UpsampleAnythingWidget(RunWidget):
                 pass
         release_memory()
 
+
+
+def _estimate(hr_shape, n_planes, config, threads, cancel=None):
+    """The :class:`._estimate.CostEstimate` of a run (measuring this machine first when needed)."""
+    from ..core.units import parse_bytes
+    from ._estimate import estimate_run, measure_rates
+    from ._pipeline import AUTO_IN_MEMORY_BYTES
+
+    rates = call_with_threads(threads, measure_rates, config.device, config.precision, threads, cancel)
+    budget = parse_bytes(config.budget, "memory budget") if config.budget else None
+    return estimate_run(
+        rates, hr_shape, n_planes=n_planes, backbone=config.backbone, input_size=config.input_size,
+        steps=config.steps, hr_features=config.hr_features, budget_bytes=budget,
+        auto_in_memory_bytes=AUTO_IN_MEMORY_BYTES, threads=threads,
+    )
+
+
+def _list_devices(cancel=None):
+    from ._pipeline import available_devices
+
+    return available_devices()
 
 
 def _plane_copy(frame: Frame, data, index):

@@ -32,8 +32,7 @@ import os
 import sys
 import time
 import weakref
-from collections import deque
-from typing import Deque, Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from qtpy.QtCore import QPointF, QRectF, Qt, QTimer
@@ -58,7 +57,7 @@ from ._registry import FitResult, get_state, put_layer, remove_own_layer, unwrap
 MIB = 2.0**20
 RUN_INTERVAL_MS = 200
 IDLE_INTERVAL_MS = 1000
-HISTORY = 3000  # samples kept for the plot (10 minutes at 5 per second)
+HISTORY = 3000  # samples kept for the plot; a longer run is kept whole, at half the time resolution each time it fills up
 OVERLAY_INTERVAL_S = 1.0  # each overlay change redraws the canvas: at most once a second
 STAGES = ("all", "fit", "render")
 VALUES = ("auto", "measured", "planned")
@@ -183,12 +182,22 @@ def memory_summary(result: FitResult) -> str:
 
 
 # ---------------------------------------------------------------------------------- plot
+def downsample_samples(samples: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """Halve a ``(time, value)`` history: pairs merge into their larger value (peaks survive), at the later time.
+
+    The first sample is kept as it is, so the plot still starts where the run started.
+    """
+    head, rest = samples[:1], samples[1:]
+    merged = [max(rest[k : k + 2], key=lambda s: s[1]) for k in range(0, len(rest), 2)]
+    return head + [(rest[min(k + 1, len(rest) - 1)][0], v) for k, (_, v) in zip(range(0, len(rest), 2), merged)]
+
+
 class Sparkline(QWidget):
     """A small line plot of memory over time (QPainter; no plotting library needed)."""
 
     def __init__(self, parent: Optional[QWidget] = None):
         super().__init__(parent)
-        self.samples: Deque[Tuple[float, float]] = deque(maxlen=HISTORY)
+        self.samples: List[Tuple[float, float]] = []
         self.peak: float = 0.0
         self.budget: Optional[float] = None
         self.setMinimumHeight(90)
@@ -201,6 +210,8 @@ class Sparkline(QWidget):
 
     def add(self, t: float, value: float) -> None:
         self.samples.append((t, float(value)))
+        if len(self.samples) > HISTORY:
+            self.samples = downsample_samples(self.samples)
         self.peak = max(self.peak, float(value))
         self.update()
 
@@ -260,6 +271,7 @@ class MemoryMonitorWidget(PluginWidget):
         super().__init__(parent)
         self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
         self.state = get_state(napari_viewer)
+        self.watch_viewer(napari_viewer)
         self.device = "cpu"
         self.last: Dict[str, Optional[int]] = {}
         self.peak = 0
@@ -279,7 +291,7 @@ class MemoryMonitorWidget(PluginWidget):
         self.poll()
 
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         live = QGroupBox("Live memory")
         form = QFormLayout(live)
         self.device_label = QLabel("cpu")

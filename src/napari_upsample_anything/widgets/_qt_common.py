@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 import time
 import weakref
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
-from qtpy.QtCore import QEvent, QObject, Signal
-from qtpy.QtWidgets import QComboBox, QLabel, QWidget
+from qtpy.QtCore import QEvent, QObject, Qt, QThreadPool, QTimer, Signal
+from qtpy.QtWidgets import QApplication, QComboBox, QFrame, QLabel, QLayout, QScrollArea, QVBoxLayout, QWidget
 
 from ._frame import layer_kind
 from ._pipeline import (
@@ -27,6 +28,34 @@ SHUTDOWN_TIMEOUT = 60.0
 
 
 # ---------------------------------------------------------------------------------- messages
+#: API argument names in error messages, and the widget fields that set them.
+GUI_FIELDS = {
+    "max_memory": "Memory budget",
+    "input_size": "Input size",
+    "guide_smoothing": "Guide smoothing",
+    "fit_downsample": "Fit input",
+    "hr_features": "HR features",
+    "channel_axis": "Channel axis",
+}
+_FIELD_PATTERN = None
+
+
+def gui_error_message(exc: BaseException) -> str:
+    """:func:`._pipeline.error_message` with API argument names replaced by the widget fields' names.
+
+    ``max_memory=1024: ... raise max_memory or lower input_size`` reads
+    ``'Memory budget'=1024: ... raise 'Memory budget' or lower 'Input size'`` in the GUI.
+    """
+    import re
+
+    global _FIELD_PATTERN
+    if _FIELD_PATTERN is None:
+        names = sorted(GUI_FIELDS, key=len, reverse=True)
+        _FIELD_PATTERN = re.compile(r"(?<![\w'])(" + "|".join(re.escape(n) for n in names) + r")(?![\w'])")
+    text = error_message(exc)
+    return _FIELD_PATTERN.sub(lambda m: f"'{GUI_FIELDS[m.group(1)]}'", text)
+
+
 def notify(severity: str, message: str) -> None:
     """A napari notification (``"error"``, ``"warning"`` or ``"info"``); never a traceback."""
     from napari.utils.notifications import show_error, show_info, show_warning
@@ -34,21 +63,104 @@ def notify(severity: str, message: str) -> None:
     {"error": show_error, "warning": show_warning}.get(severity, show_info)(message)
 
 
+class _WindowCloseWatcher(QObject):
+    """Runs a widget's cleanup when the napari window it lives in closes.
+
+    napari closes its main window without closing the dock widgets in it; a computation
+    still running in a worker thread then outlives the Qt objects it reports to, and the
+    process aborts at exit. A programmatic close (``viewer.close()``) is never refused, so
+    cleanup runs at once; a close from the window's own button may still be refused by
+    napari's confirmation dialog, so cleanup then waits until the window is really hidden.
+    """
+
+    def __init__(self, widget: "PluginWidget"):
+        super().__init__(widget)
+        self._widget_ref = weakref.ref(widget)
+        self._closing = False
+
+    def eventFilter(self, obj, ev) -> bool:  # noqa: N802 - Qt API
+        kind = ev.type()
+        if kind == QEvent.Type.Close:
+            if ev.spontaneous():
+                self._closing = True
+            else:
+                self._fire()
+        elif kind == QEvent.Type.Hide and self._closing:
+            self._fire()
+        elif kind == QEvent.Type.Show:
+            self._closing = False
+        return False
+
+    def _fire(self) -> None:
+        self._closing = False
+        widget = self._widget_ref()
+        if widget is not None:
+            widget._cleanup_once()
+
+
 class PluginWidget(QWidget):
-    """Base of the dock widgets: messages, and cleanup however the widget goes away.
+    """Base of the dock widgets: messages, a scrolling body, and cleanup however the widget goes away.
+
+    Subclasses put their fields into :attr:`body`, a widget inside a :class:`QScrollArea`, so
+    that several widgets docked on a small screen each scroll instead of being clipped.
 
     :meth:`cleanup` (stop computations, timers, mouse callbacks; free memory) runs once when
     the widget is closed, **or** when napari's dock "x" button removes it: napari then only
-    detaches the widget from its dock (``setParent(None)``), without closing or deleting it.
+    detaches the widget from its dock (``setParent(None)``), without closing or deleting it,
+    **or** when the napari window closes (:meth:`watch_viewer`), **or** when the application quits.
     """
 
     last_message: str = ""
     last_severity: str = ""
+    #: The scroll area never shrinks below this height (px): a docked widget always shows a few rows.
+    MIN_VISIBLE_HEIGHT = 120
 
     def __init__(self, parent: Optional[QWidget] = None):
         super().__init__(parent)
         self._docked = False
         self._cleaned = False
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        self.scroll = QScrollArea(self)
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setMinimumHeight(self.MIN_VISIBLE_HEIGHT)
+        self.body = QWidget()
+        self.scroll.setWidget(self.body)
+        outer.addWidget(self.scroll)
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self._cleanup_once)
+
+    #: Combo boxes are at least this many characters wide, and no wider by themselves (long item texts are elided).
+    COMBO_CHARS = 14
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        if not getattr(self, "_fitted_width", False):
+            self._fitted_width = True
+            self.fit_width()
+        super().showEvent(event)
+
+    def fit_width(self) -> None:
+        """Scroll vertically only: the dock is as wide as the fields need (combo boxes kept compact)."""
+        for combo in self.body.findChildren(QComboBox):
+            if combo.sizeAdjustPolicy() != QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon:
+                combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+                combo.setMinimumContentsLength(self.COMBO_CHARS)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        layout = self.body.layout()
+        if layout is not None:  # never squeeze the fields: scroll instead
+            layout.setSizeConstraint(QLayout.SizeConstraint.SetMinimumSize)
+            layout.activate()
+        bar = max(self.scroll.verticalScrollBar().sizeHint().width(), 16)
+        self.scroll.setMinimumWidth(self.body.minimumSizeHint().width() + bar + 4)
+
+    def watch_viewer(self, viewer) -> None:
+        """Clean up when ``viewer``'s window closes (see :class:`_WindowCloseWatcher`)."""
+        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            self._close_watcher = _WindowCloseWatcher(self)
+            window.installEventFilter(self._close_watcher)
 
     def _message(self, severity: str, message: str, label: Optional[QLabel] = None) -> None:
         """Show ``message`` as a napari notification (and its first line in ``label``)."""
@@ -102,7 +214,8 @@ class RunWidget(PluginWidget):
             self.status.setText("cancelling (stops before the next step)…")
 
     def _on_progress(self, event: Progress) -> None:
-        self.status.setText(event.text())
+        if not self._cleaned:
+            self.status.setText(event.text())
 
     def _on_finished(self, outcome: Outcome) -> None:
         self.run_button.setEnabled(True)
@@ -114,7 +227,7 @@ class RunWidget(PluginWidget):
             self._message("info", self.cancelled_text, self.status)
             return
         if outcome.status == "error":
-            self._message("error", error_message(outcome.error), self.status)
+            self._message("error", gui_error_message(outcome.error), self.status)
             return
         if pending is None:  # pragma: no cover - a finished run always has its context
             return
@@ -129,7 +242,17 @@ class LayerPicker(QComboBox):
 
     Items are ``layer.name``; :meth:`layer` returns the selected layer object (or None).
     The plugin's own layers are left out unless ``include_own``.
+
+    The user's choice stays put: adding, renaming, moving or removing *other* layers keeps
+    the picked layer, and a newly added layer is never picked by itself (napari makes it the
+    active layer; only a layer the user activates afterwards is followed), unless nothing
+    was picked before. :attr:`layer_changed` is emitted only when the picked layer itself
+    changes, so dependent fields are rebuilt only then; ``currentIndexChanged`` likewise.
+    :attr:`layers_changed` is emitted after every refresh of the list (for status lines).
     """
+
+    layer_changed = Signal(object)
+    layers_changed = Signal()
 
     def __init__(self, viewer, kinds: Sequence[str], include_own: bool = False, parent: Optional[QWidget] = None):
         super().__init__(parent)
@@ -137,13 +260,36 @@ class LayerPicker(QComboBox):
         self._kinds = tuple(kinds)
         self._include_own = include_own
         self._layers: List[weakref.ReferenceType] = []
+        self._picked: Optional[weakref.ReferenceType] = None
+        self._fresh: List[weakref.ReferenceType] = []  # just added: their activation is napari's, not the user's
         self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.setMinimumContentsLength(12)
-        viewer.layers.events.inserted.connect(self.refresh)
+        viewer.layers.events.inserted.connect(self._on_inserted)
         viewer.layers.events.removed.connect(self.refresh)
         viewer.layers.events.moved.connect(self.refresh)
         viewer.layers.selection.events.active.connect(self._follow_active)
+        self.currentIndexChanged.connect(self._on_index_changed)
         self.refresh()
+
+    def _on_inserted(self, event) -> None:
+        layer = getattr(event, "value", None)
+        if layer is not None:
+            self._fresh.append(weakref.ref(layer))
+            QTimer.singleShot(0, self._forget_fresh)
+        self.refresh()
+
+    def _forget_fresh(self) -> None:
+        self._fresh = []
+
+    def _on_index_changed(self, *_args) -> None:
+        """The user picked an item (or :meth:`set_layer`): announce a change of layer."""
+        layer = self.layer()
+        if layer is not self._picked_layer():
+            self._picked = weakref.ref(layer) if layer is not None else None
+            self.layer_changed.emit(layer)
+
+    def _picked_layer(self):
+        return self._picked() if self._picked is not None else None
 
     def _candidates(self) -> List:
         viewer = self._viewer_ref()
@@ -156,7 +302,7 @@ class LayerPicker(QComboBox):
 
     def refresh(self, *_args) -> None:
         try:
-            current = self.layer()
+            current = self._picked_layer()
         except RuntimeError:  # the Qt object is gone (viewer closing)
             return
         layers = self._candidates()
@@ -178,7 +324,9 @@ class LayerPicker(QComboBox):
             active = viewer.layers.selection.active if viewer is not None else None
             self.setCurrentIndex(layers.index(active) if active in layers else len(layers) - 1)
         self.blockSignals(False)
-        self.currentIndexChanged.emit(self.currentIndex())
+        if self.layer() is not current:
+            self.currentIndexChanged.emit(self.currentIndex())  # -> _on_index_changed -> layer_changed
+        self.layers_changed.emit()
 
     def _on_rename(self, *_args) -> None:
         try:
@@ -190,6 +338,8 @@ class LayerPicker(QComboBox):
         """Select the layer the user activates in the layer list, when it is a candidate."""
         try:
             layer = event.value
+            if any(r() is layer for r in self._fresh) and self._picked_layer() is not None:
+                return  # napari activates every layer it adds: not the user's choice
             refs = [r() for r in self._layers]
             if layer is not None and layer in refs:
                 self.setCurrentIndex(refs.index(layer))
@@ -257,6 +407,149 @@ class ResultPicker(QComboBox):
             self.setCurrentIndex(self._keys.index(key))
 
 
+# ---------------------------------------------------------------------------------- threads
+def default_threads() -> int:
+    """Torch threads per run when the user does not choose: half the CPU cores, at least one.
+
+    Measured (docs/plugin.md, "Threads"): on a busy 2-core machine a fit with torch's default
+    (all cores) ran up to 10x slower than with one thread, because the cores were shared
+    with other processes; half the cores leaves room for napari's own drawing thread.
+    """
+    import os
+
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def call_with_threads(threads: Optional[int], fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` with torch limited to ``threads`` intra-op threads, restored afterwards.
+
+    The one place where the widgets set torch's thread count (``torch.set_num_threads`` is
+    process-wide: the setting in force when a computation starts is the one it runs with).
+    ``threads`` None or 0 leaves torch's setting alone.
+    """
+    if not threads:
+        return fn(*args, **kwargs)
+    from ..core.platform_fixes import preload_triton_safely
+
+    preload_triton_safely()  # before anything imports torch
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------- background
+class BackgroundTask(QObject):
+    """A short computation (device listing, cost estimate) in a plain Python thread, owned by a widget.
+
+    ``start(fn, *args)`` runs ``fn(*args, cancel=...)`` in a non-daemon thread that touches no
+    Qt object; a timer on the GUI thread picks up the result and emits :attr:`done` (value)
+    or :attr:`failed` (exception). A ``start`` while one is running cancels it and runs the
+    new one afterwards (only the latest request counts). When the owning widget goes away
+    the timer goes with it, so a late result is never delivered to deleted objects, and
+    :meth:`shutdown` cancels and joins the thread.
+    """
+
+    done = Signal(object)
+    failed = Signal(object)
+
+    def __init__(self, parent: QObject, poll_ms: int = 50):
+        super().__init__(parent)
+        self._timer = QTimer(self)
+        self._timer.setInterval(poll_ms)
+        self._timer.timeout.connect(self._poll)
+        self._thread: Optional[threading.Thread] = None
+        self._box: dict = {}
+        self._cancel = threading.Event()
+        self._next: Optional[tuple] = None
+        self._closed = False
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self, fn: Callable[..., Any], *args, **kwargs) -> None:
+        if self._closed:
+            return
+        if self._thread is not None:
+            self._next = (fn, args, kwargs)
+            self._cancel.set()
+            return
+        box: dict = {}
+        cancel = threading.Event()
+
+        def target() -> None:
+            try:
+                box["value"] = fn(*args, cancel=cancel.is_set, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the GUI thread
+                box["error"] = exc
+
+        self._box, self._cancel = box, cancel
+        self._thread = threading.Thread(target=target, name="upsample-anything-background", daemon=False)
+        self._thread.start()
+        self._timer.start()
+
+    def _poll(self) -> None:
+        thread = self._thread
+        if thread is None or thread.is_alive():
+            return
+        self._thread = None
+        self._timer.stop()
+        box, cancelled = self._box, self._cancel.is_set()
+        if self._next is not None:
+            fn, args, kwargs = self._next
+            self._next = None
+            self.start(fn, *args, **kwargs)
+            return
+        if cancelled or self._closed:
+            return
+        if "error" in box:
+            self.failed.emit(box["error"])
+        else:
+            self.done.emit(box.get("value"))
+
+    def cancel(self) -> None:
+        """Cancel the running job (and a queued one); nothing is delivered for it."""
+        self._next = None
+        self._cancel.set()
+
+    def shutdown(self, timeout: float = 0.0) -> bool:
+        """Cancel; wait up to ``timeout`` seconds for the thread; True when it has ended."""
+        self._closed = True
+        self._next = None
+        self._cancel.set()
+        try:
+            self._timer.stop()
+        except RuntimeError:  # the timer went with its widget
+            pass
+        thread = self._thread
+        if thread is None:
+            return True
+        if timeout > 0:
+            thread.join(timeout)
+        return not thread.is_alive()
+
+
+def _start_owned(worker, pool: QThreadPool) -> None:
+    """Start a napari/superqt worker in ``pool`` (its owner's) instead of Qt's global pool.
+
+    Same bookkeeping as ``WorkerBase.start`` (napari asks every worker to quit when the
+    application quits), but the owner can wait for exactly its own workers.
+    """
+    registry = getattr(type(worker), "_worker_set", None)
+    if registry is not None:
+        registry.add(worker)
+        try:
+            worker._finished.connect(type(worker)._set_discard)
+        except AttributeError:  # pragma: no cover - an older superqt without the private signal
+            pass
+    pool.start(worker)
+
+
 # ---------------------------------------------------------------------------------- runner
 class Runner(QObject):
     """Runs one computation at a time in a napari generator ``thread_worker``.
@@ -267,6 +560,10 @@ class Runner(QObject):
     re-emitted as :attr:`progressed`), and the run ends with :attr:`finished` carrying an
     :class:`~._pipeline.Outcome`. :meth:`cancel` sets the flag the core polls before every
     optimisation step and tile. :meth:`shutdown` cancels and waits (used when a widget closes).
+
+    The worker runs in the runner's own thread pool, so that :meth:`shutdown` can wait until
+    the worker has emitted its last signal: a worker still emitting when the interpreter
+    tears Qt down aborts the process.
     """
 
     progressed = Signal(object)
@@ -287,12 +584,16 @@ class Runner(QObject):
         self.last_event: Optional[Progress] = None
         self._in_yield = False
         self._finish_pending = False
+        self._pool = QThreadPool()
+        self._pool.setMaxThreadCount(1)
 
     @property
     def running(self) -> bool:
         return self.worker is not None
 
-    def start(self, fn: Callable, *args, device: str = "", budget=None, desc: str = "", **kwargs) -> None:
+    def start(
+        self, fn: Callable, *args, device: str = "", budget=None, desc: str = "", threads: Optional[int] = None, **kwargs
+    ) -> None:
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
@@ -304,6 +605,8 @@ class Runner(QObject):
         self._stage = None
         self.last_event = None
         self._finish_pending = False
+        if threads:
+            fn = functools.partial(call_with_threads, int(threads), fn)
         worker = create_worker(
             guarded, fn, self.handle, *args, _start_thread=False, _worker_class=_cancelling_worker_class(), **kwargs
         )
@@ -312,11 +615,13 @@ class Runner(QObject):
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self._pbar = progress(total=0, desc=desc or self.what)
-        self._info = {"id": Runner._next_id, "what": self.what, "device": device, "budget": budget, "t0": time.time()}
+        self._info = {
+            "id": Runner._next_id, "what": self.what, "device": device, "budget": budget, "threads": threads, "t0": time.time(),
+        }
         viewer = self._viewer_ref()
         if viewer is not None:
             get_state(viewer).begin_run(self._info)
-        worker.start()
+        _start_owned(worker, self._pool)
 
     def cancel(self) -> None:
         if self.handle is not None:
@@ -391,6 +696,8 @@ class Runner(QObject):
             return True
         handle.cancel()
         stopped = handle.join(timeout)
+        # ... and the worker, until it has emitted its last signal
+        stopped = self._pool.waitForDone(int(timeout * 1000)) and stopped
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None

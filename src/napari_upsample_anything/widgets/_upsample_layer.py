@@ -31,7 +31,9 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QMessageBox,
     QPushButton,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -42,10 +44,21 @@ from ._pipeline import (
     UpsampleRequest,
     upsample_planes,
 )
-from ._qt_common import LayerPicker, ResultPicker, Runner, RunWidget
+from ._qt_common import (
+    BackgroundTask,
+    LayerPicker,
+    ResultPicker,
+    Runner,
+    RunWidget,
+    call_with_threads,
+    default_threads,
+    gui_error_message,
+)
 from ._registry import FitResult, get_state, put_layer, unwrap_viewer
 
 MAX_CHANNELS = 4096
+#: A refit estimated to take longer than this (seconds) asks for confirmation first.
+CONFIRM_FIT_SECONDS = 60.0
 
 
 class InputError(ValueError):
@@ -153,19 +166,27 @@ def output_transform(result: FitResult, chan_scale=(), chan_translate=()) -> dic
 class UpsampleLayerWidget(RunWidget):
     """The upsample-a-layer dock widget (see the module docstring)."""
 
+    #: Ask before a refit estimated to take longer than :data:`CONFIRM_FIT_SECONDS` (tests switch it off).
+    confirm_slow_fit = True
+
     def __init__(self, napari_viewer, parent: Optional[QWidget] = None):
         super().__init__(parent)
         self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
         self.state = get_state(napari_viewer)
+        self.watch_viewer(napari_viewer)
         self.runner = Runner(napari_viewer, "Upsample layer", self)
         self.runner.progressed.connect(self._on_progress)
         self.runner.finished.connect(self._on_finished)
+        self.runner.finished.connect(self._after_run)
         self._pending: Optional[dict] = None
         self.outputs: dict = {}
+        self._status_kind, self._status_layer = "hint", None
+        self._rates_task = BackgroundTask(self)  # measures this machine when a refit's cost is to be told
+        self._rates_task.done.connect(self._update_info)
         self._build()
 
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         form = QFormLayout()
         layout.addLayout(form)
         self.layer_picker = LayerPicker(self.viewer, ("image", "labels"), parent=self)
@@ -187,6 +208,11 @@ class UpsampleLayerWidget(RunWidget):
         self.memory_edit = QLineEdit()
         self.memory_edit.setPlaceholderText("auto  (e.g. 2GB)")
         form.addRow("Memory budget", self.memory_edit)
+        self.threads_spin = QSpinBox()
+        self.threads_spin.setRange(1, 256)
+        self.threads_spin.setValue(default_threads())
+        self.threads_spin.setToolTip("CPU threads torch uses for this run (default: half the cores)")
+        form.addRow("Threads", self.threads_spin)
         row = QHBoxLayout()
         self.run_button = QPushButton("Upsample")
         self.run_button.clicked.connect(self.run)
@@ -200,14 +226,56 @@ class UpsampleLayerWidget(RunWidget):
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
         layout.addStretch(1)
-        self.layer_picker.currentIndexChanged.connect(self._update_info)
+        self.layer_picker.layer_changed.connect(self._update_info)
+        self.layer_picker.layers_changed.connect(self._update_info)
         self.result_picker.currentIndexChanged.connect(self._update_info)
+        self.threads_spin.valueChanged.connect(self._update_info)
         self._update_info()
+
+    def _after_run(self, outcome: Outcome) -> None:
+        if outcome.status != "done":  # an error or a cancel: replaced once the choice changes
+            self._status_kind, self._status_layer = "error", self.layer_picker.layer()
+
+    def _needs_refit(self, layer, result) -> bool:
+        """True when the layer's grid is not one the result has kernels for (a fit comes first)."""
+        shape = tuple(full_res_data(layer).shape)
+        if getattr(layer, "rgb", False):
+            shape = shape[:-1]
+        grid = tuple(int(n) for n in shape[-2:])
+        plane = result.planes[0]
+        return grid != tuple(plane.lr_shape) and grid not in plane.extra_fields
+
+    def refit_seconds(self, layer, result, measure: bool = False) -> Optional[float]:
+        """Estimated seconds of the refit this layer needs (0 when none); None when not measured yet.
+
+        ``measure`` runs the quick measurement now (a few seconds, once per device/threads).
+        """
+        if not self._needs_refit(layer, result):
+            return 0.0
+        from ._estimate import cached_rates, estimate_fit, measure_rates
+
+        device, precision = self.device_combo.currentText(), result.pipeline.config.precision
+        threads = int(self.threads_spin.value())
+        rates = cached_rates(device, precision, threads)
+        if rates is None and measure:
+            rates = call_with_threads(threads, measure_rates, device, precision, threads)
+        if rates is None:
+            return None
+        steps = int(result.pipeline.config.steps)
+        return len(result.planes) * estimate_fit(rates, result.planes[0].hr_shape, steps)
 
     def _update_info(self, *_args) -> None:
         layer, result = self.layer_picker.layer(), self.result_picker.result()
+        if not self.runner.running and not self._cleaned:  # the status line follows the current choice
+            if self._status_kind == "error" or (self._status_kind == "done" and layer is not self._status_layer):
+                self.status.setText("")
+                self.status.setToolTip("")
+                self._status_kind = "hint"
         if layer is None or result is None:
-            self.info_label.setText("pick a low-resolution layer and a fitted image")
+            self.info_label.setText(
+                "no fitted image yet: run 'Upsample Anything' on the image first" if result is None
+                else "no low-resolution layer: add an Image or Labels layer to upsample"
+            )
             return
         try:
             maps, info = prepare_maps(layer, result)
@@ -217,8 +285,42 @@ class UpsampleLayerWidget(RunWidget):
         h, w = info["grid"]
         H, W = result.planes[0].hr_shape
         what = "labels (one-hot)" if info["labels"] else f"{maps[0].shape[0]} channel(s)"
-        refit = "" if (h, w) == result.planes[0].lr_shape else "; kernels will be fitted for this grid first"
+        refit = ""
+        if self._needs_refit(layer, result):
+            seconds = self.refit_seconds(layer, result)
+            from ._estimate import format_seconds
+
+            if seconds is None and not self._rates_task.running:  # measure in the background, then update this line
+                device, precision = self.device_combo.currentText(), result.pipeline.config.precision
+                threads = int(self.threads_spin.value())
+                self._rates_task.start(_measure, device, precision, threads)
+            cost = f" (about {format_seconds(seconds)})" if seconds is not None else " (estimating the time…)"
+            refit = f"; kernels will be fitted for this grid first{cost}"
         self.info_label.setText(f"{what}, {h} x {w} -> {H} x {W}{refit}")
+
+    def _confirm_refit(self, layer, result) -> bool:
+        """Ask before a long refit (estimated > :data:`CONFIRM_FIT_SECONDS`); True to go on."""
+        if not self.confirm_slow_fit or not self._needs_refit(layer, result):
+            return True
+        try:
+            seconds = self.refit_seconds(layer, result, measure=True)
+        except Exception:  # noqa: BLE001 - no estimate is no reason to refuse the run
+            return True
+        if seconds is None or seconds <= CONFIRM_FIT_SECONDS:
+            return True
+        from ._estimate import format_seconds
+
+        h, w = (int(n) for n in full_res_data(layer).shape[-2:])
+        answer = QMessageBox.question(
+            self,
+            "Fit kernels for another grid?",
+            f"'{layer.name}' is on a {h} x {w} grid; the kernels of '{result.label}' were fitted for "
+            f"{result.planes[0].lr_shape[0]} x {result.planes[0].lr_shape[1]}. Upsampling it fits new kernels first "
+            f"({result.pipeline.config.steps} steps), estimated at {format_seconds(seconds)} on this machine. Go on?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
 
     def run(self) -> bool:
         """Start upsampling; False (with a notification) when the selection does not work."""
@@ -227,6 +329,7 @@ class UpsampleLayerWidget(RunWidget):
             return False
         layer = self.layer_picker.layer()
         result = self.result_picker.result()
+        self._status_kind, self._status_layer = "error", layer
         if layer is None:
             self._message("error", "No low-resolution layer: add an Image or Labels layer to upsample.", self.status)
             return False
@@ -236,7 +339,10 @@ class UpsampleLayerWidget(RunWidget):
         try:
             maps, info = prepare_maps(layer, result)
         except (InputError, ValueError) as exc:
-            self._message("error", str(exc), self.status)
+            self._message("error", gui_error_message(exc), self.status)
+            return False
+        if not self._confirm_refit(layer, result):
+            self._message("info", "Not upsampled: the fit for the layer's grid was declined.", self.status)
             return False
         request = UpsampleRequest(
             maps=maps,
@@ -251,7 +357,11 @@ class UpsampleLayerWidget(RunWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText(f"upsampling '{layer.name}'…")
-        self.runner.start(upsample_planes, request, device=request.device, budget=request.max_memory, desc=f"Upsample {layer.name}")
+        self._status_kind = "running"
+        self.runner.start(
+            upsample_planes, request, device=request.device, budget=request.max_memory,
+            threads=int(self.threads_spin.value()), desc=f"Upsample {layer.name}",
+        )
         return True
 
     cancelled_text = "Upsampling cancelled; no layer was changed."
@@ -259,6 +369,7 @@ class UpsampleLayerWidget(RunWidget):
     def _publish(self, outcome: Outcome, pending: dict) -> None:
         self._add_outputs(outcome.value, pending)
         self.status.setText(f"done in {outcome.seconds:.1f} s")
+        self._status_kind, self._status_layer = "done", self.layer_picker.layer()
 
     def _add_outputs(self, outputs: List[dict], pending: dict) -> None:
         result: FitResult = pending["result"]
@@ -309,5 +420,12 @@ class UpsampleLayerWidget(RunWidget):
                 self.outputs["values"] = layer
 
     def cleanup(self) -> None:
+        self._rates_task.shutdown(timeout=60.0)
         self.runner.shutdown()
+
+
+def _measure(device, precision, threads, cancel=None):
+    from ._estimate import measure_rates
+
+    return call_with_threads(threads, measure_rates, device, precision, threads, cancel)
 

@@ -1,0 +1,279 @@
+"""Cost of a run told before it starts: time and memory from a quick measurement on this machine.
+
+No Qt; torch imported lazily (this runs in a widget's background thread).
+
+How
+---
+:func:`measure_rates` times the engine on a small synthetic crop (112 x 112 pixels, an 8 x 8
+LR grid: the published 14-pixel cells) with the run's device, precision and thread count:
+
+* one and three Adam steps of the kernel fit (the faster of two tries each: other processes
+  only ever slow a try down) -> seconds per step per HR pixel (the slope) and the fixed cost
+  of a fit (the rest);
+* renders of 3 and 48 channels -> seconds per HR pixel, and per HR pixel and channel;
+* a matrix product shaped like a ViT block's MLP -> the backbone's multiply-adds per second.
+
+The rates are cached per (device, precision, threads) for five minutes (the load changes). :func:`estimate_run` scales them to
+the run: the fit and render costs grow with the number of HR pixels (the kernel radius is
+fixed in HR pixels, so the work per pixel does not depend on the image size), the backbone
+with its multiply-adds (``2 x parameters x tokens``). Memory: the arrays a run keeps (guide,
+LR features, HR PCA, HR features when kept in memory) plus the engine's working memory,
+scaled from the tiles the memory planner laid out for the crop and capped by the budget.
+Model loading (and downloading weights) is not included: it happens once per session.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from ..core.units import format_bytes
+
+CancelFn = Callable[[], bool]
+
+#: Parameters of the DINOv2 backbones (and timm ViTs of the same sizes), by size letter.
+BACKBONE_PARAMS = {"s": 22e6, "b": 86e6, "l": 304e6, "g": 1.1e9}
+#: Embedding width by size letter (the channel count of the features).
+BACKBONE_DIMS = {"s": 384, "b": 768, "l": 1024, "g": 1536}
+PATCH = 14
+CROP_CELLS = 8  # the measurement crop is CROP_CELLS x CROP_CELLS LR cells of PATCH pixels
+#: A measurement older than this (seconds) is repeated: the machine's load changes.
+RATES_MAX_AGE = 300.0
+
+_RATES: Dict[tuple, "Rates"] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Costs measured on this machine for one (device, precision, threads)."""
+
+    fit_step_per_px: float  # s per Adam step per HR pixel
+    fit_fixed: float  # s per fit, whatever the steps
+    render_per_px: float  # s per HR pixel (weights), any channel count
+    render_per_px_channel: float  # s per HR pixel and channel
+    flops: float  # 2 x multiply-adds per second of a ViT-like matrix product
+    fit_planned_per_px: float  # planned working bytes of the fit per HR pixel (memory planner)
+    render_planned_per_px_channel: float  # planned working bytes of a render per HR pixel and channel
+    measured_in: float  # seconds the measurement took
+    measured_at: float = 0.0  # time.monotonic() when measured
+
+
+@dataclass
+class CostEstimate:
+    """Estimated cost of a run: seconds per stage and bytes."""
+
+    seconds: Dict[str, float] = field(default_factory=dict)
+    working_bytes: int = 0  # the engine's working memory (tiles), at most the budget
+    kept_bytes: int = 0  # arrays the run keeps in memory (guide, features, PCA, HR features)
+    disk_bytes: int = 0  # HR features memory-mapped to a temporary file
+    threads: int = 1
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(self.seconds.values()))
+
+    @property
+    def peak_bytes(self) -> int:
+        return int(self.working_bytes + self.kept_bytes)
+
+    def text(self) -> str:
+        """One line for the widget, e.g. ``'about 2 min 10 s, 1.2 GiB memory (fit 1 min 50 s, ...)'``."""
+        parts = ", ".join(f"{k} {format_seconds(v)}" for k, v in self.seconds.items() if v >= 0.05)
+        disk = f", {format_bytes(self.disk_bytes)} on disk" if self.disk_bytes else ""
+        return f"about {format_seconds(self.total_seconds)}, {format_bytes(self.peak_bytes)} memory{disk} ({parts})"
+
+
+def format_seconds(s: float) -> str:
+    """``0.4 s``, ``12 s``, ``3 min 5 s``, ``25 min``, ``1 h 15 min``."""
+    if s < 1:
+        return f"{s:.1f} s"
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        m, sec = divmod(int(round(s)), 60)
+        return f"{m} min {sec} s" if m < 10 else f"{m} min"
+    h, rest = divmod(int(round(s)), 3600)
+    return f"{h} h {rest // 60} min"
+
+
+def backbone_size(name: str) -> str:
+    """Size letter ``s``/``b``/``l``/``g`` of a backbone name (``dinov2_vitb14``, ``vit_large_...``); ``s`` when unknown."""
+    n = name.lower()
+    for letter, word in (("g", "giant"), ("l", "large"), ("b", "base"), ("s", "small")):
+        if f"vit{letter}" in n or word in n:
+            return letter
+    return "s"
+
+
+def lr_grid(hr_shape: Tuple[int, int], input_size: Optional[int]) -> Tuple[int, int]:
+    """The patch-token grid the backbone gives an ``hr_shape`` image (as ``extract_features`` does)."""
+    H, W = hr_shape
+    if input_size:
+        f = int(input_size) / max(H, W)
+        H, W = max(1, math.floor(H * f + 0.5)), max(1, math.floor(W * f + 0.5))
+    return max(1, math.floor(H / PATCH + 0.5)), max(1, math.floor(W / PATCH + 0.5))
+
+
+def _crop_guide(n: int) -> np.ndarray:
+    """A deterministic image with edges and smooth parts (the cost hardly depends on the content)."""
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
+    img = np.stack([np.sin(7 * xx) * 0.5 + 0.5, (yy > 0.5).astype(np.float32), np.cos(5 * (xx + yy)) * 0.5 + 0.5], -1)
+    return (img * 255).astype(np.uint8)
+
+
+def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1, cancel: Optional[CancelFn] = None) -> Rates:
+    """Time the engine on a small crop (see the module docstring); cached per (device, precision, threads).
+
+    Call it with torch already limited to ``threads`` (the widgets run it through
+    ``call_with_threads``); ``threads`` is the cache key.
+    """
+    from ..core.platform_fixes import preload_triton_safely
+
+    preload_triton_safely()
+    import torch
+
+    from .. import api
+    from ..core.device import resolve_device
+    from ..core.errors import Cancelled
+    from ..core.memory import MemoryLog
+
+    dev = resolve_device(device)
+    key = (str(dev), precision, int(threads))
+    with _LOCK:
+        cached = _RATES.get(key)
+        if cached is not None and time.monotonic() - cached.measured_at < RATES_MAX_AGE:
+            return cached
+    t_start = time.perf_counter()
+    n = CROP_CELLS * PATCH
+    guide = _crop_guide(n)
+    lr = (CROP_CELLS, CROP_CELLS)
+    px = float(n * n)
+
+    def check() -> None:
+        if cancel is not None and cancel():
+            raise Cancelled("cost estimate cancelled")
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t, out
+
+    common = dict(device=dev, precision=precision, cancel=cancel)
+    api.fit_kernels(guide, lr, steps=1, **common)  # warm-up (first-call allocations, kernel caches)
+    check()
+    # the fastest of two tries: other processes only ever make a try slower
+    t1 = min(timed(lambda: api.fit_kernels(guide, lr, steps=1, **common))[0] for _ in range(2))
+    check()
+    log = MemoryLog()
+    t3, fld = timed(lambda: api.fit_kernels(guide, lr, steps=3, memory_log=log, **common))
+    check()
+    t3 = min(t3, timed(lambda: api.fit_kernels(guide, lr, steps=3, **common))[0])
+    check()
+    step = max((t3 - t1) / 2.0, t3 / 6.0)  # a noisy slope never makes a step cheaper than a sixth of a 3-step fit
+    fixed = max(t3 - 3 * step, 0.0)
+    rng = np.random.default_rng(0)
+    small = rng.random((3,) + lr).astype(np.float32)
+    wide = rng.random((48,) + lr).astype(np.float32)
+    r3, _ = timed(lambda: api.render(small, guide, fld, **common))
+    check()
+    rlog = MemoryLog()
+    r48, _ = timed(lambda: api.render(wide, guide, fld, memory_log=rlog, **common))
+    check()
+    per_channel = max((r48 - r3) / 45.0, r48 / 48.0 / 4.0)
+    per_px = max(r3 - 3 * per_channel, 0.0) / px
+    # a ViT MLP-like product (tokens x D @ D x 4D) in the run's thread setting
+    a = torch.randn(1024, 384, device=dev)
+    b = torch.randn(384, 1536, device=dev)
+    a @ b
+    reps = 5
+    tm, _ = timed(lambda: [a @ b for _ in range(reps)])
+    flops = 2 * 1024 * 384 * 1536 * reps / max(tm, 1e-9)
+    rates = Rates(
+        fit_step_per_px=step / px,
+        fit_fixed=fixed,
+        render_per_px=per_px,
+        render_per_px_channel=per_channel / px,
+        flops=flops,
+        fit_planned_per_px=float(log.peak_planned_bytes) / px,
+        render_planned_per_px_channel=float(rlog.peak_planned_bytes) / px / 48.0,
+        measured_in=time.perf_counter() - t_start,
+        measured_at=time.monotonic(),
+    )
+    with _LOCK:
+        _RATES[key] = rates
+    return rates
+
+
+def cached_rates(device: str, precision: str, threads: int) -> Optional[Rates]:
+    """The rates already measured for this setting, or None (no measurement is started)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    from ..core.device import resolve_device
+
+    try:
+        key = (str(resolve_device(device)), precision, int(threads))
+    except (ValueError, TypeError, RuntimeError):
+        return None
+    with _LOCK:
+        cached = _RATES.get(key)
+    return cached if cached is not None and time.monotonic() - cached.measured_at < RATES_MAX_AGE else None
+
+
+def clear_rates() -> None:
+    with _LOCK:
+        _RATES.clear()
+
+
+def estimate_fit(rates: Rates, hr_shape: Tuple[int, int], steps: int) -> float:
+    """Seconds of one kernel fit of ``steps`` steps on an ``hr_shape`` image."""
+    return rates.fit_fixed + rates.fit_step_per_px * float(hr_shape[0] * hr_shape[1]) * int(steps)
+
+
+def estimate_run(
+    rates: Rates,
+    hr_shape: Tuple[int, int],
+    *,
+    n_planes: int = 1,
+    backbone: str = "dinov2_vits14",
+    input_size: Optional[int] = None,
+    steps: int = 51,
+    hr_features: str = "auto",
+    budget_bytes: Optional[int] = None,
+    auto_in_memory_bytes: int = 2 * 2**30,
+    threads: int = 1,
+) -> CostEstimate:
+    """Estimated seconds per stage and memory of a main-widget run (see the module docstring)."""
+    H, W = (int(v) for v in hr_shape)
+    px = float(H * W)
+    h, w = lr_grid((H, W), input_size)
+    size = backbone_size(backbone)
+    C = BACKBONE_DIMS[size]
+    tokens = float(h * w)
+    features = 2.0 * BACKBONE_PARAMS[size] * tokens / max(rates.flops, 1.0)
+    fit = estimate_fit(rates, (H, W), steps)
+    pca = px * (rates.render_per_px + 3 * rates.render_per_px_channel)
+    keep = hr_features != "none"
+    render = px * (rates.render_per_px + C * rates.render_per_px_channel) if keep else 0.0
+    est = CostEstimate(threads=threads)
+    est.seconds = {k: v * n_planes for k, v in (("features", features), ("fit", fit), ("pca", pca), ("render", render))}
+    working = max(rates.fit_planned_per_px * px, rates.render_planned_per_px_channel * px * C)
+    if budget_bytes:
+        working = min(working, float(budget_bytes))
+    est.working_bytes = int(working)
+    hr_bytes = 4 * C * px * n_planes
+    in_memory = hr_features == "memory" or (hr_features == "auto" and hr_bytes <= auto_in_memory_bytes)
+    kept = n_planes * (4 * 3 * px + 4 * C * tokens + 4 * 3 * px)  # guide, LR features, HR PCA
+    est.kept_bytes = int(kept + (hr_bytes if keep and in_memory else 0))
+    est.disk_bytes = int(hr_bytes if keep and not in_memory else 0)
+    return est
