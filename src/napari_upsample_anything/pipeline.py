@@ -768,7 +768,15 @@ class Job:
 
     def abort(self) -> None:
         """Remove the temporary folder and any folders :meth:`prepare` created; earlier results stay."""
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        # zarr writes through a background I/O thread: a chunk write in flight when Ctrl-C
+        # arrived can land after a first removal, so remove until the folder stays gone.
+        for _ in range(50):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if not self.tmp.exists():
+                time.sleep(0.05)
+                if not self.tmp.exists():
+                    break
+            time.sleep(0.1)
         for d in reversed(self.created_dirs):
             try:
                 d.rmdir()  # only if empty
