@@ -112,7 +112,7 @@ def array_files(folder: Path) -> dict:
     """Every zarr array (by its path in the folder) and every .npy / .npz array, as bytes."""
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.name in (".zarray", "zarr.json") and p.parent.name != p.parent.parent.name:
+        if p.name == ".zarray" or (p.name == "zarr.json" and json.loads(p.read_text()).get("node_type") == "array"):
             arr = zarr.open_array(str(p.parent), mode="r")
             out[str(p.parent.relative_to(folder))] = (arr.dtype.str, arr.shape, np.asarray(arr[...]).tobytes())
         elif p.suffix == ".npy":
