@@ -248,3 +248,25 @@ def test_cli_bad_dask_flags_are_usage_errors(data_dir, tmp_path, args, message):
 def test_worker_memory_limit_is_the_budget_plus_the_process_overhead():
     assert worker_memory_limit(None) is None and worker_memory_limit("auto") is None
     assert worker_memory_limit("1GiB") == 2 * 2**30
+
+
+@pytest.mark.parametrize("kind", ["labels", "continuous"])
+def test_cli_map_on_a_running_scheduler_is_byte_identical_to_serial(cluster_client, data_dir, tmp_path, kind, capsys):
+    from napari_upsample_anything.cli import main
+
+    rng = np.random.default_rng(1)
+    lr = rng.integers(0, 3, (4, 4)).astype(np.uint8) if kind == "labels" else rng.standard_normal((2, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "lr.npy", lr)
+    common = ["map", tmp_path / "lr.npy", "--image", data_dir / "a.npy", "--axes", "cyx", "--steps", STEPS, "--device", "cpu", "--quiet"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers
+    try:
+        assert main([str(a) for a in common + ["--out", tmp_path / "serial.npy"]]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    address = cluster_client.scheduler.address  # connect by address, as to a cluster started elsewhere
+    assert main([str(a) for a in common + ["--out", tmp_path / "dask.npy", "--dask", address]]) == 0
+    assert "on Dask" in capsys.readouterr().out
+    a, b = np.load(tmp_path / "serial.npy"), np.load(tmp_path / "dask.npy")
+    assert a.shape == b.shape == ((SIZE, SIZE) if kind == "labels" else (2, SIZE, SIZE)) and a.dtype == b.dtype == lr.dtype
+    assert a.tobytes() == b.tobytes()

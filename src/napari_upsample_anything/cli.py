@@ -349,6 +349,9 @@ def cmd_map(args) -> int:
         raise UsageError(str(exc)) from exc
     if len(planes) != 1:
         raise UsageError(f"{args.image} has {len(planes)} planes; pick the one the map belongs to with --planes (e.g. z=3)")
+    _check_dask_flags(args)
+    if args.dask:
+        return _map_on_dask(args, options, kind, planes[0])
     t, z = planes[0]
     guide = src.guide(t, z, options.channels)
     field = None
@@ -371,6 +374,51 @@ def cmd_map(args) -> int:
     print(f"{args.map} ({kind}, {'x'.join(map(str, lr.shape))}) -> {out} ({'x'.join(map(str, result.shape))}, {result.dtype}); "
           f"kernels {'from ' + str(args.kernels) if args.kernels else 'fitted'} on {Path(args.image).name} plane t={t} z={z} ({H}x{W})")
     return EXIT_OK
+
+
+def _map_on_dask(args, options, kind: str, plane) -> int:
+    """``map --dask``: the whole map job as one task on a Dask worker, which reads the map and
+    the image plane and writes the output file itself (nothing large through the scheduler)."""
+    from .distributed import execute
+    from .pipeline_dask import JobTaskError, describe_map_task
+
+    spec = {"map": str(Path(args.map).resolve()), "image": str(Path(args.image).resolve()), "axes": args.axes, "scene": args.scene,
+            "plane": tuple(plane), "kernels": str(Path(args.kernels).resolve()) if args.kernels else None, "kind": kind,
+            "options": options, "out": str(Path(args.out).resolve())}
+    with _dask_from_args(args) as client:
+        bar = Bar(f"{Path(args.map).name}: tasks", args.quiet)
+        try:
+            [outcome] = execute([spec], map_task, client=client, retries=args.retries, progress=bar)
+        finally:
+            bar.close()
+    if not outcome.ok:
+        raise JobTaskError(f"{describe_map_task(spec)} failed after {args.retries} retries: {outcome.error}", [outcome])
+    print(outcome.result["summary"])
+    return EXIT_OK
+
+
+def map_task(spec: dict) -> dict:
+    """One ``map`` job in any process (a Dask worker): read, upsample, write ``spec["out"]``."""
+    from .pipeline import upsample_map
+    from .sources import open_image
+
+    lr = read_map(spec["map"])
+    src = open_image(spec["image"], axes=spec["axes"], scene=spec["scene"])
+    t, z = spec["plane"]
+    options = spec["options"]
+    guide = src.guide(t, z, options.channels)
+    field = _load_kernels(spec["kernels"], (t, z)) if spec["kernels"] else None
+    res = upsample_map(lr, guide, field, options, kind=spec["kind"])
+    result = res["labels"] if spec["kind"] == "labels" else res["values"]
+    if spec["kind"] == "continuous" and lr.ndim == 2:
+        result = result[0]
+    sizes = {a: src.pixel_sizes.get(a) for a in "yx"}
+    out = Path(spec["out"])
+    _write_map(out, result, sizes, src.unit if any(sizes.values()) else None)
+    H, W = guide.shape[:2]
+    summary = (f"{spec['map']} ({spec['kind']}, {'x'.join(map(str, lr.shape))}) -> {out} ({'x'.join(map(str, result.shape))}, {result.dtype}); "
+               f"kernels {'from ' + str(spec['kernels']) if spec['kernels'] else 'fitted'} on {Path(spec['image']).name} plane t={t} z={z} ({H}x{W}), on Dask")
+    return {"summary": summary, "shape": list(result.shape)}
 
 
 def _load_kernels(path: "str | Path", plane):
@@ -564,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="labels (integer map -> argmax of the upsampled one-hot) or continuous; auto: 2-D integer maps are labels (default: %(default)s)")
     common(mp)
     image_options(mp)
+    dask_flags(mp)
     mp.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     mp.set_defaults(func=cmd_map)
 

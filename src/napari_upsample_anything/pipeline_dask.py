@@ -189,3 +189,9 @@ def worker_memory_limit(max_memory: "str | int | None") -> Optional[int]:
     if max_memory in (None, "", "auto"):
         return None
     return int(parse_bytes(max_memory, "max_memory (--max-memory)")) + WORKER_OVERHEAD_BYTES
+
+
+def describe_map_task(spec: dict) -> str:
+    """``'map of lr.npy onto image.tif plane t=0 z=3'``: what a ``map --dask`` task does."""
+    t, z = spec["plane"]
+    return f"map of {Path(spec['map']).name} onto {Path(spec['image']).name} plane t={t} z={z}"
