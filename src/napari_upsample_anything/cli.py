@@ -9,7 +9,9 @@ kernel fit -> HR PCA and HR features -> OME-Zarr or ``.npy`` files), one input a
 each opened lazily; every ``Y x X`` plane of a stack on its own. Output folders are named
 from the inputs' paths relative to their common parent (deterministic), written under a
 hidden temporary name and renamed when complete; ``--skip-existing`` resumes a batch. A
-failing input is reported and the batch goes on.
+failing input is reported and the batch goes on. ``--dask`` (after the inputs) runs each
+plane as Dask tasks on ``--workers`` local processes, ``--dask tcp://host:8786`` on a running
+scheduler (unreachable: exit 1 within seconds); see :mod:`napari_upsample_anything.pipeline_dask`.
 
 Exit codes: 0 success; 1 internal failure (missing weights, out of memory, a failed input);
 2 usage errors only (unknown option, invalid value, missing file, and a batch whose every

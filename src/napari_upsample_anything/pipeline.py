@@ -36,7 +36,8 @@ one output folder is planned as picklable, frozen :class:`Task` objects::
     job.commit()                                      # renames the folder into place
     # on any error or Ctrl-C: job.abort() removes the temporary folder
 
-or simply ``run_job(job)``. A task names its source (:class:`SourceRef`: path / array, axes,
+or simply ``run_job(job)`` (``run_job(job, client="local" | address | Client)`` runs the
+stages on Dask workers: :mod:`.pipeline_dask`). A task names its source (:class:`SourceRef`: path / array, axes,
 scene), its plane ``(t, z)``, the options and the temporary output folder; :func:`run_task`
 opens the source lazily, reads only its plane and writes its results straight into its region
 of the output stores. Stages: 0 = ``"fit"`` per plane (features + kernels, small files);
