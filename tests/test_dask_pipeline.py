@@ -270,3 +270,12 @@ def test_cli_map_on_a_running_scheduler_is_byte_identical_to_serial(cluster_clie
     a, b = np.load(tmp_path / "serial.npy"), np.load(tmp_path / "dask.npy")
     assert a.shape == b.shape == ((SIZE, SIZE) if kind == "labels" else (2, SIZE, SIZE)) and a.dtype == b.dtype == lr.dtype
     assert a.tobytes() == b.tobytes()
+
+
+def test_open_results_refuses_folders_without_ome_zarr_outputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="out_dir="):
+        open_results(tmp_path / "missing")
+    (tmp_path / "npy_run").mkdir()
+    np.save(tmp_path / "npy_run" / "features_hr.npy", np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="no .ome.zarr outputs"):
+        open_results(tmp_path / "npy_run")
