@@ -9,7 +9,9 @@ kernel fit -> HR PCA and HR features -> OME-Zarr or ``.npy`` files), one input a
 each opened lazily; every ``Y x X`` plane of a stack on its own. Output folders are named
 from the inputs' paths relative to their common parent (deterministic), written under a
 hidden temporary name and renamed when complete; ``--skip-existing`` resumes a batch. A
-failing input is reported and the batch goes on.
+failing input is reported and the batch goes on. ``--dask`` (after the inputs) runs each
+plane as Dask tasks on ``--workers`` local processes, ``--dask tcp://host:8786`` on a running
+scheduler (unreachable: exit 1 within seconds); see :mod:`napari_upsample_anything.pipeline_dask`.
 
 Exit codes: 0 success; 1 internal failure (missing weights, out of memory, a failed input);
 2 usage errors only (unknown option, invalid value, missing file, and a batch whose every
@@ -147,17 +149,19 @@ def _check_planes_flag(text: Optional[str]) -> None:
 
 
 # ------------------------------------------------------------------------------ run
-def process_image(source, out: Path, options, *, planes: Optional[str] = "all", name: str = "", quiet: bool = False) -> Dict:
+def process_image(source, out: Path, options, *, planes: Optional[str] = "all", name: str = "", quiet: bool = False,
+                  client=None, retries: int = 2) -> Dict:
     """One input through the pipeline into the folder ``out`` (written under a temporary name
     and renamed when complete); returns the report. ``source``: a path or a
-    :class:`~..pipeline.SourceRef` (an array with axes)."""
+    :class:`~..pipeline.SourceRef` (an array with axes). ``client``: run the tasks on Dask
+    (see :func:`~..pipeline.run_job`)."""
     from .pipeline import SourceRef, plan_job, run_job
 
     ref = source if isinstance(source, SourceRef) else SourceRef(path=str(source))
     bar = Bar(name or Path(str(ref.path or ref.name)).name, quiet)
     try:
         job = plan_job(ref, options, out, planes=planes)
-        return run_job(job, progress=bar)
+        return run_job(job, progress=bar, client=client, retries=retries)
     finally:
         bar.close()
 
@@ -172,8 +176,18 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _check_dask_flags(args) -> None:
+    for flag, value, lo in (("--workers", args.workers, 1), ("--threads-per-worker", args.threads_per_worker, 1), ("--retries", args.retries, 0)):
+        if value is not None and value < lo:
+            raise UsageError(f"{flag} {value}: give a whole number >= {lo}")
+    if not args.dask and (args.workers is not None or args.threads_per_worker != 1):
+        raise UsageError("--workers / --threads-per-worker start local Dask workers: add --dask")
+    if args.dask and args.dask != "local" and ":" not in args.dask:
+        raise UsageError(f"--dask {args.dask}: give a scheduler address such as tcp://host:8786, or --dask alone for local workers")
+
+
 def cmd_run(args) -> int:
-    from .pipeline import SourceRef, output_names
+    from .pipeline import output_names
 
     for p in args.images:
         if not Path(p).exists():
@@ -186,9 +200,29 @@ def cmd_run(args) -> int:
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from exc
     _check_planes_flag(args.planes)
+    _check_dask_flags(args)
     options = options_from_args(args, _parse_channels_flag(args.channels))
     out = _output_dir(args.out)
     names = output_names(args.images)
+    with _dask_from_args(args) as client:  # one cluster for the whole batch (a no-op without --dask)
+        return _run_batch(args, options, out, names, client)
+
+
+def _dask_from_args(args):
+    """The Dask client of ``--dask`` for a ``with`` block (None without the flag)."""
+    import contextlib
+
+    if not getattr(args, "dask", None):
+        return contextlib.nullcontext(None)
+    from .pipeline_dask import dask_client, worker_memory_limit
+
+    return dask_client(args.dask, n_workers=args.workers, threads_per_worker=args.threads_per_worker,
+                       memory_limit=worker_memory_limit(args.max_memory))
+
+
+def _run_batch(args, options, out: Path, names: List[str], client) -> int:
+    from .pipeline import SourceRef
+
     rows = [["image", "planes", "size", "LR grid", "C", "features s", "fit s", "render s", "status", "output"]]
     failures: List[BaseException] = []
     for path, name in zip(args.images, names):
@@ -198,7 +232,8 @@ def cmd_run(args) -> int:
             continue
         ref = SourceRef(path=str(path), axes=args.axes, scene=args.scene)
         try:
-            rep = process_image(ref, target, options, planes=args.planes, name=Path(path).name, quiet=args.quiet)
+            rep = process_image(ref, target, options, planes=args.planes, name=Path(path).name, quiet=args.quiet,
+                                client=client, retries=args.retries)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - reported; the batch goes on
@@ -316,6 +351,9 @@ def cmd_map(args) -> int:
         raise UsageError(str(exc)) from exc
     if len(planes) != 1:
         raise UsageError(f"{args.image} has {len(planes)} planes; pick the one the map belongs to with --planes (e.g. z=3)")
+    _check_dask_flags(args)
+    if args.dask:
+        return _map_on_dask(args, options, kind, planes[0])
     t, z = planes[0]
     guide = src.guide(t, z, options.channels)
     field = None
@@ -338,6 +376,51 @@ def cmd_map(args) -> int:
     print(f"{args.map} ({kind}, {'x'.join(map(str, lr.shape))}) -> {out} ({'x'.join(map(str, result.shape))}, {result.dtype}); "
           f"kernels {'from ' + str(args.kernels) if args.kernels else 'fitted'} on {Path(args.image).name} plane t={t} z={z} ({H}x{W})")
     return EXIT_OK
+
+
+def _map_on_dask(args, options, kind: str, plane) -> int:
+    """``map --dask``: the whole map job as one task on a Dask worker, which reads the map and
+    the image plane and writes the output file itself (nothing large through the scheduler)."""
+    from .distributed import execute
+    from .pipeline_dask import JobTaskError, describe_map_task
+
+    spec = {"map": str(Path(args.map).resolve()), "image": str(Path(args.image).resolve()), "axes": args.axes, "scene": args.scene,
+            "plane": tuple(plane), "kernels": str(Path(args.kernels).resolve()) if args.kernels else None, "kind": kind,
+            "options": options, "out": str(Path(args.out).resolve())}
+    with _dask_from_args(args) as client:
+        bar = Bar(f"{Path(args.map).name}: tasks", args.quiet)
+        try:
+            [outcome] = execute([spec], map_task, client=client, retries=args.retries, progress=bar)
+        finally:
+            bar.close()
+    if not outcome.ok:
+        raise JobTaskError(f"{describe_map_task(spec)} failed after {args.retries} retries: {outcome.error}", [outcome])
+    print(outcome.result["summary"])
+    return EXIT_OK
+
+
+def map_task(spec: dict) -> dict:
+    """One ``map`` job in any process (a Dask worker): read, upsample, write ``spec["out"]``."""
+    from .pipeline import upsample_map
+    from .sources import open_image
+
+    lr = read_map(spec["map"])
+    src = open_image(spec["image"], axes=spec["axes"], scene=spec["scene"])
+    t, z = spec["plane"]
+    options = spec["options"]
+    guide = src.guide(t, z, options.channels)
+    field = _load_kernels(spec["kernels"], (t, z)) if spec["kernels"] else None
+    res = upsample_map(lr, guide, field, options, kind=spec["kind"])
+    result = res["labels"] if spec["kind"] == "labels" else res["values"]
+    if spec["kind"] == "continuous" and lr.ndim == 2:
+        result = result[0]
+    sizes = {a: src.pixel_sizes.get(a) for a in "yx"}
+    out = Path(spec["out"])
+    _write_map(out, result, sizes, src.unit if any(sizes.values()) else None)
+    H, W = guide.shape[:2]
+    summary = (f"{spec['map']} ({spec['kind']}, {'x'.join(map(str, lr.shape))}) -> {out} ({'x'.join(map(str, result.shape))}, {result.dtype}); "
+               f"kernels {'from ' + str(spec['kernels']) if spec['kernels'] else 'fitted'} on {Path(spec['image']).name} plane t={t} z={z} ({H}x{W}), on Dask")
+    return {"summary": summary, "shape": list(result.shape)}
 
 
 def _load_kernels(path: "str | Path", plane):
@@ -485,6 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Gaussian sigma in pixels applied to the image before fitting and rendering; helps with noisy images (default: %(default)s = off)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def dask_flags(p):
+        p.add_argument("--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run the planes as Dask tasks: alone, on a local cluster of --workers processes; with a scheduler "
+                       "address (tcp://host:8786), on that cluster (e.g. one started by dask-jobqueue on SLURM)")
+        p.add_argument("--workers", type=int, default=None,
+                       help="with --dask: local worker processes (default: one per CPU core / --threads-per-worker)")
+        p.add_argument("--threads-per-worker", type=int, default=1,
+                       help="with --dask: Dask and torch threads per local worker (default: %(default)s)")
+        p.add_argument("--retries", type=int, default=2, help="with --dask: extra attempts of a failing task before the input fails (default: %(default)s)")
+
     def image_options(p):
         p.add_argument("--axes", default=None,
                        help="axes of a plain TIFF / .npy without axes metadata, e.g. zyx, cyx, tczyx, yxs (RGB); never guessed; OME files name their own")
@@ -504,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="array outputs: ome-zarr (features.ome.zarr, pca.ome.zarr with a pyramid, kernels.ome.zarr) or npy (features_hr.npy, kernels.npz) (default: %(default)s)")
     run.add_argument("--pca-only", action="store_true", help="write only the PCA picture, kernels and report (skip the C x H x W features)")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of the HR features (default: %(default)s)")
+    dask_flags(run)
     run.add_argument("--skip-existing", action="store_true", help="skip inputs whose output folder is complete (resume an interrupted batch)")
     run.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
@@ -520,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="labels (integer map -> argmax of the upsampled one-hot) or continuous; auto: 2-D integer maps are labels (default: %(default)s)")
     common(mp)
     image_options(mp)
+    dask_flags(mp)
     mp.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     mp.set_defaults(func=cmd_map)
 

@@ -36,7 +36,8 @@ one output folder is planned as picklable, frozen :class:`Task` objects::
     job.commit()                                      # renames the folder into place
     # on any error or Ctrl-C: job.abort() removes the temporary folder
 
-or simply ``run_job(job)``. A task names its source (:class:`SourceRef`: path / array, axes,
+or simply ``run_job(job)`` (``run_job(job, client="local" | address | Client)`` runs the
+stages on Dask workers: :mod:`.pipeline_dask`). A task names its source (:class:`SourceRef`: path / array, axes,
 scene), its plane ``(t, z)``, the options and the temporary output folder; :func:`run_task`
 opens the source lazily, reads only its plane and writes its results straight into its region
 of the output stores. Stages: 0 = ``"fit"`` per plane (features + kernels, small files);
@@ -807,8 +808,21 @@ def plan_job(source: "SourceRef | str | Path", options: PipelineOptions, out: "s
     return Job(source, options, out, tmp, tasks)
 
 
-def run_job(job: Job, progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFn] = None) -> dict:
-    """Serial executor: prepare, every task in order, commit (abort on any error or Ctrl-C)."""
+def run_job(job: Job, progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFn] = None, *,
+            client: Any = None, retries: int = 2, **dask_options: Any) -> dict:
+    """Run a job: prepare, every task, commit (abort on any error or Ctrl-C); returns the report.
+
+    ``client=None``: serially in this process. ``client="local"`` (a process LocalCluster;
+    ``dask_options``: ``n_workers``, ``threads_per_worker``, ``memory_limit`` per worker),
+    ``"tcp://host:8786"`` (a running scheduler; ``connect_timeout``) or a
+    ``distributed.Client``: each stage's tasks run on Dask workers, a failing task is retried
+    ``retries`` times and then aborts the job with an error naming its plane
+    (:func:`.pipeline_dask.run_job_on_dask`). Outputs are byte-identical to the serial path.
+    """
+    if client is not None:
+        from .pipeline_dask import run_job_on_dask
+
+        return run_job_on_dask(job, progress, cancel, client=client, retries=retries, **dask_options)
     job.prepare()
     try:
         report = {}

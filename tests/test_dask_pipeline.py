@@ -1,0 +1,281 @@
+"""The pipeline's jobs on Dask (``run_job(client=...)``, ``upsample-anything run --dask``)
+against the serial path: byte-identical outputs, retried faults, aborted jobs, lazy results.
+
+One 2-worker process ``LocalCluster`` is shared by the module. Images are tiny (56 x 56,
+a 4 x 4 LR grid) and the fit takes 2 steps; the backbone is a randomly initialised ViT-S/14
+written by the test. Faults are injected by a :class:`SourceRef` subclass that fails when
+opened in a worker process (the workers receive it by value through cloudpickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from napari_upsample_anything.distributed import SchedulerUnreachableError
+from napari_upsample_anything.pipeline import PipelineOptions, SourceRef, plan_job, run_job
+from napari_upsample_anything.pipeline_dask import JobTaskError, open_results, worker_memory_limit
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
+
+CLI = [sys.executable, "-m", "napari_upsample_anything.cli"]
+SIZE = 56
+STEPS = 2
+
+
+@dataclass(frozen=True)
+class FlakySourceRef(SourceRef):
+    """A source that fails when a worker process (not the test's) opens it: once (the first
+    open anywhere creates ``marker``), or always."""
+
+    marker: str = ""
+    home_pid: int = 0
+    always: bool = False
+
+    def open(self):
+        if os.getpid() != self.home_pid:
+            if self.always:
+                raise RuntimeError("injected fault: this source is broken")
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: exactly one attempt fails
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                raise RuntimeError("injected fault on the first attempt")
+        return super().open()
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    import timm
+
+    path = tmp_path_factory.mktemp("weights") / "vits14_random.pth"
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, dynamic_img_size=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def options(weights_file):
+    return PipelineOptions(weights=str(weights_file), steps=STEPS, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    from napari_upsample_anything.distributed import start_local_cluster
+
+    client, cluster = start_local_cluster(n_workers=2, threads_per_worker=1, memory_limit="3GiB")
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Four 2 x 56 x 56 images (``cyx``) and a 5-plane 56 x 56 stack (``zyx``) as .npy."""
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    for i, name in enumerate("abcd"):
+        base = np.stack([np.sin(6 * xx + i) * np.cos(5 * yy), (xx + yy + 0.2 * i) % 1.0])
+        np.save(d / f"{name}.npy", (base + 0.05 * rng.standard_normal(base.shape)).astype(np.float32))
+    stack = np.stack([np.sin(7 * xx + z) + (yy > 0.3 + 0.1 * z) for z in range(5)])
+    np.save(d / "stack.npy", (stack + 0.05 * rng.standard_normal(stack.shape)).astype(np.float32))
+    return d
+
+
+def serial(job):
+    """The reference: the serial path with one torch thread, as each worker runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_job(job)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def array_files(folder: Path) -> dict:
+    """Every zarr array (by its path in the folder) and every .npy / .npz array, as bytes."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.name == ".zarray" or (p.name == "zarr.json" and json.loads(p.read_text()).get("node_type") == "array"):
+            arr = zarr.open_array(str(p.parent), mode="r")
+            out[str(p.parent.relative_to(folder))] = (arr.dtype.str, arr.shape, np.asarray(arr[...]).tobytes())
+        elif p.suffix == ".npy":
+            a = np.load(p)
+            out[str(p.relative_to(folder))] = (a.dtype.str, a.shape, a.tobytes())
+        elif p.suffix == ".npz":
+            with np.load(p) as z:
+                for k in z.files:
+                    if k == "meta":  # JSON metadata: all but the wall-clock seconds must agree
+                        meta = json.loads(str(z[k]))
+                        meta.pop("seconds", None)
+                        out[f"{p.relative_to(folder)}:meta"] = meta
+                    else:
+                        out[f"{p.relative_to(folder)}:{k}"] = (z[k].dtype.str, z[k].shape, z[k].tobytes())
+    return out
+
+
+def assert_identical(a: Path, b: Path, expect: tuple) -> None:
+    fa, fb = array_files(a), array_files(b)
+    assert fa, f"no arrays found in {a}"
+    assert sorted(fa) == sorted(fb)
+    for name in expect:
+        assert any(k.startswith(name) for k in fa), (name, sorted(fa))
+    for k in fa:
+        assert fa[k] == fb[k], f"{k} differs between {a} and {b}"
+    assert {p.name for p in a.iterdir()} == {p.name for p in b.iterdir()}
+
+
+def test_stack_on_dask_is_byte_identical_to_serial(cluster_client, data_dir, options, tmp_path):
+    opts = options
+    ref = SourceRef(path=str(data_dir / "stack.npy"), axes="zyx")
+    serial_rep = serial(plan_job(ref, opts, tmp_path / "serial"))
+    events = []
+    dask_rep = run_job(plan_job(ref, opts, tmp_path / "dask"), progress=events.append, client=cluster_client)
+    expect = ("features.ome.zarr", "pca.ome.zarr", "kernels.ome.zarr", "lr_features.ome.zarr")
+    assert_identical(tmp_path / "serial", tmp_path / "dask", expect)
+    assert len(dask_rep["planes"]) == 5 == len(serial_rep["planes"])
+    assert dask_rep["files"] == serial_rep["files"]
+    total = 5 + 1 + 5 + 1  # fit per plane, layout, render per plane, finish
+    assert [e.stage for e in events] == ["tasks"] * len(events)
+    assert events[-1].done == total == events[-1].total
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    res = open_results(tmp_path / "dask")  # lazy dask arrays over the stores
+    feats = res["features"]
+    assert feats["axes"] == "czyx" and feats["data"].shape == (384, 5, SIZE, SIZE)
+    np.testing.assert_array_equal(feats["data"][:, 3].compute(), zarr.open_array(str(tmp_path / "serial" / "features.ome.zarr" / "0"))[:, 3])
+    assert len(res["pca"]["levels"]) >= 1 and res["pca"]["data"].shape == (3, 5, SIZE, SIZE)
+    assert res["kernels"]["data"].shape == (4, 5, 4, 4)
+    assert res["lr_features"]["scale"][-2:] == [SIZE / 4, SIZE / 4]  # LR cells of 14 HR pixels
+
+
+def test_task_failing_once_is_retried_and_output_complete(cluster_client, data_dir, options, tmp_path):
+    ref = SourceRef(path=str(data_dir / "b.npy"), axes="cyx")
+    serial(plan_job(ref, options, tmp_path / "serial"))
+    marker = tmp_path / "fault-fired"
+    flaky = FlakySourceRef(path=ref.path, axes="cyx", marker=str(marker), home_pid=os.getpid())
+    run_job(plan_job(flaky, options, tmp_path / "dask"), client=cluster_client, retries=2)
+    assert marker.exists()  # the fault did fire in a worker
+    assert_identical(tmp_path / "serial", tmp_path / "dask", ("features.ome.zarr", "pca.ome.zarr"))
+
+
+def test_task_failing_every_time_aborts_the_job_and_names_the_plane(cluster_client, data_dir, options, tmp_path):
+    broken = FlakySourceRef(path=str(data_dir / "c.npy"), axes="cyx", home_pid=os.getpid(), always=True)
+    job = plan_job(broken, options, tmp_path / "out" / "c")
+    with pytest.raises(JobTaskError, match=r"1 task\(s\) failed after 1 retries \(fit of plane t=0 z=0\).*injected fault: this source is broken") as info:
+        run_job(job, client=cluster_client, retries=1)
+    assert len(info.value.failures) == 1 and all(not o.ok for o in info.value.failures)
+    assert not (tmp_path / "out").exists()  # no half-written output folder, not even its parent
+
+
+def test_unreachable_scheduler_fails_fast_from_python(data_dir, options, tmp_path, closed_port):
+    address = f"tcp://127.0.0.1:{closed_port}"
+    job = plan_job(SourceRef(path=str(data_dir / "a.npy"), axes="cyx"), options, tmp_path / "out")
+    t0 = time.monotonic()
+    with pytest.raises(SchedulerUnreachableError, match=address):
+        run_job(job, client=address, connect_timeout=2)
+    assert time.monotonic() - t0 < 20
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+def run_cli(args, tmp_path, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_batch_with_local_dask_is_byte_identical_to_serial(data_dir, options, weights_file, tmp_path):
+    from dataclasses import replace
+
+    images = [data_dir / f"{n}.npy" for n in "abcd"]
+    for img in images:
+        serial(plan_job(SourceRef(path=str(img), axes="cyx"), replace(options, format="npy"), tmp_path / "serial" / img.stem))
+    res = run_cli(["run", *images, "--axes", "cyx", "--out", tmp_path / "dask", "--weights", weights_file, "--steps", STEPS,
+                   "--device", "cpu", "--format", "npy", "--dask", "--workers", "2", "--max-memory", "1GiB"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "tasks" in res.stderr  # the tqdm bar over finished tasks
+    for img in images:
+        assert_identical(tmp_path / "serial" / img.stem, tmp_path / "dask" / img.stem, ("features_hr.npy", "kernels.npz"))
+
+
+def test_cli_unreachable_scheduler_fails_in_seconds(data_dir, weights_file, tmp_path, closed_port):
+    address = f"tcp://127.0.0.1:{closed_port}"
+    t0 = time.monotonic()
+    res = run_cli(["run", data_dir / "a.npy", "--axes", "cyx", "--out", tmp_path / "out", "--weights", weights_file,
+                   "--steps", STEPS, "--dask", address], tmp_path, timeout=120)
+    assert time.monotonic() - t0 < 40  # 5 s connection timeout plus interpreter start-up
+    assert res.returncode == 1, res.stderr
+    assert address in res.stderr and "no Dask scheduler answered" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", "2"], "add --dask"),
+        (["--dask", "--workers", "0"], "--workers 0"),
+        (["--dask", "--retries", "-1"], "--retries -1"),
+        (["--dask", "nonsense"], "--dask nonsense"),
+    ],
+)
+def test_cli_bad_dask_flags_are_usage_errors(data_dir, tmp_path, args, message):
+    res = run_cli(["run", data_dir / "a.npy", "--axes", "cyx", "--out", tmp_path / "out", *args], tmp_path, timeout=120)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_worker_memory_limit_is_the_budget_plus_the_process_overhead():
+    assert worker_memory_limit(None) is None and worker_memory_limit("auto") is None
+    assert worker_memory_limit("1GiB") == 2 * 2**30
+
+
+@pytest.mark.parametrize("kind", ["labels", "continuous"])
+def test_cli_map_on_a_running_scheduler_is_byte_identical_to_serial(cluster_client, data_dir, tmp_path, kind, capsys):
+    from napari_upsample_anything.cli import main
+
+    rng = np.random.default_rng(1)
+    lr = rng.integers(0, 3, (4, 4)).astype(np.uint8) if kind == "labels" else rng.standard_normal((2, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "lr.npy", lr)
+    common = ["map", tmp_path / "lr.npy", "--image", data_dir / "a.npy", "--axes", "cyx", "--steps", STEPS, "--device", "cpu", "--quiet"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers
+    try:
+        assert main([str(a) for a in common + ["--out", tmp_path / "serial.npy"]]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    address = cluster_client.scheduler.address  # connect by address, as to a cluster started elsewhere
+    assert main([str(a) for a in common + ["--out", tmp_path / "dask.npy", "--dask", address]]) == 0
+    assert "on Dask" in capsys.readouterr().out
+    a, b = np.load(tmp_path / "serial.npy"), np.load(tmp_path / "dask.npy")
+    assert a.shape == b.shape == ((SIZE, SIZE) if kind == "labels" else (2, SIZE, SIZE)) and a.dtype == b.dtype == lr.dtype
+    assert a.tobytes() == b.tobytes()
+
+
+def test_open_results_refuses_folders_without_ome_zarr_outputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="out_dir="):
+        open_results(tmp_path / "missing")
+    (tmp_path / "npy_run").mkdir()
+    np.save(tmp_path / "npy_run" / "features_hr.npy", np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(ValueError, match="no .ome.zarr outputs"):
+        open_results(tmp_path / "npy_run")
