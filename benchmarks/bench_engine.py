@@ -101,8 +101,16 @@ def run_ours(size, channels, patch, steps, device, max_memory, backend="auto"):
         device, lambda: upa.render(lr_map, guide, field, device=device, max_memory=max_memory, out=out, backend=backend)
     )
     return dict(
-        size=size, lr=h, channels=channels, fit_s=t_fit, fit_peak=m_fit, render_s=t_render, render_peak=m_render,
-        output_bytes=out.nbytes, psnr=field.meta.get("psnr"), final_loss=field.meta.get("final_loss"),
+        size=size,
+        lr=h,
+        channels=channels,
+        fit_s=t_fit,
+        fit_peak=m_fit,
+        render_s=t_render,
+        render_peak=m_render,
+        output_bytes=out.nbytes,
+        psnr=field.meta.get("psnr"),
+        final_loss=field.meta.get("final_loss"),
     ), (guide, lr_map, field, out)
 
 
@@ -122,7 +130,9 @@ def run_dense(size, channels, patch, steps, device, ours_state):
     ours_on_dense_field = upa.render(lr_map, guide_u8, f, device=device)
     diff = float(np.abs(ours_on_dense_field - hr.cpu().numpy()).max() / np.abs(hr.cpu().numpy()).max())
     loss_diff = max(abs(a / b - 1) for a, b in zip(losses, field.meta["loss_per_step"]))
-    return dict(fit_s=t_fit, fit_peak=m_fit, render_s=t_render, render_peak=m_render, render_rel_diff=diff, loss_curve_rel_diff=loss_diff)
+    return dict(
+        fit_s=t_fit, fit_peak=m_fit, render_s=t_render, render_peak=m_render, render_rel_diff=diff, loss_curve_rel_diff=loss_diff
+    )
 
 
 def environment(device: torch.device) -> str:
@@ -132,7 +142,11 @@ def environment(device: torch.device) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    dev = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
     return f"{dev}; torch {torch.__version__}; Python {platform.python_version()}; {datetime.date.today().isoformat()}"
 
 
@@ -183,8 +197,11 @@ def main(argv=None) -> int:
     rows = []
     for size in args.sizes:
         row, state = run_ours(size, args.channels, args.patch, args.steps, device, args.max_memory, args.backend)
-        print(f"ours {size}: fit {row['fit_s']:.2f} s / {format_bytes(row['fit_peak'])}, "
-              f"render {row['render_s']:.2f} s / {format_bytes(row['render_peak'])}", flush=True)
+        print(
+            f"ours {size}: fit {row['fit_s']:.2f} s / {format_bytes(row['fit_peak'])}, "
+            f"render {row['render_s']:.2f} s / {format_bytes(row['render_peak'])}",
+            flush=True,
+        )
         if size in args.dense_sizes:
             if device.type == "cuda":
                 free = torch.cuda.mem_get_info()[0]
@@ -198,8 +215,11 @@ def main(argv=None) -> int:
             else:
                 row["dense"] = run_dense(size, args.channels, args.patch, args.steps, device, state)
                 d = row["dense"]
-                print(f"dense {size}: fit {d['fit_s']:.2f} s / {format_bytes(d['fit_peak'])}, render {d['render_s']:.2f} s / "
-                      f"{format_bytes(d['render_peak'])}; render diff {d['render_rel_diff']:.1e}, loss-curve diff {d['loss_curve_rel_diff']:.1e}", flush=True)
+                print(
+                    f"dense {size}: fit {d['fit_s']:.2f} s / {format_bytes(d['fit_peak'])}, render {d['render_s']:.2f} s / "
+                    f"{format_bytes(d['render_peak'])}; render diff {d['render_rel_diff']:.1e}, loss-curve diff {d['loss_curve_rel_diff']:.1e}",
+                    flush=True,
+                )
         else:
             row["dense_note"] = "not run"
         del state

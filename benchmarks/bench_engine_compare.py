@@ -155,8 +155,12 @@ def main(argv=None) -> int:
     ap.add_argument("--patch", type=int, default=14)
     ap.add_argument("--hr-pca-size", type=int, default=4096, help="0 skips the HR PCA row")
     ap.add_argument("--hr-pca-steps", type=int, default=3, help="fit steps measured at that size (51 are extrapolated)")
-    ap.add_argument("--parts", nargs="+", default=["build", "fit", "render", "upsample", "pca", "threads", "hrpca"],
-                    help="which rows to measure (default: all)")
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=["build", "fit", "render", "upsample", "pca", "threads", "hrpca"],
+        help="which rows to measure (default: all)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for everything but the threads row")
     ap.add_argument("--keep-caches", action="store_true", help="reuse compile caches (build times then not measured)")
@@ -188,8 +192,15 @@ def main(argv=None) -> int:
         reps = args.repeats if size <= 512 else max(2, args.repeats // 2)
         t = interleaved(paths, reps)
         for p in ("eager", "native", "inductor"):
-            rows.append(dict(what=f"fit step {size}^2 ({size // args.patch}^2 LR): {p}", old_cpu=t["old"][0], old_wall=t["old"][1],
-                             new_cpu=t[p][0], new_wall=t[p][1]))
+            rows.append(
+                dict(
+                    what=f"fit step {size}^2 ({size // args.patch}^2 LR): {p}",
+                    old_cpu=t["old"][0],
+                    old_wall=t["old"][1],
+                    new_cpu=t[p][0],
+                    new_wall=t[p][1],
+                )
+            )
         notes.append(f"fit step {size}^2: the four paths' losses agree within {spread:.1e} (relative)")
         log(rows[-3:])
         del paths
@@ -229,7 +240,9 @@ def render_rows(args, S, C, rows, notes, log):
     t = interleaved(fns, max(2, args.repeats // 2))
     diff = max(float(np.abs(outs[k] - outs["old"]).max() / np.abs(outs["old"]).max()) for k in outs)
     for p in ("eager", "compiled"):
-        rows.append(dict(what=f"render {S}^2, C = {C}: {p}", old_cpu=t["old"][0], old_wall=t["old"][1], new_cpu=t[p][0], new_wall=t[p][1]))
+        rows.append(
+            dict(what=f"render {S}^2, C = {C}: {p}", old_cpu=t["old"][0], old_wall=t["old"][1], new_cpu=t[p][0], new_wall=t[p][1])
+        )
     notes.append(f"render {S}^2: outputs of the three paths agree within {diff:.1e} (max abs / max abs)")
     log(rows[-2:])
 
@@ -243,8 +256,15 @@ def upsample_rows(args, C, rows, log):
         "new": lambda: upa.upsample(guide_u8, lr, device="cpu"),
     }
     t = interleaved(full, 2)
-    rows.append(dict(what=f"224^2 full upsample, C = {C}, 51 steps (old = backend='eager')", old_cpu=t["old"][0], old_wall=t["old"][1],
-                     new_cpu=t["new"][0], new_wall=t["new"][1]))
+    rows.append(
+        dict(
+            what=f"224^2 full upsample, C = {C}, 51 steps (old = backend='eager')",
+            old_cpu=t["old"][0],
+            old_wall=t["old"][1],
+            new_cpu=t["new"][0],
+            new_wall=t["new"][1],
+        )
+    )
     log(rows[-1])
 
 
@@ -256,8 +276,15 @@ def pca_rows(args, C, feats, hp, rows, log):
 
     x = feats.reshape(C, -1).T
     t = interleaved({"old": lambda: PCA(3, svd_solver="full").fit(x), "new": lambda: fit_pca(feats, 3, None)}, 2)
-    rows.append(dict(what=f"PCA basis of a {hp}^2 x {C} LR map: SVD (old) vs covariance eigh", old_cpu=t["old"][0], old_wall=t["old"][1],
-                     new_cpu=t["new"][0], new_wall=t["new"][1]))
+    rows.append(
+        dict(
+            what=f"PCA basis of a {hp}^2 x {C} LR map: SVD (old) vs covariance eigh",
+            old_cpu=t["old"][0],
+            old_wall=t["old"][1],
+            new_cpu=t["new"][0],
+            new_wall=t["new"][1],
+        )
+    )
     log(rows[-1])
 
 
@@ -274,11 +301,36 @@ def thread_rows(args, rows, log):
                 return fn()
             finally:
                 torch.set_num_threads(args.threads)
+
         return run
 
-    t = interleaved({"n1": with_threads(1, step), "n2": with_threads(2, step), "e1": with_threads(1, step_eager), "e2": with_threads(2, step_eager)}, args.repeats)
-    rows.append(dict(what="fit step 224^2 native: 1 thread (old) vs 2 threads (new)", old_cpu=t["n1"][0], old_wall=t["n1"][1], new_cpu=t["n2"][0], new_wall=t["n2"][1]))
-    rows.append(dict(what="fit step 224^2 eager: 1 thread (old) vs 2 threads (new)", old_cpu=t["e1"][0], old_wall=t["e1"][1], new_cpu=t["e2"][0], new_wall=t["e2"][1]))
+    t = interleaved(
+        {
+            "n1": with_threads(1, step),
+            "n2": with_threads(2, step),
+            "e1": with_threads(1, step_eager),
+            "e2": with_threads(2, step_eager),
+        },
+        args.repeats,
+    )
+    rows.append(
+        dict(
+            what="fit step 224^2 native: 1 thread (old) vs 2 threads (new)",
+            old_cpu=t["n1"][0],
+            old_wall=t["n1"][1],
+            new_cpu=t["n2"][0],
+            new_wall=t["n2"][1],
+        )
+    )
+    rows.append(
+        dict(
+            what="fit step 224^2 eager: 1 thread (old) vs 2 threads (new)",
+            old_cpu=t["e1"][0],
+            old_wall=t["e1"][1],
+            new_cpu=t["e2"][0],
+            new_wall=t["e2"][1],
+        )
+    )
     log(rows[-2:])
     del step, step_eager
 
@@ -297,16 +349,23 @@ def hr_pca_rows(args, feats, hp, rows, log):
     rows.append(dict(what=f"{S}^2 HR PCA: one fit step (from fits of 1 and {n} steps)", new_cpu=step_cpu, new_wall=step_wall))
     rows.append(dict(what=f"{S}^2 HR PCA: fit setup + final loss", new_cpu=setup_cpu, new_wall=setup_wall))
     rows.append(dict(what=f"{S}^2 HR PCA: 3-channel render + PCA", new_cpu=c_r, new_wall=w_r))
-    rows.append(dict(what=f"{S}^2 HR PCA: total with 51 steps, EXTRAPOLATED (setup + 51 x step + render)",
-                     new_cpu=setup_cpu + 51 * step_cpu + c_r, new_wall=setup_wall + 51 * step_wall + w_r))
+    rows.append(
+        dict(
+            what=f"{S}^2 HR PCA: total with 51 steps, EXTRAPOLATED (setup + 51 x step + render)",
+            new_cpu=setup_cpu + 51 * step_cpu + c_r,
+            new_wall=setup_wall + 51 * step_wall + w_r,
+        )
+    )
     log(rows[-4:])
 
 
 def finish(args, rows, notes, load_before, argv):
     load_after = _load()
-    env = (f"CPU: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} torch thread(s) unless noted; "
-           f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; load average (1/5/15 min) "
-           f"{load_before} before, {load_after} after")
+    env = (
+        f"CPU: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} torch thread(s) unless noted; "
+        f"Python {platform.python_version()}; {datetime.date.today().isoformat()}; load average (1/5/15 min) "
+        f"{load_before} before, {load_after} after"
+    )
     text = render_table(rows, notes, env, argv)
     print(text)
     if args.out:
@@ -329,8 +388,13 @@ def _cpu_name() -> str:
 
 def render_table(rows, notes, env, argv) -> str:
     cmd = "python benchmarks/bench_engine_compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"Environment: {env}.", f"Command: `{cmd.strip()}`", "",
-             "| measurement | old CPU s | old wall s | new CPU s | new wall s | speed-up (CPU) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Environment: {env}.",
+        f"Command: `{cmd.strip()}`",
+        "",
+        "| measurement | old CPU s | old wall s | new CPU s | new wall s | speed-up (CPU) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         oc, ow = r.get("old_cpu"), r.get("old_wall")
         nc, nw = r["new_cpu"], r["new_wall"]

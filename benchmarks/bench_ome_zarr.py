@@ -71,7 +71,11 @@ def main() -> None:
     def progress(done, total, info):
         ticks["n"] += 1
         if ticks["n"] % 50 == 0:
-            print(f"  {done}/{total} LR cells, {time.perf_counter() - t0:.0f} s, VmHWM {format_bytes(vmhwm())}", file=sys.stderr, flush=True)
+            print(
+                f"  {done}/{total} LR cells, {time.perf_counter() - t0:.0f} s, VmHWM {format_bytes(vmhwm())}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     upa.render(lr, guide, field, device="cpu", precision="fp32", max_memory=args.max_memory, out=writer, progress=progress)
     writer.close()
@@ -81,13 +85,19 @@ def main() -> None:
     check = np.asarray(zarr.open_array(str(store / "0"), mode="r")[:2, S // 2, :8])
     assert np.isfinite(check).all() and np.abs(check).sum() > 0
     nbytes = C * S * S * 4
-    print(f"Environment: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; zarr {zarr.__version__}")
+    print(
+        f"Environment: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; zarr {zarr.__version__}"
+    )
     print()
-    print("| image | LR grid | C | HR features (float32) | on disk | chunks | engine budget | time | peak RSS (VmHWM) | before render |")
+    print(
+        "| image | LR grid | C | HR features (float32) | on disk | chunks | engine budget | time | peak RSS (VmHWM) | before render |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {S}^2 | {h}^2 | {C} | {format_bytes(nbytes)} | {format_bytes(on_disk)} | {tuple(arr.chunks)} | {args.max_memory} | "
-          f"{seconds:.0f} s | {format_bytes(peak)} | {format_bytes(before)} |")
+    print(
+        f"| {S}^2 | {h}^2 | {C} | {format_bytes(nbytes)} | {format_bytes(on_disk)} | {tuple(arr.chunks)} | {args.max_memory} | "
+        f"{seconds:.0f} s | {format_bytes(peak)} | {format_bytes(before)} |"
+    )
     print(f"\nband writer: {writer.bands_written} bands, {writer.rows_written} rows")
     if not args.keep:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -39,7 +39,6 @@ run, report); this script is its command line and re-exports the names other scr
 the tests use.
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -96,7 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--quick", action="store_true", help="small smoke run (under 2 minutes)")
     p.add_argument("--options", action="store_true",
                    help="the engine-options study (downsample='area', guide_smoothing) instead: writes quality_options.md")  # fmt: skip
-    p.add_argument("--out", type=Path, default=REPO / "docs", help="folder for quality.md and quality_crops.png (or quality_options.md)")
+    p.add_argument(
+        "--out", type=Path, default=REPO / "docs", help="folder for quality.md and quality_crops.png (or quality_options.md)"
+    )
     p.add_argument("--steps", type=int, default=None, help="GSJBU steps of the main runs (default: 51; quick: 20)")
     p.add_argument("--device", default="cpu", help="device for GSJBU (default cpu: the documented setting)")
     p.add_argument("--threads", type=int, default=1,

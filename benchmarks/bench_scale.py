@@ -195,12 +195,30 @@ def run_halo(args) -> dict:
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         for halo in args.halos:
             t = time.perf_counter()
-            tiled = fit_tiled(img, lr, tile_cells=args.tile_cells, halo=halo, client=args.client, execute_options=dict(n_workers=args.workers), **fit_options(args))
+            tiled = fit_tiled(
+                img,
+                lr,
+                tile_cells=args.tile_cells,
+                halo=halo,
+                client=args.client,
+                execute_options=dict(n_workers=args.workers),
+                **fit_options(args),
+            )
             row = dict(base, halo=halo, n_tiles=tiled.meta["tiled"]["n_tiles"], seconds_tiled=time.perf_counter() - t)
             row.update(compare(img, lr, whole, tiled, labels, args.labels))
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        out[name] = {"rows": rows, "steps": args.steps, "patch": args.patch, "tile_cells": args.tile_cells, "labels": args.labels, "client": str(args.client), "workers": args.workers, "floor_max_memory": args.floor_max_memory if args.floor else None, "stamp": stamp(args, load_start, t0)}
+        out[name] = {
+            "rows": rows,
+            "steps": args.steps,
+            "patch": args.patch,
+            "tile_cells": args.tile_cells,
+            "labels": args.labels,
+            "client": str(args.client),
+            "workers": args.workers,
+            "floor_max_memory": args.floor_max_memory if args.floor else None,
+            "stamp": stamp(args, load_start, t0),
+        }
     return out
 
 
@@ -233,22 +251,59 @@ def run_large(args) -> dict:
         labels = kmeans_labels(img, args.labels)
         opts = fit_options(args)
         t = time.perf_counter()
-        [whole_out] = execute([WholeFitTask(size, args.patch, tuple(opts.items()))], whole_fit_task, client="local", n_workers=1, memory_limit=args.memory_limit)
+        [whole_out] = execute(
+            [WholeFitTask(size, args.patch, tuple(opts.items()))],
+            whole_fit_task,
+            client="local",
+            n_workers=1,
+            memory_limit=args.memory_limit,
+        )
         raise_for_failures([whole_out])
         t_whole = time.perf_counter() - t
         whole = KernelField(**{n: torch.from_numpy(v) for n, v in whole_out.result["maps"].items()})
-        base = dict(size=size, lr=list(lr), steps=args.steps, whole_seconds_wall=t_whole, whole_seconds_fit=whole_out.result["seconds"], whole_peak_rss=whole_out.result["peak_rss"])
+        base = dict(
+            size=size,
+            lr=list(lr),
+            steps=args.steps,
+            whole_seconds_wall=t_whole,
+            whole_seconds_fit=whole_out.result["seconds"],
+            whole_peak_rss=whole_out.result["peak_rss"],
+        )
         print(f"{size}: whole {t_whole:.1f} s, peak {mib(whole_out.result['peak_rss'])}", flush=True)
         for halo in args.halos:
             t = time.perf_counter()
-            tiled = fit_tiled(img, lr, tile_cells=args.tile_cells, halo=halo, client="local", execute_options=dict(n_workers=args.workers, memory_limit=args.memory_limit), **opts)
+            tiled = fit_tiled(
+                img,
+                lr,
+                tile_cells=args.tile_cells,
+                halo=halo,
+                client="local",
+                execute_options=dict(n_workers=args.workers, memory_limit=args.memory_limit),
+                **opts,
+            )
             t_tiled = time.perf_counter() - t
             meta = tiled.meta["tiled"]
-            row = dict(base, halo=halo, tile_cells=args.tile_cells, n_tiles=meta["n_tiles"], workers=args.workers, tiled_seconds_wall=t_tiled, tiled_seconds_sum=float(sum(meta["seconds_per_tile"])), tiled_peak_rss_max=int(max(meta["peak_rss_per_tile"])))
+            row = dict(
+                base,
+                halo=halo,
+                tile_cells=args.tile_cells,
+                n_tiles=meta["n_tiles"],
+                workers=args.workers,
+                tiled_seconds_wall=t_tiled,
+                tiled_seconds_sum=float(sum(meta["seconds_per_tile"])),
+                tiled_peak_rss_max=int(max(meta["peak_rss_per_tile"])),
+            )
             row.update(compare(img, lr, whole, tiled, labels, args.labels))
             rows.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    return {"rows": rows, "steps": args.steps, "patch": args.patch, "memory_limit": args.memory_limit, "max_memory": args.max_memory, "worker_baseline_rss": baseline}
+    return {
+        "rows": rows,
+        "steps": args.steps,
+        "patch": args.patch,
+        "memory_limit": args.memory_limit,
+        "max_memory": args.max_memory,
+        "worker_baseline_rss": baseline,
+    }
 
 
 # ---------------------------------------------------------------------------- throughput
@@ -294,8 +349,12 @@ def run_throughput(args) -> dict:
             store = str(tmp / f"planes_{workers}.zarr")
             size = args.plane_size
             lr = lr_shape_for((size, size), args.patch)
-            zarr.open_array(store, mode="w", shape=(args.planes, args.channels, size, size), chunks=(1, args.channels, size, size), dtype="f4")
-            tasks = [PlaneTask(i, store, size, args.patch, args.channels, tuple(fit_options(args).items())) for i in range(args.planes)]
+            zarr.open_array(
+                store, mode="w", shape=(args.planes, args.channels, size, size), chunks=(1, args.channels, size, size), dtype="f4"
+            )
+            tasks = [
+                PlaneTask(i, store, size, args.patch, args.channels, tuple(fit_options(args).items())) for i in range(args.planes)
+            ]
             t = time.perf_counter()
             outcomes = execute(tasks, process_plane, client="local", n_workers=workers, memory_limit=args.memory_limit)
             wall = time.perf_counter() - t  # includes starting the cluster
@@ -303,7 +362,19 @@ def run_throughput(args) -> dict:
             data = np.asarray(zarr.open_array(store, mode="r")[:])
             same = None if reference is None else bool(data.tobytes() == reference.tobytes())
             reference = data if reference is None else reference
-            row = dict(workers=workers, planes=args.planes, size=size, lr=list(lr), channels=args.channels, steps=args.steps, wall_seconds=wall, planes_per_minute=60 * args.planes / wall, mean_task_seconds=float(np.mean([o.result["seconds"] for o in outcomes])), peak_rss_max=int(max(o.result["peak_rss"] for o in outcomes)), identical_to_first=same)
+            row = dict(
+                workers=workers,
+                planes=args.planes,
+                size=size,
+                lr=list(lr),
+                channels=args.channels,
+                steps=args.steps,
+                wall_seconds=wall,
+                planes_per_minute=60 * args.planes / wall,
+                mean_task_seconds=float(np.mean([o.result["seconds"] for o in outcomes])),
+                peak_rss_max=int(max(o.result["peak_rss"] for o in outcomes)),
+                identical_to_first=same,
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -360,13 +431,25 @@ def run_wsi(args) -> dict:
         def show(done, total, info):
             print(f"  tiles {done}/{total} after {time.perf_counter() - t:.0f} s, load {load_average()}", flush=True)
 
-        field = fit_tiled(guide_z, lr, tile_cells=args.tile_cells, halo=args.wsi_halo, client="local", progress=show, execute_options=dict(n_workers=args.workers, memory_limit=args.memory_limit), radius=args.radius, **fit_options(args))
+        field = fit_tiled(
+            guide_z,
+            lr,
+            tile_cells=args.tile_cells,
+            halo=args.wsi_halo,
+            client="local",
+            progress=show,
+            execute_options=dict(n_workers=args.workers, memory_limit=args.memory_limit),
+            radius=args.radius,
+            **fit_options(args),
+        )
         t_fit = time.perf_counter() - t
         meta = field.meta["tiled"]
         print(f"fit: {t_fit:.0f} s, {meta['n_tiles']} tiles, worker peak {mib(max(meta['peak_rss_per_tile']))}", flush=True)
         guide = np.load(tmp / "guide.npy", mmap_mode="r")  # read tile by tile by the render
         lr_map = np.random.default_rng(0).random((args.channels, *lr)).astype(np.float32)
-        out = zarr.open_array(str(tmp / "out.zarr"), mode="w", shape=(args.channels, size, size), chunks=(args.channels, 512, 2048), dtype="f4")
+        out = zarr.open_array(
+            str(tmp / "out.zarr"), mode="w", shape=(args.channels, size, size), chunks=(args.channels, 512, 2048), dtype="f4"
+        )
         with open("/proc/self/clear_refs", "w") as fh:  # VmHWM of the render alone
             fh.write("5")
         t = time.perf_counter()
@@ -507,7 +590,9 @@ def main(argv=None) -> None:
     p.add_argument("--patch", type=int, default=14, help="HR pixels per LR cell (the ViT patch)")
     p.add_argument("--images", nargs="+", default=["astronaut", "coffee", "chelsea"])
     p.add_argument("--halos", nargs="*", type=int, default=[0, 2, 4, 8])
-    p.add_argument("--floor", action="store_true", help="halo: also refit the whole image with --floor-max-memory (rounding floor)")
+    p.add_argument(
+        "--floor", action="store_true", help="halo: also refit the whole image with --floor-max-memory (rounding floor)"
+    )
     p.add_argument("--floor-max-memory", default="40MB")
     p.add_argument("--tile-cells", type=int, default=18, help="tile interior in LR cells")
     p.add_argument("--labels", type=int, default=4, help="k-means classes of the label task")
@@ -528,7 +613,9 @@ def main(argv=None) -> None:
         args.client = None
     if args.section != "report":
         load_start, t0 = load_average(), time.perf_counter()
-        runner = {"halo": run_halo, "large": run_large, "throughput": run_throughput, "wsi": lambda a: {"result": run_wsi(a)}}[args.section]
+        runner = {"halo": run_halo, "large": run_large, "throughput": run_throughput, "wsi": lambda a: {"result": run_wsi(a)}}[
+            args.section
+        ]
         sec = runner(args)
         res = load_results()  # read now: other sections may have been saved while this one ran
         if args.section == "halo":  # one run per image, each stamped: merge with other images' and rows

@@ -90,7 +90,12 @@ def dense_fit(guide, lr_shape, steps=51, lr=0.1):
     h, w = lr_shape
     lr_img = F.interpolate(guide[None], size=(h, w), mode="bicubic", align_corners=False)[0]
     raw = torch.stack(
-        [torch.full((h, w), math.log(16.0)), torch.full((h, w), math.log(16.0)), torch.zeros(h, w), torch.full((h, w), math.log(0.12))]
+        [
+            torch.full((h, w), math.log(16.0)),
+            torch.full((h, w), math.log(16.0)),
+            torch.zeros(h, w),
+            torch.full((h, w), math.log(0.12)),
+        ]
     ).to(guide.device)
     raw.requires_grad_(True)
     opt = torch.optim.Adam([raw], lr=lr)

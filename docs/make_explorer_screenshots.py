@@ -78,7 +78,7 @@ def main() -> int:
 
     viewer = napari.Viewer(title="napari: Upsample Anything")
     qtwin = viewer.window._qt_window
-    (data, meta, _), = _sample_data.histology()
+    ((data, meta, _),) = _sample_data.histology()
     crop = np.ascontiguousarray(data[200:368, 240:408])
     src = viewer.add_image(crop, name="histology", rgb=True)
     main_w = UpsampleAnythingWidget(viewer)

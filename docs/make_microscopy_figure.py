@@ -54,19 +54,27 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="upa-microscopy-"))
     work.mkdir(parents=True, exist_ok=True)
     stack_path = work / "nuclei.ome.tif"
-    tifffile.imwrite(stack_path, synthetic_stack(), ome=True,
-                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2, "PhysicalSizeZ": 1.0})
+    tifffile.imwrite(
+        stack_path,
+        synthetic_stack(),
+        ome=True,
+        metadata={"axes": "ZYX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2, "PhysicalSizeZ": 1.0},
+    )
     weights = args.weights
     if weights is None:
         import timm
 
         torch.manual_seed(0)
         weights = str(work / "vits14_random.pth")
-        torch.save(timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, dynamic_img_size=True).state_dict(), weights)
+        torch.save(
+            timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, dynamic_img_size=True).state_dict(), weights
+        )
 
     from napari_upsample_anything import cli
 
-    code = cli.main(["run", str(stack_path), "--out", str(work / "out"), "--weights", weights, "--steps", "51", "--device", "cpu", "--quiet"])
+    code = cli.main(
+        ["run", str(stack_path), "--out", str(work / "out"), "--weights", weights, "--steps", "51", "--device", "cpu", "--quiet"]
+    )
     assert code == 0, code
 
     import napari
@@ -76,8 +84,13 @@ def main() -> None:
 
     src = open_image(stack_path)
     viewer = napari.Viewer(show=True)
-    viewer.add_image(src.data[0, 0], name="nuclei (OME-TIFF)", scale=(src.pixel_sizes["z"], src.pixel_sizes["y"], src.pixel_sizes["x"]),
-                     colormap="gray", contrast_limits=(0, 4000))
+    viewer.add_image(
+        src.data[0, 0],
+        name="nuclei (OME-TIFF)",
+        scale=(src.pixel_sizes["z"], src.pixel_sizes["y"], src.pixel_sizes["x"]),
+        colormap="gray",
+        contrast_limits=(0, 4000),
+    )
     levels, kw = layer_data(work / "out" / "nuclei" / "pca.ome.zarr")
     layers = viewer.add_image(levels, **kw)
     for layer in layers:

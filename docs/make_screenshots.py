@@ -130,7 +130,10 @@ def docked_laptop(sample) -> None:
     viewer.add_image(data, **meta)
     widgets = []
     for name in (
-        "Upsample Anything", "Kernel inspector", "Memory monitor", "Upsample a layer with fitted kernels",
+        "Upsample Anything",
+        "Kernel inspector",
+        "Memory monitor",
+        "Upsample a layer with fitted kernels",
     ):
         _dock, widget = viewer.window.add_plugin_dock_widget("napari-upsample-anything", name)
         widgets.append(widget)
@@ -154,7 +157,7 @@ def main() -> int:
     if args.only_docked:
         from napari_upsample_anything.widgets import _sample_data
 
-        (data, meta, _), = _sample_data.histology()
+        ((data, meta, _),) = _sample_data.histology()
         docked_laptop((data, meta))
         return 0
 
@@ -168,7 +171,7 @@ def main() -> int:
 
     viewer = napari.Viewer(title="napari: Upsample Anything")
     qtwin = viewer.window._qt_window
-    (data, meta, _), = _sample_data.histology()
+    ((data, meta, _),) = _sample_data.histology()
     src = viewer.add_image(data, **meta)
 
     main_w = UpsampleAnythingWidget(viewer)

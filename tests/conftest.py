@@ -38,7 +38,7 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
-def _display_problem() -> "str | None":
+def _display_problem() -> str | None:
     """Why napari cannot draw here, or None. (pytest-xvfb normally provides a display.)"""
     platform = os.environ.get("QT_QPA_PLATFORM", "")
     if platform.split(":")[0] in {"offscreen", "minimal"}:

@@ -225,7 +225,9 @@ def test_options_quick_used_the_options(options_run, bq):
         pub = {(r["image"], r["task"], r["down"]): r["psnr"] for r in bq.select(rec, method="gsjbu", noise=noise) if "psnr" in r}
         for v in variants:
             if v != "gsjbu":
-                other = {(r["image"], r["task"], r["down"]): r["psnr"] for r in bq.select(rec, method=v, noise=noise) if "psnr" in r}
+                other = {
+                    (r["image"], r["task"], r["down"]): r["psnr"] for r in bq.select(rec, method=v, noise=noise) if "psnr" in r
+                }
                 assert other.keys() == pub.keys() and all(other[k] != pub[k] for k in pub), v
     # published options add nothing to the field key: the main run's keys are unchanged
     assert bq.field_key(("x", 0, "all"), (7, 8), 20, {}) == ("x", 0, "all", (7, 8), 20)

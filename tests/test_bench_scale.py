@@ -54,8 +54,26 @@ def test_report_rewrites_only_between_markers(bench, tmp_path, monkeypatch):
     md = tmp_path / "scale.md"
     md.write_text("intro\n<!-- bench_scale:throughput -->\nold table\n<!-- /bench_scale:throughput -->\noutro\n")
     monkeypatch.setattr(bench, "MD_PATH", md)
-    row = dict(workers=2, planes=16, size=512, lr=[36, 36], channels=16, steps=3, wall_seconds=120.0, planes_per_minute=8.0, mean_task_seconds=14.0, peak_rss_max=2**30, identical_to_first=True)
-    stamp = dict(argv="python benchmarks/bench_scale.py throughput", date_utc="2026-12-01 15:00", load_average_start="1 1 1", load_average_end="2 2 2", wall_seconds=120.0)
+    row = dict(
+        workers=2,
+        planes=16,
+        size=512,
+        lr=[36, 36],
+        channels=16,
+        steps=3,
+        wall_seconds=120.0,
+        planes_per_minute=8.0,
+        mean_task_seconds=14.0,
+        peak_rss_max=2**30,
+        identical_to_first=True,
+    )
+    stamp = dict(
+        argv="python benchmarks/bench_scale.py throughput",
+        date_utc="2026-12-01 15:00",
+        load_average_start="1 1 1",
+        load_average_end="2 2 2",
+        wall_seconds=120.0,
+    )
     bench.write_report({"throughput": {"rows": [row], "memory_limit": "4GB", "stamp": stamp}})
     text = md.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text

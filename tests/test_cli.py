@@ -43,7 +43,24 @@ def image_file(tmp_path):
 
 def test_run_end_to_end(tmp_path, image_file, weights_file):
     out = tmp_path / "out"
-    res = run_cli(["run", image_file, "--out", out, "--weights", weights_file, "--steps", "3", "--device", "cpu", "--format", "npy", "--quiet"], tmp_path)
+    res = run_cli(
+        [
+            "run",
+            image_file,
+            "--out",
+            out,
+            "--weights",
+            weights_file,
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--format",
+            "npy",
+            "--quiet",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     d = out / "cells"
     assert {p.name for p in d.iterdir()} == {"features_hr.npy", "pca.png", "kernels.npz", "report.json"}
@@ -68,10 +85,30 @@ def test_run_end_to_end(tmp_path, image_file, weights_file):
 
 def test_run_pca_only_and_float16(tmp_path, image_file, weights_file):
     out = tmp_path / "out"
-    res = run_cli(["run", image_file, "--out", out, "--weights", weights_file, "--steps", "1", "--pca-only", "--format", "npy", "--quiet"], tmp_path)
+    res = run_cli(
+        ["run", image_file, "--out", out, "--weights", weights_file, "--steps", "1", "--pca-only", "--format", "npy", "--quiet"],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert not (out / "cells" / "features_hr.npy").exists() and (out / "cells" / "pca.png").exists()
-    res = run_cli(["run", image_file, "--out", out, "--weights", weights_file, "--steps", "1", "--dtype", "float16", "--format", "npy", "--quiet"], tmp_path)
+    res = run_cli(
+        [
+            "run",
+            image_file,
+            "--out",
+            out,
+            "--weights",
+            weights_file,
+            "--steps",
+            "1",
+            "--dtype",
+            "float16",
+            "--format",
+            "npy",
+            "--quiet",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert np.load(out / "cells" / "features_hr.npy", mmap_mode="r").dtype == np.float16
 
@@ -119,6 +156,23 @@ def test_missing_weights_is_a_failure_not_usage(tmp_path, image_file):
 def test_help_explains_every_option(tmp_path):
     res = run_cli(["run", "--help"], tmp_path)
     assert res.returncode == 0
-    for opt in ["--out", "--backbone", "--layer", "--steps", "--device", "--precision", "--max-memory", "--weights", "--pca-only", "--dtype", "--input-size",
-                "--axes", "--scene", "--channels", "--planes", "--format", "--skip-existing"]:
+    for opt in [
+        "--out",
+        "--backbone",
+        "--layer",
+        "--steps",
+        "--device",
+        "--precision",
+        "--max-memory",
+        "--weights",
+        "--pca-only",
+        "--dtype",
+        "--input-size",
+        "--axes",
+        "--scene",
+        "--channels",
+        "--planes",
+        "--format",
+        "--skip-existing",
+    ]:
         assert opt in res.stdout

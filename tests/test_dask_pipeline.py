@@ -158,7 +158,9 @@ def test_stack_on_dask_is_byte_identical_to_serial(cluster_client, data_dir, opt
     res = open_results(tmp_path / "dask")  # lazy dask arrays over the stores
     feats = res["features"]
     assert feats["axes"] == "czyx" and feats["data"].shape == (384, 5, SIZE, SIZE)
-    np.testing.assert_array_equal(feats["data"][:, 3].compute(), zarr.open_array(str(tmp_path / "serial" / "features.ome.zarr" / "0"))[:, 3])
+    np.testing.assert_array_equal(
+        feats["data"][:, 3].compute(), zarr.open_array(str(tmp_path / "serial" / "features.ome.zarr" / "0"))[:, 3]
+    )
     assert len(res["pca"]["levels"]) >= 1 and res["pca"]["data"].shape == (3, 5, SIZE, SIZE)
     assert res["kernels"]["data"].shape == (4, 5, 4, 4)
     assert res["lr_features"]["scale"][-2:] == [SIZE / 4, SIZE / 4]  # LR cells of 14 HR pixels
@@ -177,7 +179,9 @@ def test_task_failing_once_is_retried_and_output_complete(cluster_client, data_d
 def test_task_failing_every_time_aborts_the_job_and_names_the_plane(cluster_client, data_dir, options, tmp_path):
     broken = FlakySourceRef(path=str(data_dir / "c.npy"), axes="cyx", home_pid=os.getpid(), always=True)
     job = plan_job(broken, options, tmp_path / "out" / "c")
-    with pytest.raises(JobTaskError, match=r"1 task\(s\) failed after 1 retries \(fit of plane t=0 z=0\).*injected fault: this source is broken") as info:
+    with pytest.raises(
+        JobTaskError, match=r"1 task\(s\) failed after 1 retries \(fit of plane t=0 z=0\).*injected fault: this source is broken"
+    ) as info:
         run_job(job, client=cluster_client, retries=1)
     assert len(info.value.failures) == 1 and all(not o.ok for o in info.value.failures)
     assert not (tmp_path / "out").exists()  # no half-written output folder, not even its parent
@@ -211,8 +215,30 @@ def test_cli_batch_with_local_dask_is_byte_identical_to_serial(data_dir, options
     images = [data_dir / f"{n}.npy" for n in "abcd"]
     for img in images:
         serial(plan_job(SourceRef(path=str(img), axes="cyx"), replace(options, format="npy"), tmp_path / "serial" / img.stem))
-    res = run_cli(["run", *images, "--axes", "cyx", "--out", tmp_path / "dask", "--weights", weights_file, "--steps", STEPS,
-                   "--device", "cpu", "--format", "npy", "--dask", "--workers", "2", "--max-memory", "1GiB"], tmp_path)
+    res = run_cli(
+        [
+            "run",
+            *images,
+            "--axes",
+            "cyx",
+            "--out",
+            tmp_path / "dask",
+            "--weights",
+            weights_file,
+            "--steps",
+            STEPS,
+            "--device",
+            "cpu",
+            "--format",
+            "npy",
+            "--dask",
+            "--workers",
+            "2",
+            "--max-memory",
+            "1GiB",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert "tasks" in res.stderr  # the tqdm bar over finished tasks
     for img in images:
@@ -222,8 +248,24 @@ def test_cli_batch_with_local_dask_is_byte_identical_to_serial(data_dir, options
 def test_cli_unreachable_scheduler_fails_in_seconds(data_dir, weights_file, tmp_path, closed_port):
     address = f"tcp://127.0.0.1:{closed_port}"
     t0 = time.monotonic()
-    res = run_cli(["run", data_dir / "a.npy", "--axes", "cyx", "--out", tmp_path / "out", "--weights", weights_file,
-                   "--steps", STEPS, "--dask", address], tmp_path, timeout=120)
+    res = run_cli(
+        [
+            "run",
+            data_dir / "a.npy",
+            "--axes",
+            "cyx",
+            "--out",
+            tmp_path / "out",
+            "--weights",
+            weights_file,
+            "--steps",
+            STEPS,
+            "--dask",
+            address,
+        ],
+        tmp_path,
+        timeout=120,
+    )
     assert time.monotonic() - t0 < 40  # 5 s connection timeout plus interpreter start-up
     assert res.returncode == 1, res.stderr
     assert address in res.stderr and "no Dask scheduler answered" in res.stderr
@@ -257,7 +299,19 @@ def test_cli_map_on_a_running_scheduler_is_byte_identical_to_serial(cluster_clie
     rng = np.random.default_rng(1)
     lr = rng.integers(0, 3, (4, 4)).astype(np.uint8) if kind == "labels" else rng.standard_normal((2, 4, 4)).astype(np.float32)
     np.save(tmp_path / "lr.npy", lr)
-    common = ["map", tmp_path / "lr.npy", "--image", data_dir / "a.npy", "--axes", "cyx", "--steps", STEPS, "--device", "cpu", "--quiet"]
+    common = [
+        "map",
+        tmp_path / "lr.npy",
+        "--image",
+        data_dir / "a.npy",
+        "--axes",
+        "cyx",
+        "--steps",
+        STEPS,
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers
     try:

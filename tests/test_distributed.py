@@ -104,7 +104,10 @@ def test_cluster_output_is_byte_identical_to_serial(cluster_client, serial_refer
     store = new_store(tmp_path / "out.zarr")
     seen = []
     outcomes = execute(
-        [BandTask(store, i) for i in range(N_BANDS)], write_band, client=cluster_client, progress=lambda d, t, i: seen.append((d, t))
+        [BandTask(store, i) for i in range(N_BANDS)],
+        write_band,
+        client=cluster_client,
+        progress=lambda d, t, i: seen.append((d, t)),
     )
     assert [o.index for o in outcomes] == list(range(N_BANDS))
     assert all(o.ok for o in outcomes)

@@ -238,15 +238,27 @@ def texture_case():
 # Thresholds are a little below the measured values. (With both textures of the same mean
 # brightness the guide has no edge to follow and the kernels do worse than bilinear:
 # 0.880 against 0.936 -- the range term needs the classes to differ in the image.)
-@pytest.mark.parametrize("route, upsampler, threshold", [
-    ("hr", "kernels", 0.95), ("lr", "kernels", 0.96), ("hr", "bilinear", 0.91), ("lr", "bilinear", 0.91),
-])
+@pytest.mark.parametrize(
+    "route, upsampler, threshold",
+    [
+        ("hr", "kernels", 0.95),
+        ("lr", "kernels", 0.96),
+        ("hr", "bilinear", 0.91),
+        ("lr", "bilinear", 0.91),
+    ],
+)
 def test_two_texture_scribble_segmentation_accuracy(texture_case, route, upsampler, threshold):
     img, truth, lr, field, scribbles = texture_case
     assert 0.009 <= np.count_nonzero(scribbles) / scribbles.size <= 0.012
     labels, probs = segment_scribbles(
-        lr, scribbles, img, field if upsampler == "kernels" else None, route=route, upsampler=upsampler,
-        device="cpu", normalize="none",
+        lr,
+        scribbles,
+        img,
+        field if upsampler == "kernels" else None,
+        route=route,
+        upsampler=upsampler,
+        device="cpu",
+        normalize="none",
     )
     assert labels.shape == truth.shape and probs.shape == (2,) + truth.shape
     assert np.allclose(probs.sum(0), 1.0, atol=1e-4)
@@ -284,8 +296,14 @@ def test_any_estimator_and_unsavable_ones(texture_case, tmp_path):
 
     img, truth, lr, field, scribbles = texture_case
     labels, probs, clf = segment_scribbles(
-        lr, scribbles, img, field, classifier=LogisticRegression(max_iter=500), return_classifier=True,
-        device="cpu", normalize="none",
+        lr,
+        scribbles,
+        img,
+        field,
+        classifier=LogisticRegression(max_iter=500),
+        return_classifier=True,
+        device="cpu",
+        normalize="none",
     )
     assert np.mean(labels == truth) > 0.85
     clf.save(tmp_path / "logreg.npz")
@@ -341,7 +359,9 @@ def test_segmentation_errors_name_the_argument(texture_case):
 def test_progress_and_cancel(texture_case):
     img, truth, lr, field, scribbles = texture_case
     stages = []
-    segment_scribbles(lr, scribbles, img, field, device="cpu", normalize="none", progress=lambda d, t, i: stages.append(i["stage"]))
+    segment_scribbles(
+        lr, scribbles, img, field, device="cpu", normalize="none", progress=lambda d, t, i: stages.append(i["stage"])
+    )
     assert {"training", "classification"} <= set(stages)
     with pytest.raises(upa.Cancelled):
         segment_scribbles(lr, scribbles, img, field, device="cpu", normalize="none", cancel=lambda: True)

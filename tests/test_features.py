@@ -399,7 +399,9 @@ def test_weights_file_roundtrip(vits, tmp_path, suffix):
     assert torch.allclose(fm.features, ref.features, atol=1e-6)
     assert not torch.allclose(fm.features, extract_features(img, vits).features, atol=1e-3)
     # A weights file is used even with pretrained=False.
-    assert extract_features(img, "dinov2_vits14", weights=str(path), pretrained=False, device="cpu").weights_source.startswith("file:")
+    assert extract_features(img, "dinov2_vits14", weights=str(path), pretrained=False, device="cpu").weights_source.startswith(
+        "file:"
+    )
 
 
 def test_original_dinov2_checkpoint_layout(tmp_path):
@@ -423,7 +425,10 @@ def test_original_dinov2_checkpoint_layout(tmp_path):
     # Class and 4 register tokens are dropped: the map is the last 48 tokens of timm's output.
     bb = load_backbone("dinov2_vits14_reg", weights=tmp_path / "timm.pth", device="cpu")
     assert bb.num_prefix_tokens == 5
-    x = ((torch.from_numpy(img).permute(2, 0, 1).float() / 255 - torch.tensor(bb.mean)[:, None, None]) / torch.tensor(bb.std)[:, None, None])[None]
+    x = (
+        (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - torch.tensor(bb.mean)[:, None, None])
+        / torch.tensor(bb.std)[:, None, None]
+    )[None]
     with torch.inference_mode():
         tokens = bb.model.forward_features(x)
     assert tokens.shape[1] == 5 + 48

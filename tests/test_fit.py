@@ -75,7 +75,9 @@ def _our_gradient(guide_hwc, lr_shape, raw, budget, path="eager"):
     raw = raw.clone().requires_grad_(True)
     n = guide.channels * guide.shape[0] * guide.shape[1]
     if path in ("fused", "inductor", "native"):
-        prep = _ChunkedFit(engine, tiles, values, n, keep=True, compiled=True, kernel_name={"fused": "fused-eager"}.get(path, path))
+        prep = _ChunkedFit(
+            engine, tiles, values, n, keep=True, compiled=True, kernel_name={"fused": "fused-eager"}.get(path, path)
+        )
         loss, _ = _loss_and_grad_fused(prep, tiles, raw, per_block, None, None)
     else:
         cache = _TileCache(engine, path == "eager-range-cache", keep_range=path == "eager-range-cache")
@@ -150,7 +152,9 @@ def test_progress_and_cancel_within_one_step():
 
     seen = []
     with pytest.raises(Cancelled):
-        fit_field(Guide(img), (2, 2), steps=50, budget=2**30, progress=lambda d, t, i: seen.append(d), cancel=lambda: len(seen) >= 2)
+        fit_field(
+            Guide(img), (2, 2), steps=50, budget=2**30, progress=lambda d, t, i: seen.append(d), cancel=lambda: len(seen) >= 2
+        )
     assert seen == [1, 2]
 
 

@@ -104,8 +104,15 @@ def test_compiled_render_against_reference(gen):
         out = torch.full((5, H, W), float("nan"))
         engine.render(lr, field, out, budget=2**30, backend="compiled")
         ref = reference_render(
-            lr, guide.permute(2, 0, 1), field.sigma_x, field.sigma_y, field.theta, field.sigma_r,
-            radius=options.radius, alpha=options.alpha, unique_border=options.border == "unique",
+            lr,
+            guide.permute(2, 0, 1),
+            field.sigma_x,
+            field.sigma_y,
+            field.theta,
+            field.sigma_r,
+            radius=options.radius,
+            alpha=options.alpha,
+            unique_border=options.border == "unique",
             radius_in_lr_cells=options.radius_units == "lr",
         )
         assert rel_err(out, ref) < 1e-4
@@ -137,8 +144,14 @@ def test_threads_option_sets_and_restores_torch_threads():
     seen = []
     rng = np.random.default_rng(1)
     guide = (rng.random((28, 28, 3)) * 255).astype(np.uint8)
-    hr = upa.upsample(guide, rng.random((2, 2, 2)).astype(np.float32), steps=1, threads=1, backend="eager",
-                      progress=lambda *a, **k: seen.append(torch.get_num_threads()))
+    hr = upa.upsample(
+        guide,
+        rng.random((2, 2, 2)).astype(np.float32),
+        steps=1,
+        threads=1,
+        backend="eager",
+        progress=lambda *a, **k: seen.append(torch.get_num_threads()),
+    )
     assert hr.shape == (2, 28, 28) and set(seen) == {1}
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads="):

@@ -34,8 +34,24 @@ FUZZ = settings(
 
 ALLOWED = (ValueError, TypeError, FileNotFoundError)
 ARGUMENTS = (
-    "guide", "lr_shape", "steps", "lr", "radius", "alpha", "border", "guide_smoothing", "precision",
-    "normalize", "lr_map", "out", "field", "channel_axis", "device", "max_memory", "seed", "file",
+    "guide",
+    "lr_shape",
+    "steps",
+    "lr",
+    "radius",
+    "alpha",
+    "border",
+    "guide_smoothing",
+    "precision",
+    "normalize",
+    "lr_map",
+    "out",
+    "field",
+    "channel_axis",
+    "device",
+    "max_memory",
+    "seed",
+    "file",
 )
 NAMES = re.compile(r"\b(" + "|".join(ARGUMENTS) + r")\b")
 
@@ -93,7 +109,9 @@ def _check_outcome(call, expected_shape):
 
 guides = st.builds(
     _array,
-    _mostly([(1, 1), (2, 3), (7, 9), (9, 7, 3), (12, 10, 3), (10, 12, 4), (10, 12, 1)], [(0, 5), (5, 8, 8), (8, 8, 2), (1, 1, 3)]),
+    _mostly(
+        [(1, 1), (2, 3), (7, 9), (9, 7, 3), (12, 10, 3), (10, 12, 4), (10, 12, 1)], [(0, 5), (5, 8, 8), (8, 8, 2), (1, 1, 3)]
+    ),
     _mostly([np.uint8, np.uint16, np.int32, np.float16, np.float32, np.float64, np.bool_], [np.complex64]),
     _mostly(["random", "huge", "constant"], ["nan", "inf"]),
     st.integers(0, 3),
@@ -132,7 +150,20 @@ def _fit_maps(guide, lr_shape, options):
     return torch.stack([field.sigma_x, field.sigma_y, field.theta, field.sigma_r])
 
 
-OUT_KINDS = [None, "float32", "float16", "float64", "uint8", "int32", "bool", "complex64", "torch32", "torch_int", "meta", "wrong_shape"]
+OUT_KINDS = [
+    None,
+    "float32",
+    "float16",
+    "float64",
+    "uint8",
+    "int32",
+    "bool",
+    "complex64",
+    "torch32",
+    "torch_int",
+    "meta",
+    "wrong_shape",
+]
 
 
 def _out(kind, shape):
@@ -156,7 +187,10 @@ def _out(kind, shape):
     lr_values=_mostly(["random", "huge", "constant"], ["nan", "inf"]),
     guide_shape=_mostly([(10, 12), (10, 12, 3)], [(5, 10, 12), (3, 4)]),
     guide_dtype=st.sampled_from([np.uint8, np.uint16, np.float32, np.float64]),
-    out_kind=_mostly([None, "float32", "float64", "torch32", "float16"], ["uint8", "int32", "bool", "complex64", "torch_int", "meta", "wrong_shape"]),
+    out_kind=_mostly(
+        [None, "float32", "float64", "torch32", "float16"],
+        ["uint8", "int32", "bool", "complex64", "torch_int", "meta", "wrong_shape"],
+    ),
     options=st.fixed_dictionaries(
         {},
         optional={
@@ -173,7 +207,7 @@ def _out(kind, shape):
 def test_fuzz_render(lr_shape, lr_dtype, lr_values, guide_shape, guide_dtype, out_kind, options, seed):
     lr = _array(lr_shape, lr_dtype, lr_values, seed)
     guide = _array(guide_shape, guide_dtype, "random", seed)
-    h, w = (lr_shape[-2:] if len(lr_shape) >= 2 else (1, 1))
+    h, w = lr_shape[-2:] if len(lr_shape) >= 2 else (1, 1)
     gen = torch.Generator().manual_seed(seed)
     field = KernelField(
         torch.rand(max(h, 1), max(w, 1), generator=gen) * 20 + 0.5,
@@ -181,7 +215,7 @@ def test_fuzz_render(lr_shape, lr_dtype, lr_values, guide_shape, guide_dtype, ou
         torch.rand(max(h, 1), max(w, 1), generator=gen) * 6 - 3,
         torch.rand(max(h, 1), max(w, 1), generator=gen) * 0.3 + 0.003,
     )
-    H, W = (guide_shape[-2:] if len(guide_shape) == 3 and options.get("channel_axis") == 0 else guide_shape[:2])
+    H, W = guide_shape[-2:] if len(guide_shape) == 3 and options.get("channel_axis") == 0 else guide_shape[:2]
     C = lr_shape[0] if len(lr_shape) == 3 else 1
     out = _out(out_kind, (C, H, W))
     result = _check_outcome(lambda: upa.render(lr, guide, field, out=out, max_memory="256MB", **options), (C, H, W))

@@ -33,7 +33,9 @@ def test_offsets_are_the_published_disk_sorted_by_radius():
     assert (8, 0) in pairs and (6, 6) not in pairs and len(pairs) == 197
 
 
-@pytest.mark.parametrize("size_in,size_out", [((16, 16), (224, 224)), ((7, 5), (50, 37)), ((224, 224), (16, 16)), ((50, 61), (6, 9))])
+@pytest.mark.parametrize(
+    "size_in,size_out", [((16, 16), (224, 224)), ((7, 5), (50, 37)), ((224, 224), (16, 16)), ((50, 61), (6, 9))]
+)
 def test_linear_taps_reproduce_interpolate(size_in, size_out):
     img = torch.rand(2, *size_in, generator=torch.Generator().manual_seed(0))
     ref = F.interpolate(img[None], size=size_out, mode="bilinear", align_corners=False)[0]
@@ -43,7 +45,9 @@ def test_linear_taps_reproduce_interpolate(size_in, size_out):
     assert torch.allclose(got, ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("size_in,size_out", [((224, 224), (16, 16)), ((112, 112), (8, 8)), ((50, 61), (6, 9)), ((16, 16), (40, 40))])
+@pytest.mark.parametrize(
+    "size_in,size_out", [((224, 224), (16, 16)), ((112, 112), (8, 8)), ((50, 61), (6, 9)), ((16, 16), (40, 40))]
+)
 def test_cubic_taps_reproduce_interpolate(size_in, size_out):
     img = torch.rand(3, *size_in, generator=torch.Generator().manual_seed(1))
     ref = F.interpolate(img[None], size=size_out, mode="bicubic", align_corners=False)[0]

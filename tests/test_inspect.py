@@ -59,7 +59,7 @@ def test_pixel_weights_reproduce_the_render(gen):
         engine = BlockEngine(Guide(guide.numpy()), (h, w), options, torch.device("cpu"))
         out = torch.empty(5, H, W)
         engine.render(lr, field, out, budget=2**30)
-        for (y, x) in [(0, 0), (22, 30), (44, 60), (10, 59)]:
+        for y, x in [(0, 0), (22, 30), (44, 60), (10, 59)]:
             wmap = pixel_weight_map(engine, field, y, x)
             assert wmap.sum() == pytest.approx(1.0, abs=1e-6) and wmap.min() >= 0
             pred = (lr.double().numpy() * wmap[None]).sum((1, 2))

@@ -23,7 +23,16 @@ from napari_upsample_anything.core.render import BlockEngine, RenderOptions
 
 @pytest.mark.parametrize(
     "text,value",
-    [("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1.5 GiB", int(1.5 * 2**30)), ("100", 100), (4096, 4096), (1e9, 10**9), ("auto", None), (None, None)],
+    [
+        ("2GB", 2 * 10**9),
+        ("512MiB", 512 * 2**20),
+        ("1.5 GiB", int(1.5 * 2**30)),
+        ("100", 100),
+        (4096, 4096),
+        (1e9, 10**9),
+        ("auto", None),
+        (None, None),
+    ],
 )
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value

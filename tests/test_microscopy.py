@@ -77,7 +77,12 @@ def test_planes_and_channels_expressions():
 
 def test_named_axes_from_files_and_arrays(tmp_path):
     zyx = _stack(3, 30, 40)
-    tifffile.imwrite(tmp_path / "s.ome.tif", zyx, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 2.0})
+    tifffile.imwrite(
+        tmp_path / "s.ome.tif",
+        zyx,
+        ome=True,
+        metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 2.0},
+    )
     src = open_image(tmp_path / "s.ome.tif")
     assert src.sizes == {"T": 1, "C": 1, "Z": 3, "Y": 30, "X": 40}
     assert src.pixel_sizes == {"z": 2.0, "y": 0.5, "x": 0.5}
@@ -126,7 +131,9 @@ def test_png_header_claiming_a_huge_image_is_refused_before_decoding(tmp_path):
 
     path = tmp_path / "huge.png"
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
     with pytest.raises(ValueError, match="huge.png.*100000 x 100000"):
         open_image(path)
     res = run_cli(["run", path, "--out", tmp_path / "o", "--quiet"], tmp_path, timeout=300)
@@ -137,8 +144,9 @@ def test_png_header_claiming_a_huge_image_is_refused_before_decoding(tmp_path):
 # ---------------------------------------------------------------------------------- writing
 def test_band_writer_matches_a_direct_render_and_stays_bounded(tmp_path, gen):
     """The render engine writing through a row-band buffer into zarr gives the same array."""
-    import napari_upsample_anything as upa
     from conftest import random_field
+
+    import napari_upsample_anything as upa
 
     C, H, W, h, w = 5, 61, 47, 6, 5
     guide = np.random.default_rng(1).random((H, W)).astype(np.float32)
@@ -178,15 +186,46 @@ def test_ome_tiff_stacks_to_ome_zarr_with_axes_and_pixel_sizes(tmp_path, weights
 
     d = tmp_path / "in"
     d.mkdir()
-    tifffile.imwrite(d / "stack.ome.tif", _stack(3, 56, 56), ome=True,
-                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 2.0})
-    tifffile.imwrite(d / "chans.ome.tif", _stack(3, 56, 56, 1), ome=True, metadata={"axes": "CYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+    tifffile.imwrite(
+        d / "stack.ome.tif",
+        _stack(3, 56, 56),
+        ome=True,
+        metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 2.0},
+    )
+    tifffile.imwrite(
+        d / "chans.ome.tif",
+        _stack(3, 56, 56, 1),
+        ome=True,
+        metadata={"axes": "CYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25},
+    )
     out = tmp_path / "out"
-    res = run_cli(["run", d / "stack.ome.tif", d / "chans.ome.tif", "--out", out, "--weights", weights_file, "--steps", "2", "--device", "cpu", "--quiet"], tmp_path)
+    res = run_cli(
+        [
+            "run",
+            d / "stack.ome.tif",
+            d / "chans.ome.tif",
+            "--out",
+            out,
+            "--weights",
+            weights_file,
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert {p.name for p in out.iterdir()} == {"stack", "chans"}  # no temporary folders left
     stack = out / "stack"
-    assert {p.name for p in stack.iterdir()} == {"features.ome.zarr", "lr_features.ome.zarr", "kernels.ome.zarr", "pca.ome.zarr", "report.json"}
+    assert {p.name for p in stack.iterdir()} == {
+        "features.ome.zarr",
+        "lr_features.ome.zarr",
+        "kernels.ome.zarr",
+        "pca.ome.zarr",
+        "report.json",
+    }
     feats, axes, _ = open_level0(stack / "features.ome.zarr")
     assert axes == "czyx" and feats.shape == (384, 3, 56, 56)
     img = BioImage(stack / "features.ome.zarr")
@@ -238,7 +277,11 @@ def test_batch_names_failures_and_resume(tmp_path, weights_file):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("skipped (exists)") == 2 and (out / "c" / "x" / "report.json").is_file()
     assert (out / "a" / "x" / "report.json").read_text() == first
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("report.json")) == ["a/x/report.json", "b/x/report.json", "c/x/report.json"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("report.json")) == [
+        "a/x/report.json",
+        "b/x/report.json",
+        "c/x/report.json",
+    ]
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -249,8 +292,23 @@ def test_cli_and_widget_paths_give_identical_arrays(tmp_path, weights_file, monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rgb = _rgb_png(tmp_path / "cells.png")
     out = tmp_path / "out"
-    code = cli.main(["run", str(tmp_path / "cells.png"), "--out", str(out), "--weights", str(weights_file), "--steps", "2",
-                     "--device", "cpu", "--guide-smoothing", "1.0", "--quiet"])
+    code = cli.main(
+        [
+            "run",
+            str(tmp_path / "cells.png"),
+            "--out",
+            str(out),
+            "--weights",
+            str(weights_file),
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--guide-smoothing",
+            "1.0",
+            "--quiet",
+        ]
+    )
     assert code == 0
     cfg = RunConfig(weights=str(weights_file), steps=2, device="cpu", hr_features="memory", guide_smoothing=1.0)
     res = run_pipeline([((), rgb)], cfg)
@@ -262,8 +320,25 @@ def test_cli_and_widget_paths_give_identical_arrays(tmp_path, weights_file, monk
     field = read_kernels(out / "cells" / "kernels.ome.zarr")[(0, 0)]
     assert field.equal(plane.field) and field.meta["guide_smoothing"] == 1.0
     # --format npy keeps today's files, with the same numbers
-    code = cli.main(["run", str(tmp_path / "cells.png"), "--out", str(tmp_path / "npy"), "--weights", str(weights_file), "--steps", "2",
-                     "--device", "cpu", "--guide-smoothing", "1.0", "--format", "npy", "--quiet"])
+    code = cli.main(
+        [
+            "run",
+            str(tmp_path / "cells.png"),
+            "--out",
+            str(tmp_path / "npy"),
+            "--weights",
+            str(weights_file),
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--guide-smoothing",
+            "1.0",
+            "--format",
+            "npy",
+            "--quiet",
+        ]
+    )
     assert code == 0
     d = tmp_path / "npy" / "cells"
     assert {p.name for p in d.iterdir()} == {"features_hr.npy", "pca.png", "kernels.npz", "report.json"}
@@ -309,18 +384,67 @@ def test_map_command_equals_upsample(tmp_path, weights_file, monkeypatch):
 
     # kernels saved by `run` are reused as they are (no fit): same as render with that field
     out = tmp_path / "run"
-    assert cli.main(["run", str(tmp_path / "img.png"), "--out", str(out), "--weights", str(weights_file), "--steps", "2",
-                     "--device", "cpu", "--pca-only", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(tmp_path / "img.png"),
+                "--out",
+                str(out),
+                "--weights",
+                str(weights_file),
+                "--steps",
+                "2",
+                "--device",
+                "cpu",
+                "--pca-only",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     fld = read_kernels(out / "img" / "kernels.ome.zarr")[(0, 0)]
     lr = rng.random(fld.shape).astype(np.float32)
     np.save(tmp_path / "depth.npy", lr)
-    assert cli.main(["map", str(tmp_path / "depth.npy"), "--out", str(tmp_path / "depth.tif"), "--kernels", str(out / "img" / "kernels.ome.zarr"),
-                     "--image", str(tmp_path / "img.png"), "--device", "cpu", "--steps", "0", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "map",
+                str(tmp_path / "depth.npy"),
+                "--out",
+                str(tmp_path / "depth.tif"),
+                "--kernels",
+                str(out / "img" / "kernels.ome.zarr"),
+                "--image",
+                str(tmp_path / "img.png"),
+                "--device",
+                "cpu",
+                "--steps",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert rel_err(tifffile.imread(tmp_path / "depth.tif"), upa.render(lr, guide, fld, device="cpu")[0]) < 1e-6
     # a map on another grid than the kernels is refused, naming the fix
     np.save(tmp_path / "coarse.npy", rng.random((3, 3)).astype(np.float32))
-    assert cli.main(["map", str(tmp_path / "coarse.npy"), "--out", str(tmp_path / "x.npy"), "--kernels", str(out / "img" / "kernels.ome.zarr"),
-                     "--image", str(tmp_path / "img.png"), "--quiet"]) == 2
+    assert (
+        cli.main(
+            [
+                "map",
+                str(tmp_path / "coarse.npy"),
+                "--out",
+                str(tmp_path / "x.npy"),
+                "--kernels",
+                str(out / "img" / "kernels.ome.zarr"),
+                "--image",
+                str(tmp_path / "img.png"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "x.npy").exists()
 
 
@@ -370,7 +494,9 @@ def test_ctrl_c_during_render_leaves_no_result_and_keeps_the_earlier_one(tmp_pat
     report = (out / "big" / "report.json").read_text()
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(CLI + [str(a) for a in base + ["--max-memory", "64MB"]], stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        CLI + [str(a) for a in base + ["--max-memory", "64MB"]], stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
     seen = []
 
     def watch():

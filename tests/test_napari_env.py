@@ -40,9 +40,7 @@ def _bright_square(size: int = 64) -> np.ndarray:
 
 def test_viewer_draws_image_layer(make_napari_viewer):
     viewer = make_napari_viewer(show=True)
-    layer = viewer.add_image(
-        _bright_square(), colormap="gray", contrast_limits=(0.0, 1.0), name="square"
-    )
+    layer = viewer.add_image(_bright_square(), colormap="gray", contrast_limits=(0.0, 1.0), name="square")
     assert len(viewer.layers) == 1 and viewer.layers[0] is layer
     viewer.reset_view()
 

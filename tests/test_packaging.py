@@ -92,7 +92,9 @@ def _in_extra(req: Requirement, extra: str | None) -> bool:
 def test_sdist_has_license_tests_and_manifest(built):
     with tarfile.open(built["sdist"]) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
-        pkg_info = email.message_from_bytes(tf.extractfile(next(m for m in tf.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO"))).read())
+        pkg_info = email.message_from_bytes(
+            tf.extractfile(next(m for m in tf.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO"))).read()
+        )
     needed = {
         "LICENSE",
         "pyproject.toml",
@@ -168,12 +170,16 @@ def test_all_extra_brings_napari_and_qt(built):
     def expand(extra: str) -> set[str]:
         out = set()
         for r in map(Requirement, extras[extra]):
-            out |= set().union(*(expand(e) for e in r.extras)) if canonicalize_name(r.name) == NAME else {canonicalize_name(r.name)}
+            out |= (
+                set().union(*(expand(e) for e in r.extras)) if canonicalize_name(r.name) == NAME else {canonicalize_name(r.name)}
+            )
         return out
 
     assert {"napari", "pyqt6"} <= expand("all")
     # The library install stays free of napari and Qt.
-    assert not {"napari", "pyqt6", "qtpy", "magicgui"} & {canonicalize_name(Requirement(r).name) for r in pyproject["dependencies"]}
+    assert not {"napari", "pyqt6", "qtpy", "magicgui"} & {
+        canonicalize_name(Requirement(r).name) for r in pyproject["dependencies"]
+    }
 
 
 def _third_party_imports(files: list[Path]) -> dict[str, set[str]]:
@@ -239,7 +245,9 @@ def test_lazy_exports_are_visible_to_type_checkers():
     assert sorted(napari_upsample_anything.__all__) == sorted([*lazy, "__version__"])
     for name in lazy:  # each resolves to the object its module defines
         module, attr = lazy[name]
-        assert getattr(napari_upsample_anything, name) is getattr(__import__(f"napari_upsample_anything.{module}", fromlist=[attr]), attr)
+        assert getattr(napari_upsample_anything, name) is getattr(
+            __import__(f"napari_upsample_anything.{module}", fromlist=[attr]), attr
+        )
 
 
 def test_version_falls_back_when_not_installed():
@@ -268,7 +276,9 @@ def test_wheel_installs_into_fresh_venv_and_napari_discovers_it(built):
 
     parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
     (Path(purelib) / "_parent_env.pth").write_text("\n".join(parents) + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "--no-index", "--quiet", str(built["wheel"])])
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "--no-index", "--quiet", str(built["wheel"])]
+    )
 
     version = _wheel_metadata(built["wheel"])["Version"]
     cli = bindir / "upsample-anything"

@@ -3,6 +3,7 @@ fit options recorded on the field, bounds, kernels-file hardening, axes, argumen
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zipfile
 
@@ -29,8 +30,13 @@ def small():
 def _reference(lr, guide_u8, field, **options):
     g = torch.from_numpy(guide_u8).double().permute(2, 0, 1) / 255.0
     return reference_render(
-        torch.as_tensor(np.asarray(lr, np.float64)), g, field.sigma_x.double(), field.sigma_y.double(),
-        field.theta.double(), field.sigma_r.double(), **options,
+        torch.as_tensor(np.asarray(lr, np.float64)),
+        g,
+        field.sigma_x.double(),
+        field.sigma_y.double(),
+        field.theta.double(),
+        field.sigma_r.double(),
+        **options,
     )
 
 
@@ -166,7 +172,9 @@ def test_guide_of_another_size_needs_an_explicit_opt_in(small):
     field = upa.fit_kernels(guide, (3, 4), steps=1)
     assert field.options.hr_shape == (42, 56)
     bigger = np.repeat(np.repeat(guide, 2, axis=0), 2, axis=1)  # 84 x 112
-    with pytest.raises(ValueError, match=r"guide is 84 x 112 but the field was fitted on a 42 x 56 guide.*allow_resized_guide=True"):
+    with pytest.raises(
+        ValueError, match=r"guide is 84 x 112 but the field was fitted on a 42 x 56 guide.*allow_resized_guide=True"
+    ):
         upa.render(lr, bigger, field)
     assert upa.render(lr, bigger, field, allow_resized_guide=True).shape == (4, 84, 112)
     with pytest.raises(TypeError, match="allow_resized_guide"):
@@ -181,7 +189,7 @@ def test_fit_options_recorded_saved_and_used_by_default(small, tmp_path):
     assert isinstance(opts, FitOptions)
     assert (opts.radius, opts.alpha, opts.border, opts.radius_units) == (1, 1.5, "unique", "hr")
     assert (opts.guide_smoothing, opts.hr_shape, opts.lr_shape, opts.steps, opts.lr) == (1.0, (42, 56), (3, 4), 2, 0.1)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         opts.radius = 3  # frozen
     loaded = KernelField.load(field.save(tmp_path / "k.npz"))
     assert loaded.options == opts and loaded.meta["loss_per_step"] == field.meta["loss_per_step"]
@@ -229,8 +237,17 @@ def test_inspector_weights_use_the_fit_options(small):
 
 def test_legacy_file_with_meta_only_loads_with_options(tmp_path, gen):
     f = random_field(3, 4, gen)
-    meta = {"format": "napari-upsample-anything/kernel-field/1", "radius": 6, "border": "repeat", "radius_units": "hr",
-            "guide_smoothing": 0.5, "hr_shape": [42, 56], "lr_shape": [3, 4], "steps": 51, "lr": 0.1}
+    meta = {
+        "format": "napari-upsample-anything/kernel-field/1",
+        "radius": 6,
+        "border": "repeat",
+        "radius_units": "hr",
+        "guide_smoothing": 0.5,
+        "hr_shape": [42, 56],
+        "lr_shape": [3, 4],
+        "steps": 51,
+        "lr": 0.1,
+    }
     import json
 
     np.savez_compressed(tmp_path / "old.npz", **f.numpy(), meta=np.array(json.dumps(meta)))
@@ -243,7 +260,15 @@ def test_legacy_file_with_meta_only_loads_with_options(tmp_path, gen):
 # ------------------------------------------------------------------ bounds
 def test_guide_smoothing_bounds(small, gen):
     guide, lr = small
-    for bad, exc in [(1e6, ValueError), (57, ValueError), (float("inf"), ValueError), (float("nan"), ValueError), (-1, ValueError), ("2", TypeError), (True, TypeError)]:
+    for bad, exc in [
+        (1e6, ValueError),
+        (57, ValueError),
+        (float("inf"), ValueError),
+        (float("nan"), ValueError),
+        (-1, ValueError),
+        ("2", TypeError),
+        (True, TypeError),
+    ]:
         with pytest.raises(exc, match="guide_smoothing"):
             upa.fit_kernels(guide, (3, 4), steps=1, guide_smoothing=bad)
     assert upa.render(lr, guide, random_field(3, 4, gen), guide_smoothing=56).shape == (4, 42, 56)
@@ -251,8 +276,18 @@ def test_guide_smoothing_bounds(small, gen):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("guide_smoothing", 1e9), ("radius", 10**6), ("radius", -1), ("alpha", float("nan")), ("hr_shape", [1, 2]),
-     ("border", "wrap"), ("lr", 0), ("steps", 2.5), ("normalize", [1, 0]), ("hr_shape", [10**9, 4])],
+    [
+        ("guide_smoothing", 1e9),
+        ("radius", 10**6),
+        ("radius", -1),
+        ("alpha", float("nan")),
+        ("hr_shape", [1, 2]),
+        ("border", "wrap"),
+        ("lr", 0),
+        ("steps", 2.5),
+        ("normalize", [1, 0]),
+        ("hr_shape", [10**9, 4]),
+    ],
 )
 def test_loaded_options_are_range_checked(tmp_path, small, key, value):
     import json
@@ -315,9 +350,24 @@ def test_load_refuses_any_unreadable_file(tmp_path, gen):
     np.savez(tmp_path / "three_d.npz", **{k: v[None] for k, v in maps.items()})
     np.savez(tmp_path / "ints.npz", **{k: v.astype(np.int32) for k, v in maps.items()})
     np.savez(tmp_path / "extra.npz", **maps, payload=np.zeros(3))
-    _write_zip(tmp_path / "pickle.npz", {**{f"{k}.npy": _npy_bytes(v) for k, v in maps.items()}, "meta.npy": _npy_bytes(np.array([{"a": 1}], dtype=object))})
-    _write_zip(tmp_path / "metajunk.npz", {**{f"{k}.npy": _npy_bytes(v) for k, v in maps.items()}, "meta.npy": _npy_bytes(np.array("{not json"))})
-    expected = list(cases) + ["plain.npy", "nan.npz", "shapes.npz", "three_d.npz", "ints.npz", "extra.npz", "pickle.npz", "metajunk.npz"]
+    _write_zip(
+        tmp_path / "pickle.npz",
+        {**{f"{k}.npy": _npy_bytes(v) for k, v in maps.items()}, "meta.npy": _npy_bytes(np.array([{"a": 1}], dtype=object))},
+    )
+    _write_zip(
+        tmp_path / "metajunk.npz",
+        {**{f"{k}.npy": _npy_bytes(v) for k, v in maps.items()}, "meta.npy": _npy_bytes(np.array("{not json"))},
+    )
+    expected = list(cases) + [
+        "plain.npy",
+        "nan.npz",
+        "shapes.npz",
+        "three_d.npz",
+        "ints.npz",
+        "extra.npz",
+        "pickle.npz",
+        "metajunk.npz",
+    ]
     for name in expected:
         with pytest.raises(ValueError, match=f"{name} is not a kernel field file: "):
             KernelField.load(tmp_path / name)
@@ -444,7 +494,14 @@ def test_render_refuses_meta_tensors(small, gen):
 def test_check_helpers():
     assert check_int(np.int64(3), "n") == 3 and check_int(4.0, "n") == 4 and check_int(torch.tensor(5), "n") == 5
     assert check_float(np.float32(0.5), "x") == 0.5 and check_float(2, "x") == 2.0
-    for bad, exc in [(True, TypeError), (np.bool_(False), TypeError), ("1", TypeError), (None, TypeError), (1 + 2j, TypeError), (float("nan"), ValueError)]:
+    for bad, exc in [
+        (True, TypeError),
+        (np.bool_(False), TypeError),
+        ("1", TypeError),
+        (None, TypeError),
+        (1 + 2j, TypeError),
+        (float("nan"), ValueError),
+    ]:
         with pytest.raises(exc, match="n="):
             check_int(bad, "n")
     with pytest.raises(ValueError, match="x=-1: must be >= 0"):

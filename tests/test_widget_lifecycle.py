@@ -104,9 +104,7 @@ def _close_napari(tmp_path: Path, **args) -> subprocess.CompletedProcess:
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", QT_API=env.get("QT_API", "pyqt6"))
     env.pop("QT_QPA_PLATFORM", None)
     assert env.get("DISPLAY"), "needs the Xvfb display started by pytest-xvfb"
-    return subprocess.run(
-        [sys.executable, str(script), json.dumps(args)], env=env, capture_output=True, text=True, timeout=420
-    )
+    return subprocess.run([sys.executable, str(script), json.dumps(args)], env=env, capture_output=True, text=True, timeout=420)
 
 
 def _assert_clean(proc: subprocess.CompletedProcess) -> None:

@@ -66,7 +66,9 @@ def test_lr_transform_puts_cell_centres_on_hr_cell_centres():
         assert np.allclose(_world(lr["scale"], lr["translate"], (i, j)), _world(hr["scale"], hr["translate"], centre_hr))
     # The LR grid's outer edges coincide with the image's outer pixel edges.
     assert np.allclose(_world(lr["scale"], lr["translate"], (-0.5, -0.5)), _world(layer.scale, layer.translate, (-0.5, -0.5)))
-    assert np.allclose(_world(lr["scale"], lr["translate"], (h - 0.5, w - 0.5)), _world(layer.scale, layer.translate, (99.5, 72.5)))
+    assert np.allclose(
+        _world(lr["scale"], lr["translate"], (h - 0.5, w - 0.5)), _world(layer.scale, layer.translate, (99.5, 72.5))
+    )
 
 
 def test_stack_frames_current_and_all():
@@ -225,7 +227,9 @@ def test_run_pipeline_two_planes_shared_basis_and_cancel():
         return len([e for e in calls if e.stage == "fit"]) >= 3
 
     with pytest.raises(Cancelled):
-        run_pipeline([((), _img(42, 42))], RunConfig(steps=500, pretrained=False, device="cpu"), progress=calls.append, cancel=cancel)
+        run_pipeline(
+            [((), _img(42, 42))], RunConfig(steps=500, pretrained=False, device="cpu"), progress=calls.append, cancel=cancel
+        )
     assert max(e.done for e in calls if e.stage == "fit") == 3
 
 
@@ -300,11 +304,11 @@ def test_manifest_validates_and_is_packaged():
 def test_sample_data():
     from napari_upsample_anything.widgets import _sample_data as sd
 
-    (data, meta, kind), = sd.histology()
+    ((data, meta, kind),) = sd.histology()
     assert data.shape == (512, 512, 3) and meta["rgb"] and kind == "image"
-    (data, meta, kind), = sd.cells()
+    ((data, meta, kind),) = sd.cells()
     assert data.ndim == 2 and kind == "image"
-    (data, meta, kind), = sd.retina()
+    ((data, meta, kind),) = sd.retina()
     assert data.shape == (1411, 1411, 3)
 
 

@@ -161,7 +161,8 @@ def test_four_widgets_docked_fit_a_1366x768_window(make_napari_viewer, qtbot, tm
         assert widget.scroll.viewport().height() >= 60, f"{type(widget).__name__} shows almost nothing"
         viewport = widget.scroll.viewport()
         inputs = [
-            c for c in widget.body.findChildren((QComboBox, QAbstractSpinBox, QLineEdit, QAbstractButton))
+            c
+            for c in widget.body.findChildren((QComboBox, QAbstractSpinBox, QLineEdit, QAbstractButton))
             if c.isVisibleTo(widget) and not isinstance(c.parent(), (QComboBox, QAbstractSpinBox))  # not their editors
         ]
         assert inputs

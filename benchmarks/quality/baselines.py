@@ -128,12 +128,14 @@ class Upsamplers:
     fit options). ``variants`` maps each GSJBU method name to its engine options (keyword
     arguments of ``upa.fit_kernels``; ``guide_smoothing`` is passed to ``upa.render`` too)."""
 
-    def __init__(self, jbu_params: Tuple[float, float], steps: int, device: str = "auto", variants: Optional[Dict[str, dict]] = None):
+    def __init__(
+        self, jbu_params: Tuple[float, float], steps: int, device: str = "auto", variants: Optional[Dict[str, dict]] = None
+    ):
         self.jbu_params = jbu_params
         self.steps = steps
         self.device = device
         self.variants: Dict[str, dict] = {"gsjbu": {}} if variants is None else dict(variants)
-        self.fields: Dict[tuple, "upa.KernelField"] = {}
+        self.fields: Dict[tuple, upa.KernelField] = {}
         self.seconds: Dict[str, List[float]] = {m: [] for m in (*METHODS, *self.variants)}
 
     def field(self, key: tuple, guide_hwc: np.ndarray, lr_shape, steps: Optional[int] = None, options: Optional[dict] = None):
@@ -142,7 +144,14 @@ class Upsamplers:
         options = options or {}
         k = field_key(key, lr_shape, steps, options)
         if k not in self.fields:
-            self.fields[k] = upa.fit_kernels(guide_arg(guide_hwc), lr_shape=tuple(lr_shape), steps=steps, device=self.device, channel_axis=guide_axis(guide_hwc), **options)
+            self.fields[k] = upa.fit_kernels(
+                guide_arg(guide_hwc),
+                lr_shape=tuple(lr_shape),
+                steps=steps,
+                device=self.device,
+                channel_axis=guide_axis(guide_hwc),
+                **options,
+            )
         return self.fields[k]
 
     @property

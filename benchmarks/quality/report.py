@@ -134,7 +134,10 @@ def verdicts(records, cfg: Config, method: str = "gsjbu") -> Tuple[str, List[str
         lost = []
         for im in images:
             o = mean_of(records, metric, method=method, image=im, **sel)
-            b = max(mean_of(records, metric, method="bilinear", image=im, **sel), mean_of(records, metric, method="bicubic", image=im, **sel))
+            b = max(
+                mean_of(records, metric, method="bilinear", image=im, **sel),
+                mean_of(records, metric, method="bicubic", image=im, **sel),
+            )
             if o < b:
                 lost.append(f"{im} ({fmt(metric, o)} vs {fmt(metric, b)})")
         best_interp = max(bl, bc)
@@ -151,7 +154,9 @@ def verdicts(records, cfg: Config, method: str = "gsjbu") -> Tuple[str, List[str
     return table, losses
 
 
-def per_image_tables(records, cfg: Config, methods: Sequence[str] = METHODS, labels: Optional[Dict[str, str]] = None) -> List[str]:
+def per_image_tables(
+    records, cfg: Config, methods: Sequence[str] = METHODS, labels: Optional[Dict[str, str]] = None
+) -> List[str]:
     labels = LABELS if labels is None else labels
     out = []
     for noise in (0,) + tuple(cfg.noise):
@@ -174,7 +179,9 @@ def per_image_tables(records, cfg: Config, methods: Sequence[str] = METHODS, lab
                         row.append(" / ".join(fmt(k, mean_of(recs, k, image=im, method=m)) for k in metrics))
                     rows.append(row)
                 what = {"T1": "self-reconstruction", "T2": "held-out channel", "T3": "label maps"}[task]
-                unit = " / ".join({"psnr": "PSNR dB", "ssim": "SSIM", "miou": "mIoU %", "acc": "acc %", "bf1": "BF1 %"}[k] for k in metrics)
+                unit = " / ".join(
+                    {"psnr": "PSNR dB", "ssim": "SSIM", "miou": "mIoU %", "acc": "acc %", "bf1": "BF1 %"}[k] for k in metrics
+                )
                 out.append(f"#### {task} {what}, {down} LR, scale {scale}, guide noise {noise} ({unit})\n\n"
                            + md_table(["image", "LR", *[labels[m] for m in methods]], rows))  # fmt: skip
     return out
@@ -390,10 +397,16 @@ def options_delta_table(res: dict, against: str) -> str:
                     continue
                 if against == "interp":
                     d = mean_of(rec, metric, method=v, **sel) - _best_interp(rec, metric, **sel)
-                    k = sum(mean_of(rec, metric, method=v, image=im, **sel) >= _best_interp(rec, metric, image=im, **sel) for im in images)
+                    k = sum(
+                        mean_of(rec, metric, method=v, image=im, **sel) >= _best_interp(rec, metric, image=im, **sel)
+                        for im in images
+                    )
                 else:
                     d = mean_of(rec, metric, method=v, **sel) - mean_of(rec, metric, method=against, **sel)
-                    k = sum(mean_of(rec, metric, method=v, image=im, **sel) > mean_of(rec, metric, method=against, image=im, **sel) for im in images)
+                    k = sum(
+                        mean_of(rec, metric, method=v, image=im, **sel) > mean_of(rec, metric, method=against, image=im, **sel)
+                        for im in images
+                    )
                 row.append(f"{fmt_delta(metric, d)} ({k}/{len(images)})")
             rows.append(row)
     return md_table(["variant", "noise"] + [c[3] for c in SUMMARY_COLS], rows)
@@ -543,7 +556,14 @@ def write_options_markdown(path: Path, cfg: Config, res: dict) -> None:
         sec = res["seconds"].get(m, [])
         if sec:
             rows.append([f"{lab[m]} upsample", f"{np.mean(sec):.3f}", str(len(sec)), "1-5 channels, render only"])
-    rows.append(["whole run (wall)", f"{res['wall_seconds']:.1f}", "1", f"load average at start / end: {res['load'][0]} / {res['load'][1]}"])
+    rows.append(
+        [
+            "whole run (wall)",
+            f"{res['wall_seconds']:.1f}",
+            "1",
+            f"load average at start / end: {res['load'][0]} / {res['load'][1]}",
+        ]
+    )
     a(md_table(["step", "mean seconds", "calls", "note"], rows))
     a("")
     a(f"JBU grid search: {jbu['seconds']:.1f} s (while the fits ran).")

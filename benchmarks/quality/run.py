@@ -74,7 +74,16 @@ class Runner:
                 self.records.append(
                     dict(base, task="T1", down=down, method=m, psnr=psnr(scene.image, pred), ssim=ssim(scene.image, pred))
                 )
-            self._keep_for_figure("T1", scene, scale, noise, down, scene.image, preds, interp_up(lr_map, (H, W), "nearest").numpy().transpose(1, 2, 0))
+            self._keep_for_figure(
+                "T1",
+                scene,
+                scale,
+                noise,
+                down,
+                scene.image,
+                preds,
+                interp_up(lr_map, (H, W), "nearest").numpy().transpose(1, 2, 0),
+            )
         # ---- task 2: held-out channel
         if scene.channels == 3:
             c = held_out_channel(scene.name)
@@ -88,9 +97,27 @@ class Runner:
                     pred = ups.run(m, lr_map, guide2, key2).transpose(1, 2, 0)
                     preds[m] = pred
                     self.records.append(
-                        dict(base, task="T2", down=down, method=m, channel=CHANNEL_NAMES[c], psnr=psnr(truth, pred), ssim=ssim(truth, pred))
+                        dict(
+                            base,
+                            task="T2",
+                            down=down,
+                            method=m,
+                            channel=CHANNEL_NAMES[c],
+                            psnr=psnr(truth, pred),
+                            ssim=ssim(truth, pred),
+                        )
                     )
-                self._keep_for_figure("T2", scene, scale, noise, down, truth, preds, interp_up(lr_map, (H, W), "nearest").numpy().transpose(1, 2, 0), CHANNEL_NAMES[c])
+                self._keep_for_figure(
+                    "T2",
+                    scene,
+                    scale,
+                    noise,
+                    down,
+                    truth,
+                    preds,
+                    interp_up(lr_map, (H, W), "nearest").numpy().transpose(1, 2, 0),
+                    CHANNEL_NAMES[c],
+                )
         # ---- task 3: label maps
         if scene.labels is not None:
             onehot = F.one_hot(torch.from_numpy(scene.labels), scene.n_classes).permute(2, 0, 1).float()
@@ -100,7 +127,9 @@ class Runner:
                 out = ups.run(m, probs, guide, key)
                 pred = out.argmax(0)
                 preds[m] = pred
-                self.records.append(dict(base, task="T3", down="area", method=m, **label_metrics(scene.labels, pred, scene.n_classes)))
+                self.records.append(
+                    dict(base, task="T3", down="area", method=m, **label_metrics(scene.labels, pred, scene.n_classes))
+                )
             lr_up = interp_up(probs, (H, W), "nearest").numpy().argmax(0)
             self._keep_for_figure("T3", scene, scale, noise, "area", scene.labels, preds, lr_up)
 
@@ -123,7 +152,9 @@ class Runner:
                 pred = ups.run("gsjbu", probs, scene.image, key, steps).argmax(0)
                 row.update(label_metrics(scene.labels, pred, scene.n_classes))
             rows.append(row)
-            self.log(f"  steps {steps:4d}: fit {row['seconds']:.1f} s, T1 PSNR {row['psnr_bicubic']:.2f} / {row['psnr_area']:.2f} dB")
+            self.log(
+                f"  steps {steps:4d}: fit {row['seconds']:.1f} s, T1 PSNR {row['psnr_bicubic']:.2f} / {row['psnr_area']:.2f} dB"
+            )
         return rows
 
 
@@ -151,7 +182,9 @@ def longest_first(jobs: Sequence[tuple]) -> List[tuple]:
     return sorted(unique.values(), key=lambda j: -j[3] * j[1].shape[0] * j[1].shape[1] * (7 + j[1].shape[2]))
 
 
-def fit_all(jobs: Sequence[tuple], workers: int, device: str, log, during: Optional[Callable] = None) -> Dict[tuple, "upa.KernelField"]:
+def fit_all(
+    jobs: Sequence[tuple], workers: int, device: str, log, during: Optional[Callable] = None
+) -> Dict[tuple, upa.KernelField]:
     """Run the fits ``(key, guide, lr_shape, steps, fit options)``, in ``workers`` processes with
     one torch thread each when ``workers > 1``.
 
@@ -162,7 +195,7 @@ def fit_all(jobs: Sequence[tuple], workers: int, device: str, log, during: Optio
     """
     from napari_upsample_anything.api import fit_kernels
 
-    fields: Dict[tuple, "upa.KernelField"] = {}
+    fields: Dict[tuple, upa.KernelField] = {}
     t0 = time.perf_counter()
     if workers <= 1:
         by_key = {j[0]: j for j in jobs}
@@ -170,7 +203,9 @@ def fit_all(jobs: Sequence[tuple], workers: int, device: str, log, during: Optio
         def fit_now(key):
             if key not in fields:
                 _, guide, lr, steps, options = by_key[key]
-                fields[key] = fit_kernels(guide_arg(guide), lr_shape=lr, steps=steps, device=device, channel_axis=guide_axis(guide), **options)
+                fields[key] = fit_kernels(
+                    guide_arg(guide), lr_shape=lr, steps=steps, device=device, channel_axis=guide_axis(guide), **options
+                )
             return fields[key]
 
         if during is not None:
@@ -184,7 +219,15 @@ def fit_all(jobs: Sequence[tuple], workers: int, device: str, log, during: Optio
         ctx = mp.get_context("spawn")  # fork after torch's thread pool started can hang
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as ex:
             futures = {
-                key: ex.submit(fit_kernels, guide_arg(guide), lr_shape=lr, steps=steps, device=device, channel_axis=guide_axis(guide), **options)
+                key: ex.submit(
+                    fit_kernels,
+                    guide_arg(guide),
+                    lr_shape=lr,
+                    steps=steps,
+                    device=device,
+                    channel_axis=guide_axis(guide),
+                    **options,
+                )
                 for key, guide, lr, steps, options in jobs
             }
             if during is not None:
@@ -224,7 +267,9 @@ def tune_jbu(cfg: Config, scenes: Sequence[Scene], log) -> dict:
     grid /= max(1, len(scenes) * len(cfg.jbu_scales) * 2)
     i, j = np.unravel_index(int(np.argmax(grid)), grid.shape)
     best = (float(cfg.jbu_sigma_s[i]), float(cfg.jbu_sigma_r[j]))
-    log(f"JBU grid search: best sigma_s={best[0]} LR cells, sigma_r={best[1]} ({grid[i, j]:.2f} dB), {time.perf_counter() - t0:.1f} s")
+    log(
+        f"JBU grid search: best sigma_s={best[0]} LR cells, sigma_r={best[1]} ({grid[i, j]:.2f} dB), {time.perf_counter() - t0:.1f} s"
+    )
     return {"grid": grid, "best": best, "seconds": time.perf_counter() - t0}
 
 

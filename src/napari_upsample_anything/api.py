@@ -125,9 +125,7 @@ def _check_out(out, shape: Tuple[int, int, int], values: torch.Tensor, lr_was_nu
         if out.dtype not in (torch.float16, torch.float32, torch.float64):
             raise TypeError(f"out has dtype {out.dtype}; give a float16, float32 or float64 buffer")
         if not lr_was_numpy and out.device != values.device:
-            raise TypeError(
-                f"out is on {out.device} but lr_map is on {values.device}; give out on lr_map's device"
-            )
+            raise TypeError(f"out is on {out.device} but lr_map is on {values.device}; give out on lr_map's device")
         is_half = out.dtype == torch.float16
     elif isinstance(out, np.ndarray):
         if out.dtype not in (np.float16, np.float32, np.float64):
@@ -157,8 +155,7 @@ def _check_out(out, shape: Tuple[int, int, int], values: torch.Tensor, lr_was_nu
         raise ValueError(f"out has shape {tuple(out.shape)}; it must be (C, H, W) = {shape}")
     if is_half and float(values.abs().max()) > 65504.0:
         raise ValueError(
-            "out is float16 but lr_map has values beyond 65504 (float16's largest), which would become Inf; "
-            "give a float32 out"
+            "out is float16 but lr_map has values beyond 65504 (float16's largest), which would become Inf; give a float32 out"
         )
 
 
@@ -192,8 +189,8 @@ def fit_kernels(
     alpha: float = 2.0,
     border: str = "repeat",
     radius_units: str = "hr",
-    device: "str | torch.device" = "auto",
-    precision: "str | torch.dtype" = "auto",
+    device: str | torch.device = "auto",
+    precision: str | torch.dtype = "auto",
     max_memory: Budget = None,
     normalize: Normalize = "auto",
     guide_smoothing: float = 0.0,
@@ -342,8 +339,8 @@ def render(
     alpha: Optional[float] = None,
     border: Optional[str] = None,
     radius_units: Optional[str] = None,
-    device: "str | torch.device" = "auto",
-    precision: "str | torch.dtype" = "auto",
+    device: str | torch.device = "auto",
+    precision: str | torch.dtype = "auto",
     max_memory: Budget = None,
     normalize: Optional[Normalize] = None,
     guide_smoothing: Optional[float] = None,
@@ -440,8 +437,8 @@ def upsample(
     alpha: float = 2.0,
     border: str = "repeat",
     radius_units: str = "hr",
-    device: "str | torch.device" = "auto",
-    precision: "str | torch.dtype" = "auto",
+    device: str | torch.device = "auto",
+    precision: str | torch.dtype = "auto",
     max_memory: Budget = None,
     normalize: Normalize = "auto",
     guide_smoothing: float = 0.0,
@@ -515,7 +512,9 @@ def upsample(
     return (hr, field) if return_field else hr
 
 
-def pca_rgb(features: ArrayLike, *, basis=None, fit_on: Optional[ArrayLike] = None, max_samples: Optional[int] = 100_000, seed: int = 0):
+def pca_rgb(
+    features: ArrayLike, *, basis=None, fit_on: Optional[ArrayLike] = None, max_samples: Optional[int] = 100_000, seed: int = 0
+):
     """3-component PCA of a ``(C, ...)`` feature map as an RGB image in [0, 1].
 
     Parameters

@@ -111,10 +111,19 @@ def options_from_args(args, channels=None):
 
     try:
         opts = PipelineOptions(
-            backbone=args.backbone, layer=args.layer, input_size=args.input_size, weights=args.weights,
-            steps=args.steps, device=args.device, precision=args.precision, max_memory=args.max_memory,
-            guide_smoothing=args.guide_smoothing, fit_downsample=args.fit_downsample, channels=channels,
-            hr_features=not getattr(args, "pca_only", False), hr_dtype=getattr(args, "dtype", "float32"),
+            backbone=args.backbone,
+            layer=args.layer,
+            input_size=args.input_size,
+            weights=args.weights,
+            steps=args.steps,
+            device=args.device,
+            precision=args.precision,
+            max_memory=args.max_memory,
+            guide_smoothing=args.guide_smoothing,
+            fit_downsample=args.fit_downsample,
+            channels=channels,
+            hr_features=not getattr(args, "pca_only", False),
+            hr_dtype=getattr(args, "dtype", "float32"),
             format=getattr(args, "format", "ome-zarr"),
         ).validate()
         from .core.device import resolve_device
@@ -149,8 +158,17 @@ def _check_planes_flag(text: Optional[str]) -> None:
 
 
 # ------------------------------------------------------------------------------ run
-def process_image(source, out: Path, options, *, planes: Optional[str] = "all", name: str = "", quiet: bool = False,
-                  client=None, retries: int = 2) -> Dict:
+def process_image(
+    source,
+    out: Path,
+    options,
+    *,
+    planes: Optional[str] = "all",
+    name: str = "",
+    quiet: bool = False,
+    client=None,
+    retries: int = 2,
+) -> Dict:
     """One input through the pipeline into the folder ``out`` (written under a temporary name
     and renamed when complete); returns the report. ``source``: a path or a
     :class:`~..pipeline.SourceRef` (an array with axes). ``client``: run the tasks on Dask
@@ -177,13 +195,19 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _check_dask_flags(args) -> None:
-    for flag, value, lo in (("--workers", args.workers, 1), ("--threads-per-worker", args.threads_per_worker, 1), ("--retries", args.retries, 0)):
+    for flag, value, lo in (
+        ("--workers", args.workers, 1),
+        ("--threads-per-worker", args.threads_per_worker, 1),
+        ("--retries", args.retries, 0),
+    ):
         if value is not None and value < lo:
             raise UsageError(f"{flag} {value}: give a whole number >= {lo}")
     if not args.dask and (args.workers is not None or args.threads_per_worker != 1):
         raise UsageError("--workers / --threads-per-worker start local Dask workers: add --dask")
     if args.dask and args.dask != "local" and ":" not in args.dask:
-        raise UsageError(f"--dask {args.dask}: give a scheduler address such as tcp://host:8786, or --dask alone for local workers")
+        raise UsageError(
+            f"--dask {args.dask}: give a scheduler address such as tcp://host:8786, or --dask alone for local workers"
+        )
 
 
 def cmd_run(args) -> int:
@@ -216,8 +240,12 @@ def _dask_from_args(args):
         return contextlib.nullcontext(None)
     from .pipeline_dask import dask_client, worker_memory_limit
 
-    return dask_client(args.dask, n_workers=args.workers, threads_per_worker=args.threads_per_worker,
-                       memory_limit=worker_memory_limit(args.max_memory))
+    return dask_client(
+        args.dask,
+        n_workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        memory_limit=worker_memory_limit(args.max_memory),
+    )
 
 
 def _run_batch(args, options, out: Path, names: List[str], client) -> int:
@@ -232,8 +260,16 @@ def _run_batch(args, options, out: Path, names: List[str], client) -> int:
             continue
         ref = SourceRef(path=str(path), axes=args.axes, scene=args.scene)
         try:
-            rep = process_image(ref, target, options, planes=args.planes, name=Path(path).name, quiet=args.quiet,
-                                client=client, retries=args.retries)
+            rep = process_image(
+                ref,
+                target,
+                options,
+                planes=args.planes,
+                name=Path(path).name,
+                quiet=args.quiet,
+                client=client,
+                retries=args.retries,
+            )
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - reported; the batch goes on
@@ -242,14 +278,27 @@ def _run_batch(args, options, out: Path, names: List[str], client) -> int:
 
                 traceback.print_exc()
             failures.append(exc)
-            print(f"upsample-anything: {path}: {'error' if not _usage_like(exc) else 'bad input'}: {_one_line(exc)}", file=sys.stderr)
+            print(
+                f"upsample-anything: {path}: {'error' if not _usage_like(exc) else 'bad input'}: {_one_line(exc)}",
+                file=sys.stderr,
+            )
             rows.append([str(path), "", "", "", "", "", "", "", "FAILED: " + type(exc).__name__, ""])
             continue
         s = rep["seconds"]
-        rows.append([
-            str(path), str(len(rep["planes"])), "x".join(map(str, rep["hr_shape"])), "x".join(map(str, rep["lr_shape"])), str(rep["channels"]),
-            f"{s['features']:.1f}", f"{s['fit']:.1f}", f"{s.get('render', 0.0) + s.get('pca', 0.0):.1f}", "ok", str(target),
-        ])
+        rows.append(
+            [
+                str(path),
+                str(len(rep["planes"])),
+                "x".join(map(str, rep["hr_shape"])),
+                "x".join(map(str, rep["lr_shape"])),
+                str(rep["channels"]),
+                f"{s['features']:.1f}",
+                f"{s['fit']:.1f}",
+                f"{s.get('render', 0.0) + s.get('pca', 0.0):.1f}",
+                "ok",
+                str(target),
+            ]
+        )
     print(_table(rows))
     if failures:
         print(f"upsample-anything: {len(failures)} of {len(args.images)} input(s) failed", file=sys.stderr)
@@ -258,7 +307,7 @@ def _run_batch(args, options, out: Path, names: List[str], client) -> int:
 
 
 # ------------------------------------------------------------------------------ map
-def read_map(path: "str | Path"):
+def read_map(path: str | Path):
     """An LR map from ``.npy``, TIFF or OME-Zarr as ``(h, w)`` or ``(C, h, w)`` numpy (channels
     first; OME-Zarr t / z axes of size 1 are dropped)."""
     import numpy as np
@@ -360,8 +409,10 @@ def cmd_map(args) -> int:
     if args.kernels is not None:
         field = _load_kernels(args.kernels, (t, z))
         if tuple(field.shape) != tuple(lr.shape[-2:]):
-            raise UsageError(f"--kernels {args.kernels} are on a {field.shape[0]} x {field.shape[1]} grid but the map is "
-                             f"{lr.shape[-2]} x {lr.shape[-1]}; leave --kernels out to fit kernels for the map's grid")
+            raise UsageError(
+                f"--kernels {args.kernels} are on a {field.shape[0]} x {field.shape[1]} grid but the map is "
+                f"{lr.shape[-2]} x {lr.shape[-1]}; leave --kernels out to fit kernels for the map's grid"
+            )
     bar = Bar(f"{Path(args.map).name}", args.quiet)
     try:
         res = upsample_map(lr, guide, field, options, kind=kind, progress=bar)
@@ -373,8 +424,10 @@ def cmd_map(args) -> int:
     sizes = {a: src.pixel_sizes.get(a) for a in "yx"}
     _write_map(out, result, sizes, src.unit if any(sizes.values()) else None)
     H, W = guide.shape[:2]
-    print(f"{args.map} ({kind}, {'x'.join(map(str, lr.shape))}) -> {out} ({'x'.join(map(str, result.shape))}, {result.dtype}); "
-          f"kernels {'from ' + str(args.kernels) if args.kernels else 'fitted'} on {Path(args.image).name} plane t={t} z={z} ({H}x{W})")
+    print(
+        f"{args.map} ({kind}, {'x'.join(map(str, lr.shape))}) -> {out} ({'x'.join(map(str, result.shape))}, {result.dtype}); "
+        f"kernels {'from ' + str(args.kernels) if args.kernels else 'fitted'} on {Path(args.image).name} plane t={t} z={z} ({H}x{W})"
+    )
     return EXIT_OK
 
 
@@ -384,9 +437,17 @@ def _map_on_dask(args, options, kind: str, plane) -> int:
     from .distributed import execute
     from .pipeline_dask import JobTaskError, describe_map_task
 
-    spec = {"map": str(Path(args.map).resolve()), "image": str(Path(args.image).resolve()), "axes": args.axes, "scene": args.scene,
-            "plane": tuple(plane), "kernels": str(Path(args.kernels).resolve()) if args.kernels else None, "kind": kind,
-            "options": options, "out": str(Path(args.out).resolve())}
+    spec = {
+        "map": str(Path(args.map).resolve()),
+        "image": str(Path(args.image).resolve()),
+        "axes": args.axes,
+        "scene": args.scene,
+        "plane": tuple(plane),
+        "kernels": str(Path(args.kernels).resolve()) if args.kernels else None,
+        "kind": kind,
+        "options": options,
+        "out": str(Path(args.out).resolve()),
+    }
     with _dask_from_args(args) as client:
         bar = Bar(f"{Path(args.map).name}: tasks", args.quiet)
         try:
@@ -418,12 +479,14 @@ def map_task(spec: dict) -> dict:
     out = Path(spec["out"])
     _write_map(out, result, sizes, src.unit if any(sizes.values()) else None)
     H, W = guide.shape[:2]
-    summary = (f"{spec['map']} ({spec['kind']}, {'x'.join(map(str, lr.shape))}) -> {out} ({'x'.join(map(str, result.shape))}, {result.dtype}); "
-               f"kernels {'from ' + str(spec['kernels']) if spec['kernels'] else 'fitted'} on {Path(spec['image']).name} plane t={t} z={z} ({H}x{W}), on Dask")
+    summary = (
+        f"{spec['map']} ({spec['kind']}, {'x'.join(map(str, lr.shape))}) -> {out} ({'x'.join(map(str, result.shape))}, {result.dtype}); "
+        f"kernels {'from ' + str(spec['kernels']) if spec['kernels'] else 'fitted'} on {Path(spec['image']).name} plane t={t} z={z} ({H}x{W}), on Dask"
+    )
     return {"summary": summary, "shape": list(result.shape)}
 
 
-def _load_kernels(path: "str | Path", plane):
+def _load_kernels(path: str | Path, plane):
     from .core.field import KernelField
 
     p = Path(path)
@@ -474,8 +537,16 @@ def model_free_demo(image, outdir: Path, args, field=None, quiet: bool = False) 
     lr = F.adaptive_avg_pool2d(truth[None], (h, w))[0]
     if field is None:
         bar = Bar("demo: fit", quiet)
-        field = api.fit_kernels(image, (h, w), steps=args.steps, device=args.device, max_memory=_parse_memory(args.max_memory),
-                                progress=bar, downsample=args.fit_downsample, guide_smoothing=args.guide_smoothing)
+        field = api.fit_kernels(
+            image,
+            (h, w),
+            steps=args.steps,
+            device=args.device,
+            max_memory=_parse_memory(args.max_memory),
+            progress=bar,
+            downsample=args.fit_downsample,
+            guide_smoothing=args.guide_smoothing,
+        )
         bar.close()
     results = {
         "nearest": F.interpolate(lr[None], size=(H, W), mode="nearest")[0],
@@ -519,12 +590,16 @@ def cmd_demo(args) -> int:
         from .core.field import KernelField
 
         field = KernelField.load(out / "features" / "kernels.npz")
-        print(f"features: {rep['backbone']} ({rep['weights_source']}), {rep['channels']} channels, "
-              f"{rep['lr_shape'][0]}x{rep['lr_shape'][1]} -> {rep['hr_shape'][0]}x{rep['hr_shape'][1]}; features/pca.png, features/features_hr.npy written")
+        print(
+            f"features: {rep['backbone']} ({rep['weights_source']}), {rep['channels']} channels, "
+            f"{rep['lr_shape'][0]}x{rep['lr_shape'][1]} -> {rep['hr_shape'][0]}x{rep['hr_shape'][1]}; features/pca.png, features/features_hr.npy written"
+        )
     except WeightsUnavailableError as exc:
         first = str(exc).strip().splitlines()[0]
-        print(f"pretrained weights are not available here ({first}); running the model-free part of the demo "
-              "(pass --weights FILE to run the feature part)")
+        print(
+            f"pretrained weights are not available here ({first}); running the model-free part of the demo "
+            "(pass --weights FILE to run the feature part)"
+        )
         report["features"] = {"skipped": str(exc)}
     free, field = model_free_demo(image, out, args, field, quiet=args.quiet)
     report["model_free"] = free
@@ -548,78 +623,179 @@ def build_parser() -> argparse.ArgumentParser:
         "optimisation and use them to upsample its DINOv2 features (or any low-resolution map) to full resolution.",
     )
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    ap.add_argument("--traceback", action="store_true", help="show the Python traceback on errors (for bug reports); also accepted after the subcommand")
+    ap.add_argument(
+        "--traceback",
+        action="store_true",
+        help="show the Python traceback on errors (for bug reports); also accepted after the subcommand",
+    )
     sub = ap.add_subparsers(dest="command", required=True, metavar="{run,map,demo}")
 
     def common(p):
-        p.add_argument("--backbone", default="dinov2_vits14",
-                       help="feature backbone: dinov2_vits14 / vitb14 / vitl14 / vitg14, their _reg variants, or a timm ViT name (default: %(default)s)")
-        p.add_argument("--layer", type=int, default=-1, help="transformer block whose patch tokens are used; negative counts from the end (default: %(default)s)")
-        p.add_argument("--input-size", type=int, default=None, help="working resolution of the backbone: long side in pixels (default: the image's own size)")
-        p.add_argument("--weights", default=None, help="local weights file (timm/torch state dict or the original DINOv2 .pth) instead of the Hugging Face cache")
-        p.add_argument("--steps", type=int, default=51, help="kernel-fitting Adam steps (default: %(default)s, the published run)")
+        p.add_argument(
+            "--backbone",
+            default="dinov2_vits14",
+            help="feature backbone: dinov2_vits14 / vitb14 / vitl14 / vitg14, their _reg variants, or a timm ViT name (default: %(default)s)",
+        )
+        p.add_argument(
+            "--layer",
+            type=int,
+            default=-1,
+            help="transformer block whose patch tokens are used; negative counts from the end (default: %(default)s)",
+        )
+        p.add_argument(
+            "--input-size",
+            type=int,
+            default=None,
+            help="working resolution of the backbone: long side in pixels (default: the image's own size)",
+        )
+        p.add_argument(
+            "--weights",
+            default=None,
+            help="local weights file (timm/torch state dict or the original DINOv2 .pth) instead of the Hugging Face cache",
+        )
+        p.add_argument(
+            "--steps", type=int, default=51, help="kernel-fitting Adam steps (default: %(default)s, the published run)"
+        )
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-        p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                       help="dtype of the feature aggregation; auto = fp16 on CUDA, fp32 elsewhere (default: %(default)s)")
-        p.add_argument("--max-memory", default=None, help="working-memory budget, e.g. 2GB or 512MiB (default: a safe fraction of free memory)")
-        p.add_argument("--fit-downsample", default="bicubic", choices=["bicubic", "area"],
-                       help="LR input of the kernel fit: bicubic (published) or area averages, closer to how a ViT token summarises its patch (default: %(default)s)")
-        p.add_argument("--guide-smoothing", type=float, default=0.0,
-                       help="Gaussian sigma in pixels applied to the image before fitting and rendering; helps with noisy images (default: %(default)s = off)")
+        p.add_argument(
+            "--precision",
+            default="auto",
+            choices=["auto", "fp32", "fp16", "bf16"],
+            help="dtype of the feature aggregation; auto = fp16 on CUDA, fp32 elsewhere (default: %(default)s)",
+        )
+        p.add_argument(
+            "--max-memory",
+            default=None,
+            help="working-memory budget, e.g. 2GB or 512MiB (default: a safe fraction of free memory)",
+        )
+        p.add_argument(
+            "--fit-downsample",
+            default="bicubic",
+            choices=["bicubic", "area"],
+            help="LR input of the kernel fit: bicubic (published) or area averages, closer to how a ViT token summarises its patch (default: %(default)s)",
+        )
+        p.add_argument(
+            "--guide-smoothing",
+            type=float,
+            default=0.0,
+            help="Gaussian sigma in pixels applied to the image before fitting and rendering; helps with noisy images (default: %(default)s = off)",
+        )
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def dask_flags(p):
-        p.add_argument("--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
-                       help="run the planes as Dask tasks: alone, on a local cluster of --workers processes; with a scheduler "
-                       "address (tcp://host:8786), on that cluster (e.g. one started by dask-jobqueue on SLURM)")
-        p.add_argument("--workers", type=int, default=None,
-                       help="with --dask: local worker processes (default: one per CPU core / --threads-per-worker)")
-        p.add_argument("--threads-per-worker", type=int, default=1,
-                       help="with --dask: Dask and torch threads per local worker (default: %(default)s)")
-        p.add_argument("--retries", type=int, default=2, help="with --dask: extra attempts of a failing task before the input fails (default: %(default)s)")
+        p.add_argument(
+            "--dask",
+            nargs="?",
+            const="local",
+            default=None,
+            metavar="ADDRESS",
+            help="run the planes as Dask tasks: alone, on a local cluster of --workers processes; with a scheduler "
+            "address (tcp://host:8786), on that cluster (e.g. one started by dask-jobqueue on SLURM)",
+        )
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help="with --dask: local worker processes (default: one per CPU core / --threads-per-worker)",
+        )
+        p.add_argument(
+            "--threads-per-worker",
+            type=int,
+            default=1,
+            help="with --dask: Dask and torch threads per local worker (default: %(default)s)",
+        )
+        p.add_argument(
+            "--retries",
+            type=int,
+            default=2,
+            help="with --dask: extra attempts of a failing task before the input fails (default: %(default)s)",
+        )
 
     def image_options(p):
-        p.add_argument("--axes", default=None,
-                       help="axes of a plain TIFF / .npy without axes metadata, e.g. zyx, cyx, tczyx, yxs (RGB); never guessed; OME files name their own")
+        p.add_argument(
+            "--axes",
+            default=None,
+            help="axes of a plain TIFF / .npy without axes metadata, e.g. zyx, cyx, tczyx, yxs (RGB); never guessed; OME files name their own",
+        )
         p.add_argument("--scene", default=None, help="scene of a multi-scene file: index or name (default: the first)")
-        p.add_argument("--channels", default="all",
-                       help="channels that form the guide: 'all' or indices such as 0,2 (3 channels: RGB, 1: gray, others: mean of normalised channels; default: %(default)s)")
-        p.add_argument("--planes", default="all",
-                       help="Y x X planes to process: all, z=3, t=0:10, t=0,z=2:4 (Python ranges, end excluded; default: %(default)s)")
+        p.add_argument(
+            "--channels",
+            default="all",
+            help="channels that form the guide: 'all' or indices such as 0,2 (3 channels: RGB, 1: gray, others: mean of normalised channels; default: %(default)s)",
+        )
+        p.add_argument(
+            "--planes",
+            default="all",
+            help="Y x X planes to process: all, z=3, t=0:10, t=0,z=2:4 (Python ranges, end excluded; default: %(default)s)",
+        )
 
-    run = sub.add_parser("run", help="process image files",
-                         description="Extract features, fit kernels, write HR features, PCA picture, kernels and a report per image (one folder per input).")
-    run.add_argument("images", nargs="+", metavar="IMAGE", help="image files: OME-TIFF, TIFF, OME-Zarr, PNG, JPEG, .npy (CZI/ND2/LIF with the 'formats' extra)")
-    run.add_argument("--out", required=True, help="output directory (one sub-directory per image, named from its path relative to the inputs' common folder)")
+    run = sub.add_parser(
+        "run",
+        help="process image files",
+        description="Extract features, fit kernels, write HR features, PCA picture, kernels and a report per image (one folder per input).",
+    )
+    run.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files: OME-TIFF, TIFF, OME-Zarr, PNG, JPEG, .npy (CZI/ND2/LIF with the 'formats' extra)",
+    )
+    run.add_argument(
+        "--out",
+        required=True,
+        help="output directory (one sub-directory per image, named from its path relative to the inputs' common folder)",
+    )
     common(run)
     image_options(run)
-    run.add_argument("--format", default="ome-zarr", choices=["ome-zarr", "npy"],
-                     help="array outputs: ome-zarr (features.ome.zarr, pca.ome.zarr with a pyramid, kernels.ome.zarr) or npy (features_hr.npy, kernels.npz) (default: %(default)s)")
-    run.add_argument("--pca-only", action="store_true", help="write only the PCA picture, kernels and report (skip the C x H x W features)")
-    run.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of the HR features (default: %(default)s)")
+    run.add_argument(
+        "--format",
+        default="ome-zarr",
+        choices=["ome-zarr", "npy"],
+        help="array outputs: ome-zarr (features.ome.zarr, pca.ome.zarr with a pyramid, kernels.ome.zarr) or npy (features_hr.npy, kernels.npz) (default: %(default)s)",
+    )
+    run.add_argument(
+        "--pca-only", action="store_true", help="write only the PCA picture, kernels and report (skip the C x H x W features)"
+    )
+    run.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16"], help="dtype of the HR features (default: %(default)s)"
+    )
     dask_flags(run)
-    run.add_argument("--skip-existing", action="store_true", help="skip inputs whose output folder is complete (resume an interrupted batch)")
+    run.add_argument(
+        "--skip-existing", action="store_true", help="skip inputs whose output folder is complete (resume an interrupted batch)"
+    )
     run.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
-    mp = sub.add_parser("map", help="upsample a low-resolution map (probabilities, labels, depth) onto an image",
-                        description="Upsample an LR map file (.npy, TIFF, OME-Zarr; (h, w) or channels-first (C, h, w)) to the "
-                        "resolution of IMAGE with kernels saved by 'run' (--kernels) or fitted first. Labels in, labels out "
-                        "(argmax of the upsampled one-hot); probabilities or other values in, the same out.")
+    mp = sub.add_parser(
+        "map",
+        help="upsample a low-resolution map (probabilities, labels, depth) onto an image",
+        description="Upsample an LR map file (.npy, TIFF, OME-Zarr; (h, w) or channels-first (C, h, w)) to the "
+        "resolution of IMAGE with kernels saved by 'run' (--kernels) or fitted first. Labels in, labels out "
+        "(argmax of the upsampled one-hot); probabilities or other values in, the same out.",
+    )
     mp.add_argument("map", metavar="MAP", help="the LR map file")
     mp.add_argument("--image", required=True, help="the high-resolution image (guide)")
     mp.add_argument("--out", required=True, help="output file: .npy, .tif or .ome.zarr")
-    mp.add_argument("--kernels", default=None, help="kernels.ome.zarr or kernels.npz from 'run' (default: fit kernels for the map's grid)")
-    mp.add_argument("--kind", default="auto", choices=["auto", "labels", "continuous"],
-                    help="labels (integer map -> argmax of the upsampled one-hot) or continuous; auto: 2-D integer maps are labels (default: %(default)s)")
+    mp.add_argument(
+        "--kernels", default=None, help="kernels.ome.zarr or kernels.npz from 'run' (default: fit kernels for the map's grid)"
+    )
+    mp.add_argument(
+        "--kind",
+        default="auto",
+        choices=["auto", "labels", "continuous"],
+        help="labels (integer map -> argmax of the upsampled one-hot) or continuous; auto: 2-D integer maps are labels (default: %(default)s)",
+    )
     common(mp)
     image_options(mp)
     dask_flags(mp)
     mp.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     mp.set_defaults(func=cmd_map)
 
-    demo = sub.add_parser("demo", help="run the whole job on a bundled sample image",
-                          description="Runs on scikit-image's immunohistochemistry sample. Without pretrained weights it says so and runs the model-free part.")
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole job on a bundled sample image",
+        description="Runs on scikit-image's immunohistochemistry sample. Without pretrained weights it says so and runs the model-free part.",
+    )
     demo.add_argument("--out", default="upa-demo", help="output directory (default: %(default)s)")
     common(demo)
     demo.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

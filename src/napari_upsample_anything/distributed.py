@@ -117,7 +117,7 @@ class TqdmProgress:
     def close(self) -> None:
         self._bar.close()
 
-    def __enter__(self) -> "TqdmProgress":
+    def __enter__(self) -> TqdmProgress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -313,8 +313,7 @@ def _execute_dask(tasks, fn, client, retries, progress, cancel) -> List[TaskOutc
     token = uuid.uuid4().hex[:8]
     name = getattr(fn, "__name__", "task")
     futures = [
-        client.submit(fn, task, key=f"{name}-{index}-{token}", retries=retries, pure=False)
-        for index, task in enumerate(tasks)
+        client.submit(fn, task, key=f"{name}-{index}-{token}", retries=retries, pure=False) for index, task in enumerate(tasks)
     ]
     position = {f.key: i for i, f in enumerate(futures)}
     outcomes: List[Optional[TaskOutcome]] = [None] * total

@@ -84,7 +84,9 @@ _OPTION_NAMES = ("radius", "alpha", "border", "radius_units")
 def _check_features(features, name: str = "features"):
     """Validate a (C, ., .) feature array without copying it (it may be a large memmap)."""
     if isinstance(features, torch.Tensor):
-        if features.is_complex() or not (features.is_floating_point() or features.dtype in (torch.int32, torch.int64, torch.uint8)):
+        if features.is_complex() or not (
+            features.is_floating_point() or features.dtype in (torch.int32, torch.int64, torch.uint8)
+        ):
             raise TypeError(f"{name} has dtype {features.dtype}; give real-valued features")
     else:
         if not hasattr(features, "shape") or not hasattr(features, "dtype"):
@@ -104,7 +106,11 @@ def _check_features(features, name: str = "features"):
 
 def _lr_tensor(features, name: str = "features") -> torch.Tensor:
     """The (small) LR features as a finite float32 CPU tensor."""
-    t = features.detach().to("cpu", torch.float32) if isinstance(features, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(features, np.float32))
+    t = (
+        features.detach().to("cpu", torch.float32)
+        if isinstance(features, torch.Tensor)
+        else torch.from_numpy(np.ascontiguousarray(features, np.float32))
+    )
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf values; replace them (e.g. np.nan_to_num) first")
     return t
@@ -217,8 +223,17 @@ def _stream(src: _Source, consume, *, device, max_memory, precision, progress, c
     """Render ``src``'s LR features with its field, handing each tile to ``consume``."""
     sink = TileSink((src.channels,) + tuple(src.hr_shape), consume)
     api.render(
-        src.lr, src.guide, src.field, out=sink, device=device, precision=precision, max_memory=max_memory,
-        normalize=src.normalize, progress=_stage(progress, stage), cancel=cancel, **options,
+        src.lr,
+        src.guide,
+        src.field,
+        out=sink,
+        device=device,
+        precision=precision,
+        max_memory=max_memory,
+        normalize=src.normalize,
+        progress=_stage(progress, stage),
+        cancel=cancel,
+        **options,
     )
     return sink
 
@@ -234,7 +249,7 @@ def similarity_map(
     norm: str = "exact",
     hr_shape: Optional[Tuple[int, int]] = None,
     normalize="auto",
-    device: "str | torch.device" = "auto",
+    device: str | torch.device = "auto",
     precision: str = "fp32",
     max_memory=None,
     progress: Optional[ProgressFn] = None,
@@ -293,14 +308,22 @@ def similarity_map(
     H, W = src.hr_shape
     if src.mode == "hr":
         feats = src.features
-        samples = np.asarray(feats[:, ys, xs] if not isinstance(feats, torch.Tensor) else feats[:, ys, xs].cpu().numpy(), np.float64)
+        samples = np.asarray(
+            feats[:, ys, xs] if not isinstance(feats, torch.Tensor) else feats[:, ys, xs].cpu().numpy(), np.float64
+        )
         query = samples.mean(axis=1)
-        return similarity_from_bands(_checked_band(hr_band_reader(feats)), query, src.hr_shape, src.channels, progress=progress, cancel=cancel)
+        return similarity_from_bands(
+            _checked_band(hr_band_reader(feats)), query, src.hr_shape, src.channels, progress=progress, cancel=cancel
+        )
     if src.mode == "bilinear":
         query = bilinear_at(src.lr, src.hr_shape, ys, xs).double().mean(0).numpy()
         return similarity_from_bands(
-            lambda y0, y1: bilinear_rows(src.lr, src.hr_shape, y0, y1), query, src.hr_shape, src.channels,
-            progress=progress, cancel=cancel,
+            lambda y0, y1: bilinear_rows(src.lr, src.hr_shape, y0, y1),
+            query,
+            src.hr_shape,
+            src.channels,
+            progress=progress,
+            cancel=cancel,
         )
     # GSJBU kernels: the points' mean HR feature is the LR map weighted by the mean of their
     # effective weight maps (render is linear with weights summing to one).
@@ -318,8 +341,16 @@ def similarity_map(
     q = torch.from_numpy(query)
     two = torch.stack([torch.einsum("c,chw->hw", q, lr64), (lr64 * lr64).sum(0)]).to(torch.float32)
     out = api.render(
-        two.numpy(), guide, field, device=device, precision=precision, max_memory=max_memory, normalize=normalize,
-        progress=_stage(progress, "similarity"), cancel=cancel, **options,
+        two.numpy(),
+        guide,
+        field,
+        device=device,
+        precision=precision,
+        max_memory=max_memory,
+        normalize=normalize,
+        progress=_stage(progress, "similarity"),
+        cancel=cancel,
+        **options,
     )
     return cosine(out[0].astype(np.float64), out[1].astype(np.float64), float(np.linalg.norm(query)))
 
@@ -328,7 +359,14 @@ def compare_similarity(features: ArrayLike, points, guide: ArrayLike, field: Ker
     """``{"kernels": ..., "bilinear": ...}``: :func:`similarity_map` of LR features both ways."""
     return {
         "kernels": similarity_map(features, points, guide, field, upsampler="kernels", **kwargs),
-        "bilinear": similarity_map(features, points, guide, None, upsampler="bilinear", **{k: v for k, v in kwargs.items() if k in ("progress", "cancel")}),
+        "bilinear": similarity_map(
+            features,
+            points,
+            guide,
+            None,
+            upsampler="bilinear",
+            **{k: v for k, v in kwargs.items() if k in ("progress", "cancel")},
+        ),
     }
 
 
@@ -385,7 +423,7 @@ def train_classifier(
     samples_per_class: Optional[int] = DEFAULT_SAMPLES_PER_CLASS,
     seed: int = 0,
     normalize="auto",
-    device: "str | torch.device" = "auto",
+    device: str | torch.device = "auto",
     precision: str = "fp32",
     max_memory=None,
     progress: Optional[ProgressFn] = None,
@@ -443,14 +481,27 @@ def train_classifier(
             X = bilinear_at(src.lr, src.hr_shape, ys, xs).numpy()
         else:
             gather = PixelGatherer(ys, xs, src.hr_shape, src.channels)
-            _stream(src, gather, device=device, max_memory=max_memory, precision=precision, progress=progress,
-                    cancel=cancel, stage="training", options=options)
+            _stream(
+                src,
+                gather,
+                device=device,
+                max_memory=max_memory,
+                precision=precision,
+                progress=progress,
+                cancel=cancel,
+                stage="training",
+                options=options,
+            )
             X = gather.samples
         if include_image:
             X = np.concatenate([X, _image_channels(guide, normalize, field)[:, ys, xs].T], 1)
     check_cancel(cancel, "training")
     clf = ScribbleClassifier.train(
-        X, labels, classifier, route=route, include_image=bool(include_image),
+        X,
+        labels,
+        classifier,
+        route=route,
+        include_image=bool(include_image),
         meta={"upsampler": upsampler if src.is_lr else "none", "channels": src.channels, "seed": int(seed)},
     )
     report(progress, 1, 1, stage="training")
@@ -458,7 +509,7 @@ def train_classifier(
 
 
 def apply_classifier(
-    classifier: "ScribbleClassifier | str | os.PathLike",
+    classifier: ScribbleClassifier | str | os.PathLike,
     features: ArrayLike,
     guide: Optional[ArrayLike] = None,
     field: Optional[KernelField] = None,
@@ -466,7 +517,7 @@ def apply_classifier(
     route: Optional[str] = None,
     upsampler: str = "kernels",
     normalize="auto",
-    device: "str | torch.device" = "auto",
+    device: str | torch.device = "auto",
     precision: str = "fp32",
     max_memory=None,
     progress: Optional[ProgressFn] = None,
@@ -516,19 +567,38 @@ def apply_classifier(
         lr_prob = np.asarray(classifier.predict_proba(X), np.float32).T.reshape(K, h, w)
         if src.mode == "kernels":
             probs = api.render(
-                lr_prob, guide, field, device=device, precision=precision, max_memory=max_memory, normalize=normalize,
-                progress=_stage(progress, "classification"), cancel=cancel, **options,
+                lr_prob,
+                guide,
+                field,
+                device=device,
+                precision=precision,
+                max_memory=max_memory,
+                normalize=normalize,
+                progress=_stage(progress, "classification"),
+                cancel=cancel,
+                **options,
             )
         else:
-            probs = torch.nn.functional.interpolate(torch.from_numpy(lr_prob)[None], (H, W), mode="bilinear", align_corners=False)[0].numpy()
+            probs = torch.nn.functional.interpolate(
+                torch.from_numpy(lr_prob)[None], (H, W), mode="bilinear", align_corners=False
+            )[0].numpy()
     else:
         probs = np.zeros((K, H, W), np.float32)
         image = _image_channels(guide, normalize, field) if include else None
         extra = (lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1]) if include else None
         writer = ProbabilityWriter(classifier.predict_proba, probs, extra)
         if src.mode == "kernels":
-            _stream(src, writer, device=device, max_memory=max_memory, precision=precision, progress=progress,
-                    cancel=cancel, stage="classification", options=options)
+            _stream(
+                src,
+                writer,
+                device=device,
+                max_memory=max_memory,
+                precision=precision,
+                progress=progress,
+                cancel=cancel,
+                stage="classification",
+                options=options,
+            )
         else:
             if src.mode == "hr":
                 bands = _checked_band(hr_band_reader(src.features))
@@ -567,10 +637,29 @@ def segment_scribbles(
     when ``return_classifier`` (its ``classes`` give the label value of each probability map).
     """
     clf = train_classifier(
-        features, scribbles, guide, field, classifier=classifier, route=route, upsampler=upsampler,
-        include_image=include_image, samples_per_class=samples_per_class, seed=seed, progress=progress, cancel=cancel, **kwargs,
+        features,
+        scribbles,
+        guide,
+        field,
+        classifier=classifier,
+        route=route,
+        upsampler=upsampler,
+        include_image=include_image,
+        samples_per_class=samples_per_class,
+        seed=seed,
+        progress=progress,
+        cancel=cancel,
+        **kwargs,
     )
     labels, probs = apply_classifier(
-        clf, features, guide, field, route=route, upsampler=upsampler, progress=progress, cancel=cancel, **kwargs,
+        clf,
+        features,
+        guide,
+        field,
+        route=route,
+        upsampler=upsampler,
+        progress=progress,
+        cancel=cancel,
+        **kwargs,
     )
     return (labels, probs, clf) if return_classifier else (labels, probs)

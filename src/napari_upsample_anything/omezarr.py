@@ -61,7 +61,7 @@ def feature_chunks(shape: Sequence[int], axes: str, itemsize: int = 4) -> Tuple[
 
 
 def create_image(
-    path: "str | Path",
+    path: str | Path,
     shape: Sequence[int],
     axes: str,
     *,
@@ -104,8 +104,12 @@ def create_image(
                 i = axes.index(a)
                 level_shape[i] = max(1, -(-level_shape[i] // 2))
         arr = root.create_array(
-            str(k), shape=tuple(level_shape), chunks=tuple(min(c, s) for c, s in zip(chunks, level_shape)),
-            dtype=dtype, fill_value=0, dimension_names=list(axes),
+            str(k),
+            shape=tuple(level_shape),
+            chunks=tuple(min(c, s) for c, s in zip(chunks, level_shape)),
+            dtype=dtype,
+            fill_value=0,
+            dimension_names=list(axes),
         )
         first = arr if first is None else first
         scale = []
@@ -158,7 +162,9 @@ class BandWriter:
     order. Call :meth:`close` at the end to write the last rows.
     """
 
-    def __init__(self, array, axes: str, region: Tuple[Any, ...], plane_shape: Tuple[int, int, int], band_rows: Optional[int] = None):
+    def __init__(
+        self, array, axes: str, region: Tuple[Any, ...], plane_shape: Tuple[int, int, int], band_rows: Optional[int] = None
+    ):
         self.array = array
         self.axes = axes
         self.region = region
@@ -215,7 +221,7 @@ class BandWriter:
         self.buf = None
 
 
-def build_pyramid(path: "str | Path") -> int:
+def build_pyramid(path: str | Path) -> int:
     """Fill levels 1.. of the OME-Zarr image at ``path`` from level 0 by 2 x 2 means, one
     Y x X plane at a time. Returns the number of levels."""
     import zarr
@@ -244,7 +250,7 @@ def pyramid_levels(shape_yx: Tuple[int, int], smallest: int = 256) -> int:
     return n
 
 
-def open_level0(path: "str | Path", mode: str = "r"):
+def open_level0(path: str | Path, mode: str = "r"):
     """The level-0 zarr array, the axes string and our metadata of an OME-Zarr image."""
     import zarr
 
@@ -254,21 +260,44 @@ def open_level0(path: "str | Path", mode: str = "r"):
     return root[ms["datasets"][0]["path"]], axes, dict(root.attrs.get("upsample_anything", {}))
 
 
-def write_kernels(path: "str | Path", fields: Dict[Tuple[int, int], Any], axes: str, plane_index: Dict[Tuple[int, int], Tuple[Optional[int], Optional[int]]],
-                  lr_shape: Tuple[int, int], n_t: int, n_z: int, pixel_sizes=None, unit=None, hr_shape=None) -> None:
+def write_kernels(
+    path: str | Path,
+    fields: Dict[Tuple[int, int], Any],
+    axes: str,
+    plane_index: Dict[Tuple[int, int], Tuple[Optional[int], Optional[int]]],
+    lr_shape: Tuple[int, int],
+    n_t: int,
+    n_z: int,
+    pixel_sizes=None,
+    unit=None,
+    hr_shape=None,
+) -> None:
     """Store kernel fields of planes ``(t, z)`` (source indices) as a 4-channel LR-grid image."""
     shape = tuple({"t": n_t, "c": 4, "z": n_z, "y": lr_shape[0], "x": lr_shape[1]}[a] for a in axes)
     meta = {str(list(k)): f.meta for k, f in fields.items()}
-    arr = create_image(path, shape, axes, pixel_sizes=pixel_sizes, unit=unit, name="kernels", channel_names=KERNEL_CHANNELS,
-                       chunks=tuple(1 if a in "tz" else s for a, s in zip(axes, shape)),
-                       attrs={"kind": "kernel-field", "meta": meta, "planes": {str(list(k)): list(v) for k, v in plane_index.items()}, "hr_shape": list(hr_shape or ())})
+    arr = create_image(
+        path,
+        shape,
+        axes,
+        pixel_sizes=pixel_sizes,
+        unit=unit,
+        name="kernels",
+        channel_names=KERNEL_CHANNELS,
+        chunks=tuple(1 if a in "tz" else s for a, s in zip(axes, shape)),
+        attrs={
+            "kind": "kernel-field",
+            "meta": meta,
+            "planes": {str(list(k)): list(v) for k, v in plane_index.items()},
+            "hr_shape": list(hr_shape or ()),
+        },
+    )
     for key, f in fields.items():
         region = plane_region(axes, *plane_index[key])
         maps = f.numpy()
         arr[_index(region, axes, slice(None), slice(None), slice(None))] = np.stack([maps[n] for n in KERNEL_CHANNELS])
 
 
-def read_kernels(path: "str | Path") -> Dict[Tuple[int, int], Any]:
+def read_kernels(path: str | Path) -> Dict[Tuple[int, int], Any]:
     """``{(t, z): KernelField}`` from a store written by :func:`write_kernels`."""
     import torch
 
@@ -287,7 +316,7 @@ def read_kernels(path: "str | Path") -> Dict[Tuple[int, int], Any]:
     return out
 
 
-def layer_data(path: "str | Path", *, rgb_channels: bool = True) -> Tuple[List[Any], Dict[str, Any]]:
+def layer_data(path: str | Path, *, rgb_channels: bool = True) -> Tuple[List[Any], Dict[str, Any]]:
     """napari ``add_image`` arguments for an OME-Zarr image, lazily: ``(levels, kwargs)``.
 
     ``levels`` are dask arrays (one per pyramid level; napari reads only the tiles it shows),

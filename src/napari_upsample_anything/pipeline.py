@@ -155,7 +155,7 @@ class PipelineOptions:
     seed: int = 0
     format: str = "ome-zarr"
 
-    def validate(self) -> "PipelineOptions":
+    def validate(self) -> PipelineOptions:
         """Check every value without importing torch or loading a model; returns self.
 
         Raises ValueError / TypeError naming the option (CLI flag spelling in brackets).
@@ -181,7 +181,9 @@ class PipelineOptions:
         try:
             sigma = float(self.guide_smoothing)
         except (TypeError, ValueError):
-            raise ValueError(f"guide_smoothing={self.guide_smoothing!r} (--guide-smoothing): give a Gaussian sigma in pixels, a number >= 0") from None
+            raise ValueError(
+                f"guide_smoothing={self.guide_smoothing!r} (--guide-smoothing): give a Gaussian sigma in pixels, a number >= 0"
+            ) from None
         if not (0.0 <= sigma <= MAX_GUIDE_SMOOTHING):
             raise ValueError(
                 f"guide_smoothing={self.guide_smoothing!r} (--guide-smoothing): give a finite Gaussian sigma between 0 "
@@ -204,7 +206,9 @@ class PipelineOptions:
             p = Path(self.weights).expanduser()
             if not p.is_file():
                 raise FileNotFoundError(f"weights file {str(p)!r} (--weights) does not exist")
-        if self.channels is not None and (not self.channels or any(isinstance(c, bool) or int(c) != c or c < 0 for c in self.channels)):
+        if self.channels is not None and (
+            not self.channels or any(isinstance(c, bool) or int(c) != c or c < 0 for c in self.channels)
+        ):
             raise ValueError(f"channels={self.channels!r} (--channels): give channel indices >= 0, or None for all")
         return self
 
@@ -265,7 +269,7 @@ def fit_plane(
     options: PipelineOptions,
     *,
     index: Tuple[int, ...] = (),
-    channel_axis: "int | None | str" = "auto",
+    channel_axis: int | None | str = "auto",
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelFn] = None,
     plane: int = 0,
@@ -292,24 +296,47 @@ def fit_plane(
     _report(progress, Progress("features", 0, 1, plane, n_planes))
     t = time.perf_counter()
     fmap = extract_features(
-        guide, options.backbone, layer=int(options.layer), input_size=options.input_size or None,
-        weights=options.weights or None, pretrained=bool(options.pretrained), device=device, max_memory=budget,
-        progress=core_progress(progress, "features", plane, n_planes), cancel=cancel, channel_axis=axis,
+        guide,
+        options.backbone,
+        layer=int(options.layer),
+        input_size=options.input_size or None,
+        weights=options.weights or None,
+        pretrained=bool(options.pretrained),
+        device=device,
+        max_memory=budget,
+        progress=core_progress(progress, "features", plane, n_planes),
+        cancel=cancel,
+        channel_axis=axis,
     )
     seconds["features"] = time.perf_counter() - t
     g = guide_from_image(guide, axis)
     memlog = MemoryLog()
     t = time.perf_counter()
     fitted = api.fit_kernels(
-        g, tuple(fmap.geometry.lr_shape), steps=int(options.steps), guide_smoothing=float(options.guide_smoothing),
-        downsample=options.fit_downsample, device=device, precision=options.precision, max_memory=budget,
-        progress=core_progress(progress, "fit", plane, n_planes), cancel=cancel, memory_log=memlog,
+        g,
+        tuple(fmap.geometry.lr_shape),
+        steps=int(options.steps),
+        guide_smoothing=float(options.guide_smoothing),
+        downsample=options.fit_downsample,
+        device=device,
+        precision=options.precision,
+        max_memory=budget,
+        progress=core_progress(progress, "fit", plane, n_planes),
+        cancel=cancel,
+        memory_log=memlog,
         channel_axis=_channel_axis(g),  # guide_from_image gives channels-last; the API never guesses
     )
     seconds["fit"] = time.perf_counter() - t
     return PlaneFit(
-        index=tuple(index), guide=g, features=fmap.features.numpy(), geometry=fmap.geometry, field=fitted.to("cpu"),
-        memlog=memlog, backbone=fmap.backbone, weights_source=fmap.weights_source, seconds=seconds,
+        index=tuple(index),
+        guide=g,
+        features=fmap.features.numpy(),
+        geometry=fmap.geometry,
+        field=fitted.to("cpu"),
+        memlog=memlog,
+        backbone=fmap.backbone,
+        weights_source=fmap.weights_source,
+        seconds=seconds,
     )
 
 
@@ -328,8 +355,16 @@ def render_plane_pca(fit: PlaneFit, basis, options: PipelineOptions, *, progress
     t = time.perf_counter()
     fit.lr_rgb = basis.to_rgb(basis.project(fit.features))
     fit.hr_rgb, _ = api.render_pca(
-        fit.features, fit.guide, fit.field, basis=basis, device=options.device, precision=options.precision,
-        max_memory=options.budget, progress=core_progress(progress, "pca", plane, n_planes), cancel=cancel, memory_log=fit.memlog,
+        fit.features,
+        fit.guide,
+        fit.field,
+        basis=basis,
+        device=options.device,
+        precision=options.precision,
+        max_memory=options.budget,
+        progress=core_progress(progress, "pca", plane, n_planes),
+        cancel=cancel,
+        memory_log=fit.memlog,
     )
     fit.seconds["pca"] = time.perf_counter() - t
     return fit.lr_rgb, fit.hr_rgb
@@ -341,8 +376,16 @@ def render_plane_features(fit: PlaneFit, out, options: PipelineOptions, *, progr
 
     t = time.perf_counter()
     api.render(
-        fit.features, fit.guide, fit.field, device=options.device, precision=options.precision, max_memory=options.budget,
-        out=out, progress=core_progress(progress, "render", plane, n_planes), cancel=cancel, memory_log=fit.memlog,
+        fit.features,
+        fit.guide,
+        fit.field,
+        device=options.device,
+        precision=options.precision,
+        max_memory=options.budget,
+        out=out,
+        progress=core_progress(progress, "render", plane, n_planes),
+        cancel=cancel,
+        memory_log=fit.memlog,
     )
     if hasattr(out, "close"):
         out.close()
@@ -357,7 +400,7 @@ def run_planes(
     options: PipelineOptions,
     *,
     hr_target: Optional[Callable[[int, PlaneFit, Tuple[int, int, int]], Any]] = None,
-    channel_axis: "int | None | str" = "auto",
+    channel_axis: int | None | str = "auto",
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelFn] = None,
 ) -> Tuple[List[PlaneFit], Any]:
@@ -453,12 +496,22 @@ def upsample_map(
         raise ValueError(f"the map's grid {grid[0]} x {grid[1]} is finer than the image ({H} x {W}): nothing to upsample")
     if field is None:
         field = api.fit_kernels(
-            guide, grid, steps=int(options.steps), guide_smoothing=float(options.guide_smoothing), downsample=options.fit_downsample,
-            device=options.device, precision=options.precision, max_memory=options.budget,
-            progress=core_progress(progress, "fit", plane, n_planes), cancel=cancel, channel_axis=_channel_axis(guide),
+            guide,
+            grid,
+            steps=int(options.steps),
+            guide_smoothing=float(options.guide_smoothing),
+            downsample=options.fit_downsample,
+            device=options.device,
+            precision=options.precision,
+            max_memory=options.budget,
+            progress=core_progress(progress, "fit", plane, n_planes),
+            cancel=cancel,
+            channel_axis=_channel_axis(guide),
         ).to("cpu")
     elif tuple(field.shape) != grid:
-        raise ValueError(f"the kernels are on a {field.shape[0]} x {field.shape[1]} grid but the map is {grid[0]} x {grid[1]}; fit kernels for the map's grid (leave --kernels out)")
+        raise ValueError(
+            f"the kernels are on a {field.shape[0]} x {field.shape[1]} grid but the map is {grid[0]} x {grid[1]}; fit kernels for the map's grid (leave --kernels out)"
+        )
     if kind == "labels":
         values, classes = one_hot(lr, classes)
     else:
@@ -466,8 +519,14 @@ def upsample_map(
         if not np.isfinite(values).all():
             raise ValueError("the map contains NaN or Inf values; replace them (e.g. np.nan_to_num) first")
     hr = api.render(
-        values, guide, field, device=options.device, precision=options.precision, max_memory=options.budget,
-        progress=core_progress(progress, "upsample", plane, n_planes), cancel=cancel,
+        values,
+        guide,
+        field,
+        device=options.device,
+        precision=options.precision,
+        max_memory=options.budget,
+        progress=core_progress(progress, "upsample", plane, n_planes),
+        cancel=cancel,
     )
     if kind == "labels":
         return {"labels": argmax_labels(hr, classes, lr.dtype), "probabilities": hr, "classes": classes, "field": field}
@@ -483,7 +542,7 @@ class SourceRef:
     path: Optional[str] = None
     array: Any = None
     axes: Optional[str] = None
-    scene: "int | str | None" = None
+    scene: int | str | None = None
     name: Optional[str] = None
 
     def open(self):
@@ -546,9 +605,14 @@ def _task_fit(task: Task, progress, cancel) -> dict:
     np.save(d / "lr_features.npy", fit.features)
     fit.field.save(d / "kernels.npz")
     info = {
-        "geometry": fit.geometry.to_dict(), "backbone": fit.backbone, "weights_source": fit.weights_source, "seconds": fit.seconds,
-        "loss_first": (fit.field.meta.get("loss_per_step") or [None])[0], "loss_final": fit.field.meta.get("final_loss"),
-        "psnr_db": fit.field.meta.get("psnr"), "memory": fit.memlog.peak_planned_bytes if hasattr(fit.memlog, "peak_planned_bytes") else None,
+        "geometry": fit.geometry.to_dict(),
+        "backbone": fit.backbone,
+        "weights_source": fit.weights_source,
+        "seconds": fit.seconds,
+        "loss_first": (fit.field.meta.get("loss_per_step") or [None])[0],
+        "loss_final": fit.field.meta.get("final_loss"),
+        "psnr_db": fit.field.meta.get("psnr"),
+        "memory": fit.memlog.peak_planned_bytes if hasattr(fit.memlog, "peak_planned_bytes") else None,
     }
     (d / "fit.json").write_text(json.dumps(info))
     return {"plane": list(key), **info}
@@ -578,8 +642,15 @@ def _task_layout(task: Task, progress, cancel) -> dict:
         raise ValueError("the selected planes do not form a t x z grid")  # parse_planes always gives a grid
     hr_sizes = {a: src.pixel_sizes.get(a) for a in "zyx"}
     lr_sizes = {"z": hr_sizes["z"], "y": (hr_sizes["y"] or 1.0) * H / h, "x": (hr_sizes["x"] or 1.0) * W / w}
-    layout = {"axes": axes, "C": C, "lr_shape": [h, w], "hr_shape": [H, W], "ts": ts, "zs": zs,
-              "positions": {f"{k[0]},{k[1]}": list(v) for k, v in pos.items()}}
+    layout = {
+        "axes": axes,
+        "C": C,
+        "lr_shape": [h, w],
+        "hr_shape": [H, W],
+        "ts": ts,
+        "zs": zs,
+        "positions": {f"{k[0]},{k[1]}": list(v) for k, v in pos.items()},
+    }
     opts = task.options
     dims = {"t": len(ts), "z": len(zs), "y": H, "x": W}
     fit_opts = {"guide_smoothing": opts.guide_smoothing, "fit_downsample": opts.fit_downsample, "steps": opts.steps}
@@ -587,25 +658,52 @@ def _task_layout(task: Task, progress, cancel) -> dict:
         unit = src.unit if any(hr_sizes.values()) else None
         if opts.hr_features:
             shape = tuple(C if a == "c" else dims[a] for a in axes)
-            omezarr.create_image(store / "features.ome.zarr", shape, axes, dtype=opts.hr_dtype, pixel_sizes=hr_sizes, unit=unit,
-                                 name="features", attrs={"kind": "hr-features", "backbone": info0["backbone"], "layer": opts.layer})
+            omezarr.create_image(
+                store / "features.ome.zarr",
+                shape,
+                axes,
+                dtype=opts.hr_dtype,
+                pixel_sizes=hr_sizes,
+                unit=unit,
+                name="features",
+                attrs={"kind": "hr-features", "backbone": info0["backbone"], "layer": opts.layer},
+            )
         lr_dims = dict(dims, y=h, x=w)
-        lr_arr = omezarr.create_image(store / "lr_features.ome.zarr", tuple(C if a == "c" else lr_dims[a] for a in axes), axes,
-                                      pixel_sizes=lr_sizes, unit=unit, name="lr_features", attrs={"kind": "lr-features"})
+        lr_arr = omezarr.create_image(
+            store / "lr_features.ome.zarr",
+            tuple(C if a == "c" else lr_dims[a] for a in axes),
+            axes,
+            pixel_sizes=lr_sizes,
+            unit=unit,
+            name="lr_features",
+            attrs={"kind": "lr-features"},
+        )
         for k, f in zip(task.planes, feats):
-            lr_arr[omezarr._index(omezarr.plane_region(axes, *pos[k]), axes, slice(None), slice(None), slice(None))] = np.asarray(f)
+            lr_arr[omezarr._index(omezarr.plane_region(axes, *pos[k]), axes, slice(None), slice(None), slice(None))] = np.asarray(
+                f
+            )
         fields = {k: KernelField.load(_plane_dir(store, k) / "kernels.npz") for k in task.planes}
         omezarr.write_kernels(store / "kernels.ome.zarr", fields, axes, pos, (h, w), len(ts), len(zs), lr_sizes, unit, (H, W))
         levels = omezarr.pyramid_levels((H, W))
-        omezarr.create_image(store / "pca.ome.zarr", tuple(3 if a == "c" else dims[a] for a in axes), axes, pixel_sizes=hr_sizes,
-                             unit=unit, name="pca", levels=levels, channel_names=("PC1", "PC2", "PC3"),
-                             chunks=tuple({"t": 1, "c": 1, "z": 1, "y": 256, "x": 256}[a] for a in axes),
-                             attrs={"kind": "pca", "explained_variance_ratio": basis.explained_variance_ratio.tolist(), "fit": fit_opts})
+        omezarr.create_image(
+            store / "pca.ome.zarr",
+            tuple(3 if a == "c" else dims[a] for a in axes),
+            axes,
+            pixel_sizes=hr_sizes,
+            unit=unit,
+            name="pca",
+            levels=levels,
+            channel_names=("PC1", "PC2", "PC3"),
+            chunks=tuple({"t": 1, "c": 1, "z": 1, "y": 256, "x": 256}[a] for a in axes),
+            attrs={"kind": "pca", "explained_variance_ratio": basis.explained_variance_ratio.tolist(), "fit": fit_opts},
+        )
         layout["pca_levels"] = levels
     else:
         lead = (len(task.planes),) if len(task.planes) > 1 else ()
         if opts.hr_features:
-            mm = np.lib.format.open_memmap(store / "features_hr.npy", mode="w+", dtype=np.dtype(opts.hr_dtype), shape=lead + (C, H, W))
+            mm = np.lib.format.open_memmap(
+                store / "features_hr.npy", mode="w+", dtype=np.dtype(opts.hr_dtype), shape=lead + (C, H, W)
+            )
             del mm
         for k in task.planes:
             name = "kernels.npz" if len(task.planes) == 1 else f"kernels_t{k[0]}_z{k[1]}.npz"
@@ -615,17 +713,27 @@ def _task_layout(task: Task, progress, cancel) -> dict:
 
 
 def _load_plane_fit(task: Task, key: PlaneKey) -> PlaneFit:
-    from .core.field import KernelField
     from .core.features import FeatureGeometry
+    from .core.field import KernelField
     from .core.memory import MemoryLog
 
     d = _plane_dir(Path(task.store), key)
     info = json.loads((d / "fit.json").read_text())
     geo = info["geometry"]
-    geometry = FeatureGeometry(**{k: (tuple(tuple(b) for b in v) if k == "windows" else tuple(v) if isinstance(v, list) else v) for k, v in geo.items()})
-    return PlaneFit(index=key, guide=_guide(task, key), features=np.load(d / "lr_features.npy"), geometry=geometry,
-                    field=KernelField.load(d / "kernels.npz"), memlog=MemoryLog(), backbone=info["backbone"],
-                    weights_source=info["weights_source"], seconds=dict(info["seconds"]))
+    geometry = FeatureGeometry(
+        **{k: (tuple(tuple(b) for b in v) if k == "windows" else tuple(v) if isinstance(v, list) else v) for k, v in geo.items()}
+    )
+    return PlaneFit(
+        index=key,
+        guide=_guide(task, key),
+        features=np.load(d / "lr_features.npy"),
+        geometry=geometry,
+        field=KernelField.load(d / "kernels.npz"),
+        memlog=MemoryLog(),
+        backbone=info["backbone"],
+        weights_source=info["weights_source"],
+        seconds=dict(info["seconds"]),
+    )
 
 
 def _load_basis(store: Path):
@@ -698,13 +806,30 @@ def _task_finish(task: Task, progress, cancel) -> dict:
     shutil.rmtree(store / ".work")
     files = sorted(p.name for p in store.iterdir())
     report = {
-        "image": src.name, "source": src.path, "scene": src.scene, "source_sizes": src.sizes, "pixel_sizes": src.pixel_sizes, "unit": src.unit,
-        "dtype": str(src.dtype), "channels_used": list(opts.channels) if opts.channels is not None else "all",
-        "planes": planes, "output_axes": layout["axes"], "hr_shape": layout["hr_shape"], "lr_shape": layout["lr_shape"],
-        "channels": layout["C"], "geometry": info0["geometry"], "backbone": info0["backbone"], "weights_source": info0["weights_source"],
-        "fit_loss_first": planes[0]["loss_first"], "fit_loss_final": planes[0]["loss_final"], "fit_psnr_db": planes[0]["psnr_db"],
-        "options": opts.to_dict(), "seconds": total, "pca_explained_variance": [float(v) for v in basis.explained_variance_ratio],
-        "memory": {"process_peak_rss_bytes": _peak_rss()}, "files": files + ["report.json"],
+        "image": src.name,
+        "source": src.path,
+        "scene": src.scene,
+        "source_sizes": src.sizes,
+        "pixel_sizes": src.pixel_sizes,
+        "unit": src.unit,
+        "dtype": str(src.dtype),
+        "channels_used": list(opts.channels) if opts.channels is not None else "all",
+        "planes": planes,
+        "output_axes": layout["axes"],
+        "hr_shape": layout["hr_shape"],
+        "lr_shape": layout["lr_shape"],
+        "channels": layout["C"],
+        "geometry": info0["geometry"],
+        "backbone": info0["backbone"],
+        "weights_source": info0["weights_source"],
+        "fit_loss_first": planes[0]["loss_first"],
+        "fit_loss_final": planes[0]["loss_final"],
+        "fit_psnr_db": planes[0]["psnr_db"],
+        "options": opts.to_dict(),
+        "seconds": total,
+        "pca_explained_variance": [float(v) for v in basis.explained_variance_ratio],
+        "memory": {"process_peak_rss_bytes": _peak_rss()},
+        "files": files + ["report.json"],
     }
     tmp = store / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2, default=str))
@@ -785,7 +910,7 @@ class Job:
                 pass
 
 
-def plan_job(source: "SourceRef | str | Path", options: PipelineOptions, out: "str | Path", *, planes: Optional[str] = "all") -> Job:
+def plan_job(source: SourceRef | str | Path, options: PipelineOptions, out: str | Path, *, planes: Optional[str] = "all") -> Job:
     """Plan the tasks of one source into the output folder ``out`` (opens the source lazily to
     list its planes; reads no pixels)."""
     if not isinstance(source, SourceRef):
@@ -808,8 +933,15 @@ def plan_job(source: "SourceRef | str | Path", options: PipelineOptions, out: "s
     return Job(source, options, out, tmp, tasks)
 
 
-def run_job(job: Job, progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFn] = None, *,
-            client: Any = None, retries: int = 2, **dask_options: Any) -> dict:
+def run_job(
+    job: Job,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelFn] = None,
+    *,
+    client: Any = None,
+    retries: int = 2,
+    **dask_options: Any,
+) -> dict:
     """Run a job: prepare, every task, commit (abort on any error or Ctrl-C); returns the report.
 
     ``client=None``: serially in this process. ``client="local"`` (a process LocalCluster;
@@ -835,7 +967,7 @@ def run_job(job: Job, progress: Optional[ProgressCallback] = None, cancel: Optio
         raise
 
 
-def output_names(paths: Sequence["str | Path"]) -> List[str]:
+def output_names(paths: Sequence[str | Path]) -> List[str]:
     """Deterministic output folder names: each input's path relative to the inputs' common
     parent, without its image suffix (``a/x.tif``, ``b/x.tif`` -> ``a/x``, ``b/x``); inputs
     that would still collide keep their suffix (``x.tif`` -> ``x_tif``)."""

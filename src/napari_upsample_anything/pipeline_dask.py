@@ -76,10 +76,18 @@ def dask_client(
         yield client
 
 
-def run_job_on_dask(job, progress=None, cancel=None, *, client: ClientSpec = "local", retries: int = 2,
-                    n_workers: Optional[int] = None, threads_per_worker: int = 1,
-                    memory_limit: Union[int, float, str, None] = None,
-                    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> dict:
+def run_job_on_dask(
+    job,
+    progress=None,
+    cancel=None,
+    *,
+    client: ClientSpec = "local",
+    retries: int = 2,
+    n_workers: Optional[int] = None,
+    threads_per_worker: int = 1,
+    memory_limit: Union[int, float, str, None] = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> dict:
     """Run ``job`` stage by stage on Dask workers; prepare, commit, or abort on any failure.
 
     ``progress`` receives :class:`~.pipeline.Progress` events of stage ``"tasks"``: finished
@@ -100,8 +108,13 @@ def run_job_on_dask(job, progress=None, cancel=None, *, client: ClientSpec = "lo
         if progress is not None:
             progress(Progress("tasks", finished_before + int(done), total))
 
-    with dask_client(client, n_workers=n_workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-                     connect_timeout=connect_timeout) as dask_cl:
+    with dask_client(
+        client,
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        memory_limit=memory_limit,
+        connect_timeout=connect_timeout,
+    ) as dask_cl:
         # the folder is made only once a scheduler answered: an unreachable address leaves nothing behind
         job.prepare()
         try:
@@ -131,7 +144,7 @@ def _raise_for_failed(outcomes, retries: int) -> None:
     )
 
 
-def open_results(out_dir: "str | Path") -> Dict[str, Dict[str, Any]]:
+def open_results(out_dir: str | Path) -> Dict[str, Dict[str, Any]]:
     """The OME-Zarr outputs of a finished run as lazy dask arrays (nothing read yet).
 
     Parameters
@@ -166,7 +179,13 @@ def open_results(out_dir: "str | Path") -> Dict[str, Dict[str, Any]]:
         units = [a.get("unit") for a in ms["axes"] if a.get("type") == "space"]
         levels = [da.from_zarr(root[d["path"]]) for d in ms["datasets"]]
         scale = [float(s) for s in ms["datasets"][0]["coordinateTransformations"][0]["scale"]]
-        results[name] = {"data": levels[0], "levels": levels, "axes": axes, "scale": scale, "unit": next((u for u in units if u), None)}
+        results[name] = {
+            "data": levels[0],
+            "levels": levels,
+            "axes": axes,
+            "scale": scale,
+            "unit": next((u for u in units if u), None),
+        }
     if not results:
         raise ValueError(f"out_dir={str(out_dir)!r} holds no .ome.zarr outputs (was it written with format='npy'?)")
     return results
@@ -176,7 +195,7 @@ def open_results(out_dir: "str | Path") -> Dict[str, Dict[str, Any]]:
 WORKER_OVERHEAD_BYTES = 1 << 30
 
 
-def worker_memory_limit(max_memory: "str | int | None") -> Optional[int]:
+def worker_memory_limit(max_memory: str | int | None) -> Optional[int]:
     """Dask's memory limit per worker from the pipeline's working budget (``--max-memory``).
 
     The budget bounds the fit's and the render's working memory; a worker process also holds

@@ -41,7 +41,7 @@ PlaneIndex = Tuple[int, int]  # (t, z)
 
 
 # ---------------------------------------------------------------------------------- options
-def parse_channels(text: "str | Sequence[int] | None", n_channels: int, arg: str = "--channels") -> Tuple[int, ...]:
+def parse_channels(text: str | Sequence[int] | None, n_channels: int, arg: str = "--channels") -> Tuple[int, ...]:
     """``"all"`` / None -> every channel; ``"0,2"`` or a sequence -> those channels (checked)."""
     if text is None or (isinstance(text, str) and text.strip().lower() in ("", "all")):
         return tuple(range(n_channels))
@@ -56,7 +56,9 @@ def parse_channels(text: "str | Sequence[int] | None", n_channels: int, arg: str
         raise ValueError(f"{arg}: no channel given; use 'all' or e.g. 0,2")
     bad = [c for c in picked if not 0 <= c < n_channels]
     if bad:
-        raise ValueError(f"{arg} {text!r}: channel {bad[0]} does not exist; the image has {n_channels} channel(s) (0..{n_channels - 1})")
+        raise ValueError(
+            f"{arg} {text!r}: channel {bad[0]} does not exist; the image has {n_channels} channel(s) (0..{n_channels - 1})"
+        )
     if len(set(picked)) != len(picked):
         raise ValueError(f"{arg} {text!r}: a channel is listed twice")
     return picked
@@ -79,7 +81,9 @@ def plane_ranges(text: Optional[str], n_t: int, n_z: int, arg: str = "--planes")
         for part in text.split(","):
             m = PLANE_RE.match(part)
             if not m:
-                raise ValueError(f"{arg} {text!r}: use 'all' or axis=index / axis=start:stop for t and z, e.g. z=3, t=0:10, t=0,z=2:4")
+                raise ValueError(
+                    f"{arg} {text!r}: use 'all' or axis=index / axis=start:stop for t and z, e.g. z=3, t=0:10, t=0,z=2:4"
+                )
             ax, a, b = m.group(1).lower(), m.group(2), m.group(3)
             if ax in seen:
                 raise ValueError(f"{arg} {text!r}: axis {ax} is given twice")
@@ -91,7 +95,9 @@ def plane_ranges(text: Optional[str], n_t: int, n_z: int, arg: str = "--planes")
             if a is None and not colon:
                 raise ValueError(f"{arg} {text!r}: give an index after {ax}=")
             if not (0 <= start < stop <= n):
-                raise ValueError(f"{arg} {text!r}: {ax} has {n} plane(s) (0..{n - 1}); {part.strip()} selects none or is out of range")
+                raise ValueError(
+                    f"{arg} {text!r}: {ax} has {n} plane(s) (0..{n - 1}); {part.strip()} selects none or is out of range"
+                )
             ranges[ax] = range(start, stop)
     return ranges
 
@@ -102,7 +108,9 @@ def normalise_axes(axes: str, ndim: int, arg: str = "axes") -> str:
         raise TypeError(f"{arg} must be a string such as 'zyx' or 'cyx', got {type(axes).__name__}")
     up = axes.strip().upper()
     if len(up) != ndim:
-        raise ValueError(f"{arg}={axes!r} names {len(up)} axes but the array has {ndim} (shape); give one letter per axis from t, c, z, y, x (s for RGB samples)")
+        raise ValueError(
+            f"{arg}={axes!r} names {len(up)} axes but the array has {ndim} (shape); give one letter per axis from t, c, z, y, x (s for RGB samples)"
+        )
     bad = sorted(set(up) - set("TCZYXS"))
     if bad:
         raise ValueError(f"{arg}={axes!r}: unknown axis {bad[0]!r}; use letters from t, c, z, y, x (s = RGB samples)")
@@ -182,7 +190,13 @@ def _to_tczyx(arr, axes: str):
     return a.transpose(order)
 
 
-def from_array(array, axes: Optional[str] = None, name: str = "array", pixel_sizes: Optional[Dict[str, float]] = None, unit: Optional[str] = None) -> ImageSource:
+def from_array(
+    array,
+    axes: Optional[str] = None,
+    name: str = "array",
+    pixel_sizes: Optional[Dict[str, float]] = None,
+    unit: Optional[str] = None,
+) -> ImageSource:
     """An :class:`ImageSource` over a numpy / dask / zarr array with an explicit axes string.
 
     2-D arrays may omit ``axes`` (``"yx"``); any other layout must name its axes (``"zyx"``,
@@ -247,10 +261,10 @@ def _plain_array_axes(path: Path, shape: Tuple[int, ...], axes: Optional[str], w
 
 
 def open_image(
-    path: "str | Path",
+    path: str | Path,
     *,
     axes: Optional[str] = None,
-    scene: "int | str | None" = None,
+    scene: int | str | None = None,
 ) -> ImageSource:
     """Open an image file lazily as an :class:`ImageSource` (see the module docstring).
 
@@ -260,7 +274,9 @@ def open_image(
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"image file not found: {p}")
-    suffix = "".join(p.suffixes[-2:]).lower() if p.name.lower().endswith((".ome.tif", ".ome.tiff", ".ome.zarr")) else p.suffix.lower()
+    suffix = (
+        "".join(p.suffixes[-2:]).lower() if p.name.lower().endswith((".ome.tif", ".ome.tiff", ".ome.zarr")) else p.suffix.lower()
+    )
     if p.is_dir() and not suffix.endswith(".zarr") and not (p / "zarr.json").exists() and not (p / ".zattrs").exists():
         raise ValueError(f"{p} is a directory; give image files (or an OME-Zarr folder)")
     name = p.name
@@ -316,7 +332,11 @@ def _open_tiff(p: Path, axes: Optional[str], scene) -> ImageSource:
             res = (yr[1] / yr[0] if yr[0] else None, xr[1] / xr[0] if xr[0] else None)
         ij = tf.imagej_metadata or {}
     if len(shape) >= 2:
-        _check_plane_size(p, int(shape[-2]) if file_axes[-1] != "S" else int(shape[-3]), int(shape[-1]) if file_axes[-1] != "S" else int(shape[-2]))
+        _check_plane_size(
+            p,
+            int(shape[-2]) if file_axes[-1] != "S" else int(shape[-3]),
+            int(shape[-1]) if file_axes[-1] != "S" else int(shape[-2]),
+        )
     if is_ome and axes is None:
         return _open_bioio(p, scene)
     if is_imagej and axes is None:
@@ -386,7 +406,7 @@ def _open_bioio(p: Path, scene) -> ImageSource:
     return ImageSource(data, p.name, sizes, "micrometer", names, scene_name or (scenes[0] if len(scenes) > 1 else None), rgb=rgb)
 
 
-def open_source(image: Union[str, Path, Any], *, axes: Optional[str] = None, scene: "int | str | None" = None) -> ImageSource:
+def open_source(image: Union[str, Path, Any], *, axes: Optional[str] = None, scene: int | str | None = None) -> ImageSource:
     """A file path or an array (with ``axes``) -> :class:`ImageSource`; a source is returned as is."""
     if isinstance(image, ImageSource):
         return image

@@ -177,8 +177,6 @@ def block_attention(
     return _BlockAttention.apply(phi, psi, rho, jd, values, mask, agg_dtype, workspace, dist)
 
 
-
-
 def render_blocks(
     phi,
     psi,

@@ -68,7 +68,9 @@ class WeightsUnavailableError(RuntimeError):
     is looked for; the message gives the commands.
     """
 
-    def __init__(self, message: str, repo_id: Optional[str] = None, filename: Optional[str] = None, cache_dir: Optional[str] = None):
+    def __init__(
+        self, message: str, repo_id: Optional[str] = None, filename: Optional[str] = None, cache_dir: Optional[str] = None
+    ):
         super().__init__(message)
         self.repo_id = repo_id
         self.filename = filename
@@ -77,7 +79,6 @@ class WeightsUnavailableError(RuntimeError):
 
 class WeightsMismatchError(ValueError):
     """A weights file does not fit the chosen architecture (missing, extra or mis-shaped keys)."""
-
 
 
 @dataclass(eq=False)
@@ -98,7 +99,7 @@ class Backbone:
     std: Tuple[float, float, float]
 
     @classmethod
-    def from_module(cls, model: torch.nn.Module, name: Optional[str] = None, weights_source: str = "user-model") -> "Backbone":
+    def from_module(cls, model: torch.nn.Module, name: Optional[str] = None, weights_source: str = "user-model") -> Backbone:
         """Wrap a timm ViT created with ``dynamic_img_size=True`` (it is put in eval mode)."""
         missing = [a for a in ("patch_embed", "blocks", "forward_intermediates", "num_prefix_tokens") if not hasattr(model, a)]
         if missing:
@@ -236,12 +237,11 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(
-            f"weights={str(path)!r} does not contain a state dict of tensors; save one with "
-            "torch.save(model.state_dict(), path)"
+            f"weights={str(path)!r} does not contain a state dict of tensors; save one with torch.save(model.state_dict(), path)"
         )
     for prefix in ("module.", "backbone."):
         if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
+            obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj
 
 
@@ -266,8 +266,7 @@ def _load_into(model: torch.nn.Module, path: Path, timm_name: str) -> torch.nn.M
         except Exception as exc:
             raise WeightsMismatchError(
                 f"weights={str(path)!r} could not be converted for {timm_name} "
-                f"({type(exc).__name__}: {exc}); is it a checkpoint of this architecture? "
-                + _ARCH_HINT
+                f"({type(exc).__name__}: {exc}); is it a checkpoint of this architecture? " + _ARCH_HINT
             ) from exc
     expected = model.state_dict()
     # The model is built without a classifier (num_classes=0); heads in the file are not needed.
@@ -288,10 +287,7 @@ def _load_into(model: torch.nn.Module, path: Path, timm_name: str) -> torch.nn.M
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_short(unexpected)}")
         raise WeightsMismatchError(
-            f"weights={str(path)!r} does not match the architecture {timm_name}: "
-            + "; ".join(parts)
-            + ". "
-            + _ARCH_HINT
+            f"weights={str(path)!r} does not match the architecture {timm_name}: " + "; ".join(parts) + ". " + _ARCH_HINT
         )
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     is_meta = any(p.is_meta for p in model.parameters())
@@ -318,7 +314,9 @@ def _hf_offline() -> bool:
     return env in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
 
 
-def _unavailable(display: str, timm_name: str, repo_id: str, filename: str, cache_dir: str, reason: str) -> WeightsUnavailableError:
+def _unavailable(
+    display: str, timm_name: str, repo_id: str, filename: str, cache_dir: str, reason: str
+) -> WeightsUnavailableError:
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(timm_name)
@@ -371,7 +369,11 @@ def _hf_weights(display: str, timm_name: str) -> Tuple[Path, str]:
         url = getattr(cfg, "url", None) if cfg is not None else None
         raise WeightsUnavailableError(
             f"timm has no Hugging Face weights for {timm_name!r}"
-            + (f"; download {url} and pass it with weights='/path/to/file'" if url else "; pass a file with weights='/path/to/file'")
+            + (
+                f"; download {url} and pass it with weights='/path/to/file'"
+                if url
+                else "; pass a file with weights='/path/to/file'"
+            )
         )
     repo_id, _, revision = hub_id.partition("@")
     names = (cfg.hf_hub_filename,) if getattr(cfg, "hf_hub_filename", None) else _HF_FILES
@@ -384,10 +386,19 @@ def _hf_weights(display: str, timm_name: str) -> Tuple[Path, str]:
         if isinstance(hit, str) and os.path.isfile(hit):
             return Path(hit), repo_id
     if _hf_offline():
-        raise _unavailable(display, timm_name, repo_id, names[0], cache_dir, f"offline mode (HF_HUB_OFFLINE) and not in the cache {cache_dir}")
+        raise _unavailable(
+            display, timm_name, repo_id, names[0], cache_dir, f"offline mode (HF_HUB_OFFLINE) and not in the cache {cache_dir}"
+        )
     host = _hub_unreachable()
     if host:
-        raise _unavailable(display, timm_name, repo_id, names[0], cache_dir, f"{host} cannot be reached (no network?) and the file is not in the cache {cache_dir}")
+        raise _unavailable(
+            display,
+            timm_name,
+            repo_id,
+            names[0],
+            cache_dir,
+            f"{host} cannot be reached (no network?) and the file is not in the cache {cache_dir}",
+        )
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     last: Optional[BaseException] = None
@@ -408,7 +419,7 @@ def _hf_weights(display: str, timm_name: str) -> Tuple[Path, str]:
     raise _unavailable(display, timm_name, repo_id, names[0], cache_dir, reason) from last
 
 
-_CACHE: "OrderedDict[tuple, Backbone]" = OrderedDict()
+_CACHE: OrderedDict[tuple, Backbone] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
@@ -421,9 +432,9 @@ def clear_model_cache() -> None:
 def load_backbone(
     backbone: str = "dinov2_vits14",
     *,
-    weights: "str | os.PathLike | None" = None,
+    weights: str | os.PathLike | None = None,
     pretrained: bool = True,
-    device: "str | torch.device" = "auto",
+    device: str | torch.device = "auto",
 ) -> Backbone:
     """Create (or fetch from the cache) a backbone ready for :func:`extract_features`.
 
@@ -491,4 +502,3 @@ def load_backbone(
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
         return bb
-

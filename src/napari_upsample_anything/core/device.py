@@ -15,7 +15,7 @@ _PRECISIONS = {
 }
 
 
-def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device:
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """Turn ``"auto"`` / ``"cpu"`` / ``"cuda"`` / ``"cuda:1"`` / ``"mps"`` into a usable device.
 
     ``"auto"`` (or None) picks CUDA, then Apple MPS, then the CPU. Asking for a device that
@@ -34,19 +34,14 @@ def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
-        ) from exc
+        raise ValueError(f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(
-                f"device={device!r} was asked for but CUDA is not available on this machine; "
-                "use device='cpu' or device='auto'"
+                f"device={device!r} was asked for but CUDA is not available on this machine; use device='cpu' or device='auto'"
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
+            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ValueError(f"device={device!r}: Apple MPS is not available; use 'cpu' or 'auto'")
@@ -57,7 +52,7 @@ def resolve_device(device: "str | torch.device | None" = "auto") -> torch.device
     return dev
 
 
-def resolve_precision(precision: "str | torch.dtype | None", device: torch.device) -> torch.dtype:
+def resolve_precision(precision: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """Dtype of the feature aggregation (the only part whose cost grows with channels).
 
     ``"auto"``: float16 on CUDA (tensor cores, float32 accumulation), float32 elsewhere.
@@ -74,7 +69,5 @@ def resolve_precision(precision: "str | torch.dtype | None", device: torch.devic
         raise ValueError(f"precision={precision!r}: use float32, float16 or bfloat16")
     key = str(precision).strip().lower()
     if key not in _PRECISIONS:
-        raise ValueError(
-            f"precision={precision!r} is unknown; use 'auto', 'fp32', 'fp16' or 'bf16'"
-        )
+        raise ValueError(f"precision={precision!r} is unknown; use 'auto', 'fp32', 'fp16' or 'bf16'")
     return _PRECISIONS[key]

@@ -66,11 +66,15 @@ class Ellipses:
         img[yx[ok, 0], yx[ok, 1]] = 255
         return img
 
-    def subset(self, index: np.ndarray) -> "Ellipses":
-        return Ellipses(*(getattr(self, f)[index] for f in ("centres", "axis_x", "axis_y", "theta", "sigma_r", "anisotropy", "cells")))
+    def subset(self, index: np.ndarray) -> Ellipses:
+        return Ellipses(
+            *(getattr(self, f)[index] for f in ("centres", "axis_x", "axis_y", "theta", "sigma_r", "anisotropy", "cells"))
+        )
 
 
-def kernel_ellipses(field: KernelField, hr_shape: Tuple[int, int], n_sigma: float = 2.0, stride: int = 1, max_count: Optional[int] = None) -> Ellipses:
+def kernel_ellipses(
+    field: KernelField, hr_shape: Tuple[int, int], n_sigma: float = 2.0, stride: int = 1, max_count: Optional[int] = None
+) -> Ellipses:
     """Ellipses of a field's kernels at ``n_sigma`` standard deviations.
 
     ``stride`` keeps every ``stride``-th cell along both axes; ``max_count`` raises the

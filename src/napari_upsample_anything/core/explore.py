@@ -168,7 +168,7 @@ def similarity_from_bands(
     return acc.similarity()
 
 
-def hr_band_reader(features: "np.ndarray | torch.Tensor") -> Callable[[int, int], torch.Tensor]:
+def hr_band_reader(features: np.ndarray | torch.Tensor) -> Callable[[int, int], torch.Tensor]:
     """``bands(y0, y1)`` over an in-memory or memory-mapped ``(C, H, W)`` array."""
 
     def read(y0: int, y1: int) -> torch.Tensor:
@@ -207,7 +207,9 @@ def subsample_per_class(labels: np.ndarray, per_class: Optional[int], seed: int 
     return np.sort(np.concatenate(keep))
 
 
-def lr_cells(ys: np.ndarray, xs: np.ndarray, lr_shape: Tuple[int, int], hr_shape: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+def lr_cells(
+    ys: np.ndarray, xs: np.ndarray, lr_shape: Tuple[int, int], hr_shape: Tuple[int, int]
+) -> Tuple[np.ndarray, np.ndarray]:
     """LR cell ``(i, j)`` whose area contains each HR pixel (the nearest-resize cell rule)."""
     (h, w), (H, W) = lr_shape, hr_shape
     i = np.minimum(((np.asarray(ys) + 0.5) * h / H).astype(np.int64), h - 1)
@@ -340,7 +342,7 @@ class ScribbleClassifier:
         return int(self.samples.shape[1])
 
     @classmethod
-    def train(cls, samples: np.ndarray, labels: np.ndarray, classifier=None, **kwargs) -> "ScribbleClassifier":
+    def train(cls, samples: np.ndarray, labels: np.ndarray, classifier=None, **kwargs) -> ScribbleClassifier:
         estimator = default_classifier() if classifier is None else classifier
         check_estimator(estimator)
         samples = np.ascontiguousarray(samples, np.float32)
@@ -357,7 +359,7 @@ class ScribbleClassifier:
             )
         return self.estimator.predict_proba(X)
 
-    def save(self, path: "str | os.PathLike") -> Path:
+    def save(self, path: str | os.PathLike) -> Path:
         """Write the training samples and the estimator's parameters to ``path`` (``.npz``).
 
         Written to a temporary file in the same folder and renamed when complete. Loading
@@ -382,7 +384,7 @@ class ScribbleClassifier:
         return path
 
     @classmethod
-    def load(cls, path: "str | os.PathLike") -> "ScribbleClassifier":
+    def load(cls, path: str | os.PathLike) -> ScribbleClassifier:
         """Read a file written by :meth:`save` and refit its estimator on the stored samples."""
         path = Path(path)
         if not path.is_file():
@@ -398,6 +400,10 @@ class ScribbleClassifier:
             raise ValueError(f"{path} is not a scribble classifier file (format {meta.get('format')!r})")
         estimator = _estimator_from_spec(meta)
         return cls.train(
-            samples, labels, estimator, route=meta.get("route", "hr"),
-            include_image=bool(meta.get("include_image", False)), meta=dict(meta.get("meta", {})),
+            samples,
+            labels,
+            estimator,
+            route=meta.get("route", "hr"),
+            include_image=bool(meta.get("include_image", False)),
+            meta=dict(meta.get("meta", {})),
         )

@@ -207,7 +207,6 @@ class FeatureMap:
         yield self.geometry
 
 
-
 # ----------------------------------------------------------------------------------------
 # Image preparation
 # ----------------------------------------------------------------------------------------
@@ -236,7 +235,9 @@ def _channels_last(arr: np.ndarray, channel_axis: Optional[int]) -> Tuple[np.nda
         raise ValueError(f"image is empty (shape {tuple(arr.shape)})")
     if arr.ndim == 2:
         if channel_axis is not None:
-            raise ValueError(f"channel_axis={channel_axis!r} was given but the image is 2D {tuple(arr.shape)}; leave channel_axis=None")
+            raise ValueError(
+                f"channel_axis={channel_axis!r} was given but the image is 2D {tuple(arr.shape)}; leave channel_axis=None"
+            )
         return arr, None, False
     # 3-D: the axis is given, or the layout is unambiguously gray / RGB / RGBA channels-last;
     # channels and planes are never guessed (core.guide.channels_last raises otherwise).
@@ -291,13 +292,16 @@ def _working_shape(image_shape: Tuple[int, int], input_size) -> Tuple[int, int]:
         return max(1, int(math.floor(H * f + 0.5))), max(1, int(math.floor(W * f + 0.5)))
     try:
         a, b = (v for v in input_size)
-        if isinstance(a, bool) or isinstance(b, bool) or not (isinstance(a, numbers.Integral) and isinstance(b, numbers.Integral)):
+        if (
+            isinstance(a, bool)
+            or isinstance(b, bool)
+            or not (isinstance(a, numbers.Integral) and isinstance(b, numbers.Integral))
+        ):
             raise TypeError
         a, b = int(a), int(b)
     except (TypeError, ValueError) as exc:
         raise ValueError(
-            f"input_size={input_size!r}: give None (the image size), an int (long side in pixels) "
-            "or a pair of ints (H', W')"
+            f"input_size={input_size!r}: give None (the image size), an int (long side in pixels) or a pair of ints (H', W')"
         ) from exc
     if a < 1 or b < 1:
         raise ValueError(f"input_size={input_size!r}: both sizes must be positive")
@@ -355,9 +359,7 @@ def plan_windows(lr_shape: Tuple[int, int], window_shape: Tuple[int, int], overl
         if t < 1:
             raise ValueError(f"window must be at least 1 token; got {window_shape} ({axis})")
         if t < n and not 0 <= o < t:
-            raise ValueError(
-                f"overlap={overlap} tokens must be >= 0 and smaller than the window ({t} tokens along {axis})"
-            )
+            raise ValueError(f"overlap={overlap} tokens must be >= 0 and smaller than the window ({t} tokens along {axis})")
     rows = _axis_windows(h, min(th, h), o)
     cols = _axis_windows(w, min(tw, w), o)
     return [(i0, i1, j0, j1) for i0, i1 in rows for j0, j1 in cols]
@@ -481,8 +483,7 @@ def _check_one_patch(image_shape: Tuple[int, int], patch: Optional[Tuple[int, in
     (H, W), (ph, pw) = image_shape, patch or (1, 1)
     if H < ph or W < pw:
         raise ValueError(
-            f"image is {H} x {W} pixels, smaller than one {ph} x {pw} patch of {name}; "
-            "upsampling needs at least one whole patch"
+            f"image is {H} x {W} pixels, smaller than one {ph} x {pw} patch of {name}; upsampling needs at least one whole patch"
         )
 
 
@@ -511,20 +512,20 @@ def _cancel_between_blocks(model: torch.nn.Module, cancel: Optional[CancelFn]) -
 
 def extract_features(
     image: ImageLike,
-    backbone: "str | Backbone | torch.nn.Module" = "dinov2_vits14",
+    backbone: str | Backbone | torch.nn.Module = "dinov2_vits14",
     *,
     layer: int = -1,
-    input_size: "int | Tuple[int, int] | None" = None,
-    weights: "str | os.PathLike | None" = None,
+    input_size: int | Tuple[int, int] | None = None,
+    weights: str | os.PathLike | None = None,
     pretrained: bool = True,
-    device: "str | torch.device" = "auto",
+    device: str | torch.device = "auto",
     max_memory: Budget = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
     normalize: Normalize = "auto",
     channel_axis: Optional[int] = None,
     window: WindowSpec = None,
-    overlap: "int | float" = 0.25,
+    overlap: int | float = 0.25,
 ) -> FeatureMap:
     """Patch-token features of a ViT (DINOv2 by default) on a grid that covers ``image`` exactly.
 

@@ -103,7 +103,10 @@ class FitOptions:
         set_(
             "guide_smoothing",
             check_float(
-                self.guide_smoothing, "guide_smoothing", minimum=0.0, maximum=float(largest),
+                self.guide_smoothing,
+                "guide_smoothing",
+                minimum=0.0,
+                maximum=float(largest),
                 hint="Gaussian sigma in pixels, at most the image size",
             ),
         )
@@ -122,7 +125,7 @@ class FitOptions:
         return d
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "FitOptions":
+    def from_dict(cls, d: Dict[str, Any]) -> FitOptions:
         """Options from :meth:`to_dict` output (unknown keys are ignored; all values checked)."""
         if not isinstance(d, dict):
             raise TypeError(f"fit options must be a dict, got {type(d).__name__}")
@@ -190,8 +193,8 @@ class KernelField:
         lr_shape: Tuple[int, int],
         sigma: float = INIT_SIGMA,
         sigma_r: float = INIT_SIGMA_R,
-        device: "str | torch.device" = "cpu",
-    ) -> "KernelField":
+        device: str | torch.device = "cpu",
+    ) -> KernelField:
         """The published starting point: isotropic ``sigma``, ``theta = 0``, ``sigma_r``."""
         h, w = lr_shape
         full = lambda v: torch.full((h, w), float(v), dtype=torch.float32, device=device)  # noqa: E731
@@ -205,19 +208,19 @@ class KernelField:
     def device(self) -> torch.device:
         return self.sigma_x.device
 
-    def equal(self, other: "KernelField") -> bool:
+    def equal(self, other: KernelField) -> bool:
         """True when all four maps are identical (metadata is not compared)."""
         return all(torch.equal(getattr(self, n).cpu(), getattr(other, n).cpu()) for n in _NAMES)
 
-    def to(self, device: "str | torch.device") -> "KernelField":
+    def to(self, device: str | torch.device) -> KernelField:
         """A copy on ``device`` (float32)."""
         maps = {n: getattr(self, n).to(device=device, dtype=torch.float32) for n in _NAMES}
         return KernelField(**maps, meta=dict(self.meta), options=self.options)
 
-    def detach(self) -> "KernelField":
+    def detach(self) -> KernelField:
         return KernelField(**{n: getattr(self, n).detach() for n in _NAMES}, meta=dict(self.meta), options=self.options)
 
-    def validate(self, lr_shape: "Tuple[int, int] | None" = None, name: str = "field") -> None:
+    def validate(self, lr_shape: Tuple[int, int] | None = None, name: str = "field") -> None:
         """Raise ValueError on a shape mismatch, NaN/Inf, or non-positive sigmas."""
         if lr_shape is not None and tuple(self.shape) != tuple(lr_shape):
             raise ValueError(
@@ -236,16 +239,12 @@ class KernelField:
     def raw(self) -> torch.Tensor:
         """Unconstrained parameters ``[4, h, w]``: log sigmas and ``atanh(theta / pi)``."""
         th = (self.theta / math.pi).clamp(-1 + 1e-7, 1 - 1e-7)
-        return torch.stack(
-            [torch.log(self.sigma_x), torch.log(self.sigma_y), torch.atanh(th), torch.log(self.sigma_r)]
-        )
+        return torch.stack([torch.log(self.sigma_x), torch.log(self.sigma_y), torch.atanh(th), torch.log(self.sigma_r)])
 
     @classmethod
-    def from_raw(cls, raw: torch.Tensor, meta: "Dict | None" = None) -> "KernelField":
+    def from_raw(cls, raw: torch.Tensor, meta: Dict | None = None) -> KernelField:
         """Inverse of :meth:`raw` (differentiable)."""
-        return cls(
-            torch.exp(raw[0]), torch.exp(raw[1]), math.pi * torch.tanh(raw[2]), torch.exp(raw[3]), meta=meta or {}
-        )
+        return cls(torch.exp(raw[0]), torch.exp(raw[1]), math.pi * torch.tanh(raw[2]), torch.exp(raw[3]), meta=meta or {})
 
     # ----------------------------------------------------------------------------------
     def anisotropy(self) -> torch.Tensor:
@@ -255,7 +254,7 @@ class KernelField:
     def numpy(self) -> Dict[str, np.ndarray]:
         return {n: getattr(self, n).detach().cpu().numpy().astype(np.float32) for n in _NAMES}
 
-    def save(self, path: "str | Path") -> Path:
+    def save(self, path: str | Path) -> Path:
         """Write an ``.npz`` with the four maps, the metadata and the fit options (JSON).
 
         Atomic: written to a temporary name in the same folder, then renamed, so an
@@ -284,7 +283,7 @@ class KernelField:
         return path
 
     @classmethod
-    def load(cls, path: "str | Path", device: "str | torch.device" = "cpu") -> "KernelField":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> KernelField:
         """Read a field written by :meth:`save`.
 
         The archive's member sizes and array headers are checked before anything is inflated;
@@ -403,7 +402,7 @@ def _jsonable(obj):
     return str(obj)
 
 
-def kernel_coefficients(field: "KernelField") -> torch.Tensor:
+def kernel_coefficients(field: KernelField) -> torch.Tensor:
     """``[4, h, w]``: the quadratic-form coefficients ``A, B, C`` and ``rho`` of every cell.
 
     ``log w_spatial = -(A dX^2 + 2 B dX dY + C dY^2)`` with

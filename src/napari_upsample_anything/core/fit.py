@@ -22,9 +22,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import native
 from .errors import FitDivergedError
 from .field import KernelField, kernel_coefficients
-from . import native
 from .fused import (
     compiled_chunk_blocks,
     kernel,
@@ -37,7 +37,6 @@ from .fused import (
 from .guide import Guide
 from .memory import MemoryLog, TileMeter, TileRecord, halve_tile, is_out_of_memory, release_cached_memory
 from .progress import CancelFn, ProgressFn, check_cancel, report
-from .threads import torch_threads
 from .render import (
     CPU_PREFERRED_TILE_BYTES,
     BlockEngine,
@@ -47,6 +46,7 @@ from .render import (
     bicubic_lr_guide,
     block_attention,
 )
+from .threads import torch_threads
 
 PUBLISHED_STEPS = 51  # optimizer updates in the published loop (steps 0..50, "50 steps")
 PUBLISHED_LR = 0.1
@@ -173,7 +173,13 @@ class _ChunkedFit:
     """
 
     def __init__(
-        self, engine: BlockEngine, tiles: List[Tile], values_flat: torch.Tensor, n_values: int, keep: bool, compiled: bool,
+        self,
+        engine: BlockEngine,
+        tiles: List[Tile],
+        values_flat: torch.Tensor,
+        n_values: int,
+        keep: bool,
+        compiled: bool,
         kernel_name: Optional[str] = None,
     ):
         self.engine = engine
@@ -281,10 +287,42 @@ def fit_field(
     ``threads``: CPU threads for this call (None: torch's setting; :mod:`.threads`).
     """
     with torch_threads(threads):
-        return _fit_field(guide, lr_shape, steps, lr, options, device, budget, init, progress, cancel, memlog, final_loss, agg_dtype, downsample, backend)
+        return _fit_field(
+            guide,
+            lr_shape,
+            steps,
+            lr,
+            options,
+            device,
+            budget,
+            init,
+            progress,
+            cancel,
+            memlog,
+            final_loss,
+            agg_dtype,
+            downsample,
+            backend,
+        )
 
 
-def _fit_field(guide, lr_shape, steps, lr, options, device, budget, init, progress, cancel, memlog, final_loss, agg_dtype, downsample, backend):
+def _fit_field(
+    guide,
+    lr_shape,
+    steps,
+    lr,
+    options,
+    device,
+    budget,
+    init,
+    progress,
+    cancel,
+    memlog,
+    final_loss,
+    agg_dtype,
+    downsample,
+    backend,
+):
     t_start = time.perf_counter()
     engine = BlockEngine(guide, lr_shape, options, device)
     h, w = engine.lr_shape
@@ -487,8 +525,17 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
                     c = coef_flat.index_select(1, q).reshape(4, n, K)  # A, B, C, rho of the neighbours
                     psi = spatial_coefficients(c, x["d_y"][:n], x["d_x"][:n])
                     loss, sq, grad_psi, grad_rho = prep.fn(
-                        x["phi"], prep.pad(psi), prep.pad(c[3]), x["ic"], x["jd"], x["vals"],
-                        x["target"], x["weight"], prep.pad(r2[b0 : b0 + n]), prep.r2_off, x["repeated"],
+                        x["phi"],
+                        prep.pad(psi),
+                        prep.pad(c[3]),
+                        x["ic"],
+                        x["jd"],
+                        x["vals"],
+                        x["target"],
+                        x["weight"],
+                        prep.pad(r2[b0 : b0 + n]),
+                        prep.r2_off,
+                        x["repeated"],
                     )
                     total += loss
                     squared += sq

@@ -52,7 +52,7 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiler_available(device_type: str) -> bool:
     """Whether ``torch.compile`` can generate code for this device type here.
 
@@ -237,7 +237,9 @@ def compiled_graph_count() -> int:
 
 
 def warn_fallback(exc: BaseException) -> None:
-    warnings.warn(f"compiled kernels unavailable ({type(exc).__name__}: {exc}); using the eager path", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"compiled kernels unavailable ({type(exc).__name__}: {exc}); using the eager path", RuntimeWarning, stacklevel=3
+    )
 
 
 __all__ = [
@@ -256,4 +258,3 @@ __all__ = [
     "compiled_chunk_blocks",
     "compiled_graph_count",
 ]
-

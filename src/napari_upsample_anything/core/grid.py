@@ -41,7 +41,7 @@ class AxisBlocks:
     local: torch.Tensor  # [n_lr, pad] float32: HR coordinate minus the LR cell's centre
 
     @classmethod
-    def build(cls, n_hr: int, n_lr: int) -> "AxisBlocks":
+    def build(cls, n_hr: int, n_lr: int) -> AxisBlocks:
         cells = centre_cells(n_hr, n_lr)
         count = torch.bincount(cells, minlength=n_lr)
         if bool((count == 0).any()):  # cannot happen for n_hr >= n_lr; guard the invariant
@@ -61,7 +61,7 @@ class AxisBlocks:
         """All blocks have the same size (integer scale): no padding anywhere."""
         return bool((self.count == self.pad).all())
 
-    def hr_range(self, i0: int, i1: int) -> "tuple[int, int]":
+    def hr_range(self, i0: int, i1: int) -> tuple[int, int]:
         """HR index range [start, stop) covered by LR blocks [i0, i1)."""
         return int(self.start[i0]), int(self.start[i1 - 1] + self.count[i1 - 1])
 
@@ -76,7 +76,7 @@ class Offsets:
     r2: torch.Tensor  # [K] long, dy^2 + dx^2, non-decreasing
 
     @classmethod
-    def build(cls, radius: int) -> "Offsets":
+    def build(cls, radius: int) -> Offsets:
         r = torch.arange(-radius, radius + 1)
         dy, dx = torch.meshgrid(r, r, indexing="ij")
         dy, dx = dy.reshape(-1), dx.reshape(-1)
@@ -103,16 +103,16 @@ class BlockGrid:
     offsets: Offsets
 
     @classmethod
-    def build(cls, hr_shape: "tuple[int, int]", lr_shape: "tuple[int, int]", radius: int) -> "BlockGrid":
+    def build(cls, hr_shape: tuple[int, int], lr_shape: tuple[int, int], radius: int) -> BlockGrid:
         (H, W), (h, w) = hr_shape, lr_shape
         return cls(AxisBlocks.build(H, h), AxisBlocks.build(W, w), Offsets.build(radius))
 
     @property
-    def hr_shape(self) -> "tuple[int, int]":
+    def hr_shape(self) -> tuple[int, int]:
         return self.rows.n_hr, self.cols.n_hr
 
     @property
-    def lr_shape(self) -> "tuple[int, int]":
+    def lr_shape(self) -> tuple[int, int]:
         return self.rows.n_lr, self.cols.n_lr
 
     @property

@@ -102,11 +102,10 @@ def validate_image(arr, name: str = "guide") -> None:
         )
     if any(int(n) == 0 for n in arr.shape):
         raise ValueError(f"{name} is empty (shape {tuple(arr.shape)})")
-    dtype_is_float = (
-        arr.dtype.is_floating_point if isinstance(arr, torch.Tensor) else np.issubdtype(arr.dtype, np.floating)
-    )
+    dtype_is_float = arr.dtype.is_floating_point if isinstance(arr, torch.Tensor) else np.issubdtype(arr.dtype, np.floating)
     dtype_ok = (
-        arr.dtype.is_floating_point or arr.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool, torch.uint16)
+        arr.dtype.is_floating_point
+        or arr.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool, torch.uint16)
         if isinstance(arr, torch.Tensor)
         else (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) and not np.issubdtype(arr.dtype, np.complexfloating)
     )

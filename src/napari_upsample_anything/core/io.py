@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 
 
-def load_image(path: "str | Path") -> np.ndarray:
+def load_image(path: str | Path) -> np.ndarray:
     """Read an image file as a numpy array.
 
     ``.npy`` files are loaded memory-mapped; TIFF through tifffile when installed; other
@@ -49,7 +49,7 @@ def guide_from_image(image, channel_axis: Optional[int] = None) -> np.ndarray:
     return arr
 
 
-def save_png(path: "str | Path", rgb: np.ndarray) -> Path:
+def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     """Write an (H, W, 3) float image in [0, 1] (or uint8) as PNG."""
     import skimage.io
 

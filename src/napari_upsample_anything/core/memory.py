@@ -123,7 +123,7 @@ class MemoryLog:
     def peak_measured_bytes(self) -> int:
         return max((t.peak_bytes for t in self.tiles), default=0)
 
-    def tile_map(self, lr_shape: "tuple[int, int]", stage: Optional[str] = None, measured: bool = True):
+    def tile_map(self, lr_shape: tuple[int, int], stage: Optional[str] = None, measured: bool = True):
         """An (h, w) float array: for each LR cell, the peak bytes of the tile that covered it.
 
         Several stages may cover the same cell; the largest value wins.
@@ -157,7 +157,7 @@ class TileMeter:
         self.base = 0
         self.peak = 0
 
-    def __enter__(self) -> "TileMeter":
+    def __enter__(self) -> TileMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)

@@ -158,7 +158,7 @@ def _cache_dir() -> Path:
     return Path(base) / "napari-upsample-anything" / "native"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _library() -> Optional[ctypes.CDLL]:
     """Build (once) and load the kernel library, or None when no compiler can build it."""
     if os.environ.get("UPSAMPLE_ANYTHING_NO_COMPILE"):
@@ -183,7 +183,9 @@ def _library() -> Optional[ctypes.CDLL]:
                 obj = Path(tmp) / "fit_chunk.o"
                 tmp_lib = Path(tmp) / "fit_chunk.so"
                 subprocess.run([cc, *compile_flags, "-c", str(src), "-o", str(obj)], check=True, capture_output=True, timeout=300)
-                subprocess.run([cc, *link_flags, str(obj), "-o", str(tmp_lib), "-lm"], check=True, capture_output=True, timeout=300)
+                subprocess.run(
+                    [cc, *link_flags, str(obj), "-o", str(tmp_lib), "-lm"], check=True, capture_output=True, timeout=300
+                )
                 os.replace(tmp_lib, lib_path)  # complete file appears atomically
         except (OSError, subprocess.SubprocessError):
             return None
@@ -223,8 +225,18 @@ def fit_chunk(phi, psi, rho, ic, jd, vals, target, weight, r2_pix, r2_off, repea
     loss = ctypes.c_double()
     squared = ctypes.c_double()
     lib.fit_chunk(
-        ctypes.c_int64(max(1, min(torch.get_num_threads(), B))), ctypes.c_int64(B), ctypes.c_int64(P), ctypes.c_int64(K), ctypes.c_int64(G),
-        *[_ptr(t) for t in f32], _ptr(r2p), _ptr(r2o), _ptr(rep),
-        ctypes.byref(loss), ctypes.byref(squared), _ptr(grad_psi), _ptr(grad_rho),
+        ctypes.c_int64(max(1, min(torch.get_num_threads(), B))),
+        ctypes.c_int64(B),
+        ctypes.c_int64(P),
+        ctypes.c_int64(K),
+        ctypes.c_int64(G),
+        *[_ptr(t) for t in f32],
+        _ptr(r2p),
+        _ptr(r2o),
+        _ptr(rep),
+        ctypes.byref(loss),
+        ctypes.byref(squared),
+        _ptr(grad_psi),
+        _ptr(grad_rho),
     )
     return torch.tensor(loss.value), torch.tensor(squared.value), grad_psi, grad_rho

@@ -106,7 +106,7 @@ def fit_pca(features, n_components: int = 3, max_samples: Optional[int] = 100_00
     )
 
 
-def _covariance_pca(x: np.ndarray, k: int, rows_per_chunk: int = 16384) -> "tuple[np.ndarray, np.ndarray, np.ndarray]":
+def _covariance_pca(x: np.ndarray, k: int, rows_per_chunk: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-``k`` principal axes of ``x [n, C]`` from its C x C covariance (float64, ``eigh``).
 
     Same result as scikit-learn's ``PCA`` (full SVD) up to rounding, with the same sign
@@ -132,7 +132,9 @@ def _covariance_pca(x: np.ndarray, k: int, rows_per_chunk: int = 16384) -> "tupl
     return components, mean, ratio
 
 
-def pca_rgb(features, basis: Optional[PCABasis] = None, max_samples: Optional[int] = 100_000, seed: int = 0) -> Tuple[np.ndarray, PCABasis]:
+def pca_rgb(
+    features, basis: Optional[PCABasis] = None, max_samples: Optional[int] = 100_000, seed: int = 0
+) -> Tuple[np.ndarray, PCABasis]:
     """``(C, ...)`` features -> ``(..., 3)`` RGB in [0, 1], and the basis used (fitted if not given)."""
     if basis is None:
         basis = fit_pca(features, 3, max_samples, seed)

@@ -34,7 +34,6 @@ denominator at least 1.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -42,11 +41,6 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import MemoryBudgetError
-from .field import KernelField, kernel_coefficients
-from .fused import compiled_chunk_blocks, kernel, pad_blocks, resolve_backend
-from .grid import BlockGrid
-from .guide import Guide
 from .attention import (  # noqa: F401  (Workspace, chunk_blocks, block_attention: re-exported)
     CHUNK_OVERHEAD_BYTES,
     CPU_CHUNK_BYTES,
@@ -56,6 +50,11 @@ from .attention import (  # noqa: F401  (Workspace, chunk_blocks, block_attentio
     chunk_blocks,
     render_blocks,
 )
+from .errors import MemoryBudgetError
+from .field import KernelField, kernel_coefficients
+from .fused import compiled_chunk_blocks, kernel, pad_blocks, resolve_backend
+from .grid import BlockGrid
+from .guide import Guide
 from .interp import linear_taps, resample
 from .memory import (
     MemoryLog,
@@ -247,8 +246,8 @@ class BlockEngine:
         qy = qy_raw.clamp(0, h - 1)
         qx = qx_raw.clamp(0, w - 1)
         q = (qy[:, None, :] * w + qx[None, :, :]).reshape(nr * nc, k)
-        d_y = ((qy - ii[:, None]).to(torch.float32) * float(self.grid.rows.scale))
-        d_x = ((qx - jj[:, None]).to(torch.float32) * float(self.grid.cols.scale))
+        d_y = (qy - ii[:, None]).to(torch.float32) * float(self.grid.rows.scale)
+        d_x = (qx - jj[:, None]).to(torch.float32) * float(self.grid.cols.scale)
         d_y = d_y[:, None, :].expand(nr, nc, k).reshape(nr * nc, k)
         d_x = d_x[None, :, :].expand(nr, nc, k).reshape(nr * nc, k)
         repeated = None
@@ -334,7 +333,7 @@ class BlockEngine:
             return 0
         return 4 * max(self.chunk_bytes, self.P * self.K * 4)
 
-    def workspace(self) -> "Workspace":
+    def workspace(self) -> Workspace:
         return Workspace(self.device, self.chunk_bytes)
 
     def tile_block_bytes(self, per_block: int) -> int:
@@ -505,7 +504,9 @@ class BlockEngine:
         x0, x1 = self.grid.cols.hr_range(j0, j1)
         return y0, y1, x0, x1
 
-    def _render_tile(self, values_flat, coef, sigma_eff, tile: Tile, agg_dtype, workspace=None, weights_kernel=None) -> torch.Tensor:
+    def _render_tile(
+        self, values_flat, coef, sigma_eff, tile: Tile, agg_dtype, workspace=None, weights_kernel=None
+    ) -> torch.Tensor:
         """``[B, C, P]`` render of one tile (channels first, see :func:`.attention.render_blocks`)."""
         r2_pix = self.radius_sq(sigma_eff, tile)
         k = self.K if weights_kernel is not None else self.tile_k(r2_pix)

@@ -18,7 +18,9 @@ def check_threads(threads: Optional[int]) -> Optional[int]:
     if threads is None:
         return None
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads={threads!r}: give a positive int, or None for torch's setting ({torch.get_num_threads()} here)")
+        raise ValueError(
+            f"threads={threads!r}: give a positive int, or None for torch's setting ({torch.get_num_threads()} here)"
+        )
     return threads
 
 

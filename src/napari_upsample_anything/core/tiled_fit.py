@@ -83,7 +83,9 @@ class FitTile:
         return self.hr[1] - self.hr[0], self.hr[3] - self.hr[2]
 
 
-def plan_fit_tiles(hr_shape: Tuple[int, int], lr_shape: Tuple[int, int], tile_cells: int, halo: int = DEFAULT_HALO) -> List[FitTile]:
+def plan_fit_tiles(
+    hr_shape: Tuple[int, int], lr_shape: Tuple[int, int], tile_cells: int, halo: int = DEFAULT_HALO
+) -> List[FitTile]:
     """Split an ``(h, w)`` LR grid over an ``(H, W)`` image into overlapping fit tiles.
 
     Parameters
@@ -149,7 +151,9 @@ def normalized_region(task: TileFitTask) -> np.ndarray:
     """
     y0, y1, x0, x1 = task.tile.hr
     region = task.guide[y0:y1, x0:x1]
-    block = region.detach().cpu() if isinstance(region, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(region)))
+    block = (
+        region.detach().cpu() if isinstance(region, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(region)))
+    )
     block = block.to(torch.float32)
     if block.ndim == 2:
         block = block[:, :, None]
@@ -227,7 +231,9 @@ def fit_cache_bytes(hr_shape: Tuple[int, int], guide_channels: int) -> int:
     return int(H) * int(W) * (m + 2 * guide_channels + 1) * 4
 
 
-def choose_tile_cells(hr_shape: Tuple[int, int], lr_shape: Tuple[int, int], guide_channels: int, budget: int, halo: int = DEFAULT_HALO) -> Optional[int]:
+def choose_tile_cells(
+    hr_shape: Tuple[int, int], lr_shape: Tuple[int, int], guide_channels: int, budget: int, halo: int = DEFAULT_HALO
+) -> Optional[int]:
     """The tile size (LR cells) for a fit within ``budget`` bytes, or None for a whole-image fit.
 
     The whole image is fitted at once when its fit cache plus a float32 copy of the guide fit
@@ -262,7 +268,11 @@ def plan_tile_tasks(
         # Only the uint8 / bool / 'unit' / (lo, hi) rules can be decided from the dtype alone;
         # the others need the values (read once here).
         dtype = np.dtype(guide.dtype)
-        from_dtype = isinstance(normalize, (tuple, list)) or normalize in ("none", "unit") or (normalize == "auto" and dtype in (np.uint8, np.bool_))
+        from_dtype = (
+            isinstance(normalize, (tuple, list))
+            or normalize in ("none", "unit")
+            or (normalize == "auto" and dtype in (np.uint8, np.bool_))
+        )
         probe = np.empty((1,) * len(guide.shape), dtype) if from_dtype else np.asarray(guide)
         if from_dtype and len(guide.shape) == 3:
             probe = np.empty((1, 1, guide.shape[2]), dtype)
@@ -358,7 +368,9 @@ def fit_tiled(
         if tile_cells is None:  # the whole image fits: one tile, the whole-image fit
             tile_cells = max(lr_shape)
     tasks = plan_tile_tasks(guide, lr_shape, tile_cells, halo, normalize, **fit_options)
-    outcomes = execute(tasks, fit_tile, client=client, retries=retries, progress=progress, cancel=cancel, **(execute_options or {}))
+    outcomes = execute(
+        tasks, fit_tile, client=client, retries=retries, progress=progress, cancel=cancel, **(execute_options or {})
+    )
     raise_for_failures(outcomes)
     results = [o.result for o in outcomes]
     hr_shape = (int(guide.shape[0]), int(guide.shape[1]))

@@ -27,7 +27,7 @@ _UNITS = {
 MAX_BYTES = 1e18  # an exabyte: anything above is a typo (and 1e400 is infinity)
 
 
-def parse_bytes(value: "int | float | str | None", name: str = "max_memory") -> Optional[int]:
+def parse_bytes(value: int | float | str | None, name: str = "max_memory") -> Optional[int]:
     """Parse a byte count: an int/float, or a string like ``"2GB"``, ``"1.5 GiB"``, ``"512MB"``.
 
     GB/MB/kB are powers of ten, GiB/MiB/KiB powers of two. None and ``"auto"`` return None
@@ -48,9 +48,7 @@ def parse_bytes(value: "int | float | str | None", name: str = "max_memory") -> 
         return None
     m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)", text)
     if not m or m.group(2) not in _UNITS:
-        raise ValueError(
-            f"{name}={value!r} is not a size; use bytes or a string like '2GB', '512MiB', '1.5GiB'"
-        )
+        raise ValueError(f"{name}={value!r} is not a size; use bytes or a string like '2GB', '512MiB', '1.5GiB'")
     amount = float(m.group(1)) * _UNITS[m.group(2)]
     if not amount < MAX_BYTES:  # also catches '1e400' (inf)
         raise ValueError(f"{name}={value!r}: more than {MAX_BYTES:.0e} bytes; give a real budget such as '8GB'")

@@ -45,7 +45,7 @@ CROP_CELLS = 8  # the measurement crop is CROP_CELLS x CROP_CELLS LR cells of PA
 #: A measurement older than this (seconds) is repeated: the machine's load changes.
 RATES_MAX_AGE = 300.0
 
-_RATES: Dict[tuple, "Rates"] = {}
+_RATES: Dict[tuple, Rates] = {}
 _LOCK = threading.Lock()
 
 

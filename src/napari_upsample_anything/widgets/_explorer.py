@@ -90,7 +90,14 @@ def compute_similarity(plane, points: np.ndarray, device: str = "auto", *, progr
 
 
 def compute_segmentation(
-    plane, scribbles: np.ndarray, route: str = "hr", include_image: bool = False, device: str = "auto", *, progress=None, cancel=None
+    plane,
+    scribbles: np.ndarray,
+    route: str = "hr",
+    include_image: bool = False,
+    device: str = "auto",
+    *,
+    progress=None,
+    cancel=None,
 ) -> dict:
     """Train on ``scribbles`` (H, W) and classify ``plane``; ``{"labels", "probabilities", "classifier"}``."""
     from ..explore import segment_scribbles
@@ -100,8 +107,16 @@ def compute_segmentation(
     else:
         features, guide, field = plane.features, plane.guide, plane.field
     labels, probs, clf = segment_scribbles(
-        features, scribbles, guide, field, route=route, include_image=include_image, return_classifier=True,
-        device=device, progress=_adapter(progress), cancel=cancel,
+        features,
+        scribbles,
+        guide,
+        field,
+        route=route,
+        include_image=include_image,
+        return_classifier=True,
+        device=device,
+        progress=_adapter(progress),
+        cancel=cancel,
     )
     return {"labels": labels, "probabilities": probs, "classifier": clf}
 
@@ -137,7 +152,9 @@ def plane_scribbles(layer, result: FitResult, plane) -> np.ndarray:
         elif a == frame.channel_axis:
             key.append(0)
         else:
-            raise ExplorerInputError(f"Labels layer '{layer.name}' has shape {shape}, which does not match the image {frame.shape}.")
+            raise ExplorerInputError(
+                f"Labels layer '{layer.name}' has shape {shape}, which does not match the image {frame.shape}."
+            )
     return np.array(data[tuple(key)], copy=True)
 
 
@@ -296,9 +313,16 @@ class FeatureExplorerWidget(RunWidget):
             H = result.planes[0].hr_shape[0]
             scale = float(result.frame.scale[-2])
             layer = put_layer(
-                self.viewer, np.zeros((0, result.frame.ndim)), "points", name=f"{result.name} query points",
-                role="explore_points", owner=result.owner, result=result.key, face_color="red",
-                size=max(3.0, H / 50) * scale, ndim=result.frame.ndim,
+                self.viewer,
+                np.zeros((0, result.frame.ndim)),
+                "points",
+                name=f"{result.name} query points",
+                role="explore_points",
+                owner=result.owner,
+                result=result.key,
+                face_color="red",
+                size=max(3.0, H / 50) * scale,
+                ndim=result.frame.ndim,
             )
         self._unwatch(("data",))
         self._watch(layer, "data", self._on_points_changed)
@@ -335,8 +359,14 @@ class FeatureExplorerWidget(RunWidget):
         H, W = result.planes[0].hr_shape
         data = np.zeros(frame.leading_shape() + (H, W), np.uint8)
         layer = put_layer(
-            self.viewer, data, "labels", name=f"{result.name} scribbles", role="explore_scribbles", owner=result.owner,
-            result=result.key, **frame.transform(),
+            self.viewer,
+            data,
+            "labels",
+            name=f"{result.name} scribbles",
+            role="explore_scribbles",
+            owner=result.owner,
+            result=result.key,
+            **frame.transform(),
         )
         self.scribble_picker.set_layer(layer)
         self.viewer.layers.selection.active = layer
@@ -397,7 +427,9 @@ class FeatureExplorerWidget(RunWidget):
             self._message("error", "No fitted image yet: run 'Upsample Anything' on the image first.", self.status)
             return False
         if layer is None:
-            self._message("error", "No scribbles: press 'New scribbles' (or add a Labels layer) and paint two classes.", self.status)
+            self._message(
+                "error", "No scribbles: press 'New scribbles' (or add a Labels layer) and paint two classes.", self.status
+            )
             return False
         try:
             plane = self._plane(result)
@@ -413,7 +445,14 @@ class FeatureExplorerWidget(RunWidget):
         route = self.route_combo.currentData()
         self._scribbles_ref = weakref.ref(layer)
         self._start(
-            "segment", compute_segmentation, plane, scribbles, result, route, self.image_check.isChecked(), self._device(result),
+            "segment",
+            compute_segmentation,
+            plane,
+            scribbles,
+            result,
+            route,
+            self.image_check.isChecked(),
+            self._device(result),
         )
         return True
 
@@ -460,8 +499,17 @@ class FeatureExplorerWidget(RunWidget):
             ):
                 data, tf = self._placed(result, plane, value[key])
                 self.outputs[key] = put_layer(
-                    self.viewer, data, "image", name=f"{result.name} similarity{suffix}", role=role, colormap="viridis",
-                    contrast_limits=(0.0, 1.0), visible=visible, extra_tag={"index": list(plane.index)}, **tf, **common,
+                    self.viewer,
+                    data,
+                    "image",
+                    name=f"{result.name} similarity{suffix}",
+                    role=role,
+                    colormap="viridis",
+                    contrast_limits=(0.0, 1.0),
+                    visible=visible,
+                    extra_tag={"index": list(plane.index)},
+                    **tf,
+                    **common,
                 )
             self._update_mask()
             points = self.points_layer(result)
@@ -488,8 +536,16 @@ class FeatureExplorerWidget(RunWidget):
         else:
             with self.state.keep_results():
                 layer = put_layer(
-                    self.viewer, data, "labels", name=f"{result.name} similar", role="explore_similar", owner=result.owner,
-                    result=result.key, opacity=0.4, extra_tag={"index": list(plane.index)}, **tf,
+                    self.viewer,
+                    data,
+                    "labels",
+                    name=f"{result.name} similar",
+                    role="explore_similar",
+                    owner=result.owner,
+                    result=result.key,
+                    opacity=0.4,
+                    extra_tag={"index": list(plane.index)},
+                    **tf,
                 )
         self.outputs["mask"] = layer
 
@@ -510,13 +566,29 @@ class FeatureExplorerWidget(RunWidget):
             for k, c in enumerate(classes):
                 data, tf = self._placed(result, plane, value["probabilities"][k])
                 self.outputs["probabilities"][c] = put_layer(
-                    self.viewer, data, "image", name=f"{result.name} probability {c}", role=f"explore_probability_{c}",
-                    colormap="magma", contrast_limits=(0.0, 1.0), visible=False, extra_tag={"class": c}, **tf, **common,
+                    self.viewer,
+                    data,
+                    "image",
+                    name=f"{result.name} probability {c}",
+                    role=f"explore_probability_{c}",
+                    colormap="magma",
+                    contrast_limits=(0.0, 1.0),
+                    visible=False,
+                    extra_tag={"class": c},
+                    **tf,
+                    **common,
                 )
             data, tf = self._placed(result, plane, value["labels"])
             self.outputs["labels"] = put_layer(
-                self.viewer, data, "labels", name=f"{result.name} segmentation", role="explore_segmentation", opacity=0.5,
-                extra_tag={"classes": classes, "route": clf.route}, **tf, **common,
+                self.viewer,
+                data,
+                "labels",
+                name=f"{result.name} segmentation",
+                role="explore_segmentation",
+                opacity=0.5,
+                extra_tag={"classes": classes, "route": clf.route},
+                **tf,
+                **common,
             )
             scribbles = self._scribbles_ref() if self._scribbles_ref is not None else None
             if scribbles is not None and scribbles in self.viewer.layers:  # keep painting on top

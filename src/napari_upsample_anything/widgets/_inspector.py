@@ -138,7 +138,9 @@ class KernelInspectorWidget(PluginWidget):
         box2 = QGroupBox("Pixel weights")
         pform = QVBoxLayout(box2)
         self.pick_check = QCheckBox("Pick a pixel: click on the image")
-        self.pick_check.setToolTip("Shows the clicked pixel's upsampling weights over the LR grid and the kernels that contribute")
+        self.pick_check.setToolTip(
+            "Shows the clicked pixel's upsampling weights over the LR grid and the kernels that contribute"
+        )
         self.pick_check.toggled.connect(self.set_picking)
         pform.addWidget(self.pick_check)
         self.pixel_label = QLabel("")
@@ -189,17 +191,35 @@ class KernelInspectorWidget(PluginWidget):
             if style == "vectors":
                 data, feats, count = vectors_data(frame, plane_positions(frame, planes), n_sigma=n_sigma, stride=stride)
                 layer = put_layer(
-                    self.viewer, data, "vectors", features=feats, edge_color=color_by, edge_colormap=cmap,
-                    edge_contrast_limits=color_limits(feats[color_by]), edge_width=max(0.5, H / 800),
-                    vector_style="line", opacity=0.9, extra_tag=dict(tag, count=count), **common,
+                    self.viewer,
+                    data,
+                    "vectors",
+                    features=feats,
+                    edge_color=color_by,
+                    edge_colormap=cmap,
+                    edge_contrast_limits=color_limits(feats[color_by]),
+                    edge_width=max(0.5, H / 800),
+                    vector_style="line",
+                    opacity=0.9,
+                    extra_tag=dict(tag, count=count),
+                    **common,
                 )
             elif style == "shapes":
                 polys, feats = shapes_data(frame, plane_positions(frame, planes), n_sigma=n_sigma, max_count=MAX_SHAPES)
                 count = len(polys)
                 layer = put_layer(
-                    self.viewer, polys, "shapes", shape_type="polygon", features=feats, edge_color=color_by,
-                    edge_colormap=cmap, face_color="transparent", edge_width=max(0.5, H / 500), opacity=0.9,
-                    extra_tag=dict(tag, count=count), **common,
+                    self.viewer,
+                    polys,
+                    "shapes",
+                    shape_type="polygon",
+                    features=feats,
+                    edge_color=color_by,
+                    edge_colormap=cmap,
+                    face_color="transparent",
+                    edge_width=max(0.5, H / 500),
+                    opacity=0.9,
+                    extra_tag=dict(tag, count=count),
+                    **common,
                 )
                 layer.refresh_colors()
             else:
@@ -207,8 +227,14 @@ class KernelInspectorWidget(PluginWidget):
                 count = sum((p.lr_shape[0] + stride - 1) // stride * ((p.lr_shape[1] + stride - 1) // stride) for p in planes)
                 vals = np.concatenate([i[i != 0] for i in imgs]) if imgs else np.zeros(1)
                 layer = put_layer(
-                    self.viewer, frame.stack(imgs), "image", colormap=cmap, blending="additive",
-                    contrast_limits=color_limits(vals), extra_tag=dict(tag, count=count), **common,
+                    self.viewer,
+                    frame.stack(imgs),
+                    "image",
+                    colormap=cmap,
+                    blending="additive",
+                    contrast_limits=color_limits(vals),
+                    extra_tag=dict(tag, count=count),
+                    **common,
                 )
         layer.visible = True
         result.layers["kernels"] = weakref.ref(layer)
@@ -231,9 +257,17 @@ class KernelInspectorWidget(PluginWidget):
         data = frame.stack(maps)
         with self.state.keep_results():
             layer = put_layer(
-                self.viewer, data, "image", name=f"{result.name} {name}", role="parameter_map", owner=result.owner,
-                result=result.key, colormap=COLORMAPS.get(name, "viridis"), contrast_limits=color_limits(data),
-                extra_tag={"parameter": name}, **frame.transform(planes[0].factor),
+                self.viewer,
+                data,
+                "image",
+                name=f"{result.name} {name}",
+                role="parameter_map",
+                owner=result.owner,
+                result=result.key,
+                colormap=COLORMAPS.get(name, "viridis"),
+                contrast_limits=color_limits(data),
+                extra_tag={"parameter": name},
+                **frame.transform(planes[0].factor),
             )
         result.layers["parameter_map"] = weakref.ref(layer)
         return layer
@@ -286,23 +320,48 @@ class KernelInspectorWidget(PluginWidget):
         owner = result.owner
         with self.state.keep_results():
             put_layer(
-                self.viewer, frame.stack([weights.astype(np.float32)], at=at), "image",
-                name=f"{result.name} pixel weights", role="pixel_weights", owner=owner, result=result.key,
-                colormap="magma", blending="additive", contrast_limits=(0.0, float(max(weights.max(), 1e-12))),
-                extra_tag={"pixel": [int(y), int(x)], "index": list(plane.index)}, **frame.transform(factor, at=at),
+                self.viewer,
+                frame.stack([weights.astype(np.float32)], at=at),
+                "image",
+                name=f"{result.name} pixel weights",
+                role="pixel_weights",
+                owner=owner,
+                result=result.key,
+                colormap="magma",
+                blending="additive",
+                contrast_limits=(0.0, float(max(weights.max(), 1e-12))),
+                extra_tag={"pixel": [int(y), int(x)], "index": list(plane.index)},
+                **frame.transform(factor, at=at),
             )
             outlines = cell_outlines(plane, cells, float(self.sigma_spin.value()))
             polys = list(lift(outlines, lead))
             put_layer(
-                self.viewer, polys, "shapes", name=f"{result.name} contributing kernels", role="contributing",
-                owner=owner, result=result.key, shape_type="polygon", face_color="transparent",
+                self.viewer,
+                polys,
+                "shapes",
+                name=f"{result.name} contributing kernels",
+                role="contributing",
+                owner=owner,
+                result=result.key,
+                shape_type="polygon",
+                face_color="transparent",
                 features={"weight": weights[cells[:, 0], cells[:, 1]], "cell_i": cells[:, 0], "cell_j": cells[:, 1]},
-                edge_color="weight", edge_colormap="plasma", edge_width=max(0.75, H / 300), **frame.transform(at=at),
+                edge_color="weight",
+                edge_colormap="plasma",
+                edge_width=max(0.75, H / 300),
+                **frame.transform(at=at),
             )
             put_layer(
-                self.viewer, np.array([list(lead) + [y, x]], dtype=float), "points",
-                name=f"{result.name} picked pixel", role="picked_pixel", owner=owner, result=result.key,
-                face_color="cyan", size=max(3.0, H / 60), **frame.transform(at=at),
+                self.viewer,
+                np.array([list(lead) + [y, x]], dtype=float),
+                "points",
+                name=f"{result.name} picked pixel",
+                role="picked_pixel",
+                owner=owner,
+                result=result.key,
+                face_color="cyan",
+                size=max(3.0, H / 60),
+                **frame.transform(at=at),
             )
         i, j = np.unravel_index(int(np.argmax(weights)), weights.shape)
         self.last_weights, self.last_pixel, self.last_cells = weights, (plane.index, y, x), cells
@@ -328,4 +387,3 @@ class KernelInspectorWidget(PluginWidget):
         except RuntimeError:
             pass
         clear_engine_cache()
-

@@ -239,6 +239,8 @@ def cell_outlines(plane: PlaneResult, cells: np.ndarray, n_sigma: float = 2.0, s
     return clip_points(ell.subset(flat).outline(segments), plane.hr_shape)
 
 
-def plane_positions(frame: Frame, planes: Sequence[PlaneResult], at: Optional[Index] = None) -> List[Tuple[PlaneResult, Tuple[int, ...]]]:
+def plane_positions(
+    frame: Frame, planes: Sequence[PlaneResult], at: Optional[Index] = None
+) -> List[Tuple[PlaneResult, Tuple[int, ...]]]:
     """Pair planes with their leading-axis position inside the result arrays."""
     return [(p, frame.position(p.index, at)) for p in planes]

@@ -129,8 +129,7 @@ def memory_layer_data(result: FitResult, stage: str = "all", value: str = "auto"
         raise ValueError(f"value={value!r}: use 'measured' or 'planned'")
     st = None if stage in (None, "all") else stage
     maps = [
-        (p.memlog.tile_map(p.lr_shape, stage=st, measured=(value == "measured")) / MIB).astype(np.float32)
-        for p in result.planes
+        (p.memlog.tile_map(p.lr_shape, stage=st, measured=(value == "measured")) / MIB).astype(np.float32) for p in result.planes
     ]
     return result.frame.stack(maps), value
 
@@ -242,7 +241,9 @@ class Sparkline(QWidget):
             p.setPen(QPen(QColor(80, 200, 255), 2))
             p.drawPolyline(poly)
             p.setPen(QColor(220, 220, 220))
-            p.drawText(QRectF(r.left() + 6, r.top() + 2, r.width() - 12, 14), Qt.AlignmentFlag.AlignLeft, f"peak {fmt_bytes(self.peak)}")
+            p.drawText(
+                QRectF(r.left() + 6, r.top() + 2, r.width() - 12, 14), Qt.AlignmentFlag.AlignLeft, f"peak {fmt_bytes(self.peak)}"
+            )
             p.drawText(
                 QRectF(r.left() + 6, r.bottom() - 14, r.width() - 12, 14),
                 Qt.AlignmentFlag.AlignRight,
@@ -457,10 +458,22 @@ class MemoryMonitorWidget(PluginWidget):
                 rects, mib = tiles
                 text = {"string": "{MiB:.0f}", "size": 8, "color": "white"} if len(rects) <= MAX_TILE_LABELS else None
                 tl = put_layer(
-                    self.viewer, rects, "shapes", name=f"{result.name} memory tiles", role="memory_tiles",
-                    owner=result.owner, result=result.key, shape_type="rectangle", face_color="transparent",
-                    edge_color="white", edge_width=0.08, features={"MiB": mib}, text=text, opacity=0.9,
-                    extra_tag={"value": kind, "stage": stage}, **result.frame.transform(factor),
+                    self.viewer,
+                    rects,
+                    "shapes",
+                    name=f"{result.name} memory tiles",
+                    role="memory_tiles",
+                    owner=result.owner,
+                    result=result.key,
+                    shape_type="rectangle",
+                    face_color="transparent",
+                    edge_color="white",
+                    edge_width=0.08,
+                    features={"MiB": mib},
+                    text=text,
+                    opacity=0.9,
+                    extra_tag={"value": kind, "stage": stage},
+                    **result.frame.transform(factor),
                 )
                 result.layers["memory_tiles"] = weakref.ref(tl)
             else:
@@ -477,4 +490,3 @@ class MemoryMonitorWidget(PluginWidget):
             self.state.run_finished.disconnect(self._on_run_finished)
         except Exception:  # noqa: BLE001
             pass
-

@@ -114,9 +114,17 @@ class RunConfig:
     def options(self) -> PipelineOptions:
         """The pipeline's options for these widget fields (the HR-feature storage stays here)."""
         return PipelineOptions(
-            backbone=self.backbone, layer=int(self.layer), input_size=self.input_size or None, weights=self.weights or None,
-            pretrained=bool(self.pretrained), steps=int(self.steps), device=self.device, precision=self.precision,
-            max_memory=self.budget, guide_smoothing=float(self.guide_smoothing), fit_downsample=self.fit_downsample,
+            backbone=self.backbone,
+            layer=int(self.layer),
+            input_size=self.input_size or None,
+            weights=self.weights or None,
+            pretrained=bool(self.pretrained),
+            steps=int(self.steps),
+            device=self.device,
+            precision=self.precision,
+            max_memory=self.budget,
+            guide_smoothing=float(self.guide_smoothing),
+            fit_downsample=self.fit_downsample,
             hr_features=self.hr_features != "none",
         )
 
@@ -133,7 +141,7 @@ class PipelineResult:
     backbone: str
     weights_source: str
     seconds: Dict[str, float] = field(default_factory=dict)
-    storage: Optional["FeatureStorage"] = None
+    storage: Optional[FeatureStorage] = None
 
 
 class FeatureStorage:
@@ -222,7 +230,9 @@ def run_pipeline(
         return out
 
     try:
-        fits, basis = run_planes(planes, options, hr_target=hr_target, channel_axis=channel_axis, progress=progress, cancel=cancel)
+        fits, basis = run_planes(
+            planes, options, hr_target=hr_target, channel_axis=channel_axis, progress=progress, cancel=cancel
+        )
     except BaseException:
         if storage_box:
             storage_box[0].dispose()
@@ -287,13 +297,25 @@ def upsample_planes(
             grid = tuple(int(s) for s in lr.shape[-2:])
             fld = plane.field if grid == plane.lr_shape else plane.extra_fields.get(grid)
             options = PipelineOptions(
-                steps=int(request.refit_steps), device=str(device), precision=request.precision,
+                steps=int(request.refit_steps),
+                device=str(device),
+                precision=request.precision,
                 max_memory=None if request.max_memory in (None, "", "auto") else request.max_memory,
                 guide_smoothing=api.fitted_smoothing(plane.field),  # same fit options as the image's
                 fit_downsample=plane.field.options.downsample if plane.field.options else "bicubic",
             )
-            res = upsample_map(lr, plane.guide, fld, options, kind="labels" if request.labels else "continuous",
-                               classes=classes, progress=progress, cancel=cancel, plane=k, n_planes=n)
+            res = upsample_map(
+                lr,
+                plane.guide,
+                fld,
+                options,
+                kind="labels" if request.labels else "continuous",
+                classes=classes,
+                progress=progress,
+                cancel=cancel,
+                plane=k,
+                n_planes=n,
+            )
             if fld is None:
                 plane.extra_fields[grid] = res["field"]
             res.pop("field")
@@ -304,7 +326,7 @@ def upsample_planes(
 
 
 # ---------------------------------------------------------------------------------- saving
-def save_hr_features(result: PipelineResult, path: "str | os.PathLike", leading_shape: Tuple[int, ...] = ()) -> Path:
+def save_hr_features(result: PipelineResult, path: str | os.PathLike, leading_shape: Tuple[int, ...] = ()) -> Path:
     """Write the HR features as one ``.npy``: ``(C, H, W)`` for one plane, ``leading + (C, H, W)`` for stacks.
 
     Written plane by plane through a memory map, so it never needs the whole array in RAM.
@@ -329,7 +351,7 @@ def save_hr_features(result: PipelineResult, path: "str | os.PathLike", leading_
     return path
 
 
-def save_kernels(result: PipelineResult, path: "str | os.PathLike") -> List[Path]:
+def save_kernels(result: PipelineResult, path: str | os.PathLike) -> List[Path]:
     """Save each plane's :class:`KernelField` (``.npz``); stacks get ``<stem>_<index>.npz`` files."""
     path = Path(path)
     if len(result.planes) == 1:
@@ -402,7 +424,7 @@ def iter_events(fn: Callable[..., Any], handle: RunHandle, *args, **kwargs) -> G
     napari's worker thread) passes each event on as it arrives. Returns ``fn``'s result or
     raises its exception. Closing the generator early cancels the computation and waits for it.
     """
-    q: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+    q: queue.SimpleQueue[Any] = queue.SimpleQueue()
     box: Dict[str, Any] = {}
 
     def target() -> None:
@@ -453,8 +475,7 @@ def error_message(exc: BaseException) -> str:
     text = str(exc).strip() or name
     if name == "WeightsUnavailableError":
         return (
-            text
-            + "\nIn the widget: choose a local weights file under 'Weights file', or tick "
+            text + "\nIn the widget: choose a local weights file under 'Weights file', or tick "
             "'Random weights' to try the plugin without real features."
         )
     if isinstance(exc, MemoryBudgetError):

@@ -73,7 +73,7 @@ class _WindowCloseWatcher(QObject):
     napari's confirmation dialog, so cleanup then waits until the window is really hidden.
     """
 
-    def __init__(self, widget: "PluginWidget"):
+    def __init__(self, widget: PluginWidget):
         super().__init__(widget)
         self._widget_ref = weakref.ref(widget)
         self._closing = False
@@ -295,10 +295,7 @@ class LayerPicker(QComboBox):
         viewer = self._viewer_ref()
         if viewer is None:
             return []
-        return [
-            l for l in viewer.layers
-            if layer_kind(l) in self._kinds and (self._include_own or not is_own(l))
-        ]
+        return [l for l in viewer.layers if layer_kind(l) in self._kinds and (self._include_own or not is_own(l))]
 
     def refresh(self, *_args) -> None:
         try:
@@ -616,7 +613,12 @@ class Runner(QObject):
         self.worker = worker
         self._pbar = progress(total=0, desc=desc or self.what)
         self._info = {
-            "id": Runner._next_id, "what": self.what, "device": device, "budget": budget, "threads": threads, "t0": time.time(),
+            "id": Runner._next_id,
+            "what": self.what,
+            "device": device,
+            "budget": budget,
+            "threads": threads,
+            "t0": time.time(),
         }
         viewer = self._viewer_ref()
         if viewer is not None:

@@ -190,7 +190,7 @@ class ViewerState:
         return bool(self.active_runs)
 
 
-_STATES: "weakref.WeakKeyDictionary[Any, ViewerState]" = weakref.WeakKeyDictionary()
+_STATES: weakref.WeakKeyDictionary[Any, ViewerState] = weakref.WeakKeyDictionary()
 
 
 def unwrap_viewer(viewer):

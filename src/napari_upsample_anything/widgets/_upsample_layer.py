@@ -88,7 +88,7 @@ def prepare_maps(layer, result: FitResult) -> Tuple[List[np.ndarray], dict]:
     S = frame.slice_shape if multi else ()
     lead = shape[:-2]
     if multi:
-        if len(lead) < len(S) or tuple(lead[len(lead) - len(S):]) != tuple(S):
+        if len(lead) < len(S) or tuple(lead[len(lead) - len(S) :]) != tuple(S):
             raise InputError(
                 f"'{result.label}' was fitted on {len(result.planes)} slices (slice axes of size {S}); "
                 f"layer '{layer.name}' of shape {shape} must end with those axes then (h, w), e.g. {S + ('h', 'w')}."
@@ -273,7 +273,8 @@ class UpsampleLayerWidget(RunWidget):
                 self._status_kind = "hint"
         if layer is None or result is None:
             self.info_label.setText(
-                "no fitted image yet: run 'Upsample Anything' on the image first" if result is None
+                "no fitted image yet: run 'Upsample Anything' on the image first"
+                if result is None
                 else "no low-resolution layer: add an Image or Labels layer to upsample"
             )
             return
@@ -353,14 +354,24 @@ class UpsampleLayerWidget(RunWidget):
             max_memory=self.memory_edit.text().strip() or None,
             refit_steps=int(result.pipeline.config.steps),
         )
-        self._pending = {"layer_ref": weakref.ref(layer), "name": layer.name, "uid": str(layer.unique_id), "result": result, "info": info}
+        self._pending = {
+            "layer_ref": weakref.ref(layer),
+            "name": layer.name,
+            "uid": str(layer.unique_id),
+            "result": result,
+            "info": info,
+        }
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText(f"upsampling '{layer.name}'…")
         self._status_kind = "running"
         self.runner.start(
-            upsample_planes, request, device=request.device, budget=request.max_memory,
-            threads=int(self.threads_spin.value()), desc=f"Upsample {layer.name}",
+            upsample_planes,
+            request,
+            device=request.device,
+            budget=request.max_memory,
+            threads=int(self.threads_spin.value()),
+            desc=f"Upsample {layer.name}",
         )
         return True
 
@@ -382,17 +393,31 @@ class UpsampleLayerWidget(RunWidget):
             if info["labels"]:
                 labels = assemble(result, [o["labels"] for o in outputs])
                 layer = put_layer(
-                    self.viewer, labels.astype(info["dtype"], copy=False), "labels", name=f"{name} upsampled",
-                    role="upsampled", owner=owner, result=result.key, extra_tag=tag, **result.frame.transform(),
+                    self.viewer,
+                    labels.astype(info["dtype"], copy=False),
+                    "labels",
+                    name=f"{name} upsampled",
+                    role="upsampled",
+                    owner=owner,
+                    result=result.key,
+                    extra_tag=tag,
+                    **result.frame.transform(),
                 )
                 self.outputs["labels"] = layer
                 if self.prob_check.isChecked():
                     K = outputs[0]["probabilities"].shape[0]
                     probs = assemble(result, [o["probabilities"] for o in outputs], (K,))
                     player = put_layer(
-                        self.viewer, probs, "image", name=f"{name} upsampled probabilities",
-                        role="upsampled_probabilities", owner=owner, result=result.key, colormap="magma",
-                        visible=False, contrast_limits=(0.0, 1.0),
+                        self.viewer,
+                        probs,
+                        "image",
+                        name=f"{name} upsampled probabilities",
+                        role="upsampled_probabilities",
+                        owner=owner,
+                        result=result.key,
+                        colormap="magma",
+                        visible=False,
+                        contrast_limits=(0.0, 1.0),
                         extra_tag=dict(tag, classes=[int(c) for c in outputs[0]["classes"]]),
                         **output_transform(result, (1.0,), (0.0,)),
                     )
@@ -402,8 +427,16 @@ class UpsampleLayerWidget(RunWidget):
                 if info["rgb"]:
                     data = result.frame.stack([np.moveaxis(v, 0, -1) for v in values])
                     layer = put_layer(
-                        self.viewer, data, "image", name=f"{name} upsampled", role="upsampled", owner=owner,
-                        result=result.key, rgb=True, extra_tag=tag, **result.frame.transform(),
+                        self.viewer,
+                        data,
+                        "image",
+                        name=f"{name} upsampled",
+                        role="upsampled",
+                        owner=owner,
+                        result=result.key,
+                        rgb=True,
+                        extra_tag=tag,
+                        **result.frame.transform(),
                     )
                 else:
                     data = assemble(result, values, info["chan_shape"])
@@ -413,9 +446,16 @@ class UpsampleLayerWidget(RunWidget):
                         kwargs["colormap"] = src.colormap.name
                         kwargs["contrast_limits"] = tuple(src.contrast_limits)
                     layer = put_layer(
-                        self.viewer, data, "image", name=f"{name} upsampled", role="upsampled", owner=owner,
-                        result=result.key, extra_tag=tag,
-                        **output_transform(result, info["chan_scale"], info["chan_translate"]), **kwargs,
+                        self.viewer,
+                        data,
+                        "image",
+                        name=f"{name} upsampled",
+                        role="upsampled",
+                        owner=owner,
+                        result=result.key,
+                        extra_tag=tag,
+                        **output_transform(result, info["chan_scale"], info["chan_translate"]),
+                        **kwargs,
                     )
                 self.outputs["values"] = layer
 
@@ -428,4 +468,3 @@ def _measure(device, precision, threads, cancel=None):
     from ._estimate import measure_rates
 
     return call_with_threads(threads, measure_rates, device, precision, threads, cancel)
-
