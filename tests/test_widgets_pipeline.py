@@ -289,6 +289,9 @@ def test_manifest_validates_and_is_packaged():
         "Feature explorer",
     }
     assert {s.key for s in mf.contributions.sample_data} == {"histology", "cells", "retina"}
+    (reader,) = mf.contributions.readers  # our OME-Zarr results, opened lazily
+    assert reader.command == "napari-upsample-anything.get_reader"
+    assert reader.filename_patterns == ["*.ome.zarr"] and reader.accepts_directories
     commands = {c.id for c in mf.contributions.commands}
     for items in mf.contributions.menus.values():
         assert all(i.command in commands for i in items)
@@ -322,6 +325,7 @@ mf = pm.get_manifest("napari-upsample-anything")
 widgets = [w.display_name for w in pm.iter_widgets() if w.plugin_name == mf.name]
 assert len(widgets) == 5, widgets
 assert len(list(mf.contributions.sample_data)) == 3
+assert len(list(mf.contributions.readers)) == 1
 assert "torch" not in sys.modules, "listing contributions imported torch"
 mf.validate_imports()  # imports every python_name target (widget and sample modules)
 import napari_upsample_anything as upa, napari_upsample_anything.widgets

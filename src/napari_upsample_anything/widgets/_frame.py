@@ -54,7 +54,11 @@ def layer_kind(layer) -> str:
 
 
 def full_res_data(layer):
-    """The layer's data at full resolution (level 0 of a multiscale pyramid)."""
+    """The layer's data at full resolution (level 0 of a multiscale pyramid), unread.
+
+    The array is returned as it is (numpy, dask, zarr ...): callers take its ``shape`` or
+    index one plane with :meth:`Frame.plane`, so a lazy level is never read whole.
+    """
     data = layer.data
     if getattr(layer, "multiscale", False):
         data = data[0]
@@ -193,6 +197,7 @@ class Frame:
         key: List = [slice(None)] * self.ndim
         for a, i in zip(self.slice_axes, index):
             key[a] = int(i)
+        # Index first, then convert: a dask / zarr level then reads this plane only.
         arr = np.asarray(data[tuple(key)])
         if self.channel_axis is not None:
             arr = np.moveaxis(arr, 0, -1)  # the channel axis is the only leading axis left
