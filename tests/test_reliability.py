@@ -63,14 +63,17 @@ def test_diverged_fit_error_is_a_value_and_floating_point_error():
     assert issubclass(FitDivergedError, ValueError) and issubclass(FitDivergedError, FloatingPointError)
 
 
-def test_loss_not_finite_before_any_update_blames_the_normalisation(small, monkeypatch):
-    from napari_upsample_anything.core import fit
+@pytest.mark.parametrize(("backend", "loss_fn"), [("eager", "_loss_and_grad"), ("compiled", "_loss_and_grad_fused")])
+def test_loss_not_finite_before_any_update_blames_the_normalisation(small, monkeypatch, backend, loss_fn):
+    from napari_upsample_anything.core import fit, native
 
+    if backend == "compiled" and not native.available():
+        pytest.skip("no C compiler here for the native fit kernel (the eager case still runs)")
     guide, _ = small
-    real = fit._loss_and_grad
-    monkeypatch.setattr(fit, "_loss_and_grad", lambda *a, **k: (float("nan"), real(*a, **k)[1]))
+    real = getattr(fit, loss_fn)
+    monkeypatch.setattr(fit, loss_fn, lambda *a, **k: (float("nan"), real(*a, **k)[1]))
     with pytest.raises(FitDivergedError, match="before any update: the normalised guide is degenerate"):
-        upa.fit_kernels(guide, (3, 4), steps=2)
+        upa.fit_kernels(guide, (3, 4), steps=2, backend=backend)
 
 
 def test_finiteness_is_checked_after_the_float32_cast(small, gen):
