@@ -38,8 +38,12 @@ def _counting_dask(stack, reads):
         reads.append(z)
         return stack[z]
 
-    return da.stack([da.from_delayed(dask.delayed(load, pure=False)(z), shape=stack.shape[1:], dtype=stack.dtype)
-                     for z in range(stack.shape[0])])
+    return da.stack(
+        [
+            da.from_delayed(dask.delayed(load, pure=False)(z), shape=stack.shape[1:], dtype=stack.dtype)
+            for z in range(stack.shape[0])
+        ]
+    )
 
 
 def _main(viewer, layer):

@@ -31,6 +31,8 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .core.published import PUBLISHED_STEPS  # torch-free: the parser is built before torch loads
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -654,7 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="local weights file (timm/torch state dict or the original DINOv2 .pth) instead of the Hugging Face cache",
         )
         p.add_argument(
-            "--steps", type=int, default=51, help="kernel-fitting Adam steps (default: %(default)s, the published run)"
+            "--steps",
+            type=int,
+            default=PUBLISHED_STEPS,
+            help="kernel-fitting Adam steps (default: %(default)s, the published run)",
         )
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
         p.add_argument(

@@ -69,6 +69,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .core.progress import check_cancel
+from .core.published import PUBLISHED_STEPS
 
 ProgressCallback = Callable[["Progress"], Any]
 CancelFn = Callable[[], bool]
@@ -142,7 +143,7 @@ class PipelineOptions:
     input_size: Optional[int] = None
     weights: Optional[str] = None
     pretrained: bool = True
-    steps: int = 51
+    steps: int = PUBLISHED_STEPS
     device: str = "auto"
     precision: str = "auto"
     max_memory: Optional[str] = None

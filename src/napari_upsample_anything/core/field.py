@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .checks import check_choice, check_float, check_int, check_int_pair
+from .published import PUBLISHED_STEPS
 
 INIT_SIGMA = 16.0
 INIT_SIGMA_R = 0.12
@@ -77,7 +78,7 @@ class FitOptions:
     hr_shape: Optional[Tuple[int, int]] = None
     lr_shape: Optional[Tuple[int, int]] = None
     lr: float = 0.1
-    steps: int = 51
+    steps: int = PUBLISHED_STEPS
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -111,7 +112,7 @@ class FitOptions:
             ),
         )
         set_("lr", check_float(self.lr, "lr", positive=True, hint="published: 0.1"))
-        set_("steps", check_int(self.steps, "steps", minimum=0, maximum=MAX_STEPS, hint="published: 51"))
+        set_("steps", check_int(self.steps, "steps", minimum=0, maximum=MAX_STEPS, hint=f"published: {PUBLISHED_STEPS}"))
 
     def render_kwargs(self) -> Dict[str, Any]:
         """``radius, alpha, border, radius_units`` as keyword arguments of ``RenderOptions``."""

@@ -37,6 +37,7 @@ from .fused import (
 from .guide import Guide
 from .memory import MemoryLog, TileMeter, TileRecord, halve_tile, is_out_of_memory, release_cached_memory
 from .progress import CancelFn, ProgressFn, check_cancel, report
+from .published import PUBLISHED_LR, PUBLISHED_STEPS  # noqa: F401  (re-exported)
 from .render import (
     CPU_PREFERRED_TILE_BYTES,
     BlockEngine,
@@ -48,8 +49,6 @@ from .render import (
 )
 from .threads import torch_threads
 
-PUBLISHED_STEPS = 51  # optimizer updates in the published loop (steps 0..50, "50 steps")
-PUBLISHED_LR = 0.1
 SCHEDULE_STEPS = 5100
 LR_FLOOR = 1e-9
 

@@ -32,6 +32,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from ..core.published import PUBLISHED_STEPS
 from ..core.units import format_bytes
 
 CancelFn = Callable[[], bool]
@@ -247,7 +248,7 @@ def estimate_run(
     n_planes: int = 1,
     backbone: str = "dinov2_vits14",
     input_size: Optional[int] = None,
-    steps: int = 51,
+    steps: int = PUBLISHED_STEPS,
     hr_features: str = "auto",
     budget_bytes: Optional[int] = None,
     auto_in_memory_bytes: int = 2 * 2**30,

@@ -92,7 +92,7 @@ class Frame:
         channel_axis: Optional[int] = None,
         mode: str = "current",
         current: Optional[Sequence[float]] = None,
-    ) -> "Frame":
+    ) -> Frame:
         """Frame of an Image layer.
 
         Parameters
@@ -130,7 +130,9 @@ class Frame:
             if channel_axis < 0:
                 channel_axis += ndim
             if rgb:
-                raise SelectionError(f"Layer '{layer.name}' is RGB: its colours are the channels; set the channel axis to 'none'.")
+                raise SelectionError(
+                    f"Layer '{layer.name}' is RGB: its colours are the channels; set the channel axis to 'none'."
+                )
             if not 0 <= channel_axis < ndim - 2:
                 raise SelectionError(
                     f"channel axis {channel_axis} of layer '{layer.name}' (shape {shape}) must be a leading axis, "

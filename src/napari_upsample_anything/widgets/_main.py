@@ -46,6 +46,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..core.published import PUBLISHED_STEPS
 from ._frame import Frame, SelectionError, full_res_data, layer_kind
 from ._pipeline import (
     Outcome,
@@ -102,20 +103,41 @@ def add_result_layers(viewer, result: FitResult) -> None:
     factor = planes[0].factor
     common = {"owner": owner, "result": key}
     hr = put_layer(
-        viewer, frame.stack([p.lr_rgb for p in planes]), "image", name=f"{name} LR PCA", role="lr_pca",
-        rgb=True, visible=False, **frame.transform(factor), **common,
+        viewer,
+        frame.stack([p.lr_rgb for p in planes]),
+        "image",
+        name=f"{name} LR PCA",
+        role="lr_pca",
+        rgb=True,
+        visible=False,
+        **frame.transform(factor),
+        **common,
         extra_tag={"lr_shape": list(planes[0].lr_shape), "factor": list(factor)},
     )
     result.layers["lr_pca"] = weakref.ref(hr)
     hr = put_layer(
-        viewer, frame.stack([p.hr_rgb for p in planes]), "image", name=f"{name} HR PCA", role="hr_pca",
-        rgb=True, **frame.transform(), **common,
+        viewer,
+        frame.stack([p.hr_rgb for p in planes]),
+        "image",
+        name=f"{name} HR PCA",
+        role="hr_pca",
+        rgb=True,
+        **frame.transform(),
+        **common,
     )
     result.layers["hr_pca"] = weakref.ref(hr)
     mem, kind = memory_layer_data(result)
     layer = put_layer(
-        viewer, mem, "image", name=f"{name} memory", role="memory", colormap="inferno", visible=False,
-        opacity=0.8, **frame.transform(factor), **common,
+        viewer,
+        mem,
+        "image",
+        name=f"{name} memory",
+        role="memory",
+        colormap="inferno",
+        visible=False,
+        opacity=0.8,
+        **frame.transform(factor),
+        **common,
         extra_tag={"unit": "MiB", "value": kind, "stage": "all"},
     )
     result.layers["memory"] = weakref.ref(layer)
@@ -125,9 +147,21 @@ def add_result_layers(viewer, result: FitResult) -> None:
 
     H = planes[0].hr_shape[0]
     layer = put_layer(
-        viewer, data, "vectors", name=f"{name} kernels", role="kernels", features=features,
-        edge_color="sigma_r", edge_colormap="viridis", edge_contrast_limits=color_limits(features.get("sigma_r", np.zeros(1))),
-        edge_width=max(0.5, H / 800), vector_style="line", visible=False, opacity=0.8, **frame.transform(), **common,
+        viewer,
+        data,
+        "vectors",
+        name=f"{name} kernels",
+        role="kernels",
+        features=features,
+        edge_color="sigma_r",
+        edge_colormap="viridis",
+        edge_contrast_limits=color_limits(features.get("sigma_r", np.zeros(1))),
+        edge_width=max(0.5, H / 800),
+        vector_style="line",
+        visible=False,
+        opacity=0.8,
+        **frame.transform(),
+        **common,
         extra_tag={"n_sigma": 1.0, "stride": stride, "count": count, "style": "vectors", "color_by": "sigma_r"},
     )
     result.layers["kernels"] = weakref.ref(layer)
@@ -167,8 +201,7 @@ class UpsampleAnythingWidget(RunWidget):
 
         self.channel_combo = QComboBox()
         self.channel_combo.setToolTip(
-            "A leading axis holding the channels of one image (fluorescence channels). "
-            "Other leading axes are slices (z, t)."
+            "A leading axis holding the channels of one image (fluorescence channels). Other leading axes are slices (z, t)."
         )
         form.addRow("Channel axis", self.channel_combo)
         self.slices_combo = QComboBox()
@@ -195,8 +228,8 @@ class UpsampleAnythingWidget(RunWidget):
         form.addRow("Input size", self.input_spin)
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(0, 100000)
-        self.steps_spin.setValue(51)
-        self.steps_spin.setToolTip("Adam steps of the kernel fit (published: 51)")
+        self.steps_spin.setValue(PUBLISHED_STEPS)
+        self.steps_spin.setToolTip(f"Adam steps of the kernel fit (published: {PUBLISHED_STEPS})")
         form.addRow("Steps", self.steps_spin)
         self.smoothing_spin = QDoubleSpinBox()
         self.smoothing_spin.setRange(0.0, 50.0)
@@ -239,7 +272,9 @@ class UpsampleAnythingWidget(RunWidget):
         form.addRow("Threads", self.threads_spin)
 
         self.random_check = QCheckBox("Random weights (testing only)")
-        self.random_check.setToolTip("A randomly initialised backbone: runs offline, but the features and PCA colours are meaningless")
+        self.random_check.setToolTip(
+            "A randomly initialised backbone: runs offline, but the features and PCA colours are meaningless"
+        )
         form.addRow("Weights", self.random_check)
         row = QHBoxLayout()
         self.weights_edit = QLineEdit()
@@ -299,10 +334,16 @@ class UpsampleAnythingWidget(RunWidget):
         self._estimator.failed.connect(self._estimate_failed)
         self.estimate = None  # the latest CostEstimate shown
         for signal in (
-            self.channel_combo.currentIndexChanged, self.slices_combo.currentIndexChanged,
-            self.backbone_combo.currentTextChanged, self.input_spin.valueChanged, self.steps_spin.valueChanged,
-            self.device_combo.currentTextChanged, self.precision_combo.currentTextChanged,
-            self.memory_edit.textChanged, self.threads_spin.valueChanged, self.hr_combo.currentIndexChanged,
+            self.channel_combo.currentIndexChanged,
+            self.slices_combo.currentIndexChanged,
+            self.backbone_combo.currentTextChanged,
+            self.input_spin.valueChanged,
+            self.steps_spin.valueChanged,
+            self.device_combo.currentTextChanged,
+            self.precision_combo.currentTextChanged,
+            self.memory_edit.textChanged,
+            self.threads_spin.valueChanged,
+            self.hr_combo.currentIndexChanged,
         ):
             signal.connect(self._schedule_estimate)
         self._on_layer_changed()
@@ -554,7 +595,9 @@ class UpsampleAnythingWidget(RunWidget):
         """Write the latest result's HR features to ``path`` (``.npy``)."""
         if self.result is None:
             raise ValueError("nothing to save yet: run first")
-        return save_hr_features(self.result.pipeline, path, self.result.frame.leading_shape() if len(self.result.planes) > 1 else ())
+        return save_hr_features(
+            self.result.pipeline, path, self.result.frame.leading_shape() if len(self.result.planes) > 1 else ()
+        )
 
     def save_kernels(self, path):
         """Write the latest result's kernel field(s) to ``path`` (``.npz``)."""
@@ -603,7 +646,6 @@ class UpsampleAnythingWidget(RunWidget):
         release_memory()
 
 
-
 def _estimate(hr_shape, n_planes, config, threads, cancel=None):
     """The :class:`._estimate.CostEstimate` of a run (measuring this machine first when needed)."""
     from ..core.units import parse_bytes
@@ -613,9 +655,16 @@ def _estimate(hr_shape, n_planes, config, threads, cancel=None):
     rates = call_with_threads(threads, measure_rates, config.device, config.precision, threads, cancel)
     budget = parse_bytes(config.budget, "memory budget") if config.budget else None
     return estimate_run(
-        rates, hr_shape, n_planes=n_planes, backbone=config.backbone, input_size=config.input_size,
-        steps=config.steps, hr_features=config.hr_features, budget_bytes=budget,
-        auto_in_memory_bytes=AUTO_IN_MEMORY_BYTES, threads=threads,
+        rates,
+        hr_shape,
+        n_planes=n_planes,
+        backbone=config.backbone,
+        input_size=config.input_size,
+        steps=config.steps,
+        hr_features=config.hr_features,
+        budget_bytes=budget,
+        auto_in_memory_bytes=AUTO_IN_MEMORY_BYTES,
+        threads=threads,
     )
 
 

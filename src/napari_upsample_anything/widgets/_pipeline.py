@@ -35,6 +35,7 @@ import numpy as np
 
 from ..core.errors import Cancelled
 from ..core.platform_fixes import preload_triton_safely
+from ..core.published import PUBLISHED_STEPS
 from ..pipeline import (  # noqa: F401  (re-exported: the widgets import them from here)
     FIT_DOWNSAMPLE,
     MAX_LABEL_CLASSES,
@@ -73,7 +74,7 @@ class RunConfig:
 
     backbone: str = "dinov2_vits14"
     layer: int = -1
-    steps: int = 51
+    steps: int = PUBLISHED_STEPS
     device: str = "auto"
     precision: str = "auto"
     max_memory: Optional[str] = None  # None / "auto" / "2GB" ...
@@ -91,7 +92,7 @@ class RunConfig:
         )
 
         if int(self.steps) != self.steps or self.steps < 0:
-            raise ValueError(f"steps={self.steps!r}: give a non-negative whole number (published: 51)")
+            raise ValueError(f"steps={self.steps!r}: give a non-negative whole number (published: {PUBLISHED_STEPS})")
         parse_bytes(None if self.max_memory in (None, "", "auto") else self.max_memory, "memory budget")
         if self.hr_features not in HR_FEATURE_MODES:
             raise ValueError(f"hr_features={self.hr_features!r}: use one of {HR_FEATURE_MODES}")
@@ -265,7 +266,7 @@ class UpsampleRequest:
     device: str = "auto"
     precision: str = "auto"
     max_memory: Optional[str] = None
-    refit_steps: int = 51
+    refit_steps: int = PUBLISHED_STEPS
 
 
 def upsample_planes(
