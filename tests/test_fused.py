@@ -156,3 +156,18 @@ def test_threads_option_sets_and_restores_torch_threads():
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads="):
         upa.render(np.zeros((1, 2, 2), np.float32), guide, upa.KernelField.initial((2, 2)), threads=0)
+
+
+def test_engine_flushes_denormals_only_during_its_own_calls(gen):
+    """The render/fit flush subnormals for speed and leave the caller's FP state as it was."""
+    import napari_upsample_anything as upa
+    from napari_upsample_anything.core.threads import _flushing_denormals, flushed_denormals
+
+    assert not _flushing_denormals()
+    with flushed_denormals():
+        assert _flushing_denormals()
+    assert not _flushing_denormals()
+    img = np.random.default_rng(0).random((28, 28, 3)).astype(np.float32)
+    field = upa.fit_kernels(img, (2, 2), steps=2, device="cpu")
+    upa.render(np.ones((1, 2, 2), np.float32), img, field, device="cpu")
+    assert not _flushing_denormals()

@@ -47,7 +47,7 @@ from .render import (
     bicubic_lr_guide,
     block_attention,
 )
-from .threads import torch_threads
+from .threads import flushed_denormals, torch_threads
 
 SCHEDULE_STEPS = 5100
 LR_FLOOR = 1e-9
@@ -285,7 +285,7 @@ def fit_field(
     path aggregates in float32 whatever ``agg_dtype`` says (the fit's values have 3 channels).
     ``threads``: CPU threads for this call (None: torch's setting; :mod:`.threads`).
     """
-    with torch_threads(threads):
+    with torch_threads(threads), flushed_denormals():
         return _fit_field(
             guide,
             lr_shape,

@@ -66,7 +66,7 @@ from .memory import (
     release_cached_memory,
 )
 from .progress import CancelFn, ProgressFn, check_cancel, report
-from .threads import torch_threads
+from .threads import flushed_denormals, torch_threads
 
 Tile = Tuple[int, int, int, int]  # LR cells [i0, i1) x [j0, j1)
 
@@ -393,7 +393,7 @@ class BlockEngine:
         :mod:`.fused`; the aggregation is a GEMM either way); ``"auto"`` is eager. ``threads``:
         CPU threads for this call (None: torch's setting).
         """
-        with torch_threads(threads):
+        with torch_threads(threads), flushed_denormals():
             self._render(values, field, out, agg_dtype, budget, progress, cancel, memlog, stage, backend, affine)
 
     def _render(self, values, field, out, agg_dtype, budget, progress, cancel, memlog, stage, backend, affine) -> None:
