@@ -90,6 +90,42 @@ def test_native_fit_follows_the_eager_loss_curve():
     assert fast.meta["psnr"] == pytest.approx(eager.meta["psnr"], abs=0.01)
 
 
+@pytest.mark.skipif(not native.available(), reason="no C compiler to build the native fit kernel")
+@pytest.mark.parametrize("G, P, K", [(3, 25, 37), (1, 7, 13), (2, 196, 197)])
+def test_native_chunk_against_float64(gen, G, P, K):
+    """The C kernel (float32, inlined exp, pixels in groups of four, register-blocked gradient)
+    == the float64 formulas: loss and both gradients within 1e-4, for 1-3 guide channels, pixel
+    counts that are not multiples of four, radii that differ inside a group of four, masked and
+    repeated neighbours, zero-weight pixels, log-weights far below -80 and dropped pairs whose
+    log-weight is far above the kept maximum (they must neither overflow nor give NaN)."""
+    B = 3
+    d = dict(dtype=torch.float64)
+    phi = torch.randn(B, 6, P, generator=gen, **d)
+    psi = 0.5 * torch.randn(B, 6, K, generator=gen, **d)
+    psi[:, :3] = -psi[:, :3].abs()  # a negative quadratic form, as fitted kernels give
+    rho = 20 * torch.rand(B, K, generator=gen, **d)
+    rho[0, K // 2 :] = 400.0  # range terms far below exp(-80)
+    ic, jd = torch.randn(B, G, P, generator=gen, **d), torch.randn(B, G, K, generator=gen, **d)
+    vals, target = torch.randn(B, G, K, generator=gen, **d), torch.randn(B, G, P, generator=gen, **d)
+    weight = torch.rand(B, P, generator=gen, **d)
+    weight[1, ::3] = 0.0
+    r2_off = torch.arange(K, dtype=torch.int32)
+    r2_pix = torch.randint(1, K, (B, P), generator=gen, dtype=torch.int32)
+    r2_pix[2] = K  # one block where the whole group shares a radius
+    repeated = torch.rand(B, K, generator=gen) < 0.2
+    repeated[:, 0] = False
+    psi[1, 5, K - 1] = 500.0  # dropped (r2_off = K - 1 > most radii) with a huge log-weight
+    repeated[1, K - 1] = True
+    ref = fused.fit_chunk(phi, psi, rho, ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
+    f32 = [t.float() for t in (phi, psi, rho, ic, jd, vals, target, weight)]
+    got = native.fit_chunk(*f32, r2_pix, r2_off, repeated)
+    assert all(torch.isfinite(t).all() for t in got)
+    assert float(got[0]) == pytest.approx(float(ref[0]), rel=1e-4)
+    assert float(got[1]) == pytest.approx(float(ref[1]), rel=1e-4)
+    for a, b in zip(got[2:], ref[2:]):
+        assert rel_err(a.double(), b) < 1e-4
+
+
 @needs_compiler
 def test_compiled_render_against_reference(gen):
     """Compiled softmax weights, published and 'unique' border, small sigmas (dynamic radius as
