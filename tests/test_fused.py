@@ -101,8 +101,11 @@ def test_native_chunk_against_float64(gen, G, P, K):
     B = 3
     d = dict(dtype=torch.float64)
     phi = torch.randn(B, 6, P, generator=gen, **d)
-    psi = 0.5 * torch.randn(B, 6, K, generator=gen, **d)
-    psi[:, :3] = -psi[:, :3].abs()  # a negative quadratic form, as fitted kernels give
+    abc = 0.5 * torch.randn(3, B, K, generator=gen, **d)
+    abc[0], abc[2] = abc[0].abs() + 0.5, abc[2].abs() + 0.5  # A, C > 0: a decaying kernel
+    abc[1] = abc[1].clamp(-0.4, 0.4)  # |B| < sqrt(AC): positive definite
+    d_y, d_x = 2 * torch.randn(B, K, generator=gen, **d), 2 * torch.randn(B, K, generator=gen, **d)
+    d_y[1, K - 1] = d_x[1, K - 1] = 0.0
     rho = 20 * torch.rand(B, K, generator=gen, **d)
     rho[0, K // 2 :] = 400.0  # range terms far below exp(-80)
     ic, jd = torch.randn(B, G, P, generator=gen, **d), torch.randn(B, G, K, generator=gen, **d)
@@ -114,16 +117,23 @@ def test_native_chunk_against_float64(gen, G, P, K):
     r2_pix[2] = K  # one block where the whole group shares a radius
     repeated = torch.rand(B, K, generator=gen) < 0.2
     repeated[:, 0] = False
-    psi[1, 5, K - 1] = 500.0  # dropped (r2_off = K - 1 > most radii) with a huge log-weight
-    repeated[1, K - 1] = True
-    ref = fused.fit_chunk(phi, psi, rho, ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
-    f32 = [t.float() for t in (phi, psi, rho, ic, jd, vals, target, weight)]
+    abc[:, 1, K - 1] = torch.tensor([-50.0, 0.0, -50.0], **d)  # an exploding kernel: log-weight far above the max
+    rho[1, K - 1] = 0.0
+    phi[1, :3] = phi[1, :3].abs() + 1.0  # (lx^2, lx ly, ly^2): -A lx^2 - C ly^2 >> 0
+    phi[1, 1] = 0.0
+    repeated[1, K - 1] = True  # ... dropped
+    coef = torch.cat([abc, rho[None]]).requires_grad_(True)
+    psi = fused.spatial_coefficients(coef, d_y, d_x)
+    loss, sq, grad_psi, grad_rho = fused.fit_chunk(phi, psi, coef[3], ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
+    (ref_grad,) = torch.autograd.grad(psi, coef, grad_psi)  # chain rule through the quadratic form
+    ref_grad[3] += grad_rho
+    f32 = [t.detach().float() for t in (phi, coef, d_y, d_x, ic, jd, vals, target, weight)]
     got = native.fit_chunk(*f32, r2_pix, r2_off, repeated)
     assert all(torch.isfinite(t).all() for t in got)
-    assert float(got[0]) == pytest.approx(float(ref[0]), rel=1e-4)
-    assert float(got[1]) == pytest.approx(float(ref[1]), rel=1e-4)
-    for a, b in zip(got[2:], ref[2:]):
-        assert rel_err(a.double(), b) < 1e-4
+    assert float(got[0]) == pytest.approx(float(loss.detach()), rel=1e-4)
+    assert float(got[1]) == pytest.approx(float(sq.detach()), rel=1e-4)
+    assert rel_err(got[2][:3], ref_grad[:3]) < 1e-4
+    assert rel_err(got[2][3], ref_grad[3]) < 1e-4
 
 
 @needs_compiler

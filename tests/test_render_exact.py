@@ -129,7 +129,9 @@ def test_tiled_render_equals_single_tile(budget, gen):
     one = fast_render(lr, guide, field, budget=2**30)
     tiled = fast_render(lr, guide, field, budget=budget)
     assert not torch.isnan(tiled).any()
-    assert rel_err(tiled, one) < 1e-6
+    # Tiles change only the order of float32 sums (each tile's neighbour count and GEMM blocking):
+    # about 1e-6 on AVX-512 CPUs, where oneDNN / MKL block differently (float32 rounding, not a seam).
+    assert rel_err(tiled, one) < 1e-5
 
 
 def test_linear_in_lr_map(gen):

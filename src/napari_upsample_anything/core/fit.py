@@ -191,7 +191,7 @@ class _ChunkedFit:
         if kernel_name is None:
             kernel_name = fit_kernel_name(engine.device, engine.channels) if compiled else "fused-eager"
         self.kernel_name = kernel_name  # "native", "inductor" or "fused-eager" (uncompiled formulas)
-        self.fn = native.fit_chunk if kernel_name == "native" else kernel("fit", kernel_name == "inductor")
+        self.fn = None if kernel_name == "native" else kernel("fit", kernel_name == "inductor")  # native: called directly
         largest = max(_blocks(t) for t in tiles)
         # The native kernel keeps no [B, P, K] intermediates and takes any B: whole tiles, no
         # padding. Compiled kernels: cache-sized chunks of one fixed size (one compilation).
@@ -501,6 +501,22 @@ def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, 
     return total, squared
 
 
+def _fit_chunk(prep: _ChunkedFit, c: torch.Tensor, x: dict, r2: torch.Tensor, n: int):
+    """Loss, squared error and gradient ``[4, n, K]`` (A, B, C, rho) of one chunk of ``n`` blocks
+    from the neighbours' coefficients ``c [4, n, K]``, through the chunk kernel."""
+    if prep.kernel_name == "native":  # spatial coefficients and their chain rule inside the C kernel
+        return native.fit_chunk(
+            x["phi"], c, x["d_y"], x["d_x"], x["ic"], x["jd"], x["vals"], x["target"], x["weight"], r2, prep.r2_off, x["repeated"]
+        )
+    psi = spatial_coefficients(c, x["d_y"][:n], x["d_x"][:n])
+    loss, sq, grad_psi, grad_rho = prep.fn(
+        x["phi"], prep.pad(psi), prep.pad(c[3]), x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
+        prep.pad(r2), prep.r2_off, x["repeated"],
+    )  # fmt: skip
+    grad_abc = spatial_coefficients_backward(grad_psi[:n], x["d_y"][:n], x["d_x"][:n])
+    return loss, sq, torch.cat([grad_abc, grad_rho[None, :n]])
+
+
 def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cancel, field=None):
     """:func:`_loss_and_grad` through the fused chunk kernel; also returns the MSE when training."""
     engine = prep.engine
@@ -522,25 +538,11 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
                 r2 = engine.radius_sq(sigma_eff, tile).to(torch.int32)
                 for b0, n, q, x in prep.chunks(tile):
                     c = coef_flat.index_select(1, q).reshape(4, n, K)  # A, B, C, rho of the neighbours
-                    psi = spatial_coefficients(c, x["d_y"][:n], x["d_x"][:n])
-                    loss, sq, grad_psi, grad_rho = prep.fn(
-                        x["phi"],
-                        prep.pad(psi),
-                        prep.pad(c[3]),
-                        x["ic"],
-                        x["jd"],
-                        x["vals"],
-                        x["target"],
-                        x["weight"],
-                        prep.pad(r2[b0 : b0 + n]),
-                        prep.r2_off,
-                        x["repeated"],
-                    )
+                    loss, sq, grad_coef = _fit_chunk(prep, c, x, r2[b0 : b0 + n], n)
                     total += loss
                     squared += sq
                     if training:
-                        grad_abc = spatial_coefficients_backward(grad_psi[:n], x["d_y"][:n], x["d_x"][:n])
-                        grad.index_add_(1, q, torch.cat([grad_abc, grad_rho[None, :n]]).reshape(4, -1))
+                        grad.index_add_(1, q, grad_coef.reshape(4, -1))
             if memlog is not None:
                 memlog.add(TileRecord("fit", *tile, per_block * _blocks(tile), meter.peak, time.perf_counter() - t0))
     if training:

@@ -64,10 +64,10 @@ static float *falloc(int64_t n) { return (float *)aligned_alloc(64, (size_t)((n 
 /* One fit chunk: see napari_upsample_anything/core/fused.py::fit_chunk for the formulas.
    *failed is set to 1 when scratch memory could not be allocated (the results are then invalid). */
 void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
-               const float *phi, const float *psi, const float *rho, const float *ic,
+               const float *phi, const float *coef, const float *d_y, const float *d_x, const float *ic,
                const float *jd, const float *vals, const float *target, const float *weight,
                const int32_t *r2_pix, const int32_t *r2_off, const uint8_t *repeated,
-               double *loss_out, double *sq_out, float *grad_psi, float *grad_rho, int32_t *failed)
+               double *loss_out, double *sq_out, float *grad_coef, int32_t *failed)
 {
     double loss_total = 0.0, sq_total = 0.0;
     #pragma omp parallel for schedule(dynamic, 1) reduction(+:loss_total, sq_total) num_threads(threads)
@@ -100,13 +100,20 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         memset(jz, 0, sizeof(float) * 3 * KP); memset(vz, 0, sizeof(float) * 3 * KP);
         memset(pz, 0, sizeof(float) * 7 * KP); memset(kz, 0, sizeof(float) * KP);
         memset(pix, 0, sizeof(float) * 14 * P4);
-        const float *ps = psi + b * 6 * K, *rh = rho + b * K, *jb = jd + b * G * K, *vb = vals + b * G * K;
+        const float *jb = jd + b * G * K, *vb = vals + b * G * K, *dyb = d_y + b * K, *dxb = d_x + b * K;
         const float *ph = phi + b * 6 * P, *ib = ic + b * G * P, *tb = target + b * G * P, *wb = weight + b * P;
         const uint8_t *rep = repeated + b * K;
-        float *gp = grad_psi + b * 6 * K, *gr = grad_rho + b * K;
         for (int64_t g = 0; g < G && g < 3; ++g) { memcpy(jz + g * KP, jb + g * K, sizeof(float) * K); memcpy(vz + g * KP, vb + g * K, sizeof(float) * K); }
-        for (int64_t j = 0; j < 6; ++j) memcpy(pz + j * KP, ps + j * K, sizeof(float) * K);
-        memcpy(pz + 6 * KP, rh, sizeof(float) * K);
+        /* The neighbours' quadratic forms in the block's local coordinates (fused.spatial_coefficients)
+           from their A, B, C and offsets; rho is the range coefficient. */
+        for (int64_t k = 0; k < K; ++k) {
+            const float A = coef[b * K + k], Bc = coef[(B + b) * K + k], C = coef[(2 * B + b) * K + k];
+            const float dy = dyb[k], dx = dxb[k];
+            const float ax = A * dx + Bc * dy, cy = Bc * dx + C * dy;
+            pz[k] = -A; pz[KP + k] = -2.0f * Bc; pz[2 * KP + k] = -C;
+            pz[3 * KP + k] = 2.0f * ax; pz[4 * KP + k] = 2.0f * cy; pz[5 * KP + k] = -(ax * dx + cy * dy);
+            pz[6 * KP + k] = coef[(3 * B + b) * K + k];
+        }
         /* Per-pixel inputs, padded to groups of 4 pixels; padding pixels have weight 0. */
         float *F0 = pix, *F1 = pix + P4, *F2 = pix + 2 * P4, *F3 = pix + 3 * P4, *F4 = pix + 4 * P4, *F5 = pix + 5 * P4;
         float *I0 = pix + 6 * P4, *I1 = pix + 7 * P4, *I2 = pix + 8 * P4;
@@ -218,9 +225,13 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             }
             const int64_t n = K - k0 < 16 ? K - k0 : 16;
             for (int j = 0; j < n; ++j) {
-                gp[k0 + j] = a_0[j]; gp[K + k0 + j] = a_1[j]; gp[2 * K + k0 + j] = a_2[j];
-                gp[3 * K + k0 + j] = a_3[j]; gp[4 * K + k0 + j] = a_4[j]; gp[5 * K + k0 + j] = a_5[j];
-                gr[k0 + j] = a_r[j];
+                /* Chain rule through the quadratic form (fused.spatial_coefficients_backward). */
+                const int64_t k = k0 + j;
+                const float dy = dyb[k], dx = dxb[k];
+                grad_coef[b * K + k] = -a_0[j] + 2.0f * a_3[j] * dx - a_5[j] * dx * dx;
+                grad_coef[(B + b) * K + k] = -2.0f * a_1[j] + 2.0f * a_3[j] * dy + 2.0f * a_4[j] * dx - 2.0f * a_5[j] * dx * dy;
+                grad_coef[(2 * B + b) * K + k] = -a_2[j] + 2.0f * a_4[j] * dy - a_5[j] * dy * dy;
+                grad_coef[(3 * B + b) * K + k] = a_r[j];
             }
         }
         free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz);
@@ -307,22 +318,28 @@ def _ptr(t: torch.Tensor):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def fit_chunk(phi, psi, rho, ic, jd, vals, target, weight, r2_pix, r2_off, repeated):
-    """:func:`.fused.fit_chunk` on the CPU through the native kernel (float32, G <= 3)."""
+def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated):
+    """:func:`.fused.fit_chunk` on the CPU through the native kernel (float32, G <= 3), with the
+    spatial coefficients and their chain rule done inside the kernel.
+
+    Takes the neighbours' ``coef [4, B, K]`` (A, B, C, rho) and offsets ``d_y, d_x [B, K]``
+    instead of ``psi`` and ``rho`` (``psi = fused.spatial_coefficients(coef, d_y, d_x)``);
+    the other inputs are those of :func:`.fused.fit_chunk`. Returns ``(loss_sum, squared_sum,
+    grad_coef [4, B, K])``.
+    """
     lib = _library()
     if lib is None:
         raise RuntimeError("the native fit kernel could not be built (no C compiler?)")
     B, _, P = phi.shape
-    K = psi.shape[2]
+    K = coef.shape[2]
     G = ic.shape[1]
     if G > 3:
         raise ValueError(f"the native fit kernel handles at most 3 guide channels, got {G}")
-    f32 = [t.contiguous().to(torch.float32) for t in (phi, psi, rho, ic, jd, vals, target, weight)]
+    f32 = [t.contiguous().to(torch.float32) for t in (phi, coef, d_y, d_x, ic, jd, vals, target, weight)]
     r2p = r2_pix.contiguous().to(torch.int32)
     r2o = r2_off.contiguous().to(torch.int32)
     rep = repeated.contiguous().to(torch.uint8)
-    grad_psi = torch.empty(B, 6, K, dtype=torch.float32)
-    grad_rho = torch.empty(B, K, dtype=torch.float32)
+    grad_coef = torch.empty(4, B, K, dtype=torch.float32)
     loss = ctypes.c_double()
     squared = ctypes.c_double()
     failed = ctypes.c_int32(0)
@@ -338,12 +355,11 @@ def fit_chunk(phi, psi, rho, ic, jd, vals, target, weight, r2_pix, r2_off, repea
         _ptr(rep),
         ctypes.byref(loss),
         ctypes.byref(squared),
-        _ptr(grad_psi),
-        _ptr(grad_rho),
+        _ptr(grad_coef),
         ctypes.byref(failed),
     )
     if failed.value:
         raise MemoryError(
             f"the native fit kernel could not allocate its scratch memory ({B} blocks of {P} pixels x {K} neighbours)"
         )
-    return torch.tensor(loss.value), torch.tensor(squared.value), grad_psi, grad_rho
+    return torch.tensor(loss.value), torch.tensor(squared.value), grad_coef
