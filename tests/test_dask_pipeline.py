@@ -273,6 +273,21 @@ def test_cli_unreachable_scheduler_fails_in_seconds(data_dir, weights_file, tmp_
     assert not any((tmp_path / "out").iterdir())
 
 
+def test_cli_bad_input_on_dask_is_exit_2_like_serial(cluster_client, data_dir, weights_file, tmp_path):
+    """An image with NaN fails in the worker's fit task: reported as bad input (exit 2, as
+    without --dask), not retried, and no output folder is left."""
+    img = np.load(data_dir / "a.npy").astype(np.float32)
+    img[0, 3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", img)
+    common = ["run", tmp_path / "nan.npy", "--axes", "cyx", "--weights", weights_file, "--steps", STEPS, "--device", "cpu"]
+    serial_res = run_cli([*common, "--out", tmp_path / "serial"], tmp_path, timeout=120)
+    dask_res = run_cli([*common, "--out", tmp_path / "dask", "--dask", cluster_client.scheduler.address], tmp_path, timeout=180)
+    assert serial_res.returncode == 2 and "NaN" in serial_res.stderr, serial_res.stderr
+    assert dask_res.returncode == 2, dask_res.stderr
+    assert "bad input" in dask_res.stderr and "not retried" in dask_res.stderr and "NaN" in dask_res.stderr
+    assert not (tmp_path / "dask" / "nan").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

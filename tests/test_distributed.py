@@ -42,7 +42,7 @@ class BandTask:
 
     store: str
     index: int
-    fault: str = ""  # "" | "raise_once" | "exit_once" | "always"
+    fault: str = ""  # "" | "raise_once" | "exit_once" | "always" | "bad_input"
     marker_dir: str = ""
 
 
@@ -57,6 +57,9 @@ def write_band(task: BandTask) -> dict:
         marker.touch()
     if task.fault == "always":
         raise RuntimeError(f"band {task.index} is broken")
+    if task.fault == "bad_input":
+        (Path(task.marker_dir) / f"attempt-{task.index}-{time.perf_counter_ns()}").touch()  # count the attempts
+        raise ValueError(f"band {task.index} has NaN values")
     if task.fault == "raise_once" and first_attempt:
         raise RuntimeError(f"injected fault in band {task.index}")
     if task.fault == "exit_once" and first_attempt:
@@ -151,6 +154,20 @@ def test_serial_retries_and_reports_the_same_way(tmp_path, serial_reference):
     assert read(store).tobytes() == serial_reference.tobytes()
     outcomes = execute([BandTask(store, 3, "always")], write_band, retries=2)
     assert not outcomes[0].ok and "band 3 is broken" in outcomes[0].error and "RuntimeError" in outcomes[0].traceback
+
+
+@pytest.mark.parametrize("where", ["serial", "cluster"])
+def test_bad_input_is_reported_once_not_retried(where, cluster_client, tmp_path):
+    """A ValueError is deterministic: one attempt, flagged as an input error (CLI exit code 2);
+    a RuntimeError is still retried (test_task_failing_once_is_retried)."""
+    store = new_store(tmp_path / "out.zarr")
+    tasks = [BandTask(store, i, "bad_input" if i == 1 else "", str(tmp_path)) for i in range(3)]
+    outcomes = execute(tasks, write_band, client=cluster_client if where == "cluster" else None, retries=2)
+    assert [o.ok for o in outcomes] == [True, False, True]
+    bad = outcomes[1]
+    assert bad.input_error and "ValueError: band 1 has NaN values" in bad.error and "ValueError" in bad.traceback
+    assert len(list(tmp_path.glob("attempt-1-*"))) == 1  # not retried
+    assert not any(o.input_error for o in outcomes if o.ok)
 
 
 def test_killed_worker_loses_no_finished_region(cluster_client, serial_reference, tmp_path):

@@ -187,9 +187,9 @@ def process_image(
 
 
 def _usage_like(exc: BaseException) -> bool:
-    from .core.errors import Cancelled, MemoryBudgetError
+    from .core.errors import is_input_error
 
-    return isinstance(exc, (ValueError, TypeError, FileNotFoundError)) and not isinstance(exc, (MemoryBudgetError, Cancelled))
+    return is_input_error(exc)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -437,7 +437,7 @@ def _map_on_dask(args, options, kind: str, plane) -> int:
     """``map --dask``: the whole map job as one task on a Dask worker, which reads the map and
     the image plane and writes the output file itself (nothing large through the scheduler)."""
     from .distributed import execute
-    from .pipeline_dask import JobTaskError, describe_map_task
+    from .pipeline_dask import JobInputError, JobTaskError, describe_map_task
 
     spec = {
         "map": str(Path(args.map).resolve()),
@@ -457,6 +457,8 @@ def _map_on_dask(args, options, kind: str, plane) -> int:
         finally:
             bar.close()
     if not outcome.ok:
+        if outcome.input_error:  # bad input: not retried, exit code 2 as in the serial path
+            raise JobInputError(f"{describe_map_task(spec)} failed on bad input (not retried): {outcome.error}", [outcome])
         raise JobTaskError(f"{describe_map_task(spec)} failed after {args.retries} retries: {outcome.error}", [outcome])
     print(outcome.result["summary"])
     return EXIT_OK

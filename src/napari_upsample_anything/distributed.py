@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Union
 
-from .core.errors import Cancelled
+from .core.errors import Cancelled, is_input_error
 from .core.progress import CancelFn, ProgressFn, check_cancel, report
 from .core.units import parse_bytes
 
@@ -67,6 +67,10 @@ class TaskOutcome:
         ``"ExceptionType: message"`` of the last attempt when it failed.
     traceback : str or None
         The formatted traceback of that failure, when Dask or Python could provide it.
+    input_error : bool
+        True when it failed on bad input (:func:`~.core.errors.is_input_error`: a
+        ``ValueError``, ``TypeError`` or ``FileNotFoundError``); such a task is not retried,
+        since it would fail the same way again.
     """
 
     index: int
@@ -75,6 +79,26 @@ class TaskOutcome:
     result: Any = None
     error: Optional[str] = None
     traceback: Optional[str] = None
+    input_error: bool = False
+
+
+@dataclass(frozen=True)
+class _InputFailure:
+    """Returned (not raised) by :func:`_attempt` for bad input, so that Dask does not retry it."""
+
+    error: str
+    traceback: str
+
+
+def _attempt(fn: Callable[[Any], Any], task: Any) -> Any:
+    """``fn(task)``, with bad-input errors turned into an :class:`_InputFailure` value: they are
+    deterministic, so retrying them (Dask retries any raised exception) only wastes workers."""
+    try:
+        return fn(task)
+    except Exception as exc:
+        if is_input_error(exc):
+            return _InputFailure(_describe(exc), tb.format_exc())
+        raise
 
 
 class TaskFailedError(RuntimeError):
@@ -226,7 +250,8 @@ def execute(
         For ``client="local"`` only (see :func:`start_local_cluster`); ``memory_limit`` is
         per worker.
     retries : int
-        Extra attempts of a failing task before it is reported as failed.
+        Extra attempts of a failing task before it is reported as failed (also when its worker
+        died). Bad-input errors (:func:`~.core.errors.is_input_error`) are not retried.
     progress : callable(done, total, info), optional
         Called once at the start (``done=0``) and after every finished task with
         ``info = {"stage": "tasks", "failed": <failed so far>}``.
@@ -290,7 +315,11 @@ def _execute_serial(tasks, fn, retries, progress, cancel) -> List[TaskOutcome]:
         for attempt in range(retries + 1):
             check_cancel(cancel, "task execution")
             try:
-                outcome = TaskOutcome(index, task, True, fn(task))
+                result = _attempt(fn, task)
+                if isinstance(result, _InputFailure):  # bad input: no retry
+                    outcome = TaskOutcome(index, task, False, None, result.error, result.traceback, input_error=True)
+                    break
+                outcome = TaskOutcome(index, task, True, result)
                 break
             except Cancelled:
                 raise
@@ -313,7 +342,8 @@ def _execute_dask(tasks, fn, client, retries, progress, cancel) -> List[TaskOutc
     token = uuid.uuid4().hex[:8]
     name = getattr(fn, "__name__", "task")
     futures = [
-        client.submit(fn, task, key=f"{name}-{index}-{token}", retries=retries, pure=False) for index, task in enumerate(tasks)
+        client.submit(_attempt, fn, task, key=f"{name}-{index}-{token}", retries=retries, pure=False)
+        for index, task in enumerate(tasks)
     ]
     position = {f.key: i for i, f in enumerate(futures)}
     outcomes: List[Optional[TaskOutcome]] = [None] * total
@@ -327,8 +357,14 @@ def _execute_dask(tasks, fn, client, retries, progress, cancel) -> List[TaskOutc
                 continue
             for future in finished.next_batch(block=False):
                 index = position[future.key]
-                if future.status == "finished":
-                    outcomes[index] = TaskOutcome(index, tasks[index], True, future.result())
+                result = future.result() if future.status == "finished" else None
+                if isinstance(result, _InputFailure):
+                    outcomes[index] = TaskOutcome(
+                        index, tasks[index], False, None, result.error, result.traceback, input_error=True
+                    )
+                    failed += 1
+                elif future.status == "finished":
+                    outcomes[index] = TaskOutcome(index, tasks[index], True, result)
                 else:
                     exc = future.exception()
                     trace = future.traceback()

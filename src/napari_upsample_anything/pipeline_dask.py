@@ -32,6 +32,12 @@ class JobTaskError(RuntimeError):
         self.failures = list(failures)
 
 
+class JobInputError(JobTaskError, ValueError):
+    """Every failed task of a job failed on bad input (a ``ValueError``, ``TypeError`` or
+    ``FileNotFoundError`` on the worker, e.g. NaN in an image): such tasks are not retried, and
+    the CLI exits with code 2 as it does for the same input without Dask."""
+
+
 def describe_task(task) -> str:
     """``'fit of plane t=0 z=3'`` / ``'layout'``: what a :class:`~.pipeline.Task` does."""
     if task.plane is None:
@@ -98,6 +104,9 @@ def run_job_on_dask(
     JobTaskError
         When a task still fails after ``retries`` extra attempts; the message names the task
         and plane and gives the worker's error. The job is aborted first.
+    JobInputError
+        (A ``JobTaskError`` and a ``ValueError``.) When every failed task failed on bad input
+        (:func:`~.core.errors.is_input_error`): such tasks are not retried.
     """
     from .pipeline import Progress, run_task
 
@@ -137,8 +146,10 @@ def _raise_for_failed(outcomes, retries: int) -> None:
         return
     first: TaskOutcome = failures[0]
     names = ", ".join(describe_task(o.task) for o in failures[:10]) + (" ..." if len(failures) > 10 else "")
-    raise JobTaskError(
-        f"{len(failures)} task(s) failed after {retries} retries ({names}); first: {describe_task(first.task)}: {first.error}. "
+    bad_input = all(o.input_error for o in failures)
+    how = "on bad input (not retried)" if bad_input else f"after {retries} retries"
+    raise (JobInputError if bad_input else JobTaskError)(
+        f"{len(failures)} task(s) failed {how} ({names}); first: {describe_task(first.task)}: {first.error}. "
         "The partial output was removed",
         failures,
     )

@@ -25,3 +25,13 @@ class FitDivergedError(ValueError, FloatingPointError):
     rate too large for the image (the loss or parameters blew up after some updates), or a
     degenerate guide normalisation (the loss is not finite before any update).
     """
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the input or the call is wrong (a bad array, file, axes or option).
+
+    Such errors are deterministic: executors do not retry them (:mod:`..distributed`), and the
+    CLI exits with code 2 for them, as for a bad flag. Running out of memory (including
+    :class:`MemoryBudgetError`) and cancellation are not input errors.
+    """
+    return isinstance(exc, (ValueError, TypeError, FileNotFoundError)) and not isinstance(exc, (MemoryError, Cancelled))
