@@ -43,8 +43,21 @@ class FlakySourceRef(SourceRef):
     marker: str = ""
     home_pid: int = 0
     always: bool = False
+    kill_at_open: int = 0  # > 0: the worker process dies at this worker-side open (once)
 
     def open(self):
+        if os.getpid() != self.home_pid and self.kill_at_open:
+            opens = Path(self.marker).parent
+            (opens / f"open-{os.getpid()}-{time.perf_counter_ns()}").touch()
+            if len(list(opens.glob("open-*"))) >= self.kill_at_open:
+                try:
+                    fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.close(fd)
+                    os._exit(1)  # the worker dies mid-run, its task unfinished
+            return super().open()
         if os.getpid() != self.home_pid:
             if self.always:
                 raise RuntimeError("injected fault: this source is broken")
@@ -174,6 +187,21 @@ def test_task_failing_once_is_retried_and_output_complete(cluster_client, data_d
     run_job(plan_job(flaky, options, tmp_path / "dask"), client=cluster_client, retries=2)
     assert marker.exists()  # the fault did fire in a worker
     assert_identical(tmp_path / "serial", tmp_path / "dask", ("features.ome.zarr", "pca.ome.zarr"))
+
+
+def test_worker_killed_mid_run_loses_no_finished_plane(cluster_client, data_dir, options, tmp_path):
+    """A worker process dies in the render stage of a 5-plane stack (at the 8th time a worker
+    opens the source: after the 5 fits): its task is rerun elsewhere and the output equals the
+    serial path byte for byte."""
+    ref = SourceRef(path=str(data_dir / "stack.npy"), axes="zyx")
+    serial(plan_job(ref, options, tmp_path / "serial"))
+    (tmp_path / "opens").mkdir()
+    marker = tmp_path / "opens" / "killed"
+    dying = FlakySourceRef(path=ref.path, axes="zyx", marker=str(marker), home_pid=os.getpid(), kill_at_open=8)
+    run_job(plan_job(dying, options, tmp_path / "dask"), client=cluster_client, retries=2)
+    assert marker.exists()  # a worker did die
+    assert_identical(tmp_path / "serial", tmp_path / "dask", ("features.ome.zarr", "pca.ome.zarr", "kernels.ome.zarr"))
+    cluster_client.wait_for_workers(2, timeout=60)  # the nanny restarted it, for the next tests
 
 
 def test_task_failing_every_time_aborts_the_job_and_names_the_plane(cluster_client, data_dir, options, tmp_path):
