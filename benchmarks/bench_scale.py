@@ -307,79 +307,89 @@ def run_large(args) -> dict:
 
 
 # ---------------------------------------------------------------------------- throughput
-@dataclass(frozen=True)
-class PlaneTask:
-    """One plane of the stand-in pipeline: fit + render one image, write its region of the store."""
-
-    index: int
-    store: str
-    size: int
-    patch: int
-    channels: int
-    options: tuple
-
-
 def plane_guide(index: int, size: int) -> np.ndarray:
     img = sample_image("astronaut", (size, size))
     return np.ascontiguousarray(np.rot90(img, index % 4)[:, ::-1] if index % 8 >= 4 else np.rot90(img, index % 4))
 
 
-def process_plane(task: PlaneTask) -> dict:
-    """Stand-in for the pipeline's per-plane task: ``fit_kernels`` + ``render`` into a zarr region."""
+def random_vits14_weights(path: Path) -> Path:
+    """A randomly initialised ViT-S/14 (DINOv2 architecture) written as a weights file: the
+    pipeline's real loading path, offline (the real weights cannot be downloaded here)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, dynamic_img_size=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def store_arrays(folder: Path) -> dict:
+    """Every zarr array of an output folder (path -> bytes of its data), for identity checks."""
     import zarr
 
-    t = time.perf_counter()
-    img = plane_guide(task.index, task.size)
-    lr = lr_shape_for(img.shape[:2], task.patch)
-    lr_map = np.random.default_rng(task.index).standard_normal((task.channels, *lr)).astype(np.float32)
-    field = upa.fit_kernels(img, lr, **dict(task.options))
-    out = upa.render(lr_map, img, field, device="cpu", max_memory=dict(task.options).get("max_memory"))
-    zarr.open_array(task.store, mode="r+")[task.index] = out
-    return {"seconds": time.perf_counter() - t, "peak_rss": peak_rss_bytes(), "pid": os.getpid()}
+    out = {}
+    for meta in sorted(folder.rglob("zarr.json")) + sorted(folder.rglob(".zarray")):
+        if meta.name == "zarr.json" and json.loads(meta.read_text()).get("node_type") != "array":
+            continue
+        arr = zarr.open_array(str(meta.parent), mode="r")
+        out[str(meta.parent.relative_to(folder))] = np.asarray(arr[...]).tobytes()
+    return out
 
 
 def run_throughput(args) -> dict:
-    import zarr
+    """The pipeline itself (``plan_job`` + ``run_job(client=...)``, as ``upsample-anything run
+    --dask``) on a stack of ``--planes`` gray planes: features, fit and render per plane, one
+    task per plane and stage, on a fresh ``LocalCluster`` per worker count."""
+    from napari_upsample_anything.pipeline import PipelineOptions, SourceRef, plan_job, run_job
+    from napari_upsample_anything.pipeline_dask import dask_client
 
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))
     try:
+        size = args.plane_size
+        stack = np.stack([plane_guide(i, size).mean(-1) for i in range(args.planes)]).astype(np.float32) / 255
+        np.save(tmp / "stack.npy", stack)
+        weights = random_vits14_weights(tmp / "vits14_random.pth")
+        options = PipelineOptions(
+            weights=str(weights),
+            steps=args.steps,
+            device="cpu",
+            max_memory=args.max_memory,
+            hr_features=not args.pca_only,
+        )
         reference = None
         for workers in args.workers_list:
-            store = str(tmp / f"planes_{workers}.zarr")
-            size = args.plane_size
-            lr = lr_shape_for((size, size), args.patch)
-            zarr.open_array(
-                store, mode="w", shape=(args.planes, args.channels, size, size), chunks=(1, args.channels, size, size), dtype="f4"
-            )
-            tasks = [
-                PlaneTask(i, store, size, args.patch, args.channels, tuple(fit_options(args).items())) for i in range(args.planes)
-            ]
+            out = tmp / f"out_{workers}"
             t = time.perf_counter()
-            outcomes = execute(tasks, process_plane, client="local", n_workers=workers, memory_limit=args.memory_limit)
-            wall = time.perf_counter() - t  # includes starting the cluster
-            raise_for_failures(outcomes)
-            data = np.asarray(zarr.open_array(store, mode="r")[:])
-            same = None if reference is None else bool(data.tobytes() == reference.tobytes())
-            reference = data if reference is None else reference
+            with dask_client("local", n_workers=workers, threads_per_worker=1, memory_limit=args.memory_limit) as client:
+                report = run_job(plan_job(SourceRef(path=str(tmp / "stack.npy"), axes="zyx"), options, out), client=client)
+                wall = time.perf_counter() - t  # includes starting the cluster and loading the backbone per worker
+                peaks = client.run(peak_rss_bytes)  # VmHWM of each (fresh) worker process
+            arrays = store_arrays(out)
+            same = None if reference is None else arrays == reference
+            reference = arrays if reference is None else reference
             row = dict(
                 workers=workers,
                 planes=args.planes,
                 size=size,
-                lr=list(lr),
-                channels=args.channels,
+                lr=list(report["lr_shape"]),
+                channels=int(report["channels"]),
                 steps=args.steps,
+                hr_features=not args.pca_only,
                 wall_seconds=wall,
                 planes_per_minute=60 * args.planes / wall,
-                mean_task_seconds=float(np.mean([o.result["seconds"] for o in outcomes])),
-                peak_rss_max=int(max(o.result["peak_rss"] for o in outcomes)),
+                task_seconds={k: float(v) for k, v in report["seconds"].items()},
+                peak_rss_max=int(max(peaks.values())),
+                output_bytes=int(sum(f.stat().st_size for f in out.rglob("*") if f.is_file())),
                 identical_to_first=same,
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if workers != args.workers_list[0]:
+                shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"rows": rows, "memory_limit": args.memory_limit}
+    return {"rows": rows, "memory_limit": args.memory_limit, "max_memory": args.max_memory}
 
 
 def baseline_task(_: int) -> dict:
@@ -535,16 +545,21 @@ def table_large(sec: dict) -> list:
 
 def table_throughput(sec: dict) -> list:
     L = [
-        f"Run: `{sec['stamp']['argv']}` finished {sec['stamp']['date_utc']} UTC, worker memory limit {sec['memory_limit']}; "
-        f"load average {sec['stamp']['load_average_start']} at start, {sec['stamp']['load_average_end']} at end.",
+        f"Run: `{sec['stamp']['argv']}` finished {sec['stamp']['date_utc']} UTC, worker memory limit {sec['memory_limit']}, "
+        f"fit / render budget {sec.get('max_memory')}; load average {sec['stamp']['load_average_start']} at start, "
+        f"{sec['stamp']['load_average_end']} at end.",
         "",
-        "| workers | planes | plane | LR grid | channels | fit steps | wall (s, incl. cluster start) | planes / minute | mean task (s) | worker peak | output identical to 1 worker |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workers | planes | plane | LR grid | C | fit steps | HR features | wall (s, incl. cluster start) | planes / minute "
+        "| sum of task s: features / fit / PCA / render | worker peak (VmHWM) | output | identical to 1 worker |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sec["rows"]:
+        ts = r.get("task_seconds", {})
+        stages = " / ".join(f"{ts.get(k, 0.0):.0f}" for k in ("features", "fit", "pca", "render"))
         L.append(
-            f"| {r['workers']} | {r['planes']} | {r['size']}² | {r['lr'][0]} x {r['lr'][1]} | {r['channels']} | {r['steps']} | {r['wall_seconds']:.0f} | "
-            f"{r['planes_per_minute']:.2f} | {r['mean_task_seconds']:.1f} | {mib(r['peak_rss_max'])} | {_f(r['identical_to_first'])} |"
+            f"| {r['workers']} | {r['planes']} | {r['size']}² | {r['lr'][0]} x {r['lr'][1]} | {r['channels']} | {r['steps']} | "
+            f"{_f(r.get('hr_features'))} | {r['wall_seconds']:.0f} | {r['planes_per_minute']:.2f} | {stages} | "
+            f"{mib(r['peak_rss_max'])} | {mib(r.get('output_bytes', 0))} | {_f(r['identical_to_first'])} |"
         )
     return L
 
@@ -605,6 +620,7 @@ def main(argv=None) -> None:
     p.add_argument("--planes", type=int, default=16)
     p.add_argument("--plane-size", type=int, default=512)
     p.add_argument("--channels", type=int, default=16, help="channels of the rendered LR map")
+    p.add_argument("--pca-only", action="store_true", help="throughput: skip the C x H x W HR features (PCA picture only)")
     p.add_argument("--wsi-size", type=int, default=8192)
     p.add_argument("--wsi-halo", type=int, default=8)
     p.add_argument("--radius", type=int, default=8, help="wsi: R_max of fit and render (published: 8)")
