@@ -143,6 +143,11 @@ def old_render(engine: BlockEngine, values: torch.Tensor, field: KernelField, ou
             _write(out, engine.from_blocks(blocks, tile), engine._hr_rect(tile))
 
 
+def _pair(what: str, old: tuple, new: tuple) -> dict:
+    """A table row from (CPU s, wall s) of the old and the new path."""
+    return dict(what=what, old_cpu=old[0], old_wall=old[1], new_cpu=new[0], new_wall=new[1])
+
+
 def interleaved(fns: dict, repeats: int) -> dict:
     """{name: (median cpu s, median wall s)} running the functions round-robin."""
     cpu = {k: [] for k in fns}
@@ -207,22 +212,10 @@ def main(argv=None) -> int:
         reps = args.repeats if size <= 512 else max(2, args.repeats // 2)
         t = interleaved(paths, reps)
         for p in ("eager", "native", "inductor"):
-            rows.append(
-                dict(
-                    what=f"fit step {size}^2 ({size // args.patch}^2 LR): {p}",
-                    old_cpu=t["old"][0],
-                    old_wall=t["old"][1],
-                    new_cpu=t[p][0],
-                    new_wall=t[p][1],
-                )
-            )
+            rows.append(_pair(f"fit step {size}^2 ({size // args.patch}^2 LR): {p}", t["old"], t[p]))
         rows.append(
-            dict(
-                what=f"fit step {size}^2 ({size // args.patch}^2 LR): native vs old with subnormals flushed",
-                old_cpu=t["old+ftz"][0],
-                old_wall=t["old+ftz"][1],
-                new_cpu=t["native"][0],
-                new_wall=t["native"][1],
+            _pair(
+                f"fit step {size}^2 ({size // args.patch}^2 LR): native vs old with subnormals flushed", t["old+ftz"], t["native"]
             )
         )
         notes.append(f"fit step {size}^2: the four paths' losses agree within {spread:.1e} (relative)")
@@ -264,9 +257,7 @@ def render_rows(args, S, C, rows, notes, log):
     t = interleaved(fns, max(2, args.repeats // 2))
     diff = max(float(np.abs(outs[k] - outs["old"]).max() / np.abs(outs["old"]).max()) for k in outs)
     for p in ("eager", "compiled"):
-        rows.append(
-            dict(what=f"render {S}^2, C = {C}: {p}", old_cpu=t["old"][0], old_wall=t["old"][1], new_cpu=t[p][0], new_wall=t[p][1])
-        )
+        rows.append(_pair(f"render {S}^2, C = {C}: {p}", t["old"], t[p]))
     notes.append(f"render {S}^2: outputs of the three paths agree within {diff:.1e} (max abs / max abs)")
     log(rows[-2:])
 
@@ -280,15 +271,7 @@ def upsample_rows(args, C, rows, log):
         "new": lambda: upa.upsample(guide_u8, lr, device="cpu"),
     }
     t = interleaved(full, 2)
-    rows.append(
-        dict(
-            what=f"224^2 full upsample, C = {C}, 51 steps (old = backend='eager')",
-            old_cpu=t["old"][0],
-            old_wall=t["old"][1],
-            new_cpu=t["new"][0],
-            new_wall=t["new"][1],
-        )
-    )
+    rows.append(_pair(f"224^2 full upsample, C = {C}, 51 steps (old = backend='eager')", t["old"], t["new"]))
     log(rows[-1])
 
 
@@ -300,15 +283,7 @@ def pca_rows(args, C, feats, hp, rows, log):
 
     x = feats.reshape(C, -1).T
     t = interleaved({"old": lambda: PCA(3, svd_solver="full").fit(x), "new": lambda: fit_pca(feats, 3, None)}, 2)
-    rows.append(
-        dict(
-            what=f"PCA basis of a {hp}^2 x {C} LR map: SVD (old) vs covariance eigh",
-            old_cpu=t["old"][0],
-            old_wall=t["old"][1],
-            new_cpu=t["new"][0],
-            new_wall=t["new"][1],
-        )
-    )
+    rows.append(_pair(f"PCA basis of a {hp}^2 x {C} LR map: SVD (old) vs covariance eigh", t["old"], t["new"]))
     log(rows[-1])
 
 
@@ -337,24 +312,8 @@ def thread_rows(args, rows, log):
         },
         args.repeats,
     )
-    rows.append(
-        dict(
-            what="fit step 224^2 native: 1 thread (old) vs 2 threads (new)",
-            old_cpu=t["n1"][0],
-            old_wall=t["n1"][1],
-            new_cpu=t["n2"][0],
-            new_wall=t["n2"][1],
-        )
-    )
-    rows.append(
-        dict(
-            what="fit step 224^2 eager: 1 thread (old) vs 2 threads (new)",
-            old_cpu=t["e1"][0],
-            old_wall=t["e1"][1],
-            new_cpu=t["e2"][0],
-            new_wall=t["e2"][1],
-        )
-    )
+    rows.append(_pair("fit step 224^2 native: 1 thread (old) vs 2 threads (new)", t["n1"], t["n2"]))
+    rows.append(_pair("fit step 224^2 eager: 1 thread (old) vs 2 threads (new)", t["e1"], t["e2"]))
     log(rows[-2:])
     del step, step_eager
 
