@@ -47,7 +47,7 @@ from .render import (
     bicubic_lr_guide,
     block_attention,
 )
-from .threads import flushed_denormals, torch_threads
+from .threads import engine_call
 
 SCHEDULE_STEPS = 5100
 LR_FLOOR = 1e-9
@@ -249,6 +249,7 @@ def _blocks(tile: Tile) -> int:
     return (tile[1] - tile[0]) * (tile[3] - tile[2])
 
 
+@engine_call
 def fit_field(
     guide: Guide,
     lr_shape: Tuple[int, int],
@@ -285,43 +286,6 @@ def fit_field(
     path aggregates in float32 whatever ``agg_dtype`` says (the fit's values have 3 channels).
     ``threads``: CPU threads for this call (None: torch's setting; :mod:`.threads`).
     """
-    with torch_threads(threads), flushed_denormals():
-        return _fit_field(
-            guide,
-            lr_shape,
-            steps,
-            lr,
-            options,
-            device,
-            budget,
-            init,
-            progress,
-            cancel,
-            memlog,
-            final_loss,
-            agg_dtype,
-            downsample,
-            backend,
-        )
-
-
-def _fit_field(
-    guide,
-    lr_shape,
-    steps,
-    lr,
-    options,
-    device,
-    budget,
-    init,
-    progress,
-    cancel,
-    memlog,
-    final_loss,
-    agg_dtype,
-    downsample,
-    backend,
-):
     t_start = time.perf_counter()
     engine = BlockEngine(guide, lr_shape, options, device)
     h, w = engine.lr_shape

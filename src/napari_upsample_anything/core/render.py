@@ -66,7 +66,7 @@ from .memory import (
     release_cached_memory,
 )
 from .progress import CancelFn, ProgressFn, check_cancel, report
-from .threads import flushed_denormals, torch_threads
+from .threads import engine_call
 
 Tile = Tuple[int, int, int, int]  # LR cells [i0, i1) x [j0, j1)
 
@@ -367,6 +367,7 @@ class BlockEngine:
         return [(i, i + 1, j, min(j + n, w)) for i in range(h) for j in range(0, w, n)]
 
     # ------------------------------------------------------------------ render
+    @engine_call
     def render(
         self,
         values: torch.Tensor,
@@ -393,10 +394,6 @@ class BlockEngine:
         :mod:`.fused`; the aggregation is a GEMM either way); ``"auto"`` is eager. ``threads``:
         CPU threads for this call (None: torch's setting).
         """
-        with torch_threads(threads), flushed_denormals():
-            self._render(values, field, out, agg_dtype, budget, progress, cancel, memlog, stage, backend, affine)
-
-    def _render(self, values, field, out, agg_dtype, budget, progress, cancel, memlog, stage, backend, affine) -> None:
         C = int(values.shape[0])
         h, w = self.lr_shape
         agg_bytes = torch.empty((), dtype=agg_dtype).element_size()

@@ -7,8 +7,10 @@ measurement behind this default (1 vs 2 threads on the project's 2-core CPU).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -67,3 +69,21 @@ def flushed_denormals() -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(False)
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def engine_call(fn: F) -> F:
+    """Decorator for the engine's entry points (fit, render): run ``fn`` with its ``threads``
+    argument as torch's thread count (:func:`torch_threads`) and with subnormals flushed
+    (:func:`flushed_denormals`), both restored after. One place for this per-call CPU state."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        threads = signature.bind(*args, **kwargs).arguments.get("threads")
+        with torch_threads(threads), flushed_denormals():
+            return fn(*args, **kwargs)
+
+    return call  # type: ignore[return-value]

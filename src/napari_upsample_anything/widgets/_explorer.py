@@ -47,7 +47,7 @@ from qtpy.QtWidgets import (
 
 from ._frame import full_res_data, layer_kind
 from ._pipeline import Outcome, Progress
-from ._qt_common import LayerPicker, ResultPicker, Runner, RunWidget
+from ._qt_common import LayerPicker, ResultPicker, Runner, RunWidget, status_label
 from ._registry import (
     FitResult,
     find_own_layer,
@@ -254,17 +254,8 @@ class FeatureExplorerWidget(RunWidget):
         seg_form.addRow(self.save_button)
         layout.addWidget(seg_box)
 
-        row = QHBoxLayout()
-        self.run_button = QPushButton("Segment")
-        self.run_button.clicked.connect(lambda: self.request("segment"))
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        row.addWidget(self.run_button)
-        row.addWidget(self.cancel_button)
-        layout.addLayout(row)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self._add_run_row(layout, "Segment", lambda: self.request("segment"))
+        self.status = status_label()
         layout.addWidget(self.status)
         layout.addStretch(1)
         self._watch_scribbles()

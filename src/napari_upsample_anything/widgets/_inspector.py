@@ -65,7 +65,7 @@ from ._kernels import (
     shapes_data,
     vectors_data,
 )
-from ._qt_common import PluginWidget, ResultPicker
+from ._qt_common import PluginWidget, ResultPicker, status_label
 from ._registry import FitResult, get_state, put_layer, remove_own_layer, unwrap_viewer
 
 STYLE_LABELS = {
@@ -147,8 +147,7 @@ class KernelInspectorWidget(PluginWidget):
         self.pixel_label.setWordWrap(True)
         pform.addWidget(self.pixel_label)
         layout.addWidget(box2)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = status_label()
         layout.addWidget(self.status)
         layout.addStretch(1)
         self._stride_for = None

@@ -62,9 +62,10 @@ from ._qt_common import (
     Runner,
     RunWidget,
     call_with_threads,
-    default_threads,
     gui_error_message,
     release_memory,
+    status_label,
+    threads_spinbox,
     torch_loaded,
 )
 from ._registry import FitResult, get_state, put_layer, result_label, unwrap_viewer
@@ -262,10 +263,7 @@ class UpsampleAnythingWidget(RunWidget):
         self.memory_edit.setPlaceholderText("auto  (e.g. 2GB, 512MiB)")
         self.memory_edit.setToolTip("Working-memory budget; auto = 60% of free GPU memory, or 40% of RAM (max 8 GiB) on CPU")
         form.addRow("Memory budget", self.memory_edit)
-        self.threads_spin = QSpinBox()
-        self.threads_spin.setRange(1, 256)
-        self.threads_spin.setValue(default_threads())
-        self.threads_spin.setToolTip(
+        self.threads_spin = threads_spinbox(
             "CPU threads torch uses for this run (default: half the cores). More threads than free cores "
             "make a run much slower on a busy machine (see the user guide)"
         )
@@ -292,24 +290,14 @@ class UpsampleAnythingWidget(RunWidget):
         self.hr_combo.setToolTip("The full-resolution feature array (C x H x W), kept for saving and scripting")
         form.addRow("HR features", self.hr_combo)
 
-        buttons = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        layout.addLayout(buttons)
-        self.estimate_label = QLabel("")
-        self.estimate_label.setWordWrap(True)
+        self._add_run_row(layout, "Run", self.run)
+        self.estimate_label = status_label()
         self.estimate_label.setToolTip(
             "Estimated from a quick measurement of the fit and render on a small crop on this machine "
             "(device, precision and threads as set), scaled to the image; model loading not included"
         )
         layout.addWidget(self.estimate_label)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = status_label()
         layout.addWidget(self.status)
         saves = QHBoxLayout()
         self.save_features_button = QPushButton("Save HR features…")

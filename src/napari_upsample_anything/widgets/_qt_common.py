@@ -10,7 +10,19 @@ import weakref
 from typing import Any, Callable, List, Optional, Sequence
 
 from qtpy.QtCore import QEvent, QObject, Qt, QThreadPool, QTimer, Signal
-from qtpy.QtWidgets import QApplication, QComboBox, QFrame, QLabel, QLayout, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QApplication,
+    QComboBox,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QLayout,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ._frame import layer_kind
 from ._pipeline import (
@@ -207,6 +219,18 @@ class RunWidget(PluginWidget):
     def __init__(self, parent: Optional[QWidget] = None):
         super().__init__(parent)
         self._pending: Optional[dict] = None
+
+    def _add_run_row(self, layout, run_text: str, on_run: Callable[[], Any]) -> None:
+        """The Run / Cancel pair (``run_button``, ``cancel_button``) as a row of ``layout``."""
+        row = QHBoxLayout()
+        self.run_button = QPushButton(run_text)
+        self.run_button.clicked.connect(lambda *_: on_run())
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        layout.addLayout(row)
 
     def cancel(self) -> None:
         if self.runner.running:
@@ -405,6 +429,22 @@ class ResultPicker(QComboBox):
 
 
 # ---------------------------------------------------------------------------------- threads
+def status_label() -> QLabel:
+    """The word-wrapped label a widget reports its state in."""
+    label = QLabel("")
+    label.setWordWrap(True)
+    return label
+
+
+def threads_spinbox(tooltip: str) -> QSpinBox:
+    """The "Threads" field: 1-256, starting at :func:`default_threads`."""
+    spin = QSpinBox()
+    spin.setRange(1, 256)
+    spin.setValue(default_threads())
+    spin.setToolTip(tooltip)
+    return spin
+
+
 def default_threads() -> int:
     """Torch threads per run when the user does not choose: half the CPU cores, at least one.
 

@@ -28,12 +28,9 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QMessageBox,
-    QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -51,8 +48,9 @@ from ._qt_common import (
     Runner,
     RunWidget,
     call_with_threads,
-    default_threads,
     gui_error_message,
+    status_label,
+    threads_spinbox,
 )
 from ._registry import FitResult, get_state, put_layer, unwrap_viewer
 
@@ -208,22 +206,10 @@ class UpsampleLayerWidget(RunWidget):
         self.memory_edit = QLineEdit()
         self.memory_edit.setPlaceholderText("auto  (e.g. 2GB)")
         form.addRow("Memory budget", self.memory_edit)
-        self.threads_spin = QSpinBox()
-        self.threads_spin.setRange(1, 256)
-        self.threads_spin.setValue(default_threads())
-        self.threads_spin.setToolTip("CPU threads torch uses for this run (default: half the cores)")
+        self.threads_spin = threads_spinbox("CPU threads torch uses for this run (default: half the cores)")
         form.addRow("Threads", self.threads_spin)
-        row = QHBoxLayout()
-        self.run_button = QPushButton("Upsample")
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        row.addWidget(self.run_button)
-        row.addWidget(self.cancel_button)
-        layout.addLayout(row)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self._add_run_row(layout, "Upsample", self.run)
+        self.status = status_label()
         layout.addWidget(self.status)
         layout.addStretch(1)
         self.layer_picker.layer_changed.connect(self._update_info)
