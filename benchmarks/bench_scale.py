@@ -526,7 +526,7 @@ def table_halo(sec: dict) -> list:
 
 def table_large(sec: dict) -> list:
     L = [
-        f"Run: `{sec['stamp']['argv']}` finished {sec['stamp']['date_utc']} UTC, **{sec['steps']} fit steps (reduced from 51)**, patch {sec['patch']}, "
+        f"Run: `{sec['stamp']['argv']}` finished {sec['stamp']['date_utc']} UTC, **{sec['steps']} fit steps{'' if sec['steps'] >= 51 else ' (reduced from 51)'}**, patch {sec['patch']}, "
         f"worker memory limit {sec['memory_limit']}, fit budget (max_memory) {sec['max_memory']}, an idle worker (library and torch imported) "
         f"peaks at {mib(sec['worker_baseline_rss'])}, {sec['stamp']['wall_seconds'] / 60:.1f} min wall; "
         f"load average {sec['stamp']['load_average_start']} at start, {sec['stamp']['load_average_end']} at end.",
@@ -564,6 +564,10 @@ def table_throughput(sec: dict) -> list:
     return L
 
 
+def _steps_cell(steps: int) -> str:
+    return str(steps) if steps >= 51 else f"**{steps} (reduced)**"
+
+
 def table_wsi(sec: dict) -> list:
     r = sec["result"]
     return [
@@ -572,7 +576,7 @@ def table_wsi(sec: dict) -> list:
         "",
         "| image | LR grid | fit steps, R_max | tiles (cells, halo) | workers | worker memory limit | fit wall / sum of tiles (s) | worker peak (VmHWM) | render (s) | render process peak | output finite |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| {r['size']} x {r['size']} RGB uint8 | {r['lr'][0]} x {r['lr'][1]} | **{r['steps']} (reduced)**, {r.get('radius', 8)}{'' if r.get('radius', 8) == 8 else ' (reduced)'} | {r['n_tiles']} ({r['tile_cells']}, {r['halo']}) | {r['workers']} | "
+        f"| {r['size']} x {r['size']} RGB uint8 | {r['lr'][0]} x {r['lr'][1]} | {_steps_cell(r['steps'])}, {r.get('radius', 8)}{'' if r.get('radius', 8) == 8 else ' (reduced)'} | {r['n_tiles']} ({r['tile_cells']}, {r['halo']}) | {r['workers']} | "
         f"{r['memory_limit']} | {r['fit_seconds']:.0f} / {r['fit_seconds_sum']:.0f} | {mib(r['worker_peak_rss_max'])} "
         f"({'under' if r['worker_peak_rss_max'] < r['memory_limit_bytes'] else 'OVER'} the limit; idle worker {mib(r['worker_baseline_rss'])}) | {r['render_seconds']:.0f} | {mib(r['render_peak_rss'])} (budget {r['max_memory']}) | {r['output_finite']} |",
     ]
