@@ -204,6 +204,28 @@ def test_threads_option_sets_and_restores_torch_threads():
         upa.render(np.zeros((1, 2, 2), np.float32), guide, upa.KernelField.initial((2, 2)), threads=0)
 
 
+def _subnormals_flushed_in_parallel() -> float:
+    """Fraction of a 2M-element product (split over torch's threads) that came out as 0 where
+    the exact result is a float32 subnormal (1e-40): 0 when no thread flushes, 1 when all do."""
+    x = torch.full((2_000_000,), 1e-20)
+    return float(((x * 1e-20) == 0).float().mean())
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler to build the native library")
+def test_engine_flushes_denormals_in_torch_worker_threads_too():
+    """With 2 threads, torch's worker threads flush during an engine call (their subnormal
+    softmax weights made a render 5x slower) and are restored after it."""
+    import napari_upsample_anything as upa
+
+    img = np.random.default_rng(0).random((56, 56, 3)).astype(np.float32)
+    inside = []
+    with torch_threads(2):
+        assert _subnormals_flushed_in_parallel() == 0.0
+        upa.fit_kernels(img, (4, 4), steps=2, device="cpu", progress=lambda *a: inside.append(_subnormals_flushed_in_parallel()))
+        assert inside and min(inside) == 1.0  # every thread flushed during the call
+        assert _subnormals_flushed_in_parallel() == 0.0  # and none after it
+
+
 def test_engine_flushes_denormals_only_during_its_own_calls(gen):
     """The render/fit flush subnormals for speed and leave the caller's FP state as it was."""
     import napari_upsample_anything as upa

@@ -244,6 +244,32 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
     *loss_out = loss_total;
     *sq_out = sq_total;
 }
+
+/* Flush-to-zero / denormals-are-zero in every thread of an OpenMP team of `threads` (on = 1),
+   or back to each thread's previous state (on = 0). torch's CPU thread pool is this OpenMP
+   runtime's pool (one libgomp in the process), and torch.set_flush_denormal only changes the
+   calling thread: without this, torch's worker threads computed subnormal softmax weights
+   during our renders (224^2, C = 384, 2 threads: 1.33 s instead of 0.16 s, measured). */
+static __thread unsigned int team_saved_csr;
+static __thread int team_saved_valid;
+void team_flush_denormals(int64_t threads, int32_t on)
+{
+#if defined(__SSE__)
+    #pragma omp parallel num_threads(threads)
+    {
+        if (on) {
+            team_saved_csr = _mm_getcsr();
+            team_saved_valid = 1;
+            _mm_setcsr(team_saved_csr | 0x8040u);
+        } else if (team_saved_valid) {
+            _mm_setcsr(team_saved_csr);
+            team_saved_valid = 0;
+        }
+    }
+#else
+    (void)threads; (void)on;
+#endif
+}
 """
 
 
@@ -306,12 +332,24 @@ def _library() -> Optional[ctypes.CDLL]:
     except OSError:
         return None
     lib.fit_chunk.restype = None
+    lib.team_flush_denormals.restype = None
     return lib
 
 
 def available() -> bool:
     """Whether the native CPU kernel can be built and loaded here."""
     return _library() is not None
+
+
+def team_flush_denormals(on: bool) -> bool:
+    """Set (``on``) or restore flush-to-zero in all of torch's CPU worker threads; False when the
+    native library is not available (then only the calling thread is flushed)."""
+    lib = _library()
+    threads = torch.get_num_threads()
+    if lib is None or threads < 2:
+        return False
+    lib.team_flush_denormals(ctypes.c_int64(threads), ctypes.c_int32(1 if on else 0))
+    return True
 
 
 def _ptr(t: torch.Tensor):
