@@ -59,12 +59,14 @@ def test_report_rewrites_only_between_markers(bench, tmp_path, monkeypatch):
         planes=16,
         size=512,
         lr=[36, 36],
-        channels=16,
-        steps=3,
+        channels=384,
+        steps=51,
+        hr_features=True,
         wall_seconds=120.0,
         planes_per_minute=8.0,
-        mean_task_seconds=14.0,
+        task_seconds={"features": 10.0, "fit": 60.0, "pca": 5.0, "render": 45.0},
         peak_rss_max=2**30,
+        output_bytes=3 * 2**30,
         identical_to_first=True,
     )
     stamp = dict(
@@ -77,4 +79,4 @@ def test_report_rewrites_only_between_markers(bench, tmp_path, monkeypatch):
     bench.write_report({"throughput": {"rows": [row], "memory_limit": "4GB", "stamp": stamp}})
     text = md.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
-    assert "| 2 | 16 | 512² | 36 x 36 | 16 | 3 | 120 | 8.00 | 14.0 | 1024 MiB | True |" in text
+    assert "| 2 | 16 | 512² | 36 x 36 | 384 | 51 | True | 120 | 8.00 | 10 / 60 / 5 / 45 | 1024 MiB | 3072 MiB | True |" in text
