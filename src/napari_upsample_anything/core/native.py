@@ -18,7 +18,8 @@ takes three passes:
 
 Measured at 224^2 (1 thread, quiet machine): 22 -> 14 ms per fit step for the kernel (the
 earlier one-pixel-at-a-time version with glibc ``expf``), about 1.4 ns per pair. Same formulas
-and inputs as :func:`.fused.fit_chunk`; masked pairs get weight 0 instead of a ``-inf``
+as :func:`.fused.fit_chunk`, but it takes the neighbours' (A, B, C, rho) and offsets instead of
+``psi`` and applies the chain rule itself; masked pairs get weight 0 instead of a ``-inf``
 log-weight (the centre offset is never masked, so the denominator is at least 1). Tests
 compare it with the float64 reference and the other paths.
 
@@ -81,6 +82,10 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
 #endif
         const int64_t KP = (K + 15) / 16 * 16;
         const int64_t P4 = (P + 3) / 4 * 4;
+        /* Scratch per block on purpose: one per-thread scratch reused across blocks measured 3x
+           slower at 448^2 (same layout, no page faults; cause not found). In Dask workers,
+           whose nanny sets MALLOC_TRIM_THRESHOLD_, these allocations became fresh mmaps
+           (page faults, 2.5-3x slower): distributed.worker_malloc_defaults unsets it. */
         float *E = falloc(P4 * KP);
         float *D = falloc(P4 * KP);
         float *pix = falloc(14 * P4);
