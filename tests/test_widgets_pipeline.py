@@ -7,6 +7,7 @@ import glob
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -200,6 +201,42 @@ def test_closing_the_generator_cancels_and_joins():
     assert handle.cancelled and not handle.thread.is_alive()
 
 
+def test_shutdown_before_the_compute_thread_starts():
+    """A widget closed right after Run (CI: "cannot join thread before it is started")."""
+    calls = []
+    handle = RunHandle()
+    handle.cancel()
+    assert handle.join(1.0)  # nothing started: nothing to wait for
+    gen = guarded(lambda **kw: calls.append(1), handle)
+    with pytest.raises(StopIteration) as stop:
+        next(gen)
+    assert stop.value.value.status == "cancelled" and calls == [] and handle.thread is None
+
+
+def test_join_racing_start_never_sees_an_unstarted_thread():
+    errors = []
+    for _ in range(200):
+        handle = RunHandle()
+        gen = iter_events(_counting, handle, 1)
+
+        def close():
+            handle.cancel()
+            try:
+                handle.join(5.0)
+            except RuntimeError as exc:  # pragma: no cover - the bug this guards against
+                errors.append(exc)
+
+        closer = threading.Thread(target=close)
+        closer.start()
+        try:
+            list(gen)
+        except Cancelled:
+            pass
+        closer.join()
+        assert handle.thread is None or not handle.thread.is_alive()
+    assert errors == []
+
+
 # ---------------------------------------------------------------------------------- pipeline
 def _img(h, w, seed=0):
     rng = np.random.default_rng(seed)
@@ -318,6 +355,7 @@ def test_sample_data():
 def test_listing_and_importing_the_plugin_does_not_import_torch():
     code = r"""
 import sys
+import threading
 from npe2 import PluginManager
 pm = PluginManager.instance()
 pm.discover()

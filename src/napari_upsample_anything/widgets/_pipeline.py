@@ -397,6 +397,19 @@ class RunHandle:
     def __init__(self) -> None:
         self.cancel_event = threading.Event()
         self.thread: Optional[threading.Thread] = None
+        # Starting and joining share a lock: a shutdown that comes while the worker is about
+        # to start either sees the started thread or stops it from starting (a thread that
+        # is set but not yet started cannot be joined; seen in CI).
+        self._lock = threading.Lock()
+
+    def start(self, thread: threading.Thread) -> bool:
+        """Start ``thread`` as this run's compute thread; False (not started) when cancelled."""
+        with self._lock:
+            if self.cancelled:
+                return False
+            thread.start()
+            self.thread = thread
+            return True
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -407,7 +420,8 @@ class RunHandle:
 
     def join(self, timeout: Optional[float] = None) -> bool:
         """Wait for the compute thread; True when it is finished (or never started)."""
-        t = self.thread
+        with self._lock:
+            t = self.thread
         if t is None:
             return True
         t.join(timeout)
@@ -437,8 +451,8 @@ def iter_events(fn: Callable[..., Any], handle: RunHandle, *args, **kwargs) -> G
             q.put(_END)
 
     thread = threading.Thread(target=target, name="upsample-anything-compute", daemon=True)
-    handle.thread = thread
-    thread.start()
+    if not handle.start(thread):
+        raise Cancelled("cancelled before the computation started")
     try:
         while True:
             item = q.get()
