@@ -15,6 +15,7 @@ from napari_upsample_anything.core.errors import Cancelled
 from napari_upsample_anything.core.field import KernelField
 from napari_upsample_anything.core.fit import (
     Adam,
+    CellSampler,
     _ChunkedFit,
     _loss_and_grad,
     _loss_and_grad_fused,
@@ -65,7 +66,7 @@ def test_adam_matches_torch_optim():
         assert torch.allclose(p1, p2, atol=1e-7, rtol=1e-6)
 
 
-def _our_gradient(guide_hwc, lr_shape, raw, budget, path="eager"):
+def _our_gradient(guide_hwc, lr_shape, raw, budget, path="eager", sampler=None):
     guide = Guide(guide_hwc, "none")
     engine = BlockEngine(guide, lr_shape, RenderOptions(), CPU)
     h, w = lr_shape
@@ -78,10 +79,10 @@ def _our_gradient(guide_hwc, lr_shape, raw, budget, path="eager"):
         prep = _ChunkedFit(
             engine, tiles, values, n, keep=True, compiled=True, kernel_name={"fused": "fused-eager"}.get(path, path)
         )
-        loss, _ = _loss_and_grad_fused(prep, tiles, raw, per_block, None, None)
+        loss, _ = _loss_and_grad_fused(prep, tiles, raw, per_block, None, None, sampler=sampler)
     else:
         cache = _TileCache(engine, path == "eager-range-cache", keep_range=path == "eager-range-cache")
-        loss, _ = _loss_and_grad(engine, cache, tiles, raw, values, n, per_block, None, None)
+        loss, _ = _loss_and_grad(engine, cache, tiles, raw, values, n, per_block, None, None, sampler=sampler)
     return loss, raw.grad, len(tiles)
 
 
@@ -118,6 +119,101 @@ def test_tiled_gradient_is_the_full_image_gradient(budget, path):
     ref_loss.backward()
     assert loss == pytest.approx(float(ref_loss.detach()), rel=1e-5)
     assert rel_err(grad, raw64.grad) < 1e-3
+
+
+# ------------------------------------------------------------------ optional stochastic fit
+@pytest.mark.parametrize(
+    "budget,path",
+    [
+        (2**30, "eager"),
+        (2_000_000, "eager"),
+        (2_000_000, "fused"),
+        (2**30, "fused-small-chunks"),  # chunks of 3 blocks, padded: rows picked inside chunks
+        pytest.param(2**30, "native", marks=needs_native),
+        pytest.param(2_000_000, "native", marks=needs_native),
+    ],
+)
+def test_stochastic_gradient_is_the_sampled_float64_gradient(monkeypatch, budget, path):
+    """With ``fit_fraction < 1`` each path's loss and gradient are exactly those of the drawn
+    cells' pixels, scaled by n / k, against autograd through the dense float64 reference."""
+    import napari_upsample_anything.core.fit as fit_mod
+
+    if path == "fused-small-chunks":
+        monkeypatch.setattr(fit_mod, "compiled_chunk_blocks", lambda *a: 3)
+        path = "fused"
+    gen = torch.Generator().manual_seed(11)
+    H, W, h, w, s = 48, 60, 4, 5, 12
+    guide = torch.rand(H, W, 3, generator=gen)
+    raw = KernelField.initial((h, w)).raw() + 0.3 * torch.randn(4, h, w, generator=gen)
+    sampler = CellSampler(h, w, 0.4, seed=3, device=CPU)
+    sampler.draw()
+    assert int(sampler.mask.sum()) == 8 and sampler.weight == pytest.approx(20 / 8)
+    loss, grad, _ = _our_gradient(guide.numpy(), (h, w), raw, budget, path, sampler=sampler)
+
+    raw64 = raw.double().requires_grad_(True)
+    f = KernelField.from_raw(raw64)
+    lr_img = bicubic_lr_guide(Guide(guide.numpy(), "none"), (h, w), CPU).double()
+    g64 = guide.double().permute(2, 0, 1)
+    pred = reference_render(lr_img, g64, f.sigma_x, f.sigma_y, f.theta, f.sigma_r)
+    pixels = sampler.mask.double().repeat_interleave(s, 0).repeat_interleave(s, 1)  # cell -> its pixels
+    ref_loss = ((pred - g64).abs() * pixels).sum() / g64.numel() * (20 / 8)
+    ref_loss.backward()
+    assert loss == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    assert rel_err(grad, raw64.grad) < 1e-3
+    full_loss, _, _ = _our_gradient(guide.numpy(), (h, w), raw, budget, path)
+    assert abs(loss - full_loss) > 1e-6  # it really is a different (sampled) loss
+
+
+def test_cell_sampler_draws_fresh_seeded_cells_independent_of_tiles():
+    a, b, c = (CellSampler(6, 7, 0.3, seed, CPU) for seed in (5, 5, 6))
+    draws = []
+    for _ in range(4):
+        for smp in (a, b, c):
+            smp.draw()
+        assert int(a.mask.sum()) == math.ceil(0.3 * 42) == 13
+        assert torch.equal(a.mask, b.mask)  # same seed, same cells
+        draws.append(a.mask.clone())
+    assert not torch.equal(a.mask, c.mask)  # another seed, other cells
+    assert not all(torch.equal(draws[0], d) for d in draws[1:])  # fresh cells every step
+    tiles = [(0, 3, 0, 7), (3, 6, 0, 4), (3, 6, 4, 7)]  # blocks of each tile, row-major
+    picked = sum(int(a.blocks(t).numel()) for t in tiles)
+    assert picked == 13 and a.blocks(tiles[0]).tolist() == a.mask[0:3].reshape(-1).nonzero().squeeze(1).tolist()
+    exact = CellSampler(6, 7, 1.0, 0, CPU)
+    exact.draw()
+    assert exact.blocks(tiles[0]) is None and exact.weight == 1.0
+    tiny = CellSampler(6, 7, 1e-9, 0, CPU)
+    tiny.draw()
+    assert int(tiny.mask.sum()) == 1  # at least one cell
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("compiled", marks=needs_native)])
+def test_stochastic_fit_is_reproducible_tiling_free_and_reports_the_exact_loss(backend):
+    img = np.random.default_rng(4).random((64, 72, 3)).astype(np.float32)
+    kw = dict(steps=6, backend=backend, fit_fraction=0.3, fit_seed=1)
+    one = fit_field(Guide(img), (8, 9), budget=2**30, **kw)
+    again = fit_field(Guide(img), (8, 9), budget=2**30, **kw)
+    tiled = fit_field(Guide(img), (8, 9), budget=1_500_000, **kw)
+    other_seed = fit_field(Guide(img), (8, 9), budget=2**30, **dict(kw, fit_seed=2))
+    exact = fit_field(Guide(img), (8, 9), budget=2**30, steps=6, backend=backend)
+    assert one.meta["fit_fraction"] == 0.3 and exact.meta["fit_fraction"] == 1.0
+    assert one.meta["loss_per_step"] == again.meta["loss_per_step"] and torch.equal(one.sigma_x, again.sigma_x)
+    assert np.allclose(tiled.meta["loss_per_step"], one.meta["loss_per_step"], rtol=1e-5)  # same cells however tiled
+    assert not np.allclose(other_seed.meta["loss_per_step"], one.meta["loss_per_step"], rtol=1e-5)
+    assert one.meta["loss_per_step"][0] != exact.meta["loss_per_step"][0]  # step 0: same field, sampled pixels
+    # meta's final loss is the exact (every pixel) loss of the fitted field
+    check = fit_field(Guide(img), (8, 9), budget=2**30, steps=0, init=one, backend=backend)
+    assert one.meta["final_loss"] == pytest.approx(check.meta["final_loss"], rel=1e-6)
+    assert one.meta["final_loss"] < exact.meta["loss_per_step"][0]  # it still learns
+    default = fit_field(Guide(img), (8, 9), budget=2**30, steps=3, backend=backend)
+    explicit = fit_field(Guide(img), (8, 9), budget=2**30, steps=3, backend=backend, fit_fraction=1.0, fit_seed=9)
+    assert default.meta["loss_per_step"] == explicit.meta["loss_per_step"]  # 1.0 is the exact fit, seed unused
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), "half"])
+def test_fit_fraction_is_checked(bad):
+    img = np.random.default_rng(0).random((24, 24, 3)).astype(np.float32)
+    with pytest.raises((ValueError, TypeError), match="fit_fraction"):
+        fit_field(Guide(img), (2, 2), steps=1, budget=2**30, fit_fraction=bad)
 
 
 def test_fit_lowers_loss_and_beats_bicubic_on_a_sample_image():

@@ -306,11 +306,13 @@ def test_cli_and_widget_paths_give_identical_arrays(tmp_path, weights_file, monk
             "cpu",
             "--guide-smoothing",
             "1.0",
+            "--fit-fraction",
+            "0.5",
             "--quiet",
         ]
     )
     assert code == 0
-    cfg = RunConfig(weights=str(weights_file), steps=2, device="cpu", hr_features="memory", guide_smoothing=1.0)
+    cfg = RunConfig(weights=str(weights_file), steps=2, device="cpu", hr_features="memory", guide_smoothing=1.0, fit_fraction=0.5)
     res = run_pipeline([((), rgb)], cfg)
     plane = res.planes[0]
     feats, axes, _ = open_level0(out / "cells" / "features.ome.zarr")
@@ -319,6 +321,7 @@ def test_cli_and_widget_paths_give_identical_arrays(tmp_path, weights_file, monk
     assert np.array_equal(np.asarray(pca), np.moveaxis(plane.hr_rgb, -1, 0))
     field = read_kernels(out / "cells" / "kernels.ome.zarr")[(0, 0)]
     assert field.equal(plane.field) and field.meta["guide_smoothing"] == 1.0
+    assert field.meta["fit_fraction"] == plane.field.meta["fit_fraction"] == 0.5  # the stochastic fit, seeded
     # --format npy keeps today's files, with the same numbers
     code = cli.main(
         [
@@ -334,6 +337,8 @@ def test_cli_and_widget_paths_give_identical_arrays(tmp_path, weights_file, monk
             "cpu",
             "--guide-smoothing",
             "1.0",
+            "--fit-fraction",
+            "0.5",
             "--format",
             "npy",
             "--quiet",
@@ -454,6 +459,7 @@ def test_map_command_equals_upsample(tmp_path, weights_file, monkeypatch):
         (["--guide-smoothing", "inf"], "--guide-smoothing"),
         (["--guide-smoothing", "nan"], "--guide-smoothing"),
         (["--guide-smoothing", "abc"], "--guide-smoothing"),
+        (["--fit-fraction", "0"], "--fit-fraction"),
         (["--max-memory", "1e400"], "--max-memory"),
         (["--planes", "q=1"], "--planes"),
         (["--channels", "x"], "--channels"),

@@ -183,12 +183,13 @@ def test_main_widget_end_to_end(fitted):
 def test_main_widget_fit_options_reach_the_run_config(make_napari_viewer):
     w = _main(make_napari_viewer())
     cfg = w.config()
-    assert (cfg.guide_smoothing, cfg.fit_downsample) == (0.0, "bicubic")  # the published method by default
+    assert (cfg.guide_smoothing, cfg.fit_downsample, cfg.fit_fraction) == (0.0, "bicubic", 1.0)  # published by default
     assert w.smoothing_spin.text() == "off"
     w.smoothing_spin.setValue(2.0)
     w.fit_input_combo.setCurrentIndex(1)
+    w.fraction_spin.setValue(25)
     cfg = w.config()
-    assert (cfg.guide_smoothing, cfg.fit_downsample) == (2.0, "area")
+    assert (cfg.guide_smoothing, cfg.fit_downsample, cfg.fit_fraction) == (2.0, "area", 0.25)
     cfg.validate()
 
 

@@ -287,9 +287,18 @@ def test_upsample_planes_labels_and_values():
 def test_fit_options_reach_the_fit_the_render_and_refits():
     import napari_upsample_anything as upa
 
-    cfg = RunConfig(steps=1, pretrained=False, device="cpu", hr_features="memory", guide_smoothing=2.0, fit_downsample="area")
+    cfg = RunConfig(
+        steps=1,
+        pretrained=False,
+        device="cpu",
+        hr_features="memory",
+        guide_smoothing=2.0,
+        fit_downsample="area",
+        fit_fraction=0.5,
+    )
     plane = run_pipeline([((), _img(42, 42))], cfg).planes[0]
     assert plane.field.meta["guide_smoothing"] == 2.0 and plane.field.meta["downsample"] == "area"
+    assert plane.field.meta["fit_fraction"] == 0.5
     expected = upa.render(plane.features, plane.guide, plane.field, guide_smoothing=2.0, device="cpu")
     assert rel_err(plane.hr_features, expected) < 1e-5
     # the kernel inspector's per-pixel weights use the same smoothed guide
@@ -304,8 +313,12 @@ def test_fit_options_reach_the_fit_the_render_and_refits():
     # a map on another grid refits the kernels with the image's options
     (vals,) = upsample_planes(UpsampleRequest([np.random.default_rng(0).random((2, 2), np.float32)], [plane], device="cpu"))
     refit = plane.extra_fields[(2, 2)]
-    assert refit.meta["guide_smoothing"] == 2.0 and refit.meta["downsample"] == "area"
-    for bad, match in (({"guide_smoothing": -1.0}, "guide smoothing"), ({"fit_downsample": "nearest"}, "fit input")):
+    assert refit.meta["guide_smoothing"] == 2.0 and refit.meta["downsample"] == "area" and refit.meta["fit_fraction"] == 0.5
+    for bad, match in (
+        ({"guide_smoothing": -1.0}, "guide smoothing"),
+        ({"fit_downsample": "nearest"}, "fit input"),
+        ({"fit_fraction": 0.0}, "fit_fraction"),
+    ):
         with pytest.raises(ValueError, match=match):
             RunConfig(**bad).validate()
 

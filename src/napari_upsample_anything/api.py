@@ -203,6 +203,7 @@ def fit_kernels(
     memory_log: Optional[MemoryLog] = None,
     threads: Optional[int] = None,
     backend: str = "auto",
+    fit_fraction: float = 1.0,
 ) -> KernelField:
     """Fit the GSJBU kernel field on ``guide`` for an LR grid of ``lr_shape`` (test-time optimisation).
 
@@ -256,6 +257,11 @@ def fit_kernels(
         CPU threads for this call (None: torch's setting, ``OMP_NUM_THREADS``; docs/benchmarks.md).
     backend : "auto" | "compiled" | "eager"
         Fused ``torch.compile`` kernels or plain tensor operations (same results; docs/engine.md).
+    fit_fraction : float in (0, 1]
+        Optional stochastic fit: each step uses a fresh random fraction of the pixels (whole
+        LR cells; drawn with ``seed``, 0 when None), so a step costs about that fraction.
+        1 (default) is the exact, published fit. Measured speed and quality:
+        docs/quality_stochastic.md.
 
     Returns
     -------
@@ -278,6 +284,7 @@ def fit_kernels(
     lr = check_float(lr, "lr", positive=True, hint="the learning rate; published: 0.1")
     if seed is not None:
         seed = check_int(seed, "seed", minimum=-(2**63), maximum=2**64 - 1)
+    fit_fraction = check_float(fit_fraction, "fit_fraction", positive=True, maximum=1.0, hint="1 is the exact fit")
     options = _options(radius, alpha, border, radius_units)
     downsample = check_choice(downsample, "downsample", ("bicubic", "area"))
     if init is not None and not isinstance(init, KernelField):
@@ -318,6 +325,8 @@ def fit_kernels(
         downsample=downsample,
         backend=backend,
         threads=threads,
+        fit_fraction=fit_fraction,
+        fit_seed=0 if seed is None else seed,
     )
     field.options = fit_options
     return field
@@ -452,6 +461,7 @@ def upsample(
     return_field: bool = False,
     threads: Optional[int] = None,
     backend: str = "auto",
+    fit_fraction: float = 1.0,
 ):
     """Fit the kernels on ``guide`` and upsample ``lr_map`` with them, in one call.
 
@@ -487,6 +497,7 @@ def upsample(
         memory_log=memory_log,
         threads=threads,
         backend=backend,
+        fit_fraction=fit_fraction,
     )
     hr = render(
         lr_map,

@@ -123,6 +123,7 @@ def options_from_args(args, channels=None):
             max_memory=args.max_memory,
             guide_smoothing=args.guide_smoothing,
             fit_downsample=args.fit_downsample,
+            fit_fraction=args.fit_fraction,
             channels=channels,
             hr_features=not getattr(args, "pca_only", False),
             hr_dtype=getattr(args, "dtype", "float32"),
@@ -680,6 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
             default="bicubic",
             choices=["bicubic", "area"],
             help="LR input of the kernel fit: bicubic (published) or area averages, closer to how a ViT token summarises its patch (default: %(default)s)",
+        )
+        p.add_argument(
+            "--fit-fraction",
+            type=float,
+            default=1.0,
+            help="optional stochastic fit: the fraction of pixels (whole LR cells, fresh each step) every fit step uses; "
+            "a step costs about that fraction; 1 is the exact, published fit (default: %(default)s; docs/quality_stochastic.md)",
         )
         p.add_argument(
             "--guide-smoothing",

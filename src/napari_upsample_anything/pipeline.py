@@ -149,6 +149,7 @@ class PipelineOptions:
     max_memory: Optional[str] = None
     guide_smoothing: float = 0.0
     fit_downsample: str = "bicubic"
+    fit_fraction: float = 1.0
     channels: Optional[Tuple[int, ...]] = None
     hr_features: bool = True
     hr_dtype: str = "float32"
@@ -192,6 +193,12 @@ class PipelineOptions:
             )
         if self.fit_downsample not in FIT_DOWNSAMPLE:
             raise ValueError(f"fit_downsample={self.fit_downsample!r} (--fit-downsample): use one of {FIT_DOWNSAMPLE}")
+        fraction = self.fit_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number)) or not 0 < float(fraction) <= 1:
+            raise ValueError(
+                f"fit_fraction={fraction!r} (--fit-fraction): give the fraction of pixels per fit step, "
+                "in (0, 1]; 1 is the exact, published fit"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} (--precision): use one of {PRECISIONS}")
         if self.hr_dtype not in ("float32", "float16"):
@@ -319,6 +326,7 @@ def fit_plane(
         steps=int(options.steps),
         guide_smoothing=float(options.guide_smoothing),
         downsample=options.fit_downsample,
+        fit_fraction=float(options.fit_fraction),
         device=device,
         precision=options.precision,
         max_memory=budget,
@@ -502,6 +510,7 @@ def upsample_map(
             steps=int(options.steps),
             guide_smoothing=float(options.guide_smoothing),
             downsample=options.fit_downsample,
+            fit_fraction=float(options.fit_fraction),
             device=options.device,
             precision=options.precision,
             max_memory=options.budget,
@@ -654,7 +663,12 @@ def _task_layout(task: Task, progress, cancel) -> dict:
     }
     opts = task.options
     dims = {"t": len(ts), "z": len(zs), "y": H, "x": W}
-    fit_opts = {"guide_smoothing": opts.guide_smoothing, "fit_downsample": opts.fit_downsample, "steps": opts.steps}
+    fit_opts = {
+        "guide_smoothing": opts.guide_smoothing,
+        "fit_downsample": opts.fit_downsample,
+        "fit_fraction": opts.fit_fraction,
+        "steps": opts.steps,
+    }
     if opts.format == "ome-zarr":
         unit = src.unit if any(hr_sizes.values()) else None
         if opts.hr_features:

@@ -23,6 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import native
+from .checks import check_float
 from .errors import FitDivergedError
 from .field import KernelField, kernel_coefficients
 from .fused import (
@@ -155,6 +156,59 @@ class _TileCache:
         return item
 
 
+class CellSampler:
+    """Which LR cells' pixel blocks enter a step's loss: all of them (the exact, published fit)
+    or, for the optional stochastic fit, a fresh random ``fraction`` of them every step.
+
+    Pixels are drawn as whole blocks (the HR pixels of one LR cell) so that the kernels' work
+    shrinks in proportion: a block is the unit every fit kernel iterates over. Exactly
+    ``k = ceil(fraction * n)`` of the ``n`` cells are drawn without replacement from a
+    CPU generator seeded with ``seed``, over the whole grid (the draw does not depend on the
+    tiling, the device or the kernel), and the selected pixels' loss is scaled by ``n / k``:
+    loss and gradient are unbiased estimates of the full ones.
+    """
+
+    def __init__(self, n_rows: int, n_cols: int, fraction: float, seed: int, device: torch.device):
+        self.shape = (n_rows, n_cols)
+        n = n_rows * n_cols
+        self.fraction = float(fraction)
+        self.k = n if self.fraction >= 1.0 else max(1, math.ceil(self.fraction * n))
+        self.scale = n / self.k
+        self.device = device
+        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        self.mask: Optional[torch.Tensor] = None  # [n_rows, n_cols] bool; None: every cell
+
+    @property
+    def exact(self) -> bool:
+        return self.k == self.shape[0] * self.shape[1]
+
+    def draw(self) -> None:
+        """Pick this step's cells (a no-op for the exact fit)."""
+        if self.exact:
+            return
+        n = self.shape[0] * self.shape[1]
+        picked = torch.randperm(n, generator=self.generator)[: self.k]
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[picked] = True
+        self.mask = mask.reshape(self.shape).to(self.device)
+
+    def everything(self) -> None:
+        """Use every cell from now on (the final, exact loss)."""
+        self.mask = None
+
+    def blocks(self, tile: Tile) -> Optional[torch.Tensor]:
+        """Indices (int64, ascending) of the drawn blocks among ``tile``'s; None: all of them."""
+        if self.mask is None:
+            return None
+        i0, i1, j0, j1 = tile
+        return self.mask[i0:i1, j0:j1].reshape(-1).nonzero().squeeze(1)
+
+    @property
+    def weight(self) -> float:
+        """Factor on the drawn pixels' loss (1 when every cell is used)."""
+        return 1.0 if self.mask is None else self.scale
+
+
 def fit_kernel_name(device: torch.device, guide_channels: int) -> str:
     """Which compiled fit kernel runs: ``"native"`` (CPU, up to 3 guide channels, when a C
     compiler can build it) or ``"inductor"`` (``torch.compile``: Triton on CUDA)."""
@@ -244,6 +298,14 @@ class _ChunkedFit:
         """Pad a chunk to the fixed chunk size of a compiled kernel (the native one takes any)."""
         return t if self.kernel_name == "native" else pad_blocks(t, self.cb)
 
+    def subset(self, x: dict, q: torch.Tensor, r2: torch.Tensor, rows: torch.Tensor, weight: float):
+        """The chunk's blocks ``rows`` only (stochastic fit), their loss weighted by ``weight``:
+        ``(x, q, r2, n)`` of a smaller chunk (padded again for a compiled kernel)."""
+        K = self.engine.K
+        sub = {name: self.pad(t.index_select(0, rows)).contiguous() for name, t in x.items()}
+        sub["weight"] = sub["weight"] * weight
+        return sub, q.reshape(-1, K).index_select(0, rows).reshape(-1), r2.index_select(0, rows), int(rows.numel())
+
 
 def _blocks(tile: Tile) -> int:
     return (tile[1] - tile[0]) * (tile[3] - tile[2])
@@ -268,6 +330,8 @@ def fit_field(
     downsample: str = "bicubic",
     backend: str = "auto",
     threads: Optional[int] = None,
+    fit_fraction: float = 1.0,
+    fit_seed: int = 0,
 ) -> KernelField:
     """Fit a :class:`KernelField` on ``guide`` for an LR grid of ``lr_shape``.
 
@@ -285,7 +349,16 @@ def fit_field(
     to repay the compile time). Both compute the same loss and exact gradient. The compiled
     path aggregates in float32 whatever ``agg_dtype`` says (the fit's values have 3 channels).
     ``threads``: CPU threads for this call (None: torch's setting; :mod:`.threads`).
+
+    ``fit_fraction`` (optional stochastic fit, default 1: exact): each step's loss and gradient
+    use a fresh random ``fit_fraction`` of the LR cells' pixel blocks (:class:`CellSampler`,
+    seeded with ``fit_seed``), so a step costs about that fraction of an exact one. The final
+    loss and PSNR in ``meta`` are always exact (every pixel). docs/quality_stochastic.md
+    measures its speed and quality.
     """
+    fit_fraction = check_float(
+        fit_fraction, "fit_fraction", positive=True, maximum=1.0, hint="pixels per step; 1 is the exact fit"
+    )
     t_start = time.perf_counter()
     engine = BlockEngine(guide, lr_shape, options, device)
     h, w = engine.lr_shape
@@ -327,6 +400,7 @@ def fit_field(
         return made
 
     cache = make_cache(keep_cache)
+    sampler = CellSampler(engine.grid.rows.n_lr, engine.grid.cols.n_lr, fit_fraction, fit_seed, device)
     if memlog is not None:
         memlog.budget_bytes = budget
         memlog.device = str(device)
@@ -335,11 +409,16 @@ def fit_field(
     step = 0
     while step < steps:
         check_cancel(cancel, "kernel fitting")
+        if len(losses) == step:  # a new step (not a retry of this one): draw its pixels
+            sampler.draw()
+            losses.append(math.nan)
         try:
             if path == "compiled":
-                loss, _ = _loss_and_grad_fused(cache, tiles, raw, per_block, memlog, cancel)
+                loss, _ = _loss_and_grad_fused(cache, tiles, raw, per_block, memlog, cancel, sampler=sampler)
             else:
-                loss, _ = _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, memlog, cancel)
+                loss, _ = _loss_and_grad(
+                    engine, cache, tiles, raw, values_flat, n_values, per_block, memlog, cancel, sampler=sampler
+                )
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
             if path == "compiled" and backend == "auto" and step == 0 and not is_out_of_memory(exc):
                 warn_fallback(exc)  # no working compiler after all: the eager path computes the same
@@ -355,7 +434,7 @@ def fit_field(
             release_cached_memory(device)
             continue  # redo this step with smaller tiles: the gradient stays exact
         _check_loss(loss, step, lr, guide)
-        losses.append(loss)
+        losses[step] = loss
         adam.step()
         _check_parameters(raw, step, lr)
         step += 1
@@ -375,10 +454,13 @@ def fit_field(
         "border": options.border,
         "radius_units": options.radius_units,
         "loss_per_step": losses,
+        "fit_fraction": float(fit_fraction),
+        "fit_seed": int(fit_seed),
         "backend": path,
         "kernel": cache.kernel_name if path == "compiled" else "eager",
     }
     if final_loss:
+        sampler.everything()
         with torch.no_grad():
             if path == "compiled":
                 last, mse = _loss_and_grad_fused(cache, tiles, None, per_block, None, cancel, fitted)
@@ -421,10 +503,11 @@ def _check_parameters(raw: torch.Tensor, step: int, lr: float) -> None:
         )
 
 
-def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, memlog, cancel, field=None):
+def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, memlog, cancel, field=None, sampler=None):
     """``(L1, MSE)`` of the current field over all tiles; accumulates ``raw.grad`` when ``raw`` is given.
 
-    The MSE is only computed without gradients (it is reported, not optimised).
+    The MSE is only computed without gradients (it is reported, not optimised). ``sampler``
+    (:class:`CellSampler`): only its drawn blocks count, scaled by its weight.
     """
     training = raw is not None
     if training:
@@ -441,16 +524,22 @@ def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, 
             r2 = engine.radius_sq(sigma_eff, tile)
             k = engine.tile_k(r2)
             geometry = cache.neighbours(tile, k)
-            q = geometry[0]
             psi, rho, jd = engine.neighbour_features(coef_leaf, tile, geometry)
+            dist = cache.range_term(tile, phi, k)
+            picked = sampler.blocks(tile) if sampler is not None else None
+            if picked is not None:  # stochastic fit: this step's blocks only
+                if picked.numel() == 0:
+                    continue
+                phi, target, valid, r2, psi, rho, jd, dist = _rows(picked, phi, target, valid, r2, psi, rho, jd, dist)
+                geometry = _rows(picked, *geometry)
+            q = geometry[0]
             mask = engine.weights_mask(r2, geometry[3], k)
             vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
-            dist = cache.range_term(tile, phi, k)
             out = block_attention(phi, psi, rho, jd, vals, mask, cache.agg_dtype, cache.workspace, dist)
             diff = (out - target).abs_()
             if valid is not None:
                 diff = diff * valid
-            tile_loss = diff.sum() / n_values
+            tile_loss = diff.sum() * ((sampler.weight if sampler is not None else 1.0) / n_values)
             if training:
                 tile_loss.backward()
             else:
@@ -463,6 +552,11 @@ def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, 
     if training:
         coef.backward(coef_leaf.grad)
     return total, squared
+
+
+def _rows(rows: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tuple:
+    """The blocks ``rows`` (first axis) of each tensor; None stays None."""
+    return tuple(None if t is None else t.index_select(0, rows) for t in tensors)
 
 
 def _fit_chunk(prep: _ChunkedFit, c: torch.Tensor, x: dict, r2: torch.Tensor, n: int):
@@ -481,7 +575,7 @@ def _fit_chunk(prep: _ChunkedFit, c: torch.Tensor, x: dict, r2: torch.Tensor, n:
     return loss, sq, torch.cat([grad_abc, grad_rho[None, :n]])
 
 
-def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cancel, field=None):
+def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cancel, field=None, sampler=None):
     """:func:`_loss_and_grad` through the fused chunk kernel; also returns the MSE when training."""
     engine = prep.engine
     training = raw is not None
@@ -500,9 +594,16 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
             t0 = time.perf_counter()
             with TileMeter(engine.device) as meter:
                 r2 = engine.radius_sq(sigma_eff, tile).to(torch.int32)
+                picked = sampler.blocks(tile) if sampler is not None else None
                 for b0, n, q, x in prep.chunks(tile):
+                    r2_chunk = r2[b0 : b0 + n]
+                    if picked is not None:  # stochastic fit: this step's blocks of the chunk only
+                        rows = picked[(picked >= b0) & (picked < b0 + n)] - b0
+                        if rows.numel() == 0:
+                            continue
+                        x, q, r2_chunk, n = prep.subset(x, q, r2_chunk, rows, sampler.weight)
                     c = coef_flat.index_select(1, q).reshape(4, n, K)  # A, B, C, rho of the neighbours
-                    loss, sq, grad_coef = _fit_chunk(prep, c, x, r2[b0 : b0 + n], n)
+                    loss, sq, grad_coef = _fit_chunk(prep, c, x, r2_chunk, n)
                     total += loss
                     squared += sq
                     if training:

@@ -381,6 +381,7 @@ def fit_tiled(
         "guide_normalize": tasks[0].rule,
         "guide_smoothing": float(fit_options.get("guide_smoothing", 0.0) or 0.0),
         "downsample": fit_options.get("downsample", "bicubic"),
+        "fit_fraction": float(fit_options.get("fit_fraction", 1.0)),
         "steps": fit_options.get("steps"),
         "tiled": {
             "tile_cells": int(tile_cells),

@@ -251,6 +251,15 @@ class UpsampleAnythingWidget(RunWidget):
             "average of each cell (closer to how a ViT token summarises its patch)"
         )
         form.addRow("Fit input", self.fit_input_combo)
+        self.fraction_spin = QSpinBox()
+        self.fraction_spin.setRange(1, 100)
+        self.fraction_spin.setValue(100)
+        self.fraction_spin.setSuffix(" %")
+        self.fraction_spin.setToolTip(
+            "Pixels each fit step uses (fresh random cells every step). 100 % = the exact, published fit; "
+            "less is a faster, approximate fit (docs/quality_stochastic.md)"
+        )
+        form.addRow("Pixels per step", self.fraction_spin)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu"])
         self.device_combo.setToolTip("auto = CUDA, then Apple MPS, then CPU")
@@ -487,6 +496,7 @@ class UpsampleAnythingWidget(RunWidget):
             hr_features=self.hr_combo.currentData(),
             guide_smoothing=float(self.smoothing_spin.value()),
             fit_downsample=self.fit_input_combo.currentData(),
+            fit_fraction=self.fraction_spin.value() / 100.0,
         )
 
     def run(self) -> bool:

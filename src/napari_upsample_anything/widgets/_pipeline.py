@@ -85,6 +85,7 @@ class RunConfig:
     memmap_dir: Optional[str] = None  # where memory-mapped HR features go (default: a temp dir)
     guide_smoothing: float = 0.0  # Gaussian sigma (px) on the image before fit and render; 0 = published
     fit_downsample: str = "bicubic"  # the fit's LR input: "bicubic" (published) or "area"
+    fit_fraction: float = 1.0  # pixels per fit step (optional stochastic fit); 1 = exact, published
 
     def validate(self) -> None:
         from ..core.units import (
@@ -100,6 +101,8 @@ class RunConfig:
             raise ValueError(f"guide smoothing={self.guide_smoothing!r}: give a Gaussian sigma >= 0 in pixels (0 = off)")
         if self.fit_downsample not in FIT_DOWNSAMPLE:
             raise ValueError(f"fit input={self.fit_downsample!r}: use one of {FIT_DOWNSAMPLE}")
+        if not 0 < float(self.fit_fraction) <= 1:
+            raise ValueError(f"fit_fraction={self.fit_fraction!r}: give a fraction of pixels per step in (0, 1] (1 = exact)")
         if self.weights:
             p = Path(self.weights).expanduser()
             if not p.is_file():
@@ -126,6 +129,7 @@ class RunConfig:
             max_memory=self.budget,
             guide_smoothing=float(self.guide_smoothing),
             fit_downsample=self.fit_downsample,
+            fit_fraction=float(self.fit_fraction),
             hr_features=self.hr_features != "none",
         )
 
@@ -304,6 +308,7 @@ def upsample_planes(
                 max_memory=None if request.max_memory in (None, "", "auto") else request.max_memory,
                 guide_smoothing=api.fitted_smoothing(plane.field),  # same fit options as the image's
                 fit_downsample=plane.field.options.downsample if plane.field.options else "bicubic",
+                fit_fraction=float(plane.field.meta.get("fit_fraction", 1.0)),
             )
             res = upsample_map(
                 lr,

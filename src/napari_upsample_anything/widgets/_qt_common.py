@@ -46,6 +46,7 @@ GUI_FIELDS = {
     "input_size": "Input size",
     "guide_smoothing": "Guide smoothing",
     "fit_downsample": "Fit input",
+    "fit_fraction": "Pixels per step",
     "hr_features": "HR features",
     "channel_axis": "Channel axis",
 }
