@@ -24,6 +24,7 @@ Usage::
     python benchmarks/bench_quality.py --from-raw /tmp/q.pkl   # re-render the docs only
     python benchmarks/bench_quality.py --options  # engine options study -> quality_options.md
     python benchmarks/bench_quality.py --options --quick        # its smoke run
+    python benchmarks/bench_quality.py --stochastic  # stochastic fit study -> quality_stochastic.md
 
 The options study (``--options``, about 12 min on 2 CPU cores) runs tasks 1-3 at scale 16 on a
 clean guide and at guide noise 10 and 20 with GSJBU published, with ``downsample="area"``, with
@@ -70,6 +71,7 @@ from quality.config import (
 from quality.metrics import label_metrics, mean_of, select
 from quality.report import SUMMARY_COLS, write_outputs
 from quality.run import run, run_options
+from quality.stochastic import run_stochastic
 
 __all__ = [
     "LABELS",
@@ -95,6 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--quick", action="store_true", help="small smoke run (under 2 minutes)")
     p.add_argument("--options", action="store_true",
                    help="the engine-options study (downsample='area', guide_smoothing) instead: writes quality_options.md")  # fmt: skip
+    p.add_argument("--stochastic", action="store_true",
+                   help="the stochastic-fit study (fit_fraction < 1 against the exact fit) instead: writes quality_stochastic.md")  # fmt: skip
     p.add_argument(
         "--out", type=Path, default=REPO / "docs", help="folder for quality.md and quality_crops.png (or quality_options.md)"
     )
@@ -123,7 +127,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             cfg = replace(cfg, steps=int(args.steps))
         if args.threads:
             torch.set_num_threads(int(args.threads))
-        res = run_options(options_config(cfg), args, log) if args.options else run(cfg, args, log)
+        if args.options:
+            res = run_options(options_config(cfg), args, log)
+        elif args.stochastic:
+            res = run_stochastic(cfg, args, log)
+        else:
+            res = run(cfg, args, log)
         if args.save_raw is not None:
             import pickle
 

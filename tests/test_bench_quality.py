@@ -240,6 +240,37 @@ def test_options_raw_rerender(options_run, bq, tmp_path):
     assert again["records"] == res["records"]
 
 
+# ---------------------------------------------------------------------------------------
+# the stochastic-fit study (--stochastic)
+# ---------------------------------------------------------------------------------------
+def test_stochastic_quick_writes_page_with_speed_and_quality(bq, tmp_path):
+    from quality import stochastic
+
+    res = bq.main(["--stochastic", "--quick", "--out", str(tmp_path), "--quiet"])
+    md = (tmp_path / "quality_stochastic.md").read_text()
+    for heading in ("## Speed", "## Quality", "## Per-image results", "## Environment", "<!-- written: reading -->"):
+        assert heading in md, heading
+    var, steps = res["variants"], res["config"].steps
+    assert res["kind"] == "stochastic" and {r["method"] for r in res["records"]} == set(stochastic.BASELINES) | set(var)
+    # every field was fitted with its variant's fraction and steps (engine meta), one per guide and variant
+    wanted = sorted((o.get("fit_fraction", 1.0), o.get("steps", steps)) for o in var.values())
+    n_guides = len({(m["image"], m["guide"]) for m in res["fit_meta"]})
+    got = sorted((m["fit_fraction"], m["steps"]) for m in res["fit_meta"])
+    assert got == sorted(wanted * n_guides) and n_guides >= 3
+    # the speed table: the exact fit and each fraction (timed by the benchmark, not judged here)
+    speed = {r["fit_fraction"]: r for r in res["speed"]}
+    assert set(speed) == {1.0, *stochastic.FRACTIONS}
+    assert all(r["seconds"] > 0 and math.isfinite(r["psnr"]) for r in res["speed"])
+    for label in res["labels"].values():
+        assert f"| {label} |" in md, label
+    # the variants change the results (another loss per step), the baselines do not depend on them
+    pub = {(r["image"], r["task"], r["down"]): r["psnr"] for r in bq.select(res["records"], method="gsjbu") if "psnr" in r}
+    for v in var:
+        if v != "gsjbu":
+            other = {(r["image"], r["task"], r["down"]): r["psnr"] for r in bq.select(res["records"], method=v) if "psnr" in r}
+            assert other.keys() == pub.keys() and other != pub, v
+
+
 def test_upsamplers_pass_options_to_fit_and_render(bq):
     import napari_upsample_anything as upa
 

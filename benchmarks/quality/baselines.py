@@ -123,6 +123,12 @@ def field_key(key: tuple, lr_shape, steps: int, options: Optional[dict] = None) 
     return k + (tuple(sorted(options.items())),) if options else k
 
 
+def split_steps(options: Optional[dict], steps: int) -> Tuple[int, dict]:
+    """``(steps, fit options)`` of a variant whose options may set its own ``steps``."""
+    options = dict(options or {})
+    return int(options.pop("steps", steps)), options
+
+
 class Upsamplers:
     """All methods behind one call; GSJBU fields are fitted once per (guide, LR shape, steps,
     fit options). ``variants`` maps each GSJBU method name to its engine options (keyword
@@ -140,8 +146,7 @@ class Upsamplers:
 
     def field(self, key: tuple, guide_hwc: np.ndarray, lr_shape, steps: Optional[int] = None, options: Optional[dict] = None):
         """The fitted field for :func:`field_key` (precomputed by :func:`fit_all`, else fitted now)."""
-        steps = self.steps if steps is None else steps
-        options = options or {}
+        steps, options = split_steps(options, self.steps if steps is None else steps)
         k = field_key(key, lr_shape, steps, options)
         if k not in self.fields:
             self.fields[k] = upa.fit_kernels(

@@ -641,6 +641,12 @@ def write_outputs(res: dict, out: Path) -> Dict[str, Path]:
         md_path = out / "quality_options.md"
         write_options_markdown(md_path, cfg, res)
         return {"markdown": md_path}
+    if res.get("kind") == "stochastic":
+        from .stochastic import write_stochastic_markdown
+
+        md_path = out / "quality_stochastic.md"
+        write_stochastic_markdown(md_path, cfg, res)
+        return {"markdown": md_path}
     fig_path = out / "quality_crops.png"
     write_figure(fig_path, cfg, res["figure"], res["records"])
     md_path = out / "quality.md"
