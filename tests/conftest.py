@@ -38,6 +38,22 @@ def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
 
+@pytest.fixture
+def offline(monkeypatch):
+    """No Hugging Face downloads (the machines that run the tests have no internet): a model
+    that is not cached fails at once instead of after network timeouts."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def records():
+    """napari notifications dispatched during the test."""
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+    return lambda: notification_manager.records[start:]
+
+
 def _display_problem() -> str | None:
     """Why napari cannot draw here, or None. (pytest-xvfb normally provides a display.)"""
     platform = os.environ.get("QT_QPA_PLATFORM", "")

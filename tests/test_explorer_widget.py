@@ -9,14 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.gui, pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("offline"),
+    pytest.mark.gui,
+    pytest.mark.filterwarnings("ignore:.*random weights:UserWarning"),
+]
 
 RUN_TIMEOUT_MS = 180_000
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def _picture(h=70, w=84, seed=0):

@@ -292,25 +292,9 @@ def test_cli_and_widget_paths_give_identical_arrays(tmp_path, weights_file, monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rgb = _rgb_png(tmp_path / "cells.png")
     out = tmp_path / "out"
-    code = cli.main(
-        [
-            "run",
-            str(tmp_path / "cells.png"),
-            "--out",
-            str(out),
-            "--weights",
-            str(weights_file),
-            "--steps",
-            "2",
-            "--device",
-            "cpu",
-            "--guide-smoothing",
-            "1.0",
-            "--fit-fraction",
-            "0.5",
-            "--quiet",
-        ]
-    )
+    options = ["--weights", str(weights_file), "--steps", "2", "--device", "cpu", "--guide-smoothing", "1.0"]
+    options += ["--fit-fraction", "0.5", "--quiet"]
+    code = cli.main(["run", str(tmp_path / "cells.png"), "--out", str(out), *options])
     assert code == 0
     cfg = RunConfig(weights=str(weights_file), steps=2, device="cpu", hr_features="memory", guide_smoothing=1.0, fit_fraction=0.5)
     res = run_pipeline([((), rgb)], cfg)
@@ -323,27 +307,7 @@ def test_cli_and_widget_paths_give_identical_arrays(tmp_path, weights_file, monk
     assert field.equal(plane.field) and field.meta["guide_smoothing"] == 1.0
     assert field.meta["fit_fraction"] == plane.field.meta["fit_fraction"] == 0.5  # the stochastic fit, seeded
     # --format npy keeps today's files, with the same numbers
-    code = cli.main(
-        [
-            "run",
-            str(tmp_path / "cells.png"),
-            "--out",
-            str(tmp_path / "npy"),
-            "--weights",
-            str(weights_file),
-            "--steps",
-            "2",
-            "--device",
-            "cpu",
-            "--guide-smoothing",
-            "1.0",
-            "--fit-fraction",
-            "0.5",
-            "--format",
-            "npy",
-            "--quiet",
-        ]
-    )
+    code = cli.main(["run", str(tmp_path / "cells.png"), "--out", str(tmp_path / "npy"), *options, "--format", "npy"])
     assert code == 0
     d = tmp_path / "npy" / "cells"
     assert {p.name for p in d.iterdir()} == {"features_hr.npy", "pca.png", "kernels.npz", "report.json"}

@@ -12,26 +12,16 @@ import time
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.gui, pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("offline"),
+    pytest.mark.gui,
+    pytest.mark.filterwarnings("ignore:.*random weights:UserWarning"),
+]
 
 RUN_TIMEOUT_MS = 180_000
 
 
 # ---------------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def records():
-    """napari notifications dispatched during the test."""
-    from napari.utils.notifications import notification_manager
-
-    start = len(notification_manager.records)
-    return lambda: notification_manager.records[start:]
-
-
 def _rgb(h=84, w=98, seed=0):
     """A small RGB picture with structure (blobs and edges), uint8."""
     rng = np.random.default_rng(seed)

@@ -10,16 +10,12 @@ import numpy as np
 import pytest
 
 pytestmark = [
+    pytest.mark.usefixtures("offline"),
     pytest.mark.gui,
     pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning"),
 ]
 
 RUN_TIMEOUT_MS = 180_000
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def _stack(n=3, h=64, w=64, seed=5):

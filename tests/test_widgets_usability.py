@@ -10,7 +10,11 @@ import time
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.gui, pytest.mark.filterwarnings("ignore:.*random weights:UserWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("offline"),
+    pytest.mark.gui,
+    pytest.mark.filterwarnings("ignore:.*random weights:UserWarning"),
+]
 
 RUN_TIMEOUT_MS = 240_000
 WIDGET_NAMES = (
@@ -19,19 +23,6 @@ WIDGET_NAMES = (
     "Memory monitor",
     "Upsample a layer with fitted kernels",
 )
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def records():
-    from napari.utils.notifications import notification_manager
-
-    start = len(notification_manager.records)
-    return lambda: notification_manager.records[start:]
 
 
 def _img(h=84, w=98, seed=0):
