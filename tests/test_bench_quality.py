@@ -302,7 +302,7 @@ def _written(text: str) -> dict:
     return {m[1]: m[2] for m in re.finditer(r"<!-- written: ([a-z0-9-]+) -->\n(.*?)<!-- /written -->", text, re.S)}
 
 
-@pytest.mark.parametrize("page", ["quality.md", "quality_options.md"])
+@pytest.mark.parametrize("page", ["quality.md", "quality_options.md", "quality_stochastic.md"])
 def test_docs_pages_carry_hand_written_interpretation(page):
     """The committed pages have their interpretation in `written` blocks, none of them a placeholder."""
     docs = BENCH.parent / "docs" / page
