@@ -164,6 +164,30 @@ def test_stochastic_gradient_is_the_sampled_float64_gradient(monkeypatch, budget
     assert abs(loss - full_loss) > 1e-6  # it really is a different (sampled) loss
 
 
+@pytest.mark.parametrize("units", ["hr", "lr"])
+def test_radius_of_some_blocks_equals_the_tiles_rows(units):
+    """The stochastic fit computes the dynamic radius of its drawn blocks only: the same
+    integers as the whole tile's (non-integer scale, padded blocks, several tiles)."""
+    gen = torch.Generator().manual_seed(5)
+    guide = Guide(torch.rand(83, 61, 3, generator=gen).numpy(), "none")
+    engine = BlockEngine(guide, (9, 7), RenderOptions(radius_units=units), CPU)
+    raw = KernelField.initial((9, 7)).raw()
+    raw[:2] = torch.empty(2, 9, 7).uniform_(-1.5, 2.5, generator=gen)  # sigma 0.2-12 px: radii 1 to 8
+    field = KernelField.from_raw(raw)
+    sigma = torch.maximum(field.sigma_x, field.sigma_y)
+    tiles = engine.plan(engine.bytes_per_block(3, 4, training=True), 600_000)
+    assert len(tiles) > 1
+    seen = set()
+    for tile in tiles:
+        full = engine.radius_sq(sigma, tile)
+        nb = full.shape[0]
+        blocks = torch.randperm(nb, generator=gen)[: max(1, nb // 3)].sort().values
+        some = engine.radius_sq(sigma, tile, blocks)
+        assert some.dtype == full.dtype and torch.equal(some, full[blocks])
+        seen |= set(full.unique().tolist())
+    assert len(seen) >= 3  # the radii really vary
+
+
 def test_cell_sampler_draws_fresh_seeded_cells_independent_of_tiles():
     a, b, c = (CellSampler(6, 7, 0.3, seed, CPU) for seed in (5, 5, 6))
     draws = []

@@ -298,13 +298,13 @@ class _ChunkedFit:
         """Pad a chunk to the fixed chunk size of a compiled kernel (the native one takes any)."""
         return t if self.kernel_name == "native" else pad_blocks(t, self.cb)
 
-    def subset(self, x: dict, q: torch.Tensor, r2: torch.Tensor, rows: torch.Tensor, weight: float):
+    def subset(self, x: dict, q: torch.Tensor, rows: torch.Tensor, weight: float):
         """The chunk's blocks ``rows`` only (stochastic fit), their loss weighted by ``weight``:
-        ``(x, q, r2, n)`` of a smaller chunk (padded again for a compiled kernel)."""
+        ``(x, q, n)`` of a smaller chunk (padded again for a compiled kernel)."""
         K = self.engine.K
         sub = {name: self.pad(t.index_select(0, rows)).contiguous() for name, t in x.items()}
         sub["weight"] = sub["weight"] * weight
-        return sub, q.reshape(-1, K).index_select(0, rows).reshape(-1), r2.index_select(0, rows), int(rows.numel())
+        return sub, q.reshape(-1, K).index_select(0, rows).reshape(-1), int(rows.numel())
 
 
 def _blocks(tile: Tile) -> int:
@@ -521,16 +521,16 @@ def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, 
         t0 = time.perf_counter()
         with TileMeter(engine.device) as meter:
             phi, target, valid = cache.get(tile)
-            r2 = engine.radius_sq(sigma_eff, tile)
+            picked = sampler.blocks(tile) if sampler is not None else None
+            r2 = engine.radius_sq(sigma_eff, tile, picked)  # picked blocks' rows only
+            if picked is not None and picked.numel() == 0:
+                continue
             k = engine.tile_k(r2)
             geometry = cache.neighbours(tile, k)
             psi, rho, jd = engine.neighbour_features(coef_leaf, tile, geometry)
             dist = cache.range_term(tile, phi, k)
-            picked = sampler.blocks(tile) if sampler is not None else None
             if picked is not None:  # stochastic fit: this step's blocks only
-                if picked.numel() == 0:
-                    continue
-                phi, target, valid, r2, psi, rho, jd, dist = _rows(picked, phi, target, valid, r2, psi, rho, jd, dist)
+                phi, target, valid, psi, rho, jd, dist = _rows(picked, phi, target, valid, psi, rho, jd, dist)
                 geometry = _rows(picked, *geometry)
             q = geometry[0]
             mask = engine.weights_mask(r2, geometry[3], k)
@@ -593,15 +593,17 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
             check_cancel(cancel, "kernel fitting")
             t0 = time.perf_counter()
             with TileMeter(engine.device) as meter:
-                r2 = engine.radius_sq(sigma_eff, tile).to(torch.int32)
                 picked = sampler.blocks(tile) if sampler is not None else None
+                r2 = engine.radius_sq(sigma_eff, tile, picked).to(torch.int32)  # picked blocks' rows only
                 for b0, n, q, x in prep.chunks(tile):
                     r2_chunk = r2[b0 : b0 + n]
                     if picked is not None:  # stochastic fit: this step's blocks of the chunk only
-                        rows = picked[(picked >= b0) & (picked < b0 + n)] - b0
+                        inside = (picked >= b0) & (picked < b0 + n)
+                        rows = picked[inside] - b0
                         if rows.numel() == 0:
                             continue
-                        x, q, r2_chunk, n = prep.subset(x, q, r2_chunk, rows, sampler.weight)
+                        r2_chunk = r2[inside]
+                        x, q, n = prep.subset(x, q, rows, sampler.weight)
                     c = coef_flat.index_select(1, q).reshape(4, n, K)  # A, B, C, rho of the neighbours
                     loss, sq, grad_coef = _fit_chunk(prep, c, x, r2_chunk, n)
                     total += loss

@@ -278,24 +278,50 @@ class BlockEngine:
         psi = torch.stack([-A, -2 * B, -C, 2 * ax, 2 * cy, const], 1)
         return psi, rho, jd
 
-    def radius_sq(self, sigma_eff: torch.Tensor, tile: Tile) -> torch.Tensor:
-        """Published dynamic radius squared per block pixel, ``[B, P]`` (int)."""
+    def radius_sq(self, sigma_eff: torch.Tensor, tile: Tile, blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Published dynamic radius squared per block pixel, ``[B, P]`` (int).
+
+        ``blocks`` (indices into the tile's row-major blocks): only those blocks' rows,
+        ``[len(blocks), P]``; the stochastic fit computes the radius of its drawn blocks only
+        (the full tile's bilinear resize is most of a step's fixed cost at small fractions).
+        """
         i0, i1, j0, j1 = tile
         py, px = self.grid.rows.pad, self.grid.cols.pad
+        nb = (i1 - i0) * (j1 - j0) if blocks is None else int(blocks.numel())
         units = min(self.grid.rows.scale, self.grid.cols.scale) if self.options.radius_units == "lr" else 1.0
         # Bilinear values are convex combinations, so they are >= the smallest sigma: when
         # that one already gives the full radius (with a margin for rounding), skip the resize.
         if float(self.options.alpha) * float(sigma_eff.min()) / units >= self.options.radius - 1 + 1e-3:
-            return torch.full(((i1 - i0) * (j1 - j0), py * px), self.options.radius**2, dtype=torch.int64, device=self.device)
-        ty = tuple(t.reshape(self.lr_shape[0], py, -1)[i0:i1].reshape((i1 - i0) * py, -1) for t in self._taps_y)
-        tx = tuple(t.reshape(self.lr_shape[1], px, -1)[j0:j1].reshape((j1 - j0) * px, -1) for t in self._taps_x)
+            return torch.full((nb, py * px), self.options.radius**2, dtype=torch.int64, device=self.device)
         src = sigma_eff.detach()
         if self.options.radius_units == "lr":
             src = src / units
-        sig = resample(lambda r, c: src[None].index_select(1, r.to(src.device)).index_select(2, c.to(src.device)), ty, tx)
-        r = torch.ceil(float(self.options.alpha) * sig.to(self.device)).clamp_(1, self.options.radius)
-        r = self.to_blocks(r, tile)[..., 0]
+        if blocks is None:
+            ty = tuple(t.reshape(self.lr_shape[0], py, -1)[i0:i1].reshape((i1 - i0) * py, -1) for t in self._taps_y)
+            tx = tuple(t.reshape(self.lr_shape[1], px, -1)[j0:j1].reshape((j1 - j0) * px, -1) for t in self._taps_x)
+            sig = resample(lambda r, c: src[None].index_select(1, r.to(src.device)).index_select(2, c.to(src.device)), ty, tx)
+            sig = self.to_blocks(sig.to(self.device), tile)[..., 0]
+        else:
+            sig = self._block_sigma(src, tile, blocks.to("cpu"))
+        r = torch.ceil(float(self.options.alpha) * sig).clamp_(1, self.options.radius)
         return (r * r).to(torch.int64)
+
+    def _block_sigma(self, src: torch.Tensor, tile: Tile, blocks: torch.Tensor) -> torch.Tensor:
+        """Bilinear ``src`` (LR map) at the pixels of some of a tile's blocks, ``[k, P]`` float32:
+        :func:`.interp.resample`'s arithmetic (float64 einsum, rounded once), batched over blocks."""
+        i0, _, j0, j1 = tile
+        py, px = self.grid.rows.pad, self.grid.cols.pad
+        bi, bj = i0 + blocks // (j1 - j0), j0 + blocks % (j1 - j0)
+        iy, wy = (t.reshape(self.lr_shape[0], py, -1)[bi] for t in self._taps_y)  # [k, py, ty]
+        ix, wx = (t.reshape(self.lr_shape[1], px, -1)[bj] for t in self._taps_x)  # [k, px, tx]
+        k, _, ty = iy.shape
+        tx = ix.shape[2]
+        dev = src.device
+        flat = (iy.reshape(k, py * ty, 1) * self.lr_shape[1] + ix.reshape(k, 1, px * tx)).to(dev)
+        vals = src.reshape(-1)[flat].reshape(k, py, ty, px, tx)
+        dtype = torch.float32 if dev.type == "mps" else torch.float64
+        out = torch.einsum("kaybx,kay,kbx->kab", vals.to(dtype), wy.to(dev, dtype), wx.to(dev, dtype))
+        return out.to(torch.float32).reshape(k, py * px).to(self.device)
 
     def weights_mask(self, r2_pix: torch.Tensor, repeated: Optional[torch.Tensor], k: int):
         """Bool mask ``[B, P|1, k]`` of dropped (pixel, neighbour) pairs, or None if none is."""
