@@ -19,7 +19,7 @@ def rel_err(out, ref) -> float:
     """max |out - ref| / max |ref| (the tolerance measure used throughout the tests)."""
     out = torch.as_tensor(np.asarray(out) if not isinstance(out, torch.Tensor) else out).double()
     ref = torch.as_tensor(np.asarray(ref) if not isinstance(ref, torch.Tensor) else ref).double()
-    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    return float((out - ref).detach().abs().max() / ref.detach().abs().max().clamp_min(1e-30))
 
 
 def random_field(h: int, w: int, gen: torch.Generator, sigma=(0.5, 40.0), sigma_r=(0.003, 0.5)):

@@ -278,6 +278,21 @@ def test_progress_and_cancel_within_one_step():
     assert seen == [1, 2]
 
 
+@needs_native
+def test_cancel_in_the_first_compiled_step_is_not_a_compiler_failure():
+    """A cancel inside step 0 of the compiled path used to trigger the eager fallback and its
+    'compiled kernels unavailable' warning (seen in CI): it must just cancel."""
+    import warnings
+
+    img = np.random.default_rng(3).random((40, 40, 3)).astype(np.float32)
+    polls = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Cancelled):  # the loop's own poll passes, the first tile's cancels
+            fit_field(Guide(img), (4, 4), steps=5, budget=2**30, backend="auto", cancel=lambda: polls.append(1) or len(polls) > 1)
+    assert len(polls) == 2
+
+
 @pytest.mark.parametrize("backend", ["eager", pytest.param("compiled", marks=needs_native)])
 def test_out_of_memory_in_a_tile_is_retried_with_smaller_tiles(monkeypatch, backend):
     import napari_upsample_anything.core.fit as fit_mod

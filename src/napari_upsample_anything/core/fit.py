@@ -24,7 +24,7 @@ import torch
 
 from . import native
 from .checks import check_float
-from .errors import FitDivergedError
+from .errors import Cancelled, FitDivergedError
 from .field import KernelField, kernel_coefficients
 from .fused import (
     compiled_chunk_blocks,
@@ -420,6 +420,8 @@ def fit_field(
                     engine, cache, tiles, raw, values_flat, n_values, per_block, memlog, cancel, sampler=sampler
                 )
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+            if isinstance(exc, Cancelled):  # the user's, not a compiler's failure: no eager fallback
+                raise
             if path == "compiled" and backend == "auto" and step == 0 and not is_out_of_memory(exc):
                 warn_fallback(exc)  # no working compiler after all: the eager path computes the same
                 path = "eager"
