@@ -237,6 +237,16 @@ def test_join_racing_start_never_sees_an_unstarted_thread():
     assert errors == []
 
 
+def test_fit_estimate_scales_with_the_fit_fraction():
+    from napari_upsample_anything.widgets._estimate import Rates, estimate_fit, estimate_run
+
+    rates = Rates(2e-8, 0.5, 0.0, 0.0, 1e9, 0.0, 0.0, 0.0)  # 20 ns per pixel and step, 0.5 s fixed
+    assert estimate_fit(rates, (1000, 1000), 51) == pytest.approx(0.5 + 0.02 * 51)
+    quarter = estimate_fit(rates, (1000, 1000), 51, fit_fraction=0.25)
+    assert quarter == pytest.approx(0.5 + 0.02 * 51 * 0.25)
+    assert estimate_run(rates, (1000, 1000), steps=51, fit_fraction=0.25).seconds["fit"] == pytest.approx(quarter)
+
+
 # ---------------------------------------------------------------------------------- pipeline
 def _img(h, w, seed=0):
     rng = np.random.default_rng(seed)

@@ -207,6 +207,9 @@ def test_estimate_before_a_run_is_within_a_factor_of_two(make_napari_viewer, qtb
     before = est.total_seconds
     w.steps_spin.setValue(40)
     qtbot.waitUntil(lambda: w.estimate is not None and w.estimate.total_seconds > before * 1.5, timeout=60_000)
+    fit_all = w.estimate.seconds["fit"]
+    w.fraction_spin.setValue(10)  # the stochastic fit: a tenth of the pixels per step
+    qtbot.waitUntil(lambda: w.estimate is not None and w.estimate.seconds["fit"] < 0.5 * fit_all, timeout=60_000)
 
 
 def test_upsample_asks_before_a_long_refit(fitted_small, qtbot, monkeypatch, records):

@@ -241,9 +241,14 @@ def clear_rates() -> None:
         _RATES.clear()
 
 
-def estimate_fit(rates: Rates, hr_shape: Tuple[int, int], steps: int) -> float:
-    """Seconds of one kernel fit of ``steps`` steps on an ``hr_shape`` image."""
-    return rates.fit_fixed + rates.fit_step_per_px * float(hr_shape[0] * hr_shape[1]) * int(steps)
+def estimate_fit(rates: Rates, hr_shape: Tuple[int, int], steps: int, fit_fraction: float = 1.0) -> float:
+    """Seconds of one kernel fit of ``steps`` steps on an ``hr_shape`` image.
+
+    A stochastic fit (``fit_fraction < 1``) does that fraction of a step's pixel work; its small
+    fixed part per step is left out (measured at 1024^2: 21 of 411 ms; docs/quality_stochastic.md).
+    """
+    work = rates.fit_step_per_px * float(hr_shape[0] * hr_shape[1]) * int(steps) * float(fit_fraction)
+    return rates.fit_fixed + work
 
 
 def estimate_run(
@@ -254,6 +259,7 @@ def estimate_run(
     backbone: str = "dinov2_vits14",
     input_size: Optional[int] = None,
     steps: int = PUBLISHED_STEPS,
+    fit_fraction: float = 1.0,
     hr_features: str = "auto",
     budget_bytes: Optional[int] = None,
     auto_in_memory_bytes: int = 2 * 2**30,
@@ -267,7 +273,7 @@ def estimate_run(
     C = BACKBONE_DIMS[size]
     tokens = float(h * w)
     features = 2.0 * BACKBONE_PARAMS[size] * tokens / max(rates.flops, 1.0)
-    fit = estimate_fit(rates, (H, W), steps)
+    fit = estimate_fit(rates, (H, W), steps, fit_fraction)
     pca = px * (rates.render_per_px + 3 * rates.render_per_px_channel)
     keep = hr_features != "none"
     render = px * (rates.render_per_px + C * rates.render_per_px_channel) if keep else 0.0
