@@ -57,10 +57,33 @@ def resample(gather, taps_y, taps_x) -> torch.Tensor:
     ny, ty = iy.shape
     nx, tx = ix.shape
     block = gather(iy.reshape(-1), ix.reshape(-1))
-    block = block.to(torch.float32 if block.device.type == "mps" else torch.float64)
+    block = block.to(_exact_dtype(block.device))
     g = block.shape[0]
     block = block.reshape(g, ny, ty, nx, tx)
     wy = wy.to(block.device, block.dtype)
     wx = wx.to(block.device, block.dtype)
     out = torch.einsum("gaybx,ay,bx->gab", block, wy, wx)
     return out.to(torch.float32)
+
+
+def resample_blocks(src: torch.Tensor, taps_y, taps_x) -> torch.Tensor:
+    """:func:`resample` of one 2-D map ``src [h, w]`` for a batch of blocks, each with its own taps.
+
+    ``taps_y = (idx [k, ny, ty], weight [k, ny, ty])``, likewise ``taps_x``; returns
+    ``[k, ny, nx]`` float32, with :func:`resample`'s arithmetic (float64, rounded once).
+    """
+    iy, wy = taps_y
+    ix, wx = taps_x
+    k, ny, ty = iy.shape
+    nx, tx = ix.shape[1:]
+    dev = src.device
+    flat = (iy.reshape(k, ny * ty, 1) * src.shape[1] + ix.reshape(k, 1, nx * tx)).to(dev)
+    dtype = _exact_dtype(dev)
+    vals = src.reshape(-1)[flat].reshape(k, ny, ty, nx, tx).to(dtype)
+    out = torch.einsum("kaybx,kay,kbx->kab", vals, wy.to(dev, dtype), wx.to(dev, dtype))
+    return out.to(torch.float32)
+
+
+def _exact_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the interpolation sums; float32 on Apple MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64

@@ -55,7 +55,7 @@ from .field import KernelField, kernel_coefficients
 from .fused import compiled_chunk_blocks, kernel, pad_blocks, resolve_backend
 from .grid import BlockGrid
 from .guide import Guide
-from .interp import linear_taps, resample
+from .interp import linear_taps, resample, resample_blocks
 from .memory import (
     MemoryLog,
     TileMeter,
@@ -307,21 +307,13 @@ class BlockEngine:
         return (r * r).to(torch.int64)
 
     def _block_sigma(self, src: torch.Tensor, tile: Tile, blocks: torch.Tensor) -> torch.Tensor:
-        """Bilinear ``src`` (LR map) at the pixels of some of a tile's blocks, ``[k, P]`` float32:
-        :func:`.interp.resample`'s arithmetic (float64 einsum, rounded once), batched over blocks."""
+        """Bilinear ``src`` (LR map) at the pixels of some of a tile's blocks, ``[k, P]`` float32."""
         i0, _, j0, j1 = tile
         py, px = self.grid.rows.pad, self.grid.cols.pad
         bi, bj = i0 + blocks // (j1 - j0), j0 + blocks % (j1 - j0)
-        iy, wy = (t.reshape(self.lr_shape[0], py, -1)[bi] for t in self._taps_y)  # [k, py, ty]
-        ix, wx = (t.reshape(self.lr_shape[1], px, -1)[bj] for t in self._taps_x)  # [k, px, tx]
-        k, _, ty = iy.shape
-        tx = ix.shape[2]
-        dev = src.device
-        flat = (iy.reshape(k, py * ty, 1) * self.lr_shape[1] + ix.reshape(k, 1, px * tx)).to(dev)
-        vals = src.reshape(-1)[flat].reshape(k, py, ty, px, tx)
-        dtype = torch.float32 if dev.type == "mps" else torch.float64
-        out = torch.einsum("kaybx,kay,kbx->kab", vals.to(dtype), wy.to(dev, dtype), wx.to(dev, dtype))
-        return out.to(torch.float32).reshape(k, py * px).to(self.device)
+        taps_y = tuple(t.reshape(self.lr_shape[0], py, -1)[bi] for t in self._taps_y)  # [k, py, ty]
+        taps_x = tuple(t.reshape(self.lr_shape[1], px, -1)[bj] for t in self._taps_x)  # [k, px, tx]
+        return resample_blocks(src, taps_y, taps_x).reshape(len(blocks), py * px).to(self.device)
 
     def weights_mask(self, r2_pix: torch.Tensor, repeated: Optional[torch.Tensor], k: int):
         """Bool mask ``[B, P|1, k]`` of dropped (pixel, neighbour) pairs, or None if none is."""
