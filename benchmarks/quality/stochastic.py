@@ -17,6 +17,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+import napari_upsample_anything as upa
+
 from .baselines import Upsamplers, field_key, guide_arg, guide_axis, split_steps
 from .config import Config
 from .metrics import mean_of, select
@@ -115,11 +117,7 @@ def speed_table(side: int, steps: int, device: str, log, rounds: int = 2) -> Lis
     """Exact and stochastic fits of one ``side`` x ``side`` image at scale 16, in this process
     with one torch thread (after a small warm-up fit). The fractions take turns for ``rounds``
     rounds and each keeps its fastest time: this machine's speed drifts by 20 % between minutes."""
-    import napari_upsample_anything as upa
-
-    from .scenes import load_scene as _load
-
-    image = _load("astronaut", (side, side)).image
+    image = load_scene("astronaut", (side, side)).image
     lr = lr_shape_for(image.shape[:2], 16)
     kw = dict(lr_shape=lr, steps=steps, device=device, channel_axis=guide_axis(image), threads=1)
     upa.fit_kernels(guide_arg(image)[:64, :64], lr_shape=(4, 4), steps=2, device=device, threads=1)  # builds, warms

@@ -171,8 +171,7 @@ class CellSampler:
     def __init__(self, n_rows: int, n_cols: int, fraction: float, seed: int, device: torch.device):
         self.shape = (n_rows, n_cols)
         n = n_rows * n_cols
-        self.fraction = float(fraction)
-        self.k = n if self.fraction >= 1.0 else max(1, math.ceil(self.fraction * n))
+        self.k = n if fraction >= 1.0 else max(1, math.ceil(float(fraction) * n))
         self.scale = n / self.k
         self.device = device
         self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
