@@ -3,6 +3,8 @@
 #
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh -m "not gui"    # extra arguments go to pytest unchanged
+#   bash scripts/test.sh --stress        # the same with two busy CPU loops running beside it
+#                                        # (a loaded machine: no test may depend on timing)
 #
 # The display: pytest-xvfb (in the `testing` extra) starts one Xvfb for the session and
 # sets DISPLAY, so this works on a machine with no screen (CI) and does not pop windows
@@ -11,6 +13,12 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+STRESS=0
+if [[ "${1:-}" == --stress ]]; then
+    STRESS=1
+    shift
+fi
 
 T0=$SECONDS
 bash scripts/setup.sh
@@ -26,6 +34,16 @@ case "${QT_QPA_PLATFORM:-}" in
         unset QT_QPA_PLATFORM
         ;;
 esac
+
+if ((STRESS)); then
+    HOGS=()
+    for _ in 1 2; do
+        (exec yes >/dev/null) &
+        HOGS+=($!)
+    done
+    trap 'kill "${HOGS[@]}" 2>/dev/null || true' EXIT
+    echo "==> [test] --stress: two busy loops running beside the tests (pids ${HOGS[*]})"
+fi
 
 printf '\n==> [test] .venv/bin/python -m pytest %s\n' "$*"
 T1=$SECONDS

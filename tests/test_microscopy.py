@@ -9,14 +9,12 @@ import pickle
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import rel_err
+from conftest import rel_err, wait_for
 
 from napari_upsample_anything import cli
 from napari_upsample_anything.omezarr import BandWriter, build_pyramid, create_image, open_level0, read_kernels
@@ -463,32 +461,20 @@ def test_ctrl_c_during_render_leaves_no_result_and_keeps_the_earlier_one(tmp_pat
     earlier = {p.name: p.stat().st_mtime_ns for p in (out / "big").iterdir()}
     report = (out / "big" / "report.json").read_text()
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        CLI + [str(a) for a in base + ["--max-memory", "64MB"]], stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env
-    )
-    seen = []
-
-    def watch():
-        while True:
-            ch = proc.stderr.read(1)
-            if not ch:
-                return
-            seen.append(ch)
-            if b"render" in b"".join(seen[-40:]) and proc.poll() is None:
-                time.sleep(0.3)
-                proc.send_signal(signal.SIGINT)
-                seen.append(b"<SIGINT>")
-                rest = proc.stderr.read()
-                seen.append(rest)
-                return
-
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
-    proc.wait(timeout=600)
-    th.join(timeout=30)
-    text = b"".join(seen).decode(errors="replace")
-    assert b"<SIGINT>" in b"".join(seen), "the run finished before the render stage could be interrupted"
+    held = tmp_path / "held-in-render"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1", UPA_TEST_HOLD=f"render:{held}")
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: a full pipe would stall the run before the render
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            CLI + [str(a) for a in base + ["--max-memory", "64MB"]], stdout=subprocess.DEVNULL, stderr=err, env=env
+        )
+        # The run pauses after its first render tile (the test-only hold point) until the signal
+        # arrives: SIGINT is sent while the process is known to be inside the render stage.
+        reached = wait_for(lambda: held.exists() or proc.poll() is not None, limit=600)
+        assert reached and proc.poll() is None, f"the run did not pause in its render stage: {log.read_text()[-2000:]}"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    text = log.read_text(errors="replace")
     assert proc.returncode == 130, text[-2000:]
     assert "interrupted" in text
     assert [p.name for p in out.iterdir()] == ["big"]  # no temporary folder left
