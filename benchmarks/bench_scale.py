@@ -38,12 +38,12 @@ JSON_PATH = DOCS / "scale.json"
 MD_PATH = DOCS / "scale.md"
 
 import napari_upsample_anything.api as upa  # noqa: E402
-from napari_upsample_anything.core.tiled_fit import (  # noqa: E402
+from napari_upsample_anything.distributed import execute, raise_for_failures  # noqa: E402
+from napari_upsample_anything.tiled_fit import (  # noqa: E402
     field_difference,
     fit_tiled,
     peak_rss_bytes,
 )
-from napari_upsample_anything.distributed import execute, raise_for_failures  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- helpers

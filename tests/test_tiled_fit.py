@@ -1,4 +1,4 @@
-"""Tiled kernel fits (:mod:`napari_upsample_anything.core.tiled_fit`): geometry, exactness, Dask."""
+"""Tiled kernel fits (:mod:`napari_upsample_anything.tiled_fit`): geometry, exactness, Dask."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 import napari_upsample_anything.api as upa
 from napari_upsample_anything.core.grid import AxisBlocks
-from napari_upsample_anything.core.tiled_fit import (
+from napari_upsample_anything.tiled_fit import (
     choose_tile_cells,
     fit_tile,
     fit_tiled,

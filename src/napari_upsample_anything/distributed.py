@@ -1,7 +1,7 @@
 """Run independent tasks serially or on a Dask cluster: :func:`execute`.
 
 The pipeline lists its work as small picklable task records (one per plane, or one per
-fit tile, see :mod:`.core.tiled_fit`) and a module-level function that runs one of them in
+fit tile, see :mod:`.tiled_fit`) and a module-level function that runs one of them in
 any process. Results that are large (HR features, rendered planes) are written by the task
 itself into its own region of a shared store (OME-Zarr), so only a small summary travels
 back through the scheduler.

@@ -7,13 +7,13 @@ that can run on different workers (:func:`napari_upsample_anything.distributed.e
 1. :func:`plan_fit_tiles` splits the LR grid into tiles of ``tile_cells`` x ``tile_cells``
    LR cells. Each tile is extended by ``halo`` LR cells on every side (clipped at the image
    border); the tile's HR region is the union of the HR blocks of its extended cells, taken
-   from the whole image's block geometry (:class:`~.grid.AxisBlocks`), so tile edges always
+   from the whole image's block geometry (:class:`~.core.grid.AxisBlocks`), so tile edges always
    fall on LR-cell edges, for integer and non-integer scales alike.
 2. :func:`fit_tile` fits the kernel field of one extended tile with
    :func:`napari_upsample_anything.api.fit_kernels` on that HR region and keeps the interior
    cells. The guide is normalised with the *whole* image's rule (computed once by the
    planner), so a tile sees the same pixel values as the whole-image fit.
-3. :func:`stitch` assembles the interiors into one :class:`~.field.KernelField` of the whole
+3. :func:`stitch` assembles the interiors into one :class:`~.core.field.KernelField` of the whole
    LR grid, refusing gaps and overlaps.
 
 Why this is an approximation, and when it is exact: in one Adam step the gradient of a
@@ -42,10 +42,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .field import KernelField
-from .grid import AxisBlocks
-from .guide import Normalize, normalization_affine, validate_image
-from .progress import CancelFn, ProgressFn
+from .core.field import KernelField
+from .core.grid import AxisBlocks
+from .core.guide import Normalize, normalization_affine, validate_image
+from .core.progress import CancelFn, ProgressFn
 
 DEFAULT_HALO = 8  # LR cells; chosen from the measurement in docs/scale.md
 _NAMES = ("sigma_x", "sigma_y", "theta", "sigma_r")
@@ -131,7 +131,7 @@ class TileFitTask:
     ``guide`` is the whole channels-last image: a numpy array for serial runs, or a
     file-backed array that pickles by reference (a zarr array) so that each worker reads only
     its region. ``offset``/``scale``/``clip`` are the whole image's normalisation
-    (:func:`~.guide.normalization_affine`); ``fit_options`` go to ``api.fit_kernels``.
+    (:func:`~.core.guide.normalization_affine`); ``fit_options`` go to ``api.fit_kernels``.
     """
 
     tile: FitTile
@@ -146,7 +146,7 @@ class TileFitTask:
 def normalized_region(task: TileFitTask) -> np.ndarray:
     """The tile's HR region, normalised like the whole image: float32 ``(h, w, G)``.
 
-    Same float32 arithmetic as :meth:`~.guide.Guide.gather` (cast, subtract the offset,
+    Same float32 arithmetic as :meth:`~.core.guide.Guide.gather` (cast, subtract the offset,
     multiply by the scale, clip), so a tile's pixels equal the whole fit's pixels bit for bit.
     """
     y0, y1, x0, x1 = task.tile.hr
@@ -171,7 +171,7 @@ def fit_tile(task: TileFitTask, progress: Optional[ProgressFn] = None, cancel: O
     dict with ``tile`` (the FitTile), ``maps`` ({name: float32 (i1-i0, j1-j0)}),
     ``final_loss``, ``seconds``, ``peak_rss`` (bytes, VmHWM of the process so far) and ``pid``.
     """
-    from ..api import fit_kernels  # the public entry point validates options the same way for every tile
+    from .api import fit_kernels  # the public entry point validates options the same way for every tile
 
     t0 = time.perf_counter()
     tile = task.tile
@@ -292,7 +292,7 @@ def check_fit_options(guide_channels: int, fit_options: Dict[str, Any]) -> None:
     Bad options are the same for every tile: without this check each tile would fail (and be
     retried) on its own. Runs a zero-step fit of a 4 x 4 blank guide (milliseconds).
     """
-    from ..api import fit_kernels
+    from .api import fit_kernels
 
     options = dict(fit_options)
     steps = options.pop("steps", 0)
@@ -352,14 +352,14 @@ def fit_tiled(
     ------
     RuntimeError (``TaskFailedError``) when a tile still fails after its retries.
     """
-    from ..distributed import execute, raise_for_failures
+    from .distributed import execute, raise_for_failures
 
     lr_shape = (int(lr_shape[0]), int(lr_shape[1]))
     channels = 1 if len(getattr(guide, "shape", ())) != 3 else int(guide.shape[2])
     check_fit_options(channels, fit_options)
     if tile_cells is None:
-        from .device import resolve_device
-        from .memory import default_budget, parse_bytes
+        from .core.device import resolve_device
+        from .core.memory import default_budget, parse_bytes
 
         budget = parse_bytes(fit_options.get("max_memory"))
         if budget is None:
