@@ -36,7 +36,9 @@ def labels_dtype(classes: Sequence[int]) -> np.dtype:
     """The smallest unsigned dtype holding every class value (and 0, unlabelled)."""
     top = max([0] + [int(c) for c in classes])
     if min([0] + [int(c) for c in classes]) < 0:
-        raise ValueError(f"class values must be >= 0 (0 = unlabelled), got {sorted(int(c) for c in classes)}")
+        raise ValueError(
+            f"negative class values {sorted(int(c) for c in classes if int(c) < 0)}: use 0 for unlabelled and positive classes"
+        )
     return np.dtype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32)
 
 
@@ -166,8 +168,6 @@ def save_labels(
         raise ValueError(f"axes={axes!r} do not match the labels' shape {arr.shape}")
     values = sorted({int(v) for v in np.unique(arr) if v != 0} | {int(k) for k in (class_names or {})})
     dtype = labels_dtype(values)
-    if int(arr.min(initial=0)) < 0:
-        raise ValueError("labels contain negative values; use 0 for unlabelled and positive class values")
     tmp = _tmp_beside(path)
     lower = path.name.lower()
     try:
@@ -196,7 +196,9 @@ def save_labels(
                 "pixel_sizes": {a: (pixel_sizes or {}).get(a) for a in "zyx"},
                 "unit": unit,
             }
-            tifffile.imwrite(tmp, arr.astype(dtype), description=json.dumps({_TIFF_KEY: info}), metadata=None)
+            tifffile.imwrite(
+                tmp, arr.astype(dtype), description=json.dumps({_TIFF_KEY: info}), metadata=None, photometric="minisblack"
+            )
         else:
             raise ValueError(f"{path}: name a .ome.zarr folder or a .tif / .tiff file")
         _replace(tmp, path)
