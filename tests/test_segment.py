@@ -254,3 +254,14 @@ def test_layer_flag_takes_several_blocks():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "x.tif", "--out", "o", "--layer", "a,b"])
     assert feature_settings(PipelineOptions(layer=(-1, -4)))["layers"] == [-1, -4]
+
+
+def test_run_command_concatenates_several_blocks(setup, tmp_path):
+    from napari_upsample_anything.cli import main
+
+    img = setup["folder"] / "img0.tif"
+    args = ["run", img, "--out", tmp_path, "--backbone", ARCH, "--weights", setup["options"].weights]
+    args += ["--layer=-1,-4", "--steps", "2", "--pca-only", "--quiet", "--device", "cpu"]
+    assert main([str(a) for a in args]) == 0
+    report = json.loads((tmp_path / "img0" / "report.json").read_text())
+    assert report["channels"] == 2 * 192
