@@ -265,3 +265,31 @@ def test_run_command_concatenates_several_blocks(setup, tmp_path):
     assert main([str(a) for a in args]) == 0
     report = json.loads((tmp_path / "img0" / "report.json").read_text())
     assert report["channels"] == 2 * 192
+
+
+def test_segment_usage_errors_exit_2_before_any_work(setup, tmp_path, capsys):
+    from napari_upsample_anything.cli import main
+
+    clf = str(setup["clf_path"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (
+            ["segment", str(setup["folder"]), "--classifier", str(tmp_path / "none.npz"), "--out", str(tmp_path / "o")],
+            "not found",
+        ),
+        (["segment", str(tmp_path / "nope.tif"), "--classifier", clf, "--out", str(tmp_path / "o")], "not found"),
+        (["segment", str(empty), "--classifier", clf, "--out", str(tmp_path / "o")], "no image file"),
+        (["segment", str(setup["folder"]), "--classifier", clf, "--out", str(tmp_path / "o"), "--planes", "q=1"], "planes"),
+        (["segment", str(setup["folder"]), "--classifier", clf, "--out", str(tmp_path / "o"), "--layer=-1"], "layers"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    # A classifier that does not record its features needs them on the command line.
+    bare = ScribbleClassifier.load(setup["clf_path"])
+    bare.settings = {}
+    path = bare.save(tmp_path / "bare.npz")
+    assert main(["segment", str(setup["folder"]), "--classifier", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "--backbone" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -279,6 +279,11 @@ def cmd_segment(args) -> int:
 
     try:
         clf = ScribbleClassifier.load(args.classifier)
+        if not clf.settings and args.backbone is None:
+            raise UsageError(
+                f"--classifier {args.classifier} does not record how its features were made (a format-1 file, "
+                "or trained on bare arrays): give --backbone, --layer and --weights as it was trained"
+            )
         options = options_from_classifier(
             clf,
             backbone=args.backbone,
