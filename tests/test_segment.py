@@ -293,3 +293,24 @@ def test_segment_usage_errors_exit_2_before_any_work(setup, tmp_path, capsys):
     assert main(["segment", str(setup["folder"]), "--classifier", str(path), "--out", str(tmp_path / "o")]) == 2
     assert "--backbone" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_folder_of_images_with_annotations_gives_examples(setup, tmp_path):
+    from napari_upsample_anything.annotations import save_labels
+    from napari_upsample_anything.segmentation import folder_examples
+
+    img, truth = scene(20)
+    tifffile.imwrite(tmp_path / "a.tif", img)
+    save_labels(tmp_path / "a_labels.tif", strokes(truth, 1), class_names={1: "background", 2: "cell"})
+    scr = np.zeros(setup["stack"].shape, np.uint8)
+    scr[1] = strokes(scene(1)[1], 3)
+    tifffile.imwrite(tmp_path / "s.ome.tif", setup["stack"], ome=True, metadata={"axes": "ZYX"})
+    save_labels(tmp_path / "s_labels.ome.zarr", scr, axes="zyx")
+    tifffile.imwrite(tmp_path / "unannotated.tif", img)
+    pairs = folder_examples(tmp_path)
+    assert len(pairs) == 2  # a.tif, and plane 1 of the stack (the others have no strokes)
+    np.testing.assert_array_equal(pairs[0][0], img)
+    np.testing.assert_array_equal(pairs[1][0], setup["stack"][1])
+    np.testing.assert_array_equal(pairs[1][1], scr[1])
+    with pytest.raises(ValueError, match="no image with an annotation"):
+        folder_examples(setup["folder"])

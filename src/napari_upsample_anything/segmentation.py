@@ -37,6 +37,7 @@ from .pipeline import PipelineOptions, PlaneFit, fit_plane
 
 __all__ = [
     "feature_settings",
+    "folder_examples",
     "options_from_classifier",
     "segment_plane",
     "stack_examples",
@@ -94,6 +95,62 @@ def stack_examples(stack, scribbles, axis: int = 0) -> List[Tuple[np.ndarray, np
     out = [(img[k], scr[k]) for k in range(scr.shape[0]) if np.any(scr[k])]
     if not out:
         raise ValueError("the scribbles have no stroke on any plane; paint at least two classes")
+    return out
+
+
+#: Annotation files paired with an image ``<stem>.<ext>`` by :func:`folder_examples`.
+ANNOTATION_SUFFIXES = ("_labels.ome.zarr", "_labels.tif", "_labels.tiff", "_scribbles.ome.zarr", "_scribbles.tif")
+_IMAGE_EXTS = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".png", ".jpeg", ".jpg", ".npy", ".zarr")
+
+
+def _stem(name: str) -> Optional[str]:
+    low = name.lower()
+    for ext in _IMAGE_EXTS:
+        if low.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def folder_examples(
+    folder, *, axes: Optional[str] = None, channels: Optional[Sequence[int]] = None
+) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """``(plane, scribble plane)`` pairs of a folder of images with their annotations.
+
+    Every image ``<stem>.<ext>`` with an annotation file ``<stem>_labels.ome.zarr`` /
+    ``<stem>_labels.tif`` (or ``_scribbles``; written by :func:`.annotations.save_labels`)
+    contributes the planes whose annotation has strokes. The annotation covers the image's
+    planes: ``(Y, X)`` for a single plane, ``(Z, Y, X)`` / ``(T, Z, Y, X)`` (its ``axes``) for
+    a stack. ``axes``: of plain stacks without metadata; ``channels``: the guide channels.
+    """
+    from .annotations import load_labels
+    from .sources import open_image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder not found: {folder}")
+    out: List[Tuple[np.ndarray, np.ndarray]] = []
+    for image in sorted(folder.iterdir()):
+        stem = _stem(image.name)
+        if stem is None or image.name.startswith(".") or stem.endswith(("_labels", "_scribbles")):
+            continue
+        ann = next((folder / (stem + suf) for suf in ANNOTATION_SUFFIXES if (folder / (stem + suf)).exists()), None)
+        if ann is None:
+            continue
+        labels, info = load_labels(ann)
+        src = open_image(image, axes=axes)
+        sizes = src.sizes
+        lab_axes = info["axes"]
+        if labels.shape[-2:] != src.plane_shape:
+            raise ValueError(f"{ann}: labels of {labels.shape[-2:]} do not cover the image {image.name} {src.plane_shape}")
+        for t, z in src.planes("all"):
+            idx = tuple({"t": t, "z": z}[a] for a in lab_axes[:-2])
+            if any(a in lab_axes and n != labels.shape[lab_axes.index(a)] for a, n in (("t", sizes["T"]), ("z", sizes["Z"]))):
+                raise ValueError(f"{ann}: labels of shape {labels.shape} ({lab_axes}) do not match {image.name}'s planes")
+            plane = np.asarray(labels[idx]) if idx else np.asarray(labels)
+            if np.any(plane):
+                out.append((src.guide(t, z, channels), plane))
+    if not out:
+        raise ValueError(f"{folder}: no image with an annotation file ({', '.join(ANNOTATION_SUFFIXES)}) that has strokes")
     return out
 
 
