@@ -219,26 +219,32 @@ def test_segment_command_matches_in_memory_and_writes_ngff_labels(setup, tmp_pat
     assert kind == "labels"
     assert list(kwargs["scale"]) == [2.0, 0.5, 0.25]
 
-    # --skip-existing leaves complete outputs alone; --planes limits the work.
-    res = run_cli(["segment", setup["stack_path"], "--classifier", setup["clf_path"], "--out", out, "--skip-existing"], tmp_path)
-    assert res.returncode == 0 and "skipped" in res.stdout, res.stderr
+    # --skip-existing leaves complete outputs alone.
+    from napari_upsample_anything.cli import main
+
+    stamp = (out / "stack" / "segment.json").stat().st_mtime_ns
+    argv = ["segment", str(setup["stack_path"]), "--classifier", str(setup["clf_path"]), "--out", str(out)]
+    assert main(argv + ["--skip-existing", "--quiet"]) == 0
+    assert (out / "stack" / "segment.json").stat().st_mtime_ns == stamp
 
 
-def test_segment_command_refuses_a_mismatched_classifier(setup, tmp_path):
-    res = run_cli(
-        ["segment", setup["folder"], "--classifier", setup["clf_path"], "--out", tmp_path / "o", "--backbone", "dinov2_vits14"],
-        tmp_path,
-    )
-    assert res.returncode == 2
-    assert "other feature settings" in res.stderr and "dinov2" in res.stderr
+def test_segment_command_refuses_a_mismatched_classifier(setup, tmp_path, capsys):
+    from napari_upsample_anything.cli import main
+
+    # In this process: the new-process path is test_segment_command_matches_in_memory_and_writes_ngff_labels.
+    argv = ["segment", str(setup["folder"]), "--classifier", str(setup["clf_path"]), "--out", str(tmp_path / "o")]
+    assert main(argv + ["--backbone", "dinov2_vits14"]) == 2
+    err = capsys.readouterr().err
+    assert "other feature settings" in err and "dinov2" in err
     assert not (tmp_path / "o").exists()  # refused before anything was written
     # A classifier file whose recorded backbone is another architecture than its weights file.
     clf = ScribbleClassifier.load(setup["clf_path"])
     clf.settings = {**clf.settings, "backbone": "vit_small_patch14_dinov2.lvd142m", "backbone_name": "dinov2_vits14"}
     bad = clf.save(tmp_path / "bad.npz")
-    res = run_cli(["segment", setup["folder"], "--classifier", bad, "--out", tmp_path / "o2", "--planes", "all"], tmp_path)
-    assert res.returncode == 2, res.stderr
-    assert "does not match the architecture" in res.stderr
+    argv = ["segment", str(setup["folder"]), "--classifier", str(bad), "--out", str(tmp_path / "o2"), "--quiet"]
+    assert main(argv) == 2
+    assert "does not match the architecture" in capsys.readouterr().err
+    assert list((tmp_path / "o2").iterdir()) == []  # failed inputs leave no folder behind
 
 
 def test_layer_flag_takes_several_blocks():

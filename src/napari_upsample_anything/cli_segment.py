@@ -170,6 +170,7 @@ def _segment_one(path: str, target: Path, clf_path: str, clf, options, args, cli
     axes_out = ("t" if sizes["T"] > 1 else "") + ("z" if sizes["Z"] > 1 else "") + "yx"
     H, W = src.plane_shape
     shape = tuple({"t": sizes["T"], "z": sizes["Z"], "y": H, "x": W}[a] for a in axes_out)
+    created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     tmp = target / f".segment-{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
@@ -251,6 +252,8 @@ def _segment_one(path: str, target: Path, clf_path: str, clf, options, args, cli
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # a failed input leaves no empty folder behind
 
 
 def cmd_segment(args) -> int:

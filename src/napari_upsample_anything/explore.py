@@ -22,7 +22,10 @@ Features come in one of three forms:
   upsampled features (``F.interpolate``, ``align_corners=False``), in bands of rows; the
   comparison the paper's similarity figures make.
 
-Batch use (what a CLI subcommand does)::
+Batch use: :mod:`napari_upsample_anything.segmentation` trains from many (image, scribbles)
+pairs through the pipeline (recording the backbone and feature settings in the classifier
+file) and applies a saved classifier to any plane; ``upsample-anything segment`` does it for
+files, folders and stacks. By hand::
 
     clf = ScribbleClassifier.load("classifier.npz")        # refits from stored samples; no pickle
     for path in images:
