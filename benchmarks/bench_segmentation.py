@@ -355,7 +355,8 @@ def timing_table(rows) -> str:
 
 
 def section(qrows, trows, args, seconds: float) -> str:
-    quick = " --quick" if args.quick else ""
+    flags = " ".join(sys.argv[1:]) if sys.argv[1:] and Path(sys.argv[0]).name == "bench_segmentation.py" else ""
+    quick = f" {flags}" if flags else ""
     return "\n".join(
         [
             START,
