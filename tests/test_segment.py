@@ -320,3 +320,26 @@ def test_folder_of_images_with_annotations_gives_examples(setup, tmp_path):
     np.testing.assert_array_equal(pairs[1][1], scr[1])
     with pytest.raises(ValueError, match="no image with an annotation"):
         folder_examples(setup["folder"])
+
+
+def test_segment_time_lapse_with_planes_selection(setup, tmp_path):
+    """A (T, Z, Y, X) .npy with --axes tzyx and --planes t=1: only that time point is segmented,
+    into its own region; the others stay 0 (unlabelled)."""
+    from napari_upsample_anything.cli import main
+
+    stack = setup["stack"]
+    tl = np.stack([stack[:2], stack[1:]])  # (2, 2, H, W)
+    np.save(tmp_path / "tl.npy", tl)
+    out = tmp_path / "out"
+    argv = ["segment", str(tmp_path / "tl.npy"), "--axes", "tzyx", "--planes", "t=1", "--route", "lr"]
+    assert main(argv + ["--classifier", str(setup["clf_path"]), "--out", str(out), "--quiet"]) == 0
+    import zarr
+
+    root = zarr.open_group(str(out / "tl" / "labels.ome.zarr"), mode="r")
+    got = np.asarray(root["0"][...])
+    assert got.shape == (2, 2, H, W)
+    assert [a["name"] for a in root.attrs["ome"]["multiscales"][0]["axes"]] == ["t", "z", "y", "x"]
+    assert not got[0].any()
+    for z in range(2):
+        labels, _, _ = segment_plane(setup["clf"], tl[1, z], setup["options"], route="lr")
+        np.testing.assert_array_equal(got[1, z], labels)
