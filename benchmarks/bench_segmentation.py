@@ -1,38 +1,44 @@
-"""Scribble segmentation with GSJBU-upsampled features against bilinear, on synthetic scenes.
+"""Segment by example at full resolution: routes compared on synthetic scenes and a microscopy-like stack.
 
 Question: when a user segments by example (scribbles + a random forest, as in ilastik or
-napari-convpaint), does upsampling the ViT tokens with the fitted kernels give better
-full-resolution labels than bilinear upsampling?
+napari-convpaint), which route gives the best full-resolution labels, and what does it cost?
 
-Scenes (known labels, ``--size`` square, ``--classes`` classes): Voronoi cells, each cell one
-class, every class with its own oriented texture. Two families:
+Routes (the same scribbles and the same default random forest, 50 trees, ``random_state=0``):
 
-* ``colour``: a class also has its own colour (jittered per cell) -- the image's edges are the
-  class boundaries;
-* ``texture``: every cell gets a random colour whatever its class -- the image has edges at
-  every cell boundary, and the class is told by texture only.
+* ``hr-kernels``: HR features rendered with the GSJBU kernels fitted on the image (streamed),
+  every pixel classified (``route="hr"``);
+* ``lr-kernels``: LR tokens classified, class probabilities upsampled with the kernels
+  (``route="lr"``);
+* ``hr-bilinear``: bilinearly upsampled features, every pixel classified;
+* ``lr-bilinear``: LR tokens classified, probabilities upsampled bilinearly;
+* ``filter-bank``: a classic filter bank, scikit-image's ``multiscale_basic_features``
+  (intensity, gradient and Hessian eigenvalues at sigma 0.5..16: ilastik-style filters;
+  napari-convpaint's own offline feature set is not installed here), every pixel classified.
 
-Features (hand-made, *not* DINOv2: pretrained weights cannot be downloaded here): each pixel
-carries a fixed random embedding of its class (``--channels``) plus the absolute responses of
-a fixed random filter bank to the grey image; the LR "tokens" are these averaged over
-``--patch`` x ``--patch`` patches plus Gaussian noise. This reproduces what matters for the
-upsampler -- tokens that mix classes where a patch straddles a boundary -- without
-pretending to be a ViT.
+Data (known labels): ``colour`` and ``texture`` Voronoi scenes (every class with its own
+oriented texture; ``colour``: also its own colour, so image edges are class boundaries;
+``texture``: random colour per cell) and ``microscopy``: a fluorescence-like stack of cells
+(background / cytoplasm / nucleus) drifting between planes, blurred, with Poisson noise;
+its scribbles are on two planes and the classifier is applied to every plane.
 
-Scribbles: short strokes inside each class (eroded 4 px), ``--scribble`` of the pixels (1 %).
-The same scribbles and the same default random forest (50 trees, ``random_state=0``) for
-every method:
+Features (hand-made, *not* DINOv2/DINOv3: pretrained weights cannot be downloaded here):
+each pixel carries a fixed random embedding of its class (``--channels``) plus the absolute
+responses of a fixed random filter bank to the grey image; the LR "tokens" are these averaged
+over ``--patch`` x ``--patch`` patches plus Gaussian noise. This reproduces what matters for
+the upsampler (tokens that mix classes where a patch straddles a boundary) without pretending
+to be a ViT; because the tokens are built from the true labels they favour the token routes
+over the filter bank, which sees only the image: compare the token routes with each other,
+and read the filter bank as the "no ViT" baseline.
 
-* ``gsjbu-hr``: HR features rendered with the kernels fitted on the image (streamed), every
-  pixel classified;
-* ``bilinear-hr``: bilinearly upsampled features, every pixel classified;
-* ``lr+bilinear``: LR tokens classified, class probabilities upsampled bilinearly;
-* ``lr+gsjbu``: LR tokens classified, class probabilities upsampled with the kernels.
+Metrics: mIoU over the classes and boundary F1 (boundary pixels of the prediction within
+``--tolerance`` pixels of a true boundary and vice versa). Times: train (features at the
+scribbles + forest fit) and predict (every pixel), at ``--timing-sizes`` (512 and 2048 by
+default) and on a ``--stack-planes`` x 512^2 stack, the kernel fit reported on its own.
 
 Usage::
 
-    python benchmarks/bench_segmentation.py            # prints the table, writes docs/quality.md section
-    python benchmarks/bench_segmentation.py --scenes 2 --no-write
+    python benchmarks/bench_segmentation.py                 # full run, writes docs/segmentation.md
+    python benchmarks/bench_segmentation.py --quick         # minutes: small sizes, proves it works
 """
 
 from __future__ import annotations
@@ -53,13 +59,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import napari_upsample_anything as upa  # noqa: E402
-from napari_upsample_anything.explore import segment_scribbles  # noqa: E402
+from napari_upsample_anything.core.explore import ScribbleClassifier  # noqa: E402
+from napari_upsample_anything.explore import apply_classifier, scribble_samples  # noqa: E402
 
+#: name, route, upsampler ("kernels" / "bilinear" / "bank"), description
 METHODS = (
-    ("gsjbu-hr", "hr", "kernels", "GSJBU features, HR pixels classified"),
-    ("bilinear-hr", "hr", "bilinear", "bilinear features, HR pixels classified"),
-    ("lr+gsjbu", "lr", "kernels", "LR tokens classified, probabilities by GSJBU"),
-    ("lr+bilinear", "lr", "bilinear", "LR tokens classified, probabilities bilinear"),
+    ("hr-kernels", "hr", "kernels", "GSJBU-upsampled features, HR pixels classified"),
+    ("lr-kernels", "lr", "kernels", "LR tokens classified, probabilities upsampled by GSJBU"),
+    ("hr-bilinear", "hr", "bilinear", "bilinear-upsampled features, HR pixels classified"),
+    ("lr-bilinear", "lr", "bilinear", "LR tokens classified, probabilities upsampled bilinearly"),
+    ("filter-bank", "hr", "bank", "scikit-image multiscale basic features (ilastik-style), HR pixels classified"),
 )
 START = "<!-- bench_segmentation:start -->"
 END = "<!-- bench_segmentation:end -->"
@@ -101,7 +110,7 @@ def tokens(img: np.ndarray, labels: np.ndarray, n_classes: int, channels: int, p
     per_pixel = embed[torch.from_numpy(labels)].permute(2, 0, 1)  # (channels, H, W)
     bank = torch.randn(16, 1, 7, 7, generator=torch.Generator().manual_seed(7))
     bank -= bank.mean((2, 3), keepdim=True)
-    grey = torch.from_numpy(img.mean(-1))[None, None]
+    grey = torch.from_numpy(np.ascontiguousarray(img if img.ndim == 2 else img.mean(-1), np.float32))[None, None]
     texture = F.conv2d(grey, bank, padding=3)[0].abs() * 4.0
     lr = F.avg_pool2d(torch.cat([per_pixel, texture])[None], patch)[0]
     return (lr + noise * torch.randn(lr.shape, generator=g)).numpy()
@@ -132,6 +141,59 @@ def scribbles_for(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return out
 
 
+def microscopy_stack(seed: int, size: int, planes: int):
+    """``(stack (Z, H, W) float32 in [0, 1], labels (Z, H, W) int64)``: 1 background, 2 cytoplasm, 3 nucleus."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(7000 + seed)
+    n = max(4, size * size // 2500)
+    centres = rng.uniform(0.1 * size, 0.9 * size, (n, 2))
+    radii = rng.uniform(0.05, 0.09, n) * size
+    drift = rng.normal(0, 0.01 * size, (n, 2))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    stack, labels = [], []
+    for z in range(planes):
+        lab = np.ones((size, size), np.int64)
+        img = np.full((size, size), 0.08, np.float32)
+        for (cy, cx), r, (dy, dx) in zip(centres, radii, drift):
+            cy, cx = cy + z * dy, cx + z * dx
+            d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+            cell = d2 < r**2
+            nucleus = d2 < (0.45 * r) ** 2
+            lab[cell] = 2
+            lab[nucleus] = 3
+            img[cell] = 0.35 + 0.05 * np.sin(xx[cell] / 3.0)
+            img[nucleus] = 0.8
+        img = gaussian_filter(img, 1.2)
+        img = rng.poisson(img * 200) / 200.0
+        stack.append(np.clip(img, 0, 1).astype(np.float32))
+        labels.append(lab)
+    return np.stack(stack), np.stack(labels)
+
+
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    b = np.zeros(labels.shape, bool)
+    b[:-1] |= labels[:-1] != labels[1:]
+    b[1:] |= labels[:-1] != labels[1:]
+    b[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    b[:, 1:] |= labels[:, :-1] != labels[:, 1:]
+    return b
+
+
+def boundary_f1(truth: np.ndarray, pred: np.ndarray, tolerance: float) -> float:
+    """F1 of boundary pixels matched within ``tolerance`` pixels (Euclidean)."""
+    from scipy.ndimage import distance_transform_edt
+
+    bt, bp = boundaries(truth), boundaries(pred)
+    if not bt.any() and not bp.any():
+        return 1.0
+    if not bt.any() or not bp.any():
+        return 0.0
+    precision = float(np.mean(distance_transform_edt(~bt)[bp] <= tolerance))
+    recall = float(np.mean(distance_transform_edt(~bp)[bt] <= tolerance))
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
 def miou(truth: np.ndarray, pred: np.ndarray) -> float:
     ious = []
     for c in np.unique(truth):
@@ -141,101 +203,178 @@ def miou(truth: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(ious))
 
 
-def run(args) -> dict:
+def filter_bank(img: np.ndarray) -> np.ndarray:
+    """``(F, H, W)`` float32 scikit-image multiscale basic features of a gray or RGB image."""
+    from skimage.feature import multiscale_basic_features
+
+    f = multiscale_basic_features(img, channel_axis=-1 if img.ndim == 3 else None, sigma_max=16)
+    return np.ascontiguousarray(np.moveaxis(f, -1, 0), np.float32)
+
+
+def run_method(method, lr, img, field, scr_pairs, targets, device):
+    """Train on ``scr_pairs`` [(plane index, scribbles)], predict every plane of ``targets``.
+
+    Returns (predictions, train seconds, predict seconds). ``lr``, ``img``, ``field``: lists per plane.
+    """
+    name, route, up, _ = method
+    t0 = time.perf_counter()
+    X, y = [], []
+    banks = {}
+    for k, scr in scr_pairs:
+        if up == "bank":
+            banks[k] = filter_bank(img[k])
+            xs, ys = scribble_samples(banks[k], scr, min_classes=1)
+        else:
+            xs, ys = scribble_samples(
+                lr[k],
+                scr,
+                img[k],
+                field[k] if up == "kernels" else None,
+                route=route,
+                upsampler=up,
+                device=device,
+                min_classes=1,
+            )
+        X.append(xs)
+        y.append(ys)
+    clf = ScribbleClassifier.train(np.concatenate(X), np.concatenate(y), route=route)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    preds = []
+    for k in targets:
+        if up == "bank":
+            feats = banks.get(k)
+            feats = filter_bank(img[k]) if feats is None else feats
+            labels, _ = apply_classifier(clf, feats)
+        else:
+            labels, _ = apply_classifier(
+                clf, lr[k], img[k], field[k] if up == "kernels" else None, route=route, upsampler=up, device=device
+            )
+        preds.append(labels)
+    return preds, train_s, time.perf_counter() - t0
+
+
+def _prepare(img_planes, label_planes, args, seed):
+    lr = [
+        tokens(im, lab, args.classes_max, args.channels, args.patch, args.noise, seed)
+        for im, lab in zip(img_planes, label_planes)
+    ]
+    t0 = time.perf_counter()
+    field = [
+        upa.fit_kernels(im, l.shape[-2:], steps=args.steps, device=args.device, channel_axis=-1 if im.ndim == 3 else None)
+        for im, l in zip(img_planes, lr)
+    ]
+    return lr, field, time.perf_counter() - t0
+
+
+def quality(args) -> list:
     import sklearn.ensemble  # noqa: F401 - imported once here, not inside the first timed call
 
     rows = []
     for family in args.families:
         for s in range(args.scenes):
             seed = 100 * (family == "texture") + s
-            img, truth = scene(seed, args.size, args.classes, family)
-            lr = tokens(img, truth, args.classes, args.channels, args.patch, args.noise, seed)
-            scr = scribbles_for(truth, args.scribble, seed)
-            t0 = time.perf_counter()
-            field = upa.fit_kernels(img, lr.shape[-2:], steps=args.steps, device=args.device)
-            fit_s = time.perf_counter() - t0
-            rec = {"family": family, "seed": seed, "fit_s": fit_s, "scribbled": float(np.mean(scr > 0))}
-            for name, route, up, _ in METHODS:
-                t0 = time.perf_counter()
-                labels, _ = segment_scribbles(
-                    lr,
-                    scr,
-                    img,
-                    field if up == "kernels" else None,
-                    route=route,
-                    upsampler=up,
-                    device=args.device,
-                )
-                rec[name] = miou(truth, labels)
-                rec[name + "_s"] = time.perf_counter() - t0
+            if family == "microscopy":
+                stack, truth = microscopy_stack(seed, args.size, args.planes)
+                imgs, truths = list(stack), list(truth)
+                scr = [
+                    (0, scribbles_for(truths[0], args.scribble, seed)),
+                    (len(imgs) - 1, scribbles_for(truths[-1], args.scribble, seed + 1)),
+                ]
+            else:
+                img, lab = scene(seed, args.size, args.classes, family)
+                imgs, truths = [img], [lab]
+                scr = [(0, scribbles_for(lab, args.scribble, seed))]
+            lr, field, fit_s = _prepare(imgs, truths, args, seed)
+            rec = {"family": family, "seed": seed, "fit_s": fit_s / len(imgs), "planes": len(imgs)}
+            for method in METHODS:
+                preds, tr, pr = run_method(method, lr, imgs, field, scr, range(len(imgs)), args.device)
+                n = method[0]
+                rec[n] = float(np.mean([miou(t, p) for t, p in zip(truths, preds)]))
+                rec[n + "_bf1"] = float(np.mean([boundary_f1(t, p, args.tolerance) for t, p in zip(truths, preds)]))
+                rec[n + "_s"] = (tr + pr) / len(imgs)
             rows.append(rec)
             print(
-                f"{family:8s} seed {seed:3d}: fit {fit_s:5.1f} s  "
-                + "  ".join(f"{n} {100 * rec[n]:5.1f}% ({rec[n + '_s']:.1f} s)" for n, *_ in METHODS),
+                f"{family:10s} seed {seed:3d}: fit {rec['fit_s']:5.1f} s/plane  "
+                + "  ".join(f"{n} {100 * rec[n]:5.1f}%/{100 * rec[n + '_bf1']:4.1f}" for n, *_ in METHODS),
                 flush=True,
             )
-    return {"rows": rows}
+    return rows
 
 
-def table(res: dict, args) -> str:
-    rows = res["rows"]
-    lines = [
-        "| scenes | " + " | ".join(f"{n} mIoU" for n, *_ in METHODS) + " |",
-        "|---" * (len(METHODS) + 1) + "|",
-    ]
+def timing(args) -> list:
+    rows = []
+    cases = [(f"{n}^2", n, 1) for n in args.timing_sizes]
+    if args.stack_planes:
+        cases.append((f"{args.stack_planes} x {args.stack_size}^2 stack", args.stack_size, args.stack_planes))
+    for label, size, planes in cases:
+        stack, truth = microscopy_stack(1, size, planes)
+        imgs, truths = list(stack), list(truth)
+        scr = [(0, scribbles_for(truths[0], args.scribble, 1))]
+        lr, field, fit_s = _prepare(imgs, truths, args, 1)
+        rec = {"case": label, "fit_s": fit_s}
+        for method in METHODS:
+            _, tr, pr = run_method(method, lr, imgs, field, scr, range(planes), args.device)
+            rec[method[0]] = (tr, pr)
+        rows.append(rec)
+        print(
+            f"{label}: fit {fit_s:.1f} s  " + "  ".join(f"{n} {rec[n][0]:.1f}+{rec[n][1]:.1f} s" for n, *_ in METHODS), flush=True
+        )
+    return rows
+
+
+def quality_table(rows, args) -> str:
+    names = [n for n, *_ in METHODS]
+    lines = ["| data | " + " | ".join(f"{n} mIoU / BF1" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for family in args.families:
         sel = [r for r in rows if r["family"] == family]
-        vals = [np.mean([r[n] for r in sel]) for n, *_ in METHODS]
+        if not sel:
+            continue
+        vals = [np.mean([r[n] for r in sel]) for n in names]
+        bf1 = [np.mean([r[n + "_bf1"] for r in sel]) for n in names]
         best = int(np.argmax(vals))
-        cells = [f"**{100 * v:.1f} %**" if i == best else f"{100 * v:.1f} %" for i, v in enumerate(vals)]
-        lines.append(f"| {family} ({len(sel)}) | " + " | ".join(cells) + " |")
-    times = [np.mean([r[n + "_s"] for r in rows]) for n, *_ in METHODS]
-    lines.append("| time per image (train + classify) | " + " | ".join(f"{t:.1f} s" for t in times) + " |")
+        cells = [
+            (f"**{100 * v:.1f}**" if i == best else f"{100 * v:.1f}") + f" / {100 * b:.1f}"
+            for i, (v, b) in enumerate(zip(vals, bf1))
+        ]
+        lines.append(f"| {family} ({len(sel)} x {sel[0]['planes']} plane(s)) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def section(res: dict, args, seconds: float) -> str:
-    rows = res["rows"]
-    fit = np.mean([r["fit_s"] for r in rows])
-    frac = 100 * np.mean([r["scribbled"] for r in rows])
-    per_image = ["| scene | seed | " + " | ".join(n for n, *_ in METHODS) + " |", "|---|---" + "|---" * len(METHODS) + "|"]
+def timing_table(rows) -> str:
+    names = [n for n, *_ in METHODS]
+    lines = [
+        "| case | kernel fit | " + " | ".join(f"{n} train + predict" for n in names) + " |",
+        "|---|---" + "|---" * len(names) + "|",
+    ]
     for r in rows:
-        per_image.append(f"| {r['family']} | {r['seed']} | " + " | ".join(f"{100 * r[n]:.1f}" for n, *_ in METHODS) + " |")
-    wins = sum(r["gsjbu-hr"] > r["bilinear-hr"] for r in rows)
-    wins_lr = sum(r["lr+gsjbu"] > r["lr+bilinear"] for r in rows)
+        lines.append(
+            f"| {r['case']} | {r['fit_s']:.1f} s | " + " | ".join(f"{r[n][0]:.1f} + {r[n][1]:.1f} s" for n in names) + " |"
+        )
+    return "\n".join(lines)
+
+
+def section(qrows, trows, args, seconds: float) -> str:
+    flags = " ".join(sys.argv[1:]) if sys.argv[1:] and Path(sys.argv[0]).name == "bench_segmentation.py" else ""
+    quick = f" {flags}" if flags else ""
     return "\n".join(
         [
             START,
-            "## Scribble segmentation (feature explorer)",
+            f"Generated by `python benchmarks/bench_segmentation.py{quick}` ({seconds / 60:.1f} min, {platform.machine()}, "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}; load average "
+            f"{os.getloadavg()[0]:.1f} at the end). **Hand-made token features, not DINOv2/DINOv3** (see the "
+            f"script's docstring): {args.channels} class-embedding channels + 16 texture responses averaged over "
+            f"{args.patch} x {args.patch} patches, noise sigma {args.noise}. Scenes {args.size}^2, {args.classes} classes; "
+            f"microscopy stack {args.planes} planes of {args.size}^2, 3 classes, scribbles on its first and last plane; "
+            f"scribbles {100 * args.scribble:.1f} % of the pixels; kernels fitted with {args.steps} steps; boundary F1 "
+            f"within {args.tolerance:g} px. mIoU / boundary F1 in %, mean over scenes (best mIoU in bold).",
             "",
-            f"Generated by `python benchmarks/bench_segmentation.py` ({seconds / 60:.1f} min, {platform.machine()}, "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__}). Synthetic Voronoi scenes of {args.size} x {args.size} "
-            f"pixels with {args.classes} textured classes; **hand-made features, not DINOv2** (no pretrained weights "
-            f"can be downloaded here): per-pixel class embeddings ({args.channels} channels) plus 16 random-filter "
-            f"texture responses, averaged over {args.patch} x {args.patch} patches, plus noise (sigma {args.noise}). "
-            f"The same scribbles ({frac:.2f} % of the pixels, strokes inside each class) and the same random forest "
-            f"(`segment_scribbles` defaults) for every method; kernels fitted with {args.steps} steps "
-            f"({fit:.1f} s per image, not included in the times below; load average {os.getloadavg()[0]:.1f} at the "
-            f"end: the machine was shared). mIoU over the classes, averaged over scenes.",
+            quality_table(qrows, args),
             "",
-            "- `colour`: each class has its own colour, so the image's edges are the class boundaries.",
-            "- `texture`: each cell has a random colour whatever its class: the image has edges at every cell "
-            "boundary, not only between classes.",
+            "Train (features at the scribbles + random forest) and predict (every pixel of every plane) times, "
+            "microscopy-like data, scribbles on one plane; the kernel fit (all planes) on its own:",
             "",
-            "The tokens are built from the true labels, so inside a patch they are perfectly semantic: the "
-            "differences below measure how each method places class boundaries, not how good the features are. "
-            "The kernels follow image edges; where two classes meet *without* an edge in the image (same colour, "
-            "different texture only) they do worse than bilinear (`tests/test_explore.py`: 88.0 % against 93.6 % "
-            "pixel accuracy on such a two-texture image).",
-            "",
-            table(res, args),
-            "",
-            f"GSJBU-upsampled features beat bilinear ones on {wins} of {len(rows)} scenes (HR pixels classified) and "
-            f"{wins_lr} of {len(rows)} (LR tokens classified, probabilities upsampled).",
-            "",
-            "Per scene (mIoU %):",
-            "",
-            *per_image,
+            timing_table(trows),
             END,
         ]
     )
@@ -255,26 +394,41 @@ def write_section(path: Path, text: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=int, default=112)
-    p.add_argument("--patch", type=int, default=8)
+    p.add_argument("--size", type=int, default=256, help="scene / stack plane size for the quality table")
+    p.add_argument("--patch", type=int, default=14)
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--channels", type=int, default=48)
     p.add_argument("--noise", type=float, default=0.5)
     p.add_argument("--scenes", type=int, default=3, help="scenes per family")
-    p.add_argument("--families", nargs="+", default=["colour", "texture"], choices=["colour", "texture"])
+    p.add_argument("--planes", type=int, default=5, help="planes of the microscopy stack in the quality table")
+    p.add_argument(
+        "--families", nargs="+", default=["colour", "texture", "microscopy"], choices=["colour", "texture", "microscopy"]
+    )
     p.add_argument("--scribble", type=float, default=0.01, help="fraction of pixels scribbled")
+    p.add_argument("--tolerance", type=float, default=2.0, help="boundary F1 tolerance in pixels")
     p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--timing-sizes", type=int, nargs="*", default=[512, 2048])
+    p.add_argument("--stack-planes", type=int, default=10)
+    p.add_argument("--stack-size", type=int, default=512)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "quality.md")
+    p.add_argument("--quick", action="store_true", help="small sizes: proves the script works in minutes")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "segmentation.md")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.scenes, args.planes, args.steps = 96, 1, 3, 10
+        args.timing_sizes, args.stack_planes, args.stack_size = [128], 2, 96
+    args.classes_max = max(args.classes, 3)  # the microscopy stack has 3 classes
     t0 = time.perf_counter()
-    res = run(args)
+    qrows = quality(args)
+    trows = timing(args)
     seconds = time.perf_counter() - t0
     print()
-    print(table(res, args))
+    print(quality_table(qrows, args))
+    print()
+    print(timing_table(trows))
     if not args.no_write:
-        write_section(args.out, section(res, args, seconds))
+        write_section(args.out, section(qrows, trows, args, seconds))
         print(f"\nwrote {args.out}")
     return 0
 

@@ -633,7 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show the Python traceback on errors (for bug reports); also accepted after the subcommand",
     )
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{run,map,demo}")
+    from .cli_segment import add_parser as add_segment_parser  # torch-free
+    from .cli_segment import layer_arg
+
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{run,map,demo,segment}")
 
     def common(p):
         p.add_argument(
@@ -643,9 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--layer",
-            type=int,
+            type=layer_arg,
             default=-1,
-            help="transformer block whose patch tokens are used; negative counts from the end (default: %(default)s)",
+            help="transformer block whose patch tokens are used; negative counts from the end; several, e.g. --layer=-1,-4, are concatenated (default: %(default)s)",
         )
         p.add_argument(
             "--input-size",
@@ -815,6 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(demo)
     demo.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo, pca_only=False, dtype="float32")
+    add_segment_parser(sub)
     return ap
 
 

@@ -22,7 +22,10 @@ Features come in one of three forms:
   upsampled features (``F.interpolate``, ``align_corners=False``), in bands of rows; the
   comparison the paper's similarity figures make.
 
-Batch use (what a CLI subcommand does)::
+Batch use: :mod:`napari_upsample_anything.segmentation` trains from many (image, scribbles)
+pairs through the pipeline (recording the backbone and feature settings in the classifier
+file) and applies a saved classifier to any plane; ``upsample-anything segment`` does it for
+files, folders and stacks. By hand::
 
     clf = ScribbleClassifier.load("classifier.npz")        # refits from stored samples; no pickle
     for path in images:
@@ -35,7 +38,7 @@ Batch use (what a CLI subcommand does)::
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,6 +46,7 @@ import torch
 from . import api
 from .core.explore import (
     DEFAULT_SAMPLES_PER_CLASS,
+    ClassifierMismatchError,
     PixelGatherer,
     ProbabilityWriter,
     ScribbleClassifier,
@@ -65,6 +69,8 @@ from .core.field import KernelField
 from .core.progress import CancelFn, ProgressFn, check_cancel, report
 
 __all__ = [
+    "ClassifierMismatchError",
+    "scribble_samples",
     "similarity_map",
     "compare_similarity",
     "segment_scribbles",
@@ -371,7 +377,7 @@ def compare_similarity(features: ArrayLike, points, guide: ArrayLike, field: Ker
 
 
 # ---------------------------------------------------------------------------------- scribbles
-def _scribbles(scribbles, hr_shape: Tuple[int, int]) -> np.ndarray:
+def _scribbles(scribbles, hr_shape: Tuple[int, int], min_classes: int = 2) -> np.ndarray:
     arr = np.asarray(scribbles)
     if arr.ndim != 2:
         raise ValueError(f"scribbles must be a 2D (H, W) labels array (0 = unlabelled), got shape {arr.shape}")
@@ -382,7 +388,9 @@ def _scribbles(scribbles, hr_shape: Tuple[int, int]) -> np.ndarray:
     if (arr < 0).any():
         raise ValueError("scribbles contain negative labels; use 0 for unlabelled and positive class values")
     classes = np.unique(arr[arr > 0])
-    if len(classes) < 2:
+    if len(classes) < min_classes:
+        if min_classes == 1:
+            raise ValueError("scribbles contain no labelled pixel; paint at least one stroke (labels 1, 2, ...)")
         raise ValueError(
             f"scribbles contain {len(classes)} class(es) {classes.tolist()}; paint at least two classes "
             "(labels 1, 2, ...) to train a classifier"
@@ -410,13 +418,12 @@ def _lr_image_channels(guide, normalize, field, lr_shape) -> np.ndarray:
     return area_lr_guide(Guide(guide, normalize, smoothing=smoothing), lr_shape, torch.device("cpu")).numpy()
 
 
-def train_classifier(
+def scribble_samples(
     features: ArrayLike,
     scribbles: np.ndarray,
     guide: Optional[ArrayLike] = None,
     field: Optional[KernelField] = None,
     *,
-    classifier=None,
     route: str = "hr",
     upsampler: str = "kernels",
     include_image: bool = False,
@@ -428,38 +435,19 @@ def train_classifier(
     max_memory=None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
+    min_classes: int = 2,
     **options,
-) -> ScribbleClassifier:
-    """Train a classifier on the features at the scribbled pixels.
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The training samples of one image: ``(X (N, D) float32, labels (N,) int64)``.
 
-    Parameters
-    ----------
-    features, guide, field, upsampler :
-        As in :func:`similarity_map` (HR features, or LR features + guide + field).
-    scribbles : (H, W) int
-        0 = unlabelled; every other value is a class.
-    classifier : estimator, optional
-        Any object with ``fit(X, y)`` and ``predict_proba(X)`` (scikit-learn style). Default: a
-        50-tree random forest with ``random_state=0``. Only scikit-learn estimators can be saved.
-    route : "hr" | "lr"
-        ``"hr"``: samples are the HR features at the scribbled pixels (for LR features with a
-        field, gathered from a streamed render). ``"lr"``: samples are the LR tokens of the cells
-        the scribbled pixels fall in (LR features only).
-    include_image : bool
-        Append the image's own normalised channels to the features (``"lr"``: cell averages).
-    samples_per_class : int or None
-        Seeded subsample of at most this many scribbled pixels per class (None: all), so
-        retraining on large scribbles stays in seconds.
-
-    Returns
-    -------
-    ScribbleClassifier (save it with ``.save(path)``; apply with :func:`apply_classifier`).
+    Arguments as in :func:`train_classifier`. ``min_classes``: how many classes the scribbles
+    must hold (1 for one example among many: the classes are counted over all of them).
     """
     if route not in ROUTES:
         raise ValueError(f"route={route!r}: use 'hr' (classify HR pixels) or 'lr' (classify LR tokens, upsample probabilities)")
     options = _options(options)
     src = _Source(features, guide, field, upsampler, None, normalize)
-    arr = _scribbles(scribbles, src.hr_shape)
+    arr = _scribbles(scribbles, src.hr_shape, min_classes)
     ys, xs, labels = scribble_pixels(arr)
     keep = subsample_per_class(labels, samples_per_class, seed)
     ys, xs, labels = ys[keep], xs[keep], labels[keep]
@@ -496,13 +484,91 @@ def train_classifier(
         if include_image:
             X = np.concatenate([X, _image_channels(guide, normalize, field)[:, ys, xs].T], 1)
     check_cancel(cancel, "training")
+    return np.ascontiguousarray(X, np.float32), np.asarray(labels, np.int64)
+
+
+def train_classifier(
+    features: ArrayLike,
+    scribbles: np.ndarray,
+    guide: Optional[ArrayLike] = None,
+    field: Optional[KernelField] = None,
+    *,
+    classifier=None,
+    route: str = "hr",
+    upsampler: str = "kernels",
+    include_image: bool = False,
+    samples_per_class: Optional[int] = DEFAULT_SAMPLES_PER_CLASS,
+    seed: int = 0,
+    normalize="auto",
+    device: str | torch.device = "auto",
+    precision: str = "fp32",
+    max_memory=None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelFn] = None,
+    class_names: Optional[Dict[int, str]] = None,
+    settings: Optional[Dict] = None,
+    **options,
+) -> ScribbleClassifier:
+    """Train a classifier on the features at the scribbled pixels.
+
+    Parameters
+    ----------
+    features, guide, field, upsampler :
+        As in :func:`similarity_map` (HR features, or LR features + guide + field).
+    scribbles : (H, W) int
+        0 = unlabelled; every other value is a class.
+    classifier : estimator, optional
+        Any object with ``fit(X, y)`` and ``predict_proba(X)`` (scikit-learn style). Default: a
+        50-tree random forest with ``random_state=0``. Only scikit-learn estimators can be saved.
+    route : "hr" | "lr"
+        ``"hr"``: samples are the HR features at the scribbled pixels (for LR features with a
+        field, gathered from a streamed render). ``"lr"``: samples are the LR tokens of the cells
+        the scribbled pixels fall in (LR features only).
+    include_image : bool
+        Append the image's own normalised channels to the features (``"lr"``: cell averages).
+    samples_per_class : int or None
+        Seeded subsample of at most this many scribbled pixels per class (None: all), so
+        retraining on large scribbles stays in seconds.
+    class_names : dict int -> str, optional
+        Names of the class values, saved with the classifier.
+    settings : dict, optional
+        How the features were made (saved; see :meth:`ScribbleClassifier.check_settings`).
+        :func:`napari_upsample_anything.segmentation.train_from_examples` fills it in.
+
+    Returns
+    -------
+    ScribbleClassifier (save it with ``.save(path)``; apply with :func:`apply_classifier`).
+    For many images or planes, see :func:`napari_upsample_anything.segmentation.train_from_examples`.
+    """
+    X, labels = scribble_samples(
+        features,
+        scribbles,
+        guide,
+        field,
+        route=route,
+        upsampler=upsampler,
+        include_image=include_image,
+        samples_per_class=samples_per_class,
+        seed=seed,
+        normalize=normalize,
+        device=device,
+        precision=precision,
+        max_memory=max_memory,
+        progress=progress,
+        cancel=cancel,
+        **options,
+    )
+    src_is_lr = not (upsampler == "kernels" and field is None)  # as _Source decides
+    channels = int(features.shape[0])
     clf = ScribbleClassifier.train(
         X,
         labels,
         classifier,
         route=route,
         include_image=bool(include_image),
-        meta={"upsampler": upsampler if src.is_lr else "none", "channels": src.channels, "seed": int(seed)},
+        meta={"upsampler": upsampler if src_is_lr else "none", "channels": channels, "seed": int(seed)},
+        class_names=dict(class_names or {}),
+        settings=dict(settings or {}),
     )
     report(progress, 1, 1, stage="training")
     return clf

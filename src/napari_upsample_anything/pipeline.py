@@ -141,7 +141,7 @@ class PipelineOptions:
     """
 
     backbone: str = "dinov2_vits14"
-    layer: int = -1
+    layer: int | Tuple[int, ...] = -1  # several blocks: their features are concatenated
     input_size: Optional[int] = None
     weights: Optional[str] = None
     pretrained: bool = True
@@ -171,7 +171,11 @@ class PipelineOptions:
                 raise ValueError(f"{name}={value!r} ({flag}): give a whole number >= {lo}")
 
         whole("steps", "--steps", self.steps, 0)
-        whole("layer", "--layer", self.layer, -10_000)
+        blocks = tuple(self.layer) if isinstance(self.layer, (tuple, list)) else (self.layer,)
+        for block in blocks or (None,):  # one block, or several (their features concatenated)
+            whole("layer", "--layer", block, -10_000)
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"layer={self.layer!r} (--layer): give distinct blocks, e.g. -1,-4")
         whole("pca_max_samples", "--pca-samples", self.pca_max_samples, 3)
         if self.input_size is not None:
             whole("input_size", "--input-size", self.input_size, 1)
@@ -308,7 +312,7 @@ def fit_plane(
     fmap = extract_features(
         guide,
         options.backbone,
-        layer=int(options.layer),
+        layer=options.layer if isinstance(options.layer, (tuple, list)) else int(options.layer),
         input_size=options.input_size or None,
         weights=options.weights or None,
         pretrained=bool(options.pretrained),

@@ -1,10 +1,10 @@
 """ViT backbones for :func:`.features.extract_features`: names, timm models, weights, cache.
 
-:func:`load_backbone` turns a short DINOv2 name (:data:`DINOV2_BACKBONES`) or any timm ViT
+:func:`load_backbone` turns a short DINOv2 / DINOv3 name (:data:`BACKBONES`) or any timm ViT
 name into a ready-to-run :class:`Backbone` (eval mode, no gradients):
 
 * ``weights=FILE``: a local state dict in timm layout, or an original facebookresearch
-  DINOv2 checkpoint (timm's converter); a file that does not fit the architecture raises
+  DINOv2 / DINOv3 checkpoint (timm's converters); a file that does not fit the architecture raises
   :class:`WeightsMismatchError`.
 * ``pretrained=True``: timm's pretrained weights from the Hugging Face cache, downloaded
   when online; offline with nothing cached, :class:`WeightsUnavailableError` says what to
@@ -13,6 +13,12 @@ name into a ready-to-run :class:`Backbone` (eval mode, no gradients):
   useful to check the mechanics).
 
 The two most recently used backbones are kept in memory (:func:`clear_model_cache` drops them).
+
+DINOv3 (timm's ``vit_*_patch16_dinov3``, an ``Eva`` model) has 16-pixel patches, one class
+token and four register tokens (``num_prefix_tokens = 5``, dropped by the extractor) and rotary
+position embeddings, whose tables are non-persistent buffers computed at construction: a
+model built on the meta device gets them recomputed after its weights are loaded
+(:func:`_materialise_buffers`), so loading a ViT-L file never pays for a random initialisation.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from .device import resolve_device
 from .platform_fixes import preload_triton_safely
 
 __all__ = [
+    "BACKBONES",
     "DINOV2_BACKBONES",
+    "DINOV3_BACKBONES",
     "Backbone",
     "WeightsMismatchError",
     "WeightsUnavailableError",
@@ -52,6 +60,17 @@ DINOV2_BACKBONES: Dict[str, str] = {
     "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
     "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2.lvd142m",
 }
+
+#: DINOv3 ViTs (patch 16, 4 register tokens, rotary positions) -> timm names with the pretrained tag.
+DINOV3_BACKBONES: Dict[str, str] = {
+    "dinov3_vits16": "vit_small_patch16_dinov3.lvd1689m",
+    "dinov3_vits16plus": "vit_small_plus_patch16_dinov3.lvd1689m",
+    "dinov3_vitb16": "vit_base_patch16_dinov3.lvd1689m",
+    "dinov3_vitl16": "vit_large_patch16_dinov3.lvd1689m",
+}
+
+#: Every short name :func:`load_backbone` accepts.
+BACKBONES: Dict[str, str] = {**DINOV2_BACKBONES, **DINOV3_BACKBONES}
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,9 +165,10 @@ class Backbone:
 
 
 def resolve_backbone_name(backbone: str) -> str:
-    """timm model name (with its pretrained tag) for a short DINOv2 name or any timm ViT name.
+    """timm model name (with its pretrained tag) for a short DINOv2 / DINOv3 name or any timm ViT name.
 
-    ``"dinov2_vits14"`` -> ``"vit_small_patch14_dinov2.lvd142m"``; an untagged timm name gets
+    ``"dinov2_vits14"`` -> ``"vit_small_patch14_dinov2.lvd142m"``, ``"dinov3_vits16"`` ->
+    ``"vit_small_patch16_dinov3.lvd1689m"``; an untagged timm name gets
     timm's default pretrained tag. Unknown names raise a ValueError listing the short names.
     """
     preload_triton_safely()  # before timm -> torchvision -> torch._dynamo -> triton
@@ -158,15 +178,15 @@ def resolve_backbone_name(backbone: str) -> str:
     if not isinstance(backbone, str) or not backbone.strip():
         raise TypeError(f"backbone={backbone!r}: give a model name such as 'dinov2_vits14'")
     key = backbone.strip()
-    if key.lower() in DINOV2_BACKBONES:
-        return DINOV2_BACKBONES[key.lower()]
+    if key.lower() in BACKBONES:
+        return BACKBONES[key.lower()]
     arch, tag = split_model_name_tag(key)
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(key, list(DINOV2_BACKBONES) + timm.list_models("vit*"), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(key, list(BACKBONES) + timm.list_models("vit*"), n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(
             f"backbone={backbone!r} is not a known model.{hint} Use one of "
-            f"{', '.join(DINOV2_BACKBONES)}, or a timm ViT name such as "
+            f"{', '.join(BACKBONES)}, or a timm ViT name such as "
             "'vit_small_patch14_dinov2.lvd142m' (see timm.list_models('vit_*', pretrained=True))"
         )
     try:
@@ -188,9 +208,10 @@ def _create(timm_name: str, on_meta: bool) -> torch.nn.Module:
         if on_meta:
             with torch.device("meta"):
                 model = timm.create_model(timm_name, **kwargs)
-            # Buffers that are computed at construction (e.g. rotary tables) are not in a state
-            # dict; such models must be built for real.
-            if any(True for _ in model.buffers()):
+            # Buffers computed at construction (e.g. rotary tables) are not in a state dict;
+            # they are recomputed after loading (_materialise_buffers), or, for modules that
+            # cannot recompute them, the model is built for real.
+            if not _can_materialise(model):
                 model = timm.create_model(timm_name, **kwargs)
         else:
             # A fixed seed, without touching the caller's RNG, so random-init features are
@@ -206,6 +227,32 @@ def _create(timm_name: str, on_meta: bool) -> torch.nn.Module:
             ) from exc
         raise
     return model
+
+
+_BUFFER_INITS = ("init_non_persistent_buffers", "_init_buffers")
+
+
+def _meta_buffer_owners(model: torch.nn.Module):
+    """Modules that directly own a buffer on the meta device."""
+    return [m for m in model.modules() if any(b is not None and b.is_meta for b in m._buffers.values())]
+
+
+def _can_materialise(model: torch.nn.Module) -> bool:
+    """Whether every module owning a (meta) buffer can recompute it (timm's buffer init hooks)."""
+    return all(any(callable(getattr(m, n, None)) for n in _BUFFER_INITS) for m in _meta_buffer_owners(model))
+
+
+def _materialise_buffers(model: torch.nn.Module) -> None:
+    """Give the buffers still on the meta device (non-persistent, not in the file) real CPU
+    storage and recompute them with the module's own init hook (timm's
+    ``init_non_persistent_buffers`` / ``_init_buffers``): the values a real construction gives."""
+    for m in _meta_buffer_owners(model):
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device="cpu")
+        hook = next(getattr(m, n) for n in _BUFFER_INITS if callable(getattr(m, n, None)))
+        with torch.no_grad():
+            hook()
 
 
 def _filter_fn(model: torch.nn.Module):
@@ -252,7 +299,7 @@ def _short(items: Sequence[str], n: int = 6) -> str:
 
 _ARCH_HINT = (
     "Choose the backbone the file was trained for (e.g. a ViT-B file needs 'dinov2_vitb14', "
-    "a file with register tokens needs a '_reg' backbone)."
+    "a file with register tokens needs a '_reg' backbone, a DINOv3 file a 'dinov3_' one)."
 )
 
 
@@ -292,6 +339,8 @@ def _load_into(model: torch.nn.Module, path: Path, timm_name: str) -> torch.nn.M
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     is_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(state, strict=True, assign=is_meta)
+    if is_meta:
+        _materialise_buffers(model)
     return model
 
 
@@ -441,10 +490,10 @@ def load_backbone(
     Parameters
     ----------
     backbone : str
-        A short DINOv2 name (:data:`DINOV2_BACKBONES`) or any timm ViT name.
+        A short DINOv2 / DINOv3 name (:data:`BACKBONES`) or any timm ViT name.
     weights : path, optional
         A local ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` state dict in timm layout, or
-        an original facebookresearch DINOv2 checkpoint (converted by timm). Always used when
+        an original facebookresearch DINOv2 / DINOv3 checkpoint (converted by timm). Always used when
         given, whatever ``pretrained`` says.
     pretrained : bool
         Without ``weights``: True takes timm's pretrained weights from the Hugging Face cache

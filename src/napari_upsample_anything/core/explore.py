@@ -24,6 +24,13 @@ pixels, their labels), the estimator's class path and its ``get_params()`` as JS
 classifier predicts the same labels in a batch job as in the viewer. Only scikit-learn
 estimators whose parameters are plain JSON values can be saved; loading imports only
 ``sklearn.*`` classes.
+
+Since format 2 a file also carries what applying it elsewhere needs (``settings``, JSON):
+the backbone and its blocks, input size, feature options, the guide channels, whether image
+channels were appended, the kernel fit options and the package version, plus the class
+names. :meth:`ScribbleClassifier.check_settings` compares them with the settings of a new run
+and raises :class:`ClassifierMismatchError` naming every difference. Format-1 files (no
+settings, no names) still load.
 """
 
 from __future__ import annotations
@@ -48,7 +55,15 @@ BAND_BYTES = 64 * 2**20
 COSINE_EPS = 1e-12
 #: Training samples kept per class by default (seeded subsample): keeps retraining in seconds.
 DEFAULT_SAMPLES_PER_CLASS = 5000
-_FORMAT = "napari-upsample-anything/scribble-classifier/1"
+_FORMAT = "napari-upsample-anything/scribble-classifier/2"
+_FORMATS_READ = ("napari-upsample-anything/scribble-classifier/1", _FORMAT)
+#: Settings that decide the feature vectors: a classifier applied with other values would
+#: silently mis-classify, so :meth:`ScribbleClassifier.check_settings` refuses them.
+FEATURE_SETTINGS = ("backbone", "layers", "input_size", "channels", "include_image", "feature_channels")
+
+
+class ClassifierMismatchError(ValueError):
+    """A classifier is applied with features (backbone, blocks, options) other than it was trained on."""
 
 
 # ---------------------------------------------------------------------------------- streaming
@@ -327,6 +342,12 @@ class ScribbleClassifier:
         Whether the guide image's own (normalised) channels were appended to the features.
     meta : dict
         Provenance (JSON values).
+    class_names : dict int -> str
+        Names of the class values (may be empty or partial; :meth:`class_name` fills in).
+    settings : dict
+        How the features were made (backbone, blocks, input size, channels, fit options,
+        package version; JSON values); empty for classifiers trained on bare arrays and for
+        format-1 files.
     """
 
     estimator: object
@@ -336,6 +357,32 @@ class ScribbleClassifier:
     route: str = "hr"
     include_image: bool = False
     meta: Dict = field(default_factory=dict)
+    class_names: Dict[int, str] = field(default_factory=dict)
+    settings: Dict = field(default_factory=dict)
+
+    def class_name(self, value: int) -> str:
+        """The name of class ``value`` (``"class <value>"`` when it has none)."""
+        return str(self.class_names.get(int(value), f"class {int(value)}"))
+
+    def check_settings(self, settings: Dict, keys: Sequence[str] = FEATURE_SETTINGS) -> None:
+        """Raise :class:`ClassifierMismatchError` if ``settings`` differ from the training ones.
+
+        Only ``keys`` present on both sides are compared (a format-1 file has none; its feature
+        count is still checked at prediction). Values are compared as JSON (tuples = lists).
+        """
+        diffs = []
+        for k in keys:
+            if k in self.settings and k in settings:
+                mine, theirs = _jsonable(self.settings[k]), _jsonable(settings[k])
+                if mine != theirs:
+                    diffs.append(f"{k}: classifier {mine!r}, now {theirs!r}")
+        if diffs:
+            raise ClassifierMismatchError(
+                "the classifier was trained on other features than these ("
+                + "; ".join(diffs)
+                + "): apply it with the settings it was trained with (leave --backbone / --layer / --input-size / "
+                "--channels out to use the classifier's own) or train a new one"
+            )
 
     @property
     def n_features(self) -> int:
@@ -369,7 +416,16 @@ class ScribbleClassifier:
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
         spec = _estimator_spec(self.estimator)
-        meta = {"format": _FORMAT, **spec, "route": self.route, "include_image": bool(self.include_image), "meta": self.meta}
+        meta = {
+            "format": _FORMAT,
+            **spec,
+            "route": self.route,
+            "include_image": bool(self.include_image),
+            "meta": _jsonable(self.meta),
+            "classes": [int(c) for c in self.classes],
+            "class_names": {str(int(k)): str(v) for k, v in self.class_names.items()},
+            "settings": _jsonable(self.settings),
+        }
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -384,8 +440,13 @@ class ScribbleClassifier:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ScribbleClassifier:
-        """Read a file written by :meth:`save` and refit its estimator on the stored samples."""
+    def load(cls, path: str | os.PathLike, expect: Optional[Dict] = None) -> ScribbleClassifier:
+        """Read a file written by :meth:`save` and refit its estimator on the stored samples.
+
+        Format-1 files (before class names and settings) load too. ``expect``: settings of
+        the run the classifier is for; any difference in :data:`FEATURE_SETTINGS` raises
+        :class:`ClassifierMismatchError` (see :meth:`check_settings`).
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"classifier file not found: {path}")
@@ -396,14 +457,27 @@ class ScribbleClassifier:
             samples = np.array(data["samples"], np.float32)
             labels = np.array(data["labels"], np.int64)
             meta = json.loads(str(data["meta"]))
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a scribble classifier file (format {meta.get('format')!r})")
+        if meta.get("format") not in _FORMATS_READ:
+            raise ValueError(
+                f"{path} is not a scribble classifier file this version reads (format {meta.get('format')!r}; "
+                f"readable: {', '.join(_FORMATS_READ)})"
+            )
         estimator = _estimator_from_spec(meta)
-        return cls.train(
+        clf = cls.train(
             samples,
             labels,
             estimator,
             route=meta.get("route", "hr"),
             include_image=bool(meta.get("include_image", False)),
             meta=dict(meta.get("meta", {})),
+            class_names={int(k): str(v) for k, v in dict(meta.get("class_names", {})).items()},
+            settings=dict(meta.get("settings", {})),
         )
+        if expect is not None:
+            clf.check_settings(expect)
+        return clf
+
+
+def _jsonable(value):
+    """``value`` as plain JSON types (tuples -> lists, numpy scalars -> Python)."""
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else list(o)))

@@ -36,10 +36,13 @@ divided by 255, uint16 and out-of-range floats by robust 0.5/99.5 percentiles, f
 
 Layers
 ------
-``layer`` picks a transformer block (negative counts from the end). The final LayerNorm is
-applied to the chosen block's output for every layer, as DINOv2's
-``get_intermediate_layers(norm=True)`` does (its default), so that all layers have comparable
-per-token scales. Class and register tokens are dropped (``num_prefix_tokens``).
+``layer`` picks a transformer block (negative counts from the end), or several blocks at once
+(``layer=(-1, -4)``, also spelled ``layers=(-1, -4)``): their token maps are concatenated
+along the channel axis in the order given (``C = len(layers) x embed_dim``), from one forward
+pass. The final LayerNorm is applied to every chosen block's output on its own, as DINOv2's
+``get_intermediate_layers(norm=True)`` does (its default), so that each block's part of the
+feature vector has comparable per-token scales. Class and register tokens are dropped
+(``num_prefix_tokens``: 1 for DINOv2, 5 for the ``_reg`` variants and DINOv3).
 
 Backbones, weights and the model cache live in :mod:`.backbones`; their public names are
 re-exported here.
@@ -70,7 +73,9 @@ import torch.nn.functional as F
 
 from .backbones import (  # noqa: F401  (re-exported: callers import these from here)
     _CACHE,
+    BACKBONES,
     DINOV2_BACKBONES,
+    DINOV3_BACKBONES,
     Backbone,
     WeightsMismatchError,
     WeightsUnavailableError,
@@ -84,7 +89,9 @@ from .memory import default_budget, format_bytes, parse_bytes
 from .progress import CancelFn, ProgressFn, check_cancel, report
 
 __all__ = [
+    "BACKBONES",
     "DINOV2_BACKBONES",
+    "DINOV3_BACKBONES",
     "Backbone",
     "FeatureGeometry",
     "FeatureMap",
@@ -93,6 +100,7 @@ __all__ = [
     "blend_weights",
     "clear_model_cache",
     "extract_features",
+    "layer_list",
     "load_backbone",
     "plan_windows",
     "resolve_backbone_name",
@@ -185,12 +193,14 @@ class FeatureMap:
     weights_source : str
         ``"hf-cache:<repo>"``, ``"file:<path>"``, ``"random-init"`` or ``"user-model"``.
     layer : int
-        The block whose output this is, counted from 0.
+        The (first) block whose output this is, counted from 0.
     num_layers : int
         Number of blocks of the backbone.
     preprocessing : dict
         ``channel_axis`` used, ``channels`` (how they became RGB), ``normalize`` (the rule
         applied), ``mean`` / ``std``.
+    layers : tuple of int
+        Every block concatenated, counted from 0, in channel order (``(layer,)`` for one).
     """
 
     features: torch.Tensor
@@ -200,6 +210,7 @@ class FeatureMap:
     layer: int
     num_layers: int
     preprocessing: Dict[str, Any] = field(default_factory=dict)
+    layers: Tuple[int, ...] = ()
 
     def __iter__(self) -> Iterator[Any]:
         # ``features, geometry = extract_features(...)``
@@ -479,6 +490,36 @@ def _resolve_layer(layer, depth: int, name: str) -> int:
     return int(layer) % depth
 
 
+def layer_list(layer, layers=None) -> Tuple[int, ...]:
+    """The requested blocks as a tuple of ints (not yet resolved against a depth).
+
+    ``layer`` is an int or a sequence of ints; ``layers`` (optional) says the same and must
+    agree with ``layer`` when both are given. Checks types and duplicates only.
+    """
+    if layers is not None:
+        if not (isinstance(layer, numbers.Integral) and int(layer) == -1) and tuple(np.atleast_1d(layer)) != tuple(layers):
+            raise ValueError(f"layer={layer!r} and layers={layers!r} disagree: give one of them")
+        layer = layers
+    items = (layer,) if isinstance(layer, numbers.Integral) or isinstance(layer, bool) else layer
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"layer={layer!r}: give an int block index or a sequence of them, e.g. (-1, -4)") from None
+    if not items:
+        raise ValueError("layers=(): give at least one block index, e.g. (-1,) or (-1, -4)")
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"layer={layer!r}: every block index must be an int (negative counts from the end)")
+    return tuple(int(v) for v in items)
+
+
+def _resolve_layers(layers: Tuple[int, ...], depth: int, name: str) -> Tuple[int, ...]:
+    idxs = tuple(_resolve_layer(v, depth, name) for v in layers)
+    if len(set(idxs)) != len(idxs):
+        raise ValueError(f"layers={layers!r} name the same block twice for {name} ({depth} blocks): give distinct blocks")
+    return idxs
+
+
 def _check_one_patch(image_shape: Tuple[int, int], patch: Optional[Tuple[int, int]], name: str) -> None:
     (H, W), (ph, pw) = image_shape, patch or (1, 1)
     if H < ph or W < pw:
@@ -514,7 +555,7 @@ def extract_features(
     image: ImageLike,
     backbone: str | Backbone | torch.nn.Module = "dinov2_vits14",
     *,
-    layer: int = -1,
+    layer: int | Sequence[int] = -1,
     input_size: int | Tuple[int, int] | None = None,
     weights: str | os.PathLike | None = None,
     pretrained: bool = True,
@@ -526,6 +567,7 @@ def extract_features(
     channel_axis: Optional[int] = None,
     window: WindowSpec = None,
     overlap: int | float = 0.25,
+    layers: Optional[Sequence[int]] = None,
 ) -> FeatureMap:
     """Patch-token features of a ViT (DINOv2 by default) on a grid that covers ``image`` exactly.
 
@@ -537,12 +579,14 @@ def extract_features(
         more than 3 channels.
     backbone : str, Backbone or timm ViT module
         ``"dinov2_vits14"`` / ``vitb14`` / ``vitl14`` / ``vitg14`` and their ``_reg``
-        variants, any timm ViT name, a :class:`Backbone` from :func:`load_backbone`, or a timm
+        variants, ``"dinov3_vits16"`` / ``vits16plus`` / ``vitb16`` / ``vitl16``, any timm ViT name, a :class:`Backbone` from :func:`load_backbone`, or a timm
         ViT created with ``dynamic_img_size=True`` (for these two, ``weights``,
         ``pretrained`` and ``device`` are not used: the model runs where it is).
-    layer : int
-        Block whose output is returned; -1 (default) is the last. The final norm is applied
-        to every layer (DINOv2's ``get_intermediate_layers(norm=True)``).
+    layer : int or sequence of int
+        Block whose output is returned; -1 (default) is the last. Several blocks, e.g.
+        ``(-1, -4)``: their maps are concatenated along channels in that order. The final
+        norm is applied to every block's output on its own (DINOv2's
+        ``get_intermediate_layers(norm=True)``).
     input_size : None, int or (H', W')
         Working resolution in pixels. None: the image's own size (tokens of about p x p
         pixels, p = patch size). An int sets the long side, keeping the aspect ratio.
@@ -572,11 +616,13 @@ def extract_features(
     overlap : float or int
         Overlap of neighbouring windows: a float in [0, 0.5) is a fraction of the window
         side, an int is tokens. Blended with linear ramps.
+    layers : sequence of int, optional
+        The same as a sequence ``layer`` (``layers=(-1, -4)``); give one of the two.
 
     Returns
     -------
     FeatureMap
-        ``features`` (C, h, w) float32 on the CPU, with ``h = max(1, round(H'/p))``,
+        ``features`` (C, h, w) float32 on the CPU (C = embed_dim x number of blocks), with ``h = max(1, round(H'/p))``,
         ``w = max(1, round(W'/p))``, and token ``(i, j)`` covering original pixels
         ``[i H/h, (i+1) H/h) x [j W/w, (j+1) W/w)``; ``geometry``, ``backbone``,
         ``weights_source``. Unpacks as ``features, geometry``.
@@ -593,6 +639,7 @@ def extract_features(
         ``cancel()`` returned True.
     """
     # Image checks first: they are cheap, and loading a large backbone is not.
+    requested = layer_list(layer, layers)
     rgb, info = _prepare_rgb(image, normalize, channel_axis)
     H, W = int(rgb.shape[1]), int(rgb.shape[2])
     working = _working_shape((H, W), input_size)
@@ -623,7 +670,9 @@ def extract_features(
         )
     dev = bb.device
     depth = bb.depth
-    idx = _resolve_layer(layer, depth, bb.name)
+    idxs = _resolve_layers(requested, depth, bb.name)
+    # forward_intermediates returns blocks in network order; channels follow the given order.
+    ascending = sorted(idxs)
 
     ph, pw = bb.patch_size
     _check_one_patch((H, W), (ph, pw), bb.name)
@@ -649,7 +698,8 @@ def extract_features(
     x = (x - mean) / std
     del rgb
 
-    C = bb.embed_dim
+    D = bb.embed_dim
+    C = D * len(idxs)
     ramps = _ramps_for(windows) if len(windows) > 1 else None
     acc = torch.zeros(C, h, w, dtype=torch.float32)
     den = torch.zeros(h, w, dtype=torch.float64) if ramps is not None else None
@@ -657,15 +707,18 @@ def extract_features(
         check_cancel(cancel, "feature extraction")
         crop = x[:, :, i0 * ph : i1 * ph, j0 * pw : j1 * pw].to(dev)
         with torch.inference_mode(), _cancel_between_blocks(bb.model, cancel):
-            out = bb.model.forward_intermediates(
+            outs = bb.model.forward_intermediates(
                 crop,
-                indices=[idx],
+                indices=list(ascending),
                 norm=True,
                 stop_early=True,
                 output_fmt="NCHW",
                 intermediates_only=True,
-            )[0]
-        feats = out[0].to("cpu", torch.float32)
+            )
+        if len(outs) != len(idxs):
+            raise RuntimeError(f"internal error: {bb.name} returned {len(outs)} block outputs for blocks {idxs}")
+        by_block = dict(zip(ascending, outs))
+        feats = torch.cat([by_block[i][0].to("cpu", torch.float32) for i in idxs], dim=0)
         if tuple(feats.shape) != (C, i1 - i0, j1 - j0):  # guard against a model that reshapes differently
             raise RuntimeError(f"internal error: {bb.name} returned {tuple(feats.shape)} for a {(i1 - i0, j1 - j0)} window")
         if ramps is None:
@@ -695,7 +748,8 @@ def extract_features(
         geometry=geometry,
         backbone=bb.name,
         weights_source=bb.weights_source,
-        layer=idx,
+        layer=idxs[0],
         num_layers=depth,
         preprocessing=info,
+        layers=idxs,
     )
