@@ -224,8 +224,10 @@ def fit_kernels(
         Method options; defaults reproduce the published code (see ``RenderOptions``).
     device : "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
     precision : "auto" | "fp32" | "fp16" | "bf16"
-        Dtype of the weights-times-values products. Log-weights, softmax and gradients are
-        float32 always.
+        "fp16" / "bf16": mixed-precision fit, the per-pair products after the log-weights
+        (weights, weights x values, gradient products) in half precision, log-weights, sums and
+        parameters float32, loss scaling for fp16 (docs/mixed_precision.md). "auto" and "fp32":
+        a float32 fit (on CUDA the eager path's weights-times-values products use fp16).
     max_memory : bytes, "2GB", "512MiB" or None
         Working-memory budget (inputs and outputs not counted). None: 60% of free GPU memory,
         or 40% of available RAM (at most 8 GiB) on CPU.
@@ -255,8 +257,9 @@ def fit_kernels(
         Receives one record per processed tile (bytes and time).
     threads : int, optional
         CPU threads for this call (None: torch's setting, ``OMP_NUM_THREADS``; docs/benchmarks.md).
-    backend : "auto" | "compiled" | "eager"
-        Fused ``torch.compile`` kernels or plain tensor operations (same results; docs/engine.md).
+    backend : "auto" | "triton" | "compiled" | "eager"
+        Hand-written Triton kernels (CUDA; "auto" picks them there, docs/gpu.md), fused
+        ``torch.compile`` kernels or plain tensor operations (same results; docs/engine.md).
     fit_fraction : float in (0, 1]
         Optional stochastic fit: each step uses a fresh random fraction of the pixels (whole
         LR cells; drawn with ``seed``, 0 when None), so a step costs about that fraction.
@@ -291,6 +294,7 @@ def fit_kernels(
         raise TypeError(f"init must be a KernelField, got {type(init).__name__}")
     dev = resolve_device(device)
     agg = resolve_precision(precision, dev)
+    fit_dtype = _fit_dtype(precision, agg)
     budget = _budget(max_memory, dev)
     g = Guide(guide, normalize, smoothing=guide_smoothing, channel_axis=channel_axis)
     _check_scale(lr_shape, g.shape, "lr_shape")
@@ -327,9 +331,18 @@ def fit_kernels(
         threads=threads,
         fit_fraction=fit_fraction,
         fit_seed=0 if seed is None else seed,
+        fit_dtype=fit_dtype,
     )
     field.options = fit_options
     return field
+
+
+def _fit_dtype(precision, agg: torch.dtype) -> torch.dtype:
+    """Dtype of the fit's per-pair products: half only when asked for by name ("auto" stays
+    float32 until a GPU measurement shows the mixed-precision fit equal: docs/mixed_precision.md)."""
+    if precision is None or (isinstance(precision, str) and precision.strip().lower() == "auto"):
+        return torch.float32
+    return agg
 
 
 def fitted_smoothing(field: KernelField) -> float:
