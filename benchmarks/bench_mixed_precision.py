@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Mixed-precision fit: its effect on the fit PSNR and on bench_quality.py's tasks 1-3.
 
-Fits every guide of the quality benchmark's scenes with ``precision="fp32"`` (the exact
+Fits every guide of the quality benchmark's scenes with ``fit_precision="fp32"`` (the exact
 float32 fit), ``"bf16"`` and ``"fp16"`` (half-precision per-pair products, float32 sums and
 parameters; on the CPU through :func:`napari_upsample_anything.core.fused.fit_chunk_mixed`,
 on CUDA with ``--backend triton`` through the Triton kernel), then scores the three fields
@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     load0 = load_average()
     scale = 16
-    variants: Dict[str, dict] = {f"gsjbu-{pr}": {"precision": pr, "backend": args.backend} for pr in PRECISIONS}
+    variants: Dict[str, dict] = {f"gsjbu-{pr}": {"fit_precision": pr, "backend": args.backend} for pr in PRECISIONS}
     ups = Upsamplers((float("nan"), float("nan")), cfg.steps, args.device, variants)
     runner = Runner(cfg, ups, print, tuple(variants))
     fits: List[dict] = []
@@ -91,7 +91,7 @@ def write_markdown(args, cfg, records, fits, variants, load0, seconds) -> None:
         f"load averages (1/5/15 min) {load0} at the start and {load_average()} at the end, {seconds / 60:.1f} min wall). "
         f"Scenes of the quality benchmark's `{cfg.name}` configuration ({cfg.size[0]} x {cfg.size[1]}, "
         f"{', '.join(cfg.real + cfg.synthetic)}), scale 16, {cfg.steps} Adam steps, clean guides. "
-        "`precision` is passed to `fit_kernels` only: every render is float32, so the columns differ by the fit alone.",
+        "`fit_precision` is passed to `fit_kernels` only: every render is float32, so the columns differ by the fit alone.",
         "",
         "## Fit PSNR (the fit's own reconstruction of its guide, every pixel)",
         "",

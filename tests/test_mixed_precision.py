@@ -1,4 +1,4 @@
-"""Mixed-precision fit (``precision="fp16"/"bf16"`` in ``fit_kernels``): half-precision per-pair
+"""Mixed-precision fit (``fit_precision="fp16"/"bf16"`` in ``fit_kernels``): half-precision per-pair
 products, float32 log-weights, sums and parameters, loss scaling for fp16; within 2e-2 of the
 float64 reference (docs/mixed_precision.md measures the fit PSNR)."""
 
@@ -64,15 +64,15 @@ def test_triton_half_kernel_within_2e2_of_float64_and_equal_to_torch_formulas(mo
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_fit_on_cpu_matches_float32_fit(precision):
-    """fit_kernels(precision=...) on the CPU: the loss curve and the fitted reconstruction stay
+    """fit_kernels(fit_precision=...) on the CPU: the loss curve and the fitted reconstruction stay
     within 2e-2 of the float32 fit (the float32 fit is checked against float64 elsewhere)."""
     rng = np.random.default_rng(4)
     yy, xx = np.mgrid[0:40, 0:48] / 40.0
     guide = np.stack([np.sin(6 * yy + 3 * xx), np.cos(4 * xx), yy * xx], -1) * 0.4 + 0.5
     guide = (guide + 0.05 * rng.standard_normal(guide.shape)).clip(0, 1).astype(np.float32)
     kw = dict(steps=6, device="cpu", seed=0)
-    ref = upa.fit_kernels(guide, (5, 6), precision="fp32", **kw)
-    half = upa.fit_kernels(guide, (5, 6), precision=precision, **kw)
+    ref = upa.fit_kernels(guide, (5, 6), fit_precision="fp32", **kw)
+    half = upa.fit_kernels(guide, (5, 6), fit_precision=precision, **kw)
     assert half.meta["kernel"] == "mixed" and half.meta["fit_precision"] == {"bf16": "bfloat16", "fp16": "float16"}[precision]
     assert ref.meta["fit_precision"] == "float32"
     a, b = np.array(half.meta["loss_per_step"]), np.array(ref.meta["loss_per_step"])
@@ -83,8 +83,14 @@ def test_mixed_precision_fit_on_cpu_matches_float32_fit(precision):
     assert rel_err(out_half, out_ref) < 2e-2
 
 
-def test_auto_precision_fits_in_float32():
-    """precision='auto' keeps the fit float32 on every device until a GPU measures the mixed fit equal."""
+def test_the_fit_is_float32_unless_fit_precision_says_otherwise():
+    """fit_precision='auto' (and the default) fit in float32 until a GPU measures the mixed fit
+    equal; the render's ``precision`` (which pipelines pass to the fit too) does not change it."""
     guide = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
-    f = upa.fit_kernels(guide, (2, 2), steps=1, device="cpu")
-    assert f.meta["fit_precision"] == "float32"
+    for kw in ({}, {"fit_precision": "auto"}, {"precision": "fp16"}, {"precision": "bf16"}):
+        f = upa.fit_kernels(guide, (2, 2), steps=1, device="cpu", **kw)
+        assert f.meta["fit_precision"] == "float32" and f.meta["kernel"] != "mixed", kw
+    with pytest.raises(ValueError, match="fit_precision='fp8'"):
+        upa.fit_kernels(guide, (2, 2), steps=1, device="cpu", fit_precision="fp8")
+    out, f = upa.upsample(guide, np.ones((2, 2, 2), np.float32), steps=1, device="cpu", fit_precision="bf16", return_field=True)
+    assert f.meta["fit_precision"] == "bfloat16" and np.allclose(out, 1.0, atol=1e-5)
