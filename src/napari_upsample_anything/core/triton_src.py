@@ -37,7 +37,7 @@ def fit_kernel(
     ``-gl ey^2``: three products per pair instead of six plus a chain rule whose terms
     cancel (which cost half precision a 4 % gradient error).
     """
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # int64 offsets: B * 6 * P passes 2^31 on large tiles
     ks = tl.arange(0, BLOCK_K)
     km = ks < K
     A = tl.load(coef + b * K + ks, mask=km, other=0.0)
@@ -121,7 +121,7 @@ def render_kernel(
     G: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, AGG: tl.constexpr,
     IEEE: tl.constexpr, RND: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # int64 offsets: B * C * P is 6e9 for a 4096^2 tile at C = 384
     ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = ps < P
     ks = tl.arange(0, BLOCK_K)
