@@ -204,6 +204,7 @@ def fit_kernels(
     threads: Optional[int] = None,
     backend: str = "auto",
     fit_fraction: float = 1.0,
+    fit_precision: str | torch.dtype = "fp32",
 ) -> KernelField:
     """Fit the GSJBU kernel field on ``guide`` for an LR grid of ``lr_shape`` (test-time optimisation).
 
@@ -224,8 +225,9 @@ def fit_kernels(
         Method options; defaults reproduce the published code (see ``RenderOptions``).
     device : "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
     precision : "auto" | "fp32" | "fp16" | "bf16"
-        Dtype of the weights-times-values products. Log-weights, softmax and gradients are
-        float32 always.
+        Dtype of the eager path's weights-times-values products (the render's choice, which
+        callers pass on). Log-weights, softmax and gradients are float32 always; the fit's
+        own half precision is ``fit_precision``.
     max_memory : bytes, "2GB", "512MiB" or None
         Working-memory budget (inputs and outputs not counted). None: 60% of free GPU memory,
         or 40% of available RAM (at most 8 GiB) on CPU.
@@ -255,13 +257,23 @@ def fit_kernels(
         Receives one record per processed tile (bytes and time).
     threads : int, optional
         CPU threads for this call (None: torch's setting, ``OMP_NUM_THREADS``; docs/benchmarks.md).
-    backend : "auto" | "compiled" | "eager"
-        Fused ``torch.compile`` kernels or plain tensor operations (same results; docs/engine.md).
+    backend : "auto" | "triton" | "compiled" | "eager"
+        Hand-written Triton kernels (CUDA; "auto" picks them there, docs/gpu.md), fused
+        ``torch.compile`` kernels or plain tensor operations (same results; docs/engine.md).
     fit_fraction : float in (0, 1]
         Optional stochastic fit: each step uses a fresh random fraction of the pixels (whole
         LR cells; drawn with ``seed``, 0 when None), so a step costs about that fraction.
         1 (default) is the exact, published fit. Measured speed and quality:
         docs/quality_stochastic.md.
+    fit_precision : "fp32" | "fp16" | "bf16" | "auto"
+        Mixed-precision fit: "fp16" / "bf16" compute the per-pair products after the
+        log-weights (softmax weights, d loss / d log-weight, gradient products) in half
+        precision; log-weights, exp, every sum, the loss and the parameters stay float32; fp16
+        uses loss scaling. Triton kernel with ``backend="triton"`` (CUDA), torch operations
+        otherwise (on the CPU 6-70x slower than the float32 C kernel: for measurement).
+        "fp32" (default) and "auto": the float32 fit (auto stays float32 until a GPU
+        measures the mixed fit equal; docs/mixed_precision.md). Separate from ``precision``
+        because pipelines pass the render's precision to the fit too.
 
     Returns
     -------
@@ -291,6 +303,7 @@ def fit_kernels(
         raise TypeError(f"init must be a KernelField, got {type(init).__name__}")
     dev = resolve_device(device)
     agg = resolve_precision(precision, dev)
+    fit_dtype = _fit_dtype(fit_precision, dev)
     budget = _budget(max_memory, dev)
     g = Guide(guide, normalize, smoothing=guide_smoothing, channel_axis=channel_axis)
     _check_scale(lr_shape, g.shape, "lr_shape")
@@ -327,9 +340,21 @@ def fit_kernels(
         threads=threads,
         fit_fraction=fit_fraction,
         fit_seed=0 if seed is None else seed,
+        fit_dtype=fit_dtype,
     )
     field.options = fit_options
     return field
+
+
+def _fit_dtype(fit_precision, device: torch.device) -> torch.dtype:
+    """Dtype of the fit's per-pair products (``fit_precision``): "auto" is float32 on every
+    device until a GPU measurement shows the mixed-precision fit equal (docs/mixed_precision.md)."""
+    if isinstance(fit_precision, str) and fit_precision.strip().lower() == "auto":
+        return torch.float32
+    try:
+        return resolve_precision(fit_precision, device)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(str(exc).replace("precision=", "fit_precision=", 1)) from None
 
 
 def fitted_smoothing(field: KernelField) -> float:
@@ -462,6 +487,7 @@ def upsample(
     threads: Optional[int] = None,
     backend: str = "auto",
     fit_fraction: float = 1.0,
+    fit_precision: str | torch.dtype = "fp32",
 ):
     """Fit the kernels on ``guide`` and upsample ``lr_map`` with them, in one call.
 
@@ -498,6 +524,7 @@ def upsample(
         threads=threads,
         backend=backend,
         fit_fraction=fit_fraction,
+        fit_precision=fit_precision,
     )
     hr = render(
         lr_map,

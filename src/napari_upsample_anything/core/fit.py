@@ -22,12 +22,13 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import native
+from . import native, triton_kernels
 from .checks import check_float
 from .errors import Cancelled, FitDivergedError
 from .field import KernelField, kernel_coefficients
 from .fused import (
     compiled_chunk_blocks,
+    fit_chunk_mixed,
     kernel,
     pad_blocks,
     resolve_backend,
@@ -233,6 +234,7 @@ class _ChunkedFit:
         keep: bool,
         compiled: bool,
         kernel_name: Optional[str] = None,
+        pair_dtype: torch.dtype = torch.float32,
     ):
         self.engine = engine
         self.values_flat = values_flat
@@ -243,12 +245,17 @@ class _ChunkedFit:
         # in seconds); CUDA, or no C compiler: torch.compile (Triton / inductor C++).
         if kernel_name is None:
             kernel_name = fit_kernel_name(engine.device, engine.channels) if compiled else "fused-eager"
-        self.kernel_name = kernel_name  # "native", "inductor" or "fused-eager" (uncompiled formulas)
-        self.fn = None if kernel_name == "native" else kernel("fit", kernel_name == "inductor")  # native: called directly
+        # "native", "triton", "inductor", "fused-eager" (uncompiled formulas) or "mixed" (the
+        # mixed-precision formulas in torch operations, fused.fit_chunk_mixed)
+        self.kernel_name = kernel_name
+        self.pair_dtype = pair_dtype
+        direct = kernel_name in ("native", "triton", "mixed")
+        self.fn = None if direct else kernel("fit", kernel_name == "inductor")  # direct: called by _fit_chunk
         largest = max(_blocks(t) for t in tiles)
         # The native kernel keeps no [B, P, K] intermediates and takes any B: whole tiles, no
         # padding. Compiled kernels: cache-sized chunks of one fixed size (one compilation).
-        self.cb = largest if self.kernel_name == "native" else compiled_chunk_blocks(engine.device, engine.P, engine.K, largest)
+        whole = self.kernel_name in ("native", "triton")  # no [B, P, K] intermediates: whole tiles, no padding
+        self.cb = largest if whole else compiled_chunk_blocks(engine.device, engine.P, engine.K, largest)
         self.r2_off = engine.grid.offsets.r2.to(engine.device, torch.int32)
         self.store = {}
 
@@ -295,7 +302,7 @@ class _ChunkedFit:
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """Pad a chunk to the fixed chunk size of a compiled kernel (the native one takes any)."""
-        return t if self.kernel_name == "native" else pad_blocks(t, self.cb)
+        return t if self.kernel_name in ("native", "triton") else pad_blocks(t, self.cb)
 
     def subset(self, x: dict, q: torch.Tensor, rows: torch.Tensor, weight: float):
         """The chunk's blocks ``rows`` only (stochastic fit), their loss weighted by ``weight``:
@@ -331,6 +338,7 @@ def fit_field(
     threads: Optional[int] = None,
     fit_fraction: float = 1.0,
     fit_seed: int = 0,
+    fit_dtype: torch.dtype = torch.float32,
 ) -> KernelField:
     """Fit a :class:`KernelField` on ``guide`` for an LR grid of ``lr_shape``.
 
@@ -354,6 +362,12 @@ def fit_field(
     seeded with ``fit_seed``), so a step costs about that fraction of an exact one. The final
     loss and PSNR in ``meta`` are always exact (every pixel). docs/quality_stochastic.md
     measures its speed and quality.
+
+    ``fit_dtype`` (mixed-precision fit): float32 (default), or float16 / bfloat16 for the
+    per-pair products after the log-weights (float32 log-weights, ``exp``, sums and
+    parameters; loss scaling for float16): the Triton kernel with ``backend="triton"``, the
+    same arithmetic in torch operations (:func:`.fused.fit_chunk_mixed`) otherwise.
+    docs/mixed_precision.md measures it.
     """
     fit_fraction = check_float(
         fit_fraction, "fit_fraction", positive=True, maximum=1.0, hint="pixels per step; 1 is the exact fit"
@@ -378,7 +392,11 @@ def fit_field(
     per_block = engine.bytes_per_block(G, agg_bytes, training=True)
     cheap_build = fit_kernel_name(device, G) == "native"  # seconds to build, cached on disk
     path = resolve_backend(backend, device, math.inf if cheap_build else float(H * W * engine.K * max(1, steps)))
-    if path == "compiled":
+    mixed = fit_dtype != torch.float32
+    if mixed and path != "triton":
+        path = "compiled"  # the mixed-precision formulas run through the chunked (fused) path
+    fused_path = path in ("compiled", "triton")
+    if fused_path:
         cache_bytes = engine.grid.rows.n_lr * engine.grid.cols.n_lr * _ChunkedFit.bytes_per_block(engine)
         range_bytes = 0
     else:
@@ -392,8 +410,13 @@ def fit_field(
     n_values = G * H * W
 
     def make_cache(keep: bool):
+        if path == "triton":
+            return _ChunkedFit(
+                engine, tiles, values_flat, n_values, keep, compiled=True, kernel_name="triton", pair_dtype=fit_dtype
+            )
         if path == "compiled":
-            return _ChunkedFit(engine, tiles, values_flat, n_values, keep, compiled=True)
+            name = "mixed" if mixed else None
+            return _ChunkedFit(engine, tiles, values_flat, n_values, keep, compiled=True, kernel_name=name, pair_dtype=fit_dtype)
         made = _TileCache(engine, keep, keep_range)
         made.agg_dtype = agg_dtype
         return made
@@ -412,7 +435,7 @@ def fit_field(
             sampler.draw()
             losses.append(math.nan)
         try:
-            if path == "compiled":
+            if fused_path:
                 loss, _ = _loss_and_grad_fused(cache, tiles, raw, per_block, memlog, cancel, sampler=sampler)
             else:
                 loss, _ = _loss_and_grad(
@@ -421,9 +444,10 @@ def fit_field(
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
             if isinstance(exc, Cancelled):  # the user's, not a compiler's failure: no eager fallback
                 raise
-            if path == "compiled" and backend == "auto" and step == 0 and not is_out_of_memory(exc):
+            if fused_path and backend == "auto" and step == 0 and not mixed and not is_out_of_memory(exc):
                 warn_fallback(exc)  # no working compiler after all: the eager path computes the same
                 path = "eager"
+                fused_path = False
                 cache = make_cache(keep_cache)
                 raw.grad = None
                 continue
@@ -458,12 +482,13 @@ def fit_field(
         "fit_fraction": float(fit_fraction),
         "fit_seed": int(fit_seed),
         "backend": path,
-        "kernel": cache.kernel_name if path == "compiled" else "eager",
+        "kernel": cache.kernel_name if fused_path else "eager",
+        "fit_precision": str(fit_dtype).replace("torch.", ""),
     }
     if final_loss:
         sampler.everything()
         with torch.no_grad():
-            if path == "compiled":
+            if fused_path:
                 last, mse = _loss_and_grad_fused(cache, tiles, None, per_block, None, cancel, fitted)
             else:
                 last, mse = _loss_and_grad(engine, cache, tiles, None, values_flat, n_values, per_block, None, cancel, fitted)
@@ -567,6 +592,18 @@ def _fit_chunk(prep: _ChunkedFit, c: torch.Tensor, x: dict, r2: torch.Tensor, n:
         return native.fit_chunk(
             x["phi"], c, x["d_y"], x["d_x"], x["ic"], x["jd"], x["vals"], x["target"], x["weight"], r2, prep.r2_off, x["repeated"]
         )
+    if prep.kernel_name == "triton":
+        return triton_kernels.fit_chunk(
+            x["phi"], c, x["d_y"], x["d_x"], x["ic"], x["jd"], x["vals"], x["target"], x["weight"], r2, prep.r2_off,
+            x["repeated"], pair_dtype=prep.pair_dtype,
+        )  # fmt: skip
+    if prep.kernel_name == "mixed":
+        wmax = float(x["weight"].max()) if prep.pair_dtype == torch.float16 else 0.0
+        loss, sq, grad = fit_chunk_mixed(
+            x["phi"], prep.pad(c.transpose(0, 1)).transpose(0, 1), x["d_y"], x["d_x"], x["ic"], x["jd"], x["vals"],
+            x["target"], x["weight"], prep.pad(r2), prep.r2_off, x["repeated"], prep.pair_dtype, 1.0 / wmax if wmax > 0 else 1.0,
+        )  # fmt: skip
+        return loss, sq, grad[:, :n]
     psi = spatial_coefficients(c, x["d_y"][:n], x["d_x"][:n])
     loss, sq, grad_psi, grad_rho = prep.fn(
         x["phi"], prep.pad(psi), prep.pad(c[3]), x["ic"], x["jd"], x["vals"], x["target"], x["weight"],

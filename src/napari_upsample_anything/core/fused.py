@@ -38,7 +38,7 @@ from typing import Callable, Dict
 
 import torch
 
-BACKENDS = ("auto", "compiled", "eager")
+BACKENDS = ("auto", "triton", "compiled", "eager")
 
 # "auto" compiles only when the work amortises the compile time (measured on the 2-core CPU:
 # 20-40 s for the first fit shape class, about 3 s from inductor's on-disk cache). Below this
@@ -48,7 +48,10 @@ AUTO_COMPILE_MIN_PAIR_EVALS = 2e9
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: use 'auto' (compile when it pays off), 'compiled' or 'eager'")
+        raise ValueError(
+            f"backend={backend!r}: use 'auto' (Triton kernels on CUDA, else compile when it pays off), "
+            "'triton', 'compiled' or 'eager'"
+        )
     return backend
 
 
@@ -74,14 +77,28 @@ def compiler_available(device_type: str) -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device, pair_evals: float = math.inf) -> str:
-    """``"compiled"`` or ``"eager"`` for a run of ``pair_evals`` (pixel, neighbour) evaluations.
+    """``"triton"``, ``"compiled"`` or ``"eager"`` for a run of ``pair_evals`` (pixel, neighbour) evaluations.
 
-    ``"compiled"`` without a compiler raises a ValueError naming the fix; ``"auto"`` compiles
-    when a compiler is there and the run is large enough to amortise the compile time.
+    ``"triton"`` (the hand-written kernels of :mod:`.triton_kernels`) needs CUDA and triton, or
+    a CPU under Triton's interpreter (``TRITON_INTERPRET=1``, for tests); ``"auto"`` picks it on
+    CUDA whenever triton imports. ``"compiled"`` without a compiler raises a ValueError naming
+    the fix; otherwise ``"auto"`` compiles when a compiler is there and the run is large enough
+    to amortise the compile time.
     """
+    from . import triton_kernels
+
     check_backend(backend)
     if backend == "eager":
         return "eager"
+    if backend == "triton":
+        if not triton_kernels.usable(device):
+            raise ValueError(
+                f"backend='triton' cannot run on {device.type} here: it needs a CUDA device and the triton package "
+                "(on the CPU only under Triton's interpreter, TRITON_INTERPRET=1); use backend='auto' or 'eager'"
+            )
+        return "triton"
+    if backend == "auto" and device.type == "cuda" and triton_kernels.usable(device):
+        return "triton"
     ok = compiler_available(device.type)
     if backend == "compiled":
         if not ok:
@@ -187,6 +204,58 @@ def fit_chunk(phi, psi, rho, ic, jd, vals, target, weight, r2_pix, r2_off, repea
     return loss, squared, grad_psi, grad_rho
 
 
+def fit_chunk_mixed(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated, pair_dtype, loss_scale=1.0):
+    """Mixed-precision fit chunk in torch operations: the CPU path of ``precision="fp16"/"bf16"``
+    and the reference of the Triton kernel's half-precision arithmetic.
+
+    Takes the inputs of :func:`.native.fit_chunk` (``coef [4, B, K]`` = A, B, C, rho and offsets
+    ``d_y, d_x``) and computes what :func:`.triton_src.fit_kernel` does: log-weights from the
+    pair's own offset ``(ex, ey) = (lx - Dx, ly - Dy)``, ``exp`` and the softmax in float32;
+    the softmax weights rounded to ``pair_dtype``; the aggregation and ``sum_g s_g v_g`` with
+    float32 values (the gradient's signal is ``v(k) - out(p)``, a difference of close
+    numbers); ``d loss / d log-weight`` and the four gradient products per pair in
+    ``pair_dtype``; every sum in float32, with ``loss_scale`` multiplying the per-pixel
+    gradient factor (float16) and divided out of the sums. Returns
+    ``(loss_sum, squared_sum, grad_coef [4, B, K])``.
+    """
+    f32 = torch.float32
+    A, Bc, Cc, rho = coef[0][:, None, :], coef[1][:, None, :], coef[2][:, None, :], coef[3][:, None, :]
+    ex = phi[:, 3, :, None] - d_x[:, None, :]
+    ey = phi[:, 4, :, None] - d_y[:, None, :]
+    dist = range_term(ic, jd)
+    logits = -(A * ex * ex + 2 * Bc * ex * ey + Cc * ey * ey) - rho * dist
+    drop = (r2_off[None, None, : coef.shape[2]] > r2_pix[:, :, None]) | repeated[:, None, :]
+    w = torch.softmax(logits.masked_fill(drop, -math.inf), dim=-1)
+
+    def rnd(x):  # one per-pair product's rounding
+        return x.to(pair_dtype)
+
+    wh = rnd(w)
+    loss = torch.zeros((), dtype=torch.float64)
+    squared = torch.zeros((), dtype=torch.float64)
+    dot = torch.zeros_like(w)
+    shift = torch.zeros_like(weight)
+    for g in range(vals.shape[1]):
+        v = vals[:, g, None, :]
+        o = (wh.to(f32) * v).sum(-1)
+        diff = o - target[:, g]
+        loss += (diff.abs() * weight).sum().double()
+        squared += (diff * diff * weight).sum().double()
+        sg = torch.sign(diff) * weight * loss_scale
+        dot += sg[:, :, None] * v
+        shift += sg * o
+    gl = wh * rnd(dot - shift[:, :, None])
+    exh, eyh = rnd(ex), rnd(ey)
+    gx, gy = gl * exh, gl * eyh
+    grads = [
+        -(gx * exh).to(f32).sum(1),
+        -2 * (gx * eyh).to(f32).sum(1),
+        -(gy * eyh).to(f32).sum(1),
+        -(rnd(dist) * gl).to(f32).sum(1),
+    ]
+    return loss, squared, torch.stack(grads) / loss_scale
+
+
 def render_weights(phi, psi, rho, ic, jd, r2_pix, r2_off, repeated) -> torch.Tensor:
     """Softmax weights ``[B, P, K]`` of a render chunk (the aggregation stays a GEMM)."""
     return torch.softmax(log_weights(phi, psi, rho, range_term(ic, jd), r2_pix, r2_off, repeated), dim=-1)
@@ -253,6 +322,7 @@ __all__ = [
     "spatial_coefficients",
     "spatial_coefficients_backward",
     "render_weights",
+    "fit_chunk_mixed",
     "kernel",
     "pad_blocks",
     "compiled_chunk_blocks",

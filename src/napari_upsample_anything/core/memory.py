@@ -11,6 +11,11 @@ One place for everything about bytes:
   CLI report are drawn from it.
 * :func:`is_out_of_memory` recognises the allocation failures that trigger a retry with
   smaller tiles.
+* :func:`device_memory` reads a CUDA device's allocator statistics (allocated, reserved,
+  their peaks, driver free / total) from a *statistics source*: torch's allocator by default
+  (:class:`TorchCudaStats`), any object with the same three methods in tests (a fake source
+  needs no GPU). :class:`TileMeter` measures tile peaks through the same source. The memory
+  monitor (widgets) samples :func:`sample_device_memory`.
 
 The budget bounds the engine's *working* memory (tiles of weights, gathered neighbour
 values, partial outputs). Inputs and the output array are not counted: the output is what
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Mapping, Optional, Protocol, Tuple
 
 import torch
 
@@ -71,6 +76,112 @@ def is_out_of_memory(exc: BaseException) -> bool:
         msg = str(exc).lower()
         return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
     return False
+
+
+# ---------------------------------------------------------------------------- allocator statistics
+class StatsSource(Protocol):
+    """Where CUDA allocator statistics come from (torch by default; a fake one in tests)."""
+
+    def memory_stats(self, device: torch.device) -> Mapping[str, int]:
+        """``torch.cuda.memory_stats``-style keys: ``allocated_bytes.all.current`` / ``.peak``,
+        ``reserved_bytes.all.current`` / ``.peak``."""
+
+    def mem_get_info(self, device: torch.device) -> Tuple[int, int]:
+        """``(free, total)`` bytes of the device (the driver's view)."""
+
+    def reset_peak_memory_stats(self, device: torch.device) -> None:
+        """Start a new peak (the ``.peak`` keys restart from the current values)."""
+
+
+class TorchCudaStats:
+    """:class:`StatsSource` of torch's CUDA caching allocator."""
+
+    def memory_stats(self, device: torch.device) -> Mapping[str, int]:
+        return torch.cuda.memory_stats(device)
+
+    def mem_get_info(self, device: torch.device) -> Tuple[int, int]:
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+
+    def reset_peak_memory_stats(self, device: torch.device) -> None:
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+_DEFAULT_SOURCE = TorchCudaStats()
+
+
+@dataclass
+class DeviceMemory:
+    """One reading of a CUDA device's memory (bytes).
+
+    ``allocated``: tensors alive; ``reserved``: held by the caching allocator (what the
+    driver sees as used by this process, >= allocated); ``peak_allocated`` /
+    ``peak_reserved``: their maxima since the last :meth:`StatsSource.reset_peak_memory_stats`
+    (``peak_allocated`` is ``torch.cuda.max_memory_allocated``); ``free`` / ``total``: the driver's.
+    """
+
+    device: str
+    allocated: int
+    reserved: int
+    peak_allocated: int
+    peak_reserved: int
+    free: int
+    total: int
+
+    @property
+    def current(self) -> int:
+        return self.allocated
+
+    def as_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "allocated": self.allocated,
+            "reserved": self.reserved,
+            "peak": self.peak_allocated,
+            "peak_reserved": self.peak_reserved,
+            "free": self.free,
+            "total": self.total,
+            "current": self.allocated,
+        }
+
+
+def device_memory(device: torch.device | str, source: Optional[StatsSource] = None) -> DeviceMemory:
+    """Allocator statistics of CUDA ``device`` from ``source`` (torch's allocator by default)."""
+    dev = torch.device(device)
+    src = _DEFAULT_SOURCE if source is None else source
+    stats = src.memory_stats(dev)
+    free, total = src.mem_get_info(dev)
+
+    def get(key: str) -> int:
+        return int(stats.get(key, 0))
+
+    return DeviceMemory(
+        device=str(dev),
+        allocated=get("allocated_bytes.all.current"),
+        reserved=get("reserved_bytes.all.current"),
+        peak_allocated=get("allocated_bytes.all.peak"),
+        peak_reserved=get("reserved_bytes.all.peak"),
+        free=int(free),
+        total=int(total),
+    )
+
+
+def sample_device_memory(device: torch.device | str, source: Optional[StatsSource] = None) -> dict:
+    """What the memory monitor shows for ``device``, as a dict.
+
+    CUDA (or any device when a ``source`` is given): :meth:`DeviceMemory.as_dict` (allocated,
+    reserved, peak, peak_reserved, free, total; ``current`` = allocated). CPU / MPS: ``rss`` and
+    ``available`` (``current`` = rss). ``rss`` / ``available`` (the process) are in both.
+    """
+    import psutil
+
+    dev = torch.device(device)
+    out = {"device": str(dev), "rss": process_rss(), "available": int(psutil.virtual_memory().available)}
+    if dev.type == "cuda" or source is not None:
+        out.update(device_memory(dev, source).as_dict())
+    else:
+        out["current"] = out["rss"]
+    return out
 
 
 @dataclass
@@ -150,22 +261,34 @@ class MemoryLog:
 
 
 class TileMeter:
-    """Context manager measuring one tile's peak on the device (see :class:`MemoryLog`)."""
+    """Context manager measuring one tile's peak on the device (see :class:`MemoryLog`).
 
-    def __init__(self, device: torch.device):
+    CUDA (or any device with a ``source``): the allocator's peak allocated bytes above the
+    level before the tile; also ``peak_reserved``. CPU: the process RSS after the tile.
+    """
+
+    source: Optional[StatsSource] = None  # class-wide override (tests); None: torch's allocator
+
+    def __init__(self, device: torch.device, source: Optional[StatsSource] = None):
         self.device = device
         self.base = 0
         self.peak = 0
+        self.peak_reserved = 0
+        self._source = source if source is not None else TileMeter.source
+        self._allocator = device.type == "cuda" or self._source is not None
 
     def __enter__(self) -> TileMeter:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
+        if self._allocator:
+            src = self._source or _DEFAULT_SOURCE
+            src.reset_peak_memory_stats(self.device)
+            self.base = device_memory(self.device, src).allocated
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak = int(torch.cuda.max_memory_allocated(self.device) - self.base)
+        if self._allocator:
+            reading = device_memory(self.device, self._source or _DEFAULT_SOURCE)
+            self.peak = max(0, reading.peak_allocated - self.base)
+            self.peak_reserved = reading.peak_reserved
         else:
             self.peak = process_rss()
 

@@ -430,6 +430,8 @@ class BlockEngine:
         # little (docs/benchmarks_engine.md); "compiled" is there to be asked for.
         path = resolve_backend(backend, self.device, 0.0)
         weights_kernel = _RenderWeights(self, max(_tile_blocks(t) for t in queue)) if path == "compiled" else None
+        if path == "triton":
+            weights_kernel = "triton"  # the Triton render kernel (weights and aggregation, :mod:`.triton_kernels`)
         while queue:
             tile = queue.pop(0)
             check_cancel(cancel, stage)
@@ -524,6 +526,8 @@ class BlockEngine:
     ) -> torch.Tensor:
         """``[B, C, P]`` render of one tile (channels first, see :func:`.attention.render_blocks`)."""
         r2_pix = self.radius_sq(sigma_eff, tile)
+        if weights_kernel == "triton":
+            return self._render_tile_triton(values_flat, coef, r2_pix, tile, agg_dtype)
         k = self.K if weights_kernel is not None else self.tile_k(r2_pix)
         geometry = self.neighbours(tile, k)
         q = geometry[0]
@@ -535,6 +539,20 @@ class BlockEngine:
             return render_blocks(phi, psi, rho, jd, vals, None, agg_dtype, workspace, weights_fn, weights_kernel.cb)
         mask = self.weights_mask(r2_pix, geometry[3], k)
         return render_blocks(phi, psi, rho, jd, vals, mask, agg_dtype, workspace)
+
+    def _render_tile_triton(self, values_flat, coef, r2_pix, tile: Tile, agg_dtype) -> torch.Tensor:
+        """:meth:`_render_tile` through the Triton render kernel (no ``[B, K, C]`` gather)."""
+        from . import triton_kernels
+
+        k = self.tile_k(r2_pix)
+        q, d_y, d_x, repeated = self.neighbours(tile, k)
+        phi = self.pixel_features(tile)
+        psi, rho, jd = self.neighbour_features(coef, tile, (q, d_y, d_x, repeated))
+        g = self.channels
+        return triton_kernels.render_blocks(
+            phi[:, :, :6].transpose(1, 2), psi, rho, phi[:, :, 7 : 7 + g].transpose(1, 2), jd.transpose(1, 2), q,
+            values_flat, r2_pix, self._r2, None if repeated is None else repeated[:, 0, :], agg_dtype,
+        )  # fmt: skip
 
 
 class _RenderWeights:
