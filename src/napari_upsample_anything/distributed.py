@@ -224,7 +224,7 @@ def start_local_cluster(
         raise ValueError(f"n_workers={n_workers!r}: give an int >= 1")
     limit = parse_bytes(memory_limit) if memory_limit is not None else "auto"
     env = {"OMP_NUM_THREADS": str(threads_per_worker), "MKL_NUM_THREADS": str(threads_per_worker)}
-    with worker_malloc_defaults():
+    with worker_malloc_defaults(), _sigint_ignored():
         cluster = LocalCluster(
             n_workers=int(n_workers),
             threads_per_worker=threads_per_worker,
@@ -240,6 +240,38 @@ def start_local_cluster(
         cluster.close()
         raise
     return client, cluster
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while the local workers start, so that they inherit it ignored: Ctrl-C
+    in a terminal signals the whole process group, and only the main process should act on
+    it (stop the cluster, remove the partial output), not every worker with a traceback."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_running_tasks(client) -> None:
+    """After Ctrl-C: end the tasks still running, so that none writes after the caller removes
+    their outputs. A local cluster (this process's own) is closed: its worker processes end.
+    On a remote scheduler the futures were cancelled (:func:`_execute_dask`); a task already
+    running there finishes its current step."""
+    cluster = getattr(client, "cluster", None)
+    if cluster is None:
+        return
+    try:
+        client.close()
+    finally:
+        cluster.close()
 
 
 def execute(

@@ -135,7 +135,11 @@ def run_job_on_dask(
                 report = outcomes[-1].result
             job.commit()
             return report
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # Ctrl-C: no worker may write after the removal
+                from .distributed import stop_running_tasks
+
+                stop_running_tasks(dask_cl)
             job.abort()
             raise
 
