@@ -555,7 +555,12 @@ def cmd_map(args) -> int:
     if args.dask:
         return _map_on_dask(args, options, kind, planes[0])
     t, z = planes[0]
-    guide = src.guide(t, z, options.channels)
+    try:
+        guide = src.guide(t, z, options.channels)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a reader's error on a damaged file comes in any type
+        raise UsageError(f"--image {args.image}: cannot read plane t={t} z={z} ({type(exc).__name__}: {exc})") from exc
     field = None
     if args.kernels is not None:
         field = _load_kernels(args.kernels, (t, z))
