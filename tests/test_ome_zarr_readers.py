@@ -86,6 +86,9 @@ def test_every_store_is_valid_ngff_05_with_complete_omero(outputs):
             assert ch["label"] and len(ch["color"]) == 6
             assert ch["window"]["start"] < ch["window"]["end"]
         assert group.attrs["upsample_anything"]["channel_names"] == [ch["label"] for ch in channels]
+        from bioio import BioImage
+
+        assert list(BioImage(path).channel_names) == [ch["label"] for ch in channels]  # bioio names every channel
 
 
 def test_feature_windows_hold_every_value_and_one_channel_is_shown(outputs):

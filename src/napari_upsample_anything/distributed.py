@@ -263,8 +263,8 @@ def _sigint_ignored():
 def stop_running_tasks(client) -> None:
     """After Ctrl-C: end the tasks still running, so that none writes after the caller removes
     their outputs. A local cluster (this process's own) is closed: its worker processes end.
-    On a remote scheduler the futures were cancelled (:func:`_execute_dask`); a task already
-    running there finishes its current step."""
+    On a remote scheduler the futures were cancelled (:func:`_execute_dask`), but a task
+    already running on a remote worker is not stopped (it can still write)."""
     cluster = getattr(client, "cluster", None)
     if cluster is None:
         return
