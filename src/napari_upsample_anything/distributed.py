@@ -262,11 +262,12 @@ def _sigint_ignored():
 
 def stop_running_tasks(client) -> None:
     """After Ctrl-C: end the tasks still running, so that none writes after the caller removes
-    their outputs. A local cluster (this process's own) is closed: its worker processes end.
+    their outputs. A local cluster this package started (``dask_client("local")``, the CLI's
+    ``--dask``) is closed: its worker processes end. A client given by the caller is left alone.
     On a remote scheduler the futures were cancelled (:func:`_execute_dask`), but a task
     already running on a remote worker is not stopped (it can still write)."""
     cluster = getattr(client, "cluster", None)
-    if cluster is None:
+    if cluster is None or not getattr(client, "upsample_anything_owns_cluster", False):
         return
     try:
         client.close()
