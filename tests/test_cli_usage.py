@@ -131,10 +131,10 @@ def test_reader_warnings_are_folded_into_the_one_error_line(tmp_path):
     res = run_cli(args, tmp_path)
     assert res.returncode == 2
     line = one_line(res)
-    assert str(cut) in line and "reader warning(s), first: tifffile" in line and "--verbose shows them all" in line
+    assert str(cut) in line and "warning(s) on the way, first: tifffile" in line and "--verbose shows them all" in line
     loud = run_cli(args + ["--verbose"], tmp_path)
     assert loud.returncode == 2
-    assert sum("tifffile" in s for s in loud.stderr.splitlines()) >= 2 and "reader warning(s)" not in loud.stderr
+    assert sum("tifffile" in s for s in loud.stderr.splitlines()) >= 2 and "warning(s) on the way" not in loud.stderr
 
 
 def test_a_guide_with_other_channels_than_the_fit_is_refused_naming_both_counts():
@@ -149,3 +149,16 @@ def test_a_guide_with_other_channels_than_the_fit_is_refused_naming_both_counts(
     ):
         upa.render(lr, rgb[..., 0], field, device="cpu")
     assert upa.render(lr, rgb, field, device="cpu").shape == (2, 40, 36)  # the fit's own guide renders
+
+
+def test_missing_weights_on_dask_workers_name_the_flags_in_one_line(tmp_path, gray_png):
+    res = run_cli(
+        ["run", gray_png, "--out", tmp_path / "o", "--backbone", "test_vit", "--quiet"]
+        + ["--dask", "--workers", "1", "--retries", "0"],
+        tmp_path,
+    )
+    assert res.returncode == 1  # the machine lacks the weights: not a usage mistake
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[1] == "upsample-anything: 1 of 1 input(s) failed", res.stderr
+    assert "error: pass --weights FILE" in lines[0] and "--random-weights for testing only" in lines[0]
+    assert "Traceback" not in res.stderr and "Compute Failed" not in res.stderr

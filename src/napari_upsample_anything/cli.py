@@ -251,6 +251,10 @@ def describe_error(exc: BaseException) -> str:
         repo, filename = getattr(exc, "repo_id", None), getattr(exc, "filename", None)
         where = f" (download https://huggingface.co/{repo}/resolve/main/{filename} on a machine with internet)" if repo else ""
         return f"pass --weights FILE, a local weights file{where}, or --random-weights for testing only; {first}"
+    failures = getattr(exc, "failures", None)  # a Dask job whose workers had no weights
+    if failures and all(str(getattr(o, "error", "")).startswith("WeightsUnavailableError") for o in failures):
+        first = str(failures[0].error).split(":", 1)[1].strip().splitlines()[0]
+        return f"pass --weights FILE (a local weights file the workers can read) or --random-weights for testing only; on the Dask workers: {first}"
     return _one_line(exc)
 
 
@@ -316,7 +320,7 @@ class Notes:
             return ""
         first = " ".join(every[0].split())
         first = first if len(first) <= 160 else first[:157] + "..."
-        return f" ({len(every)} reader warning(s), first: {first}; --verbose shows them all)"
+        return f" ({len(every)} warning(s) on the way, first: {first}; --verbose shows them all)"
 
     def show(self) -> None:
         notes = self.take()

@@ -231,7 +231,9 @@ def start_local_cluster(
             processes=True,
             memory_limit=limit,
             dashboard_address=":0",  # a free port: never collide with another user's dashboard
-            silence_logs=logging.ERROR,
+            # a failed task is reported once, in its TaskOutcome (error and traceback), not
+            # also as the worker's "Compute Failed" log with the whole task record
+            silence_logs=logging.CRITICAL,
             env=env,
         )
     try:
