@@ -10,8 +10,13 @@
 * :func:`write_kernels` / :func:`read_kernels` store kernel fields (sigma_x, sigma_y, theta,
   sigma_r on the LR grid) with their fit metadata, so ``map --kernels`` can reuse them.
 
-ome-zarr-py 0.18 writes NGFF 0.5 (zarr v3 ``zarr.json`` with an ``ome`` attribute), which
-bioio-ome-zarr and napari-ome-zarr read. No Qt and no torch here (except read_kernels).
+ome-zarr-py 0.18 writes NGFF 0.5 (zarr v3 ``zarr.json`` with an ``ome`` attribute). Every
+store with a channel axis gets a complete ``omero`` block (label, colour, window, active per
+channel: :func:`omero_metadata`), LR grids a translation that centres each cell on the HR
+pixels it covers (:func:`lr_grid_geometry`), pyramid levels the translation of the pixels
+they average; yaozarrs, ome-zarr-models, bioio-ome-zarr and napari-ome-zarr read them
+(tests/test_ome_zarr_readers.py, docs/microscopy.md). No Qt and no torch here (except
+read_kernels).
 """
 
 from __future__ import annotations
