@@ -149,7 +149,9 @@ def test_bad_usage_exits_2_with_one_line(tmp_path, image_file, args, message):
 def test_missing_weights_is_a_failure_not_usage(tmp_path, image_file):
     res = run_cli(["run", image_file, "--out", tmp_path / "o", "--quiet"], tmp_path, timeout=300)
     assert res.returncode == 1
-    assert "Pretrained weights" in res.stderr and "weights=" in res.stderr
+    line = res.stderr.strip().splitlines()[-2]  # then "1 of 1 input(s) failed"
+    assert line.index("--weights FILE") < line.index("Pretrained weights")  # what to do comes first
+    assert "--random-weights" in line
     assert "Traceback" not in res.stderr
 
 

@@ -177,6 +177,8 @@ def test_stack_on_dask_is_byte_identical_to_serial(cluster_client, data_dir, opt
     assert len(res["pca"]["levels"]) >= 1 and res["pca"]["data"].shape == (3, 5, SIZE, SIZE)
     assert res["kernels"]["data"].shape == (4, 5, 4, 4)
     assert res["lr_features"]["scale"][-2:] == [SIZE / 4, SIZE / 4]  # LR cells of 14 HR pixels
+    assert res["lr_features"]["translation"][-2:] == [(SIZE / 4 - 1) / 2] * 2  # centred on the 14 HR pixels they cover
+    assert res["features"]["translation"] == [0.0] * 4
 
 
 def test_task_failing_once_is_retried_and_output_complete(cluster_client, data_dir, options, tmp_path):

@@ -117,6 +117,17 @@ def fitted_guide(
     return Guide(guide, normalize, smoothing=guide_smoothing, channel_axis=channel_axis)
 
 
+def check_guide_channels(field: KernelField, channels: int) -> None:
+    """Refuse a guide whose number of channels differs from the one ``field`` was fitted on:
+    its range kernels (``sigma_r``) measure colour distances between that many channels."""
+    fitted = field.options.guide_channels if field.options is not None else None
+    if fitted is not None and int(channels) != int(fitted):
+        raise ValueError(
+            f"the guide has {channels} channel(s) but the kernels were fitted on a guide of {fitted} channel(s); "
+            "render with a guide made of the same channels as the fit's (the same image and --channels / channel_axis), or refit"
+        )
+
+
 def _check_out(out, shape: Tuple[int, int, int], values: torch.Tensor, lr_was_numpy: bool, agg: torch.dtype):
     """Refuse an ``out`` buffer the render would silently wrap, truncate or not fill."""
     if isinstance(out, torch.Tensor):
@@ -315,6 +326,7 @@ def fit_kernels(
         channel_axis=channel_axis,
         hr_shape=g.shape,
         lr_shape=lr_shape,
+        guide_channels=g.channels,
         lr=lr,
         steps=steps,
     )
@@ -432,6 +444,7 @@ def render(
     C, h, w = values.shape
     _check_scale((h, w), g.shape, "lr_map")
     field.validate((h, w), "field")
+    check_guide_channels(field, g.channels)
     fitted_hr = field.options.hr_shape if field.options is not None else None
     if fitted_hr is not None and tuple(g.shape) != tuple(fitted_hr) and not allow_resized_guide:
         raise ValueError(

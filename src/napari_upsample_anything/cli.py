@@ -13,11 +13,20 @@ failing input is reported and the batch goes on. ``--dask`` (after the inputs) r
 plane as Dask tasks on ``--workers`` local processes, ``--dask tcp://host:8786`` on a running
 scheduler (unreachable: exit 1 within seconds); see :mod:`napari_upsample_anything.pipeline_dask`.
 
-Exit codes: 0 success; 1 internal failure (missing weights, out of memory, a failed input);
-2 usage errors only (unknown option, invalid value, missing file, and a batch whose every
-failure was an unreadable or invalid input); 130 on Ctrl-C (after removing partial outputs).
-Every flag is validated before any model is loaded. Errors print one line; ``--traceback``
-(before or after the subcommand) shows the Python traceback for bug reports.
+Exit codes, one per kind of outcome:
+
+* 0: success.
+* 2: a mistake the user can fix in the command line or the input: an unknown or invalid
+  flag, a missing or unreadable file, a map that does not fit the image or the kernels, a
+  budget too small to work in or larger than the machine's memory, and a batch whose every
+  failure was such an input. Checked before any model is loaded wherever the input allows.
+* 1: the machine, not the command: pretrained weights not available (the message names
+  ``--weights FILE`` and ``--random-weights``), out of memory, a failed Dask worker, a bug.
+* 130: Ctrl-C, after removing the partial outputs (an earlier result stays).
+
+Errors print one line (the readers' warnings folded into it; ``--verbose`` prints every
+warning and log message as it comes); ``--traceback`` (before or after the subcommand) shows
+the Python traceback for bug reports.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ from typing import Dict, List, Optional
 from .core.published import PUBLISHED_STEPS  # torch-free: the parser is built before torch loads
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: The smallest ``--max-memory`` a run works in: a backbone window and one render tile of
+#: the smallest model need more than this, so a lower budget is refused before any model loads.
+MIN_BUDGET_BYTES = 16 * 2**20
 
 
 class UsageError(Exception):
@@ -98,6 +110,35 @@ def _parse_memory(text: Optional[str]):
         raise UsageError(f"--max-memory {text}: give a finite size such as 2GB or 512MiB ({exc})") from exc
 
 
+def check_budget(text: Optional[str]) -> None:
+    """Refuse a ``--max-memory`` below :data:`MIN_BUDGET_BYTES` or above the machine's
+    memory (UsageError with the figures); warn when it exceeds the memory available now."""
+    if text in (None, "", "auto"):
+        return
+    import psutil
+
+    from .core.units import format_bytes
+
+    nbytes = _parse_memory(text)
+    if nbytes < MIN_BUDGET_BYTES:
+        raise UsageError(
+            f"--max-memory {text} ({format_bytes(nbytes)}) is too small: a run needs at least {format_bytes(MIN_BUDGET_BYTES)} "
+            "(one backbone window and one render tile); give e.g. --max-memory 512MB"
+        )
+    mem = psutil.virtual_memory()
+    if nbytes > mem.total:
+        raise UsageError(
+            f"--max-memory {text} ({format_bytes(nbytes)}) is more than this machine's memory ({format_bytes(mem.total)}, "
+            f"{format_bytes(mem.available)} available now); give at most --max-memory {int(mem.available // 2**20)}MiB"
+        )
+    if nbytes > mem.available:
+        print(
+            f"upsample-anything: warning: --max-memory {text} ({format_bytes(nbytes)}) is more than the memory available now "
+            f"({format_bytes(mem.available)} of {format_bytes(mem.total)}); the run may swap or be killed",
+            file=sys.stderr,
+        )
+
+
 def _output_dir(out: str) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
@@ -111,12 +152,17 @@ def options_from_args(args, channels=None):
     (a bad value raises :class:`UsageError` naming the flag)."""
     from .pipeline import PipelineOptions
 
+    defaults = PipelineOptions()
+    backbone = getattr(args, "backbone", defaults.backbone)
+    if getattr(args, "random_weights", False) and getattr(args, "weights", None):
+        raise UsageError("--random-weights and --weights FILE exclude each other: give one")
     try:
         opts = PipelineOptions(
-            backbone=args.backbone,
-            layer=args.layer,
-            input_size=args.input_size,
-            weights=args.weights,
+            backbone=backbone,
+            layer=getattr(args, "layer", defaults.layer),
+            input_size=getattr(args, "input_size", defaults.input_size),
+            weights=getattr(args, "weights", None),
+            pretrained=not getattr(args, "random_weights", False),
             steps=args.steps,
             device=args.device,
             precision=args.precision,
@@ -132,10 +178,11 @@ def options_from_args(args, channels=None):
         from .core.device import resolve_device
         from .core.features import resolve_backbone_name
 
-        resolve_backbone_name(args.backbone)  # names only: no model is created
+        resolve_backbone_name(backbone)  # names only: no model is created
         resolve_device(args.device)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
+    check_budget(args.max_memory)
     return opts
 
 
@@ -195,6 +242,94 @@ def _usage_like(exc: BaseException) -> bool:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def describe_error(exc: BaseException) -> str:
+    """The one-line message of an error; missing pretrained weights say first what to pass."""
+    if type(exc).__name__ == "WeightsUnavailableError":
+        first = str(exc).strip().splitlines()[0]
+        repo, filename = getattr(exc, "repo_id", None), getattr(exc, "filename", None)
+        where = f" (download https://huggingface.co/{repo}/resolve/main/{filename} on a machine with internet)" if repo else ""
+        return f"pass --weights FILE, a local weights file{where}, or --random-weights for testing only; {first}"
+    failures = getattr(exc, "failures", None)  # a Dask job whose workers had no weights
+    if failures and all(str(getattr(o, "error", "")).startswith("WeightsUnavailableError") for o in failures):
+        first = str(failures[0].error).split(":", 1)[1].strip().splitlines()[0]
+        return f"pass --weights FILE (a local weights file the workers can read) or --random-weights for testing only; on the Dask workers: {first}"
+    return _one_line(exc)
+
+
+class Notes:
+    """Warnings of one command: Python warnings and log records (the image readers log
+    through ``logging``), collected instead of printed as they come, so that an error stays
+    one line. With ``verbose`` nothing is collected: everything prints as it comes.
+
+    :meth:`take` returns (and forgets) the distinct messages so far; :meth:`fold` is the
+    parenthesis an error line ends with; :meth:`show` prints the Python warnings of a
+    success, one line each, and how many log lines were hidden.
+    """
+
+    def __init__(self, verbose: bool = False, quiet: bool = False):
+        self.verbose, self.quiet = verbose, quiet
+        self._records: List[str] = []
+        self._logs: List[str] = []
+
+    def __enter__(self) -> Notes:
+        import logging
+        import warnings
+
+        if self.verbose:
+            logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
+            return self
+        self._warnings = warnings.catch_warnings(record=True)
+        caught = self._warnings.__enter__()
+        self._caught = caught
+        notes = self
+
+        class _Collect(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                notes._logs.append(f"{record.name}: {record.getMessage()}")
+
+        self._handler = _Collect(level=logging.WARNING)
+        logging.getLogger().addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.verbose:
+            return
+        import logging
+
+        logging.getLogger().removeHandler(self._handler)
+        self._warnings.__exit__(*exc)
+
+    def _drain(self) -> None:
+        if not self.verbose:
+            self._records.extend(f"{w.category.__name__}: {w.message}" for w in self._caught)
+            self._caught.clear()
+
+    def take(self) -> Dict[str, List[str]]:
+        self._drain()
+        out = {"warnings": list(dict.fromkeys(self._records)), "logs": list(dict.fromkeys(self._logs))}
+        self._records.clear()
+        self._logs.clear()
+        return out
+
+    def fold(self) -> str:
+        notes = self.take()
+        every = notes["warnings"] + notes["logs"]
+        if not every:
+            return ""
+        first = " ".join(every[0].split())
+        first = first if len(first) <= 160 else first[:157] + "..."
+        return f" ({len(every)} warning(s) on the way, first: {first}; --verbose shows them all)"
+
+    def show(self) -> None:
+        notes = self.take()
+        if self.quiet:
+            return
+        for w in notes["warnings"]:
+            print(f"upsample-anything: warning: {_one_line(Exception(w))}", file=sys.stderr)
+        if notes["logs"]:
+            print(f"upsample-anything: {len(notes['logs'])} reader message(s) hidden; --verbose shows them", file=sys.stderr)
 
 
 def _check_dask_flags(args) -> None:
@@ -282,11 +417,13 @@ def _run_batch(args, options, out: Path, names: List[str], client) -> int:
                 traceback.print_exc()
             failures.append(exc)
             print(
-                f"upsample-anything: {path}: {'error' if not _usage_like(exc) else 'bad input'}: {_one_line(exc)}",
+                f"upsample-anything: {path}: {'error' if not _usage_like(exc) else 'bad input'}: {describe_error(exc)}"
+                + args.notes.fold(),
                 file=sys.stderr,
             )
             rows.append([str(path), "", "", "", "", "", "", "", "FAILED: " + type(exc).__name__, ""])
             continue
+        args.notes.show()
         s = rep["seconds"]
         rows.append(
             [
@@ -349,6 +486,7 @@ def _write_map(path: Path, arr, pixel_sizes=None, unit=None) -> None:
     import numpy as np
 
     name = path.name.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)  # as `run --out` does
     tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         if name.endswith(".npy"):
@@ -359,10 +497,21 @@ def _write_map(path: Path, arr, pixel_sizes=None, unit=None) -> None:
 
             tifffile.imwrite(tmp, arr, ome=True, metadata={"axes": "YX" if arr.ndim == 2 else "CYX"})
         else:
-            from .omezarr import create_image
+            from .omezarr import channel_windows, create_image
 
             a = arr if arr.ndim == 3 else arr[None]
-            z = create_image(tmp, a.shape, "cyx", dtype=a.dtype, pixel_sizes=pixel_sizes, unit=unit, name="map")
+            names = ["labels"] if arr.ndim == 2 and arr.dtype.kind in "iub" else [f"map {i}" for i in range(a.shape[0])]
+            z = create_image(
+                tmp,
+                a.shape,
+                "cyx",
+                dtype=a.dtype,
+                pixel_sizes=pixel_sizes,
+                unit=unit,
+                name="map",
+                channel_names=names,
+                windows=channel_windows(a),
+            )
             z[...] = a
         if path.is_dir():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -388,8 +537,11 @@ def cmd_map(args) -> int:
     out = Path(args.out)
     if not out.name.lower().endswith((".npy", ".tif", ".tiff", ".zarr")):
         raise UsageError(f"--out {args.out}: name a .npy, .tif or .ome.zarr file")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {args.out}: the folder {out.parent} does not exist")
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {args.out}: {parent} exists and is not a folder")
+            break
     _check_planes_flag(args.planes)
     if args.kind not in ("auto", "labels", "continuous"):
         raise UsageError(f"--kind {args.kind}: use auto, labels or continuous")
@@ -407,7 +559,12 @@ def cmd_map(args) -> int:
     if args.dask:
         return _map_on_dask(args, options, kind, planes[0])
     t, z = planes[0]
-    guide = src.guide(t, z, options.channels)
+    try:
+        guide = src.guide(t, z, options.channels)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a reader's error on a damaged file comes in any type
+        raise UsageError(f"--image {args.image}: cannot read plane t={t} z={z} ({type(exc).__name__}: {exc})") from exc
     field = None
     if args.kernels is not None:
         field = _load_kernels(args.kernels, (t, z))
@@ -638,7 +795,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = ap.add_subparsers(dest="command", required=True, metavar="{run,map,demo,segment}")
 
-    def common(p):
+    def backbone_flags(p):
+        """The feature backbone (run, demo; map uses no model)."""
         p.add_argument(
             "--backbone",
             default="dinov2_vits14",
@@ -659,8 +817,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--weights",
             default=None,
+            metavar="FILE",
             help="local weights file (timm/torch state dict or the original DINOv2 .pth) instead of the Hugging Face cache",
         )
+        p.add_argument(
+            "--random-weights",
+            action="store_true",
+            help="testing only: a randomly initialised backbone (no download; the features are meaningless)",
+        )
+
+    def fit_flags(p):
+        """The kernel fit and render (every subcommand)."""
         p.add_argument(
             "--steps",
             type=int,
@@ -698,7 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
             default=0.0,
             help="Gaussian sigma in pixels applied to the image before fitting and rendering; helps with noisy images (default: %(default)s = off)",
         )
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--quiet", action="store_true", help="no progress bars and no warnings")
+        p.add_argument("--verbose", action="store_true", help="print every warning and log message of the readers as it comes")
 
     def dask_flags(p):
         p.add_argument(
@@ -763,7 +931,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="output directory (one sub-directory per image, named from its path relative to the inputs' common folder)",
     )
-    common(run)
+    backbone_flags(run)
+    fit_flags(run)
     image_options(run)
     run.add_argument(
         "--format",
@@ -803,7 +972,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "labels", "continuous"],
         help="labels (integer map -> argmax of the upsampled one-hot) or continuous; auto: 2-D integer maps are labels (default: %(default)s)",
     )
-    common(mp)
+    fit_flags(mp)
     image_options(mp)
     dask_flags(mp)
     mp.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -815,7 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs on scikit-image's immunohistochemistry sample. Without pretrained weights it says so and runs the model-free part.",
     )
     demo.add_argument("--out", default="upa-demo", help="output directory (default: %(default)s)")
-    common(demo)
+    backbone_flags(demo)
+    fit_flags(demo)
     demo.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo, pca_only=False, dtype="float32")
     add_segment_parser(sub)
@@ -825,23 +995,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with 2 on bad usage
-    try:
-        if getattr(args, "steps", 1) < 0:
-            raise UsageError(f"--steps {args.steps}: give a non-negative number")
-        return args.func(args)
-    except KeyboardInterrupt:
-        # the job removed its partial outputs on the way out (pipeline.run_job aborts)
-        print("upsample-anything: interrupted; partial outputs removed", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
-        if args.traceback:
-            import traceback
+    with Notes(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False)) as notes:
+        args.notes = notes
+        try:
+            if getattr(args, "steps", 1) < 0:
+                raise UsageError(f"--steps {args.steps}: give a non-negative number")
+            code = args.func(args)
+            notes.show()
+            return code
+        except KeyboardInterrupt:
+            # the job removed its partial outputs on the way out (pipeline.run_job aborts)
+            print("upsample-anything: interrupted; partial outputs removed", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
+            if args.traceback:
+                import traceback
 
-            traceback.print_exc()
-        usage = isinstance(exc, UsageError)
-        kind = "usage error" if usage else "error"
-        print(f"upsample-anything: {kind}: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE if usage else EXIT_FAILURE
+                traceback.print_exc()
+            usage = isinstance(exc, UsageError) or _usage_like(exc)
+            kind = "usage error" if isinstance(exc, UsageError) else "bad input" if usage else "error"
+            print(f"upsample-anything: {kind}: {describe_error(exc)}{notes.fold()}", file=sys.stderr)
+            return EXIT_USAGE if usage else EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -224,14 +224,16 @@ def start_local_cluster(
         raise ValueError(f"n_workers={n_workers!r}: give an int >= 1")
     limit = parse_bytes(memory_limit) if memory_limit is not None else "auto"
     env = {"OMP_NUM_THREADS": str(threads_per_worker), "MKL_NUM_THREADS": str(threads_per_worker)}
-    with worker_malloc_defaults():
+    with worker_malloc_defaults(), _sigint_ignored():
         cluster = LocalCluster(
             n_workers=int(n_workers),
             threads_per_worker=threads_per_worker,
             processes=True,
             memory_limit=limit,
             dashboard_address=":0",  # a free port: never collide with another user's dashboard
-            silence_logs=logging.ERROR,
+            # a failed task is reported once, in its TaskOutcome (error and traceback), not
+            # also as the worker's "Compute Failed" log with the whole task record
+            silence_logs=logging.CRITICAL,
             env=env,
         )
     try:
@@ -240,6 +242,39 @@ def start_local_cluster(
         cluster.close()
         raise
     return client, cluster
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while the local workers start, so that they inherit it ignored: Ctrl-C
+    in a terminal signals the whole process group, and only the main process should act on
+    it (stop the cluster, remove the partial output), not every worker with a traceback."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_running_tasks(client) -> None:
+    """After Ctrl-C: end the tasks still running, so that none writes after the caller removes
+    their outputs. A local cluster this package started (``dask_client("local")``, the CLI's
+    ``--dask``) is closed: its worker processes end. A client given by the caller is left alone.
+    On a remote scheduler the futures were cancelled (:func:`_execute_dask`), but a task
+    already running on a remote worker is not stopped (it can still write)."""
+    cluster = getattr(client, "cluster", None)
+    if cluster is None or not getattr(client, "upsample_anything_owns_cluster", False):
+        return
+    try:
+        client.close()
+    finally:
+        cluster.close()
 
 
 def execute(

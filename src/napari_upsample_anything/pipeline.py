@@ -605,9 +605,28 @@ def _layout(task: Task) -> dict:
     return json.loads((Path(task.store) / ".work" / "layout.json").read_text())
 
 
+#: Tests only: ``"KIND:FIFO"`` makes every task of that kind (in any process, Dask workers
+#: included) write one line to the named pipe ``FIFO``, then wait for a line on the named pipe
+#: ``FIFO.go`` before it goes on, so that a test can interrupt a run at a known point (and let
+#: the task go on writing while the interruption is handled) without timing guesses.
+TEST_PAUSE_ENV = "UPSAMPLE_ANYTHING_TEST_PAUSE"
+
+
+def _test_pause(task: Task) -> None:
+    spec = os.environ.get(TEST_PAUSE_ENV, "")
+    kind, _, fifo = spec.partition(":")
+    if kind != task.kind or not fifo:
+        return
+    with open(fifo, "w") as f:  # blocks until the test opens the pipe for reading
+        f.write(f"{task.kind} started\n")
+    with open(fifo + ".go") as f:  # blocks until the test writes
+        f.readline()
+
+
 def run_task(task: Task, progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFn] = None) -> dict:
     """Run one task in this process; returns a small JSON-able summary."""
     check_cancel(cancel, task.kind)
+    _test_pause(task)
     fn = {"fit": _task_fit, "layout": _task_layout, "render": _task_render, "finish": _task_finish}[task.kind]
     return fn(task, progress, cancel)
 
@@ -657,7 +676,7 @@ def _task_layout(task: Task, progress, cancel) -> dict:
     if len(task.planes) != len(ts) * len(zs) and task.options.format == "ome-zarr":
         raise ValueError("the selected planes do not form a t x z grid")  # parse_planes always gives a grid
     hr_sizes = {a: src.pixel_sizes.get(a) for a in "zyx"}
-    lr_sizes = {"z": hr_sizes["z"], "y": (hr_sizes["y"] or 1.0) * H / h, "x": (hr_sizes["x"] or 1.0) * W / w}
+    lr_sizes, lr_shift = omezarr.lr_grid_geometry(hr_sizes, (H, W), (h, w))
     layout = {
         "axes": axes,
         "C": C,
@@ -677,6 +696,16 @@ def _task_layout(task: Task, progress, cancel) -> dict:
     }
     if opts.format == "ome-zarr":
         unit = src.unit if any(hr_sizes.values()) else None
+        # Display windows of the features: the range of the LR features, which bounds the HR
+        # ones (every HR value is a weighted mean of LR values), known before any render.
+        lo = np.min([np.min(np.asarray(f).reshape(C, -1), axis=1) for f in feats], axis=0)
+        hi = np.max([np.max(np.asarray(f).reshape(C, -1), axis=1) for f in feats], axis=0)
+        windows = [(float(a), float(b) if b > a else float(a) + 1.0) for a, b in zip(lo, hi)]
+        feature_channels = dict(
+            channel_names=[f"feature {i}" for i in range(C)],
+            windows=windows,
+            visible=[i == 0 for i in range(C)],  # one channel shown at first, not hundreds
+        )
         if opts.hr_features:
             shape = tuple(C if a == "c" else dims[a] for a in axes)
             omezarr.create_image(
@@ -688,6 +717,7 @@ def _task_layout(task: Task, progress, cancel) -> dict:
                 unit=unit,
                 name="features",
                 attrs={"kind": "hr-features", "backbone": info0["backbone"], "layer": opts.layer},
+                **feature_channels,
             )
         lr_dims = dict(dims, y=h, x=w)
         lr_arr = omezarr.create_image(
@@ -695,16 +725,20 @@ def _task_layout(task: Task, progress, cancel) -> dict:
             tuple(C if a == "c" else lr_dims[a] for a in axes),
             axes,
             pixel_sizes=lr_sizes,
+            translation=lr_shift,
             unit=unit,
             name="lr_features",
-            attrs={"kind": "lr-features"},
+            attrs={"kind": "lr-features", "backbone": info0["backbone"], "layer": opts.layer},
+            **feature_channels,
         )
         for k, f in zip(task.planes, feats):
             lr_arr[omezarr._index(omezarr.plane_region(axes, *pos[k]), axes, slice(None), slice(None), slice(None))] = np.asarray(
                 f
             )
         fields = {k: KernelField.load(_plane_dir(store, k) / "kernels.npz") for k in task.planes}
-        omezarr.write_kernels(store / "kernels.ome.zarr", fields, axes, pos, (h, w), len(ts), len(zs), lr_sizes, unit, (H, W))
+        omezarr.write_kernels(
+            store / "kernels.ome.zarr", fields, axes, pos, (h, w), len(ts), len(zs), lr_sizes, unit, (H, W), translation=lr_shift
+        )
         levels = omezarr.pyramid_levels((H, W))
         omezarr.create_image(
             store / "pca.ome.zarr",
@@ -715,6 +749,7 @@ def _task_layout(task: Task, progress, cancel) -> dict:
             name="pca",
             levels=levels,
             channel_names=("PC1", "PC2", "PC3"),
+            windows=[(0.0, 1.0)] * 3,
             chunks=tuple({"t": 1, "c": 1, "z": 1, "y": 256, "x": 256}[a] for a in axes),
             attrs={"kind": "pca", "explained_variance_ratio": basis.explained_variance_ratio.tolist(), "fit": fit_opts},
         )

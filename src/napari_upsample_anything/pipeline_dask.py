@@ -67,6 +67,7 @@ def dask_client(
     if isinstance(client, str):
         if client == "local":
             dask_cl, cluster = start_local_cluster(n_workers, threads_per_worker, memory_limit)
+            dask_cl.upsample_anything_owns_cluster = True  # Ctrl-C may close it (stop_running_tasks)
             try:
                 yield dask_cl
             finally:
@@ -135,7 +136,11 @@ def run_job_on_dask(
                 report = outcomes[-1].result
             job.commit()
             return report
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # Ctrl-C: no worker may write after the removal
+                from .distributed import stop_running_tasks
+
+                stop_running_tasks(dask_cl)
             job.abort()
             raise
 
@@ -168,10 +173,12 @@ def open_results(out_dir: str | Path) -> Dict[str, Dict[str, Any]]:
     -------
     dict
         ``{"features" | "pca" | "kernels" | "lr_features": {"data", "levels", "axes",
-        "scale", "unit"}}`` for the stores present: ``data`` the full-resolution dask array
+        "scale", "translation", "unit"}}`` for the stores present: ``data`` the full-resolution dask array
         (axes such as ``"czyx"``; HR features ``(C, H, W)`` per plane), ``levels`` every
         pyramid level (one for all but the PCA), ``scale`` the pixel size per axis of
-        ``data`` (1.0 for ``c`` / ``t``), ``unit`` the spatial unit or None.
+        ``data`` (1.0 for ``c`` / ``t``), ``translation`` the world position of its first
+        pixel's centre (zeros for HR stores; ``(scale - 1) / 2`` HR pixels for the LR grids
+        ``kernels`` and ``lr_features``), ``unit`` the spatial unit or None.
     """
     import dask.array as da
     import zarr
@@ -189,12 +196,15 @@ def open_results(out_dir: str | Path) -> Dict[str, Dict[str, Any]]:
         axes = "".join(a["name"] for a in ms["axes"])
         units = [a.get("unit") for a in ms["axes"] if a.get("type") == "space"]
         levels = [da.from_zarr(root[d["path"]]) for d in ms["datasets"]]
-        scale = [float(s) for s in ms["datasets"][0]["coordinateTransformations"][0]["scale"]]
+        from .omezarr import transforms_of
+
+        scale, translation = transforms_of(ms["datasets"][0])
         results[name] = {
             "data": levels[0],
             "levels": levels,
             "axes": axes,
             "scale": scale,
+            "translation": translation,
             "unit": next((u for u in units if u), None),
         }
     if not results:

@@ -67,7 +67,9 @@ def parse_channels(text: str | Sequence[int] | None, n_channels: int, arg: str =
 def parse_planes(text: Optional[str], n_t: int, n_z: int, arg: str = "--planes") -> List[PlaneIndex]:
     """``"all"``, ``"z=3"``, ``"t=0:10"``, ``"t=0,z=2:4"`` -> the (t, z) planes, in t-major order.
 
-    Ranges are Python-style (end excluded); an axis not named keeps all its indices.
+    Ranges are Python slices (end excluded; clipped to the planes there are, so ``z=3:6`` on
+    5 planes is ``z=3:5``; a range that selects nothing is an error); an index must exist; an
+    axis not named keeps all its indices.
     """
     ranges = plane_ranges(text, n_t, n_z, arg)
     return [(t, z) for t in ranges["t"] for z in ranges["z"]]
@@ -90,15 +92,18 @@ def plane_ranges(text: Optional[str], n_t: int, n_z: int, arg: str = "--planes")
             seen.add(ax)
             n = n_t if ax == "t" else n_z
             colon = ":" in part
-            start = int(a) if a is not None else 0
-            stop = (int(b) if b is not None else n) if colon else start + 1
             if a is None and not colon:
                 raise ValueError(f"{arg} {text!r}: give an index after {ax}=")
-            if not (0 <= start < stop <= n):
+            if colon:  # a range clips to the planes there are, like a Python slice
+                picked = range(n)[slice(int(a) if a is not None else None, int(b) if b is not None else None)]
+            else:  # an index must exist
+                picked = range(int(a), int(a) + 1) if 0 <= int(a) < n else range(0)
+            if not len(picked):
                 raise ValueError(
-                    f"{arg} {text!r}: {ax} has {n} plane(s) (0..{n - 1}); {part.strip()} selects none or is out of range"
+                    f"{arg} {text!r}: {ax} has {n} plane(s) (0..{n - 1}); {part.strip()} selects "
+                    + ("none" if colon else "a plane that does not exist")
                 )
-            ranges[ax] = range(start, stop)
+            ranges[ax] = picked
     return ranges
 
 

@@ -59,6 +59,9 @@ class FitOptions:
     hr_shape, lr_shape : (H, W), (h, w) or None
         Guide size and LR grid of the fit; render refuses a guide of another size unless
         ``allow_resized_guide=True``.
+    guide_channels : int or None
+        Channels of the guide the fit saw (1 gray, 3 RGB, ...); render refuses a guide with
+        another number of channels (the range kernels compare colours of that many channels).
     lr : float
         Initial learning rate.
     steps : int
@@ -77,6 +80,7 @@ class FitOptions:
     channel_axis: Optional[int] = None
     hr_shape: Optional[Tuple[int, int]] = None
     lr_shape: Optional[Tuple[int, int]] = None
+    guide_channels: Optional[int] = None
     lr: float = 0.1
     steps: int = PUBLISHED_STEPS
 
@@ -90,6 +94,8 @@ class FitOptions:
         set_("normalize", _check_normalize(self.normalize))
         if self.channel_axis is not None:
             set_("channel_axis", check_int(self.channel_axis, "channel_axis", minimum=-3, maximum=2))
+        if self.guide_channels is not None:
+            set_("guide_channels", check_int(self.guide_channels, "guide_channels", minimum=1, maximum=1 << 16))
         for name in ("hr_shape", "lr_shape"):
             value = getattr(self, name)
             if value is not None:
