@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +20,6 @@ def rel_err(out, ref) -> float:
     out = torch.as_tensor(np.asarray(out) if not isinstance(out, torch.Tensor) else out).double()
     ref = torch.as_tensor(np.asarray(ref) if not isinstance(ref, torch.Tensor) else ref).double()
     return float((out - ref).detach().abs().max() / ref.detach().abs().max().clamp_min(1e-30))
-
-
-def wait_for(condition, limit: float = 120.0, poll: float = 0.02) -> bool:
-    """Poll ``condition()`` until it is true (-> True) or ``limit`` seconds pass (-> False).
-
-    A bounded wait for an event another process or thread produces (a file, a flag): the test
-    goes on the moment it happens, and a test that never sees it fails instead of hanging. The
-    limit is a hang guard, not a timing assertion: nothing may depend on how long it took.
-    """
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(poll)
-    return True
 
 
 def random_field(h: int, w: int, gen: torch.Generator, sigma=(0.5, 40.0), sigma_r=(0.003, 0.5)):

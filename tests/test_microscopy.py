@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import rel_err, wait_for
+from conftest import rel_err
 
 from napari_upsample_anything import cli
 from napari_upsample_anything.omezarr import BandWriter, build_pyramid, create_image, open_level0, read_kernels
@@ -461,19 +461,28 @@ def test_ctrl_c_during_render_leaves_no_result_and_keeps_the_earlier_one(tmp_pat
     earlier = {p.name: p.stat().st_mtime_ns for p in (out / "big").iterdir()}
     report = (out / "big" / "report.json").read_text()
 
-    held = tmp_path / "held-in-render"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1", UPA_TEST_HOLD=f"render:{held}")
-    log = tmp_path / "stderr.txt"  # a file, not a pipe: a full pipe would stall the run before the render
+    from napari_upsample_anything.pipeline import TEST_PAUSE_ENV
+
+    fifo = tmp_path / "paused"
+    os.mkfifo(fifo)
+    os.mkfifo(f"{fifo}.go")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    env[TEST_PAUSE_ENV] = f"render:{fifo}"  # the run pauses when its render task starts
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: a full pipe would stall the run
     with open(log, "wb") as err:
         proc = subprocess.Popen(
             CLI + [str(a) for a in base + ["--max-memory", "64MB"]], stdout=subprocess.DEVNULL, stderr=err, env=env
         )
-        # The run pauses after its first render tile (the test-only hold point) until the signal
-        # arrives: SIGINT is sent while the process is known to be inside the render stage.
-        reached = wait_for(lambda: held.exists() or proc.poll() is not None, limit=600)
-        assert reached and proc.poll() is None, f"the run did not pause in its render stage: {log.read_text()[-2000:]}"
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        try:
+            with open(fifo) as f:  # returns once the render task has started and said so
+                assert f.readline() == "render started\n", log.read_text()[-2000:]
+            assert proc.poll() is None  # inside its render stage when Ctrl-C arrives
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     text = log.read_text(errors="replace")
     assert proc.returncode == 130, text[-2000:]
     assert "interrupted" in text

@@ -68,7 +68,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._test_hold import with_test_hold
 from .core.progress import check_cancel
 from .core.published import PUBLISHED_STEPS
 
@@ -119,7 +118,6 @@ def _report(progress: Optional[ProgressCallback], event: Progress) -> None:
 
 def core_progress(progress: Optional[ProgressCallback], stage: str, plane: int, n_planes: int):
     """A core ``progress(done, total, info)`` callback that emits :class:`Progress` events."""
-    progress = with_test_hold(progress, stage)  # unchanged unless a test set UPA_TEST_HOLD
     if progress is None:
         return None
 
