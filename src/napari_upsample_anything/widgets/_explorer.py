@@ -41,7 +41,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSlider,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -197,7 +196,7 @@ class FeatureExplorerWidget(RunWidget):
 
     # ------------------------------------------------------------------ UI
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        layout = self.body_layout
         form = QFormLayout()
         layout.addLayout(form)
         self.result_picker = ResultPicker(self.viewer)
@@ -254,9 +253,9 @@ class FeatureExplorerWidget(RunWidget):
         seg_form.addRow(self.save_button)
         layout.addWidget(seg_box)
 
-        self._add_run_row(layout, "Segment", lambda: self.request("segment"))
+        self._add_run_row(self.footer_layout, "Segment", lambda: self.request("segment"))
         self.status = status_label()
-        layout.addWidget(self.status)
+        self.footer_layout.addWidget(self.status)
         layout.addStretch(1)
         self._watch_scribbles()
 

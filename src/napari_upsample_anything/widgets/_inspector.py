@@ -93,7 +93,7 @@ class KernelInspectorWidget(PluginWidget):
         self._build()
 
     def _build(self) -> None:
-        layout = QVBoxLayout(self.body)
+        layout = self.body_layout
         form = QFormLayout()
         layout.addLayout(form)
         self.result_picker = ResultPicker(self.viewer)
@@ -148,7 +148,7 @@ class KernelInspectorWidget(PluginWidget):
         pform.addWidget(self.pixel_label)
         layout.addWidget(box2)
         self.status = status_label()
-        layout.addWidget(self.status)
+        self.footer_layout.addWidget(self.status)
         layout.addStretch(1)
         self._stride_for = None
         self.result_picker.currentIndexChanged.connect(self._default_stride)

@@ -42,7 +42,6 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -189,7 +188,7 @@ class UpsampleAnythingWidget(RunWidget):
 
     # ------------------------------------------------------------------ UI
     def _build(self) -> None:
-        layout = QVBoxLayout(self.body)
+        layout = self.body_layout
         form = QFormLayout()
         layout.addLayout(form)
 
@@ -299,15 +298,15 @@ class UpsampleAnythingWidget(RunWidget):
         self.hr_combo.setToolTip("The full-resolution feature array (C x H x W), kept for saving and scripting")
         form.addRow("HR features", self.hr_combo)
 
-        self._add_run_row(layout, "Run", self.run)
+        self._add_run_row(self.footer_layout, "Run", self.run)
         self.estimate_label = status_label()
         self.estimate_label.setToolTip(
             "Estimated from a quick measurement of the fit and render on a small crop on this machine "
             "(device, precision and threads as set), scaled to the image; model loading not included"
         )
-        layout.addWidget(self.estimate_label)
+        self.footer_layout.addWidget(self.estimate_label)
         self.status = status_label()
-        layout.addWidget(self.status)
+        self.footer_layout.addWidget(self.status)
         saves = QHBoxLayout()
         self.save_features_button = QPushButton("Save HR features…")
         self.save_features_button.clicked.connect(self._save_features_dialog)

@@ -46,7 +46,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSizePolicy,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -292,7 +291,7 @@ class MemoryMonitorWidget(PluginWidget):
         self.poll()
 
     def _build(self) -> None:
-        layout = QVBoxLayout(self.body)
+        layout = self.body_layout
         live = QGroupBox("Live memory")
         form = QFormLayout(live)
         self.device_label = QLabel("cpu")
