@@ -419,8 +419,10 @@ def test_kernel_inspector_draws_and_picks(fitted):
     assert heat.data.shape == (6, 7)
     assert heat.data.sum() == pytest.approx(1.0, abs=1e-5) and heat.data.min() >= 0
     assert np.allclose(heat.scale, viewer.layers["img LR PCA"].scale)
-    contributing = viewer.layers["img contributing kernels"]
-    assert 1 <= len(contributing.data) <= 42
+    contributing = viewer.layers["img contributing kernels"]  # outlines as segments: no triangulation
+    assert type(contributing).__name__ == "Vectors" and len(contributing.data) > 0
+    assert 1 <= contributing.metadata["upsample_anything"]["kernels"] <= 42
+    assert set(contributing.features.columns) >= {"weight", "cell_i", "cell_j"}
     assert w.last_pixel == ((), y, x)
     # The weights reproduce the HR features at that pixel (they are the render's weights).
     from napari_upsample_anything.widgets import get_results

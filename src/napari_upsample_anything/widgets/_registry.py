@@ -280,6 +280,58 @@ def put_layer(
     return layer
 
 
+#: Layer arguments that only a new layer takes (everything else is set on an existing one).
+_CONSTRUCTION_ONLY = ("ndim", "rgb", "shape_type", "multiscale", "cache")
+
+
+def update_layer(
+    viewer,
+    data,
+    layer_type: str,
+    *,
+    name: str,
+    role: str,
+    owner: str,
+    result: Optional[str] = None,
+    extra_tag: Optional[dict] = None,
+    **kwargs,
+):
+    """Like :func:`put_layer`, but change the existing layer of ``role``/``owner`` in place when it has
+    the same type and dimensions (no removal: napari collects garbage on every removed layer, a
+    second or more with torch loaded, too slow for a click). Returns the layer."""
+    from ._frame import layer_kind
+
+    old = find_own_layer(viewer, role, owner)
+    shape = getattr(data, "shape", ())
+    ndim = (shape[-1] if layer_type in ("points", "vectors") else len(shape)) if shape else -1
+    if old is None or layer_kind(old) != layer_type or old.ndim != ndim or any(k in kwargs for k in _CONSTRUCTION_ONLY):
+        return put_layer(
+            viewer, data, layer_type, name=name, role=role, owner=owner, result=result, extra_tag=extra_tag, **kwargs
+        )
+    tag = {"role": role, "owner": owner}
+    if result is not None:
+        tag["result"] = result
+    if extra_tag:
+        tag.update(extra_tag)
+    settable = dict(kwargs)
+    try:
+        for key in ("scale", "translate"):
+            if key in settable:
+                setattr(old, key, settable.pop(key))
+        old.data = data
+        if "features" in settable:
+            old.features = settable.pop("features")
+        for key, value in settable.items():
+            setattr(old, key, value)
+        old.name = name
+        old.metadata = {**dict(old.metadata), TAG: tag}
+    except Exception:  # noqa: BLE001 - an attribute napari refuses on a live layer: make a new one
+        return put_layer(
+            viewer, data, layer_type, name=name, role=role, owner=owner, result=result, extra_tag=extra_tag, **kwargs
+        )
+    return old
+
+
 def remove_own_layer(viewer, role: str, owner: str) -> bool:
     """Remove the plugin's layer of ``role``/``owner`` if there is one."""
     old = find_own_layer(viewer, role, owner)

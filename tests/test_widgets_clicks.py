@@ -1,0 +1,174 @@
+"""The widgets driven as a user drives them: buttons found by their text and clicked, canvas clicks (issue #19).
+
+A shown napari window under Xvfb; a random-weight ViT-S/14 on a small RGB picture, 2 steps.
+Buttons and check boxes are pressed with ``qtbot.mouseClick``; canvas clicks are mouse
+events sent to napari's vispy canvas at the screen position of a pixel, so they go through
+napari's own mouse handling (layers' and viewer's callbacks) as a real click does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = [
+    pytest.mark.usefixtures("offline"),
+    pytest.mark.gui,
+    pytest.mark.filterwarnings("ignore:.*random weights:UserWarning"),
+]
+
+RUN_TIMEOUT_MS = 240_000
+
+
+# ---------------------------------------------------------------------------------- helpers
+def button(widget, text: str):
+    """The one visible, enabled button / check box of ``widget`` whose text is ``text``."""
+    from qtpy.QtWidgets import QAbstractButton
+
+    found = [b for b in widget.findChildren(QAbstractButton) if b.text().replace("&", "") == text and b.isVisible()]
+    assert len(found) == 1, f"{len(found)} visible buttons {text!r} in {type(widget).__name__}"
+    assert found[0].isEnabled(), f"button {text!r} is disabled"
+    return found[0]
+
+
+def click(qtbot, widget, text: str) -> None:
+    """Scroll the button into view and click it with the mouse."""
+    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtWidgets import QCheckBox, QScrollArea
+
+    b = button(widget, text)
+    for area in widget.findChildren(QScrollArea):
+        if area.widget() is not None and area.widget().isAncestorOf(b):
+            area.ensureWidgetVisible(b)
+    # a check box reacts to its box and text only, not to the empty rest of its row: aim at the box
+    pos = QPoint(8, b.height() // 2) if isinstance(b, QCheckBox) else b.rect().center()
+    qtbot.mouseClick(b, Qt.MouseButton.LeftButton, pos=pos)
+
+
+def canvas_point(viewer, layer, yx):
+    """Screen position (canvas widget coordinates) of data pixel ``yx`` of ``layer`` in a 2D view."""
+    from qtpy.QtCore import QPoint
+
+    canvas = viewer.window._qt_viewer.canvas.native
+    world = np.asarray(layer.data_to_world(yx), float)[-2:]
+    centre = np.asarray(viewer.camera.center, float)[-2:]
+    zoom = float(viewer.camera.zoom)
+    y = canvas.height() / 2 + (world[0] - centre[0]) * zoom
+    x = canvas.width() / 2 + (world[1] - centre[1]) * zoom
+    return QPoint(int(round(x)), int(round(y)))
+
+
+def canvas_click(qtbot, viewer, layer, yx) -> None:
+    from qtpy.QtCore import Qt
+
+    canvas = viewer.window._qt_viewer.canvas.native
+    pos = canvas_point(viewer, layer, yx)
+    qtbot.mouseMove(canvas, pos)
+    qtbot.mouseClick(canvas, Qt.MouseButton.LeftButton, pos=pos)
+
+
+def settle(qtbot, n=3):
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(n):
+        QApplication.processEvents()
+        qtbot.wait(10)
+
+
+def picture(h=70, w=84, seed=0):
+    """Left half dark, right half bright with a red disc: uint8 RGB."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.full((h, w, 3), 0.2, np.float32)
+    img[:, w // 2 :] = 0.75
+    img[(yy - h / 2) ** 2 + (xx - 0.75 * w) ** 2 < (h / 5) ** 2] = (0.9, 0.1, 0.1)
+    img += 0.03 * rng.standard_normal(img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def fit_by_clicking_run(viewer, qtbot, name="img"):
+    """Dock the main widget, tick Random weights and click Run; returns the widget once the run is done."""
+    dock, w = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Upsample Anything")
+    settle(qtbot)
+    click(qtbot, w, "Random weights (testing only)")
+    assert w.random_check.isChecked()
+    w.steps_spin.setValue(2)
+    w.device_combo.setCurrentText("cpu")
+    w.threads_spin.setValue(1)
+    with qtbot.waitSignal(w.runner.finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        click(qtbot, w, "Run")
+    assert blocker.args[0].status == "done", w.last_message
+    return w
+
+
+def own_layers(viewer, role):
+    from napari_upsample_anything.widgets._registry import tag_of
+
+    return [l for l in viewer.layers if tag_of(l).get("role") == role]
+
+
+# ---------------------------------------------------------------------------------- tests
+def test_run_by_click_then_pixel_picks_by_canvas_clicks_on_a_grid_with_borders(make_napari_viewer, qtbot, records):
+    viewer = make_napari_viewer(show=True)
+    src = viewer.add_image(picture(), name="img", scale=(0.5, 0.25), translate=(10.0, -3.0))
+    main = fit_by_clicking_run(viewer, qtbot)
+    for role in ("hr_pca", "lr_pca"):  # the run added its layers
+        assert len(own_layers(viewer, role)) == 1, role
+    assert own_layers(viewer, "hr_pca")[0].data.shape[:2] == (70, 84)
+    assert "done in" in main.status.text()
+
+    _dock, insp = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Kernel inspector")
+    settle(qtbot)
+    click(qtbot, insp, "Pick a pixel: click on the image")
+    assert insp.pick_check.isChecked()
+    viewer.layers.selection.active = src
+    viewer.reset_view()
+    settle(qtbot)
+
+    H, W = 70, 84
+    rows, cols = (0, 1, 35, H - 2, H - 1), (0, 1, 41, W - 2, W - 1)  # border rows / columns and corners
+    errors_before = [r for r in records() if r.severity == "error"]
+    for y in rows:
+        for x in cols:
+            canvas_click(qtbot, viewer, src, (y, x))
+            settle(qtbot, 1)
+            where = f"pick at (y {y}, x {x})"
+            assert insp.last_pixel == ((), y, x), f"{where}: picked {insp.last_pixel}; status {insp.status.text()!r}"
+            weights = own_layers(viewer, "pixel_weights")
+            kernels = own_layers(viewer, "contributing")
+            dot = own_layers(viewer, "picked_pixel")
+            assert len(weights) == len(kernels) == len(dot) == 1, where
+            for layer in (weights[0], kernels[0], dot[0]):  # every pick layer is this pixel's
+                assert layer.metadata["upsample_anything"]["pixel"] == [y, x], f"{where}: {layer.name} is stale"
+            assert weights[0].data.sum() == pytest.approx(1.0, abs=1e-4), where
+            assert len(kernels[0].data) > 0, f"{where}: no contributing kernel drawn"
+            assert np.allclose(dot[0].data[0][-2:], (y, x)), where
+            assert "kernels carry 99%" in insp.pixel_label.text(), where
+    assert [r for r in records() if r.severity == "error"] == errors_before, "a pick reported an error"
+
+
+def test_a_failed_pick_says_why_and_leaves_no_stale_layer(make_napari_viewer, qtbot, monkeypatch):
+    viewer = make_napari_viewer(show=True)
+    src = viewer.add_image(picture(42, 56), name="img")
+    fit_by_clicking_run(viewer, qtbot)
+    _dock, insp = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Kernel inspector")
+    settle(qtbot)
+    click(qtbot, insp, "Pick a pixel: click on the image")
+    viewer.layers.selection.active = src
+    viewer.reset_view()
+    settle(qtbot)
+    canvas_click(qtbot, viewer, src, (10, 10))
+    assert insp.last_pixel == ((), 10, 10) and len(own_layers(viewer, "contributing")) == 1
+
+    from napari_upsample_anything.widgets import _inspector
+
+    def broken(*args, **kwargs):
+        raise ValueError("outline data refused")
+
+    monkeypatch.setattr(_inspector, "cell_segments", broken)  # fails after the weights were computed
+    canvas_click(qtbot, viewer, src, (20, 30))
+    settle(qtbot, 1)
+    assert insp.status.text().startswith("error: Pick another pixel") and "outline data refused" in insp.last_message
+    for role in ("pixel_weights", "contributing", "picked_pixel"):
+        assert own_layers(viewer, role) == [], f"stale {role} layer left after a failed pick"
+    assert insp.last_pixel is None
