@@ -7,8 +7,6 @@ is built once per session (timm model cache) and reused.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -246,13 +244,15 @@ def test_cancel_stops_within_a_step(make_napari_viewer, qtbot):
     w = _main(viewer, steps=2000)
     events = []
     w.runner.progressed.connect(events.append)
-    # The GUI thread stays responsive during the run: a 50 ms timer keeps firing.
+    # The GUI thread stays responsive during the run: an idle timer (interval 0: it fires whenever the
+    # event loop is free) fires between the run's progress events, i.e. while the run computes.
     from qtpy.QtCore import QTimer
 
-    ticks = []
+    order = []
+    w.runner.progressed.connect(lambda e: order.append("progress"))
     timer = QTimer()
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    timer.start(50)
+    timer.timeout.connect(lambda: order.append("tick"))
+    timer.start(0)
     with qtbot.waitSignal(w.runner.finished, timeout=RUN_TIMEOUT_MS) as blocker:
         assert w.run()
         assert w.cancel_button.isEnabled() and not w.run_button.isEnabled()
@@ -261,8 +261,8 @@ def test_cancel_stops_within_a_step(make_napari_viewer, qtbot):
         w.cancel()
     timer.stop()
     assert blocker.args[0].status == "cancelled"
-    gaps = np.diff(ticks)
-    assert len(ticks) >= 3 and np.median(gaps) < 0.25, (len(ticks), np.median(gaps) if len(gaps) else None)
+    first, last = order.index("progress"), len(order) - 1 - order[::-1].index("progress")
+    assert "tick" in order[first:last], "the GUI thread processed no event while the run computed"
     assert sum(e.stage == "fit" for e in events) <= n_before + 1  # at most the step in flight
     assert max(e.done for e in events if e.stage == "fit") < 2000
     assert _own(viewer) == [] and list(viewer.layers) == [src]

@@ -247,6 +247,62 @@ def test_fit_estimate_scales_with_the_fit_fraction():
     assert estimate_run(rates, (1000, 1000), steps=51, fit_fraction=0.25).seconds["fit"] == pytest.approx(quarter)
 
 
+def _rates(**kw):
+    from napari_upsample_anything.widgets._estimate import Rates
+
+    base = dict(
+        fit_step_per_px=2e-8,
+        fit_fixed=0.5,
+        render_per_px=1e-7,
+        render_per_px_channel=1e-9,
+        flops=1e10,
+        fit_planned_per_px=400.0,
+        render_planned_per_px_channel=8.0,
+        measured_in=1.0,
+    )
+    return Rates(**{**base, **kw})
+
+
+def test_estimate_arithmetic_from_given_rates():
+    """Each stage's seconds and the memory, computed by hand from recorded rates (no clock involved)."""
+    from napari_upsample_anything.widgets._estimate import estimate_run, format_seconds, lr_grid
+
+    rates = _rates()
+    H, W = 980, 700
+    px = H * W
+    h, w = lr_grid((H, W), None)
+    assert (h, w) == (70, 50)
+    est = estimate_run(rates, (H, W), backbone="dinov2_vits14", steps=50, hr_features="memory")
+    C = 384
+    assert est.seconds["features"] == pytest.approx(2 * 22e6 * h * w / 1e10)
+    assert est.seconds["fit"] == pytest.approx(0.5 + 2e-8 * px * 50)
+    assert est.seconds["pca"] == pytest.approx(px * (1e-7 + 3 * 1e-9))
+    assert est.seconds["render"] == pytest.approx(px * (1e-7 + C * 1e-9))
+    assert est.total_seconds == pytest.approx(sum(est.seconds.values()))
+    assert est.working_bytes == int(max(400.0 * px, 8.0 * px * C))
+    kept = 4 * 3 * px + 4 * C * h * w + 4 * 3 * px  # guide, LR features, HR PCA
+    assert est.kept_bytes == int(kept + 4 * C * px) and est.disk_bytes == 0
+    assert est.text().startswith(f"about {format_seconds(est.total_seconds)}")
+
+    # a stack: every plane costs the same again; a budget caps the working memory
+    stack = estimate_run(rates, (H, W), n_planes=5, steps=50, hr_features="memory", budget_bytes=2**28)
+    for stage, seconds in est.seconds.items():
+        assert stack.seconds[stage] == pytest.approx(5 * seconds)
+    assert stack.working_bytes == 2**28
+    # HR features memory-mapped: on disk, not in memory; not computed: no render stage
+    mapped = estimate_run(rates, (H, W), steps=50, hr_features="memmap")
+    assert mapped.disk_bytes == 4 * C * px and mapped.kept_bytes == int(kept)
+    off = estimate_run(rates, (H, W), steps=50, hr_features="none")
+    assert off.seconds["render"] == 0 and off.disk_bytes == 0 and off.kept_bytes == int(kept)
+    # a bigger backbone: its parameters and channel count
+    base = estimate_run(rates, (H, W), backbone="dinov2_vitb14", steps=50, hr_features="memory")
+    assert base.seconds["features"] == pytest.approx(2 * 86e6 * h * w / 1e10)
+    assert base.seconds["render"] == pytest.approx(px * (1e-7 + 768 * 1e-9))
+    # the input size sets the token grid
+    small = estimate_run(rates, (H, W), input_size=490, steps=50)
+    assert small.seconds["features"] == pytest.approx(2 * 22e6 * 35 * 25 / 1e10)
+
+
 # ---------------------------------------------------------------------------------- pipeline
 def _img(h, w, seed=0):
     rng = np.random.default_rng(seed)

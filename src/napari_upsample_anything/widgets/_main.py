@@ -46,6 +46,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.published import PUBLISHED_STEPS
+from ._estimate import format_seconds
 from ._frame import Frame, SelectionError, full_res_data, layer_kind
 from ._pipeline import (
     Outcome,
@@ -329,6 +330,7 @@ class UpsampleAnythingWidget(RunWidget):
         self._estimator.done.connect(self._show_estimate)
         self._estimator.failed.connect(self._estimate_failed)
         self.estimate = None  # the latest CostEstimate shown
+        self.estimate_key = self._estimating_for = None  # the run (image size, planes, options) it is for
         for signal in (
             self.channel_combo.currentIndexChanged,
             self.slices_combo.currentIndexChanged,
@@ -442,12 +444,14 @@ class UpsampleAnythingWidget(RunWidget):
         threads = int(self.threads_spin.value())
         if self.estimate is None:
             self.estimate_label.setText("estimating the cost on this machine…")
+        self._estimating_for = _run_key(hr_shape, n_planes, config, threads)
         self._estimator.start(_estimate, hr_shape, n_planes, config, threads)
 
     def _show_estimate(self, estimate) -> None:
         if self._cleaned:
             return
         self.estimate = estimate
+        self.estimate_key = self._estimating_for
         self.estimate_label.setText(f"Estimate: {estimate.text()}")
 
     def _estimate_failed(self, exc) -> None:
@@ -527,11 +531,15 @@ class UpsampleAnythingWidget(RunWidget):
             return False
         data = full_res_data(layer)
         planes = [(idx, functools.partial(_plane_copy, frame, data, idx)) for idx in frame.indices]
+        threads = int(self.threads_spin.value())
+        key = _run_key(frame.plane_shape, len(frame.indices), config, threads)
         self._pending = {
             "frame": frame,
             "source_ref": weakref.ref(layer),
             "source_id": str(layer.unique_id),
             "config": config,
+            # shown next to the measured time, when it was made for exactly this run
+            "estimate": self.estimate if self.estimate is not None and self.estimate_key == key else None,
         }
         self._estimate_timer.stop()
         self._estimator.cancel()  # a measurement now would compete with the run for the CPU
@@ -547,7 +555,7 @@ class UpsampleAnythingWidget(RunWidget):
             channel_axis=frame.feature_channel_axis,
             device=config.device,
             budget=config.budget,
-            threads=int(self.threads_spin.value()),
+            threads=threads,
             desc=f"Upsample Anything: {layer.name}",
         )
         return True
@@ -578,8 +586,10 @@ class UpsampleAnythingWidget(RunWidget):
         p0 = pipeline.planes[0]
         psnr = p0.field.meta.get("psnr")
         random = " — random weights: the PCA colours are meaningless" if pipeline.weights_source == "random-init" else ""
+        estimate = pending.get("estimate")
+        told = f" (estimated {format_seconds(estimate.total_seconds)})" if estimate is not None else ""
         self._set_status(
-            f"done in {outcome.seconds:.1f} s: {len(pipeline.planes)} plane(s), LR {p0.lr_shape[0]} x {p0.lr_shape[1]}"
+            f"done in {outcome.seconds:.1f} s{told}: {len(pipeline.planes)} plane(s), LR {p0.lr_shape[0]} x {p0.lr_shape[1]}"
             f" -> HR {p0.hr_shape[0]} x {p0.hr_shape[1]}, {p0.features.shape[0]} channels"
             + (f", fit PSNR {psnr:.1f} dB" if psnr is not None else "")
             + random,
@@ -665,6 +675,11 @@ def _estimate(hr_shape, n_planes, config, threads, cancel=None):
         auto_in_memory_bytes=AUTO_IN_MEMORY_BYTES,
         threads=threads,
     )
+
+
+def _run_key(hr_shape, n_planes, config, threads) -> tuple:
+    """What an estimate depends on: the image plane, the plane count, the options, the threads."""
+    return (tuple(hr_shape), int(n_planes), repr(config), int(threads))
 
 
 def _list_devices(cancel=None):
