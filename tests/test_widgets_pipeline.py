@@ -149,7 +149,9 @@ def test_one_hot_and_argmax_round_trip():
 
 
 # ---------------------------------------------------------------------------------- bridge
-def _counting(n, *, progress=None, cancel=None, fail_at=None, delay=0.0):
+def _counting(n, *, progress=None, cancel=None, fail_at=None, delay=0.0, log=None):
+    """A fake workload of ``n`` steps (each ``delay`` s of pretend work); ``log`` records, per event
+    emitted, whether the cancel flag was set by then."""
     from napari_upsample_anything.core.progress import check_cancel
     from napari_upsample_anything.widgets._pipeline import Progress
 
@@ -157,7 +159,9 @@ def _counting(n, *, progress=None, cancel=None, fail_at=None, delay=0.0):
         check_cancel(cancel, "counting")
         if fail_at == k:
             raise RuntimeError("boom")  # a RuntimeError, as napari's GeneratorWorker would swallow
-        time.sleep(delay)
+        time.sleep(delay)  # the step's work (it orders nothing)
+        if log is not None:
+            log.append(bool(cancel and cancel()))
         progress(Progress("fit", k + 1, n))
     return "result"
 
@@ -182,7 +186,8 @@ def test_guarded_turns_errors_and_cancel_into_outcomes():
     assert stop.value.value.status == "error" and str(stop.value.value.error) == "boom"
 
     handle = RunHandle()
-    gen = guarded(_counting, handle, 10_000, delay=0.001)
+    log = []
+    gen = guarded(_counting, handle, 10_000, delay=0.001, log=log)
     seen = 0
     with pytest.raises(StopIteration) as stop:
         while True:
@@ -190,7 +195,9 @@ def test_guarded_turns_errors_and_cancel_into_outcomes():
             seen += 1
             if seen == 3:
                 handle.cancel()
-    assert stop.value.value.status == "cancelled" and seen <= 4
+    assert stop.value.value.status == "cancelled" and seen == len(log) < 10_000
+    # the workload stopped at its next check: at most the step in flight reported after the cancel
+    assert sum(log) <= 1, f"{sum(log)} steps reported after the cancel"
 
 
 def test_closing_the_generator_cancels_and_joins():
