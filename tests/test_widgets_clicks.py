@@ -46,7 +46,7 @@ def click(qtbot, widget, text: str) -> None:
 
 
 def canvas_point(viewer, layer, yx):
-    """Screen position (canvas widget coordinates) of data pixel ``yx`` of ``layer`` in a 2D view."""
+    """Screen position (canvas widget coordinates) of data pixel ``yx`` (all layer axes) of ``layer`` in a 2D view."""
     from qtpy.QtCore import QPoint
 
     canvas = viewer.window._qt_viewer.canvas.native
@@ -88,7 +88,13 @@ def picture(h=70, w=84, seed=0):
 
 def fit_by_clicking_run(viewer, qtbot, name="img"):
     """Dock the main widget, tick Random weights and click Run; returns the widget once the run is done."""
-    dock, w = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Upsample Anything")
+    from napari_upsample_anything.widgets._main import UpsampleAnythingWidget
+
+    docked = [d for d in viewer.window.dock_widgets.values() if isinstance(d, UpsampleAnythingWidget)]
+    if docked:
+        w = docked[0]
+    else:
+        _dock, w = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Upsample Anything")
     settle(qtbot)
     click(qtbot, w, "Random weights (testing only)")
     assert w.random_check.isChecked()
@@ -172,3 +178,73 @@ def test_a_failed_pick_says_why_and_leaves_no_stale_layer(make_napari_viewer, qt
     for role in ("pixel_weights", "contributing", "picked_pixel"):
         assert own_layers(viewer, role) == [], f"stale {role} layer left after a failed pick"
     assert insp.last_pixel is None
+
+
+def test_explorer_buttons_by_clicks_similarity_segmentation_save_load_apply_to_all_slices(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer = make_napari_viewer(show=True)
+    H, W = 42, 56
+    stack = np.stack([picture(H, W, seed=0), picture(H, W, seed=1)[:, ::-1]])  # slice 1 mirrored
+    src = viewer.add_image(stack, name="img")
+    dock, main = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Upsample Anything")
+    main.slices_combo.setCurrentIndex(main.slices_combo.findData("all"))
+    main.hr_combo.setCurrentIndex(main.hr_combo.findData("memory"))
+    fit_by_clicking_run(viewer, qtbot)  # the dock is already there: the helper finds the same one
+    _dock, w = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Feature explorer")
+    viewer.dims.set_point(0, 0)
+    viewer.reset_view()
+    settle(qtbot)
+
+    # similarity: "Add points", then a click on the red disc (right half of slice 0)
+    click(qtbot, w, "Add points")
+    points = own_layers(viewer, "explore_points")[0]
+    assert points.mode == "add" and viewer.layers.selection.active is points
+    with qtbot.waitSignal(w.runner.finished, timeout=RUN_TIMEOUT_MS):
+        canvas_click(qtbot, viewer, src, (0, H // 2, int(0.75 * W)))
+    qtbot.waitUntil(lambda: not w.runner.running and not w._queued, timeout=RUN_TIMEOUT_MS)
+    assert len(points.data) == 1
+    sim = own_layers(viewer, "explore_similarity")
+    assert len(sim) == 1 and np.asarray(sim[0].data)[0, H // 2, int(0.75 * W)] == pytest.approx(1.0, abs=1e-3)
+    assert len(own_layers(viewer, "explore_similar")) == 1
+
+    # segmentation: "New scribbles", paint two classes with clicks (one brush dab each), "Segment"
+    click(qtbot, w, "New scribbles")
+    scribbles = own_layers(viewer, "explore_scribbles")[0]
+    assert scribbles.mode == "paint" and viewer.layers.selection.active is scribbles
+    scribbles.brush_size = 6
+    for label, spots in ((1, [(8, 6), (30, 10), (20, 16)]), (2, [(8, 40), (34, 48), (12, 52)])):
+        scribbles.selected_label = label
+        for y, x in spots:
+            canvas_click(qtbot, viewer, src, (0, y, x))
+    painted = np.asarray(scribbles.data)
+    assert set(np.unique(painted)) == {0, 1, 2}, "the clicks did not paint both classes"
+    with qtbot.waitSignal(w.runner.finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        click(qtbot, w, "Segment")
+    assert blocker.args[0].status == "done", w.last_message
+    seg = own_layers(viewer, "explore_segmentation")
+    assert len(seg) == 1 and seg[0].data.shape == (1, H, W)
+    labels0 = np.asarray(seg[0].data)[0]
+    top = slice(0, 10)  # above the red disc: the dark and the bright half only
+    assert np.mean(labels0[top, : W // 3] == 1) > 0.8 and np.mean(labels0[top, -W // 3 :] == 2) > 0.8
+
+    # save, load, apply to all slices
+    saved = tmp_path / "scribbles.npz"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(saved), "Classifier (*.npz)"))
+    click(qtbot, w, "Save classifier…")
+    assert saved.is_file() and "Saved" in w.status.text()
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(saved), "Classifier (*.npz)"))
+    click(qtbot, w, "Load classifier…")
+    assert "loaded from scribbles.npz" in w.classifier_label.text(), w.last_message
+    w.apply_combo.setCurrentIndex(w.apply_combo.findData("all"))
+    with qtbot.waitSignal(w.runner.finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        click(qtbot, w, "Apply classifier")
+    assert blocker.args[0].status == "done", w.last_message
+    seg = own_layers(viewer, "explore_segmentation")
+    assert len(seg) == 1 and seg[0].data.shape == (2, H, W)
+    both = np.asarray(seg[0].data)
+    assert np.array_equal(both[0], labels0), "the loaded classifier classifies slice 0 as the trained one did"
+    # slice 1 is mirrored: its dark half is on the right
+    assert np.mean(both[1][top, -W // 3 :] == 1) > 0.8 and np.mean(both[1][top, : W // 3] == 2) > 0.8

@@ -26,6 +26,8 @@ EXPECTED = {
         "New scribbles",
         "Segment",
         "Save classifier…",
+        "Load classifier…",
+        "Apply classifier",
     ),
 }
 
