@@ -51,8 +51,9 @@ def canvas_point(viewer, layer, yx):
 
     canvas = viewer.window._qt_viewer.canvas.native
     world = np.asarray(layer.data_to_world(yx), float)[-2:]
-    centre = np.asarray(viewer.camera.center, float)[-2:]
-    zoom = float(viewer.camera.zoom)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9: viewer.scene
+    centre = np.asarray(camera.center, float)[-2:]
+    zoom = float(camera.zoom)
     y = canvas.height() / 2 + (world[0] - centre[0]) * zoom
     x = canvas.width() / 2 + (world[1] - centre[1]) * zoom
     return QPoint(int(round(x)), int(round(y)))
@@ -248,3 +249,42 @@ def test_explorer_buttons_by_clicks_similarity_segmentation_save_load_apply_to_a
     assert np.array_equal(both[0], labels0), "the loaded classifier classifies slice 0 as the trained one did"
     # slice 1 is mirrored: its dark half is on the right
     assert np.mean(both[1][top, -W // 3 :] == 1) > 0.8 and np.mean(both[1][top, : W // 3] == 2) > 0.8
+
+
+def test_result_layers_short_names_no_hidden_active_advanced_section_and_remove_all(make_napari_viewer, qtbot, records):
+    from napari_upsample_anything.widgets import get_results
+    from napari_upsample_anything.widgets._registry import is_own
+
+    viewer = make_napari_viewer(show=True)
+    src = viewer.add_image(picture(42, 56), name="histology sample (IHC, 40x)")
+    mine = viewer.add_labels(np.zeros((42, 56), np.uint8), name="my labels")
+    viewer.layers.selection.active = src
+    main = fit_by_clicking_run(viewer, qtbot)
+    own = [l for l in viewer.layers if is_own(l)]
+    assert sorted(l.name for l in own) == ["histology… HR PCA", "histology… LR PCA", "histology… memory"]
+    assert viewer.layers.selection.active.visible, "a hidden layer was made active"
+    assert not own_layers(viewer, "kernels"), "the kernels are drawn on request only"
+
+    # the rarely changed fields are folded away until "Advanced" is clicked
+    from test_widgets_docked import visible_texts
+
+    assert "Input size" not in visible_texts(main) and "Memory budget" not in visible_texts(main)
+    click(qtbot, main, "Advanced")
+    settle(qtbot)
+    assert {"Input size", "Memory budget", "Threads", "Pixels per step"} <= visible_texts(main)
+
+    # the inspector adds its layers to the same result; one click removes them all, and only them
+    _dock, insp = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Kernel inspector")
+    settle(qtbot)
+    click(qtbot, insp, "Draw kernels")
+    assert len(own_layers(viewer, "kernels")) == 1
+    click(qtbot, main, "Remove result layers")
+    assert [l for l in viewer.layers if is_own(l)] == [] and list(viewer.layers) == [src, mine]
+    assert get_results(viewer) == [] and "Removed 4 result layers" in main.status.text()
+    assert not button_enabled(main, "Remove result layers")
+
+
+def button_enabled(widget, text):
+    from qtpy.QtWidgets import QAbstractButton
+
+    return any(b.isEnabled() for b in widget.findChildren(QAbstractButton) if b.text() == text)

@@ -270,6 +270,20 @@ def _rates(**kw):
     return Rates(**{**base, **kw})
 
 
+def test_memory_map_labels_never_overlap():
+    from napari_upsample_anything.widgets._memory import label_positions
+
+    def rect(i0, i1, j0, j1, lead=()):
+        return np.array([list(lead) + [y, x] for y, x in ((i0, j0), (i0, j1), (i1, j1), (i1, j0))], float)
+
+    # two tiles sharing (almost) a centre, e.g. a render tile and its halo: only the larger is labelled
+    rects = [rect(0, 8, 0, 8), rect(0.5, 7.5, 0.5, 7.5), rect(0, 8, 8, 16), rect(0, 8, 8, 16, lead=(1,))]
+    keep = label_positions(rects, np.array([100.0, 120.0, 50.0, 50.0]))
+    assert keep.tolist() == [False, True, True, True]  # the other plane's tile is elsewhere: labelled too
+    centres = [r[:, -2:].mean(0) for r, k in zip(rects[:3], keep[:3]) if k]
+    assert np.abs(centres[0] - centres[1]).max() >= 2
+
+
 def test_estimate_arithmetic_from_given_rates():
     """Each stage's seconds and the memory, computed by hand from recorded rates (no clock involved)."""
     from napari_upsample_anything.widgets._estimate import estimate_run, format_seconds, lr_grid

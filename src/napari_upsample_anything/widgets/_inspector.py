@@ -365,7 +365,7 @@ class KernelInspectorWidget(PluginWidget):
                 self.viewer,
                 segments,
                 "vectors",
-                name=f"{result.name} contributing kernels",
+                name=f"{result.name} pixel kernels",
                 role="contributing",
                 owner=owner,
                 result=result.key,

@@ -11,9 +11,6 @@ layers aligned with the source (see :mod:`._frame`):
     RGB, full resolution: the first three principal components of the upsampled features.
 ``<name> LR PCA``
     RGB on the patch grid (the ViT's own resolution), same colours; hidden at first.
-``<name> kernels``
-    The fitted kernels as 1-sigma ellipse outlines (Vectors), coloured by ``sigma_r``;
-    hidden at first, drawn in detail by the Kernel inspector.
 ``<name> memory``
     Per LR cell, the peak memory (MiB) of the engine tiles that covered it; hidden at first,
     managed by the Memory monitor.
@@ -58,6 +55,7 @@ from ._pipeline import (
 from ._qt_common import (
     SHUTDOWN_TIMEOUT,
     BackgroundTask,
+    CollapsibleSection,
     LayerPicker,
     Runner,
     RunWidget,
@@ -68,7 +66,7 @@ from ._qt_common import (
     threads_spinbox,
     torch_loaded,
 )
-from ._registry import FitResult, get_state, put_layer, result_label, unwrap_viewer
+from ._registry import FitResult, get_state, put_layer, remove_result_layers, result_label, unwrap_viewer
 
 #: Short backbone names offered in the combo box (any timm ViT name can be typed).
 BACKBONES = (
@@ -88,15 +86,16 @@ HR_FEATURE_CHOICES = (
     ("keep memory-mapped (temporary file)", "memmap"),
     ("don't compute (PCA only)", "none"),
 )
-#: Kernels drawn in the default ``<name> kernels`` layer (a stride keeps it under this).
-DEFAULT_KERNEL_LIMIT = 50_000
 #: Milliseconds without an option change before the cost estimate is recomputed.
 ESTIMATE_DEBOUNCE_MS = 600
 
 
 def add_result_layers(viewer, result: FitResult) -> None:
-    """Create or replace the result's four layers (HR PCA, LR PCA, kernels, memory)."""
-    from ._kernels import kernel_stride, plane_positions, vectors_data
+    """Create or replace the result's layers: HR PCA, LR PCA (hidden) and memory (hidden).
+
+    The kernels are drawn on request only (Kernel inspector, "Draw kernels", about a thousand
+    ellipses by default): all of them at once are an unreadable tangle and slow to draw.
+    """
     from ._memory import memory_layer_data
 
     frame, planes, key, name = result.frame, result.planes, result.key, result.name
@@ -142,30 +141,6 @@ def add_result_layers(viewer, result: FitResult) -> None:
         extra_tag={"unit": "MiB", "value": kind, "stage": "all"},
     )
     result.layers["memory"] = weakref.ref(layer)
-    stride = kernel_stride(planes, DEFAULT_KERNEL_LIMIT)
-    data, features, count = vectors_data(frame, plane_positions(frame, planes), n_sigma=1.0, stride=stride, segments=16)
-    from ._kernels import color_limits
-
-    H = planes[0].hr_shape[0]
-    layer = put_layer(
-        viewer,
-        data,
-        "vectors",
-        name=f"{name} kernels",
-        role="kernels",
-        features=features,
-        edge_color="sigma_r",
-        edge_colormap="viridis",
-        edge_contrast_limits=color_limits(features.get("sigma_r", np.zeros(1))),
-        edge_width=max(0.5, H / 800),
-        vector_style="line",
-        visible=False,
-        opacity=0.8,
-        **frame.transform(),
-        **common,
-        extra_tag={"n_sigma": 1.0, "stride": stride, "count": count, "style": "vectors", "color_by": "sigma_r"},
-    )
-    result.layers["kernels"] = weakref.ref(layer)
 
 
 class UpsampleAnythingWidget(RunWidget):
@@ -211,6 +186,9 @@ class UpsampleAnythingWidget(RunWidget):
         self.slices_combo.setToolTip("For stacks: process the slice shown, or every slice (one kernel field each)")
         form.addRow("Slices", self.slices_combo)
 
+        self.advanced = CollapsibleSection("Advanced")
+        self.advanced.setToolTip("Rarely changed options: backbone layer, input size, fit details, memory, threads")
+        adv = self.advanced.form
         self.backbone_combo = QComboBox()
         self.backbone_combo.setEditable(True)
         self.backbone_combo.addItems(BACKBONES)
@@ -220,13 +198,13 @@ class UpsampleAnythingWidget(RunWidget):
         self.block_spin.setRange(-64, 63)
         self.block_spin.setValue(-1)
         self.block_spin.setToolTip("Transformer block whose patch tokens are used; -1 = last")
-        form.addRow("Layer", self.block_spin)
+        adv.addRow("Layer", self.block_spin)
         self.input_spin = QSpinBox()
         self.input_spin.setRange(0, 16384)
         self.input_spin.setSingleStep(14)
         self.input_spin.setSpecialValueText("image size")
         self.input_spin.setToolTip("Working resolution of the backbone (long side, pixels); 'image size' = tokens of ~14 px")
-        form.addRow("Input size", self.input_spin)
+        adv.addRow("Input size", self.input_spin)
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(0, 100000)
         self.steps_spin.setValue(PUBLISHED_STEPS)
@@ -242,7 +220,7 @@ class UpsampleAnythingWidget(RunWidget):
             "Gaussian sigma applied to the image before the kernel fit and render. Off = published. "
             "For noisy images (e.g. 2 px): noise makes the kernels follow the speckle (docs/quality_options.md)"
         )
-        form.addRow("Guide smoothing", self.smoothing_spin)
+        adv.addRow("Guide smoothing", self.smoothing_spin)
         self.fit_input_combo = QComboBox()
         self.fit_input_combo.addItem("bicubic (published)", "bicubic")
         self.fit_input_combo.addItem("cell averages", "area")
@@ -250,7 +228,7 @@ class UpsampleAnythingWidget(RunWidget):
             "How the fit makes its low-resolution input from the image: published bicubic resize, or the "
             "average of each cell (closer to how a ViT token summarises its patch)"
         )
-        form.addRow("Fit input", self.fit_input_combo)
+        adv.addRow("Fit input", self.fit_input_combo)
         self.fraction_spin = QSpinBox()
         self.fraction_spin.setRange(1, 100)
         self.fraction_spin.setValue(100)
@@ -259,7 +237,7 @@ class UpsampleAnythingWidget(RunWidget):
             "Pixels each fit step uses (fresh random cells every step). 100 % = the exact, published fit; "
             "less is a faster, approximate fit (docs/quality_stochastic.md)"
         )
-        form.addRow("Pixels per step", self.fraction_spin)
+        adv.addRow("Pixels per step", self.fraction_spin)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu"])
         self.device_combo.setToolTip("auto = CUDA, then Apple MPS, then CPU")
@@ -267,16 +245,16 @@ class UpsampleAnythingWidget(RunWidget):
         self.precision_combo = QComboBox()
         self.precision_combo.addItems(PRECISIONS)
         self.precision_combo.setToolTip("Aggregation dtype; auto = fp16 on CUDA, fp32 elsewhere")
-        form.addRow("Precision", self.precision_combo)
+        adv.addRow("Precision", self.precision_combo)
         self.memory_edit = QLineEdit()
         self.memory_edit.setPlaceholderText("auto  (e.g. 2GB, 512MiB)")
         self.memory_edit.setToolTip("Working-memory budget; auto = 60% of free GPU memory, or 40% of RAM (max 8 GiB) on CPU")
-        form.addRow("Memory budget", self.memory_edit)
+        adv.addRow("Memory budget", self.memory_edit)
         self.threads_spin = threads_spinbox(
             "CPU threads torch uses for this run (default: half the cores). More threads than free cores "
             "make a run much slower on a busy machine (see the user guide)"
         )
-        form.addRow("Threads", self.threads_spin)
+        adv.addRow("Threads", self.threads_spin)
 
         self.random_check = QCheckBox("Random weights (testing only)")
         self.random_check.setToolTip(
@@ -297,8 +275,9 @@ class UpsampleAnythingWidget(RunWidget):
         for text, value in HR_FEATURE_CHOICES:
             self.hr_combo.addItem(text, value)
         self.hr_combo.setToolTip("The full-resolution feature array (C x H x W), kept for saving and scripting")
-        form.addRow("HR features", self.hr_combo)
+        adv.addRow("HR features", self.hr_combo)
 
+        form.addRow(self.advanced)
         self._add_run_row(self.footer_layout, "Run", self.run)
         self.estimate_label = status_label()
         self.estimate_label.setToolTip(
@@ -317,6 +296,13 @@ class UpsampleAnythingWidget(RunWidget):
             b.setEnabled(False)
             saves.addWidget(b)
         layout.addLayout(saves)
+        self.remove_button = QPushButton("Remove result layers")
+        self.remove_button.setToolTip(
+            "Remove every layer of the latest result at once (PCA, memory, kernels, picks, explorer layers); your own layers stay"
+        )
+        self.remove_button.setEnabled(False)
+        self.remove_button.clicked.connect(self.remove_result_layers)
+        layout.addWidget(self.remove_button)
         layout.addStretch(1)
 
         self.layer_picker.layer_changed.connect(self._on_layer_changed)
@@ -597,6 +583,18 @@ class UpsampleAnythingWidget(RunWidget):
         )
         self.save_features_button.setEnabled(p0.hr_features is not None)
         self.save_kernels_button.setEnabled(True)
+        self.remove_button.setEnabled(True)
+
+    def remove_result_layers(self) -> int:
+        """Remove all layers of the latest result (and the result itself); returns how many layers went."""
+        if self.result is None:
+            return 0
+        n = remove_result_layers(self.viewer, self.result.key)
+        self.result = None
+        for b in (self.save_features_button, self.save_kernels_button, self.remove_button):
+            b.setEnabled(False)
+        self._set_status(f"Removed {n} result layers; Run fits the image again.")
+        return n
 
     # ------------------------------------------------------------------ saving
     def save_hr_features(self, path) -> Path:

@@ -71,11 +71,29 @@ def gui_error_message(exc: BaseException) -> str:
     return _FIELD_PATTERN.sub(lambda m: f"'{GUI_FIELDS[m.group(1)]}'", text)
 
 
+#: Milliseconds a plugin toast stays on the canvas (napari starts its own 4 s timer only while its
+#: window is the active one; otherwise a toast stays until hovered). The text stays in the status line.
+TOAST_MS = {"error": 15_000, "warning": 10_000, "info": 6_000}
+
+
 def notify(severity: str, message: str) -> None:
-    """A napari notification (``"error"``, ``"warning"`` or ``"info"``); never a traceback."""
+    """A napari notification (``"error"``, ``"warning"`` or ``"info"``); never a traceback; its toast expires."""
     from napari.utils.notifications import show_error, show_info, show_warning
 
     {"error": show_error, "warning": show_warning}.get(severity, show_info)(message)
+    QTimer.singleShot(TOAST_MS.get(severity, 6_000), functools.partial(_expire_toasts, message))
+
+
+def _expire_toasts(message: str) -> None:
+    """Fade out napari's toasts of ``message`` (napari's own class; nothing happens if it changes)."""
+    try:
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+        for toast in list(getattr(NapariQtNotification, "_instances", [])):
+            if toast.message.text() == message:
+                toast.close_with_fade()
+    except Exception:  # noqa: BLE001 - a toast already gone, or another napari: leave it
+        pass
 
 
 class _WindowCloseWatcher(QObject):
@@ -267,6 +285,36 @@ class PluginWidget(QWidget):
         super().closeEvent(event)
 
 
+class CollapsibleSection(QWidget):
+    """A titled section whose fields are hidden until its header button is clicked ("Advanced ▸")."""
+
+    def __init__(self, title: str, expanded: bool = False, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        from qtpy.QtWidgets import QFormLayout, QToolButton
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.toggle = QToolButton()
+        self.toggle.setText(title)
+        self.toggle.setCheckable(True)
+        self.toggle.setChecked(expanded)
+        self.toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.toggle.setArrowType(Qt.ArrowType.DownArrow if expanded else Qt.ArrowType.RightArrow)
+        self.toggle.toggled.connect(self.set_expanded)
+        self.content = QWidget()
+        self.form = QFormLayout(self.content)
+        self.form.setContentsMargins(12, 0, 0, 0)
+        self.content.setVisible(expanded)
+        layout.addWidget(self.toggle)
+        layout.addWidget(self.content)
+
+    def set_expanded(self, on: bool) -> None:
+        self.toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+        self.content.setVisible(on)
+        if self.toggle.isChecked() != on:
+            self.toggle.setChecked(on)
+
+
 # ---------------------------------------------------------------------------------- pickers
 class RunWidget(PluginWidget):
     """A dock widget with a Run / Cancel pair driving a :class:`Runner`.
@@ -422,6 +470,9 @@ class LayerPicker(QComboBox):
         """Select the layer the user activates in the layer list, when it is a candidate."""
         try:
             layer = event.value
+            viewer = self._viewer_ref()
+            if viewer is not None and get_state(viewer).restoring_active:
+                return  # the plugin gave the active layer back after adding a hidden one: not the user's choice
             if any(r() is layer for r in self._fresh) and self._picked_layer() is not None:
                 return  # napari activates every layer it adds: not the user's choice
             refs = [r() for r in self._layers]

@@ -61,8 +61,8 @@ class FitResult:
 
     @property
     def name(self) -> str:
-        """The source layer's name at fit time (used in the result layers' names)."""
-        return self.frame.source_name
+        """A short form of the source layer's name at fit time (the prefix of the result layers' names)."""
+        return short_name(self.frame.source_name)
 
     @property
     def planes(self) -> List[PlaneResult]:
@@ -125,6 +125,7 @@ class ViewerState:
         self.results: Dict[str, FitResult] = {}
         self.active_runs: Dict[int, dict] = {}
         self._suspend = 0
+        self.restoring_active = False  # True while put_layer gives the active layer back (pickers ignore it)
         viewer.layers.events.removed.connect(self._on_layer_removed)
 
     @property
@@ -191,6 +192,23 @@ class ViewerState:
 
 
 _STATES: weakref.WeakKeyDictionary[Any, ViewerState] = weakref.WeakKeyDictionary()
+
+
+#: Result layer names start with at most this many characters of the source's name (the layer list is narrow).
+SHORT_NAME_CHARS = 12
+
+
+def short_name(name: str, limit: int = SHORT_NAME_CHARS) -> str:
+    """``'histology (IHC)'`` -> ``'histology'``: bracketed parts dropped, cut at a word to ``limit`` characters."""
+    import re
+
+    base = re.sub(r"\s*[\(\[][^\)\]]*[\)\]]", "", name).strip() or name.strip() or "image"
+    if len(base) <= limit:
+        return base
+    head = base[:limit]
+    if base[limit] != " " and " " in head.strip():
+        head = head.rsplit(" ", 1)[0]
+    return head.rstrip(" _-.") + "…"
 
 
 def unwrap_viewer(viewer):
@@ -267,6 +285,7 @@ def put_layer(
     layer = Layer.create(data, {"name": name, "metadata": metadata, **kwargs}, layer_type)
     old = find_own_layer(viewer, role, owner)
     state = get_state(viewer)
+    active = viewer.layers.selection.active
     with state.keep_results():
         if old is not None:
             index = viewer.layers.index(old)
@@ -277,6 +296,15 @@ def put_layer(
                 viewer.layers.selection.discard(layer)
         else:
             viewer.add_layer(layer)
+    if not layer.visible and viewer.layers.selection.active is layer:
+        # napari activates every added layer; a hidden one would take the user's clicks and keys unseen
+        state.restoring_active = True
+        try:
+            viewer.layers.selection.discard(layer)
+            if active is not None and active is not old and active in viewer.layers:
+                viewer.layers.selection.active = active
+        finally:
+            state.restoring_active = False
     return layer
 
 
@@ -330,6 +358,21 @@ def update_layer(
             viewer, data, layer_type, name=name, role=role, owner=owner, result=result, extra_tag=extra_tag, **kwargs
         )
     return old
+
+
+def remove_result_layers(viewer, result_key: str) -> int:
+    """Remove every layer of one result (the run's, the inspector's, the explorer's) and drop the result.
+
+    Layers the user made are never touched (only plugin-tagged layers of that result). Returns
+    how many layers were removed.
+    """
+    state = get_state(viewer)
+    doomed = [l for l in viewer.layers if tag_of(l).get("result") == result_key]
+    with state.keep_results():
+        for layer in doomed:
+            viewer.layers.remove(layer)
+    state.drop_result(result_key)
+    return len(doomed)
 
 
 def remove_own_layer(viewer, role: str, owner: str) -> bool:
