@@ -227,6 +227,7 @@ def test_explorer_buttons_by_clicks_similarity_segmentation_save_load_apply_to_a
     assert blocker.args[0].status == "done", w.last_message
     seg = own_layers(viewer, "explore_segmentation")
     assert len(seg) == 1 and seg[0].data.shape == (1, H, W)
+    assert not [l for l in viewer.layers if "probability" in l.name], "per-class maps only on request"
     labels0 = np.asarray(seg[0].data)[0]
     top = slice(0, 10)  # above the red disc: the dark and the bright half only
     assert np.mean(labels0[top, : W // 3] == 1) > 0.8 and np.mean(labels0[top, -W // 3 :] == 2) > 0.8
@@ -288,3 +289,23 @@ def button_enabled(widget, text):
     from qtpy.QtWidgets import QAbstractButton
 
     return any(b.isEnabled() for b in widget.findChildren(QAbstractButton) if b.text() == text)
+
+
+def test_plugin_toasts_fade_out_even_when_the_window_is_not_active(make_napari_viewer, qtbot, monkeypatch):
+    """napari starts a toast's own timer only while its window is active; the plugin's fade out anyway."""
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    from napari_upsample_anything.widgets import _qt_common
+
+    make_napari_viewer(show=True)
+    monkeypatch.setattr(_qt_common, "TOAST_MS", {"error": 1500, "warning": 1500, "info": 1500})
+    text = "Do this first: a test toast"
+
+    def shown():
+        return [t for t in NapariQtNotification._instances if t.message.text() == text and t.isVisible()]
+
+    _qt_common.notify("warning", text)
+    qtbot.waitUntil(lambda: bool(shown()), timeout=10_000)
+    for toast in shown():
+        toast.timer_stop()  # as when the napari window is not the active one
+    qtbot.waitUntil(lambda: not shown(), timeout=10_000)

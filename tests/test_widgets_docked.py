@@ -28,6 +28,7 @@ EXPECTED = {
         "Save classifier…",
         "Load classifier…",
         "Apply classifier",
+        "Also add one probability layer per class",
     ),
 }
 

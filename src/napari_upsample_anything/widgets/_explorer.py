@@ -14,7 +14,7 @@ viewer's slider for stacks.
   (*New scribbles*) or any Labels layer of the right size, which is only read, never
   changed -- and press *Segment* (or tick *Live*): a random forest is trained on the HR
   features at the scribbled pixels and classifies every pixel: ``<name> segmentation``
-  (Labels) and one ``<name> probability <k>`` image per class. Route *HR pixels* classifies
+  (Labels), and on request one ``<name> probability <k>`` image per class. Route *HR pixels* classifies
   every HR pixel; *LR tokens* classifies the patch tokens and upsamples the class
   probabilities with the kernels (much cheaper). *Save classifier* writes the training
   samples to an ``.npz`` (no pickle; see :mod:`napari_upsample_anything.explore`) for batch use.
@@ -272,6 +272,9 @@ class FeatureExplorerWidget(RunWidget):
         seg_form.addRow(self.image_check)
         self.live_check = QCheckBox("Live: re-segment after each stroke")
         seg_form.addRow(self.live_check)
+        self.prob_check = QCheckBox("Also add one probability layer per class")
+        self.prob_check.setToolTip("Hidden images '<name> probability <k>' next to the segmentation (off: fewer layers)")
+        seg_form.addRow(self.prob_check)
         files = QHBoxLayout()
         self.save_button = QPushButton("Save classifier…")
         self.save_button.setEnabled(False)
@@ -626,14 +629,15 @@ class FeatureExplorerWidget(RunWidget):
             self._set_classifier(clf, "trained on the scribbles")
         common = {"owner": result.owner, "result": result.key}
         classes = [int(c) for c in clf.classes]
+        wanted = classes if self.prob_check.isChecked() else []  # per-class maps only on request
         with self.state.keep_results():
-            for layer in list(self.viewer.layers):  # probability layers of classes no longer painted
+            for layer in list(self.viewer.layers):  # probability layers of classes no longer painted (or asked for)
                 tag = tag_of(layer)
                 if tag.get("role", "").startswith("explore_probability_") and tag.get("owner") == result.owner:
-                    if int(tag.get("class", -1)) not in classes:
+                    if int(tag.get("class", -1)) not in wanted:
                         remove_own_layer(self.viewer, tag["role"], result.owner)
             self.outputs["probabilities"] = {}
-            for k, c in enumerate(classes):
+            for k, c in enumerate(wanted):
                 data, tf = self._placed(result, plane, value["probabilities"][k])
                 self.outputs["probabilities"][c] = put_layer(
                     self.viewer,
