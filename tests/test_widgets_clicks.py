@@ -263,6 +263,9 @@ def test_result_layers_short_names_no_hidden_active_advanced_section_and_remove_
     main = fit_by_clicking_run(viewer, qtbot)
     own = [l for l in viewer.layers if is_own(l)]
     assert sorted(l.name for l in own) == ["histology… HR PCA", "histology… LR PCA", "histology… memory"]
+    # next to their source (not above the user's other layers), the visible HR PCA over the source
+    names = [l.name for l in viewer.layers]
+    assert names == [src.name, "histology… LR PCA", "histology… HR PCA", "histology… memory", "my labels"]
     assert viewer.layers.selection.active.visible, "a hidden layer was made active"
     assert not own_layers(viewer, "kernels"), "the kernels are drawn on request only"
 

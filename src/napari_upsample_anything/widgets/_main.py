@@ -101,7 +101,8 @@ def add_result_layers(viewer, result: FitResult) -> None:
     frame, planes, key, name = result.frame, result.planes, result.key, result.name
     owner = result.owner
     factor = planes[0].factor
-    common = {"owner": owner, "result": key}
+    source = result.source_ref() if result.source_ref is not None else None
+    common = {"owner": owner, "result": key, "near": source}  # results sit right above their source
     hr = put_layer(
         viewer,
         frame.stack([p.lr_rgb for p in planes]),
@@ -115,6 +116,7 @@ def add_result_layers(viewer, result: FitResult) -> None:
         extra_tag={"lr_shape": list(planes[0].lr_shape), "factor": list(factor)},
     )
     result.layers["lr_pca"] = weakref.ref(hr)
+    common["near"] = hr  # each next layer right above the previous: source, LR PCA, HR PCA, memory
     hr = put_layer(
         viewer,
         frame.stack([p.hr_rgb for p in planes]),
@@ -126,6 +128,7 @@ def add_result_layers(viewer, result: FitResult) -> None:
         **common,
     )
     result.layers["hr_pca"] = weakref.ref(hr)
+    common["near"] = hr
     mem, kind = memory_layer_data(result)
     layer = put_layer(
         viewer,

@@ -267,11 +267,13 @@ def put_layer(
     owner: str,
     result: Optional[str] = None,
     extra_tag: Optional[dict] = None,
+    near=None,
     **kwargs,
 ):
     """Add a plugin layer, replacing (at the same place in the list) the previous one of ``role``/``owner``.
 
-    Only layers tagged by the plugin are ever replaced. Returns the new layer.
+    Only layers tagged by the plugin are ever replaced. A new layer goes right above ``near``
+    (its source layer) when given and still in the viewer, else on top. Returns the new layer.
     """
     from napari.layers import Layer
 
@@ -294,6 +296,8 @@ def put_layer(
             viewer.layers.insert(index, layer)
             if not selected:
                 viewer.layers.selection.discard(layer)
+        elif near is not None and near in viewer.layers:
+            viewer.layers.insert(viewer.layers.index(near) + 1, layer)
         else:
             viewer.add_layer(layer)
     if not layer.visible and viewer.layers.selection.active is layer:
