@@ -122,7 +122,7 @@ def dab_labels(image, lr_shape):
 
 
 def docked_laptop(sample) -> None:
-    """``docked_1366x768.png``: all four widgets docked at once in a laptop-sized window."""
+    """``docked_1366x768.png``: all five widgets docked at once in a laptop-sized window."""
     import napari
 
     viewer = napari.Viewer(title="napari: Upsample Anything")
@@ -134,6 +134,7 @@ def docked_laptop(sample) -> None:
         "Kernel inspector",
         "Memory monitor",
         "Upsample a layer with fitted kernels",
+        "Feature explorer",
     ):
         _dock, widget = viewer.window.add_plugin_dock_widget("napari-upsample-anything", name)
         widgets.append(widget)
@@ -215,7 +216,7 @@ def main() -> int:
     mon.overlay_check.setChecked(False)
     res = get_results(viewer)[0]
     print("status:", main_w.status.text())
-    name = src.name
+    name = res.name  # the short form of the source's name that prefixes the result layers
     viewer.layers.selection.active = viewer.layers[f"{name} HR PCA"]
     viewer.reset_view()
     shot(viewer, "main_widget")
@@ -244,7 +245,7 @@ def main() -> int:
     viewer.camera.center = (y, x)
     viewer.camera.zoom = 2.4
     shot(viewer, "kernel_inspector")
-    pixel_layers = [viewer.layers[f"{name} {n}"] for n in ("pixel weights", "contributing kernels", "picked pixel")]
+    pixel_layers = [viewer.layers[f"{name} {n}"] for n in ("pixel weights", "pixel kernels", "picked pixel")]
     for l in pixel_layers:
         l.visible = False
     ins.set_picking(False)

@@ -121,6 +121,7 @@ def test_segmentation_never_changes_the_users_labels(make_napari_viewer, qtbot, 
     meta_before = dict(user_layer.metadata)
     w = _explorer(viewer)
     w.scribble_picker.set_layer(user_layer)
+    w.prob_check.setChecked(True)  # the per-class probability layers are added on request
     for route in ("hr", "lr"):
         w.route_combo.setCurrentIndex([w.route_combo.itemData(i) for i in range(w.route_combo.count())].index(route))
         with qtbot.waitSignal(w.runner.finished, timeout=RUN_TIMEOUT_MS) as blocker:

@@ -149,7 +149,9 @@ def test_one_hot_and_argmax_round_trip():
 
 
 # ---------------------------------------------------------------------------------- bridge
-def _counting(n, *, progress=None, cancel=None, fail_at=None, delay=0.0):
+def _counting(n, *, progress=None, cancel=None, fail_at=None, delay=0.0, log=None):
+    """A fake workload of ``n`` steps (each ``delay`` s of pretend work); ``log`` records, per event
+    emitted, whether the cancel flag was set by then."""
     from napari_upsample_anything.core.progress import check_cancel
     from napari_upsample_anything.widgets._pipeline import Progress
 
@@ -157,7 +159,9 @@ def _counting(n, *, progress=None, cancel=None, fail_at=None, delay=0.0):
         check_cancel(cancel, "counting")
         if fail_at == k:
             raise RuntimeError("boom")  # a RuntimeError, as napari's GeneratorWorker would swallow
-        time.sleep(delay)
+        time.sleep(delay)  # the step's work (it orders nothing)
+        if log is not None:
+            log.append(bool(cancel and cancel()))
         progress(Progress("fit", k + 1, n))
     return "result"
 
@@ -182,7 +186,8 @@ def test_guarded_turns_errors_and_cancel_into_outcomes():
     assert stop.value.value.status == "error" and str(stop.value.value.error) == "boom"
 
     handle = RunHandle()
-    gen = guarded(_counting, handle, 10_000, delay=0.001)
+    log = []
+    gen = guarded(_counting, handle, 10_000, delay=0.001, log=log)
     seen = 0
     with pytest.raises(StopIteration) as stop:
         while True:
@@ -190,7 +195,9 @@ def test_guarded_turns_errors_and_cancel_into_outcomes():
             seen += 1
             if seen == 3:
                 handle.cancel()
-    assert stop.value.value.status == "cancelled" and seen <= 4
+    assert stop.value.value.status == "cancelled" and seen == len(log) < 10_000
+    # the workload stopped at its next check: at most the step in flight reported after the cancel
+    assert sum(log) <= 1, f"{sum(log)} steps reported after the cancel"
 
 
 def test_closing_the_generator_cancels_and_joins():
@@ -245,6 +252,76 @@ def test_fit_estimate_scales_with_the_fit_fraction():
     quarter = estimate_fit(rates, (1000, 1000), 51, fit_fraction=0.25)
     assert quarter == pytest.approx(0.5 + 0.02 * 51 * 0.25)
     assert estimate_run(rates, (1000, 1000), steps=51, fit_fraction=0.25).seconds["fit"] == pytest.approx(quarter)
+
+
+def _rates(**kw):
+    from napari_upsample_anything.widgets._estimate import Rates
+
+    base = dict(
+        fit_step_per_px=2e-8,
+        fit_fixed=0.5,
+        render_per_px=1e-7,
+        render_per_px_channel=1e-9,
+        flops=1e10,
+        fit_planned_per_px=400.0,
+        render_planned_per_px_channel=8.0,
+        measured_in=1.0,
+    )
+    return Rates(**{**base, **kw})
+
+
+def test_memory_map_labels_never_overlap():
+    from napari_upsample_anything.widgets._memory import label_positions
+
+    def rect(i0, i1, j0, j1, lead=()):
+        return np.array([list(lead) + [y, x] for y, x in ((i0, j0), (i0, j1), (i1, j1), (i1, j0))], float)
+
+    # two tiles sharing (almost) a centre, e.g. a render tile and its halo: only the larger is labelled
+    rects = [rect(0, 8, 0, 8), rect(0.5, 7.5, 0.5, 7.5), rect(0, 8, 8, 16), rect(0, 8, 8, 16, lead=(1,))]
+    keep = label_positions(rects, np.array([100.0, 120.0, 50.0, 50.0]))
+    assert keep.tolist() == [False, True, True, True]  # the other plane's tile is elsewhere: labelled too
+    centres = [r[:, -2:].mean(0) for r, k in zip(rects[:3], keep[:3]) if k]
+    assert np.abs(centres[0] - centres[1]).max() >= 2
+
+
+def test_estimate_arithmetic_from_given_rates():
+    """Each stage's seconds and the memory, computed by hand from recorded rates (no clock involved)."""
+    from napari_upsample_anything.widgets._estimate import estimate_run, format_seconds, lr_grid
+
+    rates = _rates()
+    H, W = 980, 700
+    px = H * W
+    h, w = lr_grid((H, W), None)
+    assert (h, w) == (70, 50)
+    est = estimate_run(rates, (H, W), backbone="dinov2_vits14", steps=50, hr_features="memory")
+    C = 384
+    assert est.seconds["features"] == pytest.approx(2 * 22e6 * h * w / 1e10)
+    assert est.seconds["fit"] == pytest.approx(0.5 + 2e-8 * px * 50)
+    assert est.seconds["pca"] == pytest.approx(px * (1e-7 + 3 * 1e-9))
+    assert est.seconds["render"] == pytest.approx(px * (1e-7 + C * 1e-9))
+    assert est.total_seconds == pytest.approx(sum(est.seconds.values()))
+    assert est.working_bytes == int(max(400.0 * px, 8.0 * px * C))
+    kept = 4 * 3 * px + 4 * C * h * w + 4 * 3 * px  # guide, LR features, HR PCA
+    assert est.kept_bytes == int(kept + 4 * C * px) and est.disk_bytes == 0
+    assert est.text().startswith(f"about {format_seconds(est.total_seconds)}")
+
+    # a stack: every plane costs the same again; a budget caps the working memory
+    stack = estimate_run(rates, (H, W), n_planes=5, steps=50, hr_features="memory", budget_bytes=2**28)
+    for stage, seconds in est.seconds.items():
+        assert stack.seconds[stage] == pytest.approx(5 * seconds)
+    assert stack.working_bytes == 2**28
+    # HR features memory-mapped: on disk, not in memory; not computed: no render stage
+    mapped = estimate_run(rates, (H, W), steps=50, hr_features="memmap")
+    assert mapped.disk_bytes == 4 * C * px and mapped.kept_bytes == int(kept)
+    off = estimate_run(rates, (H, W), steps=50, hr_features="none")
+    assert off.seconds["render"] == 0 and off.disk_bytes == 0 and off.kept_bytes == int(kept)
+    # a bigger backbone: its parameters and channel count
+    base = estimate_run(rates, (H, W), backbone="dinov2_vitb14", steps=50, hr_features="memory")
+    assert base.seconds["features"] == pytest.approx(2 * 86e6 * h * w / 1e10)
+    assert base.seconds["render"] == pytest.approx(px * (1e-7 + 768 * 1e-9))
+    # the input size sets the token grid
+    small = estimate_run(rates, (H, W), input_size=490, steps=50)
+    assert small.seconds["features"] == pytest.approx(2 * 22e6 * 35 * 25 / 1e10)
 
 
 # ---------------------------------------------------------------------------------- pipeline

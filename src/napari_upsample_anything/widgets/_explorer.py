@@ -14,7 +14,7 @@ viewer's slider for stacks.
   (*New scribbles*) or any Labels layer of the right size, which is only read, never
   changed -- and press *Segment* (or tick *Live*): a random forest is trained on the HR
   features at the scribbled pixels and classifies every pixel: ``<name> segmentation``
-  (Labels) and one ``<name> probability <k>`` image per class. Route *HR pixels* classifies
+  (Labels), and on request one ``<name> probability <k>`` image per class. Route *HR pixels* classifies
   every HR pixel; *LR tokens* classifies the patch tokens and upsamples the class
   probabilities with the kernels (much cheaper). *Save classifier* writes the training
   samples to an ``.npz`` (no pickle; see :mod:`napari_upsample_anything.explore`) for batch use.
@@ -27,6 +27,7 @@ features are rendered tile by tile and never held whole.
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
@@ -41,7 +42,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSlider,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -121,6 +121,29 @@ def compute_segmentation(
     return {"labels": labels, "probabilities": probs, "classifier": clf}
 
 
+def compute_apply(planes, classifier, device: str = "auto", *, progress=None, cancel=None) -> dict:
+    """Apply a trained or loaded classifier to each plane: ``{"labels": [(H, W)], "probabilities": [(K, H, W)]}``.
+
+    The classifier's own route and image-channel setting are used (as it was trained); HR
+    features kept by the main widget are read directly, otherwise rendered tile by tile.
+    """
+    from ..explore import apply_classifier
+
+    labels, probs = [], []
+    for plane in planes:
+        route = classifier.route
+        if route == "hr" and plane.hr_features is not None:
+            features, guide, field = plane.hr_features, (plane.guide if classifier.include_image else None), None
+        else:
+            features, guide, field = plane.features, plane.guide, plane.field
+        lab, prob = apply_classifier(
+            classifier, features, guide, field, device=device, progress=_adapter(progress), cancel=cancel
+        )
+        labels.append(lab)
+        probs.append(prob)
+    return {"labels": labels, "probabilities": probs, "classifier": classifier}
+
+
 def plane_scribbles(layer, result: FitResult, plane) -> np.ndarray:
     """A copy of the ``(H, W)`` scribbles of ``plane`` from a Labels layer (never a view of it).
 
@@ -185,6 +208,7 @@ class FeatureExplorerWidget(RunWidget):
         self._queued: list = []
         self._watched: list = []  # (layer ref, emitter name, callback)
         self._scribbles_ref = None  # the Labels layer the running segmentation reads
+        self._classifier = None  # what "Apply classifier" and "Save classifier" use
         self._build()
         self._live_timer = QTimer(self)
         self._live_timer.setSingleShot(True)
@@ -197,7 +221,7 @@ class FeatureExplorerWidget(RunWidget):
 
     # ------------------------------------------------------------------ UI
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        layout = self.body_layout
         form = QFormLayout()
         layout.addLayout(form)
         self.result_picker = ResultPicker(self.viewer)
@@ -248,15 +272,40 @@ class FeatureExplorerWidget(RunWidget):
         seg_form.addRow(self.image_check)
         self.live_check = QCheckBox("Live: re-segment after each stroke")
         seg_form.addRow(self.live_check)
+        self.prob_check = QCheckBox("Also add one probability layer per class")
+        self.prob_check.setToolTip("Hidden images '<name> probability <k>' next to the segmentation (off: fewer layers)")
+        seg_form.addRow(self.prob_check)
+        files = QHBoxLayout()
         self.save_button = QPushButton("Save classifier…")
         self.save_button.setEnabled(False)
+        self.save_button.setToolTip("Write the last trained classifier (its training samples, no pickle) to an .npz")
         self.save_button.clicked.connect(self._save_clicked)
-        seg_form.addRow(self.save_button)
+        self.load_button = QPushButton("Load classifier…")
+        self.load_button.setToolTip("Read a classifier saved here or by the Python API, to apply it to this image")
+        self.load_button.clicked.connect(self._load_clicked)
+        files.addWidget(self.save_button)
+        files.addWidget(self.load_button)
+        seg_form.addRow(files)
+        arow = QHBoxLayout()
+        self.apply_combo = QComboBox()
+        self.apply_combo.addItem("current plane", "current")
+        self.apply_combo.addItem("all slices", "all")
+        self.apply_combo.setToolTip("For a stack fitted on all slices: classify the plane shown, or every plane")
+        self.apply_button = QPushButton("Apply classifier")
+        self.apply_button.setEnabled(False)
+        self.apply_button.setToolTip("Classify with the loaded (or last trained) classifier, without new scribbles")
+        self.apply_button.clicked.connect(lambda: self.request("apply"))
+        arow.addWidget(self.apply_combo, 1)
+        arow.addWidget(self.apply_button)
+        seg_form.addRow("Apply to", arow)
+        self.classifier_label = QLabel("no classifier yet")
+        self.classifier_label.setWordWrap(True)
+        seg_form.addRow(self.classifier_label)
         layout.addWidget(seg_box)
 
-        self._add_run_row(layout, "Segment", lambda: self.request("segment"))
+        self._add_run_row(self.footer_layout, "Segment", lambda: self.request("segment"))
         self.status = status_label()
-        layout.addWidget(self.status)
+        self.footer_layout.addWidget(self.status)
         layout.addStretch(1)
         self._watch_scribbles()
 
@@ -391,7 +440,39 @@ class FeatureExplorerWidget(RunWidget):
             if kind not in self._queued:
                 self._queued.append(kind)
             return True
+        if kind == "apply":
+            return self.run_apply()
         return self.run_similarity(quiet) if kind == "similarity" else self.run_segmentation(quiet)
+
+    def run_apply(self) -> bool:
+        """Classify the current plane (or every plane) with :attr:`classifier`, without new scribbles."""
+        result = self._result()
+        if result is None:
+            self._message("error", "No fitted image yet: run 'Upsample Anything' on the image first.", self.status)
+            return False
+        if self.classifier is None:
+            self._message("error", "Load a classifier (or press Segment) first.", self.status)
+            return False
+        if self.apply_combo.currentData() == "all":
+            planes = list(result.planes)
+        else:
+            try:
+                planes = [self._plane(result)]
+            except KeyError as exc:
+                self._message("warning", str(exc), self.status)
+                return False
+        self._pending = {"kind": "apply", "result": result, "planes": planes}
+        self._set_running(True)
+        self.status.setText("applying the classifier…")
+        device = self._device(result)
+        self.runner.start(compute_apply, planes, self.classifier, device, device=device, desc=f"classify {result.name}")
+        return True
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.similarity_button.setEnabled(not running)
+        self.apply_button.setEnabled(not running and self.classifier is not None)
+        self.cancel_button.setEnabled(running)
 
     def run_similarity(self, quiet: bool = False) -> bool:
         result = self._result()
@@ -449,9 +530,7 @@ class FeatureExplorerWidget(RunWidget):
 
     def _start(self, kind: str, fn, plane, first, result: FitResult, *args) -> None:
         self._pending = {"kind": kind, "result": result, "plane": plane}
-        self.run_button.setEnabled(False)
-        self.similarity_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self._set_running(True)
         self.status.setText(f"{kind}…")
         device = args[-1]
         self.runner.start(fn, plane, first, *args, device=device, desc=f"{kind} on {result.name}")
@@ -460,7 +539,7 @@ class FeatureExplorerWidget(RunWidget):
         super()._on_finished(outcome)
         if self._cleaned:
             return
-        self.similarity_button.setEnabled(True)
+        self._set_running(False)
         if self._queued and outcome.status == "done":
             kind = self._queued.pop(0)
             self.request(kind, quiet=True)
@@ -470,6 +549,8 @@ class FeatureExplorerWidget(RunWidget):
     def _publish(self, outcome: Outcome, pending: dict) -> None:
         if pending["kind"] == "similarity":
             self._show_similarity(outcome.value, pending)
+        elif pending["kind"] == "apply":
+            self._show_applied(outcome.value, pending)
         else:
             self._show_segmentation(outcome.value, pending)
         self.status.setText(f"{pending['kind']} done in {outcome.seconds:.1f} s")
@@ -544,17 +625,19 @@ class FeatureExplorerWidget(RunWidget):
         result, plane = pending["result"], pending["plane"]
         clf = value["classifier"]
         self.segmentation = dict(value, result=result, plane=plane)
-        self.save_button.setEnabled(True)
+        if clf is not self._classifier:
+            self._set_classifier(clf, "trained on the scribbles")
         common = {"owner": result.owner, "result": result.key}
         classes = [int(c) for c in clf.classes]
+        wanted = classes if self.prob_check.isChecked() else []  # per-class maps only on request
         with self.state.keep_results():
-            for layer in list(self.viewer.layers):  # probability layers of classes no longer painted
+            for layer in list(self.viewer.layers):  # probability layers of classes no longer painted (or asked for)
                 tag = tag_of(layer)
                 if tag.get("role", "").startswith("explore_probability_") and tag.get("owner") == result.owner:
-                    if int(tag.get("class", -1)) not in classes:
+                    if int(tag.get("class", -1)) not in wanted:
                         remove_own_layer(self.viewer, tag["role"], result.owner)
             self.outputs["probabilities"] = {}
-            for k, c in enumerate(classes):
+            for k, c in enumerate(wanted):
                 data, tf = self._placed(result, plane, value["probabilities"][k])
                 self.outputs["probabilities"][c] = put_layer(
                     self.viewer,
@@ -587,11 +670,69 @@ class FeatureExplorerWidget(RunWidget):
                 self.viewer.layers.move(self.viewer.layers.index(scribbles), len(self.viewer.layers))
                 self.viewer.layers.selection.active = scribbles
 
+    def _show_applied(self, value: dict, pending: dict) -> None:
+        """The classes of every classified plane, as the segmentation layers (one plane or the whole stack)."""
+        result, planes = pending["result"], pending["planes"]
+        if len(planes) == 1:
+            self._show_segmentation(
+                {"labels": value["labels"][0], "probabilities": value["probabilities"][0], "classifier": value["classifier"]},
+                {"result": result, "plane": planes[0]},
+            )
+            return
+        frame = result.frame  # every plane of the fit, in the frame's order: the layer spans the stack
+        clf = value["classifier"]
+        classes = [int(c) for c in clf.classes]
+        self.segmentation = dict(classifier=clf, result=result, plane=None)
+        common = {"owner": result.owner, "result": result.key}
+        with self.state.keep_results():
+            self.outputs["labels"] = put_layer(
+                self.viewer,
+                frame.stack(value["labels"]),
+                "labels",
+                name=f"{result.name} segmentation",
+                role="explore_segmentation",
+                opacity=0.5,
+                extra_tag={"classes": classes, "route": clf.route, "planes": len(planes)},
+                **frame.transform(),
+                **common,
+            )
+
+    @property
+    def classifier(self):
+        """The classifier "Apply" uses: the one loaded last, or the last trained one, whichever came later."""
+        return self._classifier
+
+    def _set_classifier(self, clf, origin: str) -> None:
+        self._classifier = clf
+        self.save_button.setEnabled(True)
+        self.apply_button.setEnabled(not self.runner.running)
+        self.classifier_label.setText(
+            f"classifier: {origin}; classes {[int(c) for c in clf.classes]}, route {clf.route}, "
+            f"{clf.n_features} features per pixel"
+        )
+
+    def load_classifier(self, path):
+        """Read a classifier file (``ScribbleClassifier.save``) for :meth:`run_apply`; returns it."""
+        from ..explore import ScribbleClassifier
+
+        clf = ScribbleClassifier.load(path)
+        self._set_classifier(clf, f"loaded from {Path(path).name}")
+        return clf
+
+    def _load_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load classifier", "", "Classifier (*.npz)")
+        if path:
+            try:
+                self.load_classifier(path)
+                self._message("info", f"Loaded {path}: press 'Apply classifier'.", self.status)
+            except (OSError, ValueError) as exc:
+                self._message("error", f"Choose a classifier file saved by 'Save classifier': {exc}", self.status)
+
     def save_classifier(self, path) -> str:
-        """Write the last trained classifier (training samples + parameters, no pickle) to ``path``."""
-        if self.segmentation is None:
+        """Write the current classifier (training samples + parameters, no pickle) to ``path``."""
+        if self.classifier is None:
             raise ValueError("no classifier yet: press Segment first")
-        return str(self.segmentation["classifier"].save(path))
+        return str(self.classifier.save(path))
 
     def _save_clicked(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save classifier", "classifier.npz", "Classifier (*.npz)")

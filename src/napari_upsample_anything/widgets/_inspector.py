@@ -52,7 +52,7 @@ from ._kernels import (
     MAX_VECTOR_KERNELS,
     PARAMETER_MAPS,
     STYLES,
-    cell_outlines,
+    cell_segments,
     clear_engine_cache,
     color_limits,
     contributing_cells,
@@ -66,7 +66,7 @@ from ._kernels import (
     vectors_data,
 )
 from ._qt_common import PluginWidget, ResultPicker, status_label
-from ._registry import FitResult, get_state, put_layer, remove_own_layer, unwrap_viewer
+from ._registry import FitResult, get_state, put_layer, remove_own_layer, unwrap_viewer, update_layer
 
 STYLE_LABELS = {
     "vectors": "vectors (all kernels)",
@@ -93,7 +93,7 @@ class KernelInspectorWidget(PluginWidget):
         self._build()
 
     def _build(self) -> None:
-        layout = QVBoxLayout(self.body)
+        layout = self.body_layout
         form = QFormLayout()
         layout.addLayout(form)
         self.result_picker = ResultPicker(self.viewer)
@@ -148,7 +148,7 @@ class KernelInspectorWidget(PluginWidget):
         pform.addWidget(self.pixel_label)
         layout.addWidget(box2)
         self.status = status_label()
-        layout.addWidget(self.status)
+        self.footer_layout.addWidget(self.status)
         layout.addStretch(1)
         self._stride_for = None
         self.result_picker.currentIndexChanged.connect(self._default_stride)
@@ -310,6 +310,32 @@ class KernelInspectorWidget(PluginWidget):
         except KeyError as exc:
             self._message("warning", str(exc), self.status)
             return None
+        try:
+            self._show_pixel(result, plane, y, x)
+        except Exception as exc:  # noqa: BLE001 - a failed pick is reported, never raised into napari
+            self.clear_pixel_layers()
+            self.last_weights = self.last_pixel = self.last_cells = None
+            self.pixel_label.setText("")
+            self._message(
+                "error",
+                f"Pick another pixel: the weights of pixel (y {y}, x {x}) could not be shown ({type(exc).__name__}: {exc}).",
+                self.status,
+            )
+            return None
+        weights = self.last_weights
+        cells = self.last_cells
+        i, j = np.unravel_index(int(np.argmax(weights)), weights.shape)
+        self.pixel_label.setText(
+            f"pixel (y {y}, x {x}){' on slice ' + str(plane.index) if frame.is_stack else ''}: "
+            f"{len(cells)} kernels carry 99% of the weight; largest {weights.max():.3f} from LR cell ({i}, {j}); "
+            f"total {weights.sum():.4f}"
+        )
+        self.status.setText(f"Picked pixel (y {y}, x {x}): its weights and contributing kernels are shown.")
+        return weights
+
+    def _show_pixel(self, result: FitResult, plane, y: int, x: int) -> None:
+        """Compute everything first, then add / replace the three pixel layers (all or none)."""
+        frame = result.frame
         weights = pixel_weights(plane, y, x)
         cells = contributing_cells(weights)
         at = plane.index if frame.is_stack else None
@@ -317,8 +343,11 @@ class KernelInspectorWidget(PluginWidget):
         factor = plane.factor
         H = plane.hr_shape[0]
         owner = result.owner
+        vec, kernel_of = cell_segments(plane, cells, float(self.sigma_spin.value()))
+        segments = np.stack([lift(vec[:, 0, :], lead), lift(vec[:, 1, :], [0] * len(lead))], axis=1)
+        cell_weight = weights[cells[:, 0], cells[:, 1]]
         with self.state.keep_results():
-            put_layer(
+            update_layer(
                 self.viewer,
                 frame.stack([weights.astype(np.float32)], at=at),
                 "image",
@@ -332,25 +361,28 @@ class KernelInspectorWidget(PluginWidget):
                 extra_tag={"pixel": [int(y), int(x)], "index": list(plane.index)},
                 **frame.transform(factor, at=at),
             )
-            outlines = cell_outlines(plane, cells, float(self.sigma_spin.value()))
-            polys = list(lift(outlines, lead))
-            put_layer(
+            update_layer(
                 self.viewer,
-                polys,
-                "shapes",
-                name=f"{result.name} contributing kernels",
+                segments,
+                "vectors",
+                name=f"{result.name} pixel kernels",
                 role="contributing",
                 owner=owner,
                 result=result.key,
-                shape_type="polygon",
-                face_color="transparent",
-                features={"weight": weights[cells[:, 0], cells[:, 1]], "cell_i": cells[:, 0], "cell_j": cells[:, 1]},
+                features={
+                    "weight": cell_weight[kernel_of],
+                    "cell_i": cells[kernel_of, 0],
+                    "cell_j": cells[kernel_of, 1],
+                },
                 edge_color="weight",
                 edge_colormap="plasma",
+                edge_contrast_limits=(0.0, float(max(cell_weight.max(), 1e-12))),
                 edge_width=max(0.75, H / 300),
+                vector_style="line",
+                extra_tag={"pixel": [int(y), int(x)], "kernels": int(len(cells))},
                 **frame.transform(at=at),
             )
-            put_layer(
+            update_layer(
                 self.viewer,
                 np.array([list(lead) + [y, x]], dtype=float),
                 "points",
@@ -360,16 +392,10 @@ class KernelInspectorWidget(PluginWidget):
                 result=result.key,
                 face_color="cyan",
                 size=max(3.0, H / 60),
+                extra_tag={"pixel": [int(y), int(x)]},
                 **frame.transform(at=at),
             )
-        i, j = np.unravel_index(int(np.argmax(weights)), weights.shape)
         self.last_weights, self.last_pixel, self.last_cells = weights, (plane.index, y, x), cells
-        self.pixel_label.setText(
-            f"pixel (y {y}, x {x}){' on slice ' + str(plane.index) if frame.is_stack else ''}: "
-            f"{len(cells)} kernels carry 99% of the weight; largest {weights.max():.3f} from LR cell ({i}, {j}); "
-            f"total {weights.sum():.4f}"
-        )
-        return weights
 
     def clear_pixel_layers(self) -> None:
         result = self.result_picker.result()

@@ -232,11 +232,32 @@ def contributing_cells(weights: np.ndarray, mass: float = 0.99, max_cells: int =
 
 
 def cell_outlines(plane: PlaneResult, cells: np.ndarray, n_sigma: float = 2.0, segments: int = 32) -> np.ndarray:
-    """``[k, segments, 2]`` HR outlines (clipped to the image) of the kernels of the given LR cells."""
+    """``[k, segments, 2]`` HR outlines (clamped to the image) of the kernels of the given LR cells.
+
+    Clamping makes vertices collapse and double back at the image edge: fine for a raster or
+    a table, but not a valid polygon to triangulate (use :func:`cell_segments` to draw them).
+    """
     ell = ellipses_of(plane, n_sigma)
     w = plane.lr_shape[1]
     flat = cells[:, 0] * w + cells[:, 1]
     return clip_points(ell.subset(flat).outline(segments), plane.hr_shape)
+
+
+def cell_segments(
+    plane: PlaneResult, cells: np.ndarray, n_sigma: float = 2.0, segments: int = 32
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Outlines of the kernels of the given LR cells as Vectors segments, clipped to the image.
+
+    Returns ``[n, 2, 2]`` (start, displacement) segments and, per segment, the row of ``cells``
+    it belongs to. Segments need no triangulation, so a kernel cut by the image edge (or lying
+    mostly outside it) draws as well as any other.
+    """
+    ell = ellipses_of(plane, n_sigma)
+    w = plane.lr_shape[1]
+    flat = cells[:, 0] * w + cells[:, 1]
+    vec, keep = clip_segments(ell.subset(flat).vectors(segments), plane.hr_shape)
+    owner = np.repeat(np.arange(len(cells)), segments)[keep]
+    return vec, owner
 
 
 def plane_positions(

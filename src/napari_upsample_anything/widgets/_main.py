@@ -11,9 +11,6 @@ layers aligned with the source (see :mod:`._frame`):
     RGB, full resolution: the first three principal components of the upsampled features.
 ``<name> LR PCA``
     RGB on the patch grid (the ViT's own resolution), same colours; hidden at first.
-``<name> kernels``
-    The fitted kernels as 1-sigma ellipse outlines (Vectors), coloured by ``sigma_r``;
-    hidden at first, drawn in detail by the Kernel inspector.
 ``<name> memory``
     Per LR cell, the peak memory (MiB) of the engine tiles that covered it; hidden at first,
     managed by the Memory monitor.
@@ -42,11 +39,11 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..core.published import PUBLISHED_STEPS
+from ._estimate import format_seconds
 from ._frame import Frame, SelectionError, full_res_data, layer_kind
 from ._pipeline import (
     Outcome,
@@ -58,6 +55,7 @@ from ._pipeline import (
 from ._qt_common import (
     SHUTDOWN_TIMEOUT,
     BackgroundTask,
+    CollapsibleSection,
     LayerPicker,
     Runner,
     RunWidget,
@@ -68,7 +66,7 @@ from ._qt_common import (
     threads_spinbox,
     torch_loaded,
 )
-from ._registry import FitResult, get_state, put_layer, result_label, unwrap_viewer
+from ._registry import FitResult, get_state, put_layer, remove_result_layers, result_label, unwrap_viewer
 
 #: Short backbone names offered in the combo box (any timm ViT name can be typed).
 BACKBONES = (
@@ -88,21 +86,23 @@ HR_FEATURE_CHOICES = (
     ("keep memory-mapped (temporary file)", "memmap"),
     ("don't compute (PCA only)", "none"),
 )
-#: Kernels drawn in the default ``<name> kernels`` layer (a stride keeps it under this).
-DEFAULT_KERNEL_LIMIT = 50_000
 #: Milliseconds without an option change before the cost estimate is recomputed.
 ESTIMATE_DEBOUNCE_MS = 600
 
 
 def add_result_layers(viewer, result: FitResult) -> None:
-    """Create or replace the result's four layers (HR PCA, LR PCA, kernels, memory)."""
-    from ._kernels import kernel_stride, plane_positions, vectors_data
+    """Create or replace the result's layers: HR PCA, LR PCA (hidden) and memory (hidden).
+
+    The kernels are drawn on request only (Kernel inspector, "Draw kernels", about a thousand
+    ellipses by default): all of them at once are an unreadable tangle and slow to draw.
+    """
     from ._memory import memory_layer_data
 
     frame, planes, key, name = result.frame, result.planes, result.key, result.name
     owner = result.owner
     factor = planes[0].factor
-    common = {"owner": owner, "result": key}
+    source = result.source_ref() if result.source_ref is not None else None
+    common = {"owner": owner, "result": key, "near": source}  # results sit right above their source
     hr = put_layer(
         viewer,
         frame.stack([p.lr_rgb for p in planes]),
@@ -116,6 +116,7 @@ def add_result_layers(viewer, result: FitResult) -> None:
         extra_tag={"lr_shape": list(planes[0].lr_shape), "factor": list(factor)},
     )
     result.layers["lr_pca"] = weakref.ref(hr)
+    common["near"] = hr  # each next layer right above the previous: source, LR PCA, HR PCA, memory
     hr = put_layer(
         viewer,
         frame.stack([p.hr_rgb for p in planes]),
@@ -127,6 +128,7 @@ def add_result_layers(viewer, result: FitResult) -> None:
         **common,
     )
     result.layers["hr_pca"] = weakref.ref(hr)
+    common["near"] = hr
     mem, kind = memory_layer_data(result)
     layer = put_layer(
         viewer,
@@ -142,30 +144,6 @@ def add_result_layers(viewer, result: FitResult) -> None:
         extra_tag={"unit": "MiB", "value": kind, "stage": "all"},
     )
     result.layers["memory"] = weakref.ref(layer)
-    stride = kernel_stride(planes, DEFAULT_KERNEL_LIMIT)
-    data, features, count = vectors_data(frame, plane_positions(frame, planes), n_sigma=1.0, stride=stride, segments=16)
-    from ._kernels import color_limits
-
-    H = planes[0].hr_shape[0]
-    layer = put_layer(
-        viewer,
-        data,
-        "vectors",
-        name=f"{name} kernels",
-        role="kernels",
-        features=features,
-        edge_color="sigma_r",
-        edge_colormap="viridis",
-        edge_contrast_limits=color_limits(features.get("sigma_r", np.zeros(1))),
-        edge_width=max(0.5, H / 800),
-        vector_style="line",
-        visible=False,
-        opacity=0.8,
-        **frame.transform(),
-        **common,
-        extra_tag={"n_sigma": 1.0, "stride": stride, "count": count, "style": "vectors", "color_by": "sigma_r"},
-    )
-    result.layers["kernels"] = weakref.ref(layer)
 
 
 class UpsampleAnythingWidget(RunWidget):
@@ -189,7 +167,7 @@ class UpsampleAnythingWidget(RunWidget):
 
     # ------------------------------------------------------------------ UI
     def _build(self) -> None:
-        layout = QVBoxLayout(self.body)
+        layout = self.body_layout
         form = QFormLayout()
         layout.addLayout(form)
 
@@ -211,6 +189,9 @@ class UpsampleAnythingWidget(RunWidget):
         self.slices_combo.setToolTip("For stacks: process the slice shown, or every slice (one kernel field each)")
         form.addRow("Slices", self.slices_combo)
 
+        self.advanced = CollapsibleSection("Advanced")
+        self.advanced.setToolTip("Rarely changed options: backbone layer, input size, fit details, memory, threads")
+        adv = self.advanced.form
         self.backbone_combo = QComboBox()
         self.backbone_combo.setEditable(True)
         self.backbone_combo.addItems(BACKBONES)
@@ -220,13 +201,13 @@ class UpsampleAnythingWidget(RunWidget):
         self.block_spin.setRange(-64, 63)
         self.block_spin.setValue(-1)
         self.block_spin.setToolTip("Transformer block whose patch tokens are used; -1 = last")
-        form.addRow("Layer", self.block_spin)
+        adv.addRow("Layer", self.block_spin)
         self.input_spin = QSpinBox()
         self.input_spin.setRange(0, 16384)
         self.input_spin.setSingleStep(14)
         self.input_spin.setSpecialValueText("image size")
         self.input_spin.setToolTip("Working resolution of the backbone (long side, pixels); 'image size' = tokens of ~14 px")
-        form.addRow("Input size", self.input_spin)
+        adv.addRow("Input size", self.input_spin)
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(0, 100000)
         self.steps_spin.setValue(PUBLISHED_STEPS)
@@ -242,7 +223,7 @@ class UpsampleAnythingWidget(RunWidget):
             "Gaussian sigma applied to the image before the kernel fit and render. Off = published. "
             "For noisy images (e.g. 2 px): noise makes the kernels follow the speckle (docs/quality_options.md)"
         )
-        form.addRow("Guide smoothing", self.smoothing_spin)
+        adv.addRow("Guide smoothing", self.smoothing_spin)
         self.fit_input_combo = QComboBox()
         self.fit_input_combo.addItem("bicubic (published)", "bicubic")
         self.fit_input_combo.addItem("cell averages", "area")
@@ -250,7 +231,7 @@ class UpsampleAnythingWidget(RunWidget):
             "How the fit makes its low-resolution input from the image: published bicubic resize, or the "
             "average of each cell (closer to how a ViT token summarises its patch)"
         )
-        form.addRow("Fit input", self.fit_input_combo)
+        adv.addRow("Fit input", self.fit_input_combo)
         self.fraction_spin = QSpinBox()
         self.fraction_spin.setRange(1, 100)
         self.fraction_spin.setValue(100)
@@ -259,7 +240,7 @@ class UpsampleAnythingWidget(RunWidget):
             "Pixels each fit step uses (fresh random cells every step). 100 % = the exact, published fit; "
             "less is a faster, approximate fit (docs/quality_stochastic.md)"
         )
-        form.addRow("Pixels per step", self.fraction_spin)
+        adv.addRow("Pixels per step", self.fraction_spin)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu"])
         self.device_combo.setToolTip("auto = CUDA, then Apple MPS, then CPU")
@@ -267,16 +248,16 @@ class UpsampleAnythingWidget(RunWidget):
         self.precision_combo = QComboBox()
         self.precision_combo.addItems(PRECISIONS)
         self.precision_combo.setToolTip("Aggregation dtype; auto = fp16 on CUDA, fp32 elsewhere")
-        form.addRow("Precision", self.precision_combo)
+        adv.addRow("Precision", self.precision_combo)
         self.memory_edit = QLineEdit()
         self.memory_edit.setPlaceholderText("auto  (e.g. 2GB, 512MiB)")
         self.memory_edit.setToolTip("Working-memory budget; auto = 60% of free GPU memory, or 40% of RAM (max 8 GiB) on CPU")
-        form.addRow("Memory budget", self.memory_edit)
+        adv.addRow("Memory budget", self.memory_edit)
         self.threads_spin = threads_spinbox(
             "CPU threads torch uses for this run (default: half the cores). More threads than free cores "
             "make a run much slower on a busy machine (see the user guide)"
         )
-        form.addRow("Threads", self.threads_spin)
+        adv.addRow("Threads", self.threads_spin)
 
         self.random_check = QCheckBox("Random weights (testing only)")
         self.random_check.setToolTip(
@@ -297,17 +278,18 @@ class UpsampleAnythingWidget(RunWidget):
         for text, value in HR_FEATURE_CHOICES:
             self.hr_combo.addItem(text, value)
         self.hr_combo.setToolTip("The full-resolution feature array (C x H x W), kept for saving and scripting")
-        form.addRow("HR features", self.hr_combo)
+        adv.addRow("HR features", self.hr_combo)
 
-        self._add_run_row(layout, "Run", self.run)
+        form.addRow(self.advanced)
+        self._add_run_row(self.footer_layout, "Run", self.run)
         self.estimate_label = status_label()
         self.estimate_label.setToolTip(
             "Estimated from a quick measurement of the fit and render on a small crop on this machine "
             "(device, precision and threads as set), scaled to the image; model loading not included"
         )
-        layout.addWidget(self.estimate_label)
+        self.footer_layout.addWidget(self.estimate_label)
         self.status = status_label()
-        layout.addWidget(self.status)
+        self.footer_layout.addWidget(self.status)
         saves = QHBoxLayout()
         self.save_features_button = QPushButton("Save HR features…")
         self.save_features_button.clicked.connect(self._save_features_dialog)
@@ -317,6 +299,13 @@ class UpsampleAnythingWidget(RunWidget):
             b.setEnabled(False)
             saves.addWidget(b)
         layout.addLayout(saves)
+        self.remove_button = QPushButton("Remove result layers")
+        self.remove_button.setToolTip(
+            "Remove every layer of the latest result at once (PCA, memory, kernels, picks, explorer layers); your own layers stay"
+        )
+        self.remove_button.setEnabled(False)
+        self.remove_button.clicked.connect(self.remove_result_layers)
+        layout.addWidget(self.remove_button)
         layout.addStretch(1)
 
         self.layer_picker.layer_changed.connect(self._on_layer_changed)
@@ -330,6 +319,7 @@ class UpsampleAnythingWidget(RunWidget):
         self._estimator.done.connect(self._show_estimate)
         self._estimator.failed.connect(self._estimate_failed)
         self.estimate = None  # the latest CostEstimate shown
+        self.estimate_key = self._estimating_for = None  # the run (image size, planes, options) it is for
         for signal in (
             self.channel_combo.currentIndexChanged,
             self.slices_combo.currentIndexChanged,
@@ -443,12 +433,14 @@ class UpsampleAnythingWidget(RunWidget):
         threads = int(self.threads_spin.value())
         if self.estimate is None:
             self.estimate_label.setText("estimating the cost on this machine…")
+        self._estimating_for = _run_key(hr_shape, n_planes, config, threads)
         self._estimator.start(_estimate, hr_shape, n_planes, config, threads)
 
     def _show_estimate(self, estimate) -> None:
         if self._cleaned:
             return
         self.estimate = estimate
+        self.estimate_key = self._estimating_for
         self.estimate_label.setText(f"Estimate: {estimate.text()}")
 
     def _estimate_failed(self, exc) -> None:
@@ -528,11 +520,15 @@ class UpsampleAnythingWidget(RunWidget):
             return False
         data = full_res_data(layer)
         planes = [(idx, functools.partial(_plane_copy, frame, data, idx)) for idx in frame.indices]
+        threads = int(self.threads_spin.value())
+        key = _run_key(frame.plane_shape, len(frame.indices), config, threads)
         self._pending = {
             "frame": frame,
             "source_ref": weakref.ref(layer),
             "source_id": str(layer.unique_id),
             "config": config,
+            # shown next to the measured time, when it was made for exactly this run
+            "estimate": self.estimate if self.estimate is not None and self.estimate_key == key else None,
         }
         self._estimate_timer.stop()
         self._estimator.cancel()  # a measurement now would compete with the run for the CPU
@@ -548,7 +544,7 @@ class UpsampleAnythingWidget(RunWidget):
             channel_axis=frame.feature_channel_axis,
             device=config.device,
             budget=config.budget,
-            threads=int(self.threads_spin.value()),
+            threads=threads,
             desc=f"Upsample Anything: {layer.name}",
         )
         return True
@@ -579,8 +575,10 @@ class UpsampleAnythingWidget(RunWidget):
         p0 = pipeline.planes[0]
         psnr = p0.field.meta.get("psnr")
         random = " — random weights: the PCA colours are meaningless" if pipeline.weights_source == "random-init" else ""
+        estimate = pending.get("estimate")
+        told = f" (estimated {format_seconds(estimate.total_seconds)})" if estimate is not None else ""
         self._set_status(
-            f"done in {outcome.seconds:.1f} s: {len(pipeline.planes)} plane(s), LR {p0.lr_shape[0]} x {p0.lr_shape[1]}"
+            f"done in {outcome.seconds:.1f} s{told}: {len(pipeline.planes)} plane(s), LR {p0.lr_shape[0]} x {p0.lr_shape[1]}"
             f" -> HR {p0.hr_shape[0]} x {p0.hr_shape[1]}, {p0.features.shape[0]} channels"
             + (f", fit PSNR {psnr:.1f} dB" if psnr is not None else "")
             + random,
@@ -588,6 +586,18 @@ class UpsampleAnythingWidget(RunWidget):
         )
         self.save_features_button.setEnabled(p0.hr_features is not None)
         self.save_kernels_button.setEnabled(True)
+        self.remove_button.setEnabled(True)
+
+    def remove_result_layers(self) -> int:
+        """Remove all layers of the latest result (and the result itself); returns how many layers went."""
+        if self.result is None:
+            return 0
+        n = remove_result_layers(self.viewer, self.result.key)
+        self.result = None
+        for b in (self.save_features_button, self.save_kernels_button, self.remove_button):
+            b.setEnabled(False)
+        self._set_status(f"Removed {n} result layers; Run fits the image again.")
+        return n
 
     # ------------------------------------------------------------------ saving
     def save_hr_features(self, path) -> Path:
@@ -666,6 +676,11 @@ def _estimate(hr_shape, n_planes, config, threads, cancel=None):
         auto_in_memory_bytes=AUTO_IN_MEMORY_BYTES,
         threads=threads,
     )
+
+
+def _run_key(hr_shape, n_planes, config, threads) -> tuple:
+    """What an estimate depends on: the image plane, the plane count, the options, the threads."""
+    return (tuple(hr_shape), int(n_planes), repr(config), int(threads))
 
 
 def _list_devices(cancel=None):

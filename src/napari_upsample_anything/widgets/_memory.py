@@ -46,7 +46,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSizePolicy,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -123,10 +122,15 @@ def sample_memory(device: Optional[str] = "cpu") -> Dict[str, Optional[int]]:
 
 def memory_layer_data(result: FitResult, stage: str = "all", value: str = "auto") -> Tuple[np.ndarray, str]:
     """The ``<name> memory`` array (MiB on the LR grid, stacked like the source) and the value kind used."""
+    on_cuda = str(result.pipeline.device).startswith("cuda")
     if value == "auto":
-        value = "measured" if str(result.pipeline.device).startswith("cuda") else "planned"
+        value = "measured" if on_cuda else "planned"
     if value not in ("measured", "planned"):
         raise ValueError(f"value={value!r}: use 'measured' or 'planned'")
+    if value == "measured" and not on_cuda:
+        # the CPU has no per-tile measurement (the process RSS after a tile is the same for every
+        # tile): the engine's own accounting of the tile is what a map can show
+        value = "planned"
     st = None if stage in (None, "all") else stage
     maps = [
         (p.memlog.tile_map(p.lr_shape, stage=st, measured=(value == "measured")) / MIB).astype(np.float32) for p in result.planes
@@ -167,16 +171,45 @@ def tile_rectangles(result: FitResult, stage: str = "all", value: str = "planned
     return rects, np.asarray(mib, float)
 
 
+def budget_mib(result: FitResult) -> float:
+    """The run's memory budget in MiB (the top of the memory map's fixed colour scale)."""
+    budget = max((p.memlog.budget_bytes for p in result.planes), default=0)
+    if not budget:  # no budget recorded: the largest tile (never an empty scale)
+        budget = max((t.planned_bytes for p in result.planes for t in p.memlog.tiles), default=MIB)
+    return max(float(budget) / MIB, 1e-3)
+
+
+def label_positions(rects: List[np.ndarray], mib: np.ndarray, min_gap: float = 2.0) -> np.ndarray:
+    """Which tiles get a MiB label: the largest first, then any whose centre is at least ``min_gap``
+    LR cells (and half its own size) from every label already placed, so labels never overlap."""
+    if not rects:
+        return np.zeros(0, bool)
+    centres = np.array([r[:, -2:].mean(0) for r in rects])
+    sizes = np.array([np.ptp(r[:, -2:], axis=0).min() for r in rects])
+    leads = [tuple(r[0, :-2]) for r in rects]
+    keep = np.zeros(len(rects), bool)
+    placed: List[int] = []
+    for k in np.argsort(-np.asarray(mib), kind="stable"):
+        gap = max(min_gap, sizes[k] / 2)
+        if all(leads[q] != leads[k] or np.abs(centres[q] - centres[k]).max() >= gap for q in placed):
+            keep[k] = True
+            placed.append(k)
+    return keep
+
+
 def memory_summary(result: FitResult) -> str:
     logs = [p.memlog for p in result.planes]
     tiles = sum(len(l.tiles) for l in logs)
     budget = max((l.budget_bytes for l in logs), default=0)
     planned = max((l.peak_planned_bytes for l in logs), default=0)
     measured = max((l.peak_measured_bytes for l in logs), default=0)
-    kind = "allocator peak" if str(result.pipeline.device).startswith("cuda") else "RSS after tile"
+    if str(result.pipeline.device).startswith("cuda"):
+        measured_text = f", largest measured (allocator peak) {fmt_bytes(measured)}"
+    else:
+        measured_text = " (the CPU has no per-tile measurement: the map shows the engine's planned bytes)"
     return (
         f"{tiles} tile records on {result.pipeline.device}; budget {fmt_bytes(budget)}, "
-        f"largest planned tile {fmt_bytes(planned)}, largest measured ({kind}) {fmt_bytes(measured)}"
+        f"largest planned tile {fmt_bytes(planned)}{measured_text}"
     )
 
 
@@ -292,7 +325,7 @@ class MemoryMonitorWidget(PluginWidget):
         self.poll()
 
     def _build(self) -> None:
-        layout = QVBoxLayout(self.body)
+        layout = self.body_layout
         live = QGroupBox("Live memory")
         form = QFormLayout(live)
         self.device_label = QLabel("cpu")
@@ -446,6 +479,7 @@ class MemoryMonitorWidget(PluginWidget):
                 owner=result.owner,
                 result=result.key,
                 colormap="inferno",
+                contrast_limits=(0.0, budget_mib(result)),  # fixed: 0 .. the budget, comparable across tiles and runs
                 opacity=0.8,
                 visible=True,
                 extra_tag={"unit": "MiB", "value": kind, "stage": stage},
@@ -456,7 +490,9 @@ class MemoryMonitorWidget(PluginWidget):
         with self.state.keep_results():
             if tiles is not None and tiles[0]:
                 rects, mib = tiles
-                text = {"string": "{MiB:.0f}", "size": 8, "color": "white"} if len(rects) <= MAX_TILE_LABELS else None
+                shown = label_positions(rects, mib) if len(rects) <= MAX_TILE_LABELS else np.zeros(len(rects), bool)
+                labels = np.array([f"{v:.0f}" if on else "" for v, on in zip(mib, shown)], dtype=object)
+                text = {"string": "{label}", "size": 8, "color": "white"} if shown.any() else None
                 tl = put_layer(
                     self.viewer,
                     rects,
@@ -469,7 +505,7 @@ class MemoryMonitorWidget(PluginWidget):
                     face_color="transparent",
                     edge_color="white",
                     edge_width=0.08,
-                    features={"MiB": mib},
+                    features={"MiB": mib, "label": labels},
                     text=text,
                     opacity=0.9,
                     extra_tag={"value": kind, "stage": stage},

@@ -493,13 +493,14 @@ def error_message(exc: BaseException) -> str:
 
     name = type(exc).__name__
     text = str(exc).strip() or name
+    # The first line is what the status line and the toast show: it says what to do.
     if name == "WeightsUnavailableError":
         return (
-            text + "\nIn the widget: choose a local weights file under 'Weights file', or tick "
-            "'Random weights' to try the plugin without real features."
+            "No backbone weights on this machine: choose a weights file under 'Weights file', or tick "
+            "'Random weights (testing only)' to try the plugin without real features.\n" + text
         )
     if isinstance(exc, MemoryBudgetError):
-        return text + "\nRaise the memory budget, or leave it at 'auto'."
+        return "Raise the memory budget, or leave it at 'auto': " + text
     if isinstance(exc, (ValueError, TypeError, FileNotFoundError)):
         return text
     return f"{name}: {text}"

@@ -9,7 +9,7 @@ import time
 import weakref
 from typing import Any, Callable, List, Optional, Sequence
 
-from qtpy.QtCore import QEvent, QObject, Qt, QThreadPool, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QThreadPool, QTimer, Signal, qInstallMessageHandler
 from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
@@ -37,6 +37,8 @@ from ._registry import FitResult, emit, get_state, is_own, result_label
 
 #: Seconds a closing widget waits for its computation to stop (it stops within one step).
 SHUTDOWN_TIMEOUT = 60.0
+#: ids of PluginWidgets whose ``__init__`` is running (see ``PluginWidget.__init_subclass__``).
+_INITIALISING: set = set()
 
 
 # ---------------------------------------------------------------------------------- messages
@@ -69,11 +71,29 @@ def gui_error_message(exc: BaseException) -> str:
     return _FIELD_PATTERN.sub(lambda m: f"'{GUI_FIELDS[m.group(1)]}'", text)
 
 
+#: Milliseconds a plugin toast stays on the canvas (napari starts its own 4 s timer only while its
+#: window is the active one; otherwise a toast stays until hovered). The text stays in the status line.
+TOAST_MS = {"error": 15_000, "warning": 10_000, "info": 6_000}
+
+
 def notify(severity: str, message: str) -> None:
-    """A napari notification (``"error"``, ``"warning"`` or ``"info"``); never a traceback."""
+    """A napari notification (``"error"``, ``"warning"`` or ``"info"``); never a traceback; its toast expires."""
     from napari.utils.notifications import show_error, show_info, show_warning
 
     {"error": show_error, "warning": show_warning}.get(severity, show_info)(message)
+    QTimer.singleShot(TOAST_MS.get(severity, 6_000), functools.partial(_expire_toasts, message))
+
+
+def _expire_toasts(message: str) -> None:
+    """Fade out napari's toasts of ``message`` (napari's own class; nothing happens if it changes)."""
+    try:
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+        for toast in list(getattr(NapariQtNotification, "_instances", [])):
+            if toast.message.text() == message:
+                toast.close_with_fade()
+    except Exception:  # noqa: BLE001 - a toast already gone, or another napari: leave it
+        pass
 
 
 class _WindowCloseWatcher(QObject):
@@ -126,24 +146,84 @@ class PluginWidget(QWidget):
     last_message: str = ""
     last_severity: str = ""
     #: The scroll area never shrinks below this height (px): a docked widget always shows a few rows.
-    MIN_VISIBLE_HEIGHT = 120
+    MIN_VISIBLE_HEIGHT = 60
+
+    def __init_subclass__(cls, **kwargs):
+        """Every subclass's ``__init__`` ends with :meth:`check_layout_owner` (once, after the outermost one)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def checked_init(self, *args, **kw):
+            key = id(self)
+            outermost = key not in _INITIALISING
+            if not outermost:
+                return init(self, *args, **kw)
+            _INITIALISING.add(key)
+            warnings: List[str] = []
+            previous = None
+
+            def catch(mode, context, message):  # Qt only warns about a second layout
+                if "already has a layout" in str(message):
+                    warnings.append(str(message))
+                elif previous is not None:
+                    previous(mode, context, message)
+                else:
+                    sys.stderr.write(f"{message}\n")
+
+            previous = qInstallMessageHandler(catch)
+            try:
+                init(self, *args, **kw)
+            finally:
+                qInstallMessageHandler(previous)
+                _INITIALISING.discard(key)
+            self.check_layout_owner(warnings)
+
+        cls.__init__ = checked_init
 
     def __init__(self, parent: Optional[QWidget] = None):
         super().__init__(parent)
         self._docked = False
         self._cleaned = False
-        outer = QVBoxLayout(self)
+        self._outer = outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
+        outer.setSpacing(2)
         self.scroll = QScrollArea(self)
         self.scroll.setWidgetResizable(True)
         self.scroll.setFrameShape(QFrame.Shape.NoFrame)
         self.scroll.setMinimumHeight(self.MIN_VISIBLE_HEIGHT)
         self.body = QWidget()
+        #: The one layout subclasses put their fields into (inside the scroll area).
+        self.body_layout = QVBoxLayout(self.body)
         self.scroll.setWidget(self.body)
-        outer.addWidget(self.scroll)
+        outer.addWidget(self.scroll, 1)
+        #: Always visible under the scroll area: Run / Cancel and the status line go here.
+        self.footer = QWidget(self)
+        self.footer_layout = QVBoxLayout(self.footer)
+        self.footer_layout.setContentsMargins(6, 2, 6, 2)
+        self.footer_layout.setSpacing(2)
+        outer.addWidget(self.footer, 0)
         app = QApplication.instance()
         if app is not None:
             app.aboutToQuit.connect(self._cleanup_once)
+
+    def check_layout_owner(self, qt_warnings: Sequence[str] = ()) -> None:
+        """Raise when a subclass gave this widget (or its body) a second layout.
+
+        Qt only warns ("... which already has a layout") and leaves every control put into
+        the second layout without a parent, i.e. invisible: the dock shows an empty panel.
+        Fields go into :attr:`body_layout`; Run / Cancel / status into :attr:`footer_layout`.
+        """
+        direct = Qt.FindChildOption.FindDirectChildrenOnly
+        for owner, mine in ((self, self._outer), (self.body, self.body_layout), (self.footer, self.footer_layout)):
+            extra = [lay for lay in owner.findChildren(QLayout, options=direct) if lay is not mine]
+            if extra or owner.layout() is not mine or qt_warnings:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a second layout was set on a widget that already has one; "
+                    "put the fields into self.body_layout (and Run/status into self.footer_layout)"
+                )
 
     #: Combo boxes are at least this many characters wide, and no wider by themselves (long item texts are elided).
     COMBO_CHARS = 14
@@ -203,6 +283,36 @@ class PluginWidget(QWidget):
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
         self._cleanup_once()
         super().closeEvent(event)
+
+
+class CollapsibleSection(QWidget):
+    """A titled section whose fields are hidden until its header button is clicked ("Advanced ▸")."""
+
+    def __init__(self, title: str, expanded: bool = False, parent: Optional[QWidget] = None):
+        super().__init__(parent)
+        from qtpy.QtWidgets import QFormLayout, QToolButton
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.toggle = QToolButton()
+        self.toggle.setText(title)
+        self.toggle.setCheckable(True)
+        self.toggle.setChecked(expanded)
+        self.toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.toggle.setArrowType(Qt.ArrowType.DownArrow if expanded else Qt.ArrowType.RightArrow)
+        self.toggle.toggled.connect(self.set_expanded)
+        self.content = QWidget()
+        self.form = QFormLayout(self.content)
+        self.form.setContentsMargins(12, 0, 0, 0)
+        self.content.setVisible(expanded)
+        layout.addWidget(self.toggle)
+        layout.addWidget(self.content)
+
+    def set_expanded(self, on: bool) -> None:
+        self.toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+        self.content.setVisible(on)
+        if self.toggle.isChecked() != on:
+            self.toggle.setChecked(on)
 
 
 # ---------------------------------------------------------------------------------- pickers
@@ -360,6 +470,9 @@ class LayerPicker(QComboBox):
         """Select the layer the user activates in the layer list, when it is a candidate."""
         try:
             layer = event.value
+            viewer = self._viewer_ref()
+            if viewer is not None and get_state(viewer).restoring_active:
+                return  # the plugin gave the active layer back after adding a hidden one: not the user's choice
             if any(r() is layer for r in self._fresh) and self._picked_layer() is not None:
                 return  # napari activates every layer it adds: not the user's choice
             refs = [r() for r in self._layers]

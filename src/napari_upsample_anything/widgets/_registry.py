@@ -61,8 +61,8 @@ class FitResult:
 
     @property
     def name(self) -> str:
-        """The source layer's name at fit time (used in the result layers' names)."""
-        return self.frame.source_name
+        """A short form of the source layer's name at fit time (the prefix of the result layers' names)."""
+        return short_name(self.frame.source_name)
 
     @property
     def planes(self) -> List[PlaneResult]:
@@ -125,6 +125,7 @@ class ViewerState:
         self.results: Dict[str, FitResult] = {}
         self.active_runs: Dict[int, dict] = {}
         self._suspend = 0
+        self.restoring_active = False  # True while put_layer gives the active layer back (pickers ignore it)
         viewer.layers.events.removed.connect(self._on_layer_removed)
 
     @property
@@ -193,6 +194,23 @@ class ViewerState:
 _STATES: weakref.WeakKeyDictionary[Any, ViewerState] = weakref.WeakKeyDictionary()
 
 
+#: Result layer names start with at most this many characters of the source's name (the layer list is narrow).
+SHORT_NAME_CHARS = 12
+
+
+def short_name(name: str, limit: int = SHORT_NAME_CHARS) -> str:
+    """``'histology (IHC)'`` -> ``'histology'``: bracketed parts dropped, cut at a word to ``limit`` characters."""
+    import re
+
+    base = re.sub(r"\s*[\(\[][^\)\]]*[\)\]]", "", name).strip() or name.strip() or "image"
+    if len(base) <= limit:
+        return base
+    head = base[:limit]
+    if base[limit] != " " and " " in head.strip():
+        head = head.rsplit(" ", 1)[0]
+    return head.rstrip(" _-.") + "…"
+
+
 def unwrap_viewer(viewer):
     """The viewer itself, when napari handed a plugin widget a ``PublicOnlyProxy`` of it.
 
@@ -249,11 +267,13 @@ def put_layer(
     owner: str,
     result: Optional[str] = None,
     extra_tag: Optional[dict] = None,
+    near=None,
     **kwargs,
 ):
     """Add a plugin layer, replacing (at the same place in the list) the previous one of ``role``/``owner``.
 
-    Only layers tagged by the plugin are ever replaced. Returns the new layer.
+    Only layers tagged by the plugin are ever replaced. A new layer goes right above ``near``
+    (its source layer) when given and still in the viewer, else on top. Returns the new layer.
     """
     from napari.layers import Layer
 
@@ -267,6 +287,7 @@ def put_layer(
     layer = Layer.create(data, {"name": name, "metadata": metadata, **kwargs}, layer_type)
     old = find_own_layer(viewer, role, owner)
     state = get_state(viewer)
+    active = viewer.layers.selection.active
     with state.keep_results():
         if old is not None:
             index = viewer.layers.index(old)
@@ -275,9 +296,87 @@ def put_layer(
             viewer.layers.insert(index, layer)
             if not selected:
                 viewer.layers.selection.discard(layer)
+        elif near is not None and near in viewer.layers:
+            viewer.layers.insert(viewer.layers.index(near) + 1, layer)
         else:
             viewer.add_layer(layer)
+    if not layer.visible and viewer.layers.selection.active is layer:
+        # napari activates every added layer; a hidden one would take the user's clicks and keys unseen
+        state.restoring_active = True
+        try:
+            viewer.layers.selection.discard(layer)
+            if active is not None and active is not old and active in viewer.layers:
+                viewer.layers.selection.active = active
+        finally:
+            state.restoring_active = False
     return layer
+
+
+#: Layer arguments that only a new layer takes (everything else is set on an existing one).
+_CONSTRUCTION_ONLY = ("ndim", "rgb", "shape_type", "multiscale", "cache")
+
+
+def update_layer(
+    viewer,
+    data,
+    layer_type: str,
+    *,
+    name: str,
+    role: str,
+    owner: str,
+    result: Optional[str] = None,
+    extra_tag: Optional[dict] = None,
+    **kwargs,
+):
+    """Like :func:`put_layer`, but change the existing layer of ``role``/``owner`` in place when it has
+    the same type and dimensions (no removal: napari collects garbage on every removed layer, a
+    second or more with torch loaded, too slow for a click). Returns the layer."""
+    from ._frame import layer_kind
+
+    old = find_own_layer(viewer, role, owner)
+    shape = getattr(data, "shape", ())
+    ndim = (shape[-1] if layer_type in ("points", "vectors") else len(shape)) if shape else -1
+    if old is None or layer_kind(old) != layer_type or old.ndim != ndim or any(k in kwargs for k in _CONSTRUCTION_ONLY):
+        return put_layer(
+            viewer, data, layer_type, name=name, role=role, owner=owner, result=result, extra_tag=extra_tag, **kwargs
+        )
+    tag = {"role": role, "owner": owner}
+    if result is not None:
+        tag["result"] = result
+    if extra_tag:
+        tag.update(extra_tag)
+    settable = dict(kwargs)
+    try:
+        for key in ("scale", "translate"):
+            if key in settable:
+                setattr(old, key, settable.pop(key))
+        old.data = data
+        if "features" in settable:
+            old.features = settable.pop("features")
+        for key, value in settable.items():
+            setattr(old, key, value)
+        old.name = name
+        old.metadata = {**dict(old.metadata), TAG: tag}
+    except Exception:  # noqa: BLE001 - an attribute napari refuses on a live layer: make a new one
+        return put_layer(
+            viewer, data, layer_type, name=name, role=role, owner=owner, result=result, extra_tag=extra_tag, **kwargs
+        )
+    return old
+
+
+def remove_result_layers(viewer, result_key: str) -> int:
+    """Remove every layer of one result (the run's, the inspector's, the explorer's) and drop the result.
+
+    Layers the user made are never touched (only plugin-tagged layers of that result). Returns
+    how many layers were removed.
+    """
+    state = get_state(viewer)
+    doomed = [l for l in viewer.layers if tag_of(l).get("result") == result_key]
+    with state.keep_results():
+        for layer in doomed:
+            viewer.layers.remove(layer)
+    state.drop_result(result_key)
+    return len(doomed)
 
 
 def remove_own_layer(viewer, role: str, owner: str) -> bool:

@@ -31,7 +31,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QMessageBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -184,7 +183,7 @@ class UpsampleLayerWidget(RunWidget):
         self._build()
 
     def _build(self) -> None:
-        layout = QVBoxLayout(self.body)
+        layout = self.body_layout
         form = QFormLayout()
         layout.addLayout(form)
         self.layer_picker = LayerPicker(self.viewer, ("image", "labels"), parent=self)
@@ -208,9 +207,9 @@ class UpsampleLayerWidget(RunWidget):
         form.addRow("Memory budget", self.memory_edit)
         self.threads_spin = threads_spinbox("CPU threads torch uses for this run (default: half the cores)")
         form.addRow("Threads", self.threads_spin)
-        self._add_run_row(layout, "Upsample", self.run)
+        self._add_run_row(self.footer_layout, "Upsample", self.run)
         self.status = status_label()
-        layout.addWidget(self.status)
+        self.footer_layout.addWidget(self.status)
         layout.addStretch(1)
         self.layer_picker.layer_changed.connect(self._update_info)
         self.layer_picker.layers_changed.connect(self._update_info)
