@@ -560,13 +560,14 @@ def _rows(rows: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tuple:
     return tuple(None if t is None else t.index_select(0, rows) for t in tensors)
 
 
-def _fit_chunk(prep: _ChunkedFit, c: torch.Tensor, x: dict, r2: torch.Tensor, n: int):
+def _fit_chunk(prep: _ChunkedFit, c: torch.Tensor, x: dict, r2: torch.Tensor, n: int, want_grad: bool = True):
     """Loss, squared error and gradient ``[4, n, K]`` (A, B, C, rho) of one chunk of ``n`` blocks
     from the neighbours' coefficients ``c [4, n, K]``, through the chunk kernel."""
     if prep.kernel_name == "native":  # spatial coefficients and their chain rule inside the C kernel
         return native.fit_chunk(
-            x["phi"], c, x["d_y"], x["d_x"], x["ic"], x["jd"], x["vals"], x["target"], x["weight"], r2, prep.r2_off, x["repeated"]
-        )
+            x["phi"], c, x["d_y"], x["d_x"], x["ic"], x["jd"], x["vals"], x["target"], x["weight"], r2, prep.r2_off, x["repeated"],
+            want_grad,
+        )  # fmt: skip
     psi = spatial_coefficients(c, x["d_y"][:n], x["d_x"][:n])
     loss, sq, grad_psi, grad_rho = prep.fn(
         x["phi"], prep.pad(psi), prep.pad(c[3]), x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
@@ -606,7 +607,7 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
                         r2_chunk = r2[inside]
                         x, q, n = prep.subset(x, q, rows, sampler.weight)
                     c = coef_flat.index_select(1, q).reshape(4, n, K)  # A, B, C, rho of the neighbours
-                    loss, sq, grad_coef = _fit_chunk(prep, c, x, r2_chunk, n)
+                    loss, sq, grad_coef = _fit_chunk(prep, c, x, r2_chunk, n, training)
                     total += loss
                     squared += sq
                     if training:

@@ -68,7 +68,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                const float *phi, const float *coef, const float *d_y, const float *d_x, const float *ic,
                const float *jd, const float *vals, const float *target, const float *weight,
                const int32_t *r2_pix, const int32_t *r2_off, const uint8_t *repeated,
-               double *loss_out, double *sq_out, float *grad_coef, int32_t *failed)
+               double *loss_out, double *sq_out, float *grad_coef, int32_t want_grad, int32_t *failed)
 {
     double loss_total = 0.0, sq_total = 0.0;
     #pragma omp parallel for schedule(dynamic, 1) reduction(+:loss_total, sq_total) num_threads(threads)
@@ -211,8 +211,9 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             if (!same) r2_last = -1;
         }
 #undef PIXEL_LOGIT
-        /* Gradients, register-blocked: 16 neighbours at a time, summed over all pixels. */
-        for (int64_t k0 = 0; k0 < KP; k0 += 16) {
+        /* Gradients, register-blocked: 16 neighbours at a time, summed over all pixels
+           (skipped for a loss-only evaluation: the final loss, or the benchmark's forward). */
+        for (int64_t k0 = 0; want_grad && k0 < KP; k0 += 16) {
             float a_0[16], a_1[16], a_2[16], a_3[16], a_4[16], a_5[16], a_r[16];
             #pragma omp simd
             for (int j = 0; j < 16; ++j) { a_0[j] = 0.0f; a_1[j] = 0.0f; a_2[j] = 0.0f; a_3[j] = 0.0f; a_4[j] = 0.0f; a_5[j] = 0.0f; a_r[j] = 0.0f; }
@@ -356,14 +357,15 @@ def _ptr(t: torch.Tensor):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated):
+def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated, want_grad: bool = True):
     """:func:`.fused.fit_chunk` on the CPU through the native kernel (float32, G <= 3), with the
     spatial coefficients and their chain rule done inside the kernel.
 
     Takes the neighbours' ``coef [4, B, K]`` (A, B, C, rho) and offsets ``d_y, d_x [B, K]``
     instead of ``psi`` and ``rho`` (``psi = fused.spatial_coefficients(coef, d_y, d_x)``);
     the other inputs are those of :func:`.fused.fit_chunk`. Returns ``(loss_sum, squared_sum,
-    grad_coef [4, B, K])``.
+    grad_coef [4, B, K])``; with ``want_grad=False`` the kernel skips its gradient pass and
+    ``grad_coef`` is zero.
     """
     lib = _library()
     if lib is None:
@@ -377,7 +379,7 @@ def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off,
     r2p = r2_pix.contiguous().to(torch.int32)
     r2o = r2_off.contiguous().to(torch.int32)
     rep = repeated.contiguous().to(torch.uint8)
-    grad_coef = torch.empty(4, B, K, dtype=torch.float32)
+    grad_coef = (torch.empty if want_grad else torch.zeros)(4, B, K, dtype=torch.float32)
     loss = ctypes.c_double()
     squared = ctypes.c_double()
     failed = ctypes.c_int32(0)
@@ -394,6 +396,7 @@ def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off,
         ctypes.byref(loss),
         ctypes.byref(squared),
         _ptr(grad_coef),
+        ctypes.c_int32(1 if want_grad else 0),
         ctypes.byref(failed),
     )
     if failed.value:
