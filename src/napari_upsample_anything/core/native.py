@@ -46,7 +46,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -58,6 +58,35 @@ _SOURCE = r"""
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+
+/* exp(x) for x in [-87, 0] (callers clamp), inlined so that it vectorises with the calling
+   loop: x = n ln2 + r with n the nearest integer to x / ln2 (|r| <= ln2 / 2, ln2 split in two
+   parts so that r is exact to float rounding), exp(r) by a degree-5 polynomial fitted for
+   minimal relative error on [-ln2/2, ln2/2] (8.3e-8 in exact arithmetic, 1.9e-7 evaluated in
+   float32; tests/test_native_speedpaths.py checks < 5e-7 against float64 over [-87, 0]), and
+   2^n added into the exponent bits. n >= -126 and exp(r) >= 0.7, so the result is a normal
+   float or (at the very bottom) an exponent field of 0, which flush-to-zero reads as 0. */
+static inline float exp_neg(float x)
+{
+    /* rint, not (int)(t - 0.5f): inside the kernel's loops GCC converted the latter with the
+       rounding mode (vcvtps2dq) instead of truncation, which put r in [0, ln2) and made the
+       polynomial's error 1e-4 near r = ln2 (found by tests/test_native_speedpaths.py). */
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const int32_t ni = (int32_t)n;
+    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    float y = 0.0013840248575434089f;
+    y = y * r + 0.008375746197998524f; y = y * r + 0.04166821762919426f; y = y * r + 0.16666407883167267f;
+    y = y * r + 0.49999991059303284f; y = y * r + 1.0f; y = y * r + 1.0f;
+    union { float f; int32_t i; } u; u.f = y; u.i += ni << 23;
+    return u.f;
+}
+
+/* exp_neg on n values (after the same clamp as the kernels), for the error-bound test. */
+void exp_values(int64_t n, const float *x, float *out)
+{
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) { const float v = x[i] < -87.0f ? -87.0f : x[i]; out[i] = exp_neg(v); }
+}
 
 /* 64-byte aligned scratch of n floats (size rounded up to whole cache lines, as C11 requires). */
 static float *falloc(int64_t n) { return (float *)aligned_alloc(64, (size_t)((n + 15) / 16 * 16) * sizeof(float)); }
@@ -143,17 +172,27 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             float m0 = -3.0e38f, m1 = -3.0e38f, m2 = -3.0e38f, m3 = -3.0e38f;
             float *L0 = E + p * KP, *L1 = L0 + KP, *L2 = L1 + KP, *L3 = L2 + KP;
             float *D0 = D + p * KP, *D1 = D0 + KP, *D2 = D1 + KP, *D3 = D2 + KP;
-#define PIXEL_LOGIT(q, Lq, Dq, mq) { \
+/* STORE_MASKED: store the masked log-weight (-3e38 for a dropped pair, so that pass 2 needs no
+   mask and no upper clamp: every stored value is at most the maximum) when the 4 pixels share
+   their mask; otherwise the raw one, masked per pixel below. */
+#define PIXEL_LOGIT(q, Lq, Dq, mq, STORE_MASKED) { \
                 const float t0 = I0[p + q] - j0[k], t1 = I1[p + q] - j1[k], t2 = I2[p + q] - j2[k]; \
                 const float d = t0 * t0 + t1 * t1 + t2 * t2; \
                 const float l = F0[p + q] * p0[k] + F1[p + q] * p1[k] + F2[p + q] * p2[k] + F3[p + q] * p3[k] \
                               + F4[p + q] * p4[k] + F5[p + q] * p5[k] - rr[k] * d; \
-                Dq[k] = d; Lq[k] = l; \
                 const float lm = kz[k] > 0.0f ? l : -3.0e38f; \
+                Dq[k] = d; Lq[k] = STORE_MASKED ? lm : l; \
                 mq = lm > mq ? lm : mq; }
-            #pragma omp simd reduction(max:m0, m1, m2, m3)
-            for (int64_t k = 0; k < KP; ++k) {
-                PIXEL_LOGIT(0, L0, D0, m0) PIXEL_LOGIT(1, L1, D1, m1) PIXEL_LOGIT(2, L2, D2, m2) PIXEL_LOGIT(3, L3, D3, m3)
+            if (same) {
+                #pragma omp simd reduction(max:m0, m1, m2, m3)
+                for (int64_t k = 0; k < KP; ++k) {
+                    PIXEL_LOGIT(0, L0, D0, m0, 1) PIXEL_LOGIT(1, L1, D1, m1, 1) PIXEL_LOGIT(2, L2, D2, m2, 1) PIXEL_LOGIT(3, L3, D3, m3, 1)
+                }
+            } else {
+                #pragma omp simd reduction(max:m0, m1, m2, m3)
+                for (int64_t k = 0; k < KP; ++k) {
+                    PIXEL_LOGIT(0, L0, D0, m0, 0) PIXEL_LOGIT(1, L1, D1, m1, 0) PIXEL_LOGIT(2, L2, D2, m2, 0) PIXEL_LOGIT(3, L3, D3, m3, 0)
+                }
             }
             MX[p] = m0; MX[p + 1] = m1; MX[p + 2] = m2; MX[p + 3] = m3;
             for (int q = 0; q < 4; ++q) {
@@ -164,28 +203,19 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     for (int64_t k = 0; k < K; ++k) kz[k] = (r2_off[k] <= r2 && !rep[k]) ? 1.0f : 0.0f;
                     r2_last = r2;
                     float mm = -3.0e38f;
-                    for (int64_t k = 0; k < KP; ++k) { const float lm = kz[k] > 0.0f ? logit[k] : -3.0e38f; mm = lm > mm ? lm : mm; }
+                    for (int64_t k = 0; k < KP; ++k) { const float lm = kz[k] > 0.0f ? logit[k] : -3.0e38f; logit[k] = lm; mm = lm > mm ? lm : mm; }
                     MX[pq] = mm;
                 }
                 const float m = MX[pq];
                 float s = 0.0f, o0 = 0.0f, o1 = 0.0f, o2 = 0.0f;
                 #pragma omp simd reduction(+:s, o0, o1, o2)
                 for (int64_t k = 0; k < KP; ++k) {
-                    /* exp(x) for x in [-80, 0], inlined (vectorised with the loop): 2^n * poly(r) with
-                       x = n ln2 + r, |r| <= ln2 / 2, Taylor to degree 7 (relative error < 1e-8 + rounding).
-                       x <= 0 for every kept pair (m is their maximum); dropped pairs are clamped too, so
-                       they can neither overflow nor produce inf * 0. exp(-80) = 1.8e-35 is nothing next to
-                       the centre's weight >= 1 (and stays a normal float). */
+                    /* Kept pairs have x <= 0 (m is their maximum); dropped pairs were stored as -3e38
+                       and come out as exp(-87) = 1.6e-38, nothing next to the centre's
+                       weight >= 1, and can neither overflow nor produce inf * 0. */
                     float x = logit[k] - m;
-                    x = x < -80.0f ? -80.0f : (x > 0.0f ? 0.0f : x);
-                    const int32_t ni = (int32_t)(x * 1.44269504088896341f - 0.5f);  /* nearest, x <= 0 */
-                    const float n = (float)ni;
-                    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-                    float y = 1.0f / 5040.0f;
-                    y = y * r + 1.0f / 720.0f; y = y * r + 1.0f / 120.0f; y = y * r + 1.0f / 24.0f;
-                    y = y * r + 1.0f / 6.0f; y = y * r + 0.5f; y = y * r + 1.0f; y = y * r + 1.0f;
-                    union { float f; int32_t i; } u; u.f = y; u.i += ni << 23;
-                    const float e = u.f * kz[k];
+                    x = x < -87.0f ? -87.0f : x;
+                    const float e = exp_neg(x);
                     logit[k] = e;
                     s += e;
                     o0 += e * v0[k];
@@ -281,6 +311,15 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _cpu_flags() -> set:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read: not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split(":", 1)[-1].split())
+    except OSError:
+        return set()
+
+
 def _cpu_signature() -> str:
     import platform
 
@@ -292,24 +331,61 @@ def _cpu_signature() -> str:
         return platform.machine() + platform.processor()
 
 
+def compile_flags() -> List[str]:
+    """Compiler flags for this CPU.
+
+    ``-march=native`` enables every vector extension the CPU has, but GCC then still *tunes* for
+    256-bit vectors on most AVX-512 CPUs (``-mprefer-vector-width=256``, to avoid the clock
+    penalty of 512-bit code on older Intel parts). On AVX-512 CPUs the kernel is asked for
+    512-bit vectors: half the instructions for the same lanes (measured in
+    docs/benchmarks_engine.md). Elsewhere (AVX2, ARM, no /proc/cpuinfo) the compiler's choice stands.
+    """
+    flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+    if "avx512f" in _cpu_flags():
+        flags.append("-mprefer-vector-width=512")
+    return flags
+
+
+def vector_width() -> str:
+    """The vector width the kernel is built for here: ``"512-bit (AVX-512)"``, ``"256-bit (AVX2)"`` or the compiler's default."""
+    cpu = _cpu_flags()
+    if "avx512f" in cpu:
+        return "512-bit (AVX-512)"
+    if "avx2" in cpu:
+        return "256-bit (AVX2)"
+    return "compiler default"
+
+
+def build_description() -> str:
+    """One line naming the native build (compiler, flags, vector width), for benchmark tables."""
+    cc = _compiler()
+    if cc is None or not available():
+        return "native kernel unavailable (eager / compiled fallback)"
+    flags = _BUILT.get("flags") or tuple(compile_flags())
+    width = vector_width() if "-mprefer-vector-width=512" in flags or "avx512f" not in _cpu_flags() else "256-bit (GCC's tuning)"
+    return f"native kernel: {Path(cc).name} {' '.join(flags)}, {width} vectors"
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "napari-upsample-anything" / "native"
 
 
-@functools.cache
-def _library() -> Optional[ctypes.CDLL]:
-    """Build (once) and load the kernel library, or None when no compiler can build it."""
-    if os.environ.get("UPSAMPLE_ANYTHING_NO_COMPILE"):
-        return None
-    cc = _compiler()
-    if cc is None:
-        return None
-    compile_flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
-    link_flags = ["-shared", "-fopenmp"]  # no -ffast-math here: see the module docstring
+def _flag_choices() -> List[List[str]]:
+    tuned = compile_flags()
+    plain = [f for f in tuned if not f.startswith("-mprefer-vector-width")]
+    return [tuned] if plain == tuned else [tuned, plain]
+
+
+_BUILT: dict = {}
+
+
+def _build(cc: str, cflags: List[str], link_flags: List[str]) -> Optional[Path]:
+    """Path of the cached library built with ``cflags`` (built now if absent), or None when the
+    compiler fails."""
     # -march=native: the library is only valid on this kind of CPU, so the CPU is in the key
     # (a home directory shared between machines must not hand one CPU's build to another).
-    identity = _SOURCE + cc + " ".join(compile_flags + link_flags) + _cpu_signature()
+    identity = _SOURCE + cc + " ".join(cflags + link_flags) + _cpu_signature()
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     folder = _cache_dir()
     lib_path = folder / f"fit_chunk_{key}.so"
@@ -321,20 +397,53 @@ def _library() -> Optional[ctypes.CDLL]:
                 src.write_text(_SOURCE)
                 obj = Path(tmp) / "fit_chunk.o"
                 tmp_lib = Path(tmp) / "fit_chunk.so"
-                subprocess.run([cc, *compile_flags, "-c", str(src), "-o", str(obj)], check=True, capture_output=True, timeout=300)
+                subprocess.run([cc, *cflags, "-c", str(src), "-o", str(obj)], check=True, capture_output=True, timeout=300)
                 subprocess.run(
                     [cc, *link_flags, str(obj), "-o", str(tmp_lib), "-lm"], check=True, capture_output=True, timeout=300
                 )
                 os.replace(tmp_lib, lib_path)  # complete file appears atomically
         except (OSError, subprocess.SubprocessError):
             return None
+    return lib_path
+
+
+@functools.cache
+def _library() -> Optional[ctypes.CDLL]:
+    """Build (once) and load the kernel library, or None when no compiler can build it."""
+    if os.environ.get("UPSAMPLE_ANYTHING_NO_COMPILE"):
+        return None
+    cc = _compiler()
+    if cc is None:
+        return None
+    link_flags = ["-shared", "-fopenmp"]  # no -ffast-math here: see the module docstring
+    lib_path = None
+    for cflags in _flag_choices():  # the tuned flags first; the plain ones if this compiler rejects them
+        lib_path = _build(cc, cflags, link_flags)
+        if lib_path is not None:
+            _BUILT["flags"] = tuple(cflags)
+            break
+    if lib_path is None:
+        return None
+    return _load(lib_path)
+
+
+def _load(lib_path: Path) -> Optional[ctypes.CDLL]:
     try:
         lib = ctypes.CDLL(str(lib_path))
     except OSError:
         return None
-    lib.fit_chunk.restype = None
-    lib.team_flush_denormals.restype = None
+    for name in ("fit_chunk", "exp_values", "team_flush_denormals"):
+        getattr(lib, name).restype = None
     return lib
+
+
+def plain_build() -> Optional[ctypes.CDLL]:
+    """The library built without the CPU-specific tuning flags (only ``-march=native``), to test
+    that the tuned build computes the same numbers; None without a compiler."""
+    cc = _compiler()
+    plain = _flag_choices()[-1]
+    path = _build(cc, plain, ["-shared", "-fopenmp"]) if cc else None
+    return _load(path) if path is not None else None
 
 
 def available() -> bool:
@@ -353,11 +462,23 @@ def team_flush_denormals(on: bool) -> bool:
     return True
 
 
+def exp_values(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' inlined ``exp`` on float32 ``x`` (clamped below at -87 as in the kernels; for
+    arguments <= 0), to test its error bound."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native library could not be built (no C compiler?)")
+    x = x.contiguous().to(torch.float32)
+    out = torch.empty_like(x)
+    lib.exp_values(ctypes.c_int64(x.numel()), _ptr(x), _ptr(out))
+    return out
+
+
 def _ptr(t: torch.Tensor):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated, want_grad: bool = True):
+def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated, want_grad: bool = True, lib=None):
     """:func:`.fused.fit_chunk` on the CPU through the native kernel (float32, G <= 3), with the
     spatial coefficients and their chain rule done inside the kernel.
 
@@ -365,9 +486,9 @@ def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off,
     instead of ``psi`` and ``rho`` (``psi = fused.spatial_coefficients(coef, d_y, d_x)``);
     the other inputs are those of :func:`.fused.fit_chunk`. Returns ``(loss_sum, squared_sum,
     grad_coef [4, B, K])``; with ``want_grad=False`` the kernel skips its gradient pass and
-    ``grad_coef`` is zero.
+    ``grad_coef`` is zero. ``lib``: another build of the library (tests), default this one.
     """
-    lib = _library()
+    lib = lib if lib is not None else _library()
     if lib is None:
         raise RuntimeError("the native fit kernel could not be built (no C compiler?)")
     B, _, P = phi.shape
