@@ -43,7 +43,14 @@ from napari_upsample_anything.core.attention import render_blocks
 from napari_upsample_anything.core.field import KernelField, kernel_coefficients
 from napari_upsample_anything.core.fit import Adam, _ChunkedFit, _loss_and_grad_fused, fit_kernel_name, schedule_gamma
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.render import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions, bicubic_lr_guide
+from napari_upsample_anything.core.render import (
+    CPU_PREFERRED_TILE_BYTES,
+    BlockEngine,
+    RenderOptions,
+    _NativeRenderWeights,
+    bicubic_lr_guide,
+    chunk_blocks,
+)
 from napari_upsample_anything.core.threads import flushed_denormals
 
 CPU = torch.device("cpu")
@@ -185,7 +192,8 @@ class RenderCase:
         self.channels = channels
         per_block = engine.bytes_per_block(channels, 4, training=False)
         self.tiles = engine.plan(per_block, 2**31, CPU_PREFERRED_TILE_BYTES)
-        self.name = f"render {size}^2, C = {channels}"
+        self.native = _NativeRenderWeights(engine) if _NativeRenderWeights.usable(engine) else None
+        self.name = f"render {size}^2, C = {channels} ({'native' if self.native is not None else 'eager'} weights)"
         self.size = size
         coef = kernel_coefficients(self.field).detach()
         sigma_eff = torch.maximum(self.field.sigma_x, self.field.sigma_y).detach()
@@ -204,10 +212,13 @@ class RenderCase:
         phi = eng.pixel_features(tile)
         psi, rho, jd = eng.neighbour_features(coef, tile, geometry)
         vals = self.values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
-        return dict(tile=tile, phi=phi, psi=psi, rho=rho, jd=jd, vals=vals, mask=eng.weights_mask(r2, geometry[3], k))
+        return dict(
+            tile=tile, phi=phi, psi=psi, rho=rho, jd=jd, vals=vals, mask=eng.weights_mask(r2, geometry[3], k),
+            r2=r2, repeated=geometry[3],
+        )  # fmt: skip
 
     def full(self):
-        self.engine.render(self.values, self.field, self.out, budget=2**31)
+        self.engine.render(self.values, self.field, self.out, budget=2**31, backend="auto")  # as upa.render
 
     def prep(self):
         coef = kernel_coefficients(self.field).detach()
@@ -226,7 +237,13 @@ class RenderCase:
                     if ones is None or ones.shape[0] != vals.shape[0] or ones.shape[1] != vals.shape[1]:
                         ones = vals[:, :, :1].contiguous()
                     vals = ones
-                render_blocks(p["phi"], p["psi"], p["rho"], p["jd"], vals, p["mask"], torch.float32, self.workspace)
+                if self.native is None:  # eager log-weights and softmax
+                    render_blocks(p["phi"], p["psi"], p["rho"], p["jd"], vals, p["mask"], torch.float32, self.workspace)
+                    continue
+                nb, k = p["phi"].shape[0], p["psi"].shape[2]
+                cb = chunk_blocks(CPU, self.engine.P, k, nb, self.workspace.chunk_bytes)
+                fn = self.native.bind(p["phi"], p["psi"], p["rho"], p["jd"], p["r2"], p["repeated"], self.workspace, cb)
+                render_blocks(p["phi"], p["psi"], p["rho"], p["jd"], vals, None, torch.float32, self.workspace, fn, cb)
 
         return run
 

@@ -281,6 +281,80 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
     *sq_out = sq_total;
 }
 
+/* Softmax weights of a render chunk: W[b, p, k] = softmax_k(phi(p) . psi(k) - rho_k ||I(p) - J(k)||^2)
+   over the kept pairs (r2_off[k] <= r2_pix[b, p] and not repeated[b, k]; dropped pairs get 0),
+   the formulas of attention.render_blocks' eager log-weights and softmax in one pass per pixel
+   row, which stays in L1: log-weights and their maximum, exp and sum, then the normalised
+   row. phi [B, 6, P], psi [B, 6, K], rho [B, K], ic [B, G, P], jd [B, G, K] (G <= 3),
+   r2_pix [B, P], r2_off [K], repeated [B, K] (uint8), W [B, P, K]. */
+void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
+                    const float *phi, const float *psi, const float *rho, const float *ic, const float *jd,
+                    const int32_t *r2_pix, const int32_t *r2_off, const uint8_t *repeated, float *W, int32_t *failed)
+{
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t b = 0; b < B; ++b) {
+#if defined(__SSE__)
+        const unsigned int csr_saved = _mm_getcsr();
+        _mm_setcsr(csr_saved | 0x8040u);
+#endif
+        const int64_t KP = (K + 15) / 16 * 16;
+        float *pz = falloc(10 * KP), *kz = falloc(KP), *row = falloc(KP);
+        if (!pz || !kz || !row) {
+            free(pz); free(kz); free(row);
+            *failed = 1;
+#if defined(__SSE__)
+            _mm_setcsr(csr_saved);
+#endif
+            continue;
+        }
+        memset(pz, 0, sizeof(float) * 10 * KP); memset(kz, 0, sizeof(float) * KP);
+        for (int64_t j = 0; j < 6; ++j) memcpy(pz + j * KP, psi + (b * 6 + j) * K, sizeof(float) * K);
+        memcpy(pz + 6 * KP, rho + b * K, sizeof(float) * K);
+        for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pz + (7 + g) * KP, jd + (b * G + g) * K, sizeof(float) * K);
+        const float *p0 = pz, *p1 = pz + KP, *p2 = pz + 2 * KP, *p3 = pz + 3 * KP, *p4 = pz + 4 * KP, *p5 = pz + 5 * KP;
+        const float *rr = pz + 6 * KP, *j0 = pz + 7 * KP, *j1 = pz + 8 * KP, *j2 = pz + 9 * KP;
+        const float *ph = phi + b * 6 * P, *ib = ic + b * G * P;
+        const uint8_t *rep = repeated + b * K;
+        int32_t r2_last = -1;
+        for (int64_t p = 0; p < P; ++p) {
+            const int32_t r2 = r2_pix[b * P + p];
+            if (r2 != r2_last) {
+                for (int64_t k = 0; k < K; ++k) kz[k] = (r2_off[k] <= r2 && !rep[k]) ? 1.0f : 0.0f;
+                r2_last = r2;
+            }
+            const float f0 = ph[p], f1 = ph[P + p], f2 = ph[2 * P + p], f3 = ph[3 * P + p], f4 = ph[4 * P + p], f5 = ph[5 * P + p];
+            const float i0 = ib[p], i1 = G > 1 ? ib[P + p] : 0.0f, i2 = G > 2 ? ib[2 * P + p] : 0.0f;
+            float m = -3.0e38f;
+            #pragma omp simd reduction(max:m)
+            for (int64_t k = 0; k < KP; ++k) {
+                const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k];
+                const float l = f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k]
+                              - rr[k] * (t0 * t0 + t1 * t1 + t2 * t2);
+                const float lm = kz[k] > 0.0f ? l : -3.0e38f;
+                row[k] = lm;
+                m = lm > m ? lm : m;
+            }
+            float s = 0.0f;
+            #pragma omp simd reduction(+:s)
+            for (int64_t k = 0; k < KP; ++k) {
+                float x = row[k] - m;
+                x = x < -87.0f ? -87.0f : x;
+                const float e = exp_neg(x) * kz[k];  /* dropped pairs exactly 0, as the eager softmax's -inf */
+                row[k] = e;
+                s += e;
+            }
+            const float inv = 1.0f / s;
+            float *out = W + (b * P + p) * K;
+            #pragma omp simd
+            for (int64_t k = 0; k < K; ++k) out[k] = row[k] * inv;
+        }
+        free(pz); free(kz); free(row);
+#if defined(__SSE__)
+        _mm_setcsr(csr_saved);
+#endif
+    }
+}
+
 /* Flush-to-zero / denormals-are-zero in every thread of an OpenMP team of `threads` (on = 1),
    or off again (on = 0). torch's CPU thread pool is this OpenMP runtime's pool (one libgomp in
    the process), and torch.set_flush_denormal only changes the calling thread: without this,
@@ -432,7 +506,7 @@ def _load(lib_path: Path) -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(lib_path))
     except OSError:
         return None
-    for name in ("fit_chunk", "exp_values", "team_flush_denormals"):
+    for name in ("fit_chunk", "render_weights", "exp_values", "team_flush_denormals"):
         getattr(lib, name).restype = None
     return lib
 
@@ -471,6 +545,44 @@ def exp_values(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous().to(torch.float32)
     out = torch.empty_like(x)
     lib.exp_values(ctypes.c_int64(x.numel()), _ptr(x), _ptr(out))
+    return out
+
+
+def render_weights(phi, psi, rho, ic, jd, r2_pix, r2_off, repeated, out=None) -> torch.Tensor:
+    """Softmax weights ``[B, P, K]`` of render blocks through the native kernel (float32, G <= 3).
+
+    ``phi [B, 6, P]`` (the spatial pixel features), ``psi [B, 6, K]``, ``rho [B, K]``,
+    ``ic [B, G, P]`` (centred guide), ``jd [B, G, K]``, ``r2_pix [B, P]``, ``r2_off [K]`` and
+    ``repeated [B, K]`` as in :func:`.fused.render_weights`; ``out``: an optional contiguous
+    float32 ``[B, P, K]`` buffer to write into. Dropped pairs get weight 0.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native render kernel could not be built (no C compiler?)")
+    B, _, P = phi.shape
+    K = psi.shape[2]
+    G = ic.shape[1]
+    if G > 3:
+        raise ValueError(f"the native render kernel handles at most 3 guide channels, got {G}")
+    f32 = [t.contiguous().to(torch.float32) for t in (phi, psi, rho, ic, jd)]
+    r2p = r2_pix.contiguous().to(torch.int32)
+    r2o = r2_off.contiguous().to(torch.int32)
+    rep = repeated.contiguous().to(torch.uint8)
+    if out is None:
+        out = torch.empty(B, P, K, dtype=torch.float32)
+    failed = ctypes.c_int32(0)
+    lib.render_weights(
+        ctypes.c_int64(max(1, min(torch.get_num_threads(), B))),
+        *[ctypes.c_int64(v) for v in (B, P, K, G)],
+        *[_ptr(t) for t in f32],
+        _ptr(r2p),
+        _ptr(r2o),
+        _ptr(rep),
+        _ptr(out),
+        ctypes.byref(failed),
+    )
+    if failed.value:
+        raise MemoryError(f"the native render kernel could not allocate its scratch memory ({B} blocks x {K} neighbours)")
     return out
 
 
