@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from typing import List, Optional, Tuple
 
 import torch
@@ -585,13 +586,14 @@ def _rows(rows: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tuple:
     return tuple(None if t is None else t.index_select(0, rows) for t in tensors)
 
 
-def _fit_chunk(prep: _ChunkedFit, c: torch.Tensor, x: dict, r2: torch.Tensor, n: int):
+def _fit_chunk(prep: _ChunkedFit, c: torch.Tensor, x: dict, r2: torch.Tensor, n: int, want_grad: bool = True):
     """Loss, squared error and gradient ``[4, n, K]`` (A, B, C, rho) of one chunk of ``n`` blocks
     from the neighbours' coefficients ``c [4, n, K]``, through the chunk kernel."""
     if prep.kernel_name == "native":  # spatial coefficients and their chain rule inside the C kernel
         return native.fit_chunk(
-            x["phi"], c, x["d_y"], x["d_x"], x["ic"], x["jd"], x["vals"], x["target"], x["weight"], r2, prep.r2_off, x["repeated"]
-        )
+            x["phi"], c, x["d_y"], x["d_x"], x["ic"], x["jd"], x["vals"], x["target"], x["weight"], r2, prep.r2_off, x["repeated"],
+            want_grad,
+        )  # fmt: skip
     if prep.kernel_name == "triton":
         return triton_kernels.fit_chunk(
             x["phi"], c, x["d_y"], x["d_x"], x["ic"], x["jd"], x["vals"], x["target"], x["weight"], r2, prep.r2_off,
@@ -630,7 +632,8 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
         for tile in tiles:
             check_cancel(cancel, "kernel fitting")
             t0 = time.perf_counter()
-            with TileMeter(engine.device) as meter:
+            # the meter reads the process's RSS (psutil, ~0.5 ms): only when a memory log wants it
+            with TileMeter(engine.device) if memlog is not None else nullcontext() as meter:
                 picked = sampler.blocks(tile) if sampler is not None else None
                 r2 = engine.radius_sq(sigma_eff, tile, picked).to(torch.int32)  # picked blocks' rows only
                 for b0, n, q, x in prep.chunks(tile):
@@ -643,7 +646,7 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
                         r2_chunk = r2[inside]
                         x, q, n = prep.subset(x, q, rows, sampler.weight)
                     c = coef_flat.index_select(1, q).reshape(4, n, K)  # A, B, C, rho of the neighbours
-                    loss, sq, grad_coef = _fit_chunk(prep, c, x, r2_chunk, n)
+                    loss, sq, grad_coef = _fit_chunk(prep, c, x, r2_chunk, n, training)
                     total += loss
                     squared += sq
                     if training:

@@ -46,7 +46,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -59,6 +59,35 @@ _SOURCE = r"""
 #include <xmmintrin.h>
 #endif
 
+/* exp(x) for x in [-87, 0] (callers clamp), inlined so that it vectorises with the calling
+   loop: x = n ln2 + r with n the nearest integer to x / ln2 (|r| <= ln2 / 2, ln2 split in two
+   parts so that r is exact to float rounding), exp(r) by a degree-5 polynomial fitted for
+   minimal relative error on [-ln2/2, ln2/2] (8.3e-8 in exact arithmetic, 1.9e-7 evaluated in
+   float32; tests/test_native_speedpaths.py checks < 5e-7 against float64 over [-87, 0]), and
+   2^n added into the exponent bits. n >= -126 and exp(r) >= 0.7, so the result is a normal
+   float or (at the very bottom) an exponent field of 0, which flush-to-zero reads as 0. */
+static inline float exp_neg(float x)
+{
+    /* rint, not (int)(t - 0.5f): inside the kernel's loops GCC converted the latter with the
+       rounding mode (vcvtps2dq) instead of truncation, which put r in [0, ln2) and made the
+       polynomial's error 1e-4 near r = ln2 (found by tests/test_native_speedpaths.py). */
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const int32_t ni = (int32_t)n;
+    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    float y = 0.0013840248575434089f;
+    y = y * r + 0.008375746197998524f; y = y * r + 0.04166821762919426f; y = y * r + 0.16666407883167267f;
+    y = y * r + 0.49999991059303284f; y = y * r + 1.0f; y = y * r + 1.0f;
+    union { float f; int32_t i; } u; u.f = y; u.i += ni << 23;
+    return u.f;
+}
+
+/* exp_neg on n values (after the same clamp as the kernels), for the error-bound test. */
+void exp_values(int64_t n, const float *x, float *out)
+{
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) { const float v = x[i] < -87.0f ? -87.0f : x[i]; out[i] = exp_neg(v); }
+}
+
 /* 64-byte aligned scratch of n floats (size rounded up to whole cache lines, as C11 requires). */
 static float *falloc(int64_t n) { return (float *)aligned_alloc(64, (size_t)((n + 15) / 16 * 16) * sizeof(float)); }
 
@@ -68,7 +97,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                const float *phi, const float *coef, const float *d_y, const float *d_x, const float *ic,
                const float *jd, const float *vals, const float *target, const float *weight,
                const int32_t *r2_pix, const int32_t *r2_off, const uint8_t *repeated,
-               double *loss_out, double *sq_out, float *grad_coef, int32_t *failed)
+               double *loss_out, double *sq_out, float *grad_coef, int32_t want_grad, int32_t *failed)
 {
     double loss_total = 0.0, sq_total = 0.0;
     #pragma omp parallel for schedule(dynamic, 1) reduction(+:loss_total, sq_total) num_threads(threads)
@@ -143,17 +172,27 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             float m0 = -3.0e38f, m1 = -3.0e38f, m2 = -3.0e38f, m3 = -3.0e38f;
             float *L0 = E + p * KP, *L1 = L0 + KP, *L2 = L1 + KP, *L3 = L2 + KP;
             float *D0 = D + p * KP, *D1 = D0 + KP, *D2 = D1 + KP, *D3 = D2 + KP;
-#define PIXEL_LOGIT(q, Lq, Dq, mq) { \
+/* STORE_MASKED: store the masked log-weight (-3e38 for a dropped pair, so that pass 2 needs no
+   mask and no upper clamp: every stored value is at most the maximum) when the 4 pixels share
+   their mask; otherwise the raw one, masked per pixel below. */
+#define PIXEL_LOGIT(q, Lq, Dq, mq, STORE_MASKED) { \
                 const float t0 = I0[p + q] - j0[k], t1 = I1[p + q] - j1[k], t2 = I2[p + q] - j2[k]; \
                 const float d = t0 * t0 + t1 * t1 + t2 * t2; \
                 const float l = F0[p + q] * p0[k] + F1[p + q] * p1[k] + F2[p + q] * p2[k] + F3[p + q] * p3[k] \
                               + F4[p + q] * p4[k] + F5[p + q] * p5[k] - rr[k] * d; \
-                Dq[k] = d; Lq[k] = l; \
                 const float lm = kz[k] > 0.0f ? l : -3.0e38f; \
+                Dq[k] = d; Lq[k] = STORE_MASKED ? lm : l; \
                 mq = lm > mq ? lm : mq; }
-            #pragma omp simd reduction(max:m0, m1, m2, m3)
-            for (int64_t k = 0; k < KP; ++k) {
-                PIXEL_LOGIT(0, L0, D0, m0) PIXEL_LOGIT(1, L1, D1, m1) PIXEL_LOGIT(2, L2, D2, m2) PIXEL_LOGIT(3, L3, D3, m3)
+            if (same) {
+                #pragma omp simd reduction(max:m0, m1, m2, m3)
+                for (int64_t k = 0; k < KP; ++k) {
+                    PIXEL_LOGIT(0, L0, D0, m0, 1) PIXEL_LOGIT(1, L1, D1, m1, 1) PIXEL_LOGIT(2, L2, D2, m2, 1) PIXEL_LOGIT(3, L3, D3, m3, 1)
+                }
+            } else {
+                #pragma omp simd reduction(max:m0, m1, m2, m3)
+                for (int64_t k = 0; k < KP; ++k) {
+                    PIXEL_LOGIT(0, L0, D0, m0, 0) PIXEL_LOGIT(1, L1, D1, m1, 0) PIXEL_LOGIT(2, L2, D2, m2, 0) PIXEL_LOGIT(3, L3, D3, m3, 0)
+                }
             }
             MX[p] = m0; MX[p + 1] = m1; MX[p + 2] = m2; MX[p + 3] = m3;
             for (int q = 0; q < 4; ++q) {
@@ -164,28 +203,19 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     for (int64_t k = 0; k < K; ++k) kz[k] = (r2_off[k] <= r2 && !rep[k]) ? 1.0f : 0.0f;
                     r2_last = r2;
                     float mm = -3.0e38f;
-                    for (int64_t k = 0; k < KP; ++k) { const float lm = kz[k] > 0.0f ? logit[k] : -3.0e38f; mm = lm > mm ? lm : mm; }
+                    for (int64_t k = 0; k < KP; ++k) { const float lm = kz[k] > 0.0f ? logit[k] : -3.0e38f; logit[k] = lm; mm = lm > mm ? lm : mm; }
                     MX[pq] = mm;
                 }
                 const float m = MX[pq];
                 float s = 0.0f, o0 = 0.0f, o1 = 0.0f, o2 = 0.0f;
                 #pragma omp simd reduction(+:s, o0, o1, o2)
                 for (int64_t k = 0; k < KP; ++k) {
-                    /* exp(x) for x in [-80, 0], inlined (vectorised with the loop): 2^n * poly(r) with
-                       x = n ln2 + r, |r| <= ln2 / 2, Taylor to degree 7 (relative error < 1e-8 + rounding).
-                       x <= 0 for every kept pair (m is their maximum); dropped pairs are clamped too, so
-                       they can neither overflow nor produce inf * 0. exp(-80) = 1.8e-35 is nothing next to
-                       the centre's weight >= 1 (and stays a normal float). */
+                    /* Kept pairs have x <= 0 (m is their maximum); dropped pairs were stored as -3e38
+                       and come out as exp(-87) = 1.6e-38, nothing next to the centre's
+                       weight >= 1, and can neither overflow nor produce inf * 0. */
                     float x = logit[k] - m;
-                    x = x < -80.0f ? -80.0f : (x > 0.0f ? 0.0f : x);
-                    const int32_t ni = (int32_t)(x * 1.44269504088896341f - 0.5f);  /* nearest, x <= 0 */
-                    const float n = (float)ni;
-                    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-                    float y = 1.0f / 5040.0f;
-                    y = y * r + 1.0f / 720.0f; y = y * r + 1.0f / 120.0f; y = y * r + 1.0f / 24.0f;
-                    y = y * r + 1.0f / 6.0f; y = y * r + 0.5f; y = y * r + 1.0f; y = y * r + 1.0f;
-                    union { float f; int32_t i; } u; u.f = y; u.i += ni << 23;
-                    const float e = u.f * kz[k];
+                    x = x < -87.0f ? -87.0f : x;
+                    const float e = exp_neg(x);
                     logit[k] = e;
                     s += e;
                     o0 += e * v0[k];
@@ -211,8 +241,9 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             if (!same) r2_last = -1;
         }
 #undef PIXEL_LOGIT
-        /* Gradients, register-blocked: 16 neighbours at a time, summed over all pixels. */
-        for (int64_t k0 = 0; k0 < KP; k0 += 16) {
+        /* Gradients, register-blocked: 16 neighbours at a time, summed over all pixels
+           (skipped for a loss-only evaluation: the final loss, or the benchmark's forward). */
+        for (int64_t k0 = 0; want_grad && k0 < KP; k0 += 16) {
             float a_0[16], a_1[16], a_2[16], a_3[16], a_4[16], a_5[16], a_r[16];
             #pragma omp simd
             for (int j = 0; j < 16; ++j) { a_0[j] = 0.0f; a_1[j] = 0.0f; a_2[j] = 0.0f; a_3[j] = 0.0f; a_4[j] = 0.0f; a_5[j] = 0.0f; a_r[j] = 0.0f; }
@@ -250,6 +281,80 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
     *sq_out = sq_total;
 }
 
+/* Softmax weights of a render chunk: W[b, p, k] = softmax_k(phi(p) . psi(k) - rho_k ||I(p) - J(k)||^2)
+   over the kept pairs (r2_off[k] <= r2_pix[b, p] and not repeated[b, k]; dropped pairs get 0),
+   the formulas of attention.render_blocks' eager log-weights and softmax in one pass per pixel
+   row, which stays in L1: log-weights and their maximum, exp and sum, then the normalised
+   row. phi [B, 6, P], psi [B, 6, K], rho [B, K], ic [B, G, P], jd [B, G, K] (G <= 3),
+   r2_pix [B, P], r2_off [K], repeated [B, K] (uint8), W [B, P, K]. */
+void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
+                    const float *phi, const float *psi, const float *rho, const float *ic, const float *jd,
+                    const int32_t *r2_pix, const int32_t *r2_off, const uint8_t *repeated, float *W, int32_t *failed)
+{
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t b = 0; b < B; ++b) {
+#if defined(__SSE__)
+        const unsigned int csr_saved = _mm_getcsr();
+        _mm_setcsr(csr_saved | 0x8040u);
+#endif
+        const int64_t KP = (K + 15) / 16 * 16;
+        float *pz = falloc(10 * KP), *kz = falloc(KP), *row = falloc(KP);
+        if (!pz || !kz || !row) {
+            free(pz); free(kz); free(row);
+            *failed = 1;
+#if defined(__SSE__)
+            _mm_setcsr(csr_saved);
+#endif
+            continue;
+        }
+        memset(pz, 0, sizeof(float) * 10 * KP); memset(kz, 0, sizeof(float) * KP);
+        for (int64_t j = 0; j < 6; ++j) memcpy(pz + j * KP, psi + (b * 6 + j) * K, sizeof(float) * K);
+        memcpy(pz + 6 * KP, rho + b * K, sizeof(float) * K);
+        for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pz + (7 + g) * KP, jd + (b * G + g) * K, sizeof(float) * K);
+        const float *p0 = pz, *p1 = pz + KP, *p2 = pz + 2 * KP, *p3 = pz + 3 * KP, *p4 = pz + 4 * KP, *p5 = pz + 5 * KP;
+        const float *rr = pz + 6 * KP, *j0 = pz + 7 * KP, *j1 = pz + 8 * KP, *j2 = pz + 9 * KP;
+        const float *ph = phi + b * 6 * P, *ib = ic + b * G * P;
+        const uint8_t *rep = repeated + b * K;
+        int32_t r2_last = -1;
+        for (int64_t p = 0; p < P; ++p) {
+            const int32_t r2 = r2_pix[b * P + p];
+            if (r2 != r2_last) {
+                for (int64_t k = 0; k < K; ++k) kz[k] = (r2_off[k] <= r2 && !rep[k]) ? 1.0f : 0.0f;
+                r2_last = r2;
+            }
+            const float f0 = ph[p], f1 = ph[P + p], f2 = ph[2 * P + p], f3 = ph[3 * P + p], f4 = ph[4 * P + p], f5 = ph[5 * P + p];
+            const float i0 = ib[p], i1 = G > 1 ? ib[P + p] : 0.0f, i2 = G > 2 ? ib[2 * P + p] : 0.0f;
+            float m = -3.0e38f;
+            #pragma omp simd reduction(max:m)
+            for (int64_t k = 0; k < KP; ++k) {
+                const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k];
+                const float l = f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k]
+                              - rr[k] * (t0 * t0 + t1 * t1 + t2 * t2);
+                const float lm = kz[k] > 0.0f ? l : -3.0e38f;
+                row[k] = lm;
+                m = lm > m ? lm : m;
+            }
+            float s = 0.0f;
+            #pragma omp simd reduction(+:s)
+            for (int64_t k = 0; k < KP; ++k) {
+                float x = row[k] - m;
+                x = x < -87.0f ? -87.0f : x;
+                const float e = exp_neg(x) * kz[k];  /* dropped pairs exactly 0, as the eager softmax's -inf */
+                row[k] = e;
+                s += e;
+            }
+            const float inv = 1.0f / s;
+            float *out = W + (b * P + p) * K;
+            #pragma omp simd
+            for (int64_t k = 0; k < K; ++k) out[k] = row[k] * inv;
+        }
+        free(pz); free(kz); free(row);
+#if defined(__SSE__)
+        _mm_setcsr(csr_saved);
+#endif
+    }
+}
+
 /* Flush-to-zero / denormals-are-zero in every thread of an OpenMP team of `threads` (on = 1),
    or off again (on = 0). torch's CPU thread pool is this OpenMP runtime's pool (one libgomp in
    the process), and torch.set_flush_denormal only changes the calling thread: without this,
@@ -280,6 +385,15 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _cpu_flags() -> set:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read: not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split(":", 1)[-1].split())
+    except OSError:
+        return set()
+
+
 def _cpu_signature() -> str:
     import platform
 
@@ -291,24 +405,61 @@ def _cpu_signature() -> str:
         return platform.machine() + platform.processor()
 
 
+def compile_flags() -> List[str]:
+    """Compiler flags for this CPU.
+
+    ``-march=native`` enables every vector extension the CPU has, but GCC then still *tunes* for
+    256-bit vectors on most AVX-512 CPUs (``-mprefer-vector-width=256``, to avoid the clock
+    penalty of 512-bit code on older Intel parts). On AVX-512 CPUs the kernel is asked for
+    512-bit vectors: half the instructions for the same lanes (measured in
+    docs/benchmarks_engine.md). Elsewhere (AVX2, ARM, no /proc/cpuinfo) the compiler's choice stands.
+    """
+    flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+    if "avx512f" in _cpu_flags():
+        flags.append("-mprefer-vector-width=512")
+    return flags
+
+
+def vector_width() -> str:
+    """The vector width the kernel is built for here: ``"512-bit (AVX-512)"``, ``"256-bit (AVX2)"`` or the compiler's default."""
+    cpu = _cpu_flags()
+    if "avx512f" in cpu:
+        return "512-bit (AVX-512)"
+    if "avx2" in cpu:
+        return "256-bit (AVX2)"
+    return "compiler default"
+
+
+def build_description() -> str:
+    """One line naming the native build (compiler, flags, vector width), for benchmark tables."""
+    cc = _compiler()
+    if cc is None or not available():
+        return "native kernel unavailable (eager / compiled fallback)"
+    flags = _BUILT.get("flags") or tuple(compile_flags())
+    width = vector_width() if "-mprefer-vector-width=512" in flags or "avx512f" not in _cpu_flags() else "256-bit (GCC's tuning)"
+    return f"native kernel: {Path(cc).name} {' '.join(flags)}, {width} vectors"
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "napari-upsample-anything" / "native"
 
 
-@functools.cache
-def _library() -> Optional[ctypes.CDLL]:
-    """Build (once) and load the kernel library, or None when no compiler can build it."""
-    if os.environ.get("UPSAMPLE_ANYTHING_NO_COMPILE"):
-        return None
-    cc = _compiler()
-    if cc is None:
-        return None
-    compile_flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
-    link_flags = ["-shared", "-fopenmp"]  # no -ffast-math here: see the module docstring
+def _flag_choices() -> List[List[str]]:
+    tuned = compile_flags()
+    plain = [f for f in tuned if not f.startswith("-mprefer-vector-width")]
+    return [tuned] if plain == tuned else [tuned, plain]
+
+
+_BUILT: dict = {}
+
+
+def _build(cc: str, cflags: List[str], link_flags: List[str]) -> Optional[Path]:
+    """Path of the cached library built with ``cflags`` (built now if absent), or None when the
+    compiler fails."""
     # -march=native: the library is only valid on this kind of CPU, so the CPU is in the key
     # (a home directory shared between machines must not hand one CPU's build to another).
-    identity = _SOURCE + cc + " ".join(compile_flags + link_flags) + _cpu_signature()
+    identity = _SOURCE + cc + " ".join(cflags + link_flags) + _cpu_signature()
     key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     folder = _cache_dir()
     lib_path = folder / f"fit_chunk_{key}.so"
@@ -320,20 +471,53 @@ def _library() -> Optional[ctypes.CDLL]:
                 src.write_text(_SOURCE)
                 obj = Path(tmp) / "fit_chunk.o"
                 tmp_lib = Path(tmp) / "fit_chunk.so"
-                subprocess.run([cc, *compile_flags, "-c", str(src), "-o", str(obj)], check=True, capture_output=True, timeout=300)
+                subprocess.run([cc, *cflags, "-c", str(src), "-o", str(obj)], check=True, capture_output=True, timeout=300)
                 subprocess.run(
                     [cc, *link_flags, str(obj), "-o", str(tmp_lib), "-lm"], check=True, capture_output=True, timeout=300
                 )
                 os.replace(tmp_lib, lib_path)  # complete file appears atomically
         except (OSError, subprocess.SubprocessError):
             return None
+    return lib_path
+
+
+@functools.cache
+def _library() -> Optional[ctypes.CDLL]:
+    """Build (once) and load the kernel library, or None when no compiler can build it."""
+    if os.environ.get("UPSAMPLE_ANYTHING_NO_COMPILE"):
+        return None
+    cc = _compiler()
+    if cc is None:
+        return None
+    link_flags = ["-shared", "-fopenmp"]  # no -ffast-math here: see the module docstring
+    lib_path = None
+    for cflags in _flag_choices():  # the tuned flags first; the plain ones if this compiler rejects them
+        lib_path = _build(cc, cflags, link_flags)
+        if lib_path is not None:
+            _BUILT["flags"] = tuple(cflags)
+            break
+    if lib_path is None:
+        return None
+    return _load(lib_path)
+
+
+def _load(lib_path: Path) -> Optional[ctypes.CDLL]:
     try:
         lib = ctypes.CDLL(str(lib_path))
     except OSError:
         return None
-    lib.fit_chunk.restype = None
-    lib.team_flush_denormals.restype = None
+    for name in ("fit_chunk", "render_weights", "exp_values", "team_flush_denormals"):
+        getattr(lib, name).restype = None
     return lib
+
+
+def plain_build() -> Optional[ctypes.CDLL]:
+    """The library built without the CPU-specific tuning flags (only ``-march=native``), to test
+    that the tuned build computes the same numbers; None without a compiler."""
+    cc = _compiler()
+    plain = _flag_choices()[-1]
+    path = _build(cc, plain, ["-shared", "-fopenmp"]) if cc else None
+    return _load(path) if path is not None else None
 
 
 def available() -> bool:
@@ -352,20 +536,71 @@ def team_flush_denormals(on: bool) -> bool:
     return True
 
 
+def exp_values(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' inlined ``exp`` on float32 ``x`` (clamped below at -87 as in the kernels; for
+    arguments <= 0), to test its error bound."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native library could not be built (no C compiler?)")
+    x = x.contiguous().to(torch.float32)
+    out = torch.empty_like(x)
+    lib.exp_values(ctypes.c_int64(x.numel()), _ptr(x), _ptr(out))
+    return out
+
+
+def render_weights(phi, psi, rho, ic, jd, r2_pix, r2_off, repeated, out=None) -> torch.Tensor:
+    """Softmax weights ``[B, P, K]`` of render blocks through the native kernel (float32, G <= 3).
+
+    ``phi [B, 6, P]`` (the spatial pixel features), ``psi [B, 6, K]``, ``rho [B, K]``,
+    ``ic [B, G, P]`` (centred guide), ``jd [B, G, K]``, ``r2_pix [B, P]``, ``r2_off [K]`` and
+    ``repeated [B, K]`` as in :func:`.fused.render_weights`; ``out``: an optional contiguous
+    float32 ``[B, P, K]`` buffer to write into. Dropped pairs get weight 0.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native render kernel could not be built (no C compiler?)")
+    B, _, P = phi.shape
+    K = psi.shape[2]
+    G = ic.shape[1]
+    if G > 3:
+        raise ValueError(f"the native render kernel handles at most 3 guide channels, got {G}")
+    f32 = [t.contiguous().to(torch.float32) for t in (phi, psi, rho, ic, jd)]
+    r2p = r2_pix.contiguous().to(torch.int32)
+    r2o = r2_off.contiguous().to(torch.int32)
+    rep = repeated.contiguous().to(torch.uint8)
+    if out is None:
+        out = torch.empty(B, P, K, dtype=torch.float32)
+    failed = ctypes.c_int32(0)
+    lib.render_weights(
+        ctypes.c_int64(max(1, min(torch.get_num_threads(), B))),
+        *[ctypes.c_int64(v) for v in (B, P, K, G)],
+        *[_ptr(t) for t in f32],
+        _ptr(r2p),
+        _ptr(r2o),
+        _ptr(rep),
+        _ptr(out),
+        ctypes.byref(failed),
+    )
+    if failed.value:
+        raise MemoryError(f"the native render kernel could not allocate its scratch memory ({B} blocks x {K} neighbours)")
+    return out
+
+
 def _ptr(t: torch.Tensor):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated):
+def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated, want_grad: bool = True, lib=None):
     """:func:`.fused.fit_chunk` on the CPU through the native kernel (float32, G <= 3), with the
     spatial coefficients and their chain rule done inside the kernel.
 
     Takes the neighbours' ``coef [4, B, K]`` (A, B, C, rho) and offsets ``d_y, d_x [B, K]``
     instead of ``psi`` and ``rho`` (``psi = fused.spatial_coefficients(coef, d_y, d_x)``);
     the other inputs are those of :func:`.fused.fit_chunk`. Returns ``(loss_sum, squared_sum,
-    grad_coef [4, B, K])``.
+    grad_coef [4, B, K])``; with ``want_grad=False`` the kernel skips its gradient pass and
+    ``grad_coef`` is zero. ``lib``: another build of the library (tests), default this one.
     """
-    lib = _library()
+    lib = lib if lib is not None else _library()
     if lib is None:
         raise RuntimeError("the native fit kernel could not be built (no C compiler?)")
     B, _, P = phi.shape
@@ -377,7 +612,7 @@ def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off,
     r2p = r2_pix.contiguous().to(torch.int32)
     r2o = r2_off.contiguous().to(torch.int32)
     rep = repeated.contiguous().to(torch.uint8)
-    grad_coef = torch.empty(4, B, K, dtype=torch.float32)
+    grad_coef = (torch.empty if want_grad else torch.zeros)(4, B, K, dtype=torch.float32)
     loss = ctypes.c_double()
     squared = ctypes.c_double()
     failed = ctypes.c_int32(0)
@@ -394,6 +629,7 @@ def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off,
         ctypes.byref(loss),
         ctypes.byref(squared),
         _ptr(grad_coef),
+        ctypes.c_int32(1 if want_grad else 0),
         ctypes.byref(failed),
     )
     if failed.value:

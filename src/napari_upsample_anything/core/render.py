@@ -35,6 +35,7 @@ denominator at least 1.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -432,12 +433,15 @@ class BlockEngine:
         weights_kernel = _RenderWeights(self, max(_tile_blocks(t) for t in queue)) if path == "compiled" else None
         if path == "triton":
             weights_kernel = "triton"  # the Triton render kernel (weights and aggregation, :mod:`.triton_kernels`)
+        elif backend == "auto" and _NativeRenderWeights.usable(self):  # CPU: the C kernel's weights (same formulas)
+            weights_kernel = _NativeRenderWeights(self)
         while queue:
             tile = queue.pop(0)
             check_cancel(cancel, stage)
             t0 = time.perf_counter()
             try:
-                with torch.no_grad(), TileMeter(self.device) as meter:
+                # the meter reads the process's RSS (psutil, ~0.5 ms): only when a memory log wants it
+                with torch.no_grad(), TileMeter(self.device) if memlog is not None else nullcontext() as meter:
                     block_out = self._render_tile(values_flat, coef, sigma_eff, tile, agg_dtype, workspace, weights_kernel)
                     if affine is not None:  # float32 result: the undo must not overflow half precision
                         block_out = torch.addcmul(affine[1][None, :, None], block_out, affine[0][None, :, None])
@@ -528,12 +532,17 @@ class BlockEngine:
         r2_pix = self.radius_sq(sigma_eff, tile)
         if weights_kernel == "triton":
             return self._render_tile_triton(values_flat, coef, r2_pix, tile, agg_dtype)
-        k = self.K if weights_kernel is not None else self.tile_k(r2_pix)
+        k = self.K if isinstance(weights_kernel, _RenderWeights) else self.tile_k(r2_pix)
         geometry = self.neighbours(tile, k)
         q = geometry[0]
         phi = self.pixel_features(tile)
         psi, rho, jd = self.neighbour_features(coef, tile, geometry)
         vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
+        if isinstance(weights_kernel, _NativeRenderWeights):
+            workspace = workspace if workspace is not None else self.workspace()
+            cb = chunk_blocks(self.device, self.P, k, q.shape[0], workspace.chunk_bytes)
+            weights_fn = weights_kernel.bind(phi, psi, rho, jd, r2_pix, geometry[3], workspace, cb)
+            return render_blocks(phi, psi, rho, jd, vals, None, agg_dtype, workspace, weights_fn, cb)
         if weights_kernel is not None:
             weights_fn = weights_kernel.bind(phi, psi, rho, jd, r2_pix, geometry[3])
             return render_blocks(phi, psi, rho, jd, vals, None, agg_dtype, workspace, weights_fn, weights_kernel.cb)
@@ -583,6 +592,43 @@ class _RenderWeights:
             x = {name: pad_blocks(t[b0:b1], cb).contiguous() for name, t in pieces.items()}
             w = self.fn(x["phi"], x["psi"], x["rho"], x["ic"], x["jd"], x["r2"], self.r2_off, x["rep"])
             return w[: b1 - b0]
+
+        return weights
+
+
+class _NativeRenderWeights:
+    """Softmax weights of render chunks through the native CPU kernel
+    (:func:`.native.render_weights`): the eager path's log-weights, range term, mask and softmax
+    (seven passes over ``[chunk, P, K]``) in one pass per pixel; the products stay a GEMM."""
+
+    def __init__(self, engine: BlockEngine):
+        self.r2_off = engine.grid.offsets.r2.to(torch.int32)
+        self.channels = engine.channels
+        self.P = engine.P
+
+    @staticmethod
+    def usable(engine: BlockEngine) -> bool:
+        from . import native
+
+        return engine.device.type == "cpu" and engine.channels <= 3 and native.available()
+
+    def bind(self, phi, psi, rho, jd, r2_pix, repeated, workspace, chunk: int):
+        from . import native
+
+        g, nb, k = self.channels, phi.shape[0], psi.shape[2]
+        rep = repeated[:, 0, :] if repeated is not None else torch.zeros(nb, k, dtype=torch.bool)
+        spatial = phi[:, :, :6].transpose(1, 2).contiguous()  # [B, 6, P]
+        ic = phi[:, :, 7 : 7 + g].transpose(1, 2).contiguous()  # [B, G, P]
+        jd_t = jd.transpose(1, 2).contiguous()  # [B, G, K]
+        psi, rho = psi.contiguous(), rho.contiguous()
+        r2, r2_off = r2_pix.to(torch.int32).contiguous(), self.r2_off[:k].contiguous()
+        buf = workspace.get("native_weights", (chunk, self.P, k), torch.float32)
+
+        def weights(b0: int, b1: int) -> torch.Tensor:
+            return native.render_weights(
+                spatial[b0:b1], psi[b0:b1], rho[b0:b1], ic[b0:b1], jd_t[b0:b1], r2[b0:b1], r2_off, rep[b0:b1],
+                out=buf[: b1 - b0],
+            )  # fmt: skip
 
         return weights
 

@@ -1,0 +1,219 @@
+"""The native CPU kernel's speed paths (core/native.py): each checked against float64, and the
+roofline benchmark's quick mode (benchmarks/bench_roofline.py; it measures, never asserts time)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+
+from napari_upsample_anything.core import fused, native
+from napari_upsample_anything.core.fit import fit_field
+from napari_upsample_anything.core.guide import Guide
+from napari_upsample_anything.core.render import RenderOptions
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler to build the native kernel")
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_roofline.py"
+
+
+def _chunk(gen, B=3, P=29, K=41, G=3):
+    """Random fit-chunk inputs in float64 (a decaying, positive definite kernel)."""
+    d = dict(dtype=torch.float64)
+    phi = torch.randn(B, 6, P, generator=gen, **d)
+    abc = 0.5 * torch.randn(3, B, K, generator=gen, **d)
+    abc[0], abc[2] = abc[0].abs() + 0.5, abc[2].abs() + 0.5
+    abc[1] = abc[1].clamp(-0.4, 0.4)
+    rho = 20 * torch.rand(1, B, K, generator=gen, **d)
+    d_y, d_x = 2 * torch.randn(B, K, generator=gen, **d), 2 * torch.randn(B, K, generator=gen, **d)
+    ic, jd = torch.randn(B, G, P, generator=gen, **d), torch.randn(B, G, K, generator=gen, **d)
+    vals, target = torch.randn(B, G, K, generator=gen, **d), torch.randn(B, G, P, generator=gen, **d)
+    weight = torch.rand(B, P, generator=gen, **d)
+    r2_pix = torch.randint(1, K, (B, P), generator=gen, dtype=torch.int32)
+    r2_off = torch.arange(K, dtype=torch.int32)
+    repeated = torch.rand(B, K, generator=gen) < 0.2
+    repeated[:, 0] = False
+    return dict(
+        phi=phi, coef=torch.cat([abc, rho]), d_y=d_y, d_x=d_x, ic=ic, jd=jd, vals=vals, target=target,
+        weight=weight, r2_pix=r2_pix, r2_off=r2_off, repeated=repeated,
+    )  # fmt: skip
+
+
+def _f32(x: dict):
+    names = ("phi", "coef", "d_y", "d_x", "ic", "jd", "vals", "target", "weight")
+    return [x[n].float() for n in names] + [x["r2_pix"], x["r2_off"], x["repeated"]]
+
+
+@needs_native
+def test_loss_only_mode_gives_the_same_loss_and_no_gradient(gen):
+    """want_grad=False (the final loss, the benchmark's forward) skips the gradient pass only."""
+    x = _chunk(gen)
+    full = native.fit_chunk(*_f32(x))
+    loss_only = native.fit_chunk(*_f32(x), want_grad=False)
+    assert float(loss_only[0]) == float(full[0]) and float(loss_only[1]) == float(full[1])
+    assert torch.count_nonzero(loss_only[2]) == 0 and torch.count_nonzero(full[2]) > 0
+    psi = fused.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
+    ref = fused.fit_chunk(
+        x["phi"], psi, x["coef"][3], x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
+        x["r2_pix"], x["r2_off"], x["repeated"],
+    )  # fmt: skip
+    assert float(loss_only[0]) == pytest.approx(float(ref[0]), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_roofline", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_roofline"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_roofline", None)
+
+
+def test_roofline_benchmark_quick_mode_writes_its_table(bench, tmp_path, capsys):
+    """--quick runs every part (fit step split, render split, both thread counts) and puts the
+    table between its markers, replacing an earlier one and keeping the rest of the page."""
+    page = tmp_path / "page.md"
+    page.write_text("# Engine\n\nkept text\n")
+    assert bench.main(["--quick", "--threads", "1", "--out", str(page)]) == 0
+    first = page.read_text()
+    assert first.startswith("# Engine\n\nkept text\n") and first.count(bench.MARK_BEGIN) == 1
+    rows = [line for line in first.splitlines() if line.startswith("| fit step") or line.startswith("| render")]
+    assert len(rows) == 3  # fit at 56^2 and 112^2, render at 56^2
+    assert all("forward" in r and "Adam" in r for r in rows[:2]) and "products" in rows[2]
+    assert "cores" in first and ("AVX" in first or "SSE" in first)  # names the CPU and its vector unit
+    assert bench.main(["--quick", "--threads", "1", "--no-upsample", "--out", str(page)]) == 0
+    assert page.read_text().count(bench.MARK_BEGIN) == 1 and "kept text" in page.read_text()
+
+
+@needs_native
+def test_inlined_exp_error_bound():
+    """The kernels' exp (range reduction + degree-6 polynomial): relative error < 5e-7 against
+    float64 on a dense grid of [-87, 0] (measured 3.1e-7), and clamped below -87 to a value that
+    cannot overflow or go negative."""
+    x = torch.linspace(-87.0, 0.0, 2_000_001, dtype=torch.float32)
+    x = torch.cat([x, -torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 2.0])
+    got = native.exp_values(x).double()
+    ref = torch.exp(x.double())
+    assert float(((got - ref).abs() / ref).max()) < 5e-7
+    low = native.exp_values(torch.tensor([-88.0, -1e4, -3e38]))
+    assert bool(((low >= 0) & (low < 2e-38)).all())  # exp(-87) = 1.65e-38
+
+
+@needs_native
+def test_tuned_build_agrees_with_the_plain_build_and_float64(gen):
+    """The library built with this CPU's tuning flags (native.compile_flags: 512-bit vectors on
+    AVX-512) builds here and computes what the plain -march=native build and the float64
+    formulas compute."""
+    assert native.available()
+    plain = native.plain_build()
+    assert plain is not None
+    x = _chunk(gen, B=4, P=37, K=53)
+    tuned = native.fit_chunk(*_f32(x))
+    other = native.fit_chunk(*_f32(x), lib=plain)
+    assert float(tuned[0]) == pytest.approx(float(other[0]), rel=1e-6)
+    assert rel_err(tuned[2], other[2]) < 1e-6
+    psi = fused.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
+    loss, _, grad_psi, grad_rho = fused.fit_chunk(
+        x["phi"], psi, x["coef"][3], x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
+        x["r2_pix"], x["r2_off"], x["repeated"],
+    )  # fmt: skip
+    ref = torch.cat([fused.spatial_coefficients_backward(grad_psi, x["d_y"], x["d_x"]), grad_rho[None]])
+    assert float(tuned[0]) == pytest.approx(float(loss), rel=1e-4)
+    assert all(rel_err(tuned[2][i], ref[i]) < 1e-4 for i in range(4))
+
+
+def _float64_fit_losses(guide: Guide, lr_shape, steps: int):
+    """Loss before each of ``steps`` published Adam steps, computed in float64: the fused
+    formulas (:func:`.fused.fit_chunk`, checked against autograd at 1e-12) over every block, the
+    chain rule through the parameterisation by autograd, the same Adam and schedule."""
+    from napari_upsample_anything.core.field import KernelField, kernel_coefficients
+    from napari_upsample_anything.core.fit import Adam, _ChunkedFit, schedule_gamma
+    from napari_upsample_anything.core.render import BlockEngine, bicubic_lr_guide
+
+    cpu = torch.device("cpu")
+    engine = BlockEngine(guide, lr_shape, RenderOptions(), cpu)
+    h, w = lr_shape
+    values = bicubic_lr_guide(guide, lr_shape, cpu)
+    values_flat = values.permute(1, 2, 0).reshape(h * w, -1).contiguous()
+    tile = (0, h, 0, w)
+    n_values = guide.channels * guide.shape[0] * guide.shape[1]
+    prep = _ChunkedFit(engine, [tile], values_flat, n_values, keep=True, compiled=True, kernel_name="fused-eager")
+    ((_, n, q, x),) = [c for c in prep.chunks(tile)]
+    x64 = {k: (v[:n].double() if v.is_floating_point() else v[:n]) for k, v in x.items()}
+    raw = KernelField.initial(lr_shape).raw().double().requires_grad_(True)
+    adam = Adam(raw, lr=0.1, gamma=schedule_gamma(0.1))
+    losses = []
+    for _ in range(steps):
+        field = KernelField.from_raw(raw)
+        coef = kernel_coefficients(field)
+        sigma_eff = torch.maximum(field.sigma_x, field.sigma_y).detach().float()
+        r2 = engine.radius_sq(sigma_eff, tile).to(torch.int32)
+        c = coef.detach().reshape(4, -1).index_select(1, q).reshape(4, n, engine.K)
+        psi = fused.spatial_coefficients(c, x64["d_y"], x64["d_x"])
+        loss, _, grad_psi, grad_rho = fused.fit_chunk(
+            x64["phi"], psi, c[3], x64["ic"], x64["jd"], x64["vals"], x64["target"], x64["weight"],
+            r2, prep.r2_off, x64["repeated"],
+        )  # fmt: skip
+        grad_c = torch.cat([fused.spatial_coefficients_backward(grad_psi, x64["d_y"], x64["d_x"]), grad_rho[None]])
+        grad = torch.zeros_like(coef).reshape(4, -1).index_add_(1, q, grad_c.reshape(4, -1))
+        raw.grad = None
+        coef.backward(grad.view_as(coef))
+        losses.append(float(loss))
+        adam.step()
+    return np.array(losses)
+
+
+@needs_native
+def test_native_fit_loss_curve_follows_the_float64_reference():
+    """51 published steps with the native kernel: the loss before every step within 0.1 % of
+    the same fit computed in float64 (:func:`_float64_fit_losses`)."""
+    rng = np.random.default_rng(3)
+    guide = Guide((rng.random((50, 37, 3)) * 255).astype(np.uint8))  # non-integer scale: padded blocks
+    fast = fit_field(guide, (7, 5), steps=51, budget=2**30, backend="auto")
+    assert fast.meta["kernel"] == "native"
+    ref = _float64_fit_losses(guide, (7, 5), 51)
+    assert np.abs(np.array(fast.meta["loss_per_step"]) / ref - 1).max() < 1e-3
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "shape, G, C, options",
+    [
+        ((50, 37, 7, 5), 3, 7, RenderOptions()),  # non-integer scale: padded blocks
+        ((48, 80, 3, 5), 1, 40, RenderOptions(border="unique")),  # masked (unique border) pairs
+        ((45, 61, 6, 9), 2, 4, RenderOptions(radius_units="lr", radius=3)),  # per-pixel dynamic radii
+        ((33, 40, 4, 3), 3, 1, RenderOptions(radius=0)),
+    ],
+)
+def test_native_render_weights_against_float64(shape, G, C, options, gen, monkeypatch):
+    """render(backend='auto') on the CPU takes its softmax weights from the C kernel; the result
+    equals the dense float64 reference within 1e-4 (and the eager path's)."""
+    from conftest import random_field
+    from reference_gsjbu import reference_render
+
+    from napari_upsample_anything.core.render import BlockEngine
+
+    H, W, h, w = shape
+    guide = torch.rand(H, W, G, generator=gen)
+    lr = torch.randn(C, h, w, generator=gen)
+    field = random_field(h, w, gen, sigma=(0.5, 6.0) if options.radius_units == "lr" else (0.5, 40.0))
+    engine = BlockEngine(Guide(guide.numpy(), "none", channel_axis=-1), (h, w), options, torch.device("cpu"))
+    calls = []
+    kernel = native.render_weights
+    monkeypatch.setattr(native, "render_weights", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    out = torch.full((C, H, W), float("nan"))
+    engine.render(lr, field, out, budget=2**30, backend="auto")
+    assert calls  # the native weights ran
+    eager = torch.full((C, H, W), float("nan"))
+    engine.render(lr, field, eager, budget=2**30, backend="eager")
+    ref = reference_render(
+        lr, guide.permute(2, 0, 1), field.sigma_x, field.sigma_y, field.theta, field.sigma_r,
+        radius=options.radius, alpha=options.alpha, unique_border=options.border == "unique",
+        radius_in_lr_cells=options.radius_units == "lr",
+    )  # fmt: skip
+    assert rel_err(out, ref) < 1e-4 and rel_err(out, eager) < 1e-4
