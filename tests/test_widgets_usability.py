@@ -209,10 +209,10 @@ def test_estimate_before_a_run_and_next_to_the_measured_time_after(make_napari_v
     qtbot.waitUntil(lambda: w.estimate is not None and not w._estimator.running, timeout=RUN_TIMEOUT_MS)
     before = w.estimate.total_seconds
     w.steps_spin.setValue(40)
-    qtbot.waitUntil(lambda: w.estimate is not None and w.estimate.total_seconds > before * 1.5, timeout=60_000)
+    qtbot.waitUntil(lambda: w.estimate is not None and w.estimate.total_seconds > before * 1.5, timeout=RUN_TIMEOUT_MS)
     fit_all = w.estimate.seconds["fit"]
     w.fraction_spin.setValue(10)  # the stochastic fit: a tenth of the pixels per step
-    qtbot.waitUntil(lambda: w.estimate is not None and w.estimate.seconds["fit"] < 0.5 * fit_all, timeout=60_000)
+    qtbot.waitUntil(lambda: w.estimate is not None and w.estimate.seconds["fit"] < 0.5 * fit_all, timeout=RUN_TIMEOUT_MS)
 
 
 def test_upsample_asks_before_a_long_refit(fitted_small, qtbot, monkeypatch, records):
@@ -275,7 +275,7 @@ def test_threads_setting_reaches_the_worker_and_is_restored(make_napari_viewer, 
     def probe(progress=None, cancel=None):
         return torch.get_num_threads()
 
-    with qtbot.waitSignal(runner.finished, timeout=60_000) as blocker:
+    with qtbot.waitSignal(runner.finished, timeout=RUN_TIMEOUT_MS) as blocker:
         runner.start(probe, threads=wanted)
     assert blocker.args[0].status == "done" and blocker.args[0].value == wanted
     assert torch.get_num_threads() == before
