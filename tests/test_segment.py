@@ -206,6 +206,14 @@ def test_segment_command_matches_in_memory_and_writes_ngff_labels(setup, tmp_pat
         report = json.loads((folder / "segment.json").read_text())
         assert report["classes"] == [1, 2] and len(report["planes"]) == len(planes)
     assert n_classes_seen == {1, 2}  # not a degenerate all-one-class output
+    # Both stores are valid NGFF 0.5 for the ecosystem's validators (as run's and map's are).
+    import ome_zarr_models
+    import yaozarrs
+
+    for folder, _ in cases:
+        for store in ("labels.ome.zarr", "probabilities.ome.zarr"):
+            yaozarrs.validate_zarr_store(str(folder / store))  # raises on any invalid field
+            ome_zarr_models.open_ome_zarr(zarr.open_group(str(folder / store), mode="r"))
     stack_root = zarr.open_group(str(out / "stack" / "labels.ome.zarr"), mode="r")
     ms = stack_root.attrs["ome"]["multiscales"][0]
     assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
