@@ -82,3 +82,24 @@ def test_bad_labels_are_refused(tmp_path):
     assert labels_dtype([1, 300]) == np.uint16
     with pytest.raises(FileNotFoundError):
         load_labels(tmp_path / "missing.tif")
+
+
+@pytest.mark.gui
+def test_label_image_opens_as_labels_through_the_plugin_reader(make_napari_viewer, tmp_path):
+    """segment's kind of labels.ome.zarr through this plugin's reader: a Labels layer with its scale and
+    class names (napari's built-in *.zarr reader, first without plugin=, shows an Image)."""
+    a = scribbles()
+    folder = tmp_path / "img0"
+    folder.mkdir()
+    path = save_labels(
+        folder / "labels.ome.zarr", a, axes="zyx", class_names={1: "nucleus", 2: "cytoplasm", 7: "debris"},
+        pixel_sizes={"z": 2.0, "y": 0.5, "x": 0.25},
+    )  # fmt: skip
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(path), plugin="napari-upsample-anything")
+    assert len(layers) == 1
+    layer = layers[0]
+    assert type(layer).__name__ == "Labels" and layer.name == "img0 labels"
+    np.testing.assert_array_equal(np.asarray(layer.data), a)
+    assert list(layer.scale) == [2.0, 0.5, 0.25]
+    assert dict(zip(layer.features["index"], layer.features["class"]))[7] == "debris"

@@ -98,3 +98,24 @@ def test_engine_tiles_are_measured_through_the_installed_source(monkeypatch):
     log = MemoryLog()
     upa.fit_kernels(np.random.default_rng(0).random((24, 24, 3)), (3, 3), steps=2, device="cpu", memory_log=log, backend="eager")
     assert fake.resets >= 2 and all(t.peak_bytes == 0 for t in log.tiles)  # nothing allocated on the fake device
+
+
+def test_memory_monitor_shows_the_allocator_statistics_on_cuda(monkeypatch):
+    """The monitor widget's sampler reads a CUDA device through core.memory (peaks included)."""
+    import torch
+
+    from napari_upsample_anything.core import memory
+    from napari_upsample_anything.widgets import _memory
+
+    fake = FakeAllocator()
+    fake.alloc(3 * 2**20)
+    fake.free(2**20)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_memory, "resolve_monitor_device", lambda device: "cuda:0")
+    real = memory.sample_device_memory
+    monkeypatch.setattr(memory, "sample_device_memory", lambda dev, source=None: real(dev, fake))
+    got = _memory.sample_memory("cuda:0")
+    assert got["device"] == "cuda:0"
+    assert got["allocated"] == 2 * 2**20 == got["current"]
+    assert got["peak"] == 3 * 2**20 and got["reserved"] >= got["allocated"]
+    assert got["rss"] > 0

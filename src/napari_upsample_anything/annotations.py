@@ -10,10 +10,11 @@
   (value -> name), ``colors`` (value -> RGBA in [0, 1]), ``axes`` and ``scale`` (pixel sizes
   per axis), which is what a napari Labels layer needs (:func:`labels_layer_kwargs`).
 
-A label image written here opens in napari as a Labels layer, with its scale, through
-napari-ome-zarr (``viewer.open(path, plugin="napari-ome-zarr")``; napari's built-in reader,
-first in line for ``*.zarr``, shows it as a plain Image). It carries no ``upsample_anything``
-attribute, so this plugin's own reader leaves it alone.
+A label image written here opens in napari as a Labels layer, with its scale and class names,
+through this plugin's reader (``viewer.open(path, plugin="napari-upsample-anything")``;
+``widgets/_reader.py`` claims NGFF label images) and through napari-ome-zarr
+(``plugin="napari-ome-zarr"``); napari's built-in reader, first in line for ``*.zarr`` when
+no plugin is named, shows it as a plain Image.
 Everything is written under a temporary name and renamed when complete. No Qt, no torch.
 """
 

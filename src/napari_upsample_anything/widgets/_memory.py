@@ -95,7 +95,8 @@ def resolve_monitor_device(device: Optional[str]) -> str:
 def sample_memory(device: Optional[str] = "cpu") -> Dict[str, Optional[int]]:
     """Current memory figures of ``device``: ``current`` plus the device-specific details.
 
-    CUDA: ``allocated``, ``reserved``, ``free``, ``total`` (``current`` = allocated).
+    CUDA: the allocator's ``allocated``, ``reserved``, ``peak``, ``peak_reserved`` and the driver's
+    ``free``, ``total`` (``current`` = allocated; :func:`..core.memory.sample_device_memory`).
     CPU: ``rss``, ``available`` (``current`` = rss). ``rss`` is always present.
     """
     dev = resolve_monitor_device(device)
@@ -105,15 +106,9 @@ def sample_memory(device: Optional[str] = "cpu") -> Dict[str, Optional[int]]:
     if dev.startswith("cuda") and torch is not None:
         try:
             if torch.cuda.is_available():
-                d = torch.device(dev)
-                free, total = torch.cuda.mem_get_info(d)
-                out.update(
-                    allocated=int(torch.cuda.memory_allocated(d)),
-                    reserved=int(torch.cuda.memory_reserved(d)),
-                    free=int(free),
-                    total=int(total),
-                )
-                out["current"] = out["allocated"]
+                from ..core.memory import sample_device_memory  # torch is loaded already
+
+                out.update(sample_device_memory(dev))  # the allocator's statistics, peaks included
         except Exception:  # noqa: BLE001 - a failed reading is not an error
             pass
     out["device"] = dev  # type: ignore[assignment]

@@ -1,8 +1,9 @@
 """npe2 reader: OME-Zarr results written by this plugin open as lazy napari layers.
 
-``get_reader`` claims a ``*.ome.zarr`` folder only when its metadata say this plugin wrote it
-(an ``upsample_anything`` attribute next to the NGFF ``ome.multiscales``); for any other store
-it returns None, so napari's other readers (napari-ome-zarr ...) handle it. The layer data
+``get_reader`` claims a ``*.ome.zarr`` folder when its metadata say this plugin wrote it
+(an ``upsample_anything`` attribute next to the NGFF ``ome.multiscales``), and NGFF label images
+(``ome["image-label"]``, e.g. ``segment``'s ``labels.ome.zarr``), which open as a Labels layer
+with their scale and class names; for any other store it returns None, so napari's other readers (napari-ome-zarr ...) handle it. The layer data
 come from :func:`napari_upsample_anything.omezarr.layer_data`: dask arrays, one per pyramid
 level, so napari reads only the tiles it shows. No Qt and no torch here.
 """
@@ -41,12 +42,46 @@ def is_plugin_store(path: PathLike) -> bool:
         return False
 
 
+def is_label_store(path: PathLike) -> bool:
+    """True when ``path`` is an NGFF label image (``ome["image-label"]``), e.g. ``labels.ome.zarr``
+    written by ``segment`` or :func:`napari_upsample_anything.annotations.save_labels`."""
+    p = Path(str(path))
+    if not p.is_dir() or not p.name.lower().endswith(".ome.zarr"):
+        return False
+    try:
+        import zarr
+
+        ome = zarr.open_group(str(p), mode="r").attrs.get("ome") or {}
+        return "image-label" in ome and bool(ome.get("multiscales"))
+    except Exception:  # noqa: BLE001 - not a readable zarr group
+        return False
+
+
 def get_reader(path: Union[PathLike, Sequence[PathLike]]) -> Optional[Callable[[Any], List[LayerData]]]:
-    """The reader function for one of our OME-Zarr results, or None for anything else."""
+    """The reader function for one of our OME-Zarr results or an NGFF label image, or None."""
     p = _single_path(path)
-    if p is None or not is_plugin_store(p):
+    if p is None:
+        return None
+    if is_label_store(p):
+        return read_labels
+    if not is_plugin_store(p):
         return None
     return read_result
+
+
+def read_labels(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
+    """``[(labels, kwargs, "labels")]``: a label image with its pixel sizes as scale and its class
+    names as the layer's features (read by :func:`~napari_upsample_anything.annotations.load_labels`)."""
+    from ..annotations import labels_layer_kwargs, load_labels
+
+    p = _single_path(path)
+    if p is None:
+        raise ValueError(f"path={path!r}: give one OME-Zarr label image")
+    labels, info = load_labels(p)
+    name = p.name[: -len(".ome.zarr")] if p.name.lower().endswith(".ome.zarr") else p.name
+    if p.parent.name:
+        name = f"{p.parent.name} {name}"  # "img0 labels": which image the labels belong to
+    return [(labels, labels_layer_kwargs(info, name=name), "labels")]
 
 
 def read_result(path: Union[PathLike, Sequence[PathLike]]) -> List[LayerData]:
