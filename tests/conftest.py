@@ -6,9 +6,16 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# Triton jits its own standard library (tl.zeros, ...) when triton.language is first imported,
+# and only an import under TRITON_INTERPRET=1 gives functions that its CPU interpreter can run
+# (tests/test_triton.py). torch, timm or the engine may import triton before those tests, so the
+# variable is set for the whole session, before torch. The product's backend="auto" still picks
+# Triton on CUDA only; tests that need it off remove it (monkeypatch, subprocess environments).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 DATA = TESTS / "data"

@@ -617,8 +617,22 @@ def _test_pause(task: Task) -> None:
         return
     with open(fifo, "w") as f:  # blocks until the test opens the pipe for reading
         f.write(f"{task.kind} started\n")
-    with open(fifo + ".go") as f:  # blocks until the test writes
-        f.readline()
+    # Wait for the test's line by polling, not by a blocking open or read: a signal that the
+    # kernel delivers to another thread of this process does not interrupt a blocked system
+    # call of the main thread, while the sleep below returns to Python, which runs the handler.
+    fd = os.open(fifo + ".go", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while b"\n" not in _read_available(fd):
+            time.sleep(0.01)
+    finally:
+        os.close(fd)
+
+
+def _read_available(fd: int) -> bytes:
+    try:
+        return os.read(fd, 64)
+    except BlockingIOError:  # a writer is there but has written nothing yet
+        return b""
 
 
 def run_task(task: Task, progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFn] = None) -> dict:
