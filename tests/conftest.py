@@ -29,6 +29,24 @@ def rel_err(out, ref) -> float:
     return float((out - ref).detach().abs().max() / ref.detach().abs().max().clamp_min(1e-30))
 
 
+def two_region_picture(h: int = 70, w: int = 84, seed: int = 0) -> np.ndarray:
+    """Left half dark and smooth, right half bright with a red disc: uint8 RGB (H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.full((h, w, 3), 0.2, np.float32)
+    img[:, w // 2 :] = 0.75
+    img[(yy - h / 2) ** 2 + (xx - 0.75 * w) ** 2 < (h / 5) ** 2] = (0.9, 0.1, 0.1)
+    img += 0.03 * rng.standard_normal(img.shape)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def hub_offline(monkeypatch, home) -> None:
+    """Hugging Face offline with an empty cache under ``home`` (nothing can be downloaded or found)."""
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 def random_field(h: int, w: int, gen: torch.Generator, sigma=(0.5, 40.0), sigma_r=(0.003, 0.5)):
     """A random kernel field (log-uniform sigmas, any angle), as KernelField."""
     from napari_upsample_anything.core.field import KernelField

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import hub_offline
 
 from napari_upsample_anything.core.features import (
     BACKBONES,
@@ -187,9 +188,7 @@ def test_dinov2_file_for_a_dinov3_backbone_is_refused(tmp_path):
 
 
 def test_dinov3_offline_says_what_to_download(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_offline(monkeypatch, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(WeightsUnavailableError) as err:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import two_region_picture
 
 pytestmark = [
     pytest.mark.usefixtures("offline"),
@@ -16,17 +17,6 @@ pytestmark = [
 ]
 
 RUN_TIMEOUT_MS = 180_000
-
-
-def _picture(h=70, w=84, seed=0):
-    """Left half dark and smooth, right half bright with a red disc: uint8 RGB."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.full((h, w, 3), 0.2, np.float32)
-    img[:, w // 2 :] = 0.75
-    img[(yy - h / 2) ** 2 + (xx - 0.75 * w) ** 2 < (h / 5) ** 2] = (0.9, 0.1, 0.1)
-    img += 0.03 * rng.standard_normal(img.shape)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
 def _fit(viewer, qtbot, layer_data, at=None, **kw):
@@ -78,7 +68,7 @@ def test_explorer_opens_through_the_manifest(make_napari_viewer):
 
 def test_similarity_points_layers_and_threshold(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
-    src, main = _fit(viewer, qtbot, _picture(), scale=(0.5, 0.5), translate=(4.0, -2.0))
+    src, main = _fit(viewer, qtbot, two_region_picture(), scale=(0.5, 0.5), translate=(4.0, -2.0))
     w = _explorer(viewer)
     points = w.add_points_layer()
     assert points is not None and _role(viewer, "explore_points") is points
@@ -106,12 +96,12 @@ def test_similarity_points_layers_and_threshold(make_napari_viewer, qtbot):
     w.threshold_slider.setValue(-100)
     assert np.asarray(_role(viewer, "explore_similar").data).all()
     # the source image was not touched
-    assert np.array_equal(np.asarray(src.data), _picture())
+    assert np.array_equal(np.asarray(src.data), two_region_picture())
 
 
 def test_segmentation_never_changes_the_users_labels(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
-    _fit(viewer, qtbot, _picture())
+    _fit(viewer, qtbot, two_region_picture())
     user = np.zeros((70, 84), np.int32)
     user[10:14, 5:30] = 1  # dark side
     user[50:54, 50:80] = 2  # bright side
@@ -146,7 +136,7 @@ def test_segmentation_never_changes_the_users_labels(make_napari_viewer, qtbot, 
 
 def test_own_scribbles_live_update_and_close_stops_worker(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
-    _fit(viewer, qtbot, _picture())
+    _fit(viewer, qtbot, two_region_picture())
     w = _explorer(viewer)
     layer = w.add_scribble_layer()
     assert _role(viewer, "explore_scribbles") is layer and w.scribble_picker.layer() is layer
@@ -170,7 +160,7 @@ def test_own_scribbles_live_update_and_close_stops_worker(make_napari_viewer, qt
 
 def test_stack_works_plane_by_plane(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
-    stack = np.stack([_picture(seed=0), _picture(seed=1)[:, ::-1]])  # (2, H, W, 3): the second one mirrored
+    stack = np.stack([two_region_picture(seed=0), two_region_picture(seed=1)[:, ::-1]])  # (2, H, W, 3): the second one mirrored
     _fit(viewer, qtbot, stack, at=1)
     w = _explorer(viewer)
     points = w.add_points_layer()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import hub_offline
 
 from napari_upsample_anything.core.errors import Cancelled, MemoryBudgetError
 from napari_upsample_anything.core.features import (
@@ -463,16 +464,10 @@ def test_bad_weight_files(tiny, tmp_path):
         load_backbone("dinov2_vits14", weights=reg, device="cpu")
 
 
-def _offline(monkeypatch, home):
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 def test_offline_without_weights_says_what_to_download(monkeypatch, tmp_path):
     import socket
 
-    _offline(monkeypatch, tmp_path)
+    hub_offline(monkeypatch, tmp_path)
     attempts = []
 
     def no_network(sock, address, *args):
@@ -514,7 +509,7 @@ def test_pretrained_weights_from_the_hf_cache(vits, monkeypatch, tmp_path):
     """
     from safetensors.torch import save_file
 
-    _offline(monkeypatch, tmp_path)
+    hub_offline(monkeypatch, tmp_path)
     repo = tmp_path / "hub" / "models--timm--vit_small_patch14_dinov2.lvd142m"
     snap = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
     snap.mkdir(parents=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import two_region_picture
 
 pytestmark = [
     pytest.mark.usefixtures("offline"),
@@ -76,17 +77,6 @@ def settle(qtbot, n=3):
         qtbot.wait(10)
 
 
-def picture(h=70, w=84, seed=0):
-    """Left half dark, right half bright with a red disc: uint8 RGB."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.full((h, w, 3), 0.2, np.float32)
-    img[:, w // 2 :] = 0.75
-    img[(yy - h / 2) ** 2 + (xx - 0.75 * w) ** 2 < (h / 5) ** 2] = (0.9, 0.1, 0.1)
-    img += 0.03 * rng.standard_normal(img.shape)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-
 def fit_by_clicking_run(viewer, qtbot, name="img"):
     """Dock the main widget, tick Random weights and click Run; returns the widget once the run is done."""
     from napari_upsample_anything.widgets._main import UpsampleAnythingWidget
@@ -117,7 +107,7 @@ def own_layers(viewer, role):
 # ---------------------------------------------------------------------------------- tests
 def test_run_by_click_then_pixel_picks_by_canvas_clicks_on_a_grid_with_borders(make_napari_viewer, qtbot, records):
     viewer = make_napari_viewer(show=True)
-    src = viewer.add_image(picture(), name="img", scale=(0.5, 0.25), translate=(10.0, -3.0))
+    src = viewer.add_image(two_region_picture(), name="img", scale=(0.5, 0.25), translate=(10.0, -3.0))
     main = fit_by_clicking_run(viewer, qtbot)
     for role in ("hr_pca", "lr_pca"):  # the run added its layers
         assert len(own_layers(viewer, role)) == 1, role
@@ -156,7 +146,7 @@ def test_run_by_click_then_pixel_picks_by_canvas_clicks_on_a_grid_with_borders(m
 
 def test_a_failed_pick_says_why_and_leaves_no_stale_layer(make_napari_viewer, qtbot, monkeypatch):
     viewer = make_napari_viewer(show=True)
-    src = viewer.add_image(picture(42, 56), name="img")
+    src = viewer.add_image(two_region_picture(42, 56), name="img")
     fit_by_clicking_run(viewer, qtbot)
     _dock, insp = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Kernel inspector")
     settle(qtbot)
@@ -188,7 +178,7 @@ def test_explorer_buttons_by_clicks_similarity_segmentation_save_load_apply_to_a
 
     viewer = make_napari_viewer(show=True)
     H, W = 42, 56
-    stack = np.stack([picture(H, W, seed=0), picture(H, W, seed=1)[:, ::-1]])  # slice 1 mirrored
+    stack = np.stack([two_region_picture(H, W, seed=0), two_region_picture(H, W, seed=1)[:, ::-1]])  # slice 1 mirrored
     src = viewer.add_image(stack, name="img")
     dock, main = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Upsample Anything")
     main.slices_combo.setCurrentIndex(main.slices_combo.findData("all"))
@@ -257,7 +247,7 @@ def test_result_layers_short_names_no_hidden_active_advanced_section_and_remove_
     from napari_upsample_anything.widgets._registry import is_own
 
     viewer = make_napari_viewer(show=True)
-    src = viewer.add_image(picture(42, 56), name="histology sample (IHC, 40x)")
+    src = viewer.add_image(two_region_picture(42, 56), name="histology sample (IHC, 40x)")
     mine = viewer.add_labels(np.zeros((42, 56), np.uint8), name="my labels")
     viewer.layers.selection.active = src
     main = fit_by_clicking_run(viewer, qtbot)
