@@ -340,8 +340,8 @@ def run_throughput(args) -> dict:
     """The pipeline itself (``plan_job`` + ``run_job(client=...)``, as ``upsample-anything run
     --dask``) on a stack of ``--planes`` gray planes: features, fit and render per plane, one
     task per plane and stage, on a fresh ``LocalCluster`` per worker count."""
+    from napari_upsample_anything.distributed import dask_client
     from napari_upsample_anything.pipeline import PipelineOptions, SourceRef, plan_job, run_job
-    from napari_upsample_anything.pipeline_dask import dask_client
 
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_scale_"))

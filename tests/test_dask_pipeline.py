@@ -25,8 +25,15 @@ import torch
 import zarr
 
 from napari_upsample_anything.distributed import SchedulerUnreachableError
-from napari_upsample_anything.pipeline import PipelineOptions, SourceRef, plan_job, run_job
-from napari_upsample_anything.pipeline_dask import JobTaskError, open_results, worker_memory_limit
+from napari_upsample_anything.pipeline import (
+    JobTaskError,
+    PipelineOptions,
+    SourceRef,
+    open_results,
+    plan_job,
+    run_job,
+    worker_memory_limit,
+)
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
 

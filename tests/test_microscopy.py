@@ -17,8 +17,9 @@ import torch
 from conftest import rel_err
 
 from napari_upsample_anything import cli
+from napari_upsample_anything.cli import output_names
 from napari_upsample_anything.omezarr import BandWriter, build_pyramid, create_image, open_level0, read_kernels
-from napari_upsample_anything.pipeline import PipelineOptions, SourceRef, output_names, plan_job
+from napari_upsample_anything.pipeline import PipelineOptions, SourceRef, plan_job
 from napari_upsample_anything.sources import from_array, open_image, parse_channels, parse_planes
 
 CLI = [sys.executable, "-m", "napari_upsample_anything.cli"]

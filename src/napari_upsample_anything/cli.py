@@ -11,7 +11,7 @@ from the inputs' paths relative to their common parent (deterministic), written 
 hidden temporary name and renamed when complete; ``--skip-existing`` resumes a batch. A
 failing input is reported and the batch goes on. ``--dask`` (after the inputs) runs each
 plane as Dask tasks on ``--workers`` local processes, ``--dask tcp://host:8786`` on a running
-scheduler (unreachable: exit 1 within seconds); see :mod:`napari_upsample_anything.pipeline_dask`.
+scheduler (unreachable: exit 1 within seconds); see :func:`napari_upsample_anything.pipeline.run_job`.
 
 Exit codes, one per kind of outcome:
 
@@ -38,7 +38,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from .core.published import PUBLISHED_STEPS  # torch-free: the parser is built before torch loads
 
@@ -348,9 +348,31 @@ def _check_dask_flags(args) -> None:
         )
 
 
-def cmd_run(args) -> int:
-    from .pipeline import output_names
+def output_names(paths: Sequence[str | Path]) -> List[str]:
+    """Deterministic output folder names: each input's path relative to the inputs' common
+    parent, without its image suffix (``a/x.tif``, ``b/x.tif`` -> ``a/x``, ``b/x``); inputs
+    that would still collide keep their suffix (``x.tif`` -> ``x_tif``)."""
+    resolved = [Path(p).resolve() for p in paths]
+    if not resolved:
+        return []
+    parent = Path(os.path.commonpath([str(p.parent) for p in resolved]))
+    rels = [p.relative_to(parent) for p in resolved]
 
+    def strip(rel: Path) -> str:
+        name = rel.name
+        for suf in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+            if name.lower().endswith(suf):
+                return str(rel.parent / name[: -len(suf)])
+        return str(rel.with_suffix("")) if rel.suffix else str(rel)
+
+    names = [strip(r) for r in rels]
+    out = []
+    for r, n in zip(rels, names):
+        out.append(n if names.count(n) == 1 else str(r.parent / r.name.replace(".", "_")))
+    return [n.replace(os.sep, "/") for n in out]
+
+
+def cmd_run(args) -> int:
     for p in args.images:
         if not Path(p).exists():
             raise UsageError(f"image file not found: {p}")
@@ -376,7 +398,7 @@ def _dask_from_args(args):
 
     if not getattr(args, "dask", None):
         return contextlib.nullcontext(None)
-    from .pipeline_dask import dask_client, worker_memory_limit
+    from .distributed import dask_client, worker_memory_limit
 
     return dask_client(
         args.dask,
@@ -595,7 +617,7 @@ def _map_on_dask(args, options, kind: str, plane) -> int:
     """``map --dask``: the whole map job as one task on a Dask worker, which reads the map and
     the image plane and writes the output file itself (nothing large through the scheduler)."""
     from .distributed import execute
-    from .pipeline_dask import JobInputError, JobTaskError, describe_map_task
+    from .pipeline import JobInputError, JobTaskError, describe_map_task
 
     spec = {
         "map": str(Path(args.map).resolve()),

@@ -26,10 +26,8 @@ This module is torch-free at import (the parser is built before torch loads).
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -159,9 +157,9 @@ def segment_task(spec: dict) -> dict:
 
 def _segment_one(path: str, target: Path, clf_path: str, clf, options, args, client) -> dict:
     from .annotations import create_labels, label_colors
-    from .distributed import execute
+    from .distributed import TaskFailedError, execute
     from .omezarr import create_image
-    from .pipeline_dask import JobInputError, JobTaskError
+    from .pipeline import OutputTransaction
     from .sources import open_image
 
     src = open_image(path, axes=args.axes, scene=args.scene)
@@ -170,11 +168,10 @@ def _segment_one(path: str, target: Path, clf_path: str, clf, options, args, cli
     axes_out = ("t" if sizes["T"] > 1 else "") + ("z" if sizes["Z"] > 1 else "") + "yx"
     H, W = src.plane_shape
     shape = tuple({"t": sizes["T"], "z": sizes["Z"], "y": H, "x": W}[a] for a in axes_out)
-    created = not target.exists()
-    target.mkdir(parents=True, exist_ok=True)
-    tmp = target / f".segment-{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
+    # the pipeline's transaction; the entries move into the folder one by one (it may hold the
+    # outputs of `run` too), segment.json last: it marks the input complete
+    with OutputTransaction(target, entries=("labels.ome.zarr", "probabilities.ome.zarr", "segment.json")) as txn:
+        tmp = txn.tmp
         names = {int(c): clf.class_name(c) for c in clf.classes}
         create_labels(
             tmp / "labels.ome.zarr",
@@ -227,9 +224,8 @@ def _segment_one(path: str, target: Path, clf_path: str, clf, options, args, cli
         failed = [o for o in outcomes if not o.ok]
         if failed:
             first = failed[0]
-            if all(o.input_error for o in failed):
-                raise JobInputError(f"{len(failed)} plane(s) failed on bad input: {first.error}", failed)
-            raise JobTaskError(f"{len(failed)} plane(s) failed: {first.error}", failed)
+            how = "failed on bad input" if all(o.input_error for o in failed) else "failed"
+            raise TaskFailedError.of(f"{len(failed)} plane(s) {how}: {first.error}", failed)
         report = {
             "image": str(path),
             "classifier": str(Path(clf_path).resolve()),
@@ -242,24 +238,13 @@ def _segment_one(path: str, target: Path, clf_path: str, clf, options, args, cli
             "settings": clf.settings,
         }
         (tmp / "segment.json").write_text(json.dumps(report, indent=1))
-        for name in ("labels.ome.zarr", "probabilities.ome.zarr", "segment.json"):
-            src_p, dst = tmp / name, target / name
-            if not src_p.exists():
-                continue
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            src_p.replace(dst)  # segment.json last: it marks the input complete
+        txn.commit()
         return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and target.is_dir() and not any(target.iterdir()):
-            target.rmdir()  # a failed input leaves no empty folder behind
 
 
 def cmd_segment(args) -> int:
-    from .pipeline import output_names
-
     cli = _cli()
+    output_names = cli.output_names
     UsageError = cli.UsageError
 
     for p in args.images:

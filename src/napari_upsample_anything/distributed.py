@@ -23,6 +23,12 @@ dies, through the scheduler's rescheduling), then reported: the returned list ho
 Nothing is dropped. ``progress(done, total, info)`` (the protocol of
 :mod:`.core.progress`) is called as tasks finish; :class:`TqdmProgress` turns it into a
 tqdm bar.
+
+One client factory, :func:`dask_client`, turns every spelling of ``client`` into a client for a
+``with`` block (``execute`` and the pipeline's jobs both use it), and one failure type,
+:class:`TaskFailedError` (:class:`TaskInputError` when every failure was bad input), is raised
+for tasks that failed after their retries, by :func:`raise_for_failures` and by the pipeline's
+jobs (:func:`~.pipeline.run_job`, ``segment``, ``map --dask``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import time
 import traceback as tb
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 from .core.errors import Cancelled, is_input_error
 from .core.progress import CancelFn, ProgressFn, check_cancel, report
@@ -72,6 +78,9 @@ class TaskOutcome:
         True when it failed on bad input (:func:`~.core.errors.is_input_error`: a
         ``ValueError``, ``TypeError`` or ``FileNotFoundError``); such a task is not retried,
         since it would fail the same way again.
+    exception : BaseException or None
+        The exception itself, for tasks that ran in this process (serial execution); None
+        for Dask workers (their errors come back as text).
     """
 
     index: int
@@ -81,6 +90,7 @@ class TaskOutcome:
     error: Optional[str] = None
     traceback: Optional[str] = None
     input_error: bool = False
+    exception: Optional[BaseException] = None
 
 
 @dataclass(frozen=True)
@@ -103,20 +113,38 @@ def _attempt(fn: Callable[[Any], Any], task: Any) -> Any:
 
 
 class TaskFailedError(RuntimeError):
-    """Raised by :func:`raise_for_failures` when some tasks failed; ``.failures`` lists them."""
+    """Some tasks failed after their retries; ``.failures`` lists their :class:`TaskOutcome`.
 
-    def __init__(self, failures: Sequence[TaskOutcome]):
+    The one failure type of task execution: :func:`raise_for_failures` raises it, and so do the
+    pipeline's jobs (with a message naming the task and plane). ``str(exc)`` is the message.
+    """
+
+    def __init__(self, message: str, failures: Sequence[TaskOutcome]):
+        super().__init__(message)
         self.failures = list(failures)
-        lines = [f"  task {o.index}: {o.error}" for o in self.failures[:20]]
-        more = "" if len(self.failures) <= 20 else f"\n  ... and {len(self.failures) - 20} more"
-        super().__init__(f"{len(self.failures)} task(s) failed after their retries:\n" + "\n".join(lines) + more)
+
+    @staticmethod
+    def of(message: str, failures: Sequence[TaskOutcome]) -> TaskFailedError:
+        """The error for ``failures``: a :class:`TaskInputError` when every one of them failed on
+        bad input (:attr:`TaskOutcome.input_error`), else a :class:`TaskFailedError`."""
+        failures = list(failures)
+        bad_input = bool(failures) and all(o.input_error for o in failures)
+        return (TaskInputError if bad_input else TaskFailedError)(message, failures)
+
+
+class TaskInputError(TaskFailedError, ValueError):
+    """Every failed task failed on bad input (a ``ValueError``, ``TypeError`` or
+    ``FileNotFoundError`` in the task, e.g. NaN in an image): such tasks are not retried, and
+    the CLI exits with code 2 as it does for the same input without Dask."""
 
 
 def raise_for_failures(outcomes: Sequence[TaskOutcome]) -> None:
-    """Raise :class:`TaskFailedError` if any outcome failed."""
+    """Raise :class:`TaskFailedError` listing every failed outcome, if any failed."""
     failures = [o for o in outcomes if not o.ok]
     if failures:
-        raise TaskFailedError(failures)
+        lines = [f"  task {o.index}: {o.error}" for o in failures[:20]]
+        more = "" if len(failures) <= 20 else f"\n  ... and {len(failures) - 20} more"
+        raise TaskFailedError(f"{len(failures)} task(s) failed after their retries:\n" + "\n".join(lines) + more, failures)
 
 
 class TqdmProgress:
@@ -262,9 +290,66 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def dask_client(
+    client: ClientSpec,
+    *,
+    n_workers: Optional[int] = None,
+    threads_per_worker: int = 1,
+    memory_limit: Union[int, float, str, None] = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> Iterator[Any]:
+    """A :class:`distributed.Client` for ``client`` inside a ``with`` block: the one place that
+    turns ``"local"`` or an address into a client.
+
+    ``"local"`` starts a process :class:`~distributed.LocalCluster` (``n_workers`` workers,
+    ``threads_per_worker`` Dask and torch threads each, ``memory_limit`` per worker; see
+    :func:`start_local_cluster`) and closes it at the end; an address connects (a
+    :class:`SchedulerUnreachableError` naming it after ``connect_timeout`` seconds) and closes
+    only the connection; a Client is used as it is and left open. A batch of inputs shares one
+    cluster by running its jobs inside one such block.
+    """
+    if client is None:
+        raise ValueError("client=None: give 'local', a scheduler address such as 'tcp://host:8786', or a distributed.Client")
+    if isinstance(client, str):
+        if client == "local":
+            dask_cl, cluster = start_local_cluster(n_workers, threads_per_worker, memory_limit)
+            dask_cl.upsample_anything_owns_cluster = True  # Ctrl-C may close it (stop_running_tasks)
+            try:
+                yield dask_cl
+            finally:
+                dask_cl.close()
+                cluster.close()
+        else:
+            dask_cl = connect(client, connect_timeout)
+            try:
+                yield dask_cl
+            finally:
+                dask_cl.close()
+    else:
+        yield client
+
+
+#: Room for the Python interpreter, torch and the backbone in each worker on top of its working budget.
+WORKER_OVERHEAD_BYTES = 1 << 30
+
+
+def worker_memory_limit(max_memory: str | int | None) -> Optional[int]:
+    """Dask's memory limit per worker from the pipeline's working budget (``--max-memory``).
+
+    The budget bounds the fit's and the render's working memory; a worker process also holds
+    the interpreter, torch and the backbone, so its limit is the budget plus
+    :data:`WORKER_OVERHEAD_BYTES` (Dask pauses a worker at 80% of it and restarts it at 95%).
+    None / "auto": Dask's default (the machine's memory shared between the workers).
+    """
+    if max_memory in (None, "", "auto"):
+        return None
+    return int(parse_bytes(max_memory, "max_memory (--max-memory)")) + WORKER_OVERHEAD_BYTES
+
+
 def stop_running_tasks(client) -> None:
     """After Ctrl-C: end the tasks still running, so that none writes after the caller removes
-    their outputs. A local cluster this package started (``dask_client("local")``, the CLI's
+    their outputs. A local cluster this package started (:func:`dask_client` ``("local")``, the CLI's
     ``--dask``) is closed: its worker processes end. A client given by the caller is left alone.
     On a remote scheduler the futures were cancelled (:func:`_execute_dask`), but a task
     already running on a remote worker is not stopped (it can still write)."""
@@ -289,6 +374,7 @@ def execute(
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelFn] = None,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+    raise_errors: bool = False,
 ) -> List[TaskOutcome]:
     """Run ``fn(task)`` for every task, serially or on Dask workers; one outcome per task.
 
@@ -316,6 +402,10 @@ def execute(
         finished and raises :class:`~.core.errors.Cancelled`.
     connect_timeout : float
         Seconds to wait for a remote scheduler.
+    raise_errors : bool
+        Serial execution only: a task's exception propagates at once, as from a plain call
+        (the pipeline's in-process jobs, whose callers expect the original error); the
+        remaining tasks do not run.
 
     Returns
     -------
@@ -327,25 +417,19 @@ def execute(
         raise ValueError(f"retries={retries!r}: give an int >= 0")
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if raise_errors and client is not None:
+        raise ValueError("raise_errors=True is for serial execution (client=None) only")
     if client is None:
-        outcomes = _execute_serial(tasks, fn, int(retries), progress, cancel)
+        outcomes = _execute_serial(tasks, fn, int(retries), progress, cancel, raise_errors)
     else:
-        own_cluster = None
-        if isinstance(client, str):
-            if client == "local":
-                dask_client, own_cluster = start_local_cluster(n_workers, threads_per_worker, memory_limit)
-            else:
-                dask_client = connect(client, connect_timeout)
-                own_cluster = dask_client  # a client we opened: close it (not the cluster) at the end
-        else:
-            dask_client = client
-        try:
-            outcomes = _execute_dask(tasks, fn, dask_client, int(retries), progress, cancel)
-        finally:
-            if own_cluster is not None:
-                if own_cluster is not dask_client:
-                    dask_client.close()
-                own_cluster.close()
+        with dask_client(
+            client,
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit,
+            connect_timeout=connect_timeout,
+        ) as dask_cl:
+            outcomes = _execute_dask(tasks, fn, dask_cl, int(retries), progress, cancel)
     failures = [o for o in outcomes if not o.ok]
     if failures:
         logger.warning(
@@ -362,7 +446,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _execute_serial(tasks, fn, retries, progress, cancel) -> List[TaskOutcome]:
+def _execute_serial(tasks, fn, retries, progress, cancel, raise_errors=False) -> List[TaskOutcome]:
     outcomes: List[TaskOutcome] = []
     failed = 0
     report(progress, 0, len(tasks), stage="tasks", failed=0)
@@ -370,17 +454,20 @@ def _execute_serial(tasks, fn, retries, progress, cancel) -> List[TaskOutcome]:
         outcome = None
         for attempt in range(retries + 1):
             check_cancel(cancel, "task execution")
+            if raise_errors:
+                outcome = TaskOutcome(index, task, True, fn(task))
+                break
             try:
-                result = _attempt(fn, task)
-                if isinstance(result, _InputFailure):  # bad input: no retry
-                    outcome = TaskOutcome(index, task, False, None, result.error, result.traceback, input_error=True)
-                    break
-                outcome = TaskOutcome(index, task, True, result)
+                outcome = TaskOutcome(index, task, True, fn(task))
                 break
             except Cancelled:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported in the outcome, never dropped
-                outcome = TaskOutcome(index, task, False, None, _describe(exc), tb.format_exc())
+                # bad input is deterministic: one attempt (as _attempt does on Dask workers)
+                bad_input = is_input_error(exc)
+                outcome = TaskOutcome(index, task, False, None, _describe(exc), tb.format_exc(), bad_input, exc)
+                if bad_input:
+                    break
                 logger.info("task %d attempt %d failed: %s", index, attempt + 1, outcome.error)
         failed += not outcome.ok
         outcomes.append(outcome)

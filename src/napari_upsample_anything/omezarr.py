@@ -257,11 +257,15 @@ def _json_default(obj):
 
 def plane_region(axes: str, t: Optional[int], z: Optional[int]) -> Tuple[Any, ...]:
     """Index prefix pattern for plane (t, z) of an array with ``axes``: a tuple with ``None`` at
-    the channel, y and x positions (filled by :func:`_index`)."""
+    the channel, y and x positions (filled by :func:`region_index`)."""
     return tuple(t if a == "t" else z if a == "z" else None for a in axes)
 
 
-def _index(region: Tuple[Any, ...], axes: str, cs, ys, xs) -> Tuple[Any, ...]:
+def region_index(
+    region: Tuple[Any, ...], axes: str, cs: Any = slice(None), ys: Any = slice(None), xs: Any = slice(None)
+) -> Tuple[Any, ...]:
+    """The index of channels ``cs``, rows ``ys`` and columns ``xs`` of a plane's ``region``
+    (:func:`plane_region`) in an array with ``axes``; by default the whole plane."""
     fill = {"c": cs, "y": ys, "x": xs}
     return tuple(fill[a] if r is None else r for a, r in zip(axes, region))
 
@@ -305,7 +309,7 @@ class BandWriter:
             return
         C, H, W = self.shape
         n_rows = min(n_rows, H - self.base)
-        key = _index(self.region, self.axes, slice(None), slice(self.base, self.base + n_rows), slice(None))
+        key = region_index(self.region, self.axes, slice(None), slice(self.base, self.base + n_rows), slice(None))
         self.array[key] = self.buf[:, :n_rows]
         rest = self.buf.shape[1] - n_rows
         if rest > 0:
@@ -320,7 +324,7 @@ class BandWriter:
         y0, y1, _ = ys.indices(self.shape[1])
         value = np.asarray(value, self.dtype)
         if y0 < self.base:  # out of order: write through (correct, just slower)
-            self.array[_index(self.region, self.axes, cs, ys, xs)] = value
+            self.array[region_index(self.region, self.axes, cs, ys, xs)] = value
             return
         while y0 - self.base >= self.band_rows:
             self._ensure(self.band_rows)
@@ -435,7 +439,7 @@ def write_kernels(
     )
     for key, data in stacked.items():
         region = plane_region(axes, *plane_index[key])
-        arr[_index(region, axes, slice(None), slice(None), slice(None))] = data
+        arr[region_index(region, axes, slice(None), slice(None), slice(None))] = data
 
 
 def read_kernels(path: str | Path) -> Dict[Tuple[int, int], Any]:
@@ -452,7 +456,7 @@ def read_kernels(path: str | Path) -> Dict[Tuple[int, int], Any]:
     for key, pos in extra["planes"].items():
         t, z = json.loads(key)
         region = plane_region(axes, *pos)
-        data = np.asarray(arr[_index(region, axes, slice(None), slice(None), slice(None))], np.float32)
+        data = np.asarray(arr[region_index(region, axes, slice(None), slice(None), slice(None))], np.float32)
         maps = {n: torch.from_numpy(np.ascontiguousarray(data[i])) for i, n in enumerate(KERNEL_CHANNELS)}
         raw = (extra.get("options") or {}).get(key)
         options = FitOptions.from_dict(raw) if raw is not None else None
