@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +13,15 @@ from pathlib import Path
 # variable is set for the whole session, before torch. The product's backend="auto" still picks
 # Triton on CUDA only; tests that need it off remove it (monkeypatch, subprocess environments).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A shell without job control starts background commands (`cmd &`, nohup, some CI runners) with
+# SIGINT ignored, Python then installs no KeyboardInterrupt handler, and every subprocess the
+# tests start inherits the ignored signal: the Ctrl-C tests (test_microscopy, test_interrupt_dask)
+# would then test nothing but a process that cannot be interrupted, and fail. A handled signal is
+# reset to its default on exec, so restoring Python's handler here gives each CLI subprocess the
+# disposition a terminal gives it. (The product keeps an ignored SIGINT ignored, as nohup wants.)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
