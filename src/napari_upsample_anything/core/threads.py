@@ -68,7 +68,7 @@ def flushed_denormals() -> Iterator[None]:
     if _flushing_denormals() or not torch.set_flush_denormal(True):
         yield  # already flushing, or this CPU cannot (then nothing was changed)
         return
-    from . import native
+    from .engine import native
 
     team = native.team_flush_denormals(True)
     try:

@@ -4,7 +4,7 @@
 a hand-written backward for the fit (:class:`_BlockAttention`), and a no-gradient variant for
 render that writes its result channels-first (:func:`render_blocks`), so the image layout
 ``(C, H, W)`` is reached by copying contiguous runs of block pixels instead of reading with
-stride C. The compiled, fused formulation of the same formulas lives in :mod:`.fused`.
+stride C. The compiled, fused formulation of the same formulas lives in :mod:`.compiled`.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def render_blocks(
     out ``[B, C, P]`` so that the tile image ``(C, rows, cols)`` is a copy of contiguous runs
     of ``P_x`` pixels (the ``[B, P, C]`` layout had to be read with stride C, 32 % of render
     time at C = 384). ``weights_fn(b0, b1) -> [n, P, K]`` replaces the eager log-weights and
-    softmax of blocks ``b0:b1`` (the compiled path, :mod:`.fused`), with ``chunk`` its fixed
+    softmax of blocks ``b0:b1`` (the compiled path, :mod:`.compiled`), with ``chunk`` its fixed
     chunk size.
     """
     nb, p, k = phi.shape[0], phi.shape[1], psi.shape[2]
