@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from . import api
-from .core.explore import (
+from .core.feature_queries import (
     DEFAULT_SAMPLES_PER_CLASS,
     ClassifierMismatchError,
     PixelGatherer,
