@@ -63,7 +63,7 @@ class Adam:
 
     Same arithmetic as ``torch.optim.Adam`` (default betas and eps, no weight decay) followed
     by ``LambdaLR(gamma ** t)``; written out because constructing ``torch.optim.Adam`` imports
-    ``torch._dynamo`` (over 2 s on a laptop CPU, longer than a whole 224x224 fit). A test checks
+    ``torch._dynamo`` (seconds on a CPU, longer than a whole 224x224 fit). A test checks
     it step by step against ``torch.optim.Adam`` + ``LambdaLR``.
     """
 
@@ -231,8 +231,9 @@ class _ChunkedFit:
         self.n_values = n_values
         self.keep = keep
         self.compiled = compiled
-        # CPU: the hand-written C kernel (3x faster than inductor's code for this chunk, built
-        # in seconds); CUDA, or no C compiler: torch.compile (Triton / inductor C++).
+        # CPU: the hand-written C kernel (faster than inductor's code for this chunk, built in
+        # seconds; docs/benchmarks_engine.md); CUDA, or no C compiler: torch.compile (Triton /
+        # inductor C++). The choice is engine.backends.choose_backend's.
         if kernel_name is None:
             kernel_name = fit_kernel_name(engine.device, engine.channels) if compiled else "fused-eager"
         # "native", "triton", "inductor", "fused-eager" (uncompiled formulas) or "mixed" (the
@@ -618,7 +619,7 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
         for tile in tiles:
             check_cancel(cancel, "kernel fitting")
             t0 = time.perf_counter()
-            # the meter reads the process's RSS (psutil, ~0.5 ms): only when a memory log wants it
+            # the meter reads the process's RSS (psutil, a system call): only when a memory log wants it
             with TileMeter(engine.device) if memlog is not None else nullcontext() as meter:
                 picked = sampler.blocks(tile) if sampler is not None else None
                 r2 = engine.radius_sq(sigma_eff, tile, picked).to(torch.int32)  # picked blocks' rows only

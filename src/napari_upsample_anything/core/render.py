@@ -90,7 +90,7 @@ def render_field(
         check_cancel(cancel, stage)
         t0 = time.perf_counter()
         try:
-            # the meter reads the process's RSS (psutil, ~0.5 ms): only when a memory log wants it
+            # the meter reads the process's RSS (psutil, a system call): only when a memory log wants it
             with torch.no_grad(), TileMeter(engine.device) if memlog is not None else nullcontext() as meter:
                 block_out = engine.render_tile(values_flat, coef, sigma_eff, tile, agg_dtype, workspace, weights_kernel)
                 if affine is not None:  # float32 result: the undo must not overflow half precision

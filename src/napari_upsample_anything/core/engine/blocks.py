@@ -56,8 +56,8 @@ from .eager import CHUNK_OVERHEAD_BYTES, CPU_CHUNK_BYTES, Workspace, block_atten
 
 Tile = Tuple[int, int, int, int]  # LR cells [i0, i1) x [j0, j1)
 
-# Working-set size per CPU tile: large enough to amortise per-tile Python overhead (measured at
-# 224x224: 16 MiB tiles 110 ms per fit step, 256 MiB 71 ms), small enough to leave RAM alone.
+# Working-set size per CPU tile: large enough to amortise per-tile Python overhead (docs/engine.md,
+# "Design measurements"), small enough to leave RAM alone.
 CPU_PREFERRED_TILE_BYTES = 256 * 2**20
 
 

@@ -16,8 +16,8 @@ One fit chunk computes, for blocks ``b``, pixels ``p`` and neighbours ``k``::
 
 with ``D(p, k) = sum_g (I'_g(p) - J'_g(k))^2`` the parameter-free range term (computed as a
 difference, never expanded: see docs/engine.md). ``D`` depends only on the guide; inside the
-fused kernel recomputing it costs the same as loading a cached copy (measured: 9.2 vs
-9.3 ns per pair on the CPU), so the kernel recomputes it and needs no [H W, K] cache (the
+fused kernel recomputing it costs the same as loading a cached copy (docs/engine.md, "Design
+measurements"), so the kernel recomputes it and needs no [H W, K] cache (the
 eager path caches it, :class:`~..fit._TileCache`). The gradient is exact (not an
 approximation): tests compare both paths with the float64 reference and with each other.
 
@@ -39,7 +39,8 @@ import torch
 # ---------------------------------------------------------------------------- formulas
 # Per-pixel and per-neighbour inputs come channel-major ("structure of arrays": [B, 6, P],
 # [B, G, K], ...): inductor vectorises the pair loops along pixels or neighbours, and a
-# channel-last input then costs a strided gather per vector (measured: 2x slower fit step).
+# channel-last input then costs a strided gather per vector (a much slower fit step;
+# docs/engine.md, "Design measurements").
 def range_term(ic, jd) -> torch.Tensor:
     """``D [B, P, K] = sum_g (I'_g(p) - J'_g(k))^2`` from ``ic [B, G, P]`` and ``jd [B, G, K]``."""
     d = ic[:, 0, :, None] - jd[:, 0, None, :]

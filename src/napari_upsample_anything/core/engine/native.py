@@ -1,8 +1,8 @@
 """Hand-written CPU kernel of the fused fit chunk (:func:`.compiled.fit_chunk`), built with the
 system C compiler on first use and called through ctypes.
 
-Why a C kernel next to ``torch.compile``: inductor's CPU code for this chunk runs at about
-9 ns per (pixel, neighbour) pair, little better than the eager path, because it splits the
+Why a C kernel next to ``torch.compile``: inductor's CPU code for this chunk runs little
+faster than the eager path (docs/benchmarks_engine.md), because it splits the
 softmax and the two reductions into six passes and keeps ``[B, P, K]`` intermediates. Here,
 with OpenMP over blocks, each block of P pixels x K neighbours (a few hundred KiB, L2-resident)
 takes three passes:
@@ -16,8 +16,7 @@ takes three passes:
 3. the gradient, summed over the block's pixels sixteen neighbours at a time in registers
    (a small matrix product), instead of updating seven ``[K]`` arrays per pixel.
 
-Measured at 224^2 (1 thread, quiet machine): 22 -> 14 ms per fit step for the kernel (the
-earlier one-pixel-at-a-time version with glibc ``expf``), about 1.4 ns per pair. Same formulas
+docs/benchmarks_engine.md has its time per pair and per fit step. Same formulas
 as :func:`.compiled.fit_chunk`, but it takes the neighbours' (A, B, C, rho) and offsets instead of
 ``psi`` and applies the chain rule itself; masked pairs get weight 0 instead of a ``-inf``
 log-weight (the centre offset is never masked, so the denominator is at least 1). Tests
@@ -29,7 +28,7 @@ reductions and contract the polynomial into FMAs) but *linked* without ``-ffast-
 whole process when the library is loaded, silently changing every other computation of the
 user's program (a test checks that subnormals survive loading the kernel). The kernel sets
 flush-to-zero itself, per block and per thread, and restores the previous state: without it
-the weights of far neighbours underflow to subnormals and a 224^2 fit is 4.5x slower. The library is
+the weights of far neighbours underflow to subnormals and a fit is several times slower. The library is
 cached under the user cache directory, keyed by the source hash, the compiler and this
 CPU's model and feature flags (``-march=native`` code from one node of a cluster with a
 shared home directory must not be loaded on an older node), written to a temporary name
@@ -104,17 +103,17 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
     for (int64_t b = 0; b < B; ++b) {
 #if defined(__SSE__)
         /* Flush-to-zero / denormals-are-zero for this block only, restored below: weights of far
-           neighbours underflow to subnormals, which are ~100x slower (measured: a 224^2 fit 4.5x
-           slower without this), and they are below anything the float32 loss can resolve. */
+           neighbours underflow to subnormals, which are far slower (docs/engine.md), and they
+           are below anything the float32 loss can resolve. */
         const unsigned int csr_saved = _mm_getcsr();
         _mm_setcsr(csr_saved | 0x8040u);
 #endif
         const int64_t KP = (K + 15) / 16 * 16;
         const int64_t P4 = (P + 3) / 4 * 4;
-        /* Scratch per block on purpose: one per-thread scratch reused across blocks measured 3x
-           slower at 448^2 (same layout, no page faults; cause not found). In Dask workers,
+        /* Scratch per block on purpose: one per-thread scratch reused across blocks measured
+           slower (same layout, no page faults; cause not found; docs/engine.md). In Dask workers,
            whose nanny sets MALLOC_TRIM_THRESHOLD_, these allocations became fresh mmaps
-           (page faults, 2.5-3x slower): distributed.worker_malloc_defaults unsets it. */
+           (page faults, slower): distributed.worker_malloc_defaults unsets it. */
         float *E = falloc(P4 * KP);
         float *D = falloc(P4 * KP);
         float *pix = falloc(14 * P4);
@@ -358,8 +357,8 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
 /* Flush-to-zero / denormals-are-zero in every thread of an OpenMP team of `threads` (on = 1),
    or off again (on = 0). torch's CPU thread pool is this OpenMP runtime's pool (one libgomp in
    the process), and torch.set_flush_denormal only changes the calling thread: without this,
-   torch's worker threads computed subnormal softmax weights during our renders (224^2,
-   C = 384, 2 threads: 1.33 s instead of 0.17 s, measured). "Off" clears the bits rather than
+   torch's worker threads computed subnormal softmax weights during our renders (several times
+   slower; docs/engine.md). "Off" clears the bits rather than
    restoring a saved state: a worker created during an engine call inherits the caller's FTZ,
    and restoring would keep it on for good. The Python side only calls this when the calling
    thread was not flushing before, i.e. when "off" is the user's state. */
