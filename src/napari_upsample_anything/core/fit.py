@@ -341,10 +341,11 @@ def fit_field(
     bicubic, close to sampling each cell's centre) or ``"area"`` (each cell's average, like a
     ViT token; docs/quality_options.md measures when it transfers better).
 
-    ``backend``: ``"eager"`` (tensor operations, hand-written backward), ``"compiled"`` (the
-    fused kernel of :mod:`.fused` through ``torch.compile``; needs a C++ compiler on the CPU,
-    Triton on CUDA) or ``"auto"`` (compiled when a compiler is there and the fit is large enough
-    to repay the compile time). Both compute the same loss and exact gradient. The compiled
+    ``backend``: ``"eager"`` (tensor operations, hand-written backward), ``"compiled"`` (one
+    fused kernel per chunk of blocks: the C kernel of :mod:`.engine.native` on the CPU when it
+    builds, else :mod:`.engine.compiled` through ``torch.compile``; needs a C++ compiler on the
+    CPU, Triton on CUDA), ``"triton"`` or ``"auto"``: the table of :mod:`.engine.backends` says
+    which kernel runs. All compute the same loss and exact gradient. The compiled
     path aggregates in float32 whatever ``agg_dtype`` says (the fit's values have 3 channels).
     ``threads``: CPU threads for this call (None: torch's setting; :mod:`.threads`).
 
