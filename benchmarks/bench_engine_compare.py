@@ -45,8 +45,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import napari_upsample_anything as upa  # noqa: E402
-from napari_upsample_anything.core import native  # noqa: E402
-from napari_upsample_anything.core.attention import block_attention  # noqa: E402
+from napari_upsample_anything.core.engine import native  # noqa: E402
+from napari_upsample_anything.core.engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions, _write  # noqa: E402
+from napari_upsample_anything.core.engine.eager import block_attention  # noqa: E402
 from napari_upsample_anything.core.field import KernelField, kernel_coefficients  # noqa: E402
 from napari_upsample_anything.core.fit import (  # noqa: E402
     _ChunkedFit,
@@ -55,13 +56,7 @@ from napari_upsample_anything.core.fit import (  # noqa: E402
     _TileCache,
 )
 from napari_upsample_anything.core.guide import Guide  # noqa: E402
-from napari_upsample_anything.core.render import (  # noqa: E402
-    CPU_PREFERRED_TILE_BYTES,
-    BlockEngine,
-    RenderOptions,
-    _write,
-    bicubic_lr_guide,
-)
+from napari_upsample_anything.core.render import bicubic_lr_guide, render_field  # noqa: E402
 from napari_upsample_anything.core.threads import flushed_denormals  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -255,8 +250,8 @@ def render_rows(args, S, C, rows, notes, log):
     outs = {k: np.empty((C, S, S), np.float32) for k in ("old", "eager", "compiled")}
     fns = {
         "old": lambda: old_render(engine, lr, field, outs["old"]),
-        "eager": lambda: engine.render(lr, field, outs["eager"], budget=2**31, backend="eager"),
-        "compiled": lambda: engine.render(lr, field, outs["compiled"], budget=2**31, backend="compiled"),
+        "eager": lambda: render_field(engine, lr, field, outs["eager"], budget=2**31, backend="eager"),
+        "compiled": lambda: render_field(engine, lr, field, outs["compiled"], budget=2**31, backend="compiled"),
     }
     _, c, w = _clock(fns["compiled"])
     rows.append(dict(what=f"compiled render weights: first render at {S}^2 (compile + run)", new_cpu=c, new_wall=w))

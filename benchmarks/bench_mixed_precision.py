@@ -3,7 +3,7 @@
 
 Fits every guide of the quality benchmark's scenes with ``fit_precision="fp32"`` (the exact
 float32 fit), ``"bf16"`` and ``"fp16"`` (half-precision per-pair products, float32 sums and
-parameters; on the CPU through :func:`napari_upsample_anything.core.fused.fit_chunk_mixed`,
+parameters; on the CPU through :func:`napari_upsample_anything.core.engine.compiled.fit_chunk_mixed`,
 on CUDA with ``--backend triton`` through the Triton kernel), then scores the three fields
 on tasks 1-3 (self-reconstruction, held-out channel, label maps) at scale 16, exactly as
 ``bench_quality.py`` does, and writes ``docs/mixed_precision_quality.md`` (docs/mixed_precision.md explains the design).

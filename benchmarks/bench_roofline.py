@@ -38,19 +38,14 @@ import numpy as np
 import torch
 
 import napari_upsample_anything as upa
-from napari_upsample_anything.core import native
-from napari_upsample_anything.core.attention import render_blocks
+from napari_upsample_anything.core.engine import native
+from napari_upsample_anything.core.engine.backends import fit_kernel_name, native_usable
+from napari_upsample_anything.core.engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions
+from napari_upsample_anything.core.engine.eager import chunk_blocks, render_blocks
 from napari_upsample_anything.core.field import KernelField, kernel_coefficients
-from napari_upsample_anything.core.fit import Adam, _ChunkedFit, _loss_and_grad_fused, fit_kernel_name, schedule_gamma
+from napari_upsample_anything.core.fit import Adam, _ChunkedFit, _loss_and_grad_fused, schedule_gamma
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.render import (
-    CPU_PREFERRED_TILE_BYTES,
-    BlockEngine,
-    RenderOptions,
-    _NativeRenderWeights,
-    bicubic_lr_guide,
-    chunk_blocks,
-)
+from napari_upsample_anything.core.render import bicubic_lr_guide, render_field
 from napari_upsample_anything.core.threads import flushed_denormals
 
 CPU = torch.device("cpu")
@@ -192,7 +187,7 @@ class RenderCase:
         self.channels = channels
         per_block = engine.bytes_per_block(channels, 4, training=False)
         self.tiles = engine.plan(per_block, 2**31, CPU_PREFERRED_TILE_BYTES)
-        self.native = _NativeRenderWeights(engine) if _NativeRenderWeights.usable(engine) else None
+        self.native = native.RenderWeights(engine) if native_usable(engine.device, engine.channels) else None
         self.name = f"render {size}^2, C = {channels} ({'native' if self.native is not None else 'eager'} weights)"
         self.size = size
         coef = kernel_coefficients(self.field).detach()
@@ -218,7 +213,7 @@ class RenderCase:
         )  # fmt: skip
 
     def full(self):
-        self.engine.render(self.values, self.field, self.out, budget=2**31, backend="auto")  # as upa.render
+        render_field(self.engine, self.values, self.field, self.out, budget=2**31, backend="auto")  # as upa.render
 
     def prep(self):
         coef = kernel_coefficients(self.field).detach()
@@ -249,7 +244,7 @@ class RenderCase:
 
     def write(self):
         for p, blocks in zip(self.prepared, self.blocks):
-            self.engine._write_blocks(self.out, blocks, p["tile"])
+            self.engine.write_blocks(self.out, blocks, p["tile"])
 
 
 def measure(args, threads: int, yard: Matmul, rows: list, log) -> None:

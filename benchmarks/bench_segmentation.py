@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import napari_upsample_anything as upa  # noqa: E402
-from napari_upsample_anything.core.explore import ScribbleClassifier  # noqa: E402
+from napari_upsample_anything.core.feature_queries import ScribbleClassifier  # noqa: E402
 from napari_upsample_anything.explore import apply_classifier, scribble_samples  # noqa: E402
 
 #: name, route, upsampler ("kernels" / "bilinear" / "bank"), description

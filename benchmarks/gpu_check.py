@@ -49,11 +49,12 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 import napari_upsample_anything as upa
-from napari_upsample_anything.core import fused, native, triton_kernels
+from napari_upsample_anything.core.engine import backends, native, triton_kernels
+from napari_upsample_anything.core.engine.blocks import BlockEngine, RenderOptions
 from napari_upsample_anything.core.field import KernelField
 from napari_upsample_anything.core.fit import _ChunkedFit, _loss_and_grad, _loss_and_grad_fused, _TileCache
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.render import BlockEngine, RenderOptions, bicubic_lr_guide
+from napari_upsample_anything.core.render import bicubic_lr_guide
 from napari_upsample_anything.core.units import format_bytes
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -108,7 +109,7 @@ def synthetic_guide(size: int, seed: int = 0) -> np.ndarray:
 
 def available_backends(device: torch.device, quick: bool) -> List[str]:
     out = ["eager"]
-    if fused.compiler_available(device.type) and not (quick and device.type == "cpu"):
+    if backends.compiler_available(device.type) and not (quick and device.type == "cpu"):
         out.append("compiled")  # inductor's first CPU compile takes 6-40 s: not in the CPU smoke run
     if triton_kernels.usable(device):
         out.append("triton")

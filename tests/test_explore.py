@@ -12,7 +12,7 @@ from conftest import random_field, rel_err
 from reference_gsjbu import reference_render
 
 import napari_upsample_anything as upa
-from napari_upsample_anything.core.explore import bilinear_rows
+from napari_upsample_anything.core.feature_queries import bilinear_rows
 from napari_upsample_anything.explore import (
     ScribbleClassifier,
     apply_classifier,
@@ -112,17 +112,17 @@ def test_bilinear_rows_equal_interpolate(gen):
 
 def test_stream_covers_every_pixel_once_in_small_tiles(lr_case, monkeypatch):
     """With a tight budget the render streams many tiles; every HR pixel is consumed exactly once."""
-    from napari_upsample_anything.core import explore as core_explore
+    from napari_upsample_anything.core import feature_queries
 
     lr, guide, field = lr_case
     sinks = []
-    orig = core_explore.TileSink.__init__
+    orig = feature_queries.TileSink.__init__
 
     def spy(self, *a, **k):
         orig(self, *a, **k)
         sinks.append(self)
 
-    monkeypatch.setattr(core_explore.TileSink, "__init__", spy)
+    monkeypatch.setattr(feature_queries.TileSink, "__init__", spy)
     pts = [(4, 5)]
     sim = similarity_map(lr, pts, guide, field, normalize="none", device="cpu", max_memory="6MB")
     assert len(sinks) == 1 and np.all(sinks[0].covered == 1)
@@ -371,15 +371,15 @@ def test_progress_and_cancel(texture_case):
 
 def test_memory_mapped_hr_features_are_read_in_bands(gen, tmp_path, monkeypatch):
     """A (C, H, W) memmap (what the main widget keeps for large images) is read band by band."""
-    from napari_upsample_anything.core import explore as core_explore
+    from napari_upsample_anything.core import feature_queries
 
     hr = torch.randn(6, 40, 30, generator=gen).numpy()
     mm = np.lib.format.open_memmap(tmp_path / "hr.npy", mode="w+", dtype=np.float32, shape=hr.shape)
     mm[:] = hr
     mm.flush()
-    monkeypatch.setattr(core_explore, "BAND_BYTES", 6 * 30 * 4 * 7)  # 7 rows per band
+    monkeypatch.setattr(feature_queries, "BAND_BYTES", 6 * 30 * 4 * 7)  # 7 rows per band
     ref = similarity_map(hr, [(3, 4), (30, 20)])
-    assert core_explore.band_rows(6, 30) == 7
+    assert feature_queries.band_rows(6, 30) == 7
     assert rel_err(similarity_map(mm, [(3, 4), (30, 20)]), ref) < 1e-6
     scribbles = np.zeros((40, 30), np.int32)
     scribbles[2, :10] = 1

@@ -129,7 +129,7 @@ def test_segmentation_never_changes_the_users_labels(make_napari_viewer, qtbot, 
         assert dict(user_layer.metadata) == meta_before
         assert w.scribble_picker.layer() is user_layer  # not the segmentation napari made active
     path = w.save_classifier(tmp_path / "clf.npz")
-    from napari_upsample_anything.core.explore import ScribbleClassifier
+    from napari_upsample_anything.core.feature_queries import ScribbleClassifier
 
     assert list(ScribbleClassifier.load(path).classes) == [1, 2]
 

@@ -10,7 +10,8 @@ import torch
 from conftest import DATA, rel_err
 from reference_gsjbu import reference_render
 
-from napari_upsample_anything.core import native
+from napari_upsample_anything.core.engine import native
+from napari_upsample_anything.core.engine.blocks import BlockEngine, RenderOptions
 from napari_upsample_anything.core.errors import Cancelled
 from napari_upsample_anything.core.field import KernelField
 from napari_upsample_anything.core.fit import (
@@ -24,11 +25,7 @@ from napari_upsample_anything.core.fit import (
     schedule_gamma,
 )
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.render import (
-    BlockEngine,
-    RenderOptions,
-    bicubic_lr_guide,
-)
+from napari_upsample_anything.core.render import bicubic_lr_guide, render_field
 
 CPU = torch.device("cpu")
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler to build the native fit kernel")
@@ -252,7 +249,7 @@ def test_fit_lowers_loss_and_beats_bicubic_on_a_sample_image():
     lr_img = bicubic_lr_guide(guide, (8, 8), CPU)
     engine = BlockEngine(guide, (8, 8), RenderOptions(), CPU)
     recon = torch.empty(3, 112, 112)
-    engine.render(lr_img, field, recon, budget=2**30)
+    render_field(engine, lr_img, field, recon, budget=2**30)
     truth = guide.full()
     bicubic = torch.nn.functional.interpolate(lr_img[None], size=(112, 112), mode="bicubic", align_corners=False)[0]
 
@@ -325,7 +322,7 @@ def test_loading_the_native_kernel_keeps_subnormal_floats():
 
     code = (
         "import numpy as np\n"
-        "from napari_upsample_anything.core import native\n"
+        "from napari_upsample_anything.core.engine import native\n"
         "assert native.available()\n"
         "x = np.array([1e-39], np.float32)\n"
         "print(float((x * np.float32(1.0))[0]))\n"

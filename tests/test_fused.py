@@ -1,4 +1,4 @@
-"""The fused / compiled engine path (core/fused.py): same numbers as the eager path and the
+"""The fused / compiled engine path (core/engine/compiled.py): same numbers as the eager path and the
 float64 reference, one compilation per shape class, backend and thread options."""
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ from conftest import random_field, rel_err
 from reference_gsjbu import reference_render
 
 import napari_upsample_anything as upa
-from napari_upsample_anything.core import fused, native
+from napari_upsample_anything.core.engine import backends, compiled, native
+from napari_upsample_anything.core.engine.backends import KernelChoice
+from napari_upsample_anything.core.engine.blocks import BlockEngine, RenderOptions
 from napari_upsample_anything.core.fit import fit_field
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.render import BlockEngine, RenderOptions
+from napari_upsample_anything.core.render import render_field
 from napari_upsample_anything.core.threads import torch_threads
 
 CPU = torch.device("cpu")
-needs_compiler = pytest.mark.skipif(not fused.compiler_available("cpu"), reason="no C++ compiler for torch.compile")
+needs_compiler = pytest.mark.skipif(not backends.compiler_available("cpu"), reason="no C++ compiler for torch.compile")
 
 
 def test_fit_chunk_gradient_equals_autograd(gen):
@@ -34,8 +36,8 @@ def test_fit_chunk_gradient_equals_autograd(gen):
     r2_off = torch.arange(K, dtype=torch.int32)
     repeated = torch.rand(B, K, generator=gen) < 0.3
     repeated[:, 0] = False
-    loss, _, grad_psi, grad_rho = fused.fit_chunk(phi, psi, rho, ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
-    logits = fused.log_weights(phi, psi, rho, fused.range_term(ic, jd), r2_pix, r2_off, repeated)
+    loss, _, grad_psi, grad_rho = compiled.fit_chunk(phi, psi, rho, ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
+    logits = compiled.log_weights(phi, psi, rho, compiled.range_term(ic, jd), r2_pix, r2_off, repeated)
     out = torch.einsum("bpk,bgk->bgp", torch.softmax(logits, -1), vals)
     ref = ((out - target).abs() * weight[:, None]).sum()
     ref_psi, ref_rho = torch.autograd.grad(ref, (psi, rho))
@@ -47,8 +49,8 @@ def test_spatial_coefficients_backward_is_the_chain_rule(gen):
     coef = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen).requires_grad_(True)
     d_y, d_x = torch.randn(3, 5, dtype=torch.float64, generator=gen), torch.randn(3, 5, dtype=torch.float64, generator=gen)
     upstream = torch.randn(3, 6, 5, dtype=torch.float64, generator=gen)
-    (grad,) = torch.autograd.grad(fused.spatial_coefficients(coef, d_y, d_x), coef, upstream)
-    assert torch.allclose(fused.spatial_coefficients_backward(upstream, d_y, d_x), grad[:3], atol=1e-12)
+    (grad,) = torch.autograd.grad(compiled.spatial_coefficients(coef, d_y, d_x), coef, upstream)
+    assert torch.allclose(compiled.spatial_coefficients_backward(upstream, d_y, d_x), grad[:3], atol=1e-12)
 
 
 @needs_compiler
@@ -60,19 +62,19 @@ def test_compiled_fit_follows_the_eager_loss_curve_and_compiles_once(monkeypatch
     rng = np.random.default_rng(0)
     guide = Guide((rng.random((48, 60, 3)) * 255).astype(np.uint8))
     eager = fit_field(guide, (4, 5), steps=3, budget=2**30, backend="eager")
-    before = fused.compiled_graph_count()
-    compiled = fit_field(guide, (4, 5), steps=3, budget=2**30, backend="compiled")
-    first = fused.compiled_graph_count() - before
-    assert compiled.meta["backend"] == "compiled" and eager.meta["backend"] == "eager"
-    assert compiled.meta["kernel"] == "inductor"
-    a, b = np.array(eager.meta["loss_per_step"]), np.array(compiled.meta["loss_per_step"])
+    before = compiled.compiled_graph_count()
+    fitted = fit_field(guide, (4, 5), steps=3, budget=2**30, backend="compiled")
+    first = compiled.compiled_graph_count() - before
+    assert fitted.meta["backend"] == "compiled" and eager.meta["backend"] == "eager"
+    assert fitted.meta["kernel"] == "inductor"
+    a, b = np.array(eager.meta["loss_per_step"]), np.array(fitted.meta["loss_per_step"])
     assert np.abs(b / a - 1).max() < 1e-3
-    assert compiled.meta["final_loss"] == pytest.approx(eager.meta["final_loss"], rel=1e-3)
-    assert rel_err(compiled.sigma_x, eager.sigma_x) < 1e-3
+    assert fitted.meta["final_loss"] == pytest.approx(eager.meta["final_loss"], rel=1e-3)
+    assert rel_err(fitted.sigma_x, eager.sigma_x) < 1e-3
     assert 1 <= first <= 2  # one graph (two if dynamo splits it): not one per tile or step
-    before = fused.compiled_graph_count()
+    before = compiled.compiled_graph_count()
     fit_field(guide, (4, 5), steps=2, budget=2**30, backend="compiled")  # same shapes: no recompile
-    assert fused.compiled_graph_count() == before
+    assert compiled.compiled_graph_count() == before
 
 
 @pytest.mark.skipif(not native.available(), reason="no C compiler to build the native fit kernel")
@@ -123,8 +125,8 @@ def test_native_chunk_against_float64(gen, G, P, K):
     phi[1, 1] = 0.0
     repeated[1, K - 1] = True  # ... dropped
     coef = torch.cat([abc, rho[None]]).requires_grad_(True)
-    psi = fused.spatial_coefficients(coef, d_y, d_x)
-    loss, sq, grad_psi, grad_rho = fused.fit_chunk(phi, psi, coef[3], ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
+    psi = compiled.spatial_coefficients(coef, d_y, d_x)
+    loss, sq, grad_psi, grad_rho = compiled.fit_chunk(phi, psi, coef[3], ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
     (ref_grad,) = torch.autograd.grad(psi, coef, grad_psi)  # chain rule through the quadratic form
     ref_grad[3] += grad_rho
     f32 = [t.detach().float() for t in (phi, coef, d_y, d_x, ic, jd, vals, target, weight)]
@@ -144,11 +146,11 @@ def test_compiled_render_against_reference(gen):
     guide = torch.rand(H, W, 3, generator=gen)
     lr = torch.randn(5, h, w, generator=gen)
     field = random_field(h, w, gen, sigma=(0.5, 6.0))
-    before = fused.compiled_graph_count()
+    before = compiled.compiled_graph_count()
     for options in (RenderOptions(), RenderOptions(border="unique", radius_units="lr", alpha=0.5)):
         engine = BlockEngine(Guide(guide.numpy(), "none"), (h, w), options, CPU)
         out = torch.full((5, H, W), float("nan"))
-        engine.render(lr, field, out, budget=2**30, backend="compiled")
+        render_field(engine, lr, field, out, budget=2**30, backend="compiled")
         ref = reference_render(
             lr,
             guide.permute(2, 0, 1),
@@ -162,20 +164,35 @@ def test_compiled_render_against_reference(gen):
             radius_in_lr_cells=options.radius_units == "lr",
         )
         assert rel_err(out, ref) < 1e-4
-    assert fused.compiled_graph_count() - before <= 2
+    assert compiled.compiled_graph_count() - before <= 2
 
 
 def test_backend_choice_and_errors(monkeypatch):
-    assert fused.resolve_backend("eager", CPU) == "eager"
+    """The table of core/engine/backends.py, for the rows that do not depend on this machine."""
+
+    def fit(backend, channels=4, **kw):  # 4 guide channels: never the C kernel
+        return backends.choose_backend(backend, CPU, "fit", guide_channels=channels, **kw)
+
+    assert fit("eager") == KernelChoice("eager", "eager")
     with pytest.raises(ValueError, match="backend='fast'"):
-        fused.resolve_backend("fast", CPU)
-    monkeypatch.setattr(fused, "compiler_available", lambda device_type: False)
-    assert fused.resolve_backend("auto", CPU) == "eager"  # no compiler: the eager fallback
+        fit("fast")
+    with pytest.raises(ValueError, match="mode='train'"):
+        backends.choose_backend("auto", CPU, "train", guide_channels=3)
+    monkeypatch.setattr(backends, "compiler_available", lambda device_type: False)
+    assert fit("auto") == KernelChoice("eager", "eager")  # no compiler: the eager fallback
     with pytest.raises(ValueError, match="C\\+\\+ compiler"):
-        fused.resolve_backend("compiled", CPU)
-    monkeypatch.setattr(fused, "compiler_available", lambda device_type: True)
-    assert fused.resolve_backend("auto", CPU, pair_evals=1e6) == "eager"  # too small to repay compiling
-    assert fused.resolve_backend("auto", CPU, pair_evals=1e12) == "compiled"
+        fit("compiled")
+    assert fit("eager", mixed=True) == KernelChoice("compiled", "mixed")  # torch operations: no compiler needed
+    monkeypatch.setattr(backends, "compiler_available", lambda device_type: True)
+    assert fit("auto", pair_evals=1e6) == KernelChoice("eager", "eager")  # too small to repay compiling
+    assert fit("auto", pair_evals=1e12) == KernelChoice("compiled", "inductor")
+    assert backends.choose_backend("auto", CPU, "render", guide_channels=4) == KernelChoice("eager", "eager")
+    assert backends.choose_backend("compiled", CPU, "render", guide_channels=3) == KernelChoice("compiled", "inductor")
+    if native.available():  # the C kernel: always worth building for a fit; its weights for an auto render
+        assert fit("auto", channels=3, pair_evals=1.0) == KernelChoice("compiled", "native")
+        assert fit("compiled", channels=3) == KernelChoice("compiled", "native")
+        assert backends.choose_backend("auto", CPU, "render", guide_channels=3) == KernelChoice("eager", "native")
+        assert backends.choose_backend("eager", CPU, "render", guide_channels=3) == KernelChoice("eager", "eager")
 
 
 def test_threads_option_sets_and_restores_torch_threads():

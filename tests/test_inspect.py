@@ -8,13 +8,10 @@ import torch
 from conftest import random_field
 
 from napari_upsample_anything.core.ellipses import kernel_ellipses
+from napari_upsample_anything.core.engine.blocks import BlockEngine, RenderOptions
 from napari_upsample_anything.core.field import KernelField, kernel_coefficients
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.render import (
-    BlockEngine,
-    RenderOptions,
-    pixel_weight_map,
-)
+from napari_upsample_anything.core.render import pixel_weight_map, render_field
 
 
 def test_outline_points_lie_on_the_n_sigma_ellipse(gen):
@@ -58,7 +55,7 @@ def test_pixel_weights_reproduce_the_render(gen):
     for options in (RenderOptions(), RenderOptions(border="unique")):
         engine = BlockEngine(Guide(guide.numpy()), (h, w), options, torch.device("cpu"))
         out = torch.empty(5, H, W)
-        engine.render(lr, field, out, budget=2**30)
+        render_field(engine, lr, field, out, budget=2**30)
         for y, x in [(0, 0), (22, 30), (44, 60), (10, 59)]:
             wmap = pixel_weight_map(engine, field, y, x)
             assert wmap.sum() == pytest.approx(1.0, abs=1e-6) and wmap.min() >= 0

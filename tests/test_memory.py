@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_upsample_anything.core.engine.blocks import BlockEngine, RenderOptions
 from napari_upsample_anything.core.errors import MemoryBudgetError
 from napari_upsample_anything.core.guide import Guide
 from napari_upsample_anything.core.memory import (
@@ -18,7 +19,6 @@ from napari_upsample_anything.core.memory import (
     is_out_of_memory,
     parse_bytes,
 )
-from napari_upsample_anything.core.render import BlockEngine, RenderOptions
 
 
 @pytest.mark.parametrize(

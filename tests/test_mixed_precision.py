@@ -11,7 +11,7 @@ from conftest import rel_err
 from test_triton import _chunk_inputs, _reference_chunk
 
 import napari_upsample_anything as upa
-from napari_upsample_anything.core import fused, triton_kernels
+from napari_upsample_anything.core.engine import compiled, triton_kernels
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -24,11 +24,11 @@ def test_mixed_chunk_within_2e2_of_float64(dtype, B, P, K, G):
     x = _chunk_inputs(gen, B, P, K, G)
     ref_loss, ref_sq, ref_grad = _reference_chunk(*x)
     scale = 1.0 / float(x[8].max()) if dtype == torch.float16 else 1.0
-    loss, sq, grad = fused.fit_chunk_mixed(*x, dtype, scale)
+    loss, sq, grad = compiled.fit_chunk_mixed(*x, dtype, scale)
     assert float(loss) == pytest.approx(ref_loss, rel=2e-2)
     assert float(sq) == pytest.approx(ref_sq, rel=2e-2)
     assert rel_err(grad, ref_grad) < 2e-2
-    loss32, _, grad32 = fused.fit_chunk_mixed(*x, torch.float32)  # the same formulas in float32: exact
+    loss32, _, grad32 = compiled.fit_chunk_mixed(*x, torch.float32)  # the same formulas in float32: exact
     assert rel_err(grad32, ref_grad) < 1e-5 and float(loss32) == pytest.approx(ref_loss, rel=1e-6)
 
 
@@ -39,8 +39,8 @@ def test_fp16_needs_and_gets_loss_scaling():
     x = list(_chunk_inputs(gen, 4, 144, 197, 3))
     x[8] = torch.full_like(x[8], 1.0 / (3 * 224 * 224))
     _, _, ref_grad = _reference_chunk(*x)
-    _, _, scaled = fused.fit_chunk_mixed(*x, torch.float16, 1.0 / float(x[8].max()))
-    _, _, unscaled = fused.fit_chunk_mixed(*x, torch.float16, 1.0)
+    _, _, scaled = compiled.fit_chunk_mixed(*x, torch.float16, 1.0 / float(x[8].max()))
+    _, _, unscaled = compiled.fit_chunk_mixed(*x, torch.float16, 1.0)
     assert rel_err(scaled, ref_grad) < 2e-3
     assert rel_err(unscaled, ref_grad) > 5 * rel_err(scaled, ref_grad)
 
@@ -58,7 +58,7 @@ def test_triton_half_kernel_within_2e2_of_float64_and_equal_to_torch_formulas(mo
     assert float(loss) == pytest.approx(ref_loss, rel=2e-2)
     assert rel_err(grad, ref_grad) < 2e-2
     scale = 1.0 / float(x[8].max()) if dtype == torch.float16 else 1.0
-    _, _, torch_grad = fused.fit_chunk_mixed(*x, dtype, scale)
+    _, _, torch_grad = compiled.fit_chunk_mixed(*x, dtype, scale)
     assert rel_err(grad, torch_grad) < 2e-3  # same roundings up to summation order
 
 

@@ -1,4 +1,4 @@
-"""The native CPU kernel's speed paths (core/native.py): each checked against float64, and the
+"""The native CPU kernel's speed paths (core/engine/native.py): each checked against float64, and the
 roofline benchmark's quick mode (benchmarks/bench_roofline.py; it measures, never asserts time)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import rel_err
 
-from napari_upsample_anything.core import fused, native
+from napari_upsample_anything.core.engine import compiled, native
+from napari_upsample_anything.core.engine.blocks import RenderOptions
 from napari_upsample_anything.core.fit import fit_field
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.render import RenderOptions
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler to build the native kernel")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_roofline.py"
@@ -56,8 +56,8 @@ def test_loss_only_mode_gives_the_same_loss_and_no_gradient(gen):
     loss_only = native.fit_chunk(*_f32(x), want_grad=False)
     assert float(loss_only[0]) == float(full[0]) and float(loss_only[1]) == float(full[1])
     assert torch.count_nonzero(loss_only[2]) == 0 and torch.count_nonzero(full[2]) > 0
-    psi = fused.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
-    ref = fused.fit_chunk(
+    psi = compiled.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
+    ref = compiled.fit_chunk(
         x["phi"], psi, x["coef"][3], x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
         x["r2_pix"], x["r2_off"], x["repeated"],
     )  # fmt: skip
@@ -117,23 +117,24 @@ def test_tuned_build_agrees_with_the_plain_build_and_float64(gen):
     other = native.fit_chunk(*_f32(x), lib=plain)
     assert float(tuned[0]) == pytest.approx(float(other[0]), rel=1e-6)
     assert rel_err(tuned[2], other[2]) < 1e-6
-    psi = fused.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
-    loss, _, grad_psi, grad_rho = fused.fit_chunk(
+    psi = compiled.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
+    loss, _, grad_psi, grad_rho = compiled.fit_chunk(
         x["phi"], psi, x["coef"][3], x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
         x["r2_pix"], x["r2_off"], x["repeated"],
     )  # fmt: skip
-    ref = torch.cat([fused.spatial_coefficients_backward(grad_psi, x["d_y"], x["d_x"]), grad_rho[None]])
+    ref = torch.cat([compiled.spatial_coefficients_backward(grad_psi, x["d_y"], x["d_x"]), grad_rho[None]])
     assert float(tuned[0]) == pytest.approx(float(loss), rel=1e-4)
     assert all(rel_err(tuned[2][i], ref[i]) < 1e-4 for i in range(4))
 
 
 def _float64_fit_losses(guide: Guide, lr_shape, steps: int):
     """Loss before each of ``steps`` published Adam steps, computed in float64: the fused
-    formulas (:func:`.fused.fit_chunk`, checked against autograd at 1e-12) over every block, the
+    formulas (:func:`.compiled.fit_chunk`, checked against autograd at 1e-12) over every block, the
     chain rule through the parameterisation by autograd, the same Adam and schedule."""
+    from napari_upsample_anything.core.engine.blocks import BlockEngine
     from napari_upsample_anything.core.field import KernelField, kernel_coefficients
     from napari_upsample_anything.core.fit import Adam, _ChunkedFit, schedule_gamma
-    from napari_upsample_anything.core.render import BlockEngine, bicubic_lr_guide
+    from napari_upsample_anything.core.render import bicubic_lr_guide
 
     cpu = torch.device("cpu")
     engine = BlockEngine(guide, lr_shape, RenderOptions(), cpu)
@@ -154,12 +155,12 @@ def _float64_fit_losses(guide: Guide, lr_shape, steps: int):
         sigma_eff = torch.maximum(field.sigma_x, field.sigma_y).detach().float()
         r2 = engine.radius_sq(sigma_eff, tile).to(torch.int32)
         c = coef.detach().reshape(4, -1).index_select(1, q).reshape(4, n, engine.K)
-        psi = fused.spatial_coefficients(c, x64["d_y"], x64["d_x"])
-        loss, _, grad_psi, grad_rho = fused.fit_chunk(
+        psi = compiled.spatial_coefficients(c, x64["d_y"], x64["d_x"])
+        loss, _, grad_psi, grad_rho = compiled.fit_chunk(
             x64["phi"], psi, c[3], x64["ic"], x64["jd"], x64["vals"], x64["target"], x64["weight"],
             r2, prep.r2_off, x64["repeated"],
         )  # fmt: skip
-        grad_c = torch.cat([fused.spatial_coefficients_backward(grad_psi, x64["d_y"], x64["d_x"]), grad_rho[None]])
+        grad_c = torch.cat([compiled.spatial_coefficients_backward(grad_psi, x64["d_y"], x64["d_x"]), grad_rho[None]])
         grad = torch.zeros_like(coef).reshape(4, -1).index_add_(1, q, grad_c.reshape(4, -1))
         raw.grad = None
         coef.backward(grad.view_as(coef))
@@ -196,7 +197,8 @@ def test_native_render_weights_against_float64(shape, G, C, options, gen, monkey
     from conftest import random_field
     from reference_gsjbu import reference_render
 
-    from napari_upsample_anything.core.render import BlockEngine
+    from napari_upsample_anything.core.engine.blocks import BlockEngine
+    from napari_upsample_anything.core.render import render_field
 
     H, W, h, w = shape
     guide = torch.rand(H, W, G, generator=gen)
@@ -207,10 +209,10 @@ def test_native_render_weights_against_float64(shape, G, C, options, gen, monkey
     kernel = native.render_weights
     monkeypatch.setattr(native, "render_weights", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     out = torch.full((C, H, W), float("nan"))
-    engine.render(lr, field, out, budget=2**30, backend="auto")
+    render_field(engine, lr, field, out, budget=2**30, backend="auto")
     assert calls  # the native weights ran
     eager = torch.full((C, H, W), float("nan"))
-    engine.render(lr, field, eager, budget=2**30, backend="eager")
+    render_field(engine, lr, field, eager, budget=2**30, backend="eager")
     ref = reference_render(
         lr, guide.permute(2, 0, 1), field.sigma_x, field.sigma_y, field.theta, field.sigma_r,
         radius=options.radius, alpha=options.alpha, unique_border=options.border == "unique",

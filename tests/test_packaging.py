@@ -315,3 +315,14 @@ def test_backbones_module_split_keeps_the_features_names():
         assert name in features.__all__
     assert features._CACHE is backbones._CACHE  # clear_model_cache() empties what the widgets check
     assert not hasattr(backbones, "extract_features")  # extraction stays in features (its own module)
+
+
+def test_feature_geometry_split_keeps_the_features_names():
+    """core.feature_geometry holds input preparation, token grid and windows; core.features
+    re-exports its public names (the same objects), so callers' imports stay."""
+    from napari_upsample_anything.core import feature_geometry, features
+
+    for name in ("FeatureGeometry", "blend_weights", "plan_windows", "window_bytes"):
+        assert getattr(features, name) is getattr(feature_geometry, name), name
+        assert name in features.__all__
+    assert not hasattr(feature_geometry, "extract_features")  # extraction stays in features

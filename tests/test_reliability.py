@@ -65,7 +65,8 @@ def test_diverged_fit_error_is_a_value_and_floating_point_error():
 
 @pytest.mark.parametrize(("backend", "loss_fn"), [("eager", "_loss_and_grad"), ("compiled", "_loss_and_grad_fused")])
 def test_loss_not_finite_before_any_update_blames_the_normalisation(small, monkeypatch, backend, loss_fn):
-    from napari_upsample_anything.core import fit, native
+    from napari_upsample_anything.core import fit
+    from napari_upsample_anything.core.engine import native
 
     if backend == "compiled" and not native.available():
         pytest.skip("no C compiler here for the native fit kernel (the eager case still runs)")
@@ -228,7 +229,8 @@ def test_normalisation_is_recorded_and_reused(small):
 
 def test_inspector_weights_use_the_fit_options(small):
     from napari_upsample_anything.api import fitted_guide, render_options
-    from napari_upsample_anything.core.render import BlockEngine, pixel_weight_map
+    from napari_upsample_anything.core.engine.blocks import BlockEngine
+    from napari_upsample_anything.core.render import pixel_weight_map
 
     guide, lr = small
     field = upa.fit_kernels(guide, (3, 4), steps=1, radius=1, border="unique")

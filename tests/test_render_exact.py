@@ -8,9 +8,10 @@ import torch
 from conftest import DATA, random_field, rel_err
 from reference_gsjbu import reference_render
 
+from napari_upsample_anything.core.engine.blocks import BlockEngine, RenderOptions
 from napari_upsample_anything.core.field import KernelField
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.render import BlockEngine, RenderOptions
+from napari_upsample_anything.core.render import render_field
 
 CPU = torch.device("cpu")
 
@@ -18,7 +19,7 @@ CPU = torch.device("cpu")
 def fast_render(lr, guide_hwc, field, options=RenderOptions(), budget=2**30, agg=torch.float32, normalize="none"):
     engine = BlockEngine(Guide(guide_hwc, normalize, channel_axis=-1), tuple(lr.shape[-2:]), options, CPU)
     out = torch.full((lr.shape[0], *engine.guide.shape), float("nan"))
-    engine.render(lr, field, out, agg_dtype=agg, budget=budget)
+    render_field(engine, lr, field, out, agg_dtype=agg, budget=budget)
     return out
 
 
@@ -168,7 +169,7 @@ def test_output_within_channel_range(gen):
 
 def test_block_attention_gradients(gen):
     """The hand-written backward agrees with autograd through the plain formula (float64)."""
-    from napari_upsample_anything.core.render import block_attention
+    from napari_upsample_anything.core.engine.eager import block_attention
 
     nb, P, K, G, C = 3, 5, 7, 2, 4
     phi = torch.randn(nb, P, 7 + G, dtype=torch.float64, generator=gen)

@@ -19,7 +19,7 @@ import tifffile
 import timm
 import torch
 
-from napari_upsample_anything.core.explore import ClassifierMismatchError, ScribbleClassifier
+from napari_upsample_anything.core.feature_queries import ClassifierMismatchError, ScribbleClassifier
 from napari_upsample_anything.pipeline import PipelineOptions
 from napari_upsample_anything.segmentation import (
     feature_settings,

@@ -1,7 +1,7 @@
 """The hand-written Triton kernels (``backend="triton"``), run on the CPU by Triton's interpreter.
 
 Why a fixture and not a subprocess: the kernels are turned into Triton kernels on first use,
-per interpreter mode (``core/triton_kernels.py::_kernels``), and Triton reads
+per interpreter mode (``core/engine/triton_kernels.py::_kernels``), and Triton reads
 ``TRITON_INTERPRET`` when a kernel is decorated, not when it is imported. So the ``interpret``
 fixture sets the variable for one test only (``monkeypatch``): these tests get interpreted
 kernels whatever was imported before, and every other test runs with the variable unset, as
@@ -23,11 +23,12 @@ from conftest import random_field, rel_err
 from reference_gsjbu import reference_render
 
 import napari_upsample_anything as upa
-from napari_upsample_anything.core import fused, native, triton_kernels
+from napari_upsample_anything.core.engine import backends, compiled, native, triton_kernels
+from napari_upsample_anything.core.engine.blocks import BlockEngine, RenderOptions
 from napari_upsample_anything.core.field import KernelField
 from napari_upsample_anything.core.fit import CellSampler, _ChunkedFit, _loss_and_grad_fused
 from napari_upsample_anything.core.guide import Guide
-from napari_upsample_anything.core.render import BlockEngine, RenderOptions, bicubic_lr_guide
+from napari_upsample_anything.core.render import bicubic_lr_guide
 
 pytestmark = pytest.mark.triton
 CPU = torch.device("cpu")
@@ -72,9 +73,9 @@ def _chunk_inputs(gen, B, P, K, G, s=7.0):
 
 def _reference_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated):
     d = [t.double() for t in (phi, coef, d_y, d_x, ic, jd, vals, target, weight)]
-    psi = fused.spatial_coefficients(d[1], d[2], d[3])
-    loss, sq, grad_psi, grad_rho = fused.fit_chunk(d[0], psi, d[1][3], d[4], d[5], d[6], d[7], d[8], r2_pix, r2_off, repeated)
-    grad_abc = fused.spatial_coefficients_backward(grad_psi, d[2], d[3])
+    psi = compiled.spatial_coefficients(d[1], d[2], d[3])
+    loss, sq, grad_psi, grad_rho = compiled.fit_chunk(d[0], psi, d[1][3], d[4], d[5], d[6], d[7], d[8], r2_pix, r2_off, repeated)
+    grad_abc = compiled.spatial_coefficients_backward(grad_psi, d[2], d[3])
     return float(loss), float(sq), torch.cat([grad_abc, grad_rho[None]])
 
 
@@ -210,8 +211,9 @@ def test_upsample_runs_the_triton_kernels_end_to_end(interpret):
 def test_triton_backend_without_interpreter_or_gpu_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton'"):
-        fused.resolve_backend("triton", CPU)
-    assert fused.resolve_backend("auto", CPU, 0.0) == "eager"  # auto never picks the interpreter
+        backends.choose_backend("triton", CPU, "render", guide_channels=3)
+    for mode in ("fit", "render"):  # auto never picks the interpreter
+        assert backends.choose_backend("auto", CPU, mode, guide_channels=4, pair_evals=0.0).path == "eager"
 
 
 def test_kernels_compile_to_a_cuda_binary_without_a_gpu():
@@ -224,7 +226,7 @@ def test_kernels_compile_to_a_cuda_binary_without_a_gpu():
     import sys
 
     code = (
-        "from napari_upsample_anything.core import triton_kernels as tk; "
+        "from napari_upsample_anything.core.engine import triton_kernels as tk; "
         "s = tk.compile_for_gpu(arch=89, G=1, P=16, K=16, C=16); "
         "assert s['fit'] > 1000 and s['render'] > 1000, s; print('compiled', s)"
     )

@@ -17,12 +17,13 @@ import torch
 
 from .core.checks import check_choice, check_finite_array, check_float, check_int, check_int_pair, check_tensor_usable
 from .core.device import resolve_device, resolve_precision
+from .core.engine.blocks import BlockEngine, RenderOptions
 from .core.field import MAX_ALPHA, MAX_RADIUS, MAX_STEPS, FitOptions, KernelField
 from .core.fit import PUBLISHED_LR, PUBLISHED_STEPS, fit_field
 from .core.guide import Guide, Normalize, _as_array, channels_last
 from .core.memory import MemoryLog, default_budget, parse_bytes
 from .core.progress import CancelFn, ProgressFn
-from .core.render import BlockEngine, RenderOptions
+from .core.render import render_field
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Budget = Union[int, float, str, None]
@@ -458,7 +459,8 @@ def render(
         _check_out(out, (C, H, W), values, was_numpy, agg)
     values, affine = _half_precision_affine(values, agg)
     engine = BlockEngine(g, (h, w), options, dev)
-    engine.render(
+    render_field(
+        engine,
         values.to(dev),
         field.to(dev),
         out,

@@ -116,7 +116,7 @@ def expand_inputs(paths: List[str]) -> List[str]:
 
 
 def _classifier(path: str):
-    from .core.explore import ScribbleClassifier
+    from .core.feature_queries import ScribbleClassifier
 
     key = (path, Path(path).stat().st_mtime_ns)
     if key not in _CLASSIFIERS:
@@ -262,7 +262,7 @@ def cmd_segment(args) -> int:
             normalise_axes(args.axes, len(args.axes), "--axes")
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from exc
-    from .core.explore import ScribbleClassifier
+    from .core.feature_queries import ScribbleClassifier
     from .segmentation import options_from_classifier
 
     try:

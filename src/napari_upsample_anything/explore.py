@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from . import api
-from .core.explore import (
+from .core.feature_queries import (
     DEFAULT_SAMPLES_PER_CLASS,
     ClassifierMismatchError,
     PixelGatherer,
@@ -218,8 +218,8 @@ def _stage(progress: Optional[ProgressFn], stage: str) -> Optional[ProgressFn]:
 
 
 def _engine(guide, field: KernelField, lr_shape, normalize, options: dict):
+    from .core.engine.blocks import BlockEngine, RenderOptions
     from .core.guide import Guide
-    from .core.render import BlockEngine, RenderOptions
 
     g = Guide(guide, normalize, smoothing=api.fitted_smoothing(field))
     return BlockEngine(g, lr_shape, RenderOptions(**options), torch.device("cpu"))

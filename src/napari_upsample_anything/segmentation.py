@@ -183,14 +183,14 @@ def train_from_examples(
     class_names : value -> name, saved with the classifier.
     samples_per_class : int, optional
         At most this many samples per class over all examples (seeded; default
-        :data:`~.core.explore.DEFAULT_SAMPLES_PER_CLASS`).
+        :data:`~.core.feature_queries.DEFAULT_SAMPLES_PER_CLASS`).
 
     Returns
     -------
     ScribbleClassifier with ``settings`` (:func:`feature_settings` plus ``route``,
     ``include_image``, ``feature_channels``) and ``class_names``.
     """
-    from .core.explore import DEFAULT_SAMPLES_PER_CLASS, ScribbleClassifier, subsample_per_class
+    from .core.feature_queries import DEFAULT_SAMPLES_PER_CLASS, ScribbleClassifier, subsample_per_class
     from .explore import scribble_samples
 
     options = (options or PipelineOptions()).validate()
@@ -264,7 +264,7 @@ def _precision(options: PipelineOptions) -> str:
 
 
 def _load(classifier):
-    from .core.explore import ScribbleClassifier
+    from .core.feature_queries import ScribbleClassifier
 
     if isinstance(classifier, ScribbleClassifier):
         return classifier
@@ -280,7 +280,7 @@ def options_from_classifier(classifier, **overrides) -> PipelineOptions:
     (else :class:`~.explore.ClassifierMismatchError`). A classifier without settings
     (format 1, or trained on bare arrays) takes the overrides as they are.
     """
-    from .core.explore import ClassifierMismatchError
+    from .core.feature_queries import ClassifierMismatchError
 
     clf = _load(classifier)
     s = dict(clf.settings)
@@ -347,7 +347,7 @@ def segment_plane(
     settings (:class:`~.explore.ClassifierMismatchError`). Returns ``(labels (H, W),
     probabilities (K, H, W) float32 in classifier.classes order, the plane's PlaneFit)``.
     """
-    from .core.explore import ClassifierMismatchError
+    from .core.feature_queries import ClassifierMismatchError
     from .explore import apply_classifier
 
     clf = _load(classifier)

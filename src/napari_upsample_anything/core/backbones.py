@@ -391,7 +391,7 @@ def _unavailable(
 def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
     """The hub's host name if a TCP connection to it fails within ``timeout`` seconds, else None.
 
-    huggingface_hub retries an unreachable hub for about 25 s before giving up; one quick
+    huggingface_hub retries an unreachable hub for many seconds before giving up; one quick
     connection attempt turns that into an immediate, clear error for offline users.
     """
     import socket
@@ -429,7 +429,7 @@ def _hf_weights(display: str, timm_name: str) -> Tuple[Path, str]:
     cache_dir = _hf_cache_dir()
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    # The cache first: no network round trip (an unreachable hub costs ~25 s of retries).
+    # The cache first: no network round trip (an unreachable hub costs many seconds of retries).
     for name in names:
         hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision or None)
         if isinstance(hit, str) and os.path.isfile(hit):

@@ -10,8 +10,11 @@ computed tile by tile, each tile's backward accumulating into the gradient of th
 per-cell coefficient maps; one backward through the parameterisation per step then gives
 exactly the gradient of the full-image loss. Two interchangeable paths compute a tile's loss
 and gradient (``backend=``): the eager one writes the log-weight/softmax backward out by
-hand (:class:`~.attention._BlockAttention`) and never keeps more than one tile; the compiled
-one runs forward and backward of a chunk of blocks as one fused kernel (:mod:`.fused`).
+hand (:class:`~.engine.eager._BlockAttention`) and never keeps more than one tile; the
+chunked ones run forward and backward of a chunk of blocks as one fused kernel (the C kernel
+of :mod:`.engine.native`, ``torch.compile`` of :mod:`.engine.compiled`, or the Triton kernels
+of :mod:`.engine.triton_kernels`). Which one runs is decided in one place,
+:func:`.engine.backends.choose_backend`.
 """
 
 from __future__ import annotations
@@ -23,33 +26,27 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import native, triton_kernels
 from .checks import check_float
-from .errors import Cancelled, FitDivergedError
-from .field import KernelField, kernel_coefficients
-from .fused import (
+from .engine import native, triton_kernels
+from .engine.backends import choose_backend, fit_kernel_name
+from .engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions, Tile
+from .engine.compiled import (
     compiled_chunk_blocks,
     fit_chunk_mixed,
     kernel,
     pad_blocks,
-    resolve_backend,
     spatial_coefficients,
     spatial_coefficients_backward,
     warn_fallback,
 )
+from .engine.eager import block_attention
+from .errors import Cancelled, FitDivergedError
+from .field import KernelField, kernel_coefficients
 from .guide import Guide
 from .memory import MemoryLog, TileMeter, TileRecord, halve_tile, is_out_of_memory, release_cached_memory
 from .progress import CancelFn, ProgressFn, check_cancel, report
 from .published import PUBLISHED_LR, PUBLISHED_STEPS  # noqa: F401  (re-exported)
-from .render import (
-    CPU_PREFERRED_TILE_BYTES,
-    BlockEngine,
-    RenderOptions,
-    Tile,
-    area_lr_guide,
-    bicubic_lr_guide,
-    block_attention,
-)
+from .render import area_lr_guide, bicubic_lr_guide
 from .threads import engine_call
 
 SCHEDULE_STEPS = 5100
@@ -66,7 +63,7 @@ class Adam:
 
     Same arithmetic as ``torch.optim.Adam`` (default betas and eps, no weight decay) followed
     by ``LambdaLR(gamma ** t)``; written out because constructing ``torch.optim.Adam`` imports
-    ``torch._dynamo`` (over 2 s on a laptop CPU, longer than a whole 224x224 fit). A test checks
+    ``torch._dynamo`` (seconds on a CPU, longer than a whole 224x224 fit). A test checks
     it step by step against ``torch.optim.Adam`` + ``LambdaLR``.
     """
 
@@ -210,16 +207,8 @@ class CellSampler:
         return 1.0 if self.mask is None else self.scale
 
 
-def fit_kernel_name(device: torch.device, guide_channels: int) -> str:
-    """Which compiled fit kernel runs: ``"native"`` (CPU, up to 3 guide channels, when a C
-    compiler can build it) or ``"inductor"`` (``torch.compile``: Triton on CUDA)."""
-    if device.type == "cpu" and guide_channels <= 3 and native.available():
-        return "native"
-    return "inductor"
-
-
 class _ChunkedFit:
-    """Inputs of the fused fit kernel (:func:`.fused.fit_chunk_direct`), per tile and chunk.
+    """Inputs of the chunked fit kernels (:func:`_fit_chunk`), per tile and chunk.
 
     Everything except the kernel coefficients is guide-only, so it is prepared once (when
     ``keep``) in the kernel's channel-major layout, padded to the fixed chunk size: one shape
@@ -242,12 +231,13 @@ class _ChunkedFit:
         self.n_values = n_values
         self.keep = keep
         self.compiled = compiled
-        # CPU: the hand-written C kernel (3x faster than inductor's code for this chunk, built
-        # in seconds); CUDA, or no C compiler: torch.compile (Triton / inductor C++).
+        # CPU: the hand-written C kernel (faster than inductor's code for this chunk, built in
+        # seconds; docs/benchmarks_engine.md); CUDA, or no C compiler: torch.compile (Triton /
+        # inductor C++). The choice is engine.backends.choose_backend's.
         if kernel_name is None:
             kernel_name = fit_kernel_name(engine.device, engine.channels) if compiled else "fused-eager"
         # "native", "triton", "inductor", "fused-eager" (uncompiled formulas) or "mixed" (the
-        # mixed-precision formulas in torch operations, fused.fit_chunk_mixed)
+        # mixed-precision formulas in torch operations, compiled.fit_chunk_mixed)
         self.kernel_name = kernel_name
         self.pair_dtype = pair_dtype
         direct = kernel_name in ("native", "triton", "mixed")
@@ -351,10 +341,11 @@ def fit_field(
     bicubic, close to sampling each cell's centre) or ``"area"`` (each cell's average, like a
     ViT token; docs/quality_options.md measures when it transfers better).
 
-    ``backend``: ``"eager"`` (tensor operations, hand-written backward), ``"compiled"`` (the
-    fused kernel of :mod:`.fused` through ``torch.compile``; needs a C++ compiler on the CPU,
-    Triton on CUDA) or ``"auto"`` (compiled when a compiler is there and the fit is large enough
-    to repay the compile time). Both compute the same loss and exact gradient. The compiled
+    ``backend``: ``"eager"`` (tensor operations, hand-written backward), ``"compiled"`` (one
+    fused kernel per chunk of blocks: the C kernel of :mod:`.engine.native` on the CPU when it
+    builds, else :mod:`.engine.compiled` through ``torch.compile``; needs a C++ compiler on the
+    CPU, Triton on CUDA), ``"triton"`` or ``"auto"``: the table of :mod:`.engine.backends` says
+    which kernel runs. All compute the same loss and exact gradient. The compiled
     path aggregates in float32 whatever ``agg_dtype`` says (the fit's values have 3 channels).
     ``threads``: CPU threads for this call (None: torch's setting; :mod:`.threads`).
 
@@ -367,7 +358,7 @@ def fit_field(
     ``fit_dtype`` (mixed-precision fit): float32 (default), or float16 / bfloat16 for the
     per-pair products after the log-weights (float32 log-weights, ``exp``, sums and
     parameters; loss scaling for float16): the Triton kernel with ``backend="triton"``, the
-    same arithmetic in torch operations (:func:`.fused.fit_chunk_mixed`) otherwise.
+    same arithmetic in torch operations (:func:`.engine.compiled.fit_chunk_mixed`) otherwise.
     docs/mixed_precision.md measures it.
     """
     fit_fraction = check_float(
@@ -391,11 +382,11 @@ def fit_field(
 
     agg_bytes = torch.empty((), dtype=agg_dtype).element_size()
     per_block = engine.bytes_per_block(G, agg_bytes, training=True)
-    cheap_build = fit_kernel_name(device, G) == "native"  # seconds to build, cached on disk
-    path = resolve_backend(backend, device, math.inf if cheap_build else float(H * W * engine.K * max(1, steps)))
     mixed = fit_dtype != torch.float32
-    if mixed and path != "triton":
-        path = "compiled"  # the mixed-precision formulas run through the chunked (fused) path
+    choice = choose_backend(
+        backend, device, "fit", guide_channels=G, pair_evals=float(H * W * engine.K * max(1, steps)), mixed=mixed
+    )
+    path = choice.path
     fused_path = path in ("compiled", "triton")
     if fused_path:
         cache_bytes = engine.grid.rows.n_lr * engine.grid.cols.n_lr * _ChunkedFit.bytes_per_block(engine)
@@ -411,13 +402,10 @@ def fit_field(
     n_values = G * H * W
 
     def make_cache(keep: bool):
-        if path == "triton":
+        if fused_path:
             return _ChunkedFit(
-                engine, tiles, values_flat, n_values, keep, compiled=True, kernel_name="triton", pair_dtype=fit_dtype
+                engine, tiles, values_flat, n_values, keep, compiled=True, kernel_name=choice.kernel, pair_dtype=fit_dtype
             )
-        if path == "compiled":
-            name = "mixed" if mixed else None
-            return _ChunkedFit(engine, tiles, values_flat, n_values, keep, compiled=True, kernel_name=name, pair_dtype=fit_dtype)
         made = _TileCache(engine, keep, keep_range)
         made.agg_dtype = agg_dtype
         return made
@@ -632,7 +620,7 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
         for tile in tiles:
             check_cancel(cancel, "kernel fitting")
             t0 = time.perf_counter()
-            # the meter reads the process's RSS (psutil, ~0.5 ms): only when a memory log wants it
+            # the meter reads the process's RSS (psutil, a system call): only when a memory log wants it
             with TileMeter(engine.device) if memlog is not None else nullcontext() as meter:
                 picked = sampler.blocks(tile) if sampler is not None else None
                 r2 = engine.radius_sq(sigma_eff, tile, picked).to(torch.int32)  # picked blocks' rows only

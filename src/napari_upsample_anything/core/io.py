@@ -41,7 +41,7 @@ def load_image(path: str | Path) -> np.ndarray:
 def guide_from_image(image, channel_axis: Optional[int] = None) -> np.ndarray:
     """The channels-last (H, W[, G]) guide for an image in any of the layouts
     :func:`~.features.extract_features` accepts (same channel-axis rule; RGBA loses alpha)."""
-    from .features import _channels_last, _to_numpy
+    from .feature_geometry import _channels_last, _to_numpy
 
     arr, axis, guessed = _channels_last(_to_numpy(image), channel_axis)
     if arr.ndim == 3 and arr.shape[2] == 4 and guessed and axis == 2:

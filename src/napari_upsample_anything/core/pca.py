@@ -112,8 +112,8 @@ def _covariance_pca(x: np.ndarray, k: int, rows_per_chunk: int = 16384) -> tuple
     Same result as scikit-learn's ``PCA`` (full SVD) up to rounding, with the same sign
     convention (each component's largest-magnitude entry is positive), at a fraction of the
     cost when ``n >> C``: one pass accumulating ``X^T X`` in chunks (no n x C float64 copy)
-    and a C x C eigendecomposition, instead of an SVD of the n x C matrix (7-15 s for a
-    4096^2 PCA picture). Returns ``(components [k, C], mean [C], explained_variance_ratio [k])``.
+    and a C x C eigendecomposition, instead of an SVD of the n x C matrix (seconds for a
+    large PCA picture; docs/engine.md, "Design measurements"). Returns ``(components [k, C], mean [C], explained_variance_ratio [k])``.
     """
     n, c = x.shape
     mean = x.mean(0, dtype=np.float64)

@@ -56,19 +56,19 @@ def flushed_denormals() -> Iterator[None]:
     """Flush subnormal floats to zero in this thread for the block, then restore the state.
 
     Softmax weights of far neighbours underflow into the subnormal range (below 1.2e-38),
-    where CPU arithmetic is about 100x slower: on the project's CPU a 224^2, C = 384 render
-    took 3.0 s without this and 0.47 s with it. Such weights are far below anything a
+    where CPU arithmetic is far slower (docs/engine.md, "Design measurements", has the
+    render times with and without this). Such weights are far below anything a
     float32 sum of weights that add up to one can resolve, so flushing them changes no result
     the tests can see (all exactness tests run with it). The calling thread and torch's CPU
-    worker threads (through :func:`.native.team_flush_denormals`, when the native library
+    worker threads (through :func:`.engine.native.team_flush_denormals`, when the native library
     builds) are changed only for the engine's own calls and restored after; the user's
-    program keeps its floating-point state. Without the worker threads, a 2-thread render of
-    224^2, C = 384 took 1.33 s instead of 0.16 s (their subnormal weights).
+    program keeps its floating-point state. The worker threads matter too: without them a
+    multi-threaded render still computed subnormal weights there.
     """
     if _flushing_denormals() or not torch.set_flush_denormal(True):
         yield  # already flushing, or this CPU cannot (then nothing was changed)
         return
-    from . import native
+    from .engine import native
 
     team = native.team_flush_denormals(True)
     try:

@@ -200,7 +200,8 @@ def pixel_weights(plane: PlaneResult, y: int, x: int) -> np.ndarray:
     import torch
 
     from ..api import fitted_guide, render_options
-    from ..core.render import BlockEngine, pixel_weight_map
+    from ..core.engine.blocks import BlockEngine
+    from ..core.render import pixel_weight_map
 
     ref = _ENGINE.get("plane")
     if ref is None or ref() is not plane:

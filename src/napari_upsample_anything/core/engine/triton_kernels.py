@@ -1,7 +1,7 @@
 """Hand-written Triton kernels of the fit step and the render (``backend="triton"``).
 
 Same formulation as the native C kernel (:mod:`.native`) and the fused formulas
-(:func:`.fused.fit_chunk`): one program per block of ``P`` HR pixels sharing their ``K``
+(:func:`.compiled.fit_chunk`): one program per block of ``P`` HR pixels sharing their ``K``
 neighbour cells; log-weights (spatial quadratic form in the block's local coordinates +
 range term as a difference, never expanded), the dynamic-radius / repeated-border mask,
 softmax, aggregation, L1 loss and the exact gradient of the neighbours' ``(A, B, C, rho)``,
@@ -12,7 +12,7 @@ loops over its block's pixels.
 Render: one program per (block, pixel tile); it computes the tile's softmax weights once and
 loops over the map's channels in chunks of ``BLOCK_C``, gathering the neighbours' values
 straight from the flat LR map ``[h w, C]`` (no ``[B, K, C]`` gather) and writing the
-``[B, C, P]`` channels-first result that :meth:`.render.BlockEngine._write_blocks` copies
+``[B, C, P]`` channels-first result that :meth:`.blocks.BlockEngine.write_blocks` copies
 into the ``(C, H, W)`` output in runs of ``P_x`` pixels.
 
 Precision (``pair_dtype``): float32, or float16 / bfloat16 for the per-pair products after

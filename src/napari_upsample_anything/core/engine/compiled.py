@@ -1,6 +1,6 @@
 """Fused per-pair work of fit and render, compiled for the CPU and the GPU from one source.
 
-The eager engine (:mod:`.attention`) makes about 16 passes over ``[blocks, P, K]`` weight
+The eager engine (:mod:`.eager`) makes about 16 passes over ``[blocks, P, K]`` weight
 tensors per fit step (spatial product, G range passes, softmax, aggregation and their
 backward), most of them memory passes. Here the same formulas are written once as plain
 tensor expressions over a *chunk* of blocks, and ``torch.compile`` (inductor) fuses them: C++
@@ -16,9 +16,9 @@ One fit chunk computes, for blocks ``b``, pixels ``p`` and neighbours ``k``::
 
 with ``D(p, k) = sum_g (I'_g(p) - J'_g(k))^2`` the parameter-free range term (computed as a
 difference, never expanded: see docs/engine.md). ``D`` depends only on the guide; inside the
-fused kernel recomputing it costs the same as loading a cached copy (measured: 9.2 vs
-9.3 ns per pair on the CPU), so the kernel recomputes it and needs no [H W, K] cache (the
-eager path caches it, :class:`~.fit._TileCache`). The gradient is exact (not an
+fused kernel recomputing it costs the same as loading a cached copy (docs/engine.md, "Design
+measurements"), so the kernel recomputes it and needs no [H W, K] cache (the
+eager path caches it, :class:`~..fit._TileCache`). The gradient is exact (not an
 approximation): tests compare both paths with the float64 reference and with each other.
 
 Shapes are static per compile (``dynamic=False``): callers pad the last chunk of a tile to
@@ -29,91 +29,18 @@ compiles once per shape class ``(chunk, P, K, G)``, not once per tile.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import shutil
 import warnings
 from typing import Callable, Dict
 
 import torch
 
-BACKENDS = ("auto", "triton", "compiled", "eager")
-
-# "auto" compiles only when the work amortises the compile time (measured on the 2-core CPU:
-# 20-40 s for the first fit shape class, about 3 s from inductor's on-disk cache). Below this
-# many (pixel, neighbour) pair evaluations (pairs per step x steps) the eager path wins.
-AUTO_COMPILE_MIN_PAIR_EVALS = 2e9
-
-
-def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"backend={backend!r}: use 'auto' (Triton kernels on CUDA, else compile when it pays off), "
-            "'triton', 'compiled' or 'eager'"
-        )
-    return backend
-
-
-@functools.cache
-def compiler_available(device_type: str) -> bool:
-    """Whether ``torch.compile`` can generate code for this device type here.
-
-    CPU: inductor needs a C++ compiler (``CXX``, ``g++``, ``c++`` or ``clang++`` on the PATH)
-    (the fit's native kernel, :mod:`.native`, needs a C compiler too).
-    CUDA: Triton must be importable. Other devices (MPS): no.
-    """
-    if os.environ.get("UPSAMPLE_ANYTHING_NO_COMPILE"):
-        return False
-    if device_type == "cpu":
-        return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
-    if device_type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except Exception:  # noqa: BLE001 - any import failure means no Triton
-            return False
-        return True
-    return False
-
-
-def resolve_backend(backend: str, device: torch.device, pair_evals: float = math.inf) -> str:
-    """``"triton"``, ``"compiled"`` or ``"eager"`` for a run of ``pair_evals`` (pixel, neighbour) evaluations.
-
-    ``"triton"`` (the hand-written kernels of :mod:`.triton_kernels`) needs CUDA and triton, or
-    a CPU under Triton's interpreter (``TRITON_INTERPRET=1``, for tests); ``"auto"`` picks it on
-    CUDA whenever triton imports. ``"compiled"`` without a compiler raises a ValueError naming
-    the fix; otherwise ``"auto"`` compiles when a compiler is there and the run is large enough
-    to amortise the compile time.
-    """
-    from . import triton_kernels
-
-    check_backend(backend)
-    if backend == "eager":
-        return "eager"
-    if backend == "triton":
-        if not triton_kernels.usable(device):
-            raise ValueError(
-                f"backend='triton' cannot run on {device.type} here: it needs a CUDA device and the triton package "
-                "(on the CPU only under Triton's interpreter, TRITON_INTERPRET=1); use backend='auto' or 'eager'"
-            )
-        return "triton"
-    if backend == "auto" and device.type == "cuda" and triton_kernels.usable(device):
-        return "triton"
-    ok = compiler_available(device.type)
-    if backend == "compiled":
-        if not ok:
-            raise ValueError(
-                f"backend='compiled': torch.compile has no code generator for {device.type} here "
-                "(CPU: install a C++ compiler such as g++; CUDA: install triton); use backend='eager' or 'auto'"
-            )
-        return "compiled"
-    return "compiled" if ok and pair_evals >= AUTO_COMPILE_MIN_PAIR_EVALS else "eager"
-
 
 # ---------------------------------------------------------------------------- formulas
 # Per-pixel and per-neighbour inputs come channel-major ("structure of arrays": [B, 6, P],
 # [B, G, K], ...): inductor vectorises the pair loops along pixels or neighbours, and a
-# channel-last input then costs a strided gather per vector (measured: 2x slower fit step).
+# channel-last input then costs a strided gather per vector (a much slower fit step;
+# docs/engine.md, "Design measurements").
 def range_term(ic, jd) -> torch.Tensor:
     """``D [B, P, K] = sum_g (I'_g(p) - J'_g(k))^2`` from ``ic [B, G, P]`` and ``jd [B, G, K]``."""
     d = ic[:, 0, :, None] - jd[:, 0, None, :]
@@ -291,7 +218,7 @@ def pad_blocks(t: torch.Tensor, n: int, value: float = 0.0) -> torch.Tensor:
 def compiled_chunk_blocks(device: torch.device, p: int, k: int, tile_blocks: int) -> int:
     """Blocks per compiled chunk: cache-sized on the CPU (as the eager path), the largest tile on
     a GPU (one launch per tile). Fixed for a run, so one shape class per run."""
-    from .attention import CPU_CHUNK_BYTES
+    from .eager import CPU_CHUNK_BYTES
 
     if device.type != "cpu":
         return max(1, tile_blocks)
@@ -311,11 +238,39 @@ def warn_fallback(exc: BaseException) -> None:
     )
 
 
+class RenderWeights:
+    """Compiled softmax weights of render chunks (:func:`render_weights`), padded to a
+    fixed chunk size so that a render compiles once. ``engine``: the :class:`.blocks.BlockEngine`."""
+
+    def __init__(self, engine, tile_blocks: int):
+        self.cb = compiled_chunk_blocks(engine.device, engine.P, engine.K, tile_blocks)
+        self.fn = kernel("render", True)
+        self.r2_off = engine.grid.offsets.r2.to(engine.device, torch.int32)
+        self.channels = engine.channels
+
+    def bind(self, phi, psi, rho, jd, r2_pix, repeated):
+        g, cb = self.channels, self.cb
+        nb = phi.shape[0]
+        rep = repeated[:, 0, :] if repeated is not None else torch.zeros(nb, psi.shape[2], dtype=torch.bool, device=phi.device)
+        pieces = {
+            "phi": phi[:, :, :6].transpose(1, 2),
+            "psi": psi,
+            "rho": rho,
+            "ic": phi[:, :, 7 : 7 + g].transpose(1, 2),
+            "jd": jd.transpose(1, 2),
+            "r2": r2_pix.to(torch.int32),
+            "rep": rep,
+        }
+
+        def weights(b0: int, b1: int) -> torch.Tensor:
+            x = {name: pad_blocks(t[b0:b1], cb).contiguous() for name, t in pieces.items()}
+            w = self.fn(x["phi"], x["psi"], x["rho"], x["ic"], x["jd"], x["r2"], self.r2_off, x["rep"])
+            return w[: b1 - b0]
+
+        return weights
+
+
 __all__ = [
-    "BACKENDS",
-    "check_backend",
-    "compiler_available",
-    "resolve_backend",
     "range_term",
     "log_weights",
     "fit_chunk",
@@ -327,4 +282,5 @@ __all__ = [
     "pad_blocks",
     "compiled_chunk_blocks",
     "compiled_graph_count",
+    "RenderWeights",
 ]

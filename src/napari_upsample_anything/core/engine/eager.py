@@ -4,7 +4,7 @@
 a hand-written backward for the fit (:class:`_BlockAttention`), and a no-gradient variant for
 render that writes its result channels-first (:func:`render_blocks`), so the image layout
 ``(C, H, W)`` is reached by copying contiguous runs of block pixels instead of reading with
-stride C. The compiled, fused formulation of the same formulas lives in :mod:`.fused`.
+stride C. The compiled, fused formulation of the same formulas lives in :mod:`.compiled`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 # Blocks per cache-sized chunk inside a tile (CPU): the [chunk, P, K] temporaries of the
-# log-weights stay in the CPU caches across their seven elementwise passes (measured at
-# 224x224: range term 24 ms -> 13 ms per fit step). GPUs take the whole tile at once.
+# log-weights stay in the CPU caches across their seven elementwise passes (docs/engine.md,
+# "Design measurements"). GPUs take the whole tile at once.
 CPU_CHUNK_BYTES = 5 * 2**19
 # Fixed per-tile overhead of the chunk temporaries (log-weights, range, temporary, weights),
 # sized for the largest chunk a CPU or a small GPU tile uses.
@@ -30,7 +30,7 @@ class Workspace:
     Each tile needs a few ``[blocks, P, K]`` float32 tensors (log-weights, which the backward
     reuses for their gradient, range distances, softmax weights). Allocating them afresh for every tile
     makes the C allocator map and unmap tens of MB each time; the page faults cost about as
-    much as the arithmetic on a CPU (measured: 112 ms -> 72 ms per fit step at 224x224).
+    much as the arithmetic on a CPU (docs/engine.md, "Design measurements").
     The weights saved for backward live in this workspace, so a tile's backward must run
     before the next tile's forward (the fit loop does exactly that).
     """
@@ -78,7 +78,7 @@ class _BlockAttention(torch.autograd.Function):
     Blocks are processed in cache-sized chunks (:func:`chunk_blocks`); only the softmax
     weights of the whole tile are kept, and only when a backward will need them. With few
     channels the values are stored column-major (``[B, C, K]`` contiguous): MKL's batched
-    product is 2.4x faster in that layout (measured: 10.3 ms -> 4.3 ms, 256 blocks, C = 3).
+    product is faster in that layout (docs/engine.md, "Design measurements").
     """
 
     @staticmethod
@@ -195,7 +195,7 @@ def render_blocks(
     out ``[B, C, P]`` so that the tile image ``(C, rows, cols)`` is a copy of contiguous runs
     of ``P_x`` pixels (the ``[B, P, C]`` layout had to be read with stride C, 32 % of render
     time at C = 384). ``weights_fn(b0, b1) -> [n, P, K]`` replaces the eager log-weights and
-    softmax of blocks ``b0:b1`` (the compiled path, :mod:`.fused`), with ``chunk`` its fixed
+    softmax of blocks ``b0:b1`` (the compiled path, :mod:`.compiled`), with ``chunk`` its fixed
     chunk size.
     """
     nb, p, k = phi.shape[0], phi.shape[1], psi.shape[2]

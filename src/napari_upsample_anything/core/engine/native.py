@@ -1,8 +1,8 @@
-"""Hand-written CPU kernel of the fused fit chunk (:func:`.fused.fit_chunk`), built with the
+"""Hand-written CPU kernel of the fused fit chunk (:func:`.compiled.fit_chunk`), built with the
 system C compiler on first use and called through ctypes.
 
-Why a C kernel next to ``torch.compile``: inductor's CPU code for this chunk runs at about
-9 ns per (pixel, neighbour) pair, little better than the eager path, because it splits the
+Why a C kernel next to ``torch.compile``: inductor's CPU code for this chunk runs little
+faster than the eager path (docs/benchmarks_engine.md), because it splits the
 softmax and the two reductions into six passes and keeps ``[B, P, K]`` intermediates. Here,
 with OpenMP over blocks, each block of P pixels x K neighbours (a few hundred KiB, L2-resident)
 takes three passes:
@@ -16,9 +16,8 @@ takes three passes:
 3. the gradient, summed over the block's pixels sixteen neighbours at a time in registers
    (a small matrix product), instead of updating seven ``[K]`` arrays per pixel.
 
-Measured at 224^2 (1 thread, quiet machine): 22 -> 14 ms per fit step for the kernel (the
-earlier one-pixel-at-a-time version with glibc ``expf``), about 1.4 ns per pair. Same formulas
-as :func:`.fused.fit_chunk`, but it takes the neighbours' (A, B, C, rho) and offsets instead of
+docs/benchmarks_engine.md has its time per pair and per fit step. Same formulas
+as :func:`.compiled.fit_chunk`, but it takes the neighbours' (A, B, C, rho) and offsets instead of
 ``psi`` and applies the chain rule itself; masked pairs get weight 0 instead of a ``-inf``
 log-weight (the centre offset is never masked, so the denominator is at least 1). Tests
 compare it with the float64 reference and the other paths.
@@ -29,7 +28,7 @@ reductions and contract the polynomial into FMAs) but *linked* without ``-ffast-
 whole process when the library is loaded, silently changing every other computation of the
 user's program (a test checks that subnormals survive loading the kernel). The kernel sets
 flush-to-zero itself, per block and per thread, and restores the previous state: without it
-the weights of far neighbours underflow to subnormals and a 224^2 fit is 4.5x slower. The library is
+the weights of far neighbours underflow to subnormals and a fit is several times slower. The library is
 cached under the user cache directory, keyed by the source hash, the compiler and this
 CPU's model and feature flags (``-march=native`` code from one node of a cluster with a
 shared home directory must not be loaded on an older node), written to a temporary name
@@ -91,7 +90,7 @@ void exp_values(int64_t n, const float *x, float *out)
 /* 64-byte aligned scratch of n floats (size rounded up to whole cache lines, as C11 requires). */
 static float *falloc(int64_t n) { return (float *)aligned_alloc(64, (size_t)((n + 15) / 16 * 16) * sizeof(float)); }
 
-/* One fit chunk: see napari_upsample_anything/core/fused.py::fit_chunk for the formulas.
+/* One fit chunk: see napari_upsample_anything/core/engine/compiled.py::fit_chunk for the formulas.
    *failed is set to 1 when scratch memory could not be allocated (the results are then invalid). */
 void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                const float *phi, const float *coef, const float *d_y, const float *d_x, const float *ic,
@@ -104,17 +103,17 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
     for (int64_t b = 0; b < B; ++b) {
 #if defined(__SSE__)
         /* Flush-to-zero / denormals-are-zero for this block only, restored below: weights of far
-           neighbours underflow to subnormals, which are ~100x slower (measured: a 224^2 fit 4.5x
-           slower without this), and they are below anything the float32 loss can resolve. */
+           neighbours underflow to subnormals, which are far slower (docs/engine.md), and they
+           are below anything the float32 loss can resolve. */
         const unsigned int csr_saved = _mm_getcsr();
         _mm_setcsr(csr_saved | 0x8040u);
 #endif
         const int64_t KP = (K + 15) / 16 * 16;
         const int64_t P4 = (P + 3) / 4 * 4;
-        /* Scratch per block on purpose: one per-thread scratch reused across blocks measured 3x
-           slower at 448^2 (same layout, no page faults; cause not found). In Dask workers,
+        /* Scratch per block on purpose: one per-thread scratch reused across blocks measured
+           slower (same layout, no page faults; cause not found; docs/engine.md). In Dask workers,
            whose nanny sets MALLOC_TRIM_THRESHOLD_, these allocations became fresh mmaps
-           (page faults, 2.5-3x slower): distributed.worker_malloc_defaults unsets it. */
+           (page faults, slower): distributed.worker_malloc_defaults unsets it. */
         float *E = falloc(P4 * KP);
         float *D = falloc(P4 * KP);
         float *pix = falloc(14 * P4);
@@ -138,7 +137,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         const float *ph = phi + b * 6 * P, *ib = ic + b * G * P, *tb = target + b * G * P, *wb = weight + b * P;
         const uint8_t *rep = repeated + b * K;
         for (int64_t g = 0; g < G && g < 3; ++g) { memcpy(jz + g * KP, jb + g * K, sizeof(float) * K); memcpy(vz + g * KP, vb + g * K, sizeof(float) * K); }
-        /* The neighbours' quadratic forms in the block's local coordinates (fused.spatial_coefficients)
+        /* The neighbours' quadratic forms in the block's local coordinates (compiled.spatial_coefficients)
            from their A, B, C and offsets; rho is the range coefficient. */
         for (int64_t k = 0; k < K; ++k) {
             const float A = coef[b * K + k], Bc = coef[(B + b) * K + k], C = coef[(2 * B + b) * K + k];
@@ -261,7 +260,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             }
             const int64_t n = K - k0 < 16 ? K - k0 : 16;
             for (int j = 0; j < n; ++j) {
-                /* Chain rule through the quadratic form (fused.spatial_coefficients_backward). */
+                /* Chain rule through the quadratic form (compiled.spatial_coefficients_backward). */
                 const int64_t k = k0 + j;
                 const float dy = dyb[k], dx = dxb[k];
                 grad_coef[b * K + k] = -a_0[j] + 2.0f * a_3[j] * dx - a_5[j] * dx * dx;
@@ -358,8 +357,8 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
 /* Flush-to-zero / denormals-are-zero in every thread of an OpenMP team of `threads` (on = 1),
    or off again (on = 0). torch's CPU thread pool is this OpenMP runtime's pool (one libgomp in
    the process), and torch.set_flush_denormal only changes the calling thread: without this,
-   torch's worker threads computed subnormal softmax weights during our renders (224^2,
-   C = 384, 2 threads: 1.33 s instead of 0.17 s, measured). "Off" clears the bits rather than
+   torch's worker threads computed subnormal softmax weights during our renders (several times
+   slower; docs/engine.md). "Off" clears the bits rather than
    restoring a saved state: a worker created during an engine call inherits the caller's FTZ,
    and restoring would keep it on for good. The Python side only calls this when the calling
    thread was not flushing before, i.e. when "off" is the user's state. */
@@ -553,7 +552,7 @@ def render_weights(phi, psi, rho, ic, jd, r2_pix, r2_off, repeated, out=None) ->
 
     ``phi [B, 6, P]`` (the spatial pixel features), ``psi [B, 6, K]``, ``rho [B, K]``,
     ``ic [B, G, P]`` (centred guide), ``jd [B, G, K]``, ``r2_pix [B, P]``, ``r2_off [K]`` and
-    ``repeated [B, K]`` as in :func:`.fused.render_weights`; ``out``: an optional contiguous
+    ``repeated [B, K]`` as in :func:`.compiled.render_weights`; ``out``: an optional contiguous
     float32 ``[B, P, K]`` buffer to write into. Dropped pairs get weight 0.
     """
     lib = _library()
@@ -591,12 +590,12 @@ def _ptr(t: torch.Tensor):
 
 
 def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated, want_grad: bool = True, lib=None):
-    """:func:`.fused.fit_chunk` on the CPU through the native kernel (float32, G <= 3), with the
+    """:func:`.compiled.fit_chunk` on the CPU through the native kernel (float32, G <= 3), with the
     spatial coefficients and their chain rule done inside the kernel.
 
     Takes the neighbours' ``coef [4, B, K]`` (A, B, C, rho) and offsets ``d_y, d_x [B, K]``
-    instead of ``psi`` and ``rho`` (``psi = fused.spatial_coefficients(coef, d_y, d_x)``);
-    the other inputs are those of :func:`.fused.fit_chunk`. Returns ``(loss_sum, squared_sum,
+    instead of ``psi`` and ``rho`` (``psi = compiled.spatial_coefficients(coef, d_y, d_x)``);
+    the other inputs are those of :func:`.compiled.fit_chunk`. Returns ``(loss_sum, squared_sum,
     grad_coef [4, B, K])``; with ``want_grad=False`` the kernel skips its gradient pass and
     ``grad_coef`` is zero. ``lib``: another build of the library (tests), default this one.
     """
@@ -637,3 +636,33 @@ def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off,
             f"the native fit kernel could not allocate its scratch memory ({B} blocks of {P} pixels x {K} neighbours)"
         )
     return torch.tensor(loss.value), torch.tensor(squared.value), grad_coef
+
+
+class RenderWeights:
+    """Softmax weights of render chunks through the native CPU kernel
+    (:func:`render_weights`): the eager path's log-weights, range term, mask and softmax
+    (seven passes over ``[chunk, P, K]``) in one pass per pixel; the products stay a GEMM.
+    ``engine``: the :class:`.blocks.BlockEngine`; usable where :func:`.backends.native_usable`."""
+
+    def __init__(self, engine):
+        self.r2_off = engine.grid.offsets.r2.to(torch.int32)
+        self.channels = engine.channels
+        self.P = engine.P
+
+    def bind(self, phi, psi, rho, jd, r2_pix, repeated, workspace, chunk: int):
+        g, nb, k = self.channels, phi.shape[0], psi.shape[2]
+        rep = repeated[:, 0, :] if repeated is not None else torch.zeros(nb, k, dtype=torch.bool)
+        spatial = phi[:, :, :6].transpose(1, 2).contiguous()  # [B, 6, P]
+        ic = phi[:, :, 7 : 7 + g].transpose(1, 2).contiguous()  # [B, G, P]
+        jd_t = jd.transpose(1, 2).contiguous()  # [B, G, K]
+        psi, rho = psi.contiguous(), rho.contiguous()
+        r2, r2_off = r2_pix.to(torch.int32).contiguous(), self.r2_off[:k].contiguous()
+        buf = workspace.get("native_weights", (chunk, self.P, k), torch.float32)
+
+        def weights(b0: int, b1: int) -> torch.Tensor:
+            return render_weights(
+                spatial[b0:b1], psi[b0:b1], rho[b0:b1], ic[b0:b1], jd_t[b0:b1], r2[b0:b1], r2_off, rep[b0:b1],
+                out=buf[: b1 - b0],
+            )  # fmt: skip
+
+        return weights
