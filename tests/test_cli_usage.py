@@ -64,6 +64,21 @@ def test_a_map_finer_than_the_image_is_a_usage_mistake(tmp_path, gray_png):
     assert not (tmp_path / "x.npy").exists()
 
 
+@pytest.mark.parametrize(
+    "flags,words",
+    [(["--workers", "2"], "add --dask"), (["--dask", "nohost"], "give a scheduler address such as tcp://host:8786")],
+)
+def test_map_refuses_dask_flags_as_run_does(tmp_path, gray_png, flags, words):
+    """`map` checks the Dask flags with run's check (in cli.py) from its own module: under
+    `python -m ...cli` that is a second copy of cli.py, whose UsageError must still be exit 2."""
+    np.save(tmp_path / "lr.npy", np.zeros((4, 4), np.float32))
+    res = run_cli(["map", tmp_path / "lr.npy", "--image", gray_png, "--out", tmp_path / "x.npy", *flags], tmp_path)
+    assert res.returncode == 2
+    line = one_line(res)
+    assert line.startswith("upsample-anything: usage error: ") and words in line, line
+    assert not (tmp_path / "x.npy").exists()
+
+
 def test_plane_ranges_clip_like_python_slices(tmp_path):
     import tifffile
 
