@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .cli_options import _check_planes_flag, _parse_channels_flag, options_from_args
 from .cli_printing import EXIT_OK, Bar, UsageError
-from .map_io import _load_kernels, _write_map, read_map
+from .map_io import load_kernels, read_map, write_map
 
 
 class MapInputError(UsageError, ValueError):
@@ -135,7 +135,7 @@ def map_job(spec: dict, progress=None, *, lr=None, src=None) -> dict:
         raise MapInputError(f"--image {spec['image']}: cannot read plane t={t} z={z} ({type(exc).__name__}: {exc})") from exc
     field = None
     if spec["kernels"] is not None:
-        field = _load_kernels(spec["kernels"], (t, z))
+        field = load_kernels(spec["kernels"], (t, z))
         if tuple(field.shape) != tuple(lr.shape[-2:]):
             raise MapInputError(
                 f"--kernels {spec['kernels']} are on a {field.shape[0]} x {field.shape[1]} grid but the map is "
@@ -147,7 +147,7 @@ def map_job(spec: dict, progress=None, *, lr=None, src=None) -> dict:
         result = result[0]
     sizes = {a: src.pixel_sizes.get(a) for a in "yx"}
     out = Path(spec["out"])
-    _write_map(out, result, sizes, src.unit if any(sizes.values()) else None)
+    write_map(out, result, sizes, src.unit if any(sizes.values()) else None)
     H, W = guide.shape[:2]
     summary = (
         f"{spec['map']} ({spec['kind']}, {'x'.join(map(str, lr.shape))}) -> {out} ({'x'.join(map(str, result.shape))}, {result.dtype}); "

@@ -1,7 +1,7 @@
 """Files of ``upsample-anything map``: the low-resolution map in, the kernels, the result out.
 
-:func:`read_map` reads ``.npy``, TIFF or OME-Zarr maps; :func:`_write_map` writes ``.npy``,
-OME-TIFF or OME-Zarr under a temporary name and renames it when complete; :func:`_load_kernels`
+:func:`read_map` reads ``.npy``, TIFF or OME-Zarr maps; :func:`write_map` writes ``.npy``,
+OME-TIFF or OME-Zarr under a temporary name and renames it when complete; :func:`load_kernels`
 reads the kernels ``run`` saved (``kernels.ome.zarr`` or ``kernels.npz``).
 """
 
@@ -49,7 +49,7 @@ def read_map(path: str | Path):
     return arr
 
 
-def _write_map(path: Path, arr, pixel_sizes=None, unit=None) -> None:
+def write_map(path: Path, arr, pixel_sizes=None, unit=None) -> None:
     """Write ``arr`` to ``path`` (.npy, .tif, .ome.zarr) under a temporary name, then rename."""
     import numpy as np
 
@@ -93,7 +93,10 @@ def _write_map(path: Path, arr, pixel_sizes=None, unit=None) -> None:
         raise
 
 
-def _load_kernels(path: str | Path, plane):
+def load_kernels(path: str | Path, plane):
+    """The kernels of ``plane`` ``(t, z)`` from ``kernels.ome.zarr`` (that plane's, or its only
+    field) or ``kernels.npz``; an unreadable file, or one without that plane, raises
+    :class:`UsageError` naming ``--kernels``."""
     from .core.field import KernelField
 
     p = Path(path)
