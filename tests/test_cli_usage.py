@@ -64,6 +64,21 @@ def test_a_map_finer_than_the_image_is_a_usage_mistake(tmp_path, gray_png):
     assert not (tmp_path / "x.npy").exists()
 
 
+@pytest.mark.parametrize(
+    "flags,words",
+    [(["--workers", "2"], "add --dask"), (["--dask", "nohost"], "give a scheduler address such as tcp://host:8786")],
+)
+def test_map_refuses_dask_flags_as_run_does(tmp_path, gray_png, flags, words):
+    """`map` checks the Dask flags with run's check (in cli.py) from its own module: under
+    `python -m ...cli` that is a second copy of cli.py, whose UsageError must still be exit 2."""
+    np.save(tmp_path / "lr.npy", np.zeros((4, 4), np.float32))
+    res = run_cli(["map", tmp_path / "lr.npy", "--image", gray_png, "--out", tmp_path / "x.npy", *flags], tmp_path)
+    assert res.returncode == 2
+    line = one_line(res)
+    assert line.startswith("upsample-anything: usage error: ") and words in line, line
+    assert not (tmp_path / "x.npy").exists()
+
+
 def test_plane_ranges_clip_like_python_slices(tmp_path):
     import tifffile
 
@@ -102,6 +117,39 @@ def test_map_creates_its_output_folder_as_run_does(tmp_path, gray_png):
     (tmp_path / "file").write_text("")
     res = run_cli(["map", tmp_path / "lr.npy", "--image", gray_png, "--out", tmp_path / "file" / "up.npy"], tmp_path)
     assert res.returncode == 2 and "is not a folder" in one_line(res)
+
+
+def test_the_map_job_refuses_kernels_on_another_grid_serially_and_as_a_task(tmp_path, gray_png):
+    """One map job for `map` and `map --dask`: kernels on another grid than the map are a usage
+    error in the command and a bad-input failure (not retried) as a task; nothing is written."""
+    import skimage.io
+
+    import napari_upsample_anything as upa
+    from napari_upsample_anything.cli_map import map_job
+    from napari_upsample_anything.cli_printing import UsageError
+    from napari_upsample_anything.distributed import execute
+    from napari_upsample_anything.pipeline import PipelineOptions
+
+    field = upa.fit_kernels(skimage.io.imread(gray_png), (4, 4), steps=1, device="cpu")
+    field.save(tmp_path / "k.npz")
+    np.save(tmp_path / "lr.npy", np.random.default_rng(1).random((3, 3)).astype(np.float32))
+    spec = {
+        "map": str(tmp_path / "lr.npy"),
+        "image": str(gray_png),
+        "axes": None,
+        "scene": None,
+        "plane": (0, 0),
+        "kernels": str(tmp_path / "k.npz"),
+        "kind": "continuous",
+        "options": PipelineOptions(steps=0, device="cpu"),
+        "out": str(tmp_path / "up.npy"),
+    }
+    with pytest.raises(UsageError, match="on a 4 x 4 grid but the map is 3 x 3; leave --kernels out"):
+        map_job(spec)
+    [outcome] = execute([spec], map_job, retries=2)
+    assert not outcome.ok and outcome.input_error, outcome
+    assert "on a 4 x 4 grid but the map is 3 x 3" in outcome.error
+    assert not (tmp_path / "up.npy").exists()
 
 
 def test_each_subcommand_lists_only_its_own_flags(tmp_path):
