@@ -52,7 +52,7 @@ def fingerprint() -> str:
     kernel's build (compiler, flags, vector width) and numpy."""
     import torch
 
-    from napari_upsample_anything.core import native
+    from napari_upsample_anything.core.engine import native
 
     return " | ".join(
         [

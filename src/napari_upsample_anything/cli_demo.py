@@ -90,8 +90,7 @@ def cmd_demo(args) -> int:
     field = None
     options = options_from_args(args)
     try:
-        # process_image stays with the run command (the pipeline's entry point for one input)
-        from .cli import process_image
+        from .cli_jobs import process_image
         from .pipeline import SourceRef
 
         ref = SourceRef(array=image, axes="yxs", name="immunohistochemistry")

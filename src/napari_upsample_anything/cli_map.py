@@ -51,10 +51,9 @@ def cmd_map(args) -> int:
         raise UsageError(str(exc)) from exc
     if len(planes) != 1:
         raise UsageError(f"{args.image} has {len(planes)} planes; pick the one the map belongs to with --planes (e.g. z=3)")
-    # The Dask flags and client stay with the run command, which shares them.
-    from .cli import _check_dask_flags, _dask_from_args
+    from .cli_jobs import check_dask_flags, dask_from_args
 
-    _check_dask_flags(args)
+    check_dask_flags(args)
     # A Dask worker may run in another folder: it gets absolute paths. Serially the paths stay
     # as given (the summary line names them so).
     where = (lambda p: str(Path(p).resolve())) if args.dask else str
@@ -73,7 +72,7 @@ def cmd_map(args) -> int:
         from .distributed import execute
         from .pipeline import JobInputError, JobTaskError, describe_map_task
 
-        with _dask_from_args(args) as client:
+        with dask_from_args(args) as client:
             bar = Bar(f"{Path(args.map).name}: tasks", args.quiet)
             try:
                 [outcome] = execute([spec], map_job, client=client, retries=args.retries, progress=bar)

@@ -31,6 +31,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+from .cli_jobs import check_dask_flags, dask_from_args, output_names
+from .cli_options import _check_planes_flag, _output_dir, _parse_channels_flag, _parse_memory
+from .cli_printing import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Bar, UsageError, _one_line, _table, _usage_like
+
 #: File suffixes taken from a folder given as input (others are ignored).
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr", ".czi", ".nd2", ".lif")
 _CLASSIFIERS: Dict[Any, Any] = {}  # per process (a Dask worker): path, mtime -> classifier
@@ -85,19 +89,6 @@ def add_parser(subparsers) -> Any:
     return p
 
 
-def _cli():
-    """The running CLI module: ``python -m napari_upsample_anything.cli`` runs it as ``__main__``,
-    whose UsageError (the class its ``main`` turns into exit code 2) is not the one of a fresh
-    ``import napari_upsample_anything.cli``."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name == "napari_upsample_anything.cli":
-        return main
-    from . import cli
-
-    return cli
-
-
 def expand_inputs(paths: List[str]) -> List[str]:
     """Files as given; folders (other than ``.zarr`` stores) replaced by their image files, sorted."""
     out: List[str] = []
@@ -108,7 +99,7 @@ def expand_inputs(paths: List[str]) -> List[str]:
                 str(q) for q in path.iterdir() if not q.name.startswith(".") and q.name.lower().endswith(IMAGE_SUFFIXES)
             )
             if not found:
-                raise _cli().UsageError(f"folder {p} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+                raise UsageError(f"folder {p} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
             out.extend(found)
         else:
             out.append(str(p))
@@ -216,7 +207,7 @@ def _segment_one(path: str, target: Path, clf_path: str, clf, options, args, cli
             for t, z in planes
         ]
 
-        bar = _cli().Bar(f"{Path(path).name}: planes", args.quiet)
+        bar = Bar(f"{Path(path).name}: planes", args.quiet)
         try:
             outcomes = execute(specs, segment_task, client=client, retries=args.retries, progress=bar)
         finally:
@@ -243,18 +234,14 @@ def _segment_one(path: str, target: Path, clf_path: str, clf, options, args, cli
 
 
 def cmd_segment(args) -> int:
-    cli = _cli()
-    output_names = cli.output_names
-    UsageError = cli.UsageError
-
     for p in args.images:
         if not Path(p).exists():
             raise UsageError(f"image file not found: {p}")
     if not Path(args.classifier).is_file():
         raise UsageError(f"--classifier file not found: {args.classifier}")
-    cli._check_planes_flag(args.planes)
-    cli._check_dask_flags(args)
-    cli._parse_memory(args.max_memory)
+    _check_planes_flag(args.planes)
+    check_dask_flags(args)
+    _parse_memory(args.max_memory)
     if args.axes is not None:
         from .sources import normalise_axes
 
@@ -277,7 +264,7 @@ def cmd_segment(args) -> int:
             backbone=args.backbone,
             layer=args.layer,
             input_size=args.input_size,
-            channels=cli._parse_channels_flag(args.channels) if args.channels is not None else None,
+            channels=_parse_channels_flag(args.channels) if args.channels is not None else None,
             weights=args.weights,
             device=args.device,
             precision=args.precision,
@@ -289,11 +276,11 @@ def cmd_segment(args) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise UsageError(f"--classifier {args.classifier}: {exc}") from exc
     inputs = expand_inputs(args.images)
-    out = cli._output_dir(args.out)
+    out = _output_dir(args.out)
     names = output_names(inputs)
     rows = [["image", "planes", "shape", "classes", "seconds", "status", "output"]]
     failures: List[BaseException] = []
-    with cli._dask_from_args(args) as client:
+    with dask_from_args(args) as client:
         for path, name in zip(inputs, names):
             target = out / name
             if args.skip_existing and (target / "segment.json").is_file():
@@ -310,8 +297,8 @@ def cmd_segment(args) -> int:
 
                     traceback.print_exc()
                 failures.append(exc)
-                kind = "bad input" if cli._usage_like(exc) else "error"
-                print(f"upsample-anything: {path}: {kind}: {cli._one_line(exc)}", file=sys.stderr)
+                kind = "bad input" if _usage_like(exc) else "error"
+                print(f"upsample-anything: {path}: {kind}: {_one_line(exc)}", file=sys.stderr)
                 rows.append([path, "", "", "", "", "FAILED: " + type(exc).__name__, ""])
                 continue
             rows.append(
@@ -325,8 +312,8 @@ def cmd_segment(args) -> int:
                     str(target / "labels.ome.zarr"),
                 ]
             )
-    print(cli._table(rows))
+    print(_table(rows))
     if failures:
         print(f"upsample-anything: {len(failures)} of {len(inputs)} input(s) failed", file=sys.stderr)
-        return cli.EXIT_USAGE if all(cli._usage_like(e) for e in failures) else cli.EXIT_FAILURE
-    return cli.EXIT_OK
+        return EXIT_USAGE if all(_usage_like(e) for e in failures) else EXIT_FAILURE
+    return EXIT_OK
