@@ -288,16 +288,16 @@ def test_plugin_toasts_fade_out_even_when_the_window_is_not_active(make_napari_v
     """napari starts a toast's own timer only while its window is active; the plugin's fade out anyway."""
     from napari._qt.dialogs.qt_notification import NapariQtNotification
 
-    from napari_upsample_anything.widgets import _qt_common
+    from napari_upsample_anything.widgets import _messages
 
     make_napari_viewer(show=True)
-    monkeypatch.setattr(_qt_common, "TOAST_MS", {"error": 1500, "warning": 1500, "info": 1500})
+    monkeypatch.setattr(_messages, "TOAST_MS", {"error": 1500, "warning": 1500, "info": 1500})
     text = "Do this first: a test toast"
 
     def shown():
         return [t for t in NapariQtNotification._instances if t.message.text() == text and t.isVisible()]
 
-    _qt_common.notify("warning", text)
+    _messages.notify("warning", text)
     qtbot.waitUntil(lambda: bool(shown()), timeout=10_000)
     for toast in shown():
         toast.timer_stop()  # as when the napari window is not the active one

@@ -264,7 +264,7 @@ def fitted_small(make_napari_viewer, qtbot):
 def test_threads_setting_reaches_the_worker_and_is_restored(make_napari_viewer, qtbot):
     import torch
 
-    from napari_upsample_anything.widgets._qt_common import Runner, default_threads
+    from napari_upsample_anything.widgets._threads import Runner, default_threads
 
     assert default_threads() >= 1
     viewer = make_napari_viewer()

@@ -43,8 +43,11 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.published import PUBLISHED_STEPS
+from ._base import CollapsibleSection, RunWidget, status_label
 from ._estimate import format_seconds
 from ._frame import Frame, SelectionError, full_res_data, layer_kind
+from ._messages import gui_error_message
+from ._pickers import LayerPicker
 from ._pipeline import (
     Outcome,
     RunConfig,
@@ -52,21 +55,8 @@ from ._pipeline import (
     save_hr_features,
     save_kernels,
 )
-from ._qt_common import (
-    SHUTDOWN_TIMEOUT,
-    BackgroundTask,
-    CollapsibleSection,
-    LayerPicker,
-    Runner,
-    RunWidget,
-    call_with_threads,
-    gui_error_message,
-    release_memory,
-    status_label,
-    threads_spinbox,
-    torch_loaded,
-)
 from ._registry import FitResult, get_state, put_layer, remove_result_layers, result_label, unwrap_viewer
+from ._threads import SHUTDOWN_TIMEOUT, BackgroundTask, Runner, call_with_threads, release_memory, threads_spinbox, torch_loaded
 
 #: Short backbone names offered in the combo box (any timm ViT name can be typed).
 BACKBONES = (
