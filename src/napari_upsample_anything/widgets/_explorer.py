@@ -1,7 +1,9 @@
 """**Feature explorer**: ask a fitted image's HR features questions (point similarity, scribbles).
 
 Works on a result of the main widget (picked in *Fitted image*), on the plane under the
-viewer's slider for stacks.
+viewer's slider for stacks. *Blocks* (empty, ``-1`` or ``-1,-4``) chooses the transformer
+blocks whose features are explored (concatenated, each normalised); other blocks than the
+fitted one run the backbone again on the image, once per plane, and reuse the fitted kernels.
 
 * **Similarity**: *Add points* creates a Points layer (``<name> query points``); every point
   clicked on the image adds to the query (the mean HR feature of the points on the current
@@ -14,7 +16,9 @@ viewer's slider for stacks.
   (*New scribbles*) or any Labels layer of the right size, which is only read, never
   changed -- and press *Segment* (or tick *Live*): a random forest is trained on the HR
   features at the scribbled pixels and classifies every pixel: ``<name> segmentation``
-  (Labels), and on request one ``<name> probability <k>`` image per class. Route *HR pixels* classifies
+  (Labels), and on request one ``<name> probability <k>`` image per class. On a stack, *Train on
+  every scribbled slice* trains one classifier on the strokes of every fitted slice (a class
+  may be painted on one slice only). Route *HR pixels* classifies
   every HR pixel; *LR tokens* classifies the patch tokens and upsamples the class
   probabilities with the kernels (much cheaper). *Save classifier* writes the training
   samples to an ``.npz`` (no pickle; see :mod:`napari_upsample_anything.explore`) for batch use.
@@ -40,13 +44,24 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPushButton,
     QSlider,
     QWidget,
 )
 
 from ._base import RunWidget, status_label
-from ._explore_compute import ExplorerInputError, compute_apply, compute_segmentation, compute_similarity, plane_scribbles
+from ._explore_compute import (
+    BLOCKS_HINT,
+    ExplorerInputError,
+    FeatureSource,
+    compute_apply,
+    compute_segmentation,
+    compute_similarity,
+    parse_blocks,
+    plane_scribbles,
+    scribble_examples,
+)
 from ._pickers import LayerPicker, ResultPicker
 from ._pipeline import Outcome
 from ._registry import (
@@ -94,6 +109,7 @@ class FeatureExplorerWidget(RunWidget):
         self._watched: list = []  # (layer ref, emitter name, callback)
         self._scribbles_ref = None  # the Labels layer the running segmentation reads
         self._classifier = None  # what "Apply classifier" and "Save classifier" use
+        self._feature_cache: dict = {}  # result key -> FeatureSource cache (features of other blocks)
         self._build()
         self._live_timer = QTimer(self)
         self._live_timer.setSingleShot(True)
@@ -112,6 +128,14 @@ class FeatureExplorerWidget(RunWidget):
         self.result_picker = ResultPicker(self.viewer)
         self.result_picker.setToolTip("The image whose HR features are explored (fitted by 'Upsample Anything')")
         form.addRow("Fitted image", self.result_picker)
+        self.blocks_edit = QLineEdit()
+        self.blocks_edit.setPlaceholderText("as fitted (e.g. -1 or -1,-4)")
+        self.blocks_edit.setToolTip(
+            "Transformer blocks whose features are explored, concatenated (each normalised); empty = the block "
+            "the image was fitted with. Other blocks run the backbone again on the image (once per plane); "
+            "the fitted kernels are reused. " + BLOCKS_HINT[0].upper() + BLOCKS_HINT[1:]
+        )
+        form.addRow("Blocks", self.blocks_edit)
 
         sim_box = QGroupBox("Point similarity")
         sim_form = QFormLayout(sim_box)
@@ -155,6 +179,12 @@ class FeatureExplorerWidget(RunWidget):
         seg_form.addRow("Classify", self.route_combo)
         self.image_check = QCheckBox("Also use the image's own channels")
         seg_form.addRow(self.image_check)
+        self.slices_check = QCheckBox("Train on every scribbled slice")
+        self.slices_check.setChecked(True)
+        self.slices_check.setToolTip(
+            "For a stack fitted on all slices: one classifier learns from the strokes of every slice; off: only the slice shown"
+        )
+        seg_form.addRow(self.slices_check)
         self.live_check = QCheckBox("Live: re-segment after each stroke")
         seg_form.addRow(self.live_check)
         self.prob_check = QCheckBox("Also add one probability layer per class")
@@ -203,6 +233,13 @@ class FeatureExplorerWidget(RunWidget):
 
     def _device(self, result: FitResult) -> str:
         return str(getattr(result.pipeline, "device", "auto") or "auto")
+
+    def _source(self, result: FitResult) -> FeatureSource:
+        """The features of the "Blocks" field (raises :class:`ExplorerInputError` for a malformed one)."""
+        blocks = parse_blocks(self.blocks_edit.text())
+        for key in [k for k in self._feature_cache if k not in self.state.results]:
+            del self._feature_cache[key]  # features of results that are gone
+        return FeatureSource(result.pipeline.config, blocks, self._feature_cache.setdefault(result.key, {}))
 
     def _watch(self, layer, emitter: str, callback) -> None:
         getattr(layer.events, emitter).connect(callback)
@@ -346,11 +383,16 @@ class FeatureExplorerWidget(RunWidget):
             except KeyError as exc:
                 self._message("warning", str(exc), self.status)
                 return False
+        try:
+            source = self._source(result)
+        except ExplorerInputError as exc:
+            self._message("error", str(exc), self.status)
+            return False
         self._pending = {"kind": "apply", "result": result, "planes": planes}
         self._set_running(True)
         self.status.setText("applying the classifier…")
         device = self._device(result)
-        self.runner.start(compute_apply, planes, self.classifier, device, device=device, desc=f"classify {result.name}")
+        self.runner.start(compute_apply, planes, self.classifier, device, source, device=device, desc=f"classify {result.name}")
         return True
 
     def _set_running(self, running: bool) -> None:
@@ -374,7 +416,13 @@ class FeatureExplorerWidget(RunWidget):
             if not quiet:
                 self.status.setText("Add query points on the image first ('Add points').")
             return False
-        self._start("similarity", compute_similarity, plane, points, result, self._device(result))
+        try:
+            source = self._source(result)
+        except ExplorerInputError as exc:
+            self._message("error", str(exc), self.status)
+            return False
+        device = self._device(result)
+        self._start("similarity", result, plane, compute_similarity, plane, points, device, source)
         return True
 
     def run_segmentation(self, quiet: bool = False) -> bool:
@@ -390,35 +438,39 @@ class FeatureExplorerWidget(RunWidget):
             return False
         try:
             plane = self._plane(result)
-            scribbles = plane_scribbles(layer, result, plane)
+            if self.slices_check.isChecked():
+                examples, unfitted = scribble_examples(layer, result, plane)
+            else:
+                examples, unfitted = [(plane, plane_scribbles(layer, result, plane))], []
+            source = self._source(result)
         except (KeyError, ExplorerInputError) as exc:
             self._message("error" if not quiet else "info", str(exc), self.status)
             return False
-        classes = np.unique(scribbles[scribbles > 0])
-        if len(classes) < 2:
+        found = np.unique(np.concatenate([s[s > 0] for _, s in examples])) if examples else np.zeros(0, int)
+        if len(found) < 2:
             if not quiet:
-                self._message("info", f"Paint at least two classes (found {classes.tolist()}).", self.status)
+                self._message("info", f"Paint at least two classes (found {found.tolist()}).", self.status)
             return False
+        if unfitted and not quiet:  # said, not refused: the fitted slices still train
+            self._message(
+                "warning",
+                f"Slices {unfitted} have strokes but were not fitted (run 'Upsample Anything' on all slices); "
+                f"training on {len(examples)} slice(s).",
+                self.status,
+            )
         route = self.route_combo.currentData()
         self._scribbles_ref = weakref.ref(layer)
-        self._start(
-            "segment",
-            compute_segmentation,
-            plane,
-            scribbles,
-            result,
-            route,
-            self.image_check.isChecked(),
-            self._device(result),
-        )
+        device = self._device(result)
+        args = (plane, examples, route, self.image_check.isChecked(), device, source)
+        self._start("segment", result, plane, compute_segmentation, *args)
         return True
 
-    def _start(self, kind: str, fn, plane, first, result: FitResult, *args) -> None:
+    def _start(self, kind: str, result: FitResult, plane, fn, *args) -> None:
+        """Run ``fn(*args)`` on the result's device and show its outcome on ``plane``."""
         self._pending = {"kind": kind, "result": result, "plane": plane}
         self._set_running(True)
         self.status.setText(f"{kind}…")
-        device = args[-1]
-        self.runner.start(fn, plane, first, *args, device=device, desc=f"{kind} on {result.name}")
+        self.runner.start(fn, *args, device=self._device(result), desc=f"{kind} on {result.name}")
 
     def _on_finished(self, outcome: Outcome) -> None:
         super()._on_finished(outcome)
@@ -511,7 +563,8 @@ class FeatureExplorerWidget(RunWidget):
         clf = value["classifier"]
         self.segmentation = dict(value, result=result, plane=plane)
         if clf is not self._classifier:
-            self._set_classifier(clf, "trained on the scribbles")
+            n = len(value.get("examples", ())) or 1
+            self._set_classifier(clf, "trained on the scribbles" + (f" of {n} slices" if n > 1 else ""))
         common = {"owner": result.owner, "result": result.key}
         classes = [int(c) for c in clf.classes]
         wanted = classes if self.prob_check.isChecked() else []  # per-class maps only on request
