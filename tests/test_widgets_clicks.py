@@ -297,6 +297,13 @@ def test_explorer_blocks_field_and_training_on_every_scribbled_slice_by_clicks(m
     click(qtbot, w, "Segment")
     assert not w.runner.running and "Blocks '-1,x'" in w.last_message and "-1,-4" in w.last_message
 
+    # a block the backbone (12 blocks) does not have: the run says so, naming the field
+    type_into(qtbot, w, "Blocks", "-1,-40")
+    with qtbot.waitSignal(w.runner.finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        click(qtbot, w, "Segment")
+    assert blocker.args[0].status == "error" and own_layers(viewer, "explore_segmentation") == []
+    assert w.last_message.startswith("Blocks -1,-40: layer=-40 is out of range") and "-12..-1" in w.last_message
+
     # only the slice shown: one class, nothing to train
     type_into(qtbot, w, "Blocks", "-1,-4")
     click(qtbot, w, "Train on every scribbled slice")
@@ -313,7 +320,7 @@ def test_explorer_blocks_field_and_training_on_every_scribbled_slice_by_clicks(m
     one_block = w.result_picker.result().planes[0].features.shape[0]
     assert clf.n_features == 2 * one_block, "blocks -1 and -4: the summed channel count"
     assert clf.settings["layers"] == [-1, -4] and clf.meta["examples"] == 2
-    assert "of 2 slices" in w.classifier_label.text()
+    assert "of 2 slices" in w.classifier_label.text() and "blocks -1,-4" in w.classifier_label.text()
     seg = own_layers(viewer, "explore_segmentation")
     assert len(seg) == 1 and seg[0].data.shape == (1, H, W)
     labels0 = np.asarray(seg[0].data)[0]

@@ -92,19 +92,24 @@ class FeatureSource:
             from ..core.features import extract_features
 
             cfg = self.config
-            fmap = extract_features(
-                plane.guide,
-                cfg.backbone,
-                layer=list(self.blocks) if len(self.blocks) > 1 else self.blocks[0],
-                input_size=cfg.input_size or None,
-                weights=cfg.weights or None,
-                pretrained=bool(cfg.pretrained),
-                device=device,
-                max_memory=cfg.budget,
-                progress=_adapter(progress),
-                cancel=cancel,
-                channel_axis=-1 if np.ndim(plane.guide) == 3 else None,  # the guide is channels-last
-            )
+            try:
+                fmap = extract_features(
+                    plane.guide,
+                    cfg.backbone,
+                    layer=list(self.blocks) if len(self.blocks) > 1 else self.blocks[0],
+                    input_size=cfg.input_size or None,
+                    weights=cfg.weights or None,
+                    pretrained=bool(cfg.pretrained),
+                    device=device,
+                    max_memory=cfg.budget,
+                    progress=_adapter(progress),
+                    cancel=cancel,
+                    channel_axis=-1 if np.ndim(plane.guide) == 3 else None,  # the guide is channels-last
+                )
+            except ValueError as exc:
+                if str(exc).startswith("layer="):  # a block the backbone does not have: name the field
+                    raise ExplorerInputError(f"Blocks {','.join(map(str, self.blocks))}: {exc}") from None
+                raise
             feats = fmap.features.numpy()
             if tuple(feats.shape[-2:]) != tuple(plane.lr_shape):  # pragma: no cover - same image, same geometry
                 raise ExplorerInputError(f"blocks {list(self.blocks)} gave a {feats.shape[-2:]} grid, the fit {plane.lr_shape}")

@@ -644,9 +644,11 @@ class FeatureExplorerWidget(RunWidget):
         self._classifier = clf
         self.save_button.setEnabled(True)
         self.apply_button.setEnabled(not self.runner.running)
+        blocks = (getattr(clf, "settings", None) or {}).get("layers")
         self.classifier_label.setText(
             f"classifier: {origin}; classes {[int(c) for c in clf.classes]}, route {clf.route}, "
-            f"{clf.n_features} features per pixel"
+            + (f"blocks {','.join(map(str, blocks))}, " if blocks else "")
+            + f"{clf.n_features} features per pixel"
         )
 
     def load_classifier(self, path):
