@@ -337,6 +337,13 @@ def test_estimate_arithmetic_from_given_rates():
         assert busy.seconds[stage] == pytest.approx(2.5 * seconds)
     assert "the machine is busy: x2.5" in busy.text() and busy.working_bytes == est.working_bytes
 
+    # a block's fixed cost: per block of the backbone (12 for ViT-S, 24 for ViT-L), per plane
+    for backbone, depth in (("dinov2_vits14", 12), ("dinov2_vitl14", 24)):
+        for n_planes in (1, 3):
+            fixed = estimate_run(_rates(block_fixed=0.002), (H, W), n_planes=n_planes, backbone=backbone, steps=50)
+            plain = estimate_run(rates, (H, W), n_planes=n_planes, backbone=backbone, steps=50)
+            assert fixed.seconds["features"] == pytest.approx(plain.seconds["features"] + 0.002 * depth * n_planes)
+
     # the PCA basis: once per run (a C x C eigendecomposition), growing as C^3, whatever the planes
     pca = _rates(pca_basis=0.3)
     for n_planes, backbone, width in ((1, "dinov2_vits14", 384), (5, "dinov2_vits14", 384), (1, "dinov2_vitb14", 768)):

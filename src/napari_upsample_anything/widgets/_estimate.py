@@ -12,6 +12,8 @@ LR grid: the published 14-pixel cells) with the run's device, precision and thre
 * renders of 3 and 384 channels (after a warm-up render; 384: ViT-S's width, so the product
   runs at the size most runs use) -> seconds per HR pixel, and per HR pixel and channel;
 * a matrix product shaped like a ViT block's MLP -> the backbone's multiply-adds per second;
+* one ViT-S block on 16 tokens -> a block's fixed cost, whatever the image (on small planes
+  of a stack the backbone's per-block overhead outweighs its arithmetic);
 * the PCA basis of 384-channel features (a 384 x 384 eigendecomposition): once per run,
   whatever the image size, and on a busy machine it can cost seconds (numpy's BLAS threads).
 
@@ -88,6 +90,7 @@ class Rates:
     tile_cap_bytes: float = math.inf  # largest tile the engine plans on this device (CPU: preferred tile size)
     slowdown: float = 1.0  # wall-clock / CPU seconds of the measurement (1: rates are wall-clock seconds)
     pca_basis: float = 0.0  # s to fit the PCA basis of 384-channel features (once per run; grows as C^3)
+    block_fixed: float = 0.0  # s of one transformer block on a handful of tokens (per block, per plane)
 
 
 @dataclass
@@ -229,6 +232,8 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
     per_px = max(r3 - 3 * per_channel, 0.0) / px
     from ..core.pca import fit_pca
 
+    block_fixed = _block_overhead(dev, timed)
+    check()
     lr_feats = rng.random((WIDE, 16, 16)).astype(np.float32)
     pca_basis = min(timed(lambda: fit_pca(lr_feats, 3))[0] for _ in range(2))
     check()
@@ -259,10 +264,34 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
         tile_cap_bytes=cap,
         slowdown=slowdown,
         pca_basis=pca_basis,
+        block_fixed=block_fixed,
     )
     with _LOCK:
         _RATES[key] = rates
     return rates
+
+
+def _block_overhead(dev, timed) -> float:
+    """Seconds of one ViT-S block (timm's, random weights) on 16 tokens: the per-block overhead.
+
+    0 when timm's block cannot be built (then only the backbone's arithmetic is counted).
+    """
+    import torch
+
+    try:
+        from timm.models.vision_transformer import Block
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return 0.0
+    torch.manual_seed(0)
+    block = Block(WIDE, 6, qkv_bias=True).eval().to(dev)
+    x = torch.randn(1, 16, WIDE, device=dev)
+
+    def run():
+        with torch.inference_mode():
+            block(x)
+
+    run()  # warm-up
+    return min(timed(run)[0] for _ in range(3))
 
 
 def cached_rates(device: str, precision: str, threads: int) -> Optional[Rates]:
@@ -339,7 +368,7 @@ def estimate_run(
     size = backbone_size(backbone)
     C = BACKBONE_DIMS[size]
     tokens = float(h * w)
-    features = backbone_flops(size, tokens) / max(rates.flops, 1.0)
+    features = backbone_flops(size, tokens) / max(rates.flops, 1.0) + BACKBONE_DEPTHS[size] * rates.block_fixed
     fit = estimate_fit(rates, (H, W), steps, fit_fraction)
     pca = px * (rates.render_per_px + 3 * rates.render_per_px_channel)
     keep = hr_features != "none"
