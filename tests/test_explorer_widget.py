@@ -171,3 +171,48 @@ def test_stack_works_plane_by_plane(make_napari_viewer, qtbot):
     assert sim_layer.data.shape == (1, 70, 84) and sim_layer.translate[0] == 1.0
     assert np.asarray(sim_layer.data)[0, 35, 20] == pytest.approx(1.0, abs=1e-4)
     assert w.similarity["plane"].index == (1,)
+
+
+def test_blocks_field_parsing_names_the_field_and_the_form():
+    from napari_upsample_anything.widgets._explore_compute import ExplorerInputError, FeatureSource, parse_blocks
+    from napari_upsample_anything.widgets._pipeline import RunConfig
+
+    assert parse_blocks("") is None and parse_blocks("  ") is None  # the fitted image's own features
+    assert parse_blocks("-1") == (-1,) and parse_blocks(" -1, -4 ") == (-1, -4) and parse_blocks("3,-1") == (3, -1)
+    for bad, why in (("-1,x", "'x' is not a whole number"), ("-1,,-4", "'' is not a whole number"), ("-1,-1", "listed twice")):
+        with pytest.raises(ExplorerInputError) as info:
+            parse_blocks(bad)
+        assert str(info.value).startswith(f"Blocks {bad!r}") and why in str(info.value) and "-1,-4" in str(info.value)
+    # the fitted block itself is the fit's features (and its kept HR features), not a second extraction
+    assert FeatureSource(RunConfig(layer=-1), (-1,)).blocks is None
+    assert FeatureSource(RunConfig(layer=-4), (-1,)).blocks == (-1,)
+    assert FeatureSource(RunConfig(layer=-1), (-1, -4)).layers == [-1, -4]
+    assert FeatureSource(RunConfig(layer=-2), None).layers == [-2]
+
+
+def test_scribble_examples_of_a_stack_every_fitted_slice_with_strokes():
+    """Which (plane, scribbles) pairs train: every fitted slice with strokes, the current one first."""
+    from types import SimpleNamespace
+
+    from napari_upsample_anything.widgets._explore_compute import scribble_examples
+    from napari_upsample_anything.widgets._frame import Frame
+
+    class Labels(SimpleNamespace):  # what layer_kind reads: the class name
+        pass
+
+    H, W = 6, 8
+    frame = Frame("img", (4, H, W), False, None, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), "all", ((0,), (1,), (3,)))
+    planes = [SimpleNamespace(index=(z,), hr_shape=(H, W)) for z in (0, 1, 3)]  # slice 2 was not fitted
+    result = SimpleNamespace(frame=frame, planes=planes)
+    data = np.zeros((4, H, W), np.int32)
+    data[1, 0, :2] = 1
+    data[2, 1, :2] = 2  # not fitted: reported, not used
+    data[3, 2, :2] = 2
+    layer = Labels(data=data, name="s", multiscale=False)
+    examples, unfitted = scribble_examples(layer, result, planes[2])
+    assert [p.index for p, _ in examples] == [(3,), (1,)] and unfitted == [(2,)]
+    assert np.array_equal(examples[0][1], data[3]) and np.array_equal(examples[1][1], data[1])
+    # a 2D scribble layer on a stack: the current plane's strokes only
+    flat = Labels(data=data[1], name="flat", multiscale=False)
+    examples, unfitted = scribble_examples(flat, result, planes[0])
+    assert [p.index for p, _ in examples] == [(0,)] and unfitted == []

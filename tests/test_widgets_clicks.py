@@ -242,6 +242,107 @@ def test_explorer_buttons_by_clicks_similarity_segmentation_save_load_apply_to_a
     assert np.mean(both[1][top, -W // 3 :] == 1) > 0.8 and np.mean(both[1][top, : W // 3] == 2) > 0.8
 
 
+def type_into(qtbot, widget, label: str, text: str) -> None:
+    """Replace the text of the line edit in the form row labelled ``label`` by typing ``text``."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QFormLayout, QLabel, QLineEdit
+
+    edits = []
+    for form in widget.findChildren(QFormLayout):
+        for row in range(form.rowCount()):
+            item = form.itemAt(row, QFormLayout.ItemRole.LabelRole)
+            field = form.itemAt(row, QFormLayout.ItemRole.FieldRole)
+            if item is not None and isinstance(item.widget(), QLabel) and item.widget().text() == label:
+                if field is not None and isinstance(field.widget(), QLineEdit) and field.widget().isVisible():
+                    edits.append(field.widget())
+    assert len(edits) == 1, f"{len(edits)} visible text fields labelled {label!r}"
+    qtbot.mouseClick(edits[0], Qt.MouseButton.LeftButton)
+    edits[0].selectAll()
+    qtbot.keyClicks(edits[0], text)
+    assert edits[0].text() == text
+
+
+def test_explorer_blocks_field_and_training_on_every_scribbled_slice_by_clicks(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """#22 in the widget: features of blocks -1 and -4, one classifier from strokes on two slices of a stack."""
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer = make_napari_viewer(show=True)
+    H, W = 42, 56
+    stack = np.stack([two_region_picture(H, W, seed=s) for s in range(3)])  # dark left, bright right on every slice
+    src = viewer.add_image(stack, name="img")
+    dock, main = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Upsample Anything")
+    main.slices_combo.setCurrentIndex(main.slices_combo.findData("all"))
+    fit_by_clicking_run(viewer, qtbot)
+    _dock, w = viewer.window.add_plugin_dock_widget("napari-upsample-anything", "Feature explorer")
+    viewer.reset_view()
+    settle(qtbot)
+
+    # a malformed "Blocks" is refused with the field's name and the expected form, before any run
+    type_into(qtbot, w, "Blocks", "-1,x")
+    click(qtbot, w, "New scribbles")
+    scribbles = own_layers(viewer, "explore_scribbles")[0]
+    assert scribbles.data.shape == (3, H, W)
+    scribbles.brush_size = 6
+    # class 1 only on slice 0 (dark half), class 2 only on slice 2 (bright half): no slice holds both
+    for z, label, spots in ((0, 1, [(8, 6), (30, 10)]), (2, 2, [(8, 40), (12, 52)])):
+        viewer.dims.set_point(0, z)
+        settle(qtbot)
+        scribbles.selected_label = label
+        for y, x in spots:
+            canvas_click(qtbot, viewer, src, (z, y, x))
+    painted = np.asarray(scribbles.data)
+    assert set(np.unique(painted[0])) == {0, 1} and set(np.unique(painted[2])) == {0, 2} and not painted[1].any()
+    viewer.dims.set_point(0, 0)
+    settle(qtbot)
+    click(qtbot, w, "Segment")
+    assert not w.runner.running and "Blocks '-1,x'" in w.last_message and "-1,-4" in w.last_message
+
+    # a block the backbone (12 blocks) does not have: the run says so, naming the field
+    type_into(qtbot, w, "Blocks", "-1,-40")
+    with qtbot.waitSignal(w.runner.finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        click(qtbot, w, "Segment")
+    assert blocker.args[0].status == "error" and own_layers(viewer, "explore_segmentation") == []
+    assert w.last_message.startswith("Blocks -1,-40: layer=-40 is out of range") and "-12..-1" in w.last_message
+
+    # only the slice shown: one class, nothing to train
+    type_into(qtbot, w, "Blocks", "-1,-4")
+    click(qtbot, w, "Train on every scribbled slice")
+    assert not w.slices_check.isChecked()
+    click(qtbot, w, "Segment")
+    assert not w.runner.running and "at least two classes" in w.last_message
+
+    # every scribbled slice: slices 0 and 2 train one classifier on blocks -1 and -4
+    click(qtbot, w, "Train on every scribbled slice")
+    with qtbot.waitSignal(w.runner.finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        click(qtbot, w, "Segment")
+    assert blocker.args[0].status == "done", w.last_message
+    clf = w.classifier
+    one_block = w.result_picker.result().planes[0].features.shape[0]
+    assert clf.n_features == 2 * one_block, "blocks -1 and -4: the summed channel count"
+    assert clf.settings["layers"] == [-1, -4] and clf.meta["examples"] == 2
+    assert "of 2 slices" in w.classifier_label.text() and "blocks -1,-4" in w.classifier_label.text()
+    seg = own_layers(viewer, "explore_segmentation")
+    assert len(seg) == 1 and seg[0].data.shape == (1, H, W)
+    labels0 = np.asarray(seg[0].data)[0]
+    top = slice(0, 10)  # above the red disc
+    assert np.mean(labels0[top, : W // 3] == 1) > 0.8 and np.mean(labels0[top, -W // 3 :] == 2) > 0.8
+
+    # saved and loaded, the classifier brings its blocks: applied with the field emptied, it still works
+    saved = tmp_path / "two_slices.npz"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(saved), "Classifier (*.npz)"))
+    click(qtbot, w, "Save classifier…")
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(saved), "Classifier (*.npz)"))
+    click(qtbot, w, "Load classifier…")
+    assert w.classifier is not clf and w.classifier.settings["layers"] == [-1, -4]
+    w.blocks_edit.clear()
+    w.apply_combo.setCurrentIndex(w.apply_combo.findData("all"))
+    with qtbot.waitSignal(w.runner.finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        click(qtbot, w, "Apply classifier")
+    assert blocker.args[0].status == "done", w.last_message
+    both = np.asarray(own_layers(viewer, "explore_segmentation")[0].data)
+    assert both.shape == (3, H, W) and np.array_equal(both[0], labels0)
+
+
 def test_result_layers_short_names_no_hidden_active_advanced_section_and_remove_all(make_napari_viewer, qtbot, records):
     from napari_upsample_anything.widgets import get_results
     from napari_upsample_anything.widgets._registry import is_own
@@ -288,16 +389,16 @@ def test_plugin_toasts_fade_out_even_when_the_window_is_not_active(make_napari_v
     """napari starts a toast's own timer only while its window is active; the plugin's fade out anyway."""
     from napari._qt.dialogs.qt_notification import NapariQtNotification
 
-    from napari_upsample_anything.widgets import _qt_common
+    from napari_upsample_anything.widgets import _messages
 
     make_napari_viewer(show=True)
-    monkeypatch.setattr(_qt_common, "TOAST_MS", {"error": 1500, "warning": 1500, "info": 1500})
+    monkeypatch.setattr(_messages, "TOAST_MS", {"error": 1500, "warning": 1500, "info": 1500})
     text = "Do this first: a test toast"
 
     def shown():
         return [t for t in NapariQtNotification._instances if t.message.text() == text and t.isVisible()]
 
-    _qt_common.notify("warning", text)
+    _messages.notify("warning", text)
     qtbot.waitUntil(lambda: bool(shown()), timeout=10_000)
     for toast in shown():
         toast.timer_stop()  # as when the napari window is not the active one

@@ -102,7 +102,7 @@ def test_a_second_layout_on_a_dock_widget_is_refused(qtbot):
     """The mistake that emptied the explorer dock cannot come back silently."""
     from qtpy.QtWidgets import QPushButton, QVBoxLayout
 
-    from napari_upsample_anything.widgets._qt_common import PluginWidget
+    from napari_upsample_anything.widgets._base import PluginWidget
 
     class TwoLayouts(PluginWidget):
         def __init__(self):

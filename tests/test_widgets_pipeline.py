@@ -294,8 +294,9 @@ def test_estimate_arithmetic_from_given_rates():
     h, w = lr_grid((H, W), None)
     assert (h, w) == (70, 50)
     est = estimate_run(rates, (H, W), backbone="dinov2_vits14", steps=50, hr_features="memory")
-    C = 384
-    assert est.seconds["features"] == pytest.approx(2 * 22e6 * h * w / 1e10)
+    C, N = 384, h * w
+    # ViT-S: the matrix products (2 x 22e6 parameters per token) and 12 blocks of attention (4 N^2 x width)
+    assert est.seconds["features"] == pytest.approx((2 * 22e6 * N + 12 * 4 * N * N * C) / 1e10)
     assert est.seconds["fit"] == pytest.approx(0.5 + 2e-8 * px * 50)
     assert est.seconds["pca"] == pytest.approx(px * (1e-7 + 3 * 1e-9))
     assert est.seconds["render"] == pytest.approx(px * (1e-7 + C * 1e-9))
@@ -303,7 +304,7 @@ def test_estimate_arithmetic_from_given_rates():
     assert est.working_bytes == int(max(400.0 * px, 8.0 * px * C))
     kept = 4 * 3 * px + 4 * C * h * w + 4 * 3 * px  # guide, LR features, HR PCA
     assert est.kept_bytes == int(kept + 4 * C * px) and est.disk_bytes == 0
-    assert est.text().startswith(f"about {format_seconds(est.total_seconds)}")
+    assert est.text().startswith(f"about {format_seconds(est.total_seconds)}") and "busy" not in est.text()
 
     # a stack: every plane costs the same again; a budget caps the working memory
     stack = estimate_run(rates, (H, W), n_planes=5, steps=50, hr_features="memory", budget_bytes=2**28)
@@ -315,13 +316,40 @@ def test_estimate_arithmetic_from_given_rates():
     assert mapped.disk_bytes == 4 * C * px and mapped.kept_bytes == int(kept)
     off = estimate_run(rates, (H, W), steps=50, hr_features="none")
     assert off.seconds["render"] == 0 and off.disk_bytes == 0 and off.kept_bytes == int(kept)
+    assert off.working_bytes == int(max(400.0 * px, 8.0 * px * 3))  # only the 3-channel PCA is rendered
     # a bigger backbone: its parameters and channel count
     base = estimate_run(rates, (H, W), backbone="dinov2_vitb14", steps=50, hr_features="memory")
-    assert base.seconds["features"] == pytest.approx(2 * 86e6 * h * w / 1e10)
+    assert base.seconds["features"] == pytest.approx((2 * 86e6 * N + 12 * 4 * N * N * 768) / 1e10)
     assert base.seconds["render"] == pytest.approx(px * (1e-7 + 768 * 1e-9))
     # the input size sets the token grid
     small = estimate_run(rates, (H, W), input_size=490, steps=50)
-    assert small.seconds["features"] == pytest.approx(2 * 22e6 * 35 * 25 / 1e10)
+    n = 35 * 25
+    assert small.seconds["features"] == pytest.approx((2 * 22e6 * n + 12 * 4 * n * n * C) / 1e10)
+
+    # the engine's tile cap: the working set stops growing there (the fit's and the render's alike)
+    capped = estimate_run(_rates(tile_cap_bytes=2**27), (H, W), steps=50, hr_features="memory")
+    assert capped.working_bytes == 2**27 and capped.kept_bytes == est.kept_bytes
+    assert estimate_run(_rates(tile_cap_bytes=2**27), (50, 50), steps=50).working_bytes == int(8.0 * 2500 * C)
+
+    # a busy machine: CPU-second rates times the measured slowdown, and the text says so
+    busy = estimate_run(_rates(slowdown=2.5), (H, W), steps=50, hr_features="memory")
+    for stage, seconds in est.seconds.items():
+        assert busy.seconds[stage] == pytest.approx(2.5 * seconds)
+    assert "the machine is busy: x2.5" in busy.text() and busy.working_bytes == est.working_bytes
+
+    # a block's fixed cost: per block of the backbone (12 for ViT-S, 24 for ViT-L), per plane
+    for backbone, depth in (("dinov2_vits14", 12), ("dinov2_vitl14", 24)):
+        for n_planes in (1, 3):
+            fixed = estimate_run(_rates(block_fixed=0.002), (H, W), n_planes=n_planes, backbone=backbone, steps=50)
+            plain = estimate_run(rates, (H, W), n_planes=n_planes, backbone=backbone, steps=50)
+            assert fixed.seconds["features"] == pytest.approx(plain.seconds["features"] + 0.002 * depth * n_planes)
+
+    # the PCA basis: once per run (a C x C eigendecomposition), growing as C^3, whatever the planes
+    pca = _rates(pca_basis=0.3)
+    for n_planes, backbone, width in ((1, "dinov2_vits14", 384), (5, "dinov2_vits14", 384), (1, "dinov2_vitb14", 768)):
+        with_basis = estimate_run(pca, (H, W), n_planes=n_planes, backbone=backbone, steps=50)
+        without = estimate_run(rates, (H, W), n_planes=n_planes, backbone=backbone, steps=50)
+        assert with_basis.seconds["pca"] == pytest.approx(without.seconds["pca"] + 0.3 * (width / 384) ** 3)
 
 
 # ---------------------------------------------------------------------------------- pipeline

@@ -12,7 +12,9 @@ Four dock widgets (contributed in ``napari.yaml``), one module each:
 Shared, Qt-free helpers: :mod:`._frame` (how results sit on the source layer),
 :mod:`._pipeline` (all computing, through the core; drivable without a GUI),
 :mod:`._registry` (per-viewer store of fitted results and the plugin's layers),
-:mod:`._kernels` (ellipse / heat-map layer data). Qt helpers: :mod:`._qt_common`.
+:mod:`._kernels` (ellipse / heat-map layer data). Qt helpers: :mod:`._base` (base widgets),
+:mod:`._pickers` (layer and result combo boxes), :mod:`._threads` (workers, thread settings),
+:mod:`._messages` (error text, toasts).
 
 Nothing here imports torch at import time: napari can list (and even import) the plugin's
 contributions without it. torch is imported when a computation first runs (and, in the

@@ -7,19 +7,36 @@ How
 :func:`measure_rates` times the engine on a small synthetic crop (112 x 112 pixels, an 8 x 8
 LR grid: the published 14-pixel cells) with the run's device, precision and thread count:
 
-* one and three Adam steps of the kernel fit (the faster of two tries each: other processes
-  only ever slow a try down) -> seconds per step per HR pixel (the slope) and the fixed cost
-  of a fit (the rest);
-* renders of 3 and 48 channels (after a warm-up render; the faster of two tries each) ->
-  seconds per HR pixel, and per HR pixel and channel;
-* a matrix product shaped like a ViT block's MLP -> the backbone's multiply-adds per second.
+* one and three Adam steps of the kernel fit -> seconds per step per HR pixel (the slope)
+  and the fixed cost of a fit (the rest);
+* renders of 3 and 384 channels (after a warm-up render; 384: ViT-S's width, so the product
+  runs at the size most runs use) -> seconds per HR pixel, and per HR pixel and channel;
+* a matrix product shaped like a ViT block's MLP -> the backbone's multiply-adds per second;
+* one ViT-S block on 16 tokens -> a block's fixed cost, whatever the image (on small planes
+  of a stack the backbone's per-block overhead outweighs its arithmetic);
+* the PCA basis of 384-channel features (a 384 x 384 eigendecomposition): once per run,
+  whatever the image size, and on a busy machine it can cost seconds (numpy's BLAS threads).
 
-The rates are cached per (device, precision, threads) for five minutes (the load changes). :func:`estimate_run` scales them to
-the run: the fit and render costs grow with the number of HR pixels (the kernel radius is
-fixed in HR pixels, so the work per pixel does not depend on the image size), the backbone
-with its multiply-adds (``2 x parameters x tokens``). Memory: the arrays a run keeps (guide,
-LR features, HR PCA, HR features when kept in memory) plus the engine's working memory,
-scaled from the tiles the memory planner laid out for the crop and capped by the budget.
+Every HR pixel meets the same number of neighbour cells (the published border rule repeats
+border cells), so the fit and render work per pixel does not depend on the image size: the
+crop's rates scale by pixels. The backbone's work is ``2 x parameters x tokens`` plus the
+attention, ``4 x tokens^2 x width`` per block (a ViT block runs at the matrix product's rate
+once its attention is counted: docs/benchmarks_estimate.md).
+
+Time on a busy machine: with one CPU thread each try is timed in CPU seconds (what the work
+costs, whatever else runs), and the rates carry the ratio of wall-clock to CPU seconds over
+the measurement (:attr:`Rates.slowdown`): the share of a core this process got. The estimate
+is the CPU cost times that slowdown, so a machine that is busy while the rates are measured
+gets a longer estimate (and the text says so). Otherwise (GPU, several threads) tries are
+timed by the wall clock, the faster of two.
+
+Memory: the arrays a run keeps (guide, LR features, HR PCA, HR features when kept in memory)
+plus the largest working set of one stage: the planner's bytes per pixel for the crop, times
+the run's pixels, up to the tile size the engine stops at (on the CPU, tiles are capped at
+``core.engine.blocks.CPU_PREFERRED_TILE_BYTES``) and up to the budget. Fit and render tiles are not
+alive at the same time, so the working set is the largest of them, not their sum.
+
+The rates are cached per (device, precision, threads) for five minutes (the load changes).
 Model loading (and downloading weights) is not included: it happens once per session.
 """
 
@@ -42,7 +59,13 @@ CancelFn = Callable[[], bool]
 BACKBONE_PARAMS = {"s": 22e6, "b": 86e6, "l": 304e6, "g": 1.1e9}
 #: Embedding width by size letter (the channel count of the features).
 BACKBONE_DIMS = {"s": 384, "b": 768, "l": 1024, "g": 1536}
+#: Transformer blocks by size letter (the attention's cost is per block).
+BACKBONE_DEPTHS = {"s": 12, "b": 12, "l": 24, "g": 40}
+#: The estimate says the machine is busy when the measured slowdown is above this.
+BUSY_SLOWDOWN = 1.3
 PATCH = 14
+#: Channels of the wide render and of the PCA-basis measurement (ViT-S's width).
+WIDE = 384
 CROP_CELLS = 8  # the measurement crop is CROP_CELLS x CROP_CELLS LR cells of PATCH pixels
 #: A measurement older than this (seconds) is repeated: the machine's load changes.
 RATES_MAX_AGE = 300.0
@@ -64,6 +87,10 @@ class Rates:
     render_planned_per_px_channel: float  # planned working bytes of a render per HR pixel and channel
     measured_in: float  # seconds the measurement took
     measured_at: float = 0.0  # time.monotonic() when measured
+    tile_cap_bytes: float = math.inf  # largest tile the engine plans on this device (CPU: preferred tile size)
+    slowdown: float = 1.0  # wall-clock / CPU seconds of the measurement (1: rates are wall-clock seconds)
+    pca_basis: float = 0.0  # s to fit the PCA basis of 384-channel features (once per run; grows as C^3)
+    block_fixed: float = 0.0  # s of one transformer block on a handful of tokens (per block, per plane)
 
 
 @dataclass
@@ -75,6 +102,7 @@ class CostEstimate:
     kept_bytes: int = 0  # arrays the run keeps in memory (guide, features, PCA, HR features)
     disk_bytes: int = 0  # HR features memory-mapped to a temporary file
     threads: int = 1
+    slowdown: float = 1.0  # the machine's measured slowdown, already in ``seconds``
 
     @property
     def total_seconds(self) -> float:
@@ -88,7 +116,8 @@ class CostEstimate:
         """One line for the widget, e.g. ``'about 2 min 10 s, 1.2 GiB memory (fit 1 min 50 s, ...)'``."""
         parts = ", ".join(f"{k} {format_seconds(v)}" for k, v in self.seconds.items() if v >= 0.05)
         disk = f", {format_bytes(self.disk_bytes)} on disk" if self.disk_bytes else ""
-        return f"about {format_seconds(self.total_seconds)}, {format_bytes(self.peak_bytes)} memory{disk} ({parts})"
+        busy = f"; the machine is busy: x{self.slowdown:.1f}" if self.slowdown > BUSY_SLOWDOWN else ""
+        return f"about {format_seconds(self.total_seconds)}, {format_bytes(self.peak_bytes)} memory{disk} ({parts}{busy})"
 
 
 def format_seconds(s: float) -> str:
@@ -152,6 +181,9 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
         if cached is not None and time.monotonic() - cached.measured_at < RATES_MAX_AGE:
             return cached
     t_start = time.perf_counter()
+    # one CPU thread: CPU seconds (the work's cost, whatever else runs) and the slowdown apart
+    cpu_clock = dev.type == "cpu" and int(threads) == 1
+    spent = {"cpu": 0.0, "wall": 0.0}
     n = CROP_CELLS * PATCH
     guide = _crop_guide(n)
     lr = (CROP_CELLS, CROP_CELLS)
@@ -162,11 +194,14 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
             raise Cancelled("cost estimate cancelled")
 
     def timed(fn):
-        t = time.perf_counter()
+        c, t = time.process_time(), time.perf_counter()
         out = fn()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return time.perf_counter() - t, out
+        cpu, wall = time.process_time() - c, time.perf_counter() - t
+        spent["cpu"] += cpu
+        spent["wall"] += wall
+        return (cpu if cpu_clock else wall), out
 
     common = dict(device=dev, precision=precision, cancel=cancel)
     api.fit_kernels(guide, lr, steps=1, **common)  # warm-up (first-call allocations, kernel caches)
@@ -183,18 +218,25 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
     fixed = max(t3 - 3 * step, 0.0)
     rng = np.random.default_rng(0)
     small = rng.random((3,) + lr).astype(np.float32)
-    wide = rng.random((48,) + lr).astype(np.float32)
+    wide = rng.random((WIDE,) + lr).astype(np.float32)
     api.render(small, guide, fld, **common)  # warm-up, as for the fit: first-call costs are not per pixel
     check()
     r3 = min(timed(lambda: api.render(small, guide, fld, **common))[0] for _ in range(2))
     check()
     rlog = MemoryLog()
-    r48, _ = timed(lambda: api.render(wide, guide, fld, memory_log=rlog, **common))
+    rwide, _ = timed(lambda: api.render(wide, guide, fld, memory_log=rlog, **common))
     check()
-    r48 = min(r48, timed(lambda: api.render(wide, guide, fld, **common))[0])
+    rwide = min(rwide, timed(lambda: api.render(wide, guide, fld, **common))[0])
     check()
-    per_channel = max((r48 - r3) / 45.0, r48 / 48.0 / 4.0)
+    per_channel = max((rwide - r3) / (WIDE - 3), rwide / WIDE / 4.0)
     per_px = max(r3 - 3 * per_channel, 0.0) / px
+    from ..core.pca import fit_pca
+
+    block_fixed = _block_overhead(dev, timed)
+    check()
+    lr_feats = rng.random((WIDE, 16, 16)).astype(np.float32)
+    pca_basis = min(timed(lambda: fit_pca(lr_feats, 3))[0] for _ in range(2))
+    check()
     # a ViT MLP-like product (tokens x D @ D x 4D) in the run's thread setting
     a = torch.randn(1024, 384, device=dev)
     b = torch.randn(384, 1536, device=dev)
@@ -202,6 +244,13 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
     reps = 5
     tm, _ = timed(lambda: [a @ b for _ in range(reps)])
     flops = 2 * 1024 * 384 * 1536 * reps / max(tm, 1e-9)
+    try:  # the engine's tile cap (CPU): a run's working set stops growing there
+        from ..core.engine.blocks import CPU_PREFERRED_TILE_BYTES
+
+        cap = float(CPU_PREFERRED_TILE_BYTES) if dev.type == "cpu" else math.inf
+    except ImportError:  # pragma: no cover - the engine moved the constant: no cap rather than a wrong one
+        cap = math.inf
+    slowdown = max(1.0, spent["wall"] / max(spent["cpu"], 1e-9)) if cpu_clock else 1.0
     rates = Rates(
         fit_step_per_px=step / px,
         fit_fixed=fixed,
@@ -209,13 +258,40 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
         render_per_px_channel=per_channel / px,
         flops=flops,
         fit_planned_per_px=float(log.peak_planned_bytes) / px,
-        render_planned_per_px_channel=float(rlog.peak_planned_bytes) / px / 48.0,
+        render_planned_per_px_channel=float(rlog.peak_planned_bytes) / px / WIDE,
         measured_in=time.perf_counter() - t_start,
         measured_at=time.monotonic(),
+        tile_cap_bytes=cap,
+        slowdown=slowdown,
+        pca_basis=pca_basis,
+        block_fixed=block_fixed,
     )
     with _LOCK:
         _RATES[key] = rates
     return rates
+
+
+def _block_overhead(dev, timed) -> float:
+    """Seconds of one ViT-S block (timm's, random weights) on 16 tokens: the per-block overhead.
+
+    0 when timm's block cannot be built (then only the backbone's arithmetic is counted).
+    """
+    import torch
+
+    try:
+        from timm.models.vision_transformer import Block
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return 0.0
+    torch.manual_seed(0)
+    block = Block(WIDE, 6, qkv_bias=True).eval().to(dev)
+    x = torch.randn(1, 16, WIDE, device=dev)
+
+    def run():
+        with torch.inference_mode():
+            block(x)
+
+    run()  # warm-up
+    return min(timed(run)[0] for _ in range(3))
 
 
 def cached_rates(device: str, precision: str, threads: int) -> Optional[Rates]:
@@ -251,6 +327,26 @@ def estimate_fit(rates: Rates, hr_shape: Tuple[int, int], steps: int, fit_fracti
     return rates.fit_fixed + work
 
 
+def backbone_flops(size: str, tokens: float) -> float:
+    """Floating-point operations of one forward pass of a ViT of ``size`` over ``tokens`` tokens:
+    ``2 x parameters x tokens`` (the matrix products) plus ``4 x tokens^2 x width`` per block (attention)."""
+    return 2.0 * BACKBONE_PARAMS[size] * tokens + BACKBONE_DEPTHS[size] * 4.0 * tokens * tokens * BACKBONE_DIMS[size]
+
+
+def working_bytes(rates: Rates, px: float, channels: int, budget_bytes: Optional[int] = None) -> float:
+    """The engine's largest working set of a run on ``px`` HR pixels, rendering up to ``channels`` channels.
+
+    Each stage's planned bytes per pixel (from the crop), times the pixels, stops growing at the
+    engine's tile cap; fit and render tiles are never alive together, so it is the larger of the two;
+    a budget caps both.
+    """
+    cap = float(rates.tile_cap_bytes)
+    fit = min(rates.fit_planned_per_px * px, cap)
+    render = min(rates.render_planned_per_px_channel * px * channels, cap)
+    working = max(fit, render)
+    return min(working, float(budget_bytes)) if budget_bytes else working
+
+
 def estimate_run(
     rates: Rates,
     hr_shape: Tuple[int, int],
@@ -272,17 +368,17 @@ def estimate_run(
     size = backbone_size(backbone)
     C = BACKBONE_DIMS[size]
     tokens = float(h * w)
-    features = 2.0 * BACKBONE_PARAMS[size] * tokens / max(rates.flops, 1.0)
+    features = backbone_flops(size, tokens) / max(rates.flops, 1.0) + BACKBONE_DEPTHS[size] * rates.block_fixed
     fit = estimate_fit(rates, (H, W), steps, fit_fraction)
     pca = px * (rates.render_per_px + 3 * rates.render_per_px_channel)
     keep = hr_features != "none"
     render = px * (rates.render_per_px + C * rates.render_per_px_channel) if keep else 0.0
-    est = CostEstimate(threads=threads)
-    est.seconds = {k: v * n_planes for k, v in (("features", features), ("fit", fit), ("pca", pca), ("render", render))}
-    working = max(rates.fit_planned_per_px * px, rates.render_planned_per_px_channel * px * C)
-    if budget_bytes:
-        working = min(working, float(budget_bytes))
-    est.working_bytes = int(working)
+    slow = max(1.0, float(rates.slowdown))
+    est = CostEstimate(threads=threads, slowdown=slow)
+    stages = (("features", features), ("fit", fit), ("pca", pca), ("render", render))
+    est.seconds = {k: v * n_planes * slow for k, v in stages}
+    est.seconds["pca"] += rates.pca_basis * (C / WIDE) ** 3 * slow  # one basis for all planes
+    est.working_bytes = int(working_bytes(rates, px, C if keep else 3, budget_bytes))
     hr_bytes = 4 * C * px * n_planes
     in_memory = hr_features == "memory" or (hr_features == "auto" and hr_bytes <= auto_in_memory_bytes)
     kept = n_planes * (4 * 3 * px + 4 * C * tokens + 4 * 3 * px)  # guide, LR features, HR PCA

@@ -1,7 +1,9 @@
 """**Feature explorer**: ask a fitted image's HR features questions (point similarity, scribbles).
 
 Works on a result of the main widget (picked in *Fitted image*), on the plane under the
-viewer's slider for stacks.
+viewer's slider for stacks. *Blocks* (empty, ``-1`` or ``-1,-4``) chooses the transformer
+blocks whose features are explored (concatenated, each normalised); other blocks than the
+fitted one run the backbone again on the image, once per plane, and reuse the fitted kernels.
 
 * **Similarity**: *Add points* creates a Points layer (``<name> query points``); every point
   clicked on the image adds to the query (the mean HR feature of the points on the current
@@ -14,12 +16,14 @@ viewer's slider for stacks.
   (*New scribbles*) or any Labels layer of the right size, which is only read, never
   changed -- and press *Segment* (or tick *Live*): a random forest is trained on the HR
   features at the scribbled pixels and classifies every pixel: ``<name> segmentation``
-  (Labels), and on request one ``<name> probability <k>`` image per class. Route *HR pixels* classifies
+  (Labels), and on request one ``<name> probability <k>`` image per class. On a stack, *Train on
+  every scribbled slice* trains one classifier on the strokes of every fitted slice (a class
+  may be painted on one slice only). Route *HR pixels* classifies
   every HR pixel; *LR tokens* classifies the patch tokens and upsamples the class
   probabilities with the kernels (much cheaper). *Save classifier* writes the training
   samples to an ``.npz`` (no pickle; see :mod:`napari_upsample_anything.explore`) for batch use.
 
-Computations run in napari's ``thread_worker`` through the shared :class:`._qt_common.Runner`
+Computations run in napari's ``thread_worker`` through the shared :class:`._threads.Runner`
 (progress bar, Cancel); HR features kept by the main widget are used directly, otherwise the
 features are rendered tile by tile and never held whole.
 """
@@ -40,145 +44,41 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPushButton,
     QSlider,
     QWidget,
 )
 
-from ._frame import full_res_data, layer_kind
-from ._pipeline import Outcome, Progress
-from ._qt_common import LayerPicker, ResultPicker, Runner, RunWidget, status_label
+from ._base import RunWidget, status_label
+from ._explore_compute import (
+    BLOCKS_HINT,
+    ExplorerInputError,
+    FeatureSource,
+    compute_apply,
+    compute_segmentation,
+    compute_similarity,
+    parse_blocks,
+    plane_scribbles,
+    scribble_examples,
+)
+from ._explore_layers import ExplorerOutputs
+from ._pickers import LayerPicker, ResultPicker
+from ._pipeline import Outcome
 from ._registry import (
     FitResult,
     find_own_layer,
     get_state,
     is_own,
     put_layer,
-    remove_own_layer,
     tag_of,
     unwrap_viewer,
 )
+from ._threads import Runner
 
 ROUTES = (("HR pixels (every pixel's HR feature)", "hr"), ("LR tokens + kernels (cheaper)", "lr"))
 #: Milliseconds to wait after the last edit before a live update starts (coalesces strokes).
 LIVE_DELAY_MS = 400
-
-
-class ExplorerInputError(ValueError):
-    """The chosen layers do not fit the chosen result (the message says why)."""
-
-
-# ---------------------------------------------------------------------------------- compute (no Qt)
-def _adapter(progress):
-    """Core ``progress(done, total, info)`` -> the widgets' :class:`Progress` events."""
-    if progress is None:
-        return None
-    return lambda done, total, info: progress(Progress(str(info.get("stage", "")), int(done), int(total)))
-
-
-def compute_similarity(plane, points: np.ndarray, device: str = "auto", *, progress=None, cancel=None) -> dict:
-    """``{"kernels": (H, W), "bilinear": (H, W)}`` similarity maps of ``plane`` for ``(N, 2)`` (y, x) points."""
-    from ..explore import similarity_map
-
-    cb = _adapter(progress)
-    if plane.hr_features is not None:
-        sim = similarity_map(plane.hr_features, points, progress=cb, cancel=cancel)
-    else:
-        sim = similarity_map(plane.features, points, plane.guide, plane.field, device=device, progress=cb, cancel=cancel)
-    bil = similarity_map(plane.features, points, hr_shape=plane.hr_shape, upsampler="bilinear", progress=cb, cancel=cancel)
-    return {"kernels": sim, "bilinear": bil}
-
-
-def compute_segmentation(
-    plane,
-    scribbles: np.ndarray,
-    route: str = "hr",
-    include_image: bool = False,
-    device: str = "auto",
-    *,
-    progress=None,
-    cancel=None,
-) -> dict:
-    """Train on ``scribbles`` (H, W) and classify ``plane``; ``{"labels", "probabilities", "classifier"}``."""
-    from ..explore import segment_scribbles
-
-    if route == "hr" and plane.hr_features is not None:
-        features, guide, field = plane.hr_features, (plane.guide if include_image else None), None
-    else:
-        features, guide, field = plane.features, plane.guide, plane.field
-    labels, probs, clf = segment_scribbles(
-        features,
-        scribbles,
-        guide,
-        field,
-        route=route,
-        include_image=include_image,
-        return_classifier=True,
-        device=device,
-        progress=_adapter(progress),
-        cancel=cancel,
-    )
-    return {"labels": labels, "probabilities": probs, "classifier": clf}
-
-
-def compute_apply(planes, classifier, device: str = "auto", *, progress=None, cancel=None) -> dict:
-    """Apply a trained or loaded classifier to each plane: ``{"labels": [(H, W)], "probabilities": [(K, H, W)]}``.
-
-    The classifier's own route and image-channel setting are used (as it was trained); HR
-    features kept by the main widget are read directly, otherwise rendered tile by tile.
-    """
-    from ..explore import apply_classifier
-
-    labels, probs = [], []
-    for plane in planes:
-        route = classifier.route
-        if route == "hr" and plane.hr_features is not None:
-            features, guide, field = plane.hr_features, (plane.guide if classifier.include_image else None), None
-        else:
-            features, guide, field = plane.features, plane.guide, plane.field
-        lab, prob = apply_classifier(
-            classifier, features, guide, field, device=device, progress=_adapter(progress), cancel=cancel
-        )
-        labels.append(lab)
-        probs.append(prob)
-    return {"labels": labels, "probabilities": probs, "classifier": classifier}
-
-
-def plane_scribbles(layer, result: FitResult, plane) -> np.ndarray:
-    """A copy of the ``(H, W)`` scribbles of ``plane`` from a Labels layer (never a view of it).
-
-    Accepted shapes: ``(H, W)``; the result frame's own layout (leading axes of size 1 or the
-    slice axes, as the plugin's layers); or the source image's shape (without RGB).
-    """
-    if layer_kind(layer) != "labels":
-        raise ExplorerInputError(f"Layer '{layer.name}' is a {layer_kind(layer)} layer; paint scribbles into a Labels layer.")
-    data = full_res_data(layer)
-    shape = tuple(int(n) for n in data.shape)
-    H, W = plane.hr_shape
-    frame = result.frame
-    if shape[-2:] != (H, W):
-        raise ExplorerInputError(
-            f"Labels layer '{layer.name}' has shape {shape}; its last two axes must be the fitted image's (H, W) = {(H, W)}."
-        )
-    if len(shape) == 2:
-        return np.array(data, copy=True)
-    if len(shape) != frame.ndim:
-        raise ExplorerInputError(
-            f"Labels layer '{layer.name}' has shape {shape}; give (H, W) or one axis per image axis ({frame.ndim})."
-        )
-    key = []
-    for a in range(frame.ndim - 2):
-        if shape[a] == 1:
-            key.append(0)
-        elif a in frame.slice_axes and shape[a] == frame.shape[a]:
-            key.append(int(plane.index[frame.slice_axes.index(a)]))
-        elif a == frame.channel_axis:
-            key.append(0)
-        else:
-            raise ExplorerInputError(
-                f"Labels layer '{layer.name}' has shape {shape}, which does not match the image {frame.shape}."
-            )
-    return np.array(data[tuple(key)], copy=True)
 
 
 # ---------------------------------------------------------------------------------- widget
@@ -190,7 +90,7 @@ class ScribblePicker(LayerPicker):
         return [l for l in super()._candidates() if not is_own(l) or tag_of(l).get("role") == "explore_scribbles"]
 
 
-class FeatureExplorerWidget(RunWidget):
+class FeatureExplorerWidget(ExplorerOutputs, RunWidget):
     """The feature explorer dock widget (see the module docstring)."""
 
     cancelled_text = "Cancelled; no layer was changed."
@@ -209,6 +109,7 @@ class FeatureExplorerWidget(RunWidget):
         self._watched: list = []  # (layer ref, emitter name, callback)
         self._scribbles_ref = None  # the Labels layer the running segmentation reads
         self._classifier = None  # what "Apply classifier" and "Save classifier" use
+        self._feature_cache: dict = {}  # result key -> FeatureSource cache (features of other blocks)
         self._build()
         self._live_timer = QTimer(self)
         self._live_timer.setSingleShot(True)
@@ -227,6 +128,14 @@ class FeatureExplorerWidget(RunWidget):
         self.result_picker = ResultPicker(self.viewer)
         self.result_picker.setToolTip("The image whose HR features are explored (fitted by 'Upsample Anything')")
         form.addRow("Fitted image", self.result_picker)
+        self.blocks_edit = QLineEdit()
+        self.blocks_edit.setPlaceholderText("as fitted (e.g. -1 or -1,-4)")
+        self.blocks_edit.setToolTip(
+            "Transformer blocks whose features are explored, concatenated (each normalised); empty = the block "
+            "the image was fitted with. Other blocks run the backbone again on the image (once per plane); "
+            "the fitted kernels are reused. " + BLOCKS_HINT[0].upper() + BLOCKS_HINT[1:]
+        )
+        form.addRow("Blocks", self.blocks_edit)
 
         sim_box = QGroupBox("Point similarity")
         sim_form = QFormLayout(sim_box)
@@ -270,6 +179,12 @@ class FeatureExplorerWidget(RunWidget):
         seg_form.addRow("Classify", self.route_combo)
         self.image_check = QCheckBox("Also use the image's own channels")
         seg_form.addRow(self.image_check)
+        self.slices_check = QCheckBox("Train on every scribbled slice")
+        self.slices_check.setChecked(True)
+        self.slices_check.setToolTip(
+            "For a stack fitted on all slices: one classifier learns from the strokes of every slice; off: only the slice shown"
+        )
+        seg_form.addRow(self.slices_check)
         self.live_check = QCheckBox("Live: re-segment after each stroke")
         seg_form.addRow(self.live_check)
         self.prob_check = QCheckBox("Also add one probability layer per class")
@@ -318,6 +233,13 @@ class FeatureExplorerWidget(RunWidget):
 
     def _device(self, result: FitResult) -> str:
         return str(getattr(result.pipeline, "device", "auto") or "auto")
+
+    def _source(self, result: FitResult) -> FeatureSource:
+        """The features of the "Blocks" field (raises :class:`ExplorerInputError` for a malformed one)."""
+        blocks = parse_blocks(self.blocks_edit.text())
+        for key in [k for k in self._feature_cache if k not in self.state.results]:
+            del self._feature_cache[key]  # features of results that are gone
+        return FeatureSource(result.pipeline.config, blocks, self._feature_cache.setdefault(result.key, {}))
 
     def _watch(self, layer, emitter: str, callback) -> None:
         getattr(layer.events, emitter).connect(callback)
@@ -461,11 +383,16 @@ class FeatureExplorerWidget(RunWidget):
             except KeyError as exc:
                 self._message("warning", str(exc), self.status)
                 return False
+        try:
+            source = self._source(result)
+        except ExplorerInputError as exc:
+            self._message("error", str(exc), self.status)
+            return False
         self._pending = {"kind": "apply", "result": result, "planes": planes}
         self._set_running(True)
         self.status.setText("applying the classifier…")
         device = self._device(result)
-        self.runner.start(compute_apply, planes, self.classifier, device, device=device, desc=f"classify {result.name}")
+        self.runner.start(compute_apply, planes, self.classifier, device, source, device=device, desc=f"classify {result.name}")
         return True
 
     def _set_running(self, running: bool) -> None:
@@ -489,7 +416,13 @@ class FeatureExplorerWidget(RunWidget):
             if not quiet:
                 self.status.setText("Add query points on the image first ('Add points').")
             return False
-        self._start("similarity", compute_similarity, plane, points, result, self._device(result))
+        try:
+            source = self._source(result)
+        except ExplorerInputError as exc:
+            self._message("error", str(exc), self.status)
+            return False
+        device = self._device(result)
+        self._start("similarity", result, plane, compute_similarity, plane, points, device, source)
         return True
 
     def run_segmentation(self, quiet: bool = False) -> bool:
@@ -505,35 +438,39 @@ class FeatureExplorerWidget(RunWidget):
             return False
         try:
             plane = self._plane(result)
-            scribbles = plane_scribbles(layer, result, plane)
+            if self.slices_check.isChecked():
+                examples, unfitted = scribble_examples(layer, result, plane)
+            else:
+                examples, unfitted = [(plane, plane_scribbles(layer, result, plane))], []
+            source = self._source(result)
         except (KeyError, ExplorerInputError) as exc:
             self._message("error" if not quiet else "info", str(exc), self.status)
             return False
-        classes = np.unique(scribbles[scribbles > 0])
-        if len(classes) < 2:
+        found = np.unique(np.concatenate([s[s > 0] for _, s in examples])) if examples else np.zeros(0, int)
+        if len(found) < 2:
             if not quiet:
-                self._message("info", f"Paint at least two classes (found {classes.tolist()}).", self.status)
+                self._message("info", f"Paint at least two classes (found {found.tolist()}).", self.status)
             return False
+        if unfitted and not quiet:  # said, not refused: the fitted slices still train
+            self._message(
+                "warning",
+                f"Slices {unfitted} have strokes but were not fitted (run 'Upsample Anything' on all slices); "
+                f"training on {len(examples)} slice(s).",
+                self.status,
+            )
         route = self.route_combo.currentData()
         self._scribbles_ref = weakref.ref(layer)
-        self._start(
-            "segment",
-            compute_segmentation,
-            plane,
-            scribbles,
-            result,
-            route,
-            self.image_check.isChecked(),
-            self._device(result),
-        )
+        device = self._device(result)
+        args = (plane, examples, route, self.image_check.isChecked(), device, source)
+        self._start("segment", result, plane, compute_segmentation, *args)
         return True
 
-    def _start(self, kind: str, fn, plane, first, result: FitResult, *args) -> None:
+    def _start(self, kind: str, result: FitResult, plane, fn, *args) -> None:
+        """Run ``fn(*args)`` on the result's device and show its outcome on ``plane``."""
         self._pending = {"kind": kind, "result": result, "plane": plane}
         self._set_running(True)
         self.status.setText(f"{kind}…")
-        device = args[-1]
-        self.runner.start(fn, plane, first, *args, device=device, desc=f"{kind} on {result.name}")
+        self.runner.start(fn, *args, device=self._device(result), desc=f"{kind} on {result.name}")
 
     def _on_finished(self, outcome: Outcome) -> None:
         super()._on_finished(outcome)
@@ -555,148 +492,6 @@ class FeatureExplorerWidget(RunWidget):
             self._show_segmentation(outcome.value, pending)
         self.status.setText(f"{pending['kind']} done in {outcome.seconds:.1f} s")
 
-    # ------------------------------------------------------------------ outputs
-    def _placed(self, result: FitResult, plane, arr: np.ndarray):
-        at = plane.index if result.frame.is_stack else None
-        return result.frame.stack([arr], at=at), result.frame.transform(at=at)
-
-    def _show_similarity(self, value: dict, pending: dict) -> None:
-        result, plane = pending["result"], pending["plane"]
-        self.similarity = dict(value, result=result, plane=plane)
-        common = {"owner": result.owner, "result": result.key}
-        with self.state.keep_results():
-            for key, role, suffix, visible in (
-                ("bilinear", "explore_similarity_bilinear", " (bilinear)", False),
-                ("kernels", "explore_similarity", "", True),
-            ):
-                data, tf = self._placed(result, plane, value[key])
-                self.outputs[key] = put_layer(
-                    self.viewer,
-                    data,
-                    "image",
-                    name=f"{result.name} similarity{suffix}",
-                    role=role,
-                    colormap="viridis",
-                    contrast_limits=(0.0, 1.0),
-                    visible=visible,
-                    extra_tag={"index": list(plane.index)},
-                    **tf,
-                    **common,
-                )
-            self._update_mask()
-            points = self.points_layer(result)
-            if points is not None:  # keep the points on top, so they stay clickable and visible
-                self.viewer.layers.move(self.viewer.layers.index(points), len(self.viewer.layers))
-                self.viewer.layers.selection.active = points
-
-    def threshold(self) -> float:
-        return self.threshold_slider.value() / 100.0
-
-    def _on_threshold(self, value: int) -> None:
-        self.threshold_label.setText(f"{value / 100.0:.2f}")
-        self._update_mask()
-
-    def _update_mask(self) -> None:
-        if self.similarity is None:
-            return
-        result, plane = self.similarity["result"], self.similarity["plane"]
-        mask = (self.similarity["kernels"] >= self.threshold()).astype(np.uint8)
-        layer = find_own_layer(self.viewer, "explore_similar", result.owner)
-        data, tf = self._placed(result, plane, mask)
-        if layer is not None and layer.data.shape == data.shape and tag_of(layer).get("index") == list(plane.index):
-            layer.data = data  # the slider: update in place, no new layer
-        else:
-            with self.state.keep_results():
-                layer = put_layer(
-                    self.viewer,
-                    data,
-                    "labels",
-                    name=f"{result.name} similar",
-                    role="explore_similar",
-                    owner=result.owner,
-                    result=result.key,
-                    opacity=0.4,
-                    extra_tag={"index": list(plane.index)},
-                    **tf,
-                )
-        self.outputs["mask"] = layer
-
-    def _show_segmentation(self, value: dict, pending: dict) -> None:
-        result, plane = pending["result"], pending["plane"]
-        clf = value["classifier"]
-        self.segmentation = dict(value, result=result, plane=plane)
-        if clf is not self._classifier:
-            self._set_classifier(clf, "trained on the scribbles")
-        common = {"owner": result.owner, "result": result.key}
-        classes = [int(c) for c in clf.classes]
-        wanted = classes if self.prob_check.isChecked() else []  # per-class maps only on request
-        with self.state.keep_results():
-            for layer in list(self.viewer.layers):  # probability layers of classes no longer painted (or asked for)
-                tag = tag_of(layer)
-                if tag.get("role", "").startswith("explore_probability_") and tag.get("owner") == result.owner:
-                    if int(tag.get("class", -1)) not in wanted:
-                        remove_own_layer(self.viewer, tag["role"], result.owner)
-            self.outputs["probabilities"] = {}
-            for k, c in enumerate(wanted):
-                data, tf = self._placed(result, plane, value["probabilities"][k])
-                self.outputs["probabilities"][c] = put_layer(
-                    self.viewer,
-                    data,
-                    "image",
-                    name=f"{result.name} probability {c}",
-                    role=f"explore_probability_{c}",
-                    colormap="magma",
-                    contrast_limits=(0.0, 1.0),
-                    visible=False,
-                    extra_tag={"class": c},
-                    **tf,
-                    **common,
-                )
-            data, tf = self._placed(result, plane, value["labels"])
-            self.outputs["labels"] = put_layer(
-                self.viewer,
-                data,
-                "labels",
-                name=f"{result.name} segmentation",
-                role="explore_segmentation",
-                opacity=0.5,
-                extra_tag={"classes": classes, "route": clf.route},
-                **tf,
-                **common,
-            )
-            scribbles = self._scribbles_ref() if self._scribbles_ref is not None else None
-            if scribbles is not None and scribbles in self.viewer.layers:  # keep painting on top
-                self.scribble_picker.set_layer(scribbles)
-                self.viewer.layers.move(self.viewer.layers.index(scribbles), len(self.viewer.layers))
-                self.viewer.layers.selection.active = scribbles
-
-    def _show_applied(self, value: dict, pending: dict) -> None:
-        """The classes of every classified plane, as the segmentation layers (one plane or the whole stack)."""
-        result, planes = pending["result"], pending["planes"]
-        if len(planes) == 1:
-            self._show_segmentation(
-                {"labels": value["labels"][0], "probabilities": value["probabilities"][0], "classifier": value["classifier"]},
-                {"result": result, "plane": planes[0]},
-            )
-            return
-        frame = result.frame  # every plane of the fit, in the frame's order: the layer spans the stack
-        clf = value["classifier"]
-        classes = [int(c) for c in clf.classes]
-        self.segmentation = dict(classifier=clf, result=result, plane=None)
-        common = {"owner": result.owner, "result": result.key}
-        with self.state.keep_results():
-            self.outputs["labels"] = put_layer(
-                self.viewer,
-                frame.stack(value["labels"]),
-                "labels",
-                name=f"{result.name} segmentation",
-                role="explore_segmentation",
-                opacity=0.5,
-                extra_tag={"classes": classes, "route": clf.route, "planes": len(planes)},
-                **frame.transform(),
-                **common,
-            )
-
     @property
     def classifier(self):
         """The classifier "Apply" uses: the one loaded last, or the last trained one, whichever came later."""
@@ -706,9 +501,11 @@ class FeatureExplorerWidget(RunWidget):
         self._classifier = clf
         self.save_button.setEnabled(True)
         self.apply_button.setEnabled(not self.runner.running)
+        blocks = (getattr(clf, "settings", None) or {}).get("layers")
         self.classifier_label.setText(
             f"classifier: {origin}; classes {[int(c) for c in clf.classes]}, route {clf.route}, "
-            f"{clf.n_features} features per pixel"
+            + (f"blocks {','.join(map(str, blocks))}, " if blocks else "")
+            + f"{clf.n_features} features per pixel"
         )
 
     def load_classifier(self, path):
@@ -749,3 +546,4 @@ class FeatureExplorerWidget(RunWidget):
         self._unwatch(("data", "paint", "set_data"))
         self._queued.clear()
         self.runner.shutdown()
+        self._feature_cache.clear()  # features of other blocks: after the worker has stopped using them

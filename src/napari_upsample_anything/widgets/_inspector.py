@@ -46,6 +46,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._base import PluginWidget, status_label
 from ._kernels import (
     COLOR_BY,
     MAX_SHAPES,
@@ -65,7 +66,7 @@ from ._kernels import (
     shapes_data,
     vectors_data,
 )
-from ._qt_common import PluginWidget, ResultPicker, status_label
+from ._pickers import ResultPicker
 from ._registry import FitResult, get_state, put_layer, remove_own_layer, unwrap_viewer, update_layer
 
 STYLE_LABELS = {

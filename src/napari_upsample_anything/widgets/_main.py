@@ -5,7 +5,7 @@ the current slice or all slices), a backbone and its options, and press Run. The
 computation (:func:`._pipeline.run_pipeline`) runs in a napari ``thread_worker``: one yield
 per ViT window, optimisation step and render tile, shown in napari's activity dock and in
 the widget's status line; Cancel stops it before the next step or tile. Results appear as
-layers aligned with the source (see :mod:`._frame`):
+layers aligned with the source (see :mod:`._frame`; added by :mod:`._result_layers`):
 
 ``<name> HR PCA``
     RGB, full resolution: the first three principal components of the upsampled features.
@@ -43,8 +43,11 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.published import PUBLISHED_STEPS
+from ._base import CollapsibleSection, RunWidget, status_label
 from ._estimate import format_seconds
 from ._frame import Frame, SelectionError, full_res_data, layer_kind
+from ._messages import gui_error_message
+from ._pickers import LayerPicker
 from ._pipeline import (
     Outcome,
     RunConfig,
@@ -52,21 +55,9 @@ from ._pipeline import (
     save_hr_features,
     save_kernels,
 )
-from ._qt_common import (
-    SHUTDOWN_TIMEOUT,
-    BackgroundTask,
-    CollapsibleSection,
-    LayerPicker,
-    Runner,
-    RunWidget,
-    call_with_threads,
-    gui_error_message,
-    release_memory,
-    status_label,
-    threads_spinbox,
-    torch_loaded,
-)
-from ._registry import FitResult, get_state, put_layer, remove_result_layers, result_label, unwrap_viewer
+from ._registry import FitResult, get_state, remove_result_layers, result_label, unwrap_viewer
+from ._result_layers import add_result_layers
+from ._threads import SHUTDOWN_TIMEOUT, BackgroundTask, Runner, call_with_threads, release_memory, threads_spinbox, torch_loaded
 
 #: Short backbone names offered in the combo box (any timm ViT name can be typed).
 BACKBONES = (
@@ -88,62 +79,6 @@ HR_FEATURE_CHOICES = (
 )
 #: Milliseconds without an option change before the cost estimate is recomputed.
 ESTIMATE_DEBOUNCE_MS = 600
-
-
-def add_result_layers(viewer, result: FitResult) -> None:
-    """Create or replace the result's layers: HR PCA, LR PCA (hidden) and memory (hidden).
-
-    The kernels are drawn on request only (Kernel inspector, "Draw kernels", about a thousand
-    ellipses by default): all of them at once are an unreadable tangle and slow to draw.
-    """
-    from ._memory import memory_layer_data
-
-    frame, planes, key, name = result.frame, result.planes, result.key, result.name
-    owner = result.owner
-    factor = planes[0].factor
-    source = result.source_ref() if result.source_ref is not None else None
-    common = {"owner": owner, "result": key, "near": source}  # results sit right above their source
-    hr = put_layer(
-        viewer,
-        frame.stack([p.lr_rgb for p in planes]),
-        "image",
-        name=f"{name} LR PCA",
-        role="lr_pca",
-        rgb=True,
-        visible=False,
-        **frame.transform(factor),
-        **common,
-        extra_tag={"lr_shape": list(planes[0].lr_shape), "factor": list(factor)},
-    )
-    result.layers["lr_pca"] = weakref.ref(hr)
-    common["near"] = hr  # each next layer right above the previous: source, LR PCA, HR PCA, memory
-    hr = put_layer(
-        viewer,
-        frame.stack([p.hr_rgb for p in planes]),
-        "image",
-        name=f"{name} HR PCA",
-        role="hr_pca",
-        rgb=True,
-        **frame.transform(),
-        **common,
-    )
-    result.layers["hr_pca"] = weakref.ref(hr)
-    common["near"] = hr
-    mem, kind = memory_layer_data(result)
-    layer = put_layer(
-        viewer,
-        mem,
-        "image",
-        name=f"{name} memory",
-        role="memory",
-        colormap="inferno",
-        visible=False,
-        opacity=0.8,
-        **frame.transform(factor),
-        **common,
-        extra_tag={"unit": "MiB", "value": kind, "stage": "all"},
-    )
-    result.layers["memory"] = weakref.ref(layer)
 
 
 class UpsampleAnythingWidget(RunWidget):

@@ -50,7 +50,8 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.units import format_bytes
-from ._qt_common import PluginWidget, ResultPicker
+from ._base import PluginWidget
+from ._pickers import ResultPicker
 from ._registry import FitResult, get_state, put_layer, remove_own_layer, unwrap_viewer
 
 MIB = 2.0**20

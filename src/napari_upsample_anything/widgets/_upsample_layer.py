@@ -34,24 +34,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._base import RunWidget, status_label
 from ._frame import full_res_data, layer_kind
+from ._messages import gui_error_message
+from ._pickers import LayerPicker, ResultPicker
 from ._pipeline import (
     Outcome,
     UpsampleRequest,
     upsample_planes,
 )
-from ._qt_common import (
-    BackgroundTask,
-    LayerPicker,
-    ResultPicker,
-    Runner,
-    RunWidget,
-    call_with_threads,
-    gui_error_message,
-    status_label,
-    threads_spinbox,
-)
 from ._registry import FitResult, get_state, put_layer, unwrap_viewer
+from ._threads import BackgroundTask, Runner, call_with_threads, threads_spinbox
 
 MAX_CHANNELS = 4096
 #: A refit estimated to take longer than this (seconds) asks for confirmation first.
