@@ -46,6 +46,7 @@ from ..core.published import PUBLISHED_STEPS
 from ._estimate import format_seconds
 from ._frame import Frame, SelectionError, full_res_data, layer_kind
 from ._pipeline import (
+    PRECISIONS,
     Outcome,
     RunConfig,
     run_pipeline,
@@ -79,7 +80,6 @@ BACKBONES = (
     "dinov2_vitl14_reg",
     "dinov2_vitg14_reg",
 )
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 HR_FEATURE_CHOICES = (
     ("keep (in memory; memory-mapped when large)", "auto"),
     ("keep in memory", "memory"),
