@@ -125,3 +125,17 @@ def test_the_widget_config_is_the_pipeline_options_plus_the_storage_mode():
         RunConfig(radius_typo=3)
     with pytest.raises(AttributeError):
         cfg.radius_typo = 3
+
+
+def test_a_refit_takes_the_fit_options_the_field_records():
+    from types import SimpleNamespace
+
+    from napari_upsample_anything.core.field import FitOptions
+
+    fitted = SimpleNamespace(
+        options=FitOptions(guide_smoothing=2.0, downsample="area", steps=7), meta={"fit_fraction": 0.25, "seed": 9}
+    )
+    fit = KernelFitOptions.fitted_with(fitted, steps=3)
+    assert fit == KernelFitOptions(steps=3, guide_smoothing=2.0, fit_downsample="area", fit_fraction=0.25)
+    legacy = SimpleNamespace(options=None, meta={"guide_smoothing": 1.5})  # saved without options
+    assert KernelFitOptions.fitted_with(legacy) == KernelFitOptions(guide_smoothing=1.5)

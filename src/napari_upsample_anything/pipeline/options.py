@@ -149,6 +149,23 @@ class KernelFitOptions:
                 "in (0, 1]; 1 is the exact, published fit"
             )
 
+    @classmethod
+    def fitted_with(cls, field, **overrides) -> KernelFitOptions:
+        """The fit options a fitted :class:`~..core.field.KernelField` records (each field of
+        this record that its ``options`` has under the :func:`~..api.fit_kernels` name;
+        ``fit_fraction`` from its ``meta``; defaults for what it does not say), with
+        ``overrides``: a map on another grid is refitted like the image was."""
+        values = {}
+        for f in fields(cls):
+            name = _FIT_KERNELS_NAMES.get(f.name, f.name)
+            if field.options is not None and hasattr(field.options, name):
+                values[f.name] = getattr(field.options, name)
+        # a field saved without options records its smoothing in meta; the fraction is only there
+        values.setdefault("guide_smoothing", float(field.meta.get("guide_smoothing", 0.0) or 0.0))
+        values["fit_fraction"] = float(field.meta.get("fit_fraction", 1.0))
+        values.update(overrides)
+        return cls(**values)
+
     def fit_kernels_args(self) -> dict:
         """These options as keyword arguments of :func:`~..api.fit_kernels` (numbers as Python
         int / float, as the callers passed them before)."""

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple
 
@@ -41,6 +41,7 @@ from ..pipeline import (  # noqa: F401  (re-exported: the widgets import them fr
     FIT_DOWNSAMPLE,
     MAX_LABEL_CLASSES,
     PRECISIONS,
+    KernelFitOptions,
     PipelineOptions,
     Progress,
     argmax_labels,
@@ -284,7 +285,6 @@ def upsample_planes(
     Continuous maps return ``{"values": (C, H, W)}``; labels return ``{"labels": (H, W),
     "probabilities": (K, H, W), "classes": (K,)}`` (one-hot rendered, then argmax).
     """
-    from .. import api
     from ..core.device import resolve_device
     from ..pipeline import upsample_map
 
@@ -299,14 +299,12 @@ def upsample_planes(
             lr = np.asarray(lr)
             grid = tuple(int(s) for s in lr.shape[-2:])
             fld = plane.field if grid == plane.lr_shape else plane.extra_fields.get(grid)
+            fit = KernelFitOptions.fitted_with(plane.field, steps=int(request.refit_steps))  # as the image's
             options = PipelineOptions(
-                steps=int(request.refit_steps),
+                **asdict(fit),
                 device=str(device),
                 precision=request.precision,
                 max_memory=budget_or_none(request.max_memory),
-                guide_smoothing=api.fitted_smoothing(plane.field),  # same fit options as the image's
-                fit_downsample=plane.field.options.downsample if plane.field.options else "bicubic",
-                fit_fraction=float(plane.field.meta.get("fit_fraction", 1.0)),
             )
             res = upsample_map(
                 lr,
