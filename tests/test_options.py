@@ -139,3 +139,11 @@ def test_a_refit_takes_the_fit_options_the_field_records():
     assert fit == KernelFitOptions(steps=3, guide_smoothing=2.0, fit_downsample="area", fit_fraction=0.25)
     legacy = SimpleNamespace(options=None, meta={"guide_smoothing": 1.5})  # saved without options
     assert KernelFitOptions.fitted_with(legacy) == KernelFitOptions(guide_smoothing=1.5)
+
+
+def test_a_classifier_records_the_fit_options_and_reads_them_back():
+    fit = KernelFitOptions(steps=7, guide_smoothing=1.5, fit_downsample="area", fit_fraction=0.5, seed=3)
+    saved = fit.settings()
+    assert saved == {"steps": 7, "guide_smoothing": 1.5, "fit_downsample": "area", "fit_fraction": 0.5}
+    assert PipelineOptions(**KernelFitOptions.from_settings(saved)).fit == KernelFitOptions(**saved)
+    assert KernelFitOptions.from_settings({}) == KernelFitOptions.from_settings(KernelFitOptions().settings())

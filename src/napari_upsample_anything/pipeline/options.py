@@ -166,6 +166,24 @@ class KernelFitOptions:
         values.update(overrides)
         return cls(**values)
 
+    def settings(self) -> dict:
+        """The options a saved classifier records (all but the seed), as Python scalars in
+        field order (each fit option has a scalar default, whose type it is cast to);
+        :meth:`from_settings` reads them back."""
+        return {
+            f.name: type(f.default)(getattr(self, f.name))
+            for f in fields(KernelFitOptions)
+            if f.name not in _NOT_FIT_KERNELS_ARGS
+        }
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> dict:
+        """The fit fields of :meth:`settings` (each cast like its default; a missing one gets
+        its default), as keyword arguments for :class:`PipelineOptions`."""
+        return {
+            f.name: type(f.default)(settings.get(f.name, f.default)) for f in fields(cls) if f.name not in _NOT_FIT_KERNELS_ARGS
+        }
+
     def fit_kernels_args(self) -> dict:
         """These options as keyword arguments of :func:`~..api.fit_kernels` (numbers as Python
         int / float, as the callers passed them before)."""
