@@ -9,13 +9,12 @@ from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
-from ..core.published import PUBLISHED_STEPS
+from ..core.published import FIT_DOWNSAMPLE, PUBLISHED_STEPS
 
 ProgressCallback = Callable[["Progress"], Any]
 CancelFn = Callable[[], bool]
 PlaneKey = Tuple[int, int]  # (t, z) in the source
 
-FIT_DOWNSAMPLE = ("bicubic", "area")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 FORMATS = ("ome-zarr", "npy")
 HR_DTYPES = ("float32", "float16")
