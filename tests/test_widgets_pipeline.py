@@ -430,8 +430,8 @@ def test_fit_options_reach_the_fit_the_render_and_refits():
     refit = plane.extra_fields[(2, 2)]
     assert refit.meta["guide_smoothing"] == 2.0 and refit.meta["downsample"] == "area" and refit.meta["fit_fraction"] == 0.5
     for bad, match in (
-        ({"guide_smoothing": -1.0}, "guide smoothing"),
-        ({"fit_downsample": "nearest"}, "fit input"),
+        ({"guide_smoothing": -1.0}, "guide_smoothing"),
+        ({"fit_downsample": "nearest"}, "fit_downsample"),
         ({"fit_fraction": 0.0}, "fit_fraction"),
     ):
         with pytest.raises(ValueError, match=match):

@@ -23,6 +23,7 @@ from .core.fit import PUBLISHED_LR, PUBLISHED_STEPS, fit_field
 from .core.guide import Guide, Normalize, _as_array, channels_last
 from .core.memory import MemoryLog, default_budget, parse_bytes
 from .core.progress import CancelFn, ProgressFn
+from .core.published import FIT_DOWNSAMPLE
 from .core.render import render_field
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -310,7 +311,7 @@ def fit_kernels(
         seed = check_int(seed, "seed", minimum=-(2**63), maximum=2**64 - 1)
     fit_fraction = check_float(fit_fraction, "fit_fraction", positive=True, maximum=1.0, hint="1 is the exact fit")
     options = _options(radius, alpha, border, radius_units)
-    downsample = check_choice(downsample, "downsample", ("bicubic", "area"))
+    downsample = check_choice(downsample, "downsample", FIT_DOWNSAMPLE)
     if init is not None and not isinstance(init, KernelField):
         raise TypeError(f"init must be a KernelField, got {type(init).__name__}")
     dev = resolve_device(device)

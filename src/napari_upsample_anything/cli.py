@@ -62,6 +62,7 @@ from .cli_printing import (
 )
 from .cli_printing import _one_line as _one_line
 from .core.published import PUBLISHED_STEPS  # torch-free: the parser is built before torch loads
+from .pipeline.options import FIT_DOWNSAMPLE, FORMATS, HR_DTYPES, PRECISIONS  # torch-free too
 
 # ------------------------------------------------------------------------------ run
 
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--precision",
             default="auto",
-            choices=["auto", "fp32", "fp16", "bf16"],
+            choices=PRECISIONS,
             help="dtype of the feature aggregation; auto = fp16 on CUDA, fp32 elsewhere (default: %(default)s)",
         )
         p.add_argument(
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--fit-downsample",
             default="bicubic",
-            choices=["bicubic", "area"],
+            choices=FIT_DOWNSAMPLE,
             help="LR input of the kernel fit: bicubic (published) or area averages, closer to how a ViT token summarises its patch (default: %(default)s)",
         )
         p.add_argument(
@@ -308,15 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--format",
         default="ome-zarr",
-        choices=["ome-zarr", "npy"],
+        choices=FORMATS,
         help="array outputs: ome-zarr (features.ome.zarr, pca.ome.zarr with a pyramid, kernels.ome.zarr) or npy (features_hr.npy, kernels.npz) (default: %(default)s)",
     )
     run.add_argument(
         "--pca-only", action="store_true", help="write only the PCA picture, kernels and report (skip the C x H x W features)"
     )
-    run.add_argument(
-        "--dtype", default="float32", choices=["float32", "float16"], help="dtype of the HR features (default: %(default)s)"
-    )
+    run.add_argument("--dtype", default="float32", choices=HR_DTYPES, help="dtype of the HR features (default: %(default)s)")
     dask_flags(run)
     run.add_argument(
         "--skip-existing", action="store_true", help="skip inputs whose output folder is complete (resume an interrupted batch)"

@@ -32,11 +32,11 @@ def _parse_memory(text: Optional[str]):
 def check_budget(text: Optional[str]) -> None:
     """Refuse a ``--max-memory`` below :data:`MIN_BUDGET_BYTES` or above the machine's
     memory (UsageError with the figures); warn when it exceeds the memory available now."""
-    if text in (None, "", "auto"):
+    from .core.units import format_bytes, no_budget
+
+    if no_budget(text):
         return
     import psutil
-
-    from .core.units import format_bytes
 
     nbytes = _parse_memory(text)
     if nbytes < MIN_BUDGET_BYTES:
@@ -66,42 +66,47 @@ def _output_dir(out: str) -> Path:
     return path
 
 
+#: Option fields whose flag is not spelled like the field: ``--random-weights`` (pretrained
+#: negated), ``--pca-only`` (hr_features negated), ``--dtype`` (hr_dtype); ``--channels`` is
+#: parsed by the caller (:func:`_parse_channels_flag`) and passed in.
+_NOT_BY_FIELD_NAME = ("pretrained", "hr_features", "hr_dtype", "channels")
+
+
 def options_from_args(args, channels=None):
     """The pipeline's options from the parsed flags, validated before any model is loaded
-    (a bad value raises :class:`UsageError` naming the flag)."""
+    (a bad value raises :class:`UsageError` naming the flag).
+
+    Every option field that the command has a flag for (a flag whose ``dest`` is the field's
+    name) is taken from ``args``; the others keep their defaults. So a new option needs only
+    its field in :mod:`.pipeline.options` and its flag in the parser.
+    """
+    from dataclasses import fields
+
     from .pipeline import PipelineOptions
 
-    defaults = PipelineOptions()
-    backbone = getattr(args, "backbone", defaults.backbone)
     if getattr(args, "random_weights", False) and getattr(args, "weights", None):
         raise UsageError("--random-weights and --weights FILE exclude each other: give one")
+    values = {
+        f.name: getattr(args, f.name)
+        for f in fields(PipelineOptions)
+        if f.name not in _NOT_BY_FIELD_NAME and hasattr(args, f.name)
+    }
+    values.update(
+        channels=channels,
+        pretrained=not getattr(args, "random_weights", False),
+        hr_features=not getattr(args, "pca_only", False),
+        hr_dtype=getattr(args, "dtype", "float32"),
+    )
     try:
-        opts = PipelineOptions(
-            backbone=backbone,
-            layer=getattr(args, "layer", defaults.layer),
-            input_size=getattr(args, "input_size", defaults.input_size),
-            weights=getattr(args, "weights", None),
-            pretrained=not getattr(args, "random_weights", False),
-            steps=args.steps,
-            device=args.device,
-            precision=args.precision,
-            max_memory=args.max_memory,
-            guide_smoothing=args.guide_smoothing,
-            fit_downsample=args.fit_downsample,
-            fit_fraction=args.fit_fraction,
-            channels=channels,
-            hr_features=not getattr(args, "pca_only", False),
-            hr_dtype=getattr(args, "dtype", "float32"),
-            format=getattr(args, "format", "ome-zarr"),
-        ).validate()
+        opts = PipelineOptions(**values).validate()
         from .core.device import resolve_device
         from .core.features import resolve_backbone_name
 
-        resolve_backbone_name(backbone)  # names only: no model is created
-        resolve_device(args.device)
+        resolve_backbone_name(opts.backbone)  # names only: no model is created
+        resolve_device(opts.device)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
-    check_budget(args.max_memory)
+    check_budget(opts.max_memory)
     return opts
 
 

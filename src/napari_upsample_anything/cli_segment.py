@@ -34,6 +34,7 @@ from typing import Any, Dict, List
 from .cli_jobs import check_dask_flags, dask_from_args, output_names
 from .cli_options import _check_planes_flag, _output_dir, _parse_channels_flag, _parse_memory
 from .cli_printing import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Bar, UsageError, _one_line, _table, _usage_like
+from .pipeline.options import PRECISIONS
 
 #: File suffixes taken from a folder given as input (others are ignored).
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr", ".czi", ".nd2", ".lif")
@@ -73,7 +74,7 @@ def add_parser(subparsers) -> Any:
     p.add_argument("--input-size", type=int, default=None, help="must match the classifier's (default: the classifier's)")
     p.add_argument("--channels", default=None, help="must match the classifier's (default: the classifier's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="(default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="(default: %(default)s)")
     p.add_argument("--max-memory", default=None, help="working-memory budget, e.g. 2GB (default: a safe fraction)")
     p.add_argument("--axes", default=None, help="axes of a plain TIFF / .npy without axes metadata, e.g. zyx")
     p.add_argument("--scene", default=None, help="scene of a multi-scene file (default: the first)")

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 from .core.errors import Cancelled, is_input_error
 from .core.progress import CancelFn, ProgressFn, check_cancel, report
-from .core.units import parse_bytes
+from .core.units import no_budget, parse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ def worker_memory_limit(max_memory: str | int | None) -> Optional[int]:
     :data:`WORKER_OVERHEAD_BYTES` (Dask pauses a worker at 80% of it and restarts it at 95%).
     None / "auto": Dask's default (the machine's memory shared between the workers).
     """
-    if max_memory in (None, "", "auto"):
+    if no_budget(max_memory):
         return None
     return int(parse_bytes(max_memory, "max_memory (--max-memory)")) + WORKER_OVERHEAD_BYTES
 

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .pipeline import PipelineOptions, PlaneFit, fit_plane
+from .pipeline import KernelFitOptions, PipelineOptions, PlaneFit, fit_plane
 
 __all__ = [
     "feature_settings",
@@ -70,12 +70,7 @@ def feature_settings(options: PipelineOptions) -> Dict[str, Any]:
         "channels": None if options.channels is None else [int(c) for c in options.channels],
         "weights": None if not options.weights else str(Path(options.weights).expanduser().resolve()),
         "pretrained": bool(options.pretrained),
-        "fit": {
-            "steps": int(options.steps),
-            "guide_smoothing": float(options.guide_smoothing),
-            "fit_downsample": options.fit_downsample,
-            "fit_fraction": float(options.fit_fraction),
-        },
+        "fit": options.fit.settings(),
         "package_version": __version__,
     }
 
@@ -296,10 +291,7 @@ def options_from_classifier(classifier, **overrides) -> PipelineOptions:
         weights=s.get("weights"),
         pretrained=bool(s.get("pretrained", True)),
         channels=None if s.get("channels") is None else tuple(int(c) for c in s["channels"]),
-        steps=int(fit.get("steps", PipelineOptions.steps)),
-        guide_smoothing=float(fit.get("guide_smoothing", 0.0)),
-        fit_downsample=str(fit.get("fit_downsample", "bicubic")),
-        fit_fraction=float(fit.get("fit_fraction", 1.0)),
+        **KernelFitOptions.from_settings(fit),
     )
     feature_overrides = {k: v for k, v in overrides.items() if k not in RUN_OPTIONS}
     unknown = [k for k in feature_overrides if k not in PipelineOptions.__dataclass_fields__]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .checks import check_choice, check_float, check_int, check_int_pair
-from .published import PUBLISHED_STEPS
+from .published import FIT_DOWNSAMPLE, PUBLISHED_STEPS
 
 INIT_SIGMA = 16.0
 INIT_SIGMA_R = 0.12
@@ -90,7 +90,7 @@ class FitOptions:
         set_("alpha", check_float(self.alpha, "alpha", positive=True, maximum=MAX_ALPHA, hint="published: 2"))
         set_("border", check_choice(self.border, "border", ("repeat", "unique")))
         set_("radius_units", check_choice(self.radius_units, "radius_units", ("hr", "lr")))
-        set_("downsample", check_choice(self.downsample, "downsample", ("bicubic", "area")))
+        set_("downsample", check_choice(self.downsample, "downsample", FIT_DOWNSAMPLE))
         set_("normalize", _check_normalize(self.normalize))
         if self.channel_axis is not None:
             set_("channel_axis", check_int(self.channel_axis, "channel_axis", minimum=-3, maximum=2))

@@ -10,3 +10,6 @@ from __future__ import annotations
 PUBLISHED_STEPS = 51
 #: Initial learning rate of the published loop (decayed to 1e-9 over 5100 steps).
 PUBLISHED_LR = 0.1
+#: How the fit's LR input is made from the guide: "bicubic" (published, the default) or "area"
+#: (cell averages). The one list the core, the API, the options and the CLI choose from.
+FIT_DOWNSAMPLE = ("bicubic", "area")

@@ -58,6 +58,18 @@ def parse_bytes(value: int | float | str | None, name: str = "max_memory") -> Op
     return nbytes
 
 
+def no_budget(value) -> bool:
+    """True when ``value`` asks for no memory budget (the default one): None, ``""`` or
+    ``"auto"`` -- the one place this rule is written (:func:`parse_bytes` maps ``"auto"``
+    to None too, but refuses ``""``, which the widgets' empty field gives)."""
+    return value is None or (isinstance(value, str) and value.lower() in ("", "auto"))
+
+
+def budget_or_none(value):
+    """``value`` unless it asks for no budget (:func:`no_budget`), then None."""
+    return None if no_budget(value) else value
+
+
 def format_bytes(n: float) -> str:
     """Human-readable size with binary units (``1.5 GiB``)."""
     n = float(n)

@@ -3,21 +3,21 @@ events every step reports (:class:`Progress`). No torch."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
-from ..core.published import PUBLISHED_STEPS
+from ..core.published import FIT_DOWNSAMPLE, PUBLISHED_STEPS
 
 ProgressCallback = Callable[["Progress"], Any]
 CancelFn = Callable[[], bool]
 PlaneKey = Tuple[int, int]  # (t, z) in the source
 
-FIT_DOWNSAMPLE = ("bicubic", "area")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 FORMATS = ("ome-zarr", "npy")
+HR_DTYPES = ("float32", "float16")
 #: Labels maps with more distinct values than this are refused (one-hot would be too large).
 MAX_LABEL_CLASSES = 256
 #: The guide smoothing sigma is capped (pixels): larger values make the fit run for minutes.
@@ -69,61 +69,65 @@ def core_progress(progress: Optional[ProgressCallback], stage: str, plane: int, 
 
 
 # ---------------------------------------------------------------------------------- options
-@dataclass(frozen=True)
-class PipelineOptions:
-    """Everything that decides the numbers (and the outputs) of a run.
+# One record per concern, each checking its own fields (torch-free: the widgets validate in
+# the GUI thread, the CLI before any model loads). Messages name the option and its CLI flag.
 
-    ``channels``: indices of the source channels that form the guide (None: all).
-    ``hr_features``: render the ``(C, H, W)`` HR features (else only the PCA picture).
-    ``hr_dtype``: their dtype in files ("float32" or "float16").
-    """
+
+def _whole(name: str, flag: str, value, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ValueError(f"{name}={value!r} ({flag}): give a whole number >= {lo}")
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """What the backbone computes: ``channels`` are the source channels that form the guide
+    (None: all); several ``layer`` blocks have their features concatenated."""
 
     backbone: str = "dinov2_vits14"
-    layer: int | Tuple[int, ...] = -1  # several blocks: their features are concatenated
+    layer: int | Tuple[int, ...] = -1
     input_size: Optional[int] = None
     weights: Optional[str] = None
     pretrained: bool = True
+    channels: Optional[Tuple[int, ...]] = None
+
+    def validate(self) -> None:
+        blocks = tuple(self.layer) if isinstance(self.layer, (tuple, list)) else (self.layer,)
+        for block in blocks or (None,):  # one block, or several (their features concatenated)
+            _whole("layer", "--layer", block, -10_000)
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"layer={self.layer!r} (--layer): give distinct blocks, e.g. -1,-4")
+        if self.input_size is not None:
+            _whole("input_size", "--input-size", self.input_size, 1)
+        if self.weights:
+            p = Path(self.weights).expanduser()
+            if not p.is_file():
+                raise FileNotFoundError(f"weights file {str(p)!r} (--weights) does not exist")
+        if self.channels is not None and (
+            not self.channels or any(isinstance(c, bool) or int(c) != c or c < 0 for c in self.channels)
+        ):
+            raise ValueError(f"channels={self.channels!r} (--channels): give channel indices >= 0, or None for all")
+
+
+#: The fit options whose name differs in :func:`~..api.fit_kernels` (``downsample``).
+_FIT_KERNELS_NAMES = {"fit_downsample": "downsample"}
+#: The fit options that are not arguments of :func:`~..api.fit_kernels`.
+_NOT_FIT_KERNELS_ARGS = ("seed",)
+
+
+@dataclass(frozen=True)
+class KernelFitOptions:
+    """How the kernels are fitted (named apart from :class:`~..core.field.FitOptions`, the
+    settings a fitted field records). A new field here reaches :func:`~..api.fit_kernels`
+    through :meth:`fit_kernels_args` under the same name."""
+
     steps: int = PUBLISHED_STEPS
-    device: str = "auto"
-    precision: str = "auto"
-    max_memory: Optional[str] = None
     guide_smoothing: float = 0.0
     fit_downsample: str = "bicubic"
     fit_fraction: float = 1.0
-    channels: Optional[Tuple[int, ...]] = None
-    hr_features: bool = True
-    hr_dtype: str = "float32"
-    pca_max_samples: int = 100_000
     seed: int = 0
-    format: str = "ome-zarr"
 
-    def validate(self) -> PipelineOptions:
-        """Check every value without importing torch or loading a model; returns self.
-
-        Raises ValueError / TypeError naming the option (CLI flag spelling in brackets).
-        """
-        from ..core.units import parse_bytes
-
-        def whole(name, flag, value, lo):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-                raise ValueError(f"{name}={value!r} ({flag}): give a whole number >= {lo}")
-
-        whole("steps", "--steps", self.steps, 0)
-        blocks = tuple(self.layer) if isinstance(self.layer, (tuple, list)) else (self.layer,)
-        for block in blocks or (None,):  # one block, or several (their features concatenated)
-            whole("layer", "--layer", block, -10_000)
-        if len(set(blocks)) != len(blocks):
-            raise ValueError(f"layer={self.layer!r} (--layer): give distinct blocks, e.g. -1,-4")
-        whole("pca_max_samples", "--pca-samples", self.pca_max_samples, 3)
-        if self.input_size is not None:
-            whole("input_size", "--input-size", self.input_size, 1)
-        if self.max_memory not in (None, "", "auto"):
-            try:
-                nbytes = parse_bytes(self.max_memory, "max_memory (--max-memory)")
-            except OverflowError:
-                nbytes = None
-            if nbytes is None or not np.isfinite(float(nbytes)) or nbytes > 2**60:
-                raise ValueError(f"max_memory={self.max_memory!r} (--max-memory): give a finite size such as 2GB or 512MiB")
+    def validate(self) -> None:
+        _whole("steps", "--steps", self.steps, 0)
         try:
             sigma = float(self.guide_smoothing)
         except (TypeError, ValueError):
@@ -143,30 +147,158 @@ class PipelineOptions:
                 f"fit_fraction={fraction!r} (--fit-fraction): give the fraction of pixels per fit step, "
                 "in (0, 1]; 1 is the exact, published fit"
             )
+
+    @classmethod
+    def fitted_with(cls, field, **overrides) -> KernelFitOptions:
+        """The fit options a fitted :class:`~..core.field.KernelField` records (each field of
+        this record that its ``options`` has under the :func:`~..api.fit_kernels` name;
+        ``fit_fraction`` from its ``meta``; defaults for what it does not say), with
+        ``overrides``: a map on another grid is refitted like the image was."""
+        values = {}
+        for f in fields(cls):
+            name = _FIT_KERNELS_NAMES.get(f.name, f.name)
+            if field.options is not None and hasattr(field.options, name):
+                values[f.name] = getattr(field.options, name)
+        # a field saved without options records its smoothing in meta; the fraction is only there
+        values.setdefault("guide_smoothing", float(field.meta.get("guide_smoothing", 0.0) or 0.0))
+        values["fit_fraction"] = float(field.meta.get("fit_fraction", 1.0))
+        values.update(overrides)
+        return cls(**values)
+
+    def settings(self) -> dict:
+        """The options a saved classifier records (all but the seed), as Python scalars in
+        field order (each fit option has a scalar default, whose type it is cast to);
+        :meth:`from_settings` reads them back."""
+        return {
+            f.name: type(f.default)(getattr(self, f.name))
+            for f in fields(KernelFitOptions)
+            if f.name not in _NOT_FIT_KERNELS_ARGS
+        }
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> dict:
+        """The fit fields of :meth:`settings` (each cast like its default; a missing one gets
+        its default), as keyword arguments for :class:`PipelineOptions`."""
+        return {
+            f.name: type(f.default)(settings.get(f.name, f.default)) for f in fields(cls) if f.name not in _NOT_FIT_KERNELS_ARGS
+        }
+
+    def fit_kernels_args(self) -> dict:
+        """These options as keyword arguments of :func:`~..api.fit_kernels` (numbers as Python
+        int / float, as the callers passed them before)."""
+        out = {}
+        for f in fields(KernelFitOptions):
+            if f.name in _NOT_FIT_KERNELS_ARGS:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                value = int(value)
+            elif isinstance(value, (float, np.floating)):
+                value = float(value)
+            out[_FIT_KERNELS_NAMES.get(f.name, f.name)] = value
+        return out
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What is rendered and written: ``hr_features`` renders the ``(C, H, W)`` HR features
+    (else only the PCA picture), ``hr_dtype`` is their dtype in files ("float32"/"float16")."""
+
+    precision: str = "auto"
+    hr_features: bool = True
+    hr_dtype: str = "float32"
+    pca_max_samples: int = 100_000
+    format: str = "ome-zarr"
+
+    def validate(self) -> None:
+        _whole("pca_max_samples", "--pca-samples", self.pca_max_samples, 3)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} (--precision): use one of {PRECISIONS}")
-        if self.hr_dtype not in ("float32", "float16"):
+        if self.hr_dtype not in HR_DTYPES:
             raise ValueError(f"hr_dtype={self.hr_dtype!r} (--dtype): use float32 or float16")
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} (--format): use one of {FORMATS}")
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Where and within how much memory the job runs (``max_memory``: no budget when
+    :func:`~..core.units.no_budget`)."""
+
+    device: str = "auto"
+    max_memory: Optional[str] = None
+
+    def validate(self) -> None:
+        from ..core.units import no_budget, parse_bytes
+
+        if not no_budget(self.max_memory):
+            try:
+                nbytes = parse_bytes(self.max_memory, "max_memory (--max-memory)")
+            except OverflowError:
+                nbytes = None
+            if nbytes is None or not np.isfinite(float(nbytes)) or nbytes > 2**60:
+                raise ValueError(f"max_memory={self.max_memory!r} (--max-memory): give a finite size such as 2GB or 512MiB")
         if not isinstance(self.device, str) or not self.device.strip():
             raise ValueError(f"device={self.device!r} (--device): use auto, cpu, cuda, cuda:N or mps")
         dev = self.device.strip().lower()
         if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ValueError(f"device={self.device!r} (--device): use auto, cpu, cuda, cuda:N or mps")
-        if self.weights:
-            p = Path(self.weights).expanduser()
-            if not p.is_file():
-                raise FileNotFoundError(f"weights file {str(p)!r} (--weights) does not exist")
-        if self.channels is not None and (
-            not self.channels or any(isinstance(c, bool) or int(c) != c or c < 0 for c in self.channels)
-        ):
-            raise ValueError(f"channels={self.channels!r} (--channels): give channel indices >= 0, or None for all")
-        return self
 
     @property
     def budget(self) -> Optional[str]:
-        return None if self.max_memory in (None, "", "auto") else self.max_memory
+        """``max_memory``, or None for no budget."""
+        from ..core.units import budget_or_none
+
+        return budget_or_none(self.max_memory)
+
+
+#: The records :class:`PipelineOptions` is made of, in the order their fields come and are checked.
+OPTION_RECORDS = (FeatureOptions, KernelFitOptions, OutputOptions, JobOptions)
+
+
+@dataclass(frozen=True)
+class PipelineOptions(JobOptions, OutputOptions, KernelFitOptions, FeatureOptions):
+    """Everything that decides the numbers (and the outputs) of a run: the fields of
+    :data:`OPTION_RECORDS`, flat.
+
+    Why flat, by inheritance, rather than one attribute per record: dozens of callers (the
+    pipeline, segmentation, the CLI commands, the widgets, the tests) read ``options.steps``
+    and build ``PipelineOptions(steps=..., device=...)``; inheriting the records keeps all
+    of them working while each field and its check are written once, in its record. A new
+    option is a field (and its check) in one record; the CLI's :func:`~..cli_options.options_from_args`
+    and the widget's ``RunConfig`` pick it up from the field list. ``options.fit`` (and
+    ``features``, ``outputs``, ``job``) give one concern's record.
+    """
+
+    def validate(self) -> PipelineOptions:
+        """Check every value without importing torch or loading a model; returns self.
+
+        Raises ValueError / TypeError / FileNotFoundError naming the option (CLI flag
+        spelling in brackets).
+        """
+        for record in OPTION_RECORDS:
+            record.validate(self)
+        return self
+
+    def record(self, cls):
+        """The ``cls`` record (one of :data:`OPTION_RECORDS`) of these options."""
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
+
+    @property
+    def features(self) -> FeatureOptions:
+        return self.record(FeatureOptions)
+
+    @property
+    def fit(self) -> KernelFitOptions:
+        return self.record(KernelFitOptions)
+
+    @property
+    def outputs(self) -> OutputOptions:
+        return self.record(OutputOptions)
+
+    @property
+    def job(self) -> JobOptions:
+        return self.record(JobOptions)
 
     def to_dict(self) -> dict:
         return asdict(self)

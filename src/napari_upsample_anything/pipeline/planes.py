@@ -108,10 +108,7 @@ def fit_plane(
     fitted = api.fit_kernels(
         g,
         tuple(fmap.geometry.lr_shape),
-        steps=int(options.steps),
-        guide_smoothing=float(options.guide_smoothing),
-        downsample=options.fit_downsample,
-        fit_fraction=float(options.fit_fraction),
+        **options.fit.fit_kernels_args(),
         device=device,
         precision=options.precision,
         max_memory=budget,
@@ -292,10 +289,7 @@ def upsample_map(
         field = api.fit_kernels(
             guide,
             grid,
-            steps=int(options.steps),
-            guide_smoothing=float(options.guide_smoothing),
-            downsample=options.fit_downsample,
-            fit_fraction=float(options.fit_fraction),
+            **options.fit.fit_kernels_args(),
             device=options.device,
             precision=options.precision,
             max_memory=options.budget,

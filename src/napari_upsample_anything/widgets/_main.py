@@ -49,6 +49,7 @@ from ._frame import Frame, SelectionError, full_res_data, layer_kind
 from ._messages import gui_error_message
 from ._pickers import LayerPicker
 from ._pipeline import (
+    PRECISIONS,
     Outcome,
     RunConfig,
     run_pipeline,
@@ -70,7 +71,6 @@ BACKBONES = (
     "dinov2_vitl14_reg",
     "dinov2_vitg14_reg",
 )
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 HR_FEATURE_CHOICES = (
     ("keep (in memory; memory-mapped when large)", "auto"),
     ("keep in memory", "memory"),

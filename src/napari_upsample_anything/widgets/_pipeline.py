@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple
 
@@ -36,9 +36,12 @@ import numpy as np
 from ..core.errors import Cancelled
 from ..core.platform_fixes import preload_triton_safely
 from ..core.published import PUBLISHED_STEPS
+from ..core.units import budget_or_none
 from ..pipeline import (  # noqa: F401  (re-exported: the widgets import them from here)
     FIT_DOWNSAMPLE,
     MAX_LABEL_CLASSES,
+    PRECISIONS,
+    KernelFitOptions,
     PipelineOptions,
     Progress,
     argmax_labels,
@@ -68,69 +71,65 @@ class Outcome:
 
 
 # ---------------------------------------------------------------------------------- config
-@dataclass
-class RunConfig:
-    """Options of one fit (the main widget's fields)."""
+#: The settings of a widget run that are not pipeline options: where the HR features are kept.
+_WIDGET_ONLY = ("hr_features", "memmap_dir")
 
-    backbone: str = "dinov2_vits14"
-    layer: int = -1
-    steps: int = PUBLISHED_STEPS
-    device: str = "auto"
-    precision: str = "auto"
-    max_memory: Optional[str] = None  # None / "auto" / "2GB" ...
-    pretrained: bool = True
-    weights: Optional[str] = None
-    input_size: Optional[int] = None
-    hr_features: str = "auto"  # "auto" | "memory" | "memmap" | "none"
-    memmap_dir: Optional[str] = None  # where memory-mapped HR features go (default: a temp dir)
-    guide_smoothing: float = 0.0  # Gaussian sigma (px) on the image before fit and render; 0 = published
-    fit_downsample: str = "bicubic"  # the fit's LR input: "bicubic" (published) or "area"
-    fit_fraction: float = 1.0  # pixels per fit step (optional stochastic fit); 1 = exact, published
+
+class RunConfig:
+    """Options of one fit (the main widget's fields): the pipeline's :class:`PipelineOptions`
+    plus the widget-only settings, where the HR features are kept.
+
+    ``hr_features``: "auto" | "memory" | "memmap" | "none" (here a storage mode; the
+    pipeline's ``hr_features`` is its ``!= "none"``); ``memmap_dir``: where memory-mapped HR
+    features go (default: a temporary folder). Every other keyword is a :class:`PipelineOptions`
+    field, read and set as a flat attribute (``config.steps``) and checked by the options'
+    records: a new option needs no change here.
+    """
+
+    def __init__(self, *, hr_features: str = "auto", memmap_dir: Optional[str] = None, **options: Any):
+        object.__setattr__(self, "pipeline_options", PipelineOptions(**options))
+        self.hr_features = hr_features
+        self.memmap_dir = memmap_dir
+
+    def __getattr__(self, name: str) -> Any:
+        opts = self.__dict__.get("pipeline_options")  # absent while copy/pickle rebuild the object
+        if opts is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(opts, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WIDGET_ONLY:
+            object.__setattr__(self, name, value)
+            if name == "hr_features":  # the pipeline renders them unless the mode is "none"
+                object.__setattr__(self, "pipeline_options", replace(self.pipeline_options, hr_features=value != "none"))
+        elif name in PipelineOptions.__dataclass_fields__:
+            object.__setattr__(self, "pipeline_options", replace(self.pipeline_options, **{name: value}))
+        else:
+            raise AttributeError(f"RunConfig has no option {name!r}")
+
+    def __repr__(self) -> str:
+        return f"RunConfig(hr_features={self.hr_features!r}, memmap_dir={self.memmap_dir!r}, {self.pipeline_options!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunConfig) and self.to_dict() == other.to_dict()
 
     def validate(self) -> None:
-        from ..core.units import (
-            parse_bytes,  # torch-free: validation runs in the GUI thread
-        )
-
-        if int(self.steps) != self.steps or self.steps < 0:
-            raise ValueError(f"steps={self.steps!r}: give a non-negative whole number (published: {PUBLISHED_STEPS})")
-        parse_bytes(None if self.max_memory in (None, "", "auto") else self.max_memory, "memory budget")
+        """Check every value (torch-free: this runs in the GUI thread)."""
         if self.hr_features not in HR_FEATURE_MODES:
             raise ValueError(f"hr_features={self.hr_features!r}: use one of {HR_FEATURE_MODES}")
-        if not (float(self.guide_smoothing) >= 0):
-            raise ValueError(f"guide smoothing={self.guide_smoothing!r}: give a Gaussian sigma >= 0 in pixels (0 = off)")
-        if self.fit_downsample not in FIT_DOWNSAMPLE:
-            raise ValueError(f"fit input={self.fit_downsample!r}: use one of {FIT_DOWNSAMPLE}")
-        if not 0 < float(self.fit_fraction) <= 1:
-            raise ValueError(f"fit_fraction={self.fit_fraction!r}: give a fraction of pixels per step in (0, 1] (1 = exact)")
-        if self.weights:
-            p = Path(self.weights).expanduser()
-            if not p.is_file():
-                raise FileNotFoundError(f"weights file {str(p)!r} does not exist")
-
-    @property
-    def budget(self) -> Optional[str]:
-        return None if self.max_memory in (None, "", "auto") else self.max_memory
+        self.options().validate()
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.pipeline_options.to_dict(), "hr_features": self.hr_features, "memmap_dir": self.memmap_dir}
 
     def options(self) -> PipelineOptions:
         """The pipeline's options for these widget fields (the HR-feature storage stays here)."""
-        return PipelineOptions(
-            backbone=self.backbone,
-            layer=int(self.layer),
-            input_size=self.input_size or None,
-            weights=self.weights or None,
-            pretrained=bool(self.pretrained),
-            steps=int(self.steps),
-            device=self.device,
-            precision=self.precision,
-            max_memory=self.budget,
-            guide_smoothing=float(self.guide_smoothing),
-            fit_downsample=self.fit_downsample,
-            fit_fraction=float(self.fit_fraction),
-            hr_features=self.hr_features != "none",
+        opts = self.pipeline_options
+        return replace(
+            opts,
+            input_size=opts.input_size or None,
+            weights=opts.weights or None,
+            max_memory=opts.budget,
         )
 
 
@@ -286,7 +285,6 @@ def upsample_planes(
     Continuous maps return ``{"values": (C, H, W)}``; labels return ``{"labels": (H, W),
     "probabilities": (K, H, W), "classes": (K,)}`` (one-hot rendered, then argmax).
     """
-    from .. import api
     from ..core.device import resolve_device
     from ..pipeline import upsample_map
 
@@ -301,14 +299,12 @@ def upsample_planes(
             lr = np.asarray(lr)
             grid = tuple(int(s) for s in lr.shape[-2:])
             fld = plane.field if grid == plane.lr_shape else plane.extra_fields.get(grid)
+            fit = KernelFitOptions.fitted_with(plane.field, steps=int(request.refit_steps))  # as the image's
             options = PipelineOptions(
-                steps=int(request.refit_steps),
+                **asdict(fit),
                 device=str(device),
                 precision=request.precision,
-                max_memory=None if request.max_memory in (None, "", "auto") else request.max_memory,
-                guide_smoothing=api.fitted_smoothing(plane.field),  # same fit options as the image's
-                fit_downsample=plane.field.options.downsample if plane.field.options else "bicubic",
-                fit_fraction=float(plane.field.meta.get("fit_fraction", 1.0)),
+                max_memory=budget_or_none(request.max_memory),
             )
             res = upsample_map(
                 lr,
