@@ -149,3 +149,50 @@ def test_memory_log_merges_repeated_tiles():
     rects = [(t.i0, t.i1, t.j0, t.j1) for t in log.tiles]
     assert len(rects) == len(set(rects)) > 1  # one record per tile, not one per tile and step
     assert log.tile_map((5, 6), stage="fit", measured=False).min() > 0
+
+
+def test_engine_accounts_for_what_each_path_allocates():
+    """The memory log's *allocated* bytes per tile and *resident* bytes follow the path that ran
+    (core.engine.footprint): the fused native kernels keep no [B, P, K] intermediates, so they
+    account for far less than the planner's upper bound; the eager path's own figure is the
+    planner's. (How close the accounting is to the process's real peak is measured by
+    benchmarks/bench_estimate.py, docs/benchmarks_estimate.md.)"""
+    import napari_upsample_anything as upa
+    from napari_upsample_anything.core.engine import footprint
+    from napari_upsample_anything.core.engine.backends import native_usable
+
+    rng = np.random.default_rng(2)
+    guide = rng.random((70, 84, 3)).astype(np.float32)
+    P, G, n_cells = 14 * 14, 3, 5 * 6
+    for backend in ("auto", "eager"):
+        log = upa.MemoryLog()
+        fld = upa.fit_kernels(guide, (5, 6), steps=2, backend=backend, memory_log=log)
+        K = 197  # the published radius 8: offsets of the disk dy^2 + dx^2 <= 64
+        blocks = [(t.i1 - t.i0) * (t.j1 - t.j0) for t in log.tiles]
+        if fld.meta["kernel"] == "native":
+            per_block = footprint.fused_fit_tile_per_block(P, K, G, kept_inputs=True)
+            assert [t.allocated_bytes for t in log.tiles] == [per_block * b for b in blocks]
+            assert log.resident_bytes == footprint.fit_resident_bytes(n_cells, P, K, G, kept_inputs=True)
+            assert log.working_bytes < log.peak_planned_bytes / 4
+        else:  # the eager path (or a compiler-less machine): the planner's figure is the path's own
+            assert [t.allocated_bytes for t in log.tiles] == [t.planned_bytes for t in log.tiles]
+            assert log.resident_bytes > 0  # the guide-only cache
+        assert log.working_bytes == log.resident_bytes + log.peak_allocated_bytes
+        assert log.to_dict()["peak_allocated_bytes"] == log.peak_allocated_bytes
+        assert (log.tile_map((5, 6), value="allocated") > 0).all()
+
+    values = rng.standard_normal((16, 5, 6)).astype(np.float32)
+    for backend in ("auto", "eager"):
+        log = upa.MemoryLog()
+        upa.render(values, guide, fld, backend=backend, memory_log=log)
+        blocks = [(t.i1 - t.i0) * (t.j1 - t.j0) for t in log.tiles]
+        native = backend == "auto" and native_usable(torch.device("cpu"), G)  # the C kernel's weights
+        if native:
+            per_block = footprint.native_render_per_block(P, 197, G, 16)
+            assert [t.allocated_bytes for t in log.tiles] == [per_block * b for b in blocks]
+            assert log.peak_allocated_bytes < log.peak_planned_bytes
+        else:
+            assert [t.allocated_bytes for t in log.tiles] == [t.planned_bytes for t in log.tiles]
+        assert log.resident_bytes > 0  # the workspace's chunk buffers
+    with pytest.raises(ValueError, match="value='peak'"):
+        log.tile_map((5, 6), value="peak")

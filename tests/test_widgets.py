@@ -490,13 +490,13 @@ def test_memory_monitor_reports_numbers(make_napari_viewer, qtbot):
     assert mon.peak > 0 and len(mon.plot.samples) >= 2
     assert "peak" in overlay.text
 
-    # The per-tile memory map: planned working set per LR cell on CPU.
+    # The per-tile memory map: on the CPU, the bytes the engine allocated per LR cell.
     assert mon.result_picker.result() is not None and "tile records" in mon.summary_label.text()
     mon.stage_combo.setCurrentText("fit")
     mon.show_memory_map()
     mem = viewer.layers["img memory"]
     assert mem.visible and mem.data.shape == (6, 7) and (mem.data > 0).all()
-    assert mem.metadata["upsample_anything"]["value"] == "planned"
+    assert mem.metadata["upsample_anything"]["value"] == "allocated"
     tiles = viewer.layers["img memory tiles"]  # the engine's tiles, outlined on the LR grid
     assert type(tiles).__name__ == "Shapes" and len(tiles.data) >= 1
     assert np.allclose(tiles.scale, mem.scale) and np.allclose(tiles.translate, mem.translate)
@@ -509,11 +509,17 @@ def test_memory_monitor_reports_numbers(make_napari_viewer, qtbot):
     labelled = [t for t in tiles.features["label"] if t]
     assert 1 <= len(labelled) <= len(tiles.data)
     # "measured" on the CPU: no per-tile measurement there (the RSS after a tile is not the tile's):
-    # the engine's planned bytes are shown, and the summary says so
+    # what the engine allocated is shown, and the summary says so
     mon.value_combo.setCurrentText("measured")
     mon.show_memory_map()
+    assert viewer.layers["img memory"].metadata["upsample_anything"]["value"] == "allocated"
+    assert "no per-tile measurement" in mon.summary_label.text() and "working set" in mon.summary_label.text()
+    allocated = viewer.layers["img memory"].data.copy()
+    # the planner's upper bound, on request: never below what the fused native fit allocates
+    mon.value_combo.setCurrentText("planned")
+    mon.show_memory_map()
     assert viewer.layers["img memory"].metadata["upsample_anything"]["value"] == "planned"
-    assert "no per-tile measurement" in mon.summary_label.text()
+    assert (viewer.layers["img memory"].data >= allocated).all()
 
     mon.overlay_check.setChecked(False)
     assert (overlay.visible, overlay.text) == before

@@ -266,6 +266,12 @@ def _rates(**kw):
         fit_planned_per_px=400.0,
         render_planned_per_px_channel=8.0,
         measured_in=1.0,
+        fit_resident_per_px=40.0,
+        fit_tile_per_px=20.0,
+        render_resident=1e6,
+        render_tile_per_px=30.0,
+        render_tile_per_px_channel=2.0,
+        render_planned_per_px=100.0,
     )
     return Rates(**{**base, **kw})
 
@@ -301,7 +307,9 @@ def test_estimate_arithmetic_from_given_rates():
     assert est.seconds["pca"] == pytest.approx(px * (1e-7 + 3 * 1e-9))
     assert est.seconds["render"] == pytest.approx(px * (1e-7 + C * 1e-9))
     assert est.total_seconds == pytest.approx(sum(est.seconds.values()))
-    assert est.working_bytes == int(max(400.0 * px, 8.0 * px * C))
+    # memory: the fit keeps 40 B/px and its one tile (the whole image) allocates 20 B/px; the
+    # 384-channel render keeps 1 MB and allocates 30 + 2 C B/px: the larger of the two
+    assert est.working_bytes == int(max(60.0 * px, 1e6 + (30 + 2 * C) * px))
     kept = 4 * 3 * px + 4 * C * h * w + 4 * 3 * px  # guide, LR features, HR PCA
     assert est.kept_bytes == int(kept + 4 * C * px) and est.disk_bytes == 0
     assert est.text().startswith(f"about {format_seconds(est.total_seconds)}") and "busy" not in est.text()
@@ -310,13 +318,20 @@ def test_estimate_arithmetic_from_given_rates():
     stack = estimate_run(rates, (H, W), n_planes=5, steps=50, hr_features="memory", budget_bytes=2**28)
     for stage, seconds in est.seconds.items():
         assert stack.seconds[stage] == pytest.approx(5 * seconds)
-    assert stack.working_bytes == 2**28
+    # with a 256 MiB budget, tiles hold as many pixels as the planner's bytes allow
+    # (fit 400 B/px, render 100 + 8 C B/px planned), the pixels' allocations are counted
+    fit_tile, render_tile = min(px, 2**28 / 400), min(px, 2**28 / (100 + 8 * C))
+    assert render_tile < fit_tile < px
+    assert stack.working_bytes == int(max(40 * px + 20 * fit_tile, 1e6 + (30 + 2 * C) * render_tile))
+    # a budget smaller than what the fit would keep: at most half of it is kept
+    tight = estimate_run(rates, (H, W), steps=50, hr_features="none", budget_bytes=2**24)
+    assert tight.working_bytes == int(min(2**23 + 20 * 2**24 / 400, 2**24))
     # HR features memory-mapped: on disk, not in memory; not computed: no render stage
     mapped = estimate_run(rates, (H, W), steps=50, hr_features="memmap")
     assert mapped.disk_bytes == 4 * C * px and mapped.kept_bytes == int(kept)
     off = estimate_run(rates, (H, W), steps=50, hr_features="none")
     assert off.seconds["render"] == 0 and off.disk_bytes == 0 and off.kept_bytes == int(kept)
-    assert off.working_bytes == int(max(400.0 * px, 8.0 * px * 3))  # only the 3-channel PCA is rendered
+    assert off.working_bytes == int(max(60.0 * px, 1e6 + (30 + 2 * 3) * px))  # only the 3-channel PCA is rendered
     # a bigger backbone: its parameters and channel count
     base = estimate_run(rates, (H, W), backbone="dinov2_vitb14", steps=50, hr_features="memory")
     assert base.seconds["features"] == pytest.approx((2 * 86e6 * N + 12 * 4 * N * N * 768) / 1e10)
@@ -327,9 +342,13 @@ def test_estimate_arithmetic_from_given_rates():
     assert small.seconds["features"] == pytest.approx((2 * 22e6 * n + 12 * 4 * n * n * C) / 1e10)
 
     # the engine's tile cap: the working set stops growing there (the fit's and the render's alike)
+    # (a tile's planned bytes stop at the cap; what the fit keeps does not)
     capped = estimate_run(_rates(tile_cap_bytes=2**27), (H, W), steps=50, hr_features="memory")
-    assert capped.working_bytes == 2**27 and capped.kept_bytes == est.kept_bytes
-    assert estimate_run(_rates(tile_cap_bytes=2**27), (50, 50), steps=50).working_bytes == int(8.0 * 2500 * C)
+    render_tile = 2**27 / (100 + 8 * C)
+    assert capped.working_bytes == int(max(40 * px + 20 * 2**27 / 400, 1e6 + (30 + 2 * C) * render_tile))
+    assert capped.kept_bytes == est.kept_bytes
+    tiny = estimate_run(_rates(tile_cap_bytes=2**27), (50, 50), steps=50)
+    assert tiny.working_bytes == int(1e6 + (30 + 2 * C) * 2500)
 
     # a busy machine: CPU-second rates times the measured slowdown, and the text says so
     busy = estimate_run(_rates(slowdown=2.5), (H, W), steps=50, hr_features="memory")

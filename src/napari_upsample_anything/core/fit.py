@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .checks import check_float
-from .engine import native, triton_kernels
+from .engine import footprint, native, triton_kernels
 from .engine.backends import choose_backend, fit_kernel_name
 from .engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions, Tile
 from .engine.compiled import (
@@ -252,8 +252,14 @@ class _ChunkedFit:
 
     @staticmethod
     def bytes_per_block(engine: BlockEngine) -> int:
-        P, K, G = engine.P, engine.K, engine.channels
-        return int(P * (7 + 2 * G) * 4 + K * ((2 * G + 2) * 4 + 1 + 8))
+        return footprint.chunked_fit_inputs_per_block(engine.P, engine.K, engine.channels)
+
+    def allocated_per_block(self, planned: int) -> int:
+        """Bytes per block a step allocates for a tile (:mod:`.engine.footprint`); ``planned``
+        (the planner's upper bound) for the kernels that keep ``[B, P, K]`` intermediates."""
+        if self.kernel_name not in footprint.FUSED_FIT_KERNELS:
+            return planned
+        return footprint.fused_fit_tile_per_block(self.engine.P, self.engine.K, self.engine.channels, self.keep)
 
     def chunks(self, tile: Tile):
         if tile in self.store:
@@ -302,6 +308,14 @@ class _ChunkedFit:
         sub = {name: self.pad(t.index_select(0, rows)).contiguous() for name, t in x.items()}
         sub["weight"] = sub["weight"] * weight
         return sub, q.reshape(-1, K).index_select(0, rows).reshape(-1), int(rows.numel())
+
+
+def _resident_bytes(engine: BlockEngine, fused: bool, kept: bool, cache_bytes: int, range_bytes: int) -> int:
+    """Bytes the fit keeps across steps: the guide-only cache (when kept) and the parameters."""
+    h, w = engine.lr_shape
+    if fused:
+        return footprint.fit_resident_bytes(h * w, engine.P, engine.K, engine.channels, kept)
+    return (cache_bytes + range_bytes if kept else 0) + footprint.fit_resident_bytes(h * w, engine.P, engine.K, engine.channels, False)
 
 
 def _blocks(tile: Tile) -> int:
@@ -415,6 +429,7 @@ def fit_field(
     if memlog is not None:
         memlog.budget_bytes = budget
         memlog.device = str(device)
+        memlog.resident_bytes = _resident_bytes(engine, fused_path, keep_cache, cache_bytes, range_bytes if keep_range else 0)
 
     losses: List[float] = []
     step = 0
@@ -438,6 +453,8 @@ def fit_field(
                 path = "eager"
                 fused_path = False
                 cache = make_cache(keep_cache)
+                if memlog is not None:  # the eager path keeps other tensors
+                    memlog.resident_bytes = _resident_bytes(engine, False, keep_cache, H * W * (engine.m + 2 * G + 1) * 4, 0)
                 raw.grad = None
                 continue
             if not is_out_of_memory(exc):
@@ -563,7 +580,7 @@ def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, 
             del out, diff, psi, phi
         if memlog is not None:
             nb = (tile[1] - tile[0]) * (tile[3] - tile[2])
-            memlog.add(TileRecord("fit", *tile, per_block * nb, meter.peak, time.perf_counter() - t0))
+            memlog.add(TileRecord("fit", *tile, per_block * nb, meter.peak, time.perf_counter() - t0, per_block * nb))
     if training:
         coef.backward(coef_leaf.grad)
     return total, squared
@@ -640,7 +657,9 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
                     if training:
                         grad.index_add_(1, q, grad_coef.reshape(4, -1))
             if memlog is not None:
-                memlog.add(TileRecord("fit", *tile, per_block * _blocks(tile), meter.peak, time.perf_counter() - t0))
+                nb = _blocks(tile)
+                seconds = time.perf_counter() - t0
+                memlog.add(TileRecord("fit", *tile, per_block * nb, meter.peak, seconds, prep.allocated_per_block(per_block) * nb))
     if training:
         coef.backward(grad.view_as(coef))
     return float(total), float(squared)

@@ -196,6 +196,9 @@ class TileRecord:
     planned_bytes: int
     peak_bytes: int
     seconds: float
+    #: bytes the path materialised for the tile by the engine's own accounting
+    #: (:mod:`.engine.footprint`); the planner's upper bound for the eager path
+    allocated_bytes: int = 0
 
 
 @dataclass
@@ -209,6 +212,8 @@ class MemoryLog:
 
     device: str = "cpu"
     budget_bytes: int = 0
+    #: bytes the computation keeps across tiles (a fit's prepared inputs and parameters)
+    resident_bytes: int = 0
     tiles: List[TileRecord] = field(default_factory=list)
     _index: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -224,6 +229,7 @@ class MemoryLog:
         old = self.tiles[index]
         old.planned_bytes = max(old.planned_bytes, record.planned_bytes)
         old.peak_bytes = max(old.peak_bytes, record.peak_bytes)
+        old.allocated_bytes = max(old.allocated_bytes, record.allocated_bytes)
         old.seconds += record.seconds
 
     @property
@@ -234,18 +240,30 @@ class MemoryLog:
     def peak_measured_bytes(self) -> int:
         return max((t.peak_bytes for t in self.tiles), default=0)
 
-    def tile_map(self, lr_shape: tuple[int, int], stage: Optional[str] = None, measured: bool = True):
-        """An (h, w) float array: for each LR cell, the peak bytes of the tile that covered it.
+    @property
+    def peak_allocated_bytes(self) -> int:
+        return max((t.allocated_bytes for t in self.tiles), default=0)
 
-        Several stages may cover the same cell; the largest value wins.
+    @property
+    def working_bytes(self) -> int:
+        """The engine's working set by its own accounting: what it keeps plus its largest tile."""
+        return int(self.resident_bytes + self.peak_allocated_bytes)
+
+    def tile_map(self, lr_shape: tuple[int, int], stage: Optional[str] = None, measured: bool = True, value: Optional[str] = None):
+        """An (h, w) float array: for each LR cell, the bytes of the tile that covered it.
+
+        ``value``: ``"measured"`` (the tile's measured peak), ``"planned"`` (the planner's bytes)
+        or ``"allocated"`` (the engine's accounting of what the tile materialised); None: by
+        ``measured``. Several stages may cover the same cell; the largest value wins.
         """
         import numpy as np
 
+        kind = value if value is not None else ("measured" if measured else "planned")
         out = np.zeros(lr_shape, dtype=np.float64)
         for t in self.tiles:
             if stage is not None and t.stage != stage:
                 continue
-            value = t.peak_bytes if measured else t.planned_bytes
+            value = tile_bytes(t, kind)
             block = out[t.i0 : t.i1, t.j0 : t.j1]
             np.maximum(block, value, out=block)
         return out
@@ -256,8 +274,20 @@ class MemoryLog:
             "budget_bytes": self.budget_bytes,
             "peak_planned_bytes": self.peak_planned_bytes,
             "peak_measured_bytes": self.peak_measured_bytes,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "resident_bytes": self.resident_bytes,
             "tiles": [t.__dict__ for t in self.tiles],
         }
+
+
+TILE_VALUES = ("measured", "planned", "allocated")
+
+
+def tile_bytes(record: TileRecord, value: str) -> int:
+    """A tile's bytes of one kind: ``"measured"``, ``"planned"`` or ``"allocated"``."""
+    if value not in TILE_VALUES:
+        raise ValueError(f"value={value!r}: use one of {', '.join(TILE_VALUES)}")
+    return {"measured": record.peak_bytes, "planned": record.planned_bytes, "allocated": record.allocated_bytes}[value]
 
 
 class TileMeter:

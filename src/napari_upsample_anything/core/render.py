@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .engine import compiled, native
+from .engine import compiled, footprint, native
 from .engine.backends import choose_backend
 from .engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, Tile
 from .field import KernelField, kernel_coefficients
@@ -85,6 +85,16 @@ def render_field(
         weights_kernel = "triton"  # the Triton render kernel (weights and aggregation, :mod:`.engine.triton_kernels`)
     elif choice.kernel == "native":  # CPU: the C kernel's weights (same formulas)
         weights_kernel = native.RenderWeights(engine)
+    # what a tile really allocates (the planner's bound is the eager path's own figure)
+    # and what it keeps for every tile (the workspace's chunk buffers)
+    allocated_per_block, resident = per_block, engine.tile_overhead()
+    if choice.kernel == "native":  # one chunk buffer of softmax weights
+        allocated_per_block = footprint.native_render_per_block(
+            engine.P, engine.K, engine.channels, C, agg_bytes, affine is not None
+        )
+        resident = engine.chunk_bytes
+    if memlog is not None:
+        memlog.resident_bytes = resident
     while queue:
         tile = queue.pop(0)
         check_cancel(cancel, stage)
@@ -107,7 +117,8 @@ def render_field(
         nblocks = (tile[1] - tile[0]) * (tile[3] - tile[2])
         done += nblocks
         if memlog is not None:
-            memlog.add(TileRecord(stage, *tile, per_block * nblocks, meter.peak, time.perf_counter() - t0))
+            seconds = time.perf_counter() - t0
+            memlog.add(TileRecord(stage, *tile, per_block * nblocks, meter.peak, seconds, allocated_per_block * nblocks))
         report(progress, done, total, stage=stage)
 
 

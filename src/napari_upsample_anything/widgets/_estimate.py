@@ -31,10 +31,14 @@ gets a longer estimate (and the text says so). Otherwise (GPU, several threads) 
 timed by the wall clock, the faster of two.
 
 Memory: the arrays a run keeps (guide, LR features, HR PCA, HR features when kept in memory)
-plus the largest working set of one stage: the planner's bytes per pixel for the crop, times
-the run's pixels, up to the tile size the engine stops at (on the CPU, tiles are capped at
-``core.engine.blocks.CPU_PREFERRED_TILE_BYTES``) and up to the budget. Fit and render tiles are not
-alive at the same time, so the working set is the largest of them, not their sum.
+plus the largest working set of one stage, from the engine's own accounting of the crop's
+runs (:mod:`..core.engine.footprint`, through the memory log): what a stage keeps across tiles
+(the fit's prepared inputs and parameters: per pixel) plus its largest tile (bytes per pixel
+times the tile's pixels). Tiles stop growing where the *planner's* bytes reach the tile size
+the engine stops at (on the CPU ``core.engine.blocks.CPU_PREFERRED_TILE_BYTES``) or the budget:
+the planner sizes tiles by an upper bound (the eager path's), while the fused kernels allocate
+much less per tile. Fit and render are not alive at the same time, so the working set is the
+larger of the two, not their sum.
 
 The rates are cached per (device, precision, threads) for five minutes (the load changes).
 Model loading (and downloading weights) is not included: it happens once per session.
@@ -83,14 +87,21 @@ class Rates:
     render_per_px: float  # s per HR pixel (weights), any channel count
     render_per_px_channel: float  # s per HR pixel and channel
     flops: float  # 2 x multiply-adds per second of a ViT-like matrix product
-    fit_planned_per_px: float  # planned working bytes of the fit per HR pixel (memory planner)
-    render_planned_per_px_channel: float  # planned working bytes of a render per HR pixel and channel
+    fit_planned_per_px: float  # planned working bytes of a fit tile per HR pixel (memory planner)
+    render_planned_per_px_channel: float  # planned working bytes of a render tile per HR pixel and channel
     measured_in: float  # seconds the measurement took
     measured_at: float = 0.0  # time.monotonic() when measured
     tile_cap_bytes: float = math.inf  # largest tile the engine plans on this device (CPU: preferred tile size)
     slowdown: float = 1.0  # wall-clock / CPU seconds of the measurement (1: rates are wall-clock seconds)
     pca_basis: float = 0.0  # s to fit the PCA basis of 384-channel features (once per run; grows as C^3)
     block_fixed: float = 0.0  # s of one transformer block on a handful of tokens (per block, per plane)
+    # the engine's accounting of what the paths really allocate (memory log, core.engine.footprint)
+    fit_resident_per_px: float = 0.0  # bytes a fit keeps across steps, per HR pixel of the image
+    fit_tile_per_px: float = 0.0  # bytes a fit tile allocates per HR pixel of the tile
+    render_resident: float = 0.0  # bytes a render keeps for every tile (workspace)
+    render_tile_per_px: float = 0.0  # bytes a render tile allocates per HR pixel, any channel count
+    render_tile_per_px_channel: float = 0.0  # ... and per HR pixel and channel
+    render_planned_per_px: float = 0.0  # planned bytes of a render tile per HR pixel, any channel count
 
 
 @dataclass
@@ -221,7 +232,9 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
     wide = rng.random((WIDE,) + lr).astype(np.float32)
     api.render(small, guide, fld, **common)  # warm-up, as for the fit: first-call costs are not per pixel
     check()
-    r3 = min(timed(lambda: api.render(small, guide, fld, **common))[0] for _ in range(2))
+    slog = MemoryLog()
+    r3, _ = timed(lambda: api.render(small, guide, fld, memory_log=slog, **common))
+    r3 = min(r3, timed(lambda: api.render(small, guide, fld, **common))[0])
     check()
     rlog = MemoryLog()
     rwide, _ = timed(lambda: api.render(wide, guide, fld, memory_log=rlog, **common))
@@ -251,6 +264,9 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
     except ImportError:  # pragma: no cover - the engine moved the constant: no cap rather than a wrong one
         cap = math.inf
     slowdown = max(1.0, spent["wall"] / max(spent["cpu"], 1e-9)) if cpu_clock else 1.0
+    # bytes: two channel counts give the per-pixel and per-channel parts (a straight line)
+    alloc_slope = (rlog.peak_allocated_bytes - slog.peak_allocated_bytes) / px / (WIDE - 3)
+    plan_slope = (rlog.peak_planned_bytes - slog.peak_planned_bytes) / px / (WIDE - 3)
     rates = Rates(
         fit_step_per_px=step / px,
         fit_fixed=fixed,
@@ -258,13 +274,19 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
         render_per_px_channel=per_channel / px,
         flops=flops,
         fit_planned_per_px=float(log.peak_planned_bytes) / px,
-        render_planned_per_px_channel=float(rlog.peak_planned_bytes) / px / WIDE,
+        render_planned_per_px_channel=plan_slope,
         measured_in=time.perf_counter() - t_start,
         measured_at=time.monotonic(),
         tile_cap_bytes=cap,
         slowdown=slowdown,
         pca_basis=pca_basis,
         block_fixed=block_fixed,
+        fit_resident_per_px=float(log.resident_bytes) / px,
+        fit_tile_per_px=float(log.peak_allocated_bytes) / px,
+        render_resident=float(rlog.resident_bytes),
+        render_tile_per_px=max(0.0, slog.peak_allocated_bytes / px - 3 * alloc_slope),
+        render_tile_per_px_channel=alloc_slope,
+        render_planned_per_px=max(0.0, slog.peak_planned_bytes / px - 3 * plan_slope),
     )
     with _LOCK:
         _RATES[key] = rates
@@ -333,18 +355,30 @@ def backbone_flops(size: str, tokens: float) -> float:
     return 2.0 * BACKBONE_PARAMS[size] * tokens + BACKBONE_DEPTHS[size] * 4.0 * tokens * tokens * BACKBONE_DIMS[size]
 
 
+def tile_pixels(planned_per_px: float, px: float, cap_bytes: float) -> float:
+    """HR pixels of a stage's largest tile: the whole image, or as many as the planner's bytes
+    (``planned_per_px`` each) allow under ``cap_bytes`` (the engine's tile cap or the budget)."""
+    if planned_per_px <= 0:
+        return px
+    return min(px, cap_bytes / planned_per_px)
+
+
 def working_bytes(rates: Rates, px: float, channels: int, budget_bytes: Optional[int] = None) -> float:
     """The engine's largest working set of a run on ``px`` HR pixels, rendering up to ``channels`` channels.
 
-    Each stage's planned bytes per pixel (from the crop), times the pixels, stops growing at the
-    engine's tile cap; fit and render tiles are never alive together, so it is the larger of the two;
-    a budget caps both.
+    Per stage: what it keeps across tiles plus its largest tile, by the engine's accounting
+    (see the module docstring); tiles are as large as the planner makes them (up to the tile cap
+    and the budget). Fit and render are never alive together: the larger of the two.
     """
-    cap = float(rates.tile_cap_bytes)
-    fit = min(rates.fit_planned_per_px * px, cap)
-    render = min(rates.render_planned_per_px_channel * px * channels, cap)
-    working = max(fit, render)
-    return min(working, float(budget_bytes)) if budget_bytes else working
+    budget = float(budget_bytes) if budget_bytes else math.inf
+    cap = min(float(rates.tile_cap_bytes), budget)
+    # the fit keeps its prepared inputs only while they take at most half the budget
+    fit_kept = min(rates.fit_resident_per_px * px, budget / 2)
+    fit = fit_kept + rates.fit_tile_per_px * tile_pixels(rates.fit_planned_per_px, px, cap)
+    render_planned = rates.render_planned_per_px + rates.render_planned_per_px_channel * channels
+    render_tile = tile_pixels(render_planned, px, cap)
+    render = rates.render_resident + (rates.render_tile_per_px + rates.render_tile_per_px_channel * channels) * render_tile
+    return min(max(fit, render), budget)
 
 
 def estimate_run(

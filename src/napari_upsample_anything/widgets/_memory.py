@@ -60,7 +60,7 @@ IDLE_INTERVAL_MS = 1000
 HISTORY = 3000  # samples kept for the plot; a longer run is kept whole, at half the time resolution each time it fills up
 OVERLAY_INTERVAL_S = 1.0  # each overlay change redraws the canvas: at most once a second
 STAGES = ("all", "fit", "render")
-VALUES = ("auto", "measured", "planned")
+VALUES = ("auto", "measured", "planned", "allocated")
 
 
 def fmt_bytes(n: Optional[float]) -> str:
@@ -120,17 +120,15 @@ def memory_layer_data(result: FitResult, stage: str = "all", value: str = "auto"
     """The ``<name> memory`` array (MiB on the LR grid, stacked like the source) and the value kind used."""
     on_cuda = str(result.pipeline.device).startswith("cuda")
     if value == "auto":
-        value = "measured" if on_cuda else "planned"
-    if value not in ("measured", "planned"):
-        raise ValueError(f"value={value!r}: use 'measured' or 'planned'")
+        value = "measured" if on_cuda else "allocated"
+    if value not in VALUES[1:]:
+        raise ValueError(f"value={value!r}: use one of {', '.join(VALUES)}")
     if value == "measured" and not on_cuda:
         # the CPU has no per-tile measurement (the process RSS after a tile is the same for every
-        # tile): the engine's own accounting of the tile is what a map can show
-        value = "planned"
+        # tile): the engine's own accounting of what the tile allocated is what a map can show
+        value = "allocated"
     st = None if stage in (None, "all") else stage
-    maps = [
-        (p.memlog.tile_map(p.lr_shape, stage=st, measured=(value == "measured")) / MIB).astype(np.float32) for p in result.planes
-    ]
+    maps = [(p.memlog.tile_map(p.lr_shape, stage=st, value=value) / MIB).astype(np.float32) for p in result.planes]
     return result.frame.stack(maps), value
 
 
@@ -147,6 +145,8 @@ def tile_rectangles(result: FitResult, stage: str = "all", value: str = "planned
     leading axes placed like the memory map) and the tile's largest value in MiB; or None
     when there are more than :data:`MAX_TILE_OUTLINES` distinct tiles.
     """
+    from ..core.memory import tile_bytes  # a result exists: torch is loaded already
+
     st = None if stage in (None, "all") else stage
     best: Dict[tuple, float] = {}
     for p in result.planes:
@@ -154,7 +154,7 @@ def tile_rectangles(result: FitResult, stage: str = "all", value: str = "planned
             if st is not None and t.stage != st:
                 continue
             key = (tuple(p.index), t.i0, t.i1, t.j0, t.j1)
-            v = float(t.peak_bytes if value == "measured" else t.planned_bytes)
+            v = float(tile_bytes(t, value))
             best[key] = max(best.get(key, 0.0), v)
     if len(best) > MAX_TILE_OUTLINES:
         return None
@@ -199,13 +199,15 @@ def memory_summary(result: FitResult) -> str:
     budget = max((l.budget_bytes for l in logs), default=0)
     planned = max((l.peak_planned_bytes for l in logs), default=0)
     measured = max((l.peak_measured_bytes for l in logs), default=0)
+    working = max((l.working_bytes for l in logs), default=0)
     if str(result.pipeline.device).startswith("cuda"):
         measured_text = f", largest measured (allocator peak) {fmt_bytes(measured)}"
     else:
-        measured_text = " (the CPU has no per-tile measurement: the map shows the engine's planned bytes)"
+        measured_text = " (the CPU has no per-tile measurement: the map shows what the engine allocated)"
     return (
         f"{tiles} tile records on {result.pipeline.device}; budget {fmt_bytes(budget)}, "
-        f"largest planned tile {fmt_bytes(planned)}{measured_text}"
+        f"largest planned tile {fmt_bytes(planned)}, working set {fmt_bytes(working)} "
+        f"(kept across tiles + largest tile allocated){measured_text}"
     )
 
 
@@ -350,7 +352,10 @@ class MemoryMonitorWidget(PluginWidget):
         form2.addRow("Stage", self.stage_combo)
         self.value_combo = QComboBox()
         self.value_combo.addItems(VALUES)
-        self.value_combo.setToolTip("auto: measured on CUDA, planned working set on CPU (see the user guide)")
+        self.value_combo.setToolTip(
+            "auto: measured on CUDA; on the CPU what the engine allocated per tile (its own accounting). "
+            "planned: the planner's upper bound that sizes the tiles"
+        )
         form2.addRow("Value", self.value_combo)
         self.outline_check = QCheckBox("Outline the tiles (with their MiB)")
         self.outline_check.setChecked(True)
