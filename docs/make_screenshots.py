@@ -268,7 +268,7 @@ def main() -> int:
     only_dock(viewer, "Memory monitor")
     mon.overlay_check.setChecked(True)
     mon.stage_combo.setCurrentText("fit")
-    mon.value_combo.setCurrentText("planned")
+    mon.value_combo.setCurrentText("auto")  # on the CPU: what the engine allocated per tile
     mon.show_memory_map()
     viewer.layers[f"{name} memory"].opacity = 0.7
     viewer.reset_view()
