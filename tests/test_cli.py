@@ -73,6 +73,9 @@ def test_run_end_to_end(tmp_path, image_file, weights_file):
     assert set(rep["seconds"]) >= {"features", "fit", "render", "pca"}
     assert rep["fit_loss_final"] < rep["fit_loss_first"] and rep["fit_psnr_db"] > 20
     assert rep["memory"]["process_peak_rss_bytes"] > 0
+    # the engine's accounting of the fit: what it kept plus its largest tile, per plane and overall
+    assert rep["memory"]["fit_working_bytes"] == max(p["working_memory"] for p in rep["planes"]) > 0
+    assert rep["memory"]["fit_planned_tile_bytes"] == max(p["memory"] for p in rep["planes"]) > 0
     import skimage.io
 
     pca = skimage.io.imread(d / "pca.png")

@@ -196,3 +196,23 @@ def test_engine_accounts_for_what_each_path_allocates():
         assert log.resident_bytes > 0  # the workspace's chunk buffers
     with pytest.raises(ValueError, match="value='peak'"):
         log.tile_map((5, 6), value="peak")
+
+
+def test_one_memory_log_for_several_stages_counts_them_apart():
+    """The pipeline logs a plane's fit, PCA render and feature render in one log: what a stage
+    keeps counts with that stage's tiles only, and the working set is the largest stage's."""
+    import napari_upsample_anything as upa
+
+    rng = np.random.default_rng(4)
+    guide = rng.random((70, 84, 3)).astype(np.float32)
+    log = upa.MemoryLog()
+    fld = upa.fit_kernels(guide, (5, 6), steps=1, memory_log=log)
+    fit_only = log.working_bytes
+    upa.render(rng.standard_normal((64, 5, 6)).astype(np.float32), guide, fld, memory_log=log)
+    assert set(log.resident) == {"fit", "render"}
+    per_stage = {
+        s: log.resident[s] + max(t.allocated_bytes for t in log.tiles if t.stage == s) for s in ("fit", "render")
+    }
+    assert per_stage["fit"] == fit_only
+    assert log.working_bytes == max(per_stage.values())
+    assert log.to_dict()["resident_bytes"] == log.resident

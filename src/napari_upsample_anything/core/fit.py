@@ -429,7 +429,7 @@ def fit_field(
     if memlog is not None:
         memlog.budget_bytes = budget
         memlog.device = str(device)
-        memlog.resident_bytes = _resident_bytes(engine, fused_path, keep_cache, cache_bytes, range_bytes if keep_range else 0)
+        memlog.keep("fit", _resident_bytes(engine, fused_path, keep_cache, cache_bytes, range_bytes if keep_range else 0))
 
     losses: List[float] = []
     step = 0
@@ -454,7 +454,7 @@ def fit_field(
                 fused_path = False
                 cache = make_cache(keep_cache)
                 if memlog is not None:  # the eager path keeps other tensors
-                    memlog.resident_bytes = _resident_bytes(engine, False, keep_cache, H * W * (engine.m + 2 * G + 1) * 4, 0)
+                    memlog.resident["fit"] = _resident_bytes(engine, False, keep_cache, H * W * (engine.m + 2 * G + 1) * 4, 0)
                 raw.grad = None
                 continue
             if not is_out_of_memory(exc):

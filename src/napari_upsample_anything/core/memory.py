@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional, Protocol, Tuple
+from typing import Dict, List, Mapping, Optional, Protocol, Tuple
 
 import torch
 
@@ -212,8 +212,8 @@ class MemoryLog:
 
     device: str = "cpu"
     budget_bytes: int = 0
-    #: bytes the computation keeps across tiles (a fit's prepared inputs and parameters)
-    resident_bytes: int = 0
+    #: per stage, the bytes it keeps across its tiles (a fit's prepared inputs and parameters)
+    resident: Dict[str, int] = field(default_factory=dict)
     tiles: List[TileRecord] = field(default_factory=list)
     _index: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -244,10 +244,22 @@ class MemoryLog:
     def peak_allocated_bytes(self) -> int:
         return max((t.allocated_bytes for t in self.tiles), default=0)
 
+    def keep(self, stage: str, nbytes: int) -> None:
+        """Record that ``stage`` keeps ``nbytes`` across its tiles (the largest figure stays)."""
+        self.resident[stage] = max(self.resident.get(stage, 0), int(nbytes))
+
+    @property
+    def resident_bytes(self) -> int:
+        """The most any one stage keeps across its tiles."""
+        return max(self.resident.values(), default=0)
+
     @property
     def working_bytes(self) -> int:
-        """The engine's working set by its own accounting: what it keeps plus its largest tile."""
-        return int(self.resident_bytes + self.peak_allocated_bytes)
+        """The engine's working set by its own accounting: for the stage where it is largest,
+        what the stage keeps plus its largest tile (stages run one after the other)."""
+        stages = set(self.resident) | {t.stage for t in self.tiles}
+        largest = {s: max((t.allocated_bytes for t in self.tiles if t.stage == s), default=0) for s in stages}
+        return int(max((self.resident.get(s, 0) + largest[s] for s in stages), default=0))
 
     def tile_map(self, lr_shape: tuple[int, int], stage: Optional[str] = None, measured: bool = True, value: Optional[str] = None):
         """An (h, w) float array: for each LR cell, the bytes of the tile that covered it.
@@ -275,7 +287,8 @@ class MemoryLog:
             "peak_planned_bytes": self.peak_planned_bytes,
             "peak_measured_bytes": self.peak_measured_bytes,
             "peak_allocated_bytes": self.peak_allocated_bytes,
-            "resident_bytes": self.resident_bytes,
+            "resident_bytes": dict(self.resident),
+            "working_bytes": self.working_bytes,
             "tiles": [t.__dict__ for t in self.tiles],
         }
 

@@ -94,7 +94,7 @@ def render_field(
         )
         resident = engine.chunk_bytes
     if memlog is not None:
-        memlog.resident_bytes = resident
+        memlog.keep(stage, resident)
     while queue:
         tile = queue.pop(0)
         check_cancel(cancel, stage)

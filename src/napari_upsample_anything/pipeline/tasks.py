@@ -130,7 +130,9 @@ def _task_fit(task: Task, progress, cancel) -> dict:
         "loss_first": (fit.field.meta.get("loss_per_step") or [None])[0],
         "loss_final": fit.field.meta.get("final_loss"),
         "psnr_db": fit.field.meta.get("psnr"),
+        # the fit's largest tile as planned, and its working set by the engine's accounting
         "memory": fit.memlog.peak_planned_bytes if hasattr(fit.memlog, "peak_planned_bytes") else None,
+        "working_memory": fit.memlog.working_bytes if hasattr(fit.memlog, "working_bytes") else None,
     }
     (d / "fit.json").write_text(json.dumps(info))
     return {"plane": list(key), **info}
@@ -336,7 +338,8 @@ def _task_finish(task: Task, progress, cancel) -> dict:
         d = _plane_dir(store, k)
         info = json.loads((d / "fit.json").read_text())
         info["seconds"].update(json.loads((d / "render.json").read_text())["seconds"])
-        planes.append({"t": k[0], "z": k[1], **{a: info[a] for a in ("loss_first", "loss_final", "psnr_db", "seconds")}})
+        keys = ("loss_first", "loss_final", "psnr_db", "seconds", "memory", "working_memory")
+        planes.append({"t": k[0], "z": k[1], **{a: info.get(a) for a in keys}})
     info0 = json.loads((_plane_dir(store, task.planes[0]) / "fit.json").read_text())
     basis = _load_basis(store)
     total = {s: float(sum(p["seconds"].get(s, 0.0) for p in planes)) for s in ("features", "fit", "pca", "render")}
@@ -365,7 +368,12 @@ def _task_finish(task: Task, progress, cancel) -> dict:
         "options": opts.to_dict(),
         "seconds": total,
         "pca_explained_variance": [float(v) for v in basis.explained_variance_ratio],
-        "memory": {"process_peak_rss_bytes": _peak_rss()},
+        "memory": {
+            "process_peak_rss_bytes": _peak_rss(),
+            # the engine's own accounting (core.engine.footprint), the largest over the planes
+            "fit_working_bytes": max((p.get("working_memory") or 0 for p in planes), default=0),
+            "fit_planned_tile_bytes": max((p.get("memory") or 0 for p in planes), default=0),
+        },
         "files": files + ["report.json"],
     }
     tmp = store / "report.json.tmp"
