@@ -310,12 +310,23 @@ class _ChunkedFit:
         return sub, q.reshape(-1, K).index_select(0, rows).reshape(-1), int(rows.numel())
 
 
-def _resident_bytes(engine: BlockEngine, fused: bool, kept: bool, cache_bytes: int, range_bytes: int) -> int:
+def _cache_bytes(engine: BlockEngine, fused: bool) -> Tuple[int, int]:
+    """Bytes of the fit's guide-only cache and (eager path) of its cached range terms."""
+    n_cells = engine.grid.rows.n_lr * engine.grid.cols.n_lr
+    if fused:
+        return n_cells * _ChunkedFit.bytes_per_block(engine), 0
+    H, W = engine.guide.shape
+    return H * W * (engine.m + 2 * engine.channels + 1) * 4, n_cells * engine.P * engine.K * 4
+
+
+def _resident_bytes(engine: BlockEngine, fused: bool, kept: bool, keep_range: bool) -> int:
     """Bytes the fit keeps across steps: the guide-only cache (when kept) and the parameters."""
     h, w = engine.lr_shape
-    if fused:
-        return footprint.fit_resident_bytes(h * w, engine.P, engine.K, engine.channels, kept)
-    return (cache_bytes + range_bytes if kept else 0) + footprint.fit_resident_bytes(h * w, engine.P, engine.K, engine.channels, False)
+    parameters_and_inputs = footprint.fit_resident_bytes(h * w, engine.P, engine.K, engine.channels, fused and kept)
+    if fused or not kept:
+        return parameters_and_inputs
+    cache, ranges = _cache_bytes(engine, False)
+    return parameters_and_inputs + cache + (ranges if keep_range else 0)
 
 
 def _blocks(tile: Tile) -> int:
@@ -402,12 +413,7 @@ def fit_field(
     )
     path = choice.path
     fused_path = path in ("compiled", "triton")
-    if fused_path:
-        cache_bytes = engine.grid.rows.n_lr * engine.grid.cols.n_lr * _ChunkedFit.bytes_per_block(engine)
-        range_bytes = 0
-    else:
-        cache_bytes = H * W * (engine.m + 2 * G + 1) * 4
-        range_bytes = engine.grid.rows.n_lr * engine.grid.cols.n_lr * engine.P * engine.K * 4
+    cache_bytes, range_bytes = _cache_bytes(engine, fused_path)
     keep_cache = cache_bytes <= budget // 2
     keep_range = keep_cache and cache_bytes + range_bytes <= budget // 2
     work_budget = budget - (cache_bytes + (range_bytes if keep_range else 0) if keep_cache else 0)
@@ -429,7 +435,7 @@ def fit_field(
     if memlog is not None:
         memlog.budget_bytes = budget
         memlog.device = str(device)
-        memlog.keep("fit", _resident_bytes(engine, fused_path, keep_cache, cache_bytes, range_bytes if keep_range else 0))
+        memlog.keep("fit", _resident_bytes(engine, fused_path, keep_cache, keep_range))
 
     losses: List[float] = []
     step = 0
@@ -454,7 +460,7 @@ def fit_field(
                 fused_path = False
                 cache = make_cache(keep_cache)
                 if memlog is not None:  # the eager path keeps other tensors
-                    memlog.resident["fit"] = _resident_bytes(engine, False, keep_cache, H * W * (engine.m + 2 * G + 1) * 4, 0)
+                    memlog.resident["fit"] = _resident_bytes(engine, False, keep_cache, keep_range)
                 raw.grad = None
                 continue
             if not is_out_of_memory(exc):
