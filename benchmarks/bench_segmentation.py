@@ -3,7 +3,8 @@
 Question: when a user segments by example (scribbles + a random forest, as in ilastik or
 napari-convpaint), which route gives the best full-resolution labels, and what does it cost?
 
-Routes (the same scribbles and the same default random forest, 50 trees, ``random_state=0``):
+Routes (the same scribbles; the same default random forest, 50 trees, ``random_state=0``,
+except ``convpaint``, which brings its own classifier):
 
 * ``hr-kernels``: HR features rendered with the GSJBU kernels fitted on the image (streamed),
   every pixel classified (``route="hr"``);
@@ -12,8 +13,13 @@ Routes (the same scribbles and the same default random forest, 50 trees, ``rando
 * ``hr-bilinear``: bilinearly upsampled features, every pixel classified;
 * ``lr-bilinear``: LR tokens classified, probabilities upsampled bilinearly;
 * ``filter-bank``: a classic filter bank, scikit-image's ``multiscale_basic_features``
-  (intensity, gradient and Hessian eigenvalues at sigma 0.5..16: ilastik-style filters;
-  napari-convpaint's own offline feature set is not installed here), every pixel classified.
+  (intensity, gradient and Hessian eigenvalues at sigma 0.5..16: ilastik-style filters),
+  every pixel classified;
+* ``convpaint`` (only where ``import napari_convpaint`` works; not a dependency of this
+  project): napari-convpaint's own offline feature set (alias ``"gaussian"``) and its own
+  classifier (CatBoost) through its Python API, on the same scribbles; see
+  ``_seg_convpaint.py`` for what exactly runs and why its other extractors cannot here.
+  The script prints, and the generated section says, whether this route ran.
 
 Data (known labels): ``colour`` and ``texture`` Voronoi scenes (every class with its own
 oriented texture; ``colour``: also its own colour, so image edges are class boundaries;
@@ -32,13 +38,18 @@ and read the filter bank as the "no ViT" baseline.
 
 Metrics: mIoU over the classes and boundary F1 (boundary pixels of the prediction within
 ``--tolerance`` pixels of a true boundary and vice versa). Times: train (features at the
-scribbles + forest fit) and predict (every pixel), at ``--timing-sizes`` (512 and 2048 by
-default) and on a ``--stack-planes`` x 512^2 stack, the kernel fit reported on its own.
+scribbles + classifier fit) and predict (every pixel), at ``--timing-sizes`` (512 and 2048 by
+default) and on a ``--stack-planes`` x ``--stack-size``^2 stack (10 x 512^2), the kernel fit
+reported on its own, with the same settings (``--steps``) as the quality table. Times
+depend on the machine's load (recorded at the start, per case and at the end); mIoU and
+boundary F1 do not.
 
 Usage::
 
     python benchmarks/bench_segmentation.py                 # full run, writes docs/segmentation.md
     python benchmarks/bench_segmentation.py --quick         # minutes: small sizes, proves it works
+    /work/cp-venv/bin/python benchmarks/bench_segmentation.py   # with the napari-convpaint route
+                                                                # (venv recipe: _seg_convpaint.py)
 """
 
 from __future__ import annotations
@@ -57,6 +68,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _seg_convpaint  # noqa: E402 - the optional napari-convpaint baseline
 
 import napari_upsample_anything as upa  # noqa: E402
 from napari_upsample_anything.core.feature_queries import ScribbleClassifier  # noqa: E402
@@ -70,6 +84,10 @@ METHODS = (
     ("lr-bilinear", "lr", "bilinear", "LR tokens classified, probabilities upsampled bilinearly"),
     ("filter-bank", "hr", "bank", "scikit-image multiscale basic features (ilastik-style), HR pixels classified"),
 )
+#: napari-convpaint's version where it imports (then the ``convpaint`` route runs), else None
+CONVPAINT = _seg_convpaint.version()
+if CONVPAINT:
+    METHODS += (("convpaint", "hr", "convpaint", "napari-convpaint's own offline features + CatBoost, through its API"),)
 START = "<!-- bench_segmentation:start -->"
 END = "<!-- bench_segmentation:end -->"
 
@@ -217,6 +235,8 @@ def run_method(method, lr, img, field, scr_pairs, targets, device):
     Returns (predictions, train seconds, predict seconds). ``lr``, ``img``, ``field``: lists per plane.
     """
     name, route, up, _ = method
+    if up == "convpaint":
+        return _seg_convpaint.run(img, scr_pairs, targets)
     t0 = time.perf_counter()
     X, y = [], []
     banks = {}
@@ -308,11 +328,12 @@ def timing(args) -> list:
     if args.stack_planes:
         cases.append((f"{args.stack_planes} x {args.stack_size}^2 stack", args.stack_size, args.stack_planes))
     for label, size, planes in cases:
+        load = os.getloadavg()[0]
         stack, truth = microscopy_stack(1, size, planes)
         imgs, truths = list(stack), list(truth)
         scr = [(0, scribbles_for(truths[0], args.scribble, 1))]
         lr, field, fit_s = _prepare(imgs, truths, args, 1)
-        rec = {"case": label, "fit_s": fit_s}
+        rec = {"case": label, "fit_s": fit_s, "load": load}
         for method in METHODS:
             _, tr, pr = run_method(method, lr, imgs, field, scr, range(planes), args.device)
             rec[method[0]] = (tr, pr)
@@ -344,14 +365,26 @@ def quality_table(rows, args) -> str:
 def timing_table(rows) -> str:
     names = [n for n, *_ in METHODS]
     lines = [
-        "| case | kernel fit | " + " | ".join(f"{n} train + predict" for n in names) + " |",
-        "|---|---" + "|---" * len(names) + "|",
+        "| case | load | kernel fit | " + " | ".join(f"{n} train + predict" for n in names) + " |",
+        "|---|---|---" + "|---" * len(names) + "|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['fit_s']:.1f} s | " + " | ".join(f"{r[n][0]:.1f} + {r[n][1]:.1f} s" for n in names) + " |"
+            f"| {r['case']} | {r['load']:.1f} | {r['fit_s']:.1f} s | "
+            + " | ".join(f"{r[n][0]:.1f} + {r[n][1]:.1f} s" for n in names)
+            + " |"
         )
     return "\n".join(lines)
+
+
+def baseline_line() -> str:
+    """Which classic baselines ran: the scikit-image filter bank always, napari-convpaint where it imports."""
+    if CONVPAINT:
+        return f"Baselines: `filter-bank` (scikit-image) and `convpaint`: {_seg_convpaint.describe()}."
+    return (
+        "Baseline: `filter-bank` (scikit-image) only; **napari-convpaint was not importable** in this "
+        "environment, so its route did not run."
+    )
 
 
 def section(qrows, trows, args, seconds: float) -> str:
@@ -361,8 +394,9 @@ def section(qrows, trows, args, seconds: float) -> str:
         [
             START,
             f"Generated by `python benchmarks/bench_segmentation.py{quick}` ({seconds / 60:.1f} min, {platform.machine()}, "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}; load average "
-            f"{os.getloadavg()[0]:.1f} at the end). **Hand-made token features, not DINOv2/DINOv3** (see the "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}; 1-minute load average "
+            f"{args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: the times depend on it, "
+            f"mIoU and BF1 do not). {baseline_line()} **Hand-made token features, not DINOv2/DINOv3** (see the "
             f"script's docstring): {args.channels} class-embedding channels + 16 texture responses averaged over "
             f"{args.patch} x {args.patch} patches, noise sigma {args.noise}. Scenes {args.size}^2, {args.classes} classes; "
             f"microscopy stack {args.planes} planes of {args.size}^2, 3 classes, scribbles on its first and last plane; "
@@ -371,8 +405,9 @@ def section(qrows, trows, args, seconds: float) -> str:
             "",
             quality_table(qrows, args),
             "",
-            "Train (features at the scribbles + random forest) and predict (every pixel of every plane) times, "
-            "microscopy-like data, scribbles on one plane; the kernel fit (all planes) on its own:",
+            "Train (features at the scribbles + classifier fit: the random forest; CatBoost for `convpaint`) and "
+            "predict (every pixel of every plane) times, microscopy-like data, scribbles on one plane; the kernel "
+            "fit (all planes) on its own; load: the 1-minute load average when the case started:",
             "",
             timing_table(trows),
             END,
@@ -419,6 +454,9 @@ def main(argv=None) -> int:
         args.size, args.scenes, args.planes, args.steps = 96, 1, 3, 10
         args.timing_sizes, args.stack_planes, args.stack_size = [128], 2, 96
     args.classes_max = max(args.classes, 3)  # the microscopy stack has 3 classes
+    args.load_start = os.getloadavg()[0]
+    print(baseline_line(), flush=True)
+    print(f"load average at the start: {args.load_start:.1f}", flush=True)
     t0 = time.perf_counter()
     qrows = quality(args)
     trows = timing(args)
