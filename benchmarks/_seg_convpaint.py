@@ -8,7 +8,9 @@ extractor that needs no download here) trained and applied through its Python AP
 (``ConvpaintModel.train`` / ``ConvpaintModel.segment``) with its own classifier, CatBoost
 with the model's defaults (100 iterations, learning rate 0.1, depth 5, ``random_seed=0``),
 its own normalisation (``normalize=2``) and annotation tiling, on the same scribbles as the
-other routes. Its other extractors are out of reach offline: ``vgg16`` / ``efficient_netb0``
+other routes; and ``convpaint-rf``: the same with convpaint's alternative classifier
+(``train(..., use_rf=True)``: a 100-tree random forest), which tells the features' share of
+the result from the classifier's. Its other extractors are out of reach offline: ``vgg16`` / ``efficient_netb0``
 / ``convnext`` and the DINOv2 / DINOv3 (+ JAFAR) ones download their weights at first use,
 and ``ilastik_2d`` needs ilastik's ``fastfilters`` package, which PyPI does not have.
 
@@ -65,15 +67,18 @@ def describe() -> str:
         p = ConvpaintModel(alias=ALIAS).get_params()
     return (
         f"napari-convpaint {version()} alias '{ALIAS}' (fe_name {p.fe_name}, fe_scalings {p.fe_scalings}, "
-        f"normalize {p.normalize}) + CatBoost ({p.clf_iterations} iterations, learning rate "
-        f"{p.clf_learning_rate}, depth {p.clf_depth})"
+        f"normalize {p.normalize}) + its default classifier, CatBoost ({p.clf_iterations} iterations, learning rate "
+        f"{p.clf_learning_rate}, depth {p.clf_depth}); `convpaint-rf`: the same features + its `use_rf=True` "
+        f"classifier (random forest, 100 trees)"
     )
 
 
-def run(img: list, scr_pairs: list, targets) -> tuple:
+def run(img: list, scr_pairs: list, targets, use_rf: bool = False) -> tuple:
     """Train convpaint on ``scr_pairs`` [(plane index, scribbles)] of ``img`` and segment the planes ``targets``.
 
-    ``img``: list of ``(H, W)`` grey or ``(H, W, 3)`` RGB planes. Returns
+    ``img``: list of ``(H, W)`` grey or ``(H, W, 3)`` RGB planes. ``use_rf``: convpaint's own
+    alternative classifier (``train(..., use_rf=True)``: scikit-learn's random forest, 100
+    trees, ``random_state=0``) instead of its default CatBoost. Returns
     ``(predictions, train seconds, predict seconds)`` like ``bench_segmentation.run_method``;
     the train time includes building the model (no weights to load) and convpaint's feature
     extraction under the annotations, the predict time its features of every target plane.
@@ -90,7 +95,7 @@ def run(img: list, scr_pairs: list, targets) -> tuple:
         model = ConvpaintModel(alias=ALIAS)
         if rgb:
             model.set_params(channel_mode="rgb", ignore_warnings=True)
-        model.train([plane(k) for k, _ in scr_pairs], [scr.astype(np.uint8) for _, scr in scr_pairs])
+        model.train([plane(k) for k, _ in scr_pairs], [scr.astype(np.uint8) for _, scr in scr_pairs], use_rf=use_rf)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     with _quiet():

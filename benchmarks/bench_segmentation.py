@@ -4,7 +4,7 @@ Question: when a user segments by example (scribbles + a random forest, as in il
 napari-convpaint), which route gives the best full-resolution labels, and what does it cost?
 
 Routes (the same scribbles; the same default random forest, 50 trees, ``random_state=0``,
-except ``convpaint``, which brings its own classifier):
+except the convpaint routes, which bring convpaint's own classifiers):
 
 * ``hr-kernels``: HR features rendered with the GSJBU kernels fitted on the image (streamed),
   every pixel classified (``route="hr"``);
@@ -15,9 +15,10 @@ except ``convpaint``, which brings its own classifier):
 * ``filter-bank``: a classic filter bank, scikit-image's ``multiscale_basic_features``
   (intensity, gradient and Hessian eigenvalues at sigma 0.5..16: ilastik-style filters),
   every pixel classified;
-* ``convpaint`` (only where ``import napari_convpaint`` works; not a dependency of this
-  project): napari-convpaint's own offline feature set (alias ``"gaussian"``) and its own
-  classifier (CatBoost) through its Python API, on the same scribbles; see
+* ``convpaint`` and ``convpaint-rf`` (only where ``import napari_convpaint`` works; not a
+  dependency of this project): napari-convpaint's own offline feature set (alias
+  ``"gaussian"``) and its own classifier (CatBoost by default; its random-forest option for
+  ``convpaint-rf``) through its Python API, on the same scribbles; see
   ``_seg_convpaint.py`` for what exactly runs and why its other extractors cannot here.
   The script prints, and the generated section says, whether this route ran.
 
@@ -87,7 +88,10 @@ METHODS = (
 #: napari-convpaint's version where it imports (then the ``convpaint`` route runs), else None
 CONVPAINT = _seg_convpaint.version()
 if CONVPAINT:
-    METHODS += (("convpaint", "hr", "convpaint", "napari-convpaint's own offline features + CatBoost, through its API"),)
+    METHODS += (
+        ("convpaint", "hr", "convpaint", "napari-convpaint's own offline features + its default CatBoost, through its API"),
+        ("convpaint-rf", "hr", "convpaint-rf", "the same features + convpaint's random-forest option (use_rf=True)"),
+    )
 START = "<!-- bench_segmentation:start -->"
 END = "<!-- bench_segmentation:end -->"
 
@@ -235,8 +239,8 @@ def run_method(method, lr, img, field, scr_pairs, targets, device):
     Returns (predictions, train seconds, predict seconds). ``lr``, ``img``, ``field``: lists per plane.
     """
     name, route, up, _ = method
-    if up == "convpaint":
-        return _seg_convpaint.run(img, scr_pairs, targets)
+    if up in ("convpaint", "convpaint-rf"):
+        return _seg_convpaint.run(img, scr_pairs, targets, use_rf=up == "convpaint-rf")
     t0 = time.perf_counter()
     X, y = [], []
     banks = {}
@@ -362,6 +366,11 @@ def quality_table(rows, args) -> str:
     return "\n".join(lines)
 
 
+def _s(seconds: float) -> str:
+    """Seconds with two decimals below 1 s (the small cases), one above."""
+    return f"{seconds:.2f}" if seconds < 1 else f"{seconds:.1f}"
+
+
 def timing_table(rows) -> str:
     names = [n for n, *_ in METHODS]
     lines = [
@@ -371,7 +380,7 @@ def timing_table(rows) -> str:
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['load']:.1f} | {r['fit_s']:.1f} s | "
-            + " | ".join(f"{r[n][0]:.1f} + {r[n][1]:.1f} s" for n in names)
+            + " | ".join(f"{_s(r[n][0])} + {_s(r[n][1])} s" for n in names)
             + " |"
         )
     return "\n".join(lines)
@@ -405,7 +414,7 @@ def section(qrows, trows, args, seconds: float) -> str:
             "",
             quality_table(qrows, args),
             "",
-            "Train (features at the scribbles + classifier fit: the random forest; CatBoost for `convpaint`) and "
+            "Train (features at the scribbles + classifier fit: the random forest; convpaint's own for its routes) and "
             "predict (every pixel of every plane) times, microscopy-like data, scribbles on one plane; the kernel "
             "fit (all planes) on its own; load: the 1-minute load average when the case started:",
             "",
