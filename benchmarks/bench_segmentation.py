@@ -41,9 +41,9 @@ Metrics: mIoU over the classes and boundary F1 (boundary pixels of the predictio
 ``--tolerance`` pixels of a true boundary and vice versa). Times: train (features at the
 scribbles + classifier fit) and predict (every pixel), at ``--timing-sizes`` (512 and 2048 by
 default) and on a ``--stack-planes`` x ``--stack-size``^2 stack (10 x 512^2), the kernel fit
-reported on its own, with the same settings (``--steps``) as the quality table. Times
-depend on the machine's load (recorded at the start, per case and at the end); mIoU and
-boundary F1 do not.
+reported on its own, with the same settings (``--steps``) as the quality table; each case
+runs ``--timing-repeats`` times (3) and the table gives the medians. Times depend on the
+machine's load (recorded at the start, per run and at the end); mIoU and boundary F1 do not.
 
 Usage::
 
@@ -327,24 +327,31 @@ def quality(args) -> list:
 
 
 def timing(args) -> list:
+    """Per case, ``--timing-repeats`` runs of the kernel fit and every route; the table gives their medians."""
     rows = []
     cases = [(f"{n}^2", n, 1) for n in args.timing_sizes]
     if args.stack_planes:
         cases.append((f"{args.stack_planes} x {args.stack_size}^2 stack", args.stack_size, args.stack_planes))
     for label, size, planes in cases:
-        load = os.getloadavg()[0]
         stack, truth = microscopy_stack(1, size, planes)
         imgs, truths = list(stack), list(truth)
         scr = [(0, scribbles_for(truths[0], args.scribble, 1))]
-        lr, field, fit_s = _prepare(imgs, truths, args, 1)
-        rec = {"case": label, "fit_s": fit_s, "load": load}
-        for method in METHODS:
-            _, tr, pr = run_method(method, lr, imgs, field, scr, range(planes), args.device)
-            rec[method[0]] = (tr, pr)
+        loads, fits, runs = [], [], {n: [] for n, *_ in METHODS}
+        for _ in range(args.timing_repeats):
+            loads.append(os.getloadavg()[0])
+            lr, field, fit_s = _prepare(imgs, truths, args, 1)
+            fits.append(fit_s)
+            for method in METHODS:
+                _, tr, pr = run_method(method, lr, imgs, field, scr, range(planes), args.device)
+                runs[method[0]].append((tr, pr))
+            print(
+                f"{label}: load {loads[-1]:.1f}  fit {fit_s:.1f} s  "
+                + "  ".join(f"{n} {t[-1][0]:.2f}+{t[-1][1]:.2f} s" for n, t in runs.items()),
+                flush=True,
+            )
+        rec = {"case": label, "fit_s": float(np.median(fits)), "load": (min(loads), max(loads))}
+        rec.update({n: tuple(np.median(np.array(t), 0)) for n, t in runs.items()})
         rows.append(rec)
-        print(
-            f"{label}: fit {fit_s:.1f} s  " + "  ".join(f"{n} {rec[n][0]:.1f}+{rec[n][1]:.1f} s" for n, *_ in METHODS), flush=True
-        )
     return rows
 
 
@@ -379,7 +386,7 @@ def timing_table(rows) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['load']:.1f} | {r['fit_s']:.1f} s | "
+            f"| {r['case']} | {r['load'][0]:.1f}-{r['load'][1]:.1f} | {_s(r['fit_s'])} s | "
             + " | ".join(f"{_s(r[n][0])} + {_s(r[n][1])} s" for n in names)
             + " |"
         )
@@ -416,7 +423,8 @@ def section(qrows, trows, args, seconds: float) -> str:
             "",
             "Train (features at the scribbles + classifier fit: the random forest; convpaint's own for its routes) and "
             "predict (every pixel of every plane) times, microscopy-like data, scribbles on one plane; the kernel "
-            "fit (all planes) on its own; load: the 1-minute load average when the case started:",
+            f"fit (all planes) on its own; medians of {args.timing_repeats} runs per case; load: the 1-minute load "
+            "average at the start of each run (lowest-highest):",
             "",
             timing_table(trows),
             END,
@@ -454,6 +462,7 @@ def main(argv=None) -> int:
     p.add_argument("--timing-sizes", type=int, nargs="*", default=[512, 2048])
     p.add_argument("--stack-planes", type=int, default=10)
     p.add_argument("--stack-size", type=int, default=512)
+    p.add_argument("--timing-repeats", type=int, default=3, help="runs per timing case; the table gives the medians")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="small sizes: proves the script works in minutes")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "segmentation.md")
@@ -461,7 +470,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.scenes, args.planes, args.steps = 96, 1, 3, 10
-        args.timing_sizes, args.stack_planes, args.stack_size = [128], 2, 96
+        args.timing_sizes, args.stack_planes, args.stack_size, args.timing_repeats = [128], 2, 96, 1
     args.classes_max = max(args.classes, 3)  # the microscopy stack has 3 classes
     args.load_start = os.getloadavg()[0]
     print(baseline_line(), flush=True)
