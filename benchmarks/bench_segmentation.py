@@ -336,7 +336,7 @@ def timing(args) -> list:
         stack, truth = microscopy_stack(1, size, planes)
         imgs, truths = list(stack), list(truth)
         scr = [(0, scribbles_for(truths[0], args.scribble, 1))]
-        loads, fits, runs = [], [], {n: [] for n, *_ in METHODS}
+        loads, fits, lines, runs = [], [], [], {n: [] for n, *_ in METHODS}
         for _ in range(args.timing_repeats):
             loads.append(os.getloadavg()[0])
             lr, field, fit_s = _prepare(imgs, truths, args, 1)
@@ -344,12 +344,12 @@ def timing(args) -> list:
             for method in METHODS:
                 _, tr, pr = run_method(method, lr, imgs, field, scr, range(planes), args.device)
                 runs[method[0]].append((tr, pr))
-            print(
+            lines.append(
                 f"{label}: load {loads[-1]:.1f}  fit {fit_s:.1f} s  "
-                + "  ".join(f"{n} {t[-1][0]:.2f}+{t[-1][1]:.2f} s" for n, t in runs.items()),
-                flush=True,
+                + "  ".join(f"{n} {t[-1][0]:.2f}+{t[-1][1]:.2f} s" for n, t in runs.items())
             )
-        rec = {"case": label, "fit_s": float(np.median(fits)), "load": (min(loads), max(loads))}
+            print(lines[-1], flush=True)
+        rec = {"case": label, "fit_s": float(np.median(fits)), "load": (min(loads), max(loads)), "lines": lines}
         rec.update({n: tuple(np.median(np.array(t), 0)) for n, t in runs.items()})
         rows.append(rec)
     return rows
@@ -427,6 +427,13 @@ def section(qrows, trows, args, seconds: float) -> str:
             "average at the start of each run (lowest-highest):",
             "",
             timing_table(trows),
+            "",
+            "<details><summary>Every timing run (the lines the script prints: load, fit, train+predict seconds)</summary>",
+            "",
+            "```",
+            *[line for r in trows for line in r["lines"]],
+            "```",
+            "</details>",
             END,
         ]
     )
