@@ -3,7 +3,8 @@
 Question: when a user segments by example (scribbles + a random forest, as in ilastik or
 napari-convpaint), which route gives the best full-resolution labels, and what does it cost?
 
-Routes (the same scribbles and the same default random forest, 50 trees, ``random_state=0``):
+Routes (the same scribbles; the same default random forest, 50 trees, ``random_state=0``,
+except the convpaint routes, which bring convpaint's own classifiers):
 
 * ``hr-kernels``: HR features rendered with the GSJBU kernels fitted on the image (streamed),
   every pixel classified (``route="hr"``);
@@ -12,8 +13,14 @@ Routes (the same scribbles and the same default random forest, 50 trees, ``rando
 * ``hr-bilinear``: bilinearly upsampled features, every pixel classified;
 * ``lr-bilinear``: LR tokens classified, probabilities upsampled bilinearly;
 * ``filter-bank``: a classic filter bank, scikit-image's ``multiscale_basic_features``
-  (intensity, gradient and Hessian eigenvalues at sigma 0.5..16: ilastik-style filters;
-  napari-convpaint's own offline feature set is not installed here), every pixel classified.
+  (intensity, gradient and Hessian eigenvalues at sigma 0.5..16: ilastik-style filters),
+  every pixel classified;
+* ``convpaint`` and ``convpaint-rf`` (only where ``import napari_convpaint`` works; not a
+  dependency of this project): napari-convpaint's own offline feature set (alias
+  ``"gaussian"``) and its own classifier (CatBoost by default; its random-forest option for
+  ``convpaint-rf``) through its Python API, on the same scribbles; see
+  ``_seg_convpaint.py`` for what exactly runs and why its other extractors cannot here.
+  The script prints, and the generated section says, whether this route ran.
 
 Data (known labels): ``colour`` and ``texture`` Voronoi scenes (every class with its own
 oriented texture; ``colour``: also its own colour, so image edges are class boundaries;
@@ -32,13 +39,18 @@ and read the filter bank as the "no ViT" baseline.
 
 Metrics: mIoU over the classes and boundary F1 (boundary pixels of the prediction within
 ``--tolerance`` pixels of a true boundary and vice versa). Times: train (features at the
-scribbles + forest fit) and predict (every pixel), at ``--timing-sizes`` (512 and 2048 by
-default) and on a ``--stack-planes`` x 512^2 stack, the kernel fit reported on its own.
+scribbles + classifier fit) and predict (every pixel), at ``--timing-sizes`` (512 and 2048 by
+default) and on a ``--stack-planes`` x ``--stack-size``^2 stack (10 x 512^2), the kernel fit
+reported on its own, with the same settings (``--steps``) as the quality table; each case
+runs ``--timing-repeats`` times (3) and the table gives the medians. Times depend on the
+machine's load (recorded at the start, per run and at the end); mIoU and boundary F1 do not.
 
 Usage::
 
     python benchmarks/bench_segmentation.py                 # full run, writes docs/segmentation.md
     python benchmarks/bench_segmentation.py --quick         # minutes: small sizes, proves it works
+    /work/cp-venv/bin/python benchmarks/bench_segmentation.py   # with the napari-convpaint route
+                                                                # (venv recipe: _seg_convpaint.py)
 """
 
 from __future__ import annotations
@@ -57,6 +69,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _seg_convpaint  # noqa: E402 - the optional napari-convpaint baseline
 
 import napari_upsample_anything as upa  # noqa: E402
 from napari_upsample_anything.core.feature_queries import ScribbleClassifier  # noqa: E402
@@ -70,6 +85,13 @@ METHODS = (
     ("lr-bilinear", "lr", "bilinear", "LR tokens classified, probabilities upsampled bilinearly"),
     ("filter-bank", "hr", "bank", "scikit-image multiscale basic features (ilastik-style), HR pixels classified"),
 )
+#: napari-convpaint's version where it imports (then the ``convpaint`` route runs), else None
+CONVPAINT = _seg_convpaint.version()
+if CONVPAINT:
+    METHODS += (
+        ("convpaint", "hr", "convpaint", "napari-convpaint's own offline features + its default CatBoost, through its API"),
+        ("convpaint-rf", "hr", "convpaint-rf", "the same features + convpaint's random-forest option (use_rf=True)"),
+    )
 START = "<!-- bench_segmentation:start -->"
 END = "<!-- bench_segmentation:end -->"
 
@@ -217,6 +239,8 @@ def run_method(method, lr, img, field, scr_pairs, targets, device):
     Returns (predictions, train seconds, predict seconds). ``lr``, ``img``, ``field``: lists per plane.
     """
     name, route, up, _ = method
+    if up in ("convpaint", "convpaint-rf"):
+        return _seg_convpaint.run(img, scr_pairs, targets, use_rf=up == "convpaint-rf")
     t0 = time.perf_counter()
     X, y = [], []
     banks = {}
@@ -303,6 +327,7 @@ def quality(args) -> list:
 
 
 def timing(args) -> list:
+    """Per case, ``--timing-repeats`` runs of the kernel fit and every route; the table gives their medians."""
     rows = []
     cases = [(f"{n}^2", n, 1) for n in args.timing_sizes]
     if args.stack_planes:
@@ -311,15 +336,22 @@ def timing(args) -> list:
         stack, truth = microscopy_stack(1, size, planes)
         imgs, truths = list(stack), list(truth)
         scr = [(0, scribbles_for(truths[0], args.scribble, 1))]
-        lr, field, fit_s = _prepare(imgs, truths, args, 1)
-        rec = {"case": label, "fit_s": fit_s}
-        for method in METHODS:
-            _, tr, pr = run_method(method, lr, imgs, field, scr, range(planes), args.device)
-            rec[method[0]] = (tr, pr)
+        loads, fits, lines, runs = [], [], [], {n: [] for n, *_ in METHODS}
+        for _ in range(args.timing_repeats):
+            loads.append(os.getloadavg()[0])
+            lr, field, fit_s = _prepare(imgs, truths, args, 1)
+            fits.append(fit_s)
+            for method in METHODS:
+                _, tr, pr = run_method(method, lr, imgs, field, scr, range(planes), args.device)
+                runs[method[0]].append((tr, pr))
+            lines.append(
+                f"{label}: load {loads[-1]:.1f}  fit {fit_s:.1f} s  "
+                + "  ".join(f"{n} {t[-1][0]:.2f}+{t[-1][1]:.2f} s" for n, t in runs.items())
+            )
+            print(lines[-1], flush=True)
+        rec = {"case": label, "fit_s": float(np.median(fits)), "load": (min(loads), max(loads)), "lines": lines}
+        rec.update({n: tuple(np.median(np.array(t), 0)) for n, t in runs.items()})
         rows.append(rec)
-        print(
-            f"{label}: fit {fit_s:.1f} s  " + "  ".join(f"{n} {rec[n][0]:.1f}+{rec[n][1]:.1f} s" for n, *_ in METHODS), flush=True
-        )
     return rows
 
 
@@ -341,17 +373,34 @@ def quality_table(rows, args) -> str:
     return "\n".join(lines)
 
 
+def _s(seconds: float) -> str:
+    """Seconds with two decimals below 1 s (the small cases), one above."""
+    return f"{seconds:.2f}" if seconds < 1 else f"{seconds:.1f}"
+
+
 def timing_table(rows) -> str:
     names = [n for n, *_ in METHODS]
     lines = [
-        "| case | kernel fit | " + " | ".join(f"{n} train + predict" for n in names) + " |",
-        "|---|---" + "|---" * len(names) + "|",
+        "| case | load | kernel fit | " + " | ".join(f"{n} train + predict" for n in names) + " |",
+        "|---|---|---" + "|---" * len(names) + "|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['fit_s']:.1f} s | " + " | ".join(f"{r[n][0]:.1f} + {r[n][1]:.1f} s" for n in names) + " |"
+            f"| {r['case']} | {r['load'][0]:.1f}-{r['load'][1]:.1f} | {_s(r['fit_s'])} s | "
+            + " | ".join(f"{_s(r[n][0])} + {_s(r[n][1])} s" for n in names)
+            + " |"
         )
     return "\n".join(lines)
+
+
+def baseline_line() -> str:
+    """Which classic baselines ran: the scikit-image filter bank always, napari-convpaint where it imports."""
+    if CONVPAINT:
+        return f"Baselines: `filter-bank` (scikit-image) and `convpaint`: {_seg_convpaint.describe()}."
+    return (
+        "Baseline: `filter-bank` (scikit-image) only; **napari-convpaint was not importable** in this "
+        "environment, so its route did not run."
+    )
 
 
 def section(qrows, trows, args, seconds: float) -> str:
@@ -361,8 +410,9 @@ def section(qrows, trows, args, seconds: float) -> str:
         [
             START,
             f"Generated by `python benchmarks/bench_segmentation.py{quick}` ({seconds / 60:.1f} min, {platform.machine()}, "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}; load average "
-            f"{os.getloadavg()[0]:.1f} at the end). **Hand-made token features, not DINOv2/DINOv3** (see the "
+            f"{os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}; 1-minute load average "
+            f"{args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: the times depend on it, "
+            f"mIoU and BF1 do not). {baseline_line()} **Hand-made token features, not DINOv2/DINOv3** (see the "
             f"script's docstring): {args.channels} class-embedding channels + 16 texture responses averaged over "
             f"{args.patch} x {args.patch} patches, noise sigma {args.noise}. Scenes {args.size}^2, {args.classes} classes; "
             f"microscopy stack {args.planes} planes of {args.size}^2, 3 classes, scribbles on its first and last plane; "
@@ -371,10 +421,19 @@ def section(qrows, trows, args, seconds: float) -> str:
             "",
             quality_table(qrows, args),
             "",
-            "Train (features at the scribbles + random forest) and predict (every pixel of every plane) times, "
-            "microscopy-like data, scribbles on one plane; the kernel fit (all planes) on its own:",
+            "Train (features at the scribbles + classifier fit: the random forest; convpaint's own for its routes) and "
+            "predict (every pixel of every plane) times, microscopy-like data, scribbles on one plane; the kernel "
+            f"fit (all planes) on its own; medians of {args.timing_repeats} runs per case; load: the 1-minute load "
+            "average at the start of each run (lowest-highest):",
             "",
             timing_table(trows),
+            "",
+            "<details><summary>Every timing run (the lines the script prints: load, fit, train+predict seconds)</summary>",
+            "",
+            "```",
+            *[line for r in trows for line in r["lines"]],
+            "```",
+            "</details>",
             END,
         ]
     )
@@ -410,6 +469,7 @@ def main(argv=None) -> int:
     p.add_argument("--timing-sizes", type=int, nargs="*", default=[512, 2048])
     p.add_argument("--stack-planes", type=int, default=10)
     p.add_argument("--stack-size", type=int, default=512)
+    p.add_argument("--timing-repeats", type=int, default=3, help="runs per timing case; the table gives the medians")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="small sizes: proves the script works in minutes")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "segmentation.md")
@@ -417,8 +477,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.scenes, args.planes, args.steps = 96, 1, 3, 10
-        args.timing_sizes, args.stack_planes, args.stack_size = [128], 2, 96
+        args.timing_sizes, args.stack_planes, args.stack_size, args.timing_repeats = [128], 2, 96, 1
     args.classes_max = max(args.classes, 3)  # the microscopy stack has 3 classes
+    args.load_start = os.getloadavg()[0]
+    print(baseline_line(), flush=True)
+    print(f"load average at the start: {args.load_start:.1f}", flush=True)
     t0 = time.perf_counter()
     qrows = quality(args)
     trows = timing(args)
