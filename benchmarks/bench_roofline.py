@@ -10,9 +10,10 @@ process at the same thread count (the yardstick: it runs at close to the CPU's p
 ratio survives a different or a loaded machine better than seconds do), and where the time goes:
 
 * fit: ``forward`` (the native kernel's loss-only pass: log-weights, exp, aggregation, loss),
-  ``backward`` (the kernel's gradient pass: its full time minus the forward), ``other`` (per-step
-  work around the kernel: parameterisation and its backward, gathering the neighbours'
-  coefficients, scattering their gradients, the dynamic radius) and ``Adam`` (the update);
+  ``backward`` (the kernel's gradient pass: its full time minus the forward; the native kernel
+  also gathers the neighbours' coefficients and scatters their gradients itself), ``other``
+  (per-step work around the kernel: parameterisation and its backward, the dynamic radius, and
+  for the other kernels the gather and scatter) and ``Adam`` (the update);
 * render: ``prep`` (neighbour geometry, coefficient and value gathers), ``weights``
   (log-weights + softmax, timed with a 1-channel product), ``products`` (weights x C channels, a batched GEMM) and ``write``
   (blocks into the ``(C, H, W)`` output).
@@ -151,17 +152,22 @@ class FitCase:
         field = KernelField.from_raw(self.raw.detach())
         coef = kernel_coefficients(field).reshape(4, -1)
         sigma_eff = torch.maximum(field.sigma_x, field.sigma_y)
+        coef = coef.contiguous()
+        grad = torch.zeros_like(coef)
         calls = []
         for tile in self.tiles:
             r2 = self.engine.radius_sq(sigma_eff, tile).to(torch.int32)
             for b0, n, q, x in self.prep.chunks(tile):
-                c = coef.index_select(1, q).reshape(4, n, self.engine.K)
-                calls.append((c, x, r2[b0 : b0 + n], n))
+                c = coef.index_select(1, q).reshape(4, n, self.engine.K) if self.kernel != "native" else coef
+                calls.append((c, x, r2[b0 : b0 + n], n, q))
         from napari_upsample_anything.core.fit import _fit_chunk
 
-        def run():
-            for c, x, r2, n in calls:
-                _fit_chunk(self.prep, c, x, r2, n, want_grad) if self.kernel == "native" else _fit_chunk(self.prep, c, x, r2, n)
+        def run():  # the native kernel gathers the coefficients and scatters their gradients itself
+            for c, x, r2, n, q in calls:
+                if self.kernel == "native":
+                    _fit_chunk(self.prep, c, x, r2, n, want_grad, q, grad)
+                else:
+                    _fit_chunk(self.prep, c, x, r2, n)
 
         return run
 

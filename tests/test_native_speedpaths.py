@@ -64,6 +64,37 @@ def test_loss_only_mode_gives_the_same_loss_and_no_gradient(gen):
     assert float(loss_only[0]) == pytest.approx(float(ref[0]), rel=1e-4)
 
 
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gather_and_scatter_inside_the_kernel_equal_index_select_and_index_add(gen, threads):
+    """With the neighbour cells ``q``, the kernel reads the coefficient map itself and adds the
+    gradients into the map's gradient: the same loss, the same per-neighbour gradients and
+    bit for bit the sums of ``index_add_`` (same order; cells repeated within and across blocks),
+    whatever the thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = _f32(_chunk(gen, B=7, P=29, K=41))
+        B, K, N = 7, 41, 23
+        q = torch.randint(0, N, (B * K,), generator=gen)
+        cmap = torch.randn(4, N, generator=gen)
+        cmap[[0, 2]] = cmap[[0, 2]].abs() + 0.5
+        cmap[1] = cmap[1].clamp(-0.4, 0.4)
+        cmap[3] = 20 * torch.rand(N, generator=gen)
+        gathered = args[:1] + [cmap.index_select(1, q).reshape(4, B, K).contiguous()] + args[2:]
+        loss, sq, grad_coef = native.fit_chunk(*gathered)
+        start = torch.randn(4, N, generator=gen)
+        inside = start.clone()
+        loss_q, sq_q, grad_coef_q = native.fit_chunk(*args[:1], cmap, *args[2:], q=q, grad_out=inside)
+        assert float(loss_q) == float(loss) and float(sq_q) == float(sq) and torch.equal(grad_coef_q, grad_coef)
+        assert torch.equal(inside, start.clone().index_add_(1, q, grad_coef.reshape(4, -1)))
+        untouched = start.clone()
+        native.fit_chunk(*args[:1], cmap, *args[2:], want_grad=False, q=q, grad_out=untouched)
+        assert torch.equal(untouched, start)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("bench_roofline", BENCH)

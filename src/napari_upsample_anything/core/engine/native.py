@@ -265,7 +265,10 @@ def _ptr(t: torch.Tensor):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated, want_grad: bool = True, lib=None):
+def fit_chunk(
+    phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated, want_grad: bool = True, lib=None,
+    q=None, grad_out=None,
+):  # fmt: skip
     """:func:`.compiled.fit_chunk` on the CPU through the native kernel (float32, G <= 3), with the
     spatial coefficients and their chain rule done inside the kernel.
 
@@ -274,13 +277,26 @@ def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off,
     the other inputs are those of :func:`.compiled.fit_chunk`. Returns ``(loss_sum, squared_sum,
     grad_coef [4, B, K])``; with ``want_grad=False`` the kernel skips its gradient pass and
     ``grad_coef`` is zero. ``lib``: another build of the library (tests), default this one.
+
+    With ``q`` (int64 ``[B * K]``, the neighbours' cells), ``coef`` is the whole map ``[4, N]``
+    and the kernel gathers the neighbours' coefficients itself; with ``want_grad`` their
+    gradients are also added into ``grad_out [4, N]`` (float32, contiguous) at those cells,
+    in place, with the sums of ``grad_out.index_add_(1, q, grad_coef.reshape(4, -1))`` in the
+    same order (bit for bit). Saves the per-step ``[4, B, K]`` gather and scatter of the fit.
     """
     lib = lib if lib is not None else _library()
     if lib is None:
         raise RuntimeError("the native fit kernel could not be built (no C compiler?)")
     B, _, P = phi.shape
-    K = coef.shape[2]
+    K = d_y.shape[1]
     G = ic.shape[1]
+    N = coef.shape[1] if q is not None else 0
+    if q is not None:
+        q = q.contiguous().to(torch.int64)
+        if coef.dim() != 2 or q.numel() != B * K:
+            raise ValueError(f"with q, coef is [4, N] and q has B * K = {B * K} cells, got {tuple(coef.shape)}, {q.numel()}")
+        if want_grad and (grad_out is None or not grad_out.is_contiguous() or grad_out.dtype != torch.float32):
+            raise ValueError("with q and want_grad, grad_out must be a contiguous float32 [4, N] tensor")
     if G > 3:
         raise ValueError(f"the native fit kernel handles at most 3 guide channels, got {G}")
     f32 = [t.contiguous().to(torch.float32) for t in (phi, coef, d_y, d_x, ic, jd, vals, target, weight)]
@@ -306,6 +322,9 @@ def fit_chunk(phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off,
         _ptr(grad_coef),
         ctypes.c_int32(1 if want_grad else 0),
         ctypes.byref(failed),
+        _ptr(q) if q is not None else None,
+        ctypes.c_int64(N),
+        _ptr(grad_out) if q is not None and want_grad else None,
     )
     if failed.value:
         raise MemoryError(

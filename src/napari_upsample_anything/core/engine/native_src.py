@@ -13,6 +13,9 @@ SOURCE = r"""
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 /* exp(x) for x in [-87, 0] (callers clamp), inlined so that it vectorises with the calling
    loop: x = n ln2 + r with n the nearest integer to x / ln2 (|r| <= ln2 / 2, ln2 split in two
@@ -46,14 +49,43 @@ void exp_values(int64_t n, const float *x, float *out)
 /* 64-byte aligned scratch of n floats (size rounded up to whole cache lines, as C11 requires). */
 static float *falloc(int64_t n) { return (float *)aligned_alloc(64, (size_t)((n + 15) / 16 * 16) * sizeof(float)); }
 
+/* grad_all[c, q[i]] += src[c, i] (c < 4, i < n) in increasing i: torch's index_add_ along dim 1, the
+   same float32 sums in the same order, bit for bit (tests/test_native_speedpaths.py), so that the
+   gradient does not depend on the thread count. The threads split the destination cells; each
+   walks the whole index list (a few hundred KiB per chunk) and adds its own cells only. */
+static void scatter_add_ordered(int64_t threads, int64_t n, int64_t N, const int64_t *q, const float *src, float *grad_all)
+{
+    #pragma omp parallel num_threads(threads)
+    {
+#if defined(_OPENMP)
+        const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+        const int64_t T = 1, t = 0;
+#endif
+        const int64_t lo = N * t / T, hi = N * (t + 1) / T;
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t d = q[i];
+            if (d < lo || d >= hi) continue;
+            for (int64_t c = 0; c < 4; ++c) grad_all[c * N + d] += src[c * n + i];
+        }
+    }
+}
+
 /* One fit chunk: see napari_upsample_anything/core/engine/compiled.py::fit_chunk for the formulas.
+   coef: the neighbours' (A, B, C, rho) as [4, B, K] when q is NULL; otherwise the whole map
+   [4, N] and q [B, K] the neighbours' cells, gathered here (no [4, B, K] copy per step). The
+   gradient is written to grad_coef [4, B, K]; with q (and want_grad) it is then also added into
+   grad_all [4, N] at the neighbours' cells (scatter_add_ordered).
    *failed is set to 1 when scratch memory could not be allocated (the results are then invalid). */
 void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                const float *phi, const float *coef, const float *d_y, const float *d_x, const float *ic,
                const float *jd, const float *vals, const float *target, const float *weight,
                const int32_t *r2_pix, const int32_t *r2_off, const uint8_t *repeated,
-               double *loss_out, double *sq_out, float *grad_coef, int32_t want_grad, int32_t *failed)
+               double *loss_out, double *sq_out, float *grad_coef, int32_t want_grad, int32_t *failed,
+               const int64_t *q, int64_t N, float *grad_all)
 {
+/* coefficient c (A, B, C, rho) of neighbour k of block b */
+#define COEF(c, b, k) (q ? coef[(c) * N + q[(b) * K + (k)]] : coef[((c) * B + (b)) * K + (k)])
     double loss_total = 0.0, sq_total = 0.0;
     #pragma omp parallel for schedule(dynamic, 1) reduction(+:loss_total, sq_total) num_threads(threads)
     for (int64_t b = 0; b < B; ++b) {
@@ -96,12 +128,12 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         /* The neighbours' quadratic forms in the block's local coordinates (compiled.spatial_coefficients)
            from their A, B, C and offsets; rho is the range coefficient. */
         for (int64_t k = 0; k < K; ++k) {
-            const float A = coef[b * K + k], Bc = coef[(B + b) * K + k], C = coef[(2 * B + b) * K + k];
+            const float A = COEF(0, b, k), Bc = COEF(1, b, k), C = COEF(2, b, k);
             const float dy = dyb[k], dx = dxb[k];
             const float ax = A * dx + Bc * dy, cy = Bc * dx + C * dy;
             pz[k] = -A; pz[KP + k] = -2.0f * Bc; pz[2 * KP + k] = -C;
             pz[3 * KP + k] = 2.0f * ax; pz[4 * KP + k] = 2.0f * cy; pz[5 * KP + k] = -(ax * dx + cy * dy);
-            pz[6 * KP + k] = coef[(3 * B + b) * K + k];
+            pz[6 * KP + k] = COEF(3, b, k);
         }
         /* Per-pixel inputs, padded to groups of 4 pixels; padding pixels have weight 0. */
         float *F0 = pix, *F1 = pix + P4, *F2 = pix + 2 * P4, *F3 = pix + 3 * P4, *F4 = pix + 4 * P4, *F5 = pix + 5 * P4;
@@ -232,8 +264,10 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         _mm_setcsr(csr_saved);
 #endif
     }
+#undef COEF
     *loss_out = loss_total;
     *sq_out = sq_total;
+    if (q && want_grad && !*failed) scatter_add_ordered(threads, B * K, N, q, grad_coef, grad_all);
 }
 
 /* Softmax weights of a render chunk: W[b, p, k] = softmax_k(phi(p) . psi(k) - rho_k ||I(p) - J(k)||^2)
