@@ -95,6 +95,50 @@ def test_gather_and_scatter_inside_the_kernel_equal_index_select_and_index_add(g
         torch.set_num_threads(previous)
 
 
+@needs_native
+@pytest.mark.parametrize(
+    "hr, lr, options",
+    [
+        ((224, 224), (16, 16), RenderOptions()),
+        ((100, 77), (7, 5), RenderOptions()),  # non-integer scale: padded blocks
+        ((333, 517), (41, 23), RenderOptions(alpha=1.7, radius=6)),  # alpha not a float32 integer
+        ((150, 130), (11, 9), RenderOptions(radius_units="lr", radius=3, alpha=2.3)),
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_dynamic_radius_equals_the_torch_path(hr, lr, options, threads, monkeypatch):
+    """BlockEngine.radius_sq through the C kernel gives exactly the torch path's integers (the
+    same float64 bilinear sums, rounded once, the same float32 ceil): which pairs are dropped
+    must not change. Random sigma maps spanning every radius, several tiles."""
+    from napari_upsample_anything.core.engine.blocks import BlockEngine
+    from napari_upsample_anything.core.field import KernelField
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(sum(hr) + threads)
+    engine = BlockEngine(Guide(np.zeros((*hr, 3), np.float32), "none"), lr, options, torch.device("cpu"))
+    seen, compared = set(), 0
+    try:
+        for _ in range(3):
+            raw = KernelField.initial(lr).raw()
+            lo, hi = (-1.5, 3.5) if options.radius_units == "hr" else (0.5, 4.5)
+            raw[:2] = torch.empty(2, *lr).uniform_(lo, hi, generator=gen)
+            field = KernelField.from_raw(raw)
+            sigma = torch.maximum(field.sigma_x, field.sigma_y)
+            for tile in engine.plan(engine.bytes_per_block(3, 4, training=True), 3_000_000)[:4]:
+                fast = engine.radius_sq(sigma, tile)
+                with monkeypatch.context() as m:
+                    m.setattr(native, "_library", lambda: None)  # the torch path
+                    slow = engine.radius_sq(sigma, tile)
+                assert fast.dtype == slow.dtype == torch.int64 and torch.equal(fast, slow)
+                assert torch.equal(engine.radius_sq(sigma, tile, dtype=torch.int32), slow.to(torch.int32))
+                seen |= set(slow.unique().tolist())
+                compared += slow.numel()
+    finally:
+        torch.set_num_threads(previous)
+    assert len(seen) >= 3 and compared > 10_000  # the radii really vary
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("bench_roofline", BENCH)

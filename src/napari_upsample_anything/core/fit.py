@@ -629,7 +629,7 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
             # the meter reads the process's RSS (psutil, a system call): only when a memory log wants it
             with TileMeter(engine.device) if memlog is not None else nullcontext() as meter:
                 picked = sampler.blocks(tile) if sampler is not None else None
-                r2 = engine.radius_sq(sigma_eff, tile, picked).to(torch.int32)  # picked blocks' rows only
+                r2 = engine.radius_sq(sigma_eff, tile, picked, torch.int32)  # picked blocks' rows only
                 for b0, n, q, x in prep.chunks(tile):
                     r2_chunk = r2[b0 : b0 + n]
                     if picked is not None:  # stochastic fit: this step's blocks of the chunk only

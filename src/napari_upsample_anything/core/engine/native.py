@@ -181,7 +181,7 @@ def _load(lib_path: Path) -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(lib_path))
     except OSError:
         return None
-    for name in ("fit_chunk", "render_weights", "exp_values", "team_flush_denormals"):
+    for name in ("fit_chunk", "render_weights", "exp_values", "team_flush_denormals", "radius_sq_blocks"):
         getattr(lib, name).restype = None
     return lib
 
@@ -258,6 +258,34 @@ def render_weights(phi, psi, rho, ic, jd, r2_pix, r2_off, repeated, out=None) ->
     )
     if failed.value:
         raise MemoryError(f"the native render kernel could not allocate its scratch memory ({B} blocks x {K} neighbours)")
+    return out
+
+
+def radius_sq_blocks(src, taps_y, taps_x, py: int, px: int, alpha: float, radius: int) -> Optional[torch.Tensor]:
+    """Squared dynamic radius ``[B, P]`` (int32) of a tile's block pixels through the native
+    kernel, or None when the library is not available (then the caller's torch path runs).
+
+    ``src [h, w]``: the LR sigma map (float32, in the radius' units); ``taps_y = (idx [ny, 2],
+    weight [ny, 2])`` of the tile's padded HR rows and ``taps_x`` of its columns
+    (:func:`..interp.linear_taps`); ``py, px``: block size. Computes what
+    :meth:`.blocks.BlockEngine.radius_sq`'s torch path computes (float64 bilinear values rounded
+    once, ``ceil(alpha * sigma)`` in float32 clamped to ``[1, radius]``), bit for bit, in one pass
+    without the ``[ny, 2, nx, 2]`` float64 gather.
+    """
+    lib = _library()
+    if lib is None:
+        return None
+    (iy, wy), (ix, wx) = taps_y, taps_x
+    ny, nx = iy.shape[0], ix.shape[0]
+    src = src.contiguous().to(torch.float32)
+    iy, ix = iy.contiguous().to(torch.int64), ix.contiguous().to(torch.int64)
+    wy, wx = wy.contiguous().to(torch.float64), wx.contiguous().to(torch.float64)
+    out = torch.empty((ny // py) * (nx // px), py * px, dtype=torch.int32)
+    lib.radius_sq_blocks(
+        ctypes.c_int64(max(1, torch.get_num_threads())), ctypes.c_int64(src.shape[1]), _ptr(src),
+        ctypes.c_int64(ny), _ptr(iy), _ptr(wy), ctypes.c_int64(nx), _ptr(ix), _ptr(wx),
+        ctypes.c_int64(py), ctypes.c_int64(px), ctypes.c_float(alpha), ctypes.c_int32(radius), _ptr(out),
+    )  # fmt: skip
     return out
 
 

@@ -344,6 +344,45 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
     }
 }
 
+/* Squared dynamic radius of every pixel of a tile's blocks (BlockEngine.radius_sq): the LR sigma map
+   src [h, w] (float32, already in the radius' units) resized bilinearly to the pixels in float64 and
+   rounded once to float32, then r = ceil(alpha * sigma) clamped to [1, radius], out = r * r. Taps
+   (interp.linear_taps) of the tile's padded rows iy, wy [ny, 2] and columns ix, wx [nx, 2];
+   out [B, P] in block layout (blocks row-major, ny / py rows of nx / px blocks, P = py * px).
+   The same operations in the same order as the torch path (interp.resample's einsum contracts
+   the row taps first, then the column taps; no fused multiply-adds), hence the same float32
+   sigma bit for bit and the same radii (tests/test_native_speedpaths.py); hence fp-contract off. */
+#if defined(__clang__)
+#define NO_CONTRACT
+#else
+#define NO_CONTRACT __attribute__((optimize("no-fast-math", "fp-contract=off")))
+#endif
+NO_CONTRACT void radius_sq_blocks(int64_t threads, int64_t w, const float *src,
+                                  int64_t ny, const int64_t *iy, const double *wy, int64_t nx, const int64_t *ix, const double *wx,
+                                  int64_t py, int64_t px, float alpha, int32_t radius, int32_t *out)
+{
+#if defined(__clang__)
+    #pragma clang fp contract(off)
+#endif
+    const int64_t nr = ny / py, nc = nx / px, P = py * px;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t row = 0; row < ny; ++row) {
+        const float *s0 = src + iy[2 * row] * w, *s1 = src + iy[2 * row + 1] * w;
+        const double a0 = wy[2 * row], a1 = wy[2 * row + 1];
+        const int64_t bi = row / py, y = row % py;
+        for (int64_t col = 0; col < nx; ++col) {
+            const int64_t c0 = ix[2 * col], c1 = ix[2 * col + 1];
+            const double t0 = (double)s0[c0] * a0 + (double)s1[c0] * a1;
+            const double t1 = (double)s0[c1] * a0 + (double)s1[c1] * a1;
+            const float sigma = (float)(t0 * wx[2 * col] + t1 * wx[2 * col + 1]);
+            float r = ceilf(alpha * sigma);
+            r = r < 1.0f ? 1.0f : (r > (float)radius ? (float)radius : r);
+            out[(bi * nc + col / px) * P + y * px + col % px] = (int32_t)(r * r);
+        }
+    }
+    (void)nr;
+}
+
 /* Flush-to-zero / denormals-are-zero in every thread of an OpenMP team of `threads` (on = 1),
    or off again (on = 0). torch's CPU thread pool is this OpenMP runtime's pool (one libgomp in
    the process), and torch.set_flush_denormal only changes the calling thread: without this,
