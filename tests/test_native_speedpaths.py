@@ -139,6 +139,51 @@ def test_native_dynamic_radius_equals_the_torch_path(hr, lr, options, threads, m
     assert len(seen) >= 3 and compared > 10_000  # the radii really vary
 
 
+@needs_native
+@pytest.mark.parametrize(
+    "shape, G, C, options",
+    [
+        ((50, 37, 7, 5), 3, 3, RenderOptions()),  # non-integer scale: padded blocks
+        ((48, 80, 3, 5), 1, 2, RenderOptions(border="unique")),  # masked (unique border) pairs
+        ((45, 61, 6, 9), 2, 5, RenderOptions(radius_units="lr", radius=3)),  # per-pixel dynamic radii
+        ((40, 44, 5, 6), 3, native.FUSED_RENDER_MAX_CHANNELS, RenderOptions()),
+        ((33, 40, 4, 3), 3, 1, RenderOptions(radius=0)),
+    ],
+)
+def test_fused_render_of_few_channels_against_float64_and_the_gemm_path(shape, G, C, options, gen, monkeypatch):
+    """Up to FUSED_RENDER_MAX_CHANNELS channels the native kernel aggregates the values itself
+    (no weights written, no GEMM): the dense float64 reference within 1e-4, and the
+    weights-then-GEMM path (its fallback above the threshold) within 1e-5."""
+    from conftest import random_field
+    from reference_gsjbu import reference_render
+
+    from napari_upsample_anything.core.engine.blocks import BlockEngine
+    from napari_upsample_anything.core.render import render_field
+
+    H, W, h, w = shape
+    guide = torch.rand(H, W, G, generator=gen)
+    lr = torch.randn(C, h, w, generator=gen)
+    field = random_field(h, w, gen, sigma=(0.5, 6.0) if options.radius_units == "lr" else (0.5, 40.0))
+    engine = BlockEngine(Guide(guide.numpy(), "none", channel_axis=-1), (h, w), options, torch.device("cpu"))
+    fused_calls = []
+    kernel = native.render_weights
+    monkeypatch.setattr(native, "render_weights", lambda *a, **k: fused_calls.append(k.get("vals") is not None) or kernel(*a, **k))
+    fused = torch.full((C, H, W), float("nan"))
+    render_field(engine, lr, field, fused, budget=2**30, backend="auto")
+    assert fused_calls and all(fused_calls)
+    monkeypatch.setattr(native, "FUSED_RENDER_MAX_CHANNELS", 0)
+    fused_calls.clear()
+    gemm = torch.full((C, H, W), float("nan"))
+    render_field(engine, lr, field, gemm, budget=2**30, backend="auto")
+    assert fused_calls and not any(fused_calls)
+    ref = reference_render(
+        lr, guide.permute(2, 0, 1), field.sigma_x, field.sigma_y, field.theta, field.sigma_r,
+        radius=options.radius, alpha=options.alpha, unique_border=options.border == "unique",
+        radius_in_lr_cells=options.radius_units == "lr",
+    )  # fmt: skip
+    assert rel_err(fused, ref) < 1e-4 and rel_err(fused, gemm) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("bench_roofline", BENCH)

@@ -436,6 +436,8 @@ class BlockEngine:
         psi, rho, jd = self.neighbour_features(coef, tile, geometry)
         vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
         if isinstance(weights_kernel, native.RenderWeights):
+            if agg_dtype == torch.float32 and weights_kernel.fuses(vals):  # few channels: no weights, no GEMM
+                return weights_kernel.render(phi, psi, rho, jd, vals, r2_pix, geometry[3])
             workspace = workspace if workspace is not None else self.workspace()
             cb = chunk_blocks(self.device, self.P, k, q.shape[0], workspace.chunk_bytes)
             weights_fn = weights_kernel.bind(phi, psi, rho, jd, r2_pix, geometry[3], workspace, cb)

@@ -223,13 +223,17 @@ def exp_values(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def render_weights(phi, psi, rho, ic, jd, r2_pix, r2_off, repeated, out=None) -> torch.Tensor:
+def render_weights(phi, psi, rho, ic, jd, r2_pix, r2_off, repeated, out=None, vals=None) -> torch.Tensor:
     """Softmax weights ``[B, P, K]`` of render blocks through the native kernel (float32, G <= 3).
 
     ``phi [B, 6, P]`` (the spatial pixel features), ``psi [B, 6, K]``, ``rho [B, K]``,
     ``ic [B, G, P]`` (centred guide), ``jd [B, G, K]``, ``r2_pix [B, P]``, ``r2_off [K]`` and
     ``repeated [B, K]`` as in :func:`.compiled.render_weights`; ``out``: an optional contiguous
     float32 ``[B, P, K]`` buffer to write into. Dropped pairs get weight 0.
+
+    With ``vals [B, C, K]`` (the neighbours' values) the kernel aggregates them itself and
+    returns the render ``[B, C, P]`` (``out``: an optional ``[B, C, P]`` buffer) without
+    writing the weights: :data:`FUSED_RENDER_MAX_CHANNELS`.
     """
     lib = _library()
     if lib is None:
@@ -243,8 +247,11 @@ def render_weights(phi, psi, rho, ic, jd, r2_pix, r2_off, repeated, out=None) ->
     r2p = r2_pix.contiguous().to(torch.int32)
     r2o = r2_off.contiguous().to(torch.int32)
     rep = repeated.contiguous().to(torch.uint8)
+    C = 0 if vals is None else vals.shape[1]
+    if vals is not None:
+        vals = vals.contiguous().to(torch.float32)
     if out is None:
-        out = torch.empty(B, P, K, dtype=torch.float32)
+        out = torch.empty((B, P, K) if vals is None else (B, C, P), dtype=torch.float32)
     failed = ctypes.c_int32(0)
     lib.render_weights(
         ctypes.c_int64(max(1, min(torch.get_num_threads(), B))),
@@ -253,8 +260,11 @@ def render_weights(phi, psi, rho, ic, jd, r2_pix, r2_off, repeated, out=None) ->
         _ptr(r2p),
         _ptr(r2o),
         _ptr(rep),
-        _ptr(out),
+        _ptr(out) if vals is None else None,
         ctypes.byref(failed),
+        ctypes.c_int64(C),
+        _ptr(vals) if vals is not None else None,
+        _ptr(out) if vals is not None else None,
     )
     if failed.value:
         raise MemoryError(f"the native render kernel could not allocate its scratch memory ({B} blocks x {K} neighbours)")
@@ -361,10 +371,19 @@ def fit_chunk(
     return torch.tensor(loss.value), torch.tensor(squared.value), grad_coef
 
 
+# Renders of at most this many channels are aggregated inside the native weights kernel
+# (render_weights(vals=...)): no [B, P, K] weights written and read back by a GEMM. Same-process
+# A/B at 1024^2, 1 thread (docs/engine.md): fused / GEMM time 0.58 at C = 3, 0.86 at 8, 0.72 at
+# 16, 0.93 at 32; the GEMM wins at large C (its products run near the matmul's peak).
+FUSED_RENDER_MAX_CHANNELS = 16
+
+
 class RenderWeights:
     """Softmax weights of render chunks through the native CPU kernel
     (:func:`render_weights`): the eager path's log-weights, range term, mask and softmax
-    (seven passes over ``[chunk, P, K]``) in one pass per pixel; the products stay a GEMM.
+    (seven passes over ``[chunk, P, K]``) in one pass per pixel; the products stay a GEMM, except
+    for at most :data:`FUSED_RENDER_MAX_CHANNELS` float32 channels, aggregated in the kernel
+    (:meth:`render`).
     ``engine``: the :class:`.blocks.BlockEngine`; usable where :func:`.backends.native_usable`."""
 
     def __init__(self, engine):
@@ -389,3 +408,18 @@ class RenderWeights:
             )  # fmt: skip
 
         return weights
+
+    @staticmethod
+    def fuses(values: torch.Tensor) -> bool:
+        """Whether :meth:`render` takes these gathered values ``[B, K, C]`` (few float32 channels)."""
+        return values.dtype == torch.float32 and values.shape[2] <= FUSED_RENDER_MAX_CHANNELS
+
+    def render(self, phi, psi, rho, jd, vals, r2_pix, repeated) -> torch.Tensor:
+        """``[B, C, P]`` render of a tile's blocks, weights and products in the kernel
+        (``vals [B, K, C]``, the other inputs those of :meth:`bind`)."""
+        g, nb, k = self.channels, phi.shape[0], psi.shape[2]
+        rep = repeated[:, 0, :] if repeated is not None else torch.zeros(nb, k, dtype=torch.bool)
+        return render_weights(
+            phi[:, :, :6].transpose(1, 2), psi, rho, phi[:, :, 7 : 7 + g].transpose(1, 2), jd.transpose(1, 2),
+            r2_pix.to(torch.int32), self.r2_off[:k], rep, vals=vals.transpose(1, 2),
+        )  # fmt: skip

@@ -275,10 +275,15 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
    the formulas of attention.render_blocks' eager log-weights and softmax in one pass per pixel
    row, which stays in L1: log-weights and their maximum, exp and sum, then the normalised
    row. phi [B, 6, P], psi [B, 6, K], rho [B, K], ic [B, G, P], jd [B, G, K] (G <= 3),
-   r2_pix [B, P], r2_off [K], repeated [B, K] (uint8), W [B, P, K]. */
+   r2_pix [B, P], r2_off [K], repeated [B, K] (uint8), W [B, P, K].
+   With vals [B, C, K] (not NULL) the row is aggregated here instead, agg[b, c, p] =
+   sum_k W[b, p, k] vals[b, c, k], and W is not written: for a few channels (the HR PCA picture,
+   class probabilities) the [B, P, K] weights and a GEMM with C = 3 cost far more than the
+   products themselves (docs/benchmarks_engine.md). */
 void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     const float *phi, const float *psi, const float *rho, const float *ic, const float *jd,
-                    const int32_t *r2_pix, const int32_t *r2_off, const uint8_t *repeated, float *W, int32_t *failed)
+                    const int32_t *r2_pix, const int32_t *r2_off, const uint8_t *repeated, float *W, int32_t *failed,
+                    int64_t C, const float *vals, float *agg)
 {
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t b = 0; b < B; ++b) {
@@ -288,8 +293,10 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
 #endif
         const int64_t KP = (K + 15) / 16 * 16;
         float *pz = falloc(10 * KP), *kz = falloc(KP), *row = falloc(KP);
-        if (!pz || !kz || !row) {
-            free(pz); free(kz); free(row);
+        const int64_t C4 = (C + 3) / 4 * 4;
+        float *vz = vals ? falloc(C4 * KP) : NULL;
+        if (!pz || !kz || !row || (vals && !vz)) {
+            free(pz); free(kz); free(row); free(vz);
             *failed = 1;
 #if defined(__SSE__)
             _mm_setcsr(csr_saved);
@@ -300,6 +307,10 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         for (int64_t j = 0; j < 6; ++j) memcpy(pz + j * KP, psi + (b * 6 + j) * K, sizeof(float) * K);
         memcpy(pz + 6 * KP, rho + b * K, sizeof(float) * K);
         for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pz + (7 + g) * KP, jd + (b * G + g) * K, sizeof(float) * K);
+        if (vals) {  /* padded copies: the padding lanes have weight 0 and value 0 */
+            memset(vz, 0, sizeof(float) * C4 * KP);
+            for (int64_t c = 0; c < C; ++c) memcpy(vz + c * KP, vals + (b * C + c) * K, sizeof(float) * K);
+        }
         const float *p0 = pz, *p1 = pz + KP, *p2 = pz + 2 * KP, *p3 = pz + 3 * KP, *p4 = pz + 4 * KP, *p5 = pz + 5 * KP;
         const float *rr = pz + 6 * KP, *j0 = pz + 7 * KP, *j1 = pz + 8 * KP, *j2 = pz + 9 * KP;
         const float *ph = phi + b * 6 * P, *ib = ic + b * G * P;
@@ -333,11 +344,25 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                 s += e;
             }
             const float inv = 1.0f / s;
+            if (vals) {  /* four channels per pass over the row (the last group reads zero rows past C) */
+                for (int64_t c = 0; c < C; c += 4) {
+                    const float *v0 = vz + c * KP, *v1 = v0 + KP, *v2 = v1 + KP, *v3 = v2 + KP;
+                    float o0 = 0.0f, o1 = 0.0f, o2 = 0.0f, o3 = 0.0f;
+                    #pragma omp simd reduction(+:o0, o1, o2, o3)
+                    for (int64_t k = 0; k < KP; ++k) {
+                        const float e = row[k];
+                        o0 += e * v0[k]; o1 += e * v1[k]; o2 += e * v2[k]; o3 += e * v3[k];
+                    }
+                    const float o[4] = {o0, o1, o2, o3};
+                    for (int64_t j = 0; j < 4 && c + j < C; ++j) agg[(b * C + c + j) * P + p] = o[j] * inv;
+                }
+                continue;
+            }
             float *out = W + (b * P + p) * K;
             #pragma omp simd
             for (int64_t k = 0; k < K; ++k) out[k] = row[k] * inv;
         }
-        free(pz); free(kz); free(row);
+        free(pz); free(kz); free(row); free(vz);
 #if defined(__SSE__)
         _mm_setcsr(csr_saved);
 #endif
