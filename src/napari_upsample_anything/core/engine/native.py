@@ -5,22 +5,27 @@ Why a C kernel next to ``torch.compile``: inductor's CPU code for this chunk run
 faster than the eager path (docs/benchmarks_engine.md), because it splits the
 softmax and the two reductions into six passes and keeps ``[B, P, K]`` intermediates. Here,
 with OpenMP over blocks, each block of P pixels x K neighbours (a few hundred KiB, L2-resident)
-takes three passes:
+takes two passes:
 
-1. log-weights and their maximum, four pixels at a time (the neighbours' seven coefficient
-   vectors and guide values are loaded once for the four), keeping the range term per pair;
-2. per pixel: exp, denominator and aggregation, then the loss and the four per-pixel
-   factors of the gradient. ``exp`` is inlined (Cody-Waite reduction, degree-7 polynomial,
-   relative error about 1e-7, on arguments clamped to [-80, 0]): calling glibc's vector
-   ``expf`` cost a third of the kernel, and the clamp keeps dropped pairs from overflowing;
-3. the gradient, summed over the block's pixels sixteen neighbours at a time in registers
+1. per pixel, one pass over its neighbours: log-weight, exp, denominator and aggregation
+   (keeping the weight and the range term per pair for the gradient), then the loss and the
+   four per-pixel factors of the gradient. No maximum is subtracted: the fit's log-weights
+   are a Gaussian's exponents (<= 0), and the arguments are clamped to [-87, 80]; a pixel
+   whose denominator falls outside [1e-25, 1e30] (tiny sigmas, or inputs that are no
+   Gaussian) is redone with the max-shifted softmax. ``exp`` is inlined (Cody-Waite
+   reduction, degree-5 polynomial, relative error below 5e-7): calling glibc's vector
+   ``expf`` cost a third of the kernel;
+2. the gradient, summed over the block's pixels sixteen neighbours at a time in registers
    (a small matrix product), instead of updating seven ``[K]`` arrays per pixel.
 
-docs/benchmarks_engine.md has its time per pair and per fit step. Same formulas
-as :func:`.compiled.fit_chunk`, but it takes the neighbours' (A, B, C, rho) and offsets instead of
-``psi`` and applies the chain rule itself; masked pairs get weight 0 instead of a ``-inf``
-log-weight (the centre offset is never masked, so the denominator is at least 1). Tests
-compare it with the float64 reference and the other paths.
+The neighbours' coefficients are read from the whole coefficient map through their cell
+indices, and their gradients added into the map's gradient in index order (the sums of
+``index_add_``, whatever the thread count). docs/benchmarks_engine.md has its time per pair
+and per fit step. Same formulas as :func:`.compiled.fit_chunk`, but it takes the neighbours'
+(A, B, C, rho) and offsets instead of ``psi`` and applies the chain rule itself; masked pairs
+get weight 0 instead of a ``-inf`` log-weight. Tests compare it with the float64 reference
+and the other paths. The same library holds the render's softmax weights (aggregated in the
+kernel for a few channels) and the dynamic radius of a tile's pixels.
 
 Compiled with ``-O3 -march=native -ffast-math -fopenmp`` (fast-math lets GCC vectorise the
 reductions and contract the polynomial into FMAs) but *linked* without ``-ffast-math``: linking with it adds GCC's
