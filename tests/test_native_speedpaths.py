@@ -65,6 +65,44 @@ def test_loss_only_mode_gives_the_same_loss_and_no_gradient(gen):
 
 
 @needs_native
+@pytest.mark.parametrize("G", [1, 3])
+def test_one_pass_softmax_agrees_with_its_max_shifted_fallback(gen, G):
+    """The fit kernel's one-pass softmax (no maximum subtracted) and the max-shifted one it falls
+    back to when a pixel's denominator is out of range compute the same chunk: a range term that
+    is the same for every pair (ic = c, jd = 0, one rho) shifts every log-weight by -80, which
+    sends every pixel to the fallback and changes neither the softmax nor the gradients of A, B
+    and C. Real pixel features (a Gaussian's exponents)."""
+    B, P, K = 3, 37, 45
+    ly, lx = 6 * torch.rand(2, B, P, generator=gen, dtype=torch.float64) - 3
+    phi = torch.stack([lx * lx, lx * ly, ly * ly, lx, ly, torch.ones_like(lx)], 1)
+    abc = 0.5 * torch.randn(3, B, K, generator=gen, dtype=torch.float64)
+    abc[0], abc[2] = abc[0].abs() + 0.3, abc[2].abs() + 0.3
+    abc[1] = abc[1].clamp(-0.25, 0.25)
+    rho = torch.full((1, B, K), 20.0, dtype=torch.float64)
+    d_y, d_x = (torch.randint(-3, 4, (2, B, K), generator=gen) * 2.0).double()
+    d_y[:, 0] = d_x[:, 0] = 0.0  # the centre cell
+    vals, target = torch.randn(B, G, K, generator=gen), torch.randn(B, G, P, generator=gen)
+    weight = torch.rand(B, P, generator=gen)
+    r2_pix = torch.randint(4, K, (B, P), generator=gen, dtype=torch.int32)
+    r2_off, repeated = torch.arange(K, dtype=torch.int32), torch.zeros(B, K, dtype=torch.bool)
+    coef = torch.cat([abc, rho]).float()
+    jd = torch.zeros(B, G, K)
+
+    def run(shift: float):
+        ic = torch.full((B, G, P), (shift / (20.0 * G)) ** 0.5)
+        return native.fit_chunk(
+            phi.float(), coef, d_y.float(), d_x.float(), ic, jd, vals, target, weight, r2_pix, r2_off, repeated
+        )  # fmt: skip
+
+    fast, fallback = run(0.0), run(80.0)
+    assert float(fast[0]) == pytest.approx(float(fallback[0]), rel=1e-5)
+    assert float(fast[1]) == pytest.approx(float(fallback[1]), rel=1e-5)
+    assert all(rel_err(fast[2][i], fallback[2][i]) < 1e-5 for i in range(3))
+    # rho's gradient is 0 without the shift and 4 x (a sum that is 0) with it: only rounding to
+    # compare, so the float64 tests (test_fused.py) check it on both paths instead
+
+
+@needs_native
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gather_and_scatter_inside_the_kernel_equal_index_select_and_index_add(gen, threads):
     """With the neighbour cells ``q``, the kernel reads the coefficient map itself and adds the
