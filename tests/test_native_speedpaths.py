@@ -103,6 +103,52 @@ def test_one_pass_softmax_agrees_with_its_max_shifted_fallback(gen, G):
 
 
 @needs_native
+@pytest.mark.parametrize("G", [1, 3])
+def test_separable_spatial_term_agrees_with_the_general_form_and_float64(gen, G):
+    """Pixel features that are the monomials (lx^2, lx ly, ly^2, lx, ly, 1) (as pixel_features
+    makes them, rows of pixels sharing ly) take the row-wise quadratic in lx; a block where one
+    feature is off by one ulp (at a pixel of weight 0, so the loss is the same) takes the
+    general six-term form. Both agree with each other within 1e-5 and with float64 within 1e-4."""
+    B, P, K, px = 3, 42, 45, 7  # rows of 7 pixels
+    y, x = torch.arange(P) // px, torch.arange(P) % px
+    ly = (y.double() - 2.5)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)
+    lx = (x.double() - 3.0)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)
+    lx, ly = lx.float(), ly.float()
+    phi = torch.stack([lx * lx, lx * ly, ly * ly, lx, ly, torch.ones_like(lx)], 1)  # float32 products
+    abc = 0.3 * torch.randn(3, B, K, generator=gen)
+    abc[0], abc[2] = abc[0].abs() + 0.1, abc[2].abs() + 0.1
+    abc[1] = abc[1].clamp(-0.05, 0.05)
+    rho = 20 * torch.rand(1, B, K, generator=gen)
+    d_y, d_x = torch.randint(-3, 4, (2, B, K), generator=gen).float() * 7
+    d_y[:, 0] = d_x[:, 0] = 0.0
+    ic, jd = 0.3 * torch.randn(B, G, P, generator=gen), 0.3 * torch.randn(B, G, K, generator=gen)
+    vals, target = torch.randn(B, G, K, generator=gen), torch.randn(B, G, P, generator=gen)
+    weight = torch.rand(B, P, generator=gen)
+    weight[:, 5] = 0.0
+    r2_pix = torch.randint(4, K, (B, P), generator=gen, dtype=torch.int32)
+    r2_off, repeated = torch.arange(K, dtype=torch.int32), torch.rand(B, K, generator=gen) < 0.1
+    repeated[:, 0] = False
+    coef = torch.cat([abc, rho])
+    rest = (d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
+    separable = native.fit_chunk(phi, coef, *rest)
+    general_phi = phi.clone()
+    general_phi[:, 1, 5] = torch.nextafter(general_phi[:, 1, 5], torch.tensor(1e9))
+    general = native.fit_chunk(general_phi, coef, *rest)
+    assert float(separable[0]) == pytest.approx(float(general[0]), rel=1e-5)
+    assert all(rel_err(separable[2][i], general[2][i]) < 1e-5 for i in range(4))
+    assert not torch.equal(separable[2], general[2])  # the two forms really ran (they round differently)
+    c64 = coef.double()
+    psi = compiled.spatial_coefficients(c64, d_y.double(), d_x.double())
+    loss, _, grad_psi, grad_rho = compiled.fit_chunk(
+        phi.double(), psi, c64[3], ic.double(), jd.double(), vals.double(), target.double(), weight.double(),
+        r2_pix, r2_off, repeated,
+    )  # fmt: skip
+    ref = torch.cat([compiled.spatial_coefficients_backward(grad_psi, d_y.double(), d_x.double()), grad_rho[None]])
+    assert float(separable[0]) == pytest.approx(float(loss), rel=1e-4)
+    assert all(rel_err(separable[2][i], ref[i]) < 1e-4 for i in range(4))
+
+
+@needs_native
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gather_and_scatter_inside_the_kernel_equal_index_select_and_index_add(gen, threads):
     """With the neighbour cells ``q``, the kernel reads the coefficient map itself and adds the

@@ -108,7 +108,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
            slower (same layout, no page faults; cause not found; docs/engine.md). In Dask workers,
            whose nanny sets MALLOC_TRIM_THRESHOLD_, these allocations became fresh mmaps
            (page faults, slower): distributed.worker_malloc_defaults unsets it. */
-        float *E = falloc(P4 * KP);
+        float *E = falloc((P4 + 2) * KP);  /* + the row coefficients of the separable spatial term */
         float *D = falloc(P4 * KP);
         float *pix = falloc(14 * P4);
         float *jz = falloc(3 * KP);
@@ -150,6 +150,15 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         const float *j0 = jz, *j1 = jz + KP, *j2 = jz + 2 * KP;
         const float *v0 = vz, *v1 = vz + KP, *v2 = vz + 2 * KP;
         const float *p0 = pz, *p1 = pz + KP, *p2 = pz + 2 * KP, *p3 = pz + 3 * KP, *p4 = pz + 4 * KP, *p5 = pz + 5 * KP, *rr = pz + 6 * KP;
+        /* The fit's pixel features are monomials (lx^2, lx ly, ly^2, lx, ly, 1) (BlockEngine.
+           pixel_features, the same float32 products): then phi . psi = (lx p0 + b) lx + c with
+           b = ly p1 + p3 and c = (ly p2 + p4) ly + p5 per neighbour, computed once per pixel row
+           (ly). Checked per block, bit for bit; any other features take the general form. */
+        int separable = 1;
+        for (int64_t p = 0; p < P && separable; ++p)
+            separable = F0[p] == F3[p] * F3[p] && F1[p] == F3[p] * F4[p] && F2[p] == F4[p] * F4[p] && F5[p] == 1.0f;
+        float *row_b = E + P4 * KP, *row_c = row_b + KP, row_ly = 0.0f;
+        int row_ready = 0;
         double loss_b = 0.0, sq_b = 0.0;
         int32_t r2_last[4] = {-1, -1, -1, -1};
         for (int64_t p = 0; p < P4; p += 4) {
@@ -165,12 +174,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     r2_last[q] = r2q[q];
                 }
             }
-            float *E0 = E + p * KP, *E1 = E0 + KP, *E2 = E1 + KP, *E3 = E2 + KP;
-            float *D0 = D + p * KP, *D1 = D0 + KP, *D2 = D1 + KP, *D3 = D2 + KP;
-            float s_[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o_[4][3] = {{0.0f}};
-            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-            float o00 = 0.0f, o01 = 0.0f, o02 = 0.0f, o10 = 0.0f, o11 = 0.0f, o12 = 0.0f;
-            float o20 = 0.0f, o21 = 0.0f, o22 = 0.0f, o30 = 0.0f, o31 = 0.0f, o32 = 0.0f;
+            float s_[4], o_[4][3];
 /* One pass per group: log-weight, its exp, the denominator and the aggregation, with no
    maximum subtracted (the fit's log-weights are a Gaussian's exponents, <= 0 up to rounding).
    Arguments are clamped to [-87, 80]: kept pairs below -87 come out as exp(-87) = 1.6e-38,
@@ -180,32 +184,43 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
    under the lower one add < K exp(-87) / s ~ 3e-11 relative. Otherwise (tiny sigmas, or
    inputs that are no Gaussian: tests) the pixel is redone with the max-shifted softmax.
    Saves the second pass over stored log-weights. */
-#define PIXEL_FUSED(q, Eq, Dq, KQ, sq, oq0, oq1, oq2) { \
-                const float t0 = I0[p + q] - j0[k], t1 = I1[p + q] - j1[k], t2 = I2[p + q] - j2[k]; \
-                const float d = t0 * t0 + t1 * t1 + t2 * t2; \
-                float x = F0[p + q] * p0[k] + F1[p + q] * p1[k] + F2[p + q] * p2[k] + F3[p + q] * p3[k] \
-                        + F4[p + q] * p4[k] + F5[p + q] * p5[k] - rr[k] * d; \
-                x = x < -87.0f ? -87.0f : (x > 80.0f ? 80.0f : x); \
-                const float e = exp_neg(x) * KQ[k]; \
-                Dq[k] = d; Eq[k] = e; sq += e; oq0 += e * v0[k]; oq1 += e * v1[k]; oq2 += e * v2[k]; }
+#define PIXEL_PASS(SPATIAL) { \
+                _Pragma("omp simd reduction(+:s, a0, a1, a2)") \
+                for (int64_t k = 0; k < KP; ++k) { \
+                    const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k]; \
+                    const float d = t0 * t0 + t1 * t1 + t2 * t2; \
+                    float x = (SPATIAL) - rr[k] * d; \
+                    x = x < -87.0f ? -87.0f : (x > 80.0f ? 80.0f : x); \
+                    const float e = exp_neg(x) * kq[k]; \
+                    Dq[k] = d; Eq[k] = e; s += e; a0 += e * v0[k]; a1 += e * v1[k]; a2 += e * v2[k]; } }
             /* One pixel per loop: with four (sharing the neighbours' loads), the sixteen sums and
                the pixels' 36 broadcast features spilled registers; measured (same-process A/B,
                448^2, 1 thread) one pixel 0.86x the two-pass kernel's time, two pixels 0.89x,
                four 0.93x (docs/engine.md). */
-            {
-                const float *kz1 = same ? kz : kz + KP, *kz2 = same ? kz : kz + 2 * KP, *kz3 = same ? kz : kz + 3 * KP;
-                #pragma omp simd reduction(+:s0, o00, o01, o02)
-                for (int64_t k = 0; k < KP; ++k) PIXEL_FUSED(0, E0, D0, kz, s0, o00, o01, o02)
-                #pragma omp simd reduction(+:s1, o10, o11, o12)
-                for (int64_t k = 0; k < KP; ++k) PIXEL_FUSED(1, E1, D1, kz1, s1, o10, o11, o12)
-                #pragma omp simd reduction(+:s2, o20, o21, o22)
-                for (int64_t k = 0; k < KP; ++k) PIXEL_FUSED(2, E2, D2, kz2, s2, o20, o21, o22)
-                #pragma omp simd reduction(+:s3, o30, o31, o32)
-                for (int64_t k = 0; k < KP; ++k) PIXEL_FUSED(3, E3, D3, kz3, s3, o30, o31, o32)
+            for (int q = 0; q < 4; ++q) {
+                const int64_t pq = p + q;
+                const float *kq = same ? kz : kz + q * KP;
+                float *Eq = E + pq * KP, *Dq = D + pq * KP;
+                const float i0 = I0[pq], i1 = I1[pq], i2 = I2[pq];
+                float s = 0.0f, a0 = 0.0f, a1 = 0.0f, a2 = 0.0f;
+                if (separable) {
+                    /* The spatial term as a quadratic in lx with the row's coefficients (ly):
+                       two FMAs per pair instead of six. */
+                    const float lx = F3[pq], ly = F4[pq];
+                    if (!row_ready || ly != row_ly) {
+                        #pragma omp simd
+                        for (int64_t k = 0; k < KP; ++k) { row_b[k] = ly * p1[k] + p3[k]; row_c[k] = (ly * p2[k] + p4[k]) * ly + p5[k]; }
+                        row_ly = ly;
+                        row_ready = 1;
+                    }
+                    PIXEL_PASS((lx * p0[k] + row_b[k]) * lx + row_c[k])
+                } else {
+                    const float f0 = F0[pq], f1 = F1[pq], f2 = F2[pq], f3 = F3[pq], f4 = F4[pq], f5 = F5[pq];
+                    PIXEL_PASS(f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k])
+                }
+                s_[q] = s; o_[q][0] = a0; o_[q][1] = a1; o_[q][2] = a2;
             }
-            s_[0] = s0; s_[1] = s1; s_[2] = s2; s_[3] = s3;
-            o_[0][0] = o00; o_[0][1] = o01; o_[0][2] = o02; o_[1][0] = o10; o_[1][1] = o11; o_[1][2] = o12;
-            o_[2][0] = o20; o_[2][1] = o21; o_[2][2] = o22; o_[3][0] = o30; o_[3][1] = o31; o_[3][2] = o32;
+#undef PIXEL_PASS
             for (int q = 0; q < 4; ++q) {
                 const int64_t pq = p + q;
                 if (!(s_[q] >= FUSED_MIN_DENOMINATOR && s_[q] <= FUSED_MAX_DENOMINATOR)) {
@@ -249,7 +264,6 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                 A0[pq] = sg[0] * inv; A1[pq] = sg[1] * inv; A2[pq] = sg[2] * inv; CC[pq] = shift * inv;
             }
         }
-#undef PIXEL_FUSED
         /* Gradients, register-blocked: 16 neighbours at a time, summed over all pixels
            (skipped for a loss-only evaluation: the final loss, or the benchmark's forward). */
         for (int64_t k0 = 0; want_grad && k0 < KP; k0 += 16) {
