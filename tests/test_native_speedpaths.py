@@ -251,7 +251,9 @@ def test_fused_render_of_few_channels_against_float64_and_the_gemm_path(shape, G
     engine = BlockEngine(Guide(guide.numpy(), "none", channel_axis=-1), (h, w), options, torch.device("cpu"))
     fused_calls = []
     kernel = native.render_weights
-    monkeypatch.setattr(native, "render_weights", lambda *a, **k: fused_calls.append(k.get("vals") is not None) or kernel(*a, **k))
+    monkeypatch.setattr(
+        native, "render_weights", lambda *a, **k: fused_calls.append(k.get("vals") is not None) or kernel(*a, **k)
+    )
     fused = torch.full((C, H, W), float("nan"))
     render_field(engine, lr, field, fused, budget=2**30, backend="auto")
     assert fused_calls and all(fused_calls)

@@ -13,8 +13,8 @@ takes two passes:
    are a Gaussian's exponents (<= 0), and the arguments are clamped to [-87, 80]; a pixel
    whose denominator falls outside [1e-25, 1e30] (tiny sigmas, or inputs that are no
    Gaussian) is redone with the max-shifted softmax. ``exp`` is inlined (Cody-Waite
-   reduction, degree-5 polynomial, relative error below 5e-7): calling glibc's vector
-   ``expf`` cost a third of the kernel;
+   reduction and a polynomial, relative error below 5e-7, ``test_inlined_exp_error_bound``):
+   calling glibc's vector ``expf`` cost a third of the kernel;
 2. the gradient, summed over the block's pixels sixteen neighbours at a time in registers
    (a small matrix product), instead of updating seven ``[K]`` arrays per pixel.
 
@@ -55,7 +55,6 @@ from typing import List, Optional
 import torch
 
 from .native_src import SOURCE as _SOURCE
-
 
 
 def _compiler() -> Optional[str]:
