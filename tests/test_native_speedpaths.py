@@ -149,6 +149,39 @@ def test_separable_spatial_term_agrees_with_the_general_form_and_float64(gen, G)
 
 
 @needs_native
+def test_skipping_the_dropped_tail_of_the_offsets_changes_nothing(gen):
+    """Offsets come sorted by distance, so a small dynamic radius keeps a prefix and the kernel
+    stops each pixel's loops (and the gradient's neighbour groups) after it. The same chunk
+    with its neighbours in reverse order (the kept ones at the end: nothing skipped) gives the
+    same loss and, per neighbour, the same gradient; both agree with float64. Blocks with one
+    small radius, blocks with mixed radii, and a block at full radius."""
+    B, P, K = 4, 30, 61
+    x = _chunk(gen, B=B, P=P, K=K)
+    x["r2_off"] = torch.arange(K, dtype=torch.int32) // 3  # non-decreasing, like Offsets.r2
+    x["r2_pix"][0] = 3  # one small radius: a short kept prefix
+    x["r2_pix"][1] = torch.randint(1, 8, (P,), generator=gen, dtype=torch.int32)  # mixed small radii
+    x["r2_pix"][3] = K  # everything kept
+    x["repeated"][:] = False
+    rev = torch.arange(K - 1, -1, -1)
+    flipped = dict(x)
+    for name in ("coef", "d_y", "d_x", "jd", "vals", "repeated"):
+        flipped[name] = x[name].index_select(x[name].dim() - 1, rev)
+    flipped["r2_off"] = x["r2_off"].index_select(0, rev)
+    prefix = native.fit_chunk(*_f32(x))
+    whole = native.fit_chunk(*_f32(flipped))
+    assert float(prefix[0]) == pytest.approx(float(whole[0]), rel=1e-5)
+    assert all(rel_err(prefix[2][i], whole[2][i].index_select(1, rev)) < 1e-5 for i in range(4))
+    psi = compiled.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
+    loss, _, grad_psi, grad_rho = compiled.fit_chunk(
+        x["phi"], psi, x["coef"][3], x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
+        x["r2_pix"], x["r2_off"], x["repeated"],
+    )  # fmt: skip
+    ref = torch.cat([compiled.spatial_coefficients_backward(grad_psi, x["d_y"], x["d_x"]), grad_rho[None]])
+    assert float(prefix[0]) == pytest.approx(float(loss), rel=1e-4)
+    assert all(rel_err(prefix[2][i], ref[i]) < 1e-4 for i in range(4))
+
+
+@needs_native
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gather_and_scatter_inside_the_kernel_equal_index_select_and_index_add(gen, threads):
     """With the neighbour cells ``q``, the kernel reads the coefficient map itself and adds the

@@ -14,7 +14,9 @@ takes two passes:
    whose denominator falls outside [1e-25, 1e30] (tiny sigmas, or inputs that are no
    Gaussian) is redone with the max-shifted softmax. ``exp`` is inlined (Cody-Waite
    reduction and a polynomial, relative error below 5e-7, ``test_inlined_exp_error_bound``):
-   calling glibc's vector ``expf`` cost a third of the kernel;
+   calling glibc's vector ``expf`` cost a third of the kernel. With the fit's monomial pixel
+   features the spatial term is a quadratic in lx per pixel row, and each pixel's loop stops
+   after its last kept offset (offsets are sorted by distance);
 2. the gradient, summed over the block's pixels sixteen neighbours at a time in registers
    (a small matrix product), instead of updating seven ``[K]`` arrays per pixel.
 

@@ -110,7 +110,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
            (page faults, slower): distributed.worker_malloc_defaults unsets it. */
         float *E = falloc((P4 + 2) * KP);  /* + the row coefficients of the separable spatial term */
         float *D = falloc(P4 * KP);
-        float *pix = falloc(14 * P4);
+        float *pix = falloc(16 * P4);  /* 13 per-pixel float rows, then KB (int64) */
         float *jz = falloc(3 * KP);
         float *vz = falloc(3 * KP);
         float *pz = falloc(7 * KP);
@@ -126,7 +126,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         /* Padded, aligned copies of the per-neighbour inputs; padding lanes are dropped (keep 0). */
         memset(jz, 0, sizeof(float) * 3 * KP); memset(vz, 0, sizeof(float) * 3 * KP);
         memset(pz, 0, sizeof(float) * 7 * KP); memset(kz, 0, sizeof(float) * 4 * KP);
-        memset(pix, 0, sizeof(float) * 14 * P4);
+        memset(pix, 0, sizeof(float) * 16 * P4);
         const float *jb = jd + b * G * K, *vb = vals + b * G * K, *dyb = d_y + b * K, *dxb = d_x + b * K;
         const float *ph = phi + b * 6 * P, *ib = ic + b * G * P, *tb = target + b * G * P, *wb = weight + b * P;
         const uint8_t *rep = repeated + b * K;
@@ -161,6 +161,11 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         int row_ready = 0;
         double loss_b = 0.0, sq_b = 0.0;
         int32_t r2_last[4] = {-1, -1, -1, -1};
+        /* kept[q]: pixel slot q's neighbours k >= kept[q] (rounded up to 16) are all dropped,
+           so its loops stop there: offsets are sorted by distance, and a small dynamic radius
+           keeps a short prefix. KB[p]: the same for pixel p, for the gradient pass. */
+        int64_t kept[4] = {KP, KP, KP, KP};
+        int64_t *KB = (int64_t *)(pix + 14 * P4);
         for (int64_t p = 0; p < P4; p += 4) {
             /* The keep mask depends on the pixel's radius only: the 4 pixels of a group share one
                (kz) when their radii agree (the usual case); otherwise each has its own (kz + q KP). */
@@ -170,7 +175,12 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             for (int q = 0; q < (same ? 1 : 4); ++q) {
                 if (r2q[q] != r2_last[q]) {
                     float *kq = kz + q * KP;
-                    for (int64_t k = 0; k < K; ++k) kq[k] = (r2_off[k] <= r2q[q] && !rep[k]) ? 1.0f : 0.0f;
+                    int64_t last = 0;
+                    for (int64_t k = 0; k < K; ++k) {
+                        kq[k] = (r2_off[k] <= r2q[q] && !rep[k]) ? 1.0f : 0.0f;
+                        if (kq[k] > 0.0f) last = k + 1;
+                    }
+                    kept[q] = (last + 15) / 16 * 16;
                     r2_last[q] = r2q[q];
                 }
             }
@@ -186,7 +196,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
    Saves the second pass over stored log-weights. */
 #define PIXEL_PASS(SPATIAL) { \
                 _Pragma("omp simd reduction(+:s, a0, a1, a2)") \
-                for (int64_t k = 0; k < KP; ++k) { \
+                for (int64_t k = 0; k < KQ; ++k) { \
                     const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k]; \
                     const float d = t0 * t0 + t1 * t1 + t2 * t2; \
                     float x = (SPATIAL) - rr[k] * d; \
@@ -200,6 +210,8 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             for (int q = 0; q < 4; ++q) {
                 const int64_t pq = p + q;
                 const float *kq = same ? kz : kz + q * KP;
+                const int64_t KQ = same ? kept[0] : kept[q];
+                KB[pq] = KQ;
                 float *Eq = E + pq * KP, *Dq = D + pq * KP;
                 const float i0 = I0[pq], i1 = I1[pq], i2 = I2[pq];
                 float s = 0.0f, a0 = 0.0f, a1 = 0.0f, a2 = 0.0f;
@@ -230,7 +242,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     const float f0 = F0[pq], f1 = F1[pq], f2 = F2[pq], f3 = F3[pq], f4 = F4[pq], f5 = F5[pq];
                     float m = -3.0e38f;
                     #pragma omp simd reduction(max:m)
-                    for (int64_t k = 0; k < KP; ++k) {
+                    for (int64_t k = 0; k < KB[pq]; ++k) {
                         const float l = f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k] - rr[k] * d_row[k];
                         const float lm = kq[k] > 0.0f ? l : -3.0e38f;
                         e_row[k] = lm;
@@ -238,7 +250,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     }
                     float s = 0.0f, a0 = 0.0f, a1 = 0.0f, a2 = 0.0f;
                     #pragma omp simd reduction(+:s, a0, a1, a2)
-                    for (int64_t k = 0; k < KP; ++k) {
+                    for (int64_t k = 0; k < KB[pq]; ++k) {
                         float x = e_row[k] - m;
                         x = x < -87.0f ? -87.0f : x;
                         const float e = exp_neg(x) * kq[k];
@@ -266,21 +278,29 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         }
         /* Gradients, register-blocked: 16 neighbours at a time, summed over all pixels
            (skipped for a loss-only evaluation: the final loss, or the benchmark's forward). */
+        /* Pixels' kept prefixes: neighbour groups below kb_min take the plain loop, those from
+           kb_max on have weight 0 everywhere (their E and D were not written: skipped), those
+           between check each pixel (a check in every group measured 5 % slower at full radius). */
+        int64_t kb_min = KP, kb_max = 0;
+        for (int64_t p = 0; p < P4; ++p) { kb_min = KB[p] < kb_min ? KB[p] : kb_min; kb_max = KB[p] > kb_max ? KB[p] : kb_max; }
+#define GRADIENT_PIXEL(p) { \
+                const float f0 = F0[p], f1 = F1[p], f2 = F2[p], f3 = F3[p], f4 = F4[p], f5 = F5[p]; \
+                const float c0 = A0[p], c1 = A1[p], c2 = A2[p], cc = CC[p]; \
+                const float *e = E + (p) * KP + k0, *d = D + (p) * KP + k0; \
+                _Pragma("omp simd aligned(e, d: 64)") \
+                for (int j = 0; j < 16; ++j) { \
+                    const float gl = e[j] * (c0 * v0[k0 + j] + c1 * v1[k0 + j] + c2 * v2[k0 + j] - cc); \
+                    a_0[j] += f0 * gl; a_1[j] += f1 * gl; a_2[j] += f2 * gl; \
+                    a_3[j] += f3 * gl; a_4[j] += f4 * gl; a_5[j] += f5 * gl; \
+                    a_r[j] -= d[j] * gl; } }
         for (int64_t k0 = 0; want_grad && k0 < KP; k0 += 16) {
             float a_0[16], a_1[16], a_2[16], a_3[16], a_4[16], a_5[16], a_r[16];
             #pragma omp simd
             for (int j = 0; j < 16; ++j) { a_0[j] = 0.0f; a_1[j] = 0.0f; a_2[j] = 0.0f; a_3[j] = 0.0f; a_4[j] = 0.0f; a_5[j] = 0.0f; a_r[j] = 0.0f; }
-            for (int64_t p = 0; p < P4; ++p) {
-                const float f0 = F0[p], f1 = F1[p], f2 = F2[p], f3 = F3[p], f4 = F4[p], f5 = F5[p];
-                const float c0 = A0[p], c1 = A1[p], c2 = A2[p], cc = CC[p];
-                const float *e = E + p * KP + k0, *d = D + p * KP + k0;
-                #pragma omp simd aligned(e, d: 64)
-                for (int j = 0; j < 16; ++j) {
-                    const float gl = e[j] * (c0 * v0[k0 + j] + c1 * v1[k0 + j] + c2 * v2[k0 + j] - cc);
-                    a_0[j] += f0 * gl; a_1[j] += f1 * gl; a_2[j] += f2 * gl;
-                    a_3[j] += f3 * gl; a_4[j] += f4 * gl; a_5[j] += f5 * gl;
-                    a_r[j] -= d[j] * gl;
-                }
+            if (k0 < kb_min) {
+                for (int64_t p = 0; p < P4; ++p) GRADIENT_PIXEL(p)
+            } else if (k0 < kb_max) {
+                for (int64_t p = 0; p < P4; ++p) if (k0 < KB[p]) GRADIENT_PIXEL(p)
             }
             const int64_t n = K - k0 < 16 ? K - k0 : 16;
             for (int j = 0; j < n; ++j) {
@@ -293,6 +313,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                 grad_coef[(3 * B + b) * K + k] = a_r[j];
             }
         }
+#undef GRADIENT_PIXEL
         free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz);
         loss_total += loss_b;
         sq_total += sq_b;
