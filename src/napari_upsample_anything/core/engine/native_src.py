@@ -407,11 +407,13 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     float o0 = 0.0f, o1 = 0.0f, o2 = 0.0f, o3 = 0.0f;
                     #pragma omp simd reduction(+:o0, o1, o2, o3)
                     for (int64_t k = 0; k < KP; ++k) {
-                        const float e = row[k];
-                        o0 += e * v0[k]; o1 += e * v1[k]; o2 += e * v2[k]; o3 += e * v3[k];
+                        /* normalised weights first: a convex combination cannot overflow for
+                           values near the float32 limit (tests/test_reliability.py) */
+                        const float w = row[k] * inv;
+                        o0 += w * v0[k]; o1 += w * v1[k]; o2 += w * v2[k]; o3 += w * v3[k];
                     }
                     const float o[4] = {o0, o1, o2, o3};
-                    for (int64_t j = 0; j < 4 && c + j < C; ++j) agg[(b * C + c + j) * P + p] = o[j] * inv;
+                    for (int64_t j = 0; j < 4 && c + j < C; ++j) agg[(b * C + c + j) * P + p] = o[j];
                 }
                 continue;
             }
