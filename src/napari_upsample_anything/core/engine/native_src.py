@@ -329,9 +329,9 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
 
 /* Softmax weights of a render chunk: W[b, p, k] = softmax_k(phi(p) . psi(k) - rho_k ||I(p) - J(k)||^2)
    over the kept pairs (r2_off[k] <= r2_pix[b, p] and not repeated[b, k]; dropped pairs get 0),
-   the formulas of attention.render_blocks' eager log-weights and softmax in one pass per pixel
-   row, which stays in L1: log-weights and their maximum, exp and sum, then the normalised
-   row. phi [B, 6, P], psi [B, 6, K], rho [B, K], ic [B, G, P], jd [B, G, K] (G <= 3),
+   the formulas of attention.render_blocks' eager log-weights and softmax, per pixel row (in L1):
+   log-weight, exp and sum in one pass (no maximum subtracted; the fit kernel's fallback to the
+   max-shifted softmax when the sum is out of range), then the normalised row. phi [B, 6, P], psi [B, 6, K], rho [B, K], ic [B, G, P], jd [B, G, K] (G <= 3),
    r2_pix [B, P], r2_off [K], repeated [B, K] (uint8), W [B, P, K].
    With vals [B, C, K] (not NULL) the row is aggregated here instead, agg[b, c, p] =
    sum_k W[b, p, k] vals[b, c, k], and W is not written: for a few channels (the HR PCA picture,
@@ -349,7 +349,7 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         _mm_setcsr(csr_saved | 0x8040u);
 #endif
         const int64_t KP = (K + 15) / 16 * 16;
-        float *pz = falloc(10 * KP), *kz = falloc(KP), *row = falloc(KP);
+        float *pz = falloc(10 * KP), *kz = falloc(KP), *row = falloc(3 * KP);  /* row + the separable row coefficients */
         const int64_t C4 = (C + 3) / 4 * 4;
         float *vz = vals ? falloc(C4 * KP) : NULL;
         if (!pz || !kz || !row || (vals && !vz)) {
@@ -372,33 +372,74 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         const float *rr = pz + 6 * KP, *j0 = pz + 7 * KP, *j1 = pz + 8 * KP, *j2 = pz + 9 * KP;
         const float *ph = phi + b * 6 * P, *ib = ic + b * G * P;
         const uint8_t *rep = repeated + b * K;
+        /* As in fit_chunk: the spatial term as a quadratic in lx per pixel row when the pixel
+           features are the monomials (checked bit for bit), a one-pass softmax with the
+           max-shifted one as the fallback, and loops that stop after the last kept offset. */
+        const float *F0 = ph, *F1 = ph + P, *F2 = ph + 2 * P, *F3 = ph + 3 * P, *F4 = ph + 4 * P, *F5 = ph + 5 * P;
+        int separable = 1;
+        for (int64_t p = 0; p < P && separable; ++p)
+            separable = F0[p] == F3[p] * F3[p] && F1[p] == F3[p] * F4[p] && F2[p] == F4[p] * F4[p] && F5[p] == 1.0f;
+        float *row_b = row + KP, *row_c = row + 2 * KP, row_ly = 0.0f;
+        int row_ready = 0;
         int32_t r2_last = -1;
+        int64_t KQ = KP;
         for (int64_t p = 0; p < P; ++p) {
             const int32_t r2 = r2_pix[b * P + p];
             if (r2 != r2_last) {
-                for (int64_t k = 0; k < K; ++k) kz[k] = (r2_off[k] <= r2 && !rep[k]) ? 1.0f : 0.0f;
+                int64_t last = 0;
+                for (int64_t k = 0; k < K; ++k) {
+                    kz[k] = (r2_off[k] <= r2 && !rep[k]) ? 1.0f : 0.0f;
+                    if (kz[k] > 0.0f) last = k + 1;
+                }
+                KQ = (last + 15) / 16 * 16;
                 r2_last = r2;
             }
-            const float f0 = ph[p], f1 = ph[P + p], f2 = ph[2 * P + p], f3 = ph[3 * P + p], f4 = ph[4 * P + p], f5 = ph[5 * P + p];
             const float i0 = ib[p], i1 = G > 1 ? ib[P + p] : 0.0f, i2 = G > 2 ? ib[2 * P + p] : 0.0f;
-            float m = -3.0e38f;
-            #pragma omp simd reduction(max:m)
-            for (int64_t k = 0; k < KP; ++k) {
-                const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k];
-                const float l = f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k]
-                              - rr[k] * (t0 * t0 + t1 * t1 + t2 * t2);
-                const float lm = kz[k] > 0.0f ? l : -3.0e38f;
-                row[k] = lm;
-                m = lm > m ? lm : m;
-            }
             float s = 0.0f;
-            #pragma omp simd reduction(+:s)
-            for (int64_t k = 0; k < KP; ++k) {
-                float x = row[k] - m;
-                x = x < -87.0f ? -87.0f : x;
-                const float e = exp_neg(x) * kz[k];  /* dropped pairs exactly 0, as the eager softmax's -inf */
-                row[k] = e;
-                s += e;
+#define RENDER_PASS(SPATIAL) { \
+            _Pragma("omp simd reduction(+:s)") \
+            for (int64_t k = 0; k < KQ; ++k) { \
+                const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k]; \
+                float x = (SPATIAL) - rr[k] * (t0 * t0 + t1 * t1 + t2 * t2); \
+                x = x < -87.0f ? -87.0f : (x > 80.0f ? 80.0f : x); \
+                const float e = exp_neg(x) * kz[k]; \
+                row[k] = e; s += e; } }
+            if (separable) {
+                const float lx = F3[p], ly = F4[p];
+                if (!row_ready || ly != row_ly) {
+                    #pragma omp simd
+                    for (int64_t k = 0; k < KP; ++k) { row_b[k] = ly * p1[k] + p3[k]; row_c[k] = (ly * p2[k] + p4[k]) * ly + p5[k]; }
+                    row_ly = ly;
+                    row_ready = 1;
+                }
+                RENDER_PASS((lx * p0[k] + row_b[k]) * lx + row_c[k])
+            } else {
+                const float f0 = F0[p], f1 = F1[p], f2 = F2[p], f3 = F3[p], f4 = F4[p], f5 = F5[p];
+                RENDER_PASS(f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k])
+            }
+#undef RENDER_PASS
+            if (!(s >= FUSED_MIN_DENOMINATOR && s <= FUSED_MAX_DENOMINATOR)) {
+                /* Rare (tiny sigmas, or no Gaussian): the max-shifted softmax for this pixel. */
+                const float f0 = F0[p], f1 = F1[p], f2 = F2[p], f3 = F3[p], f4 = F4[p], f5 = F5[p];
+                float m = -3.0e38f;
+                #pragma omp simd reduction(max:m)
+                for (int64_t k = 0; k < KQ; ++k) {
+                    const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k];
+                    const float l = f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k]
+                                  - rr[k] * (t0 * t0 + t1 * t1 + t2 * t2);
+                    const float lm = kz[k] > 0.0f ? l : -3.0e38f;
+                    row[k] = lm;
+                    m = lm > m ? lm : m;
+                }
+                s = 0.0f;
+                #pragma omp simd reduction(+:s)
+                for (int64_t k = 0; k < KQ; ++k) {
+                    float x = row[k] - m;
+                    x = x < -87.0f ? -87.0f : x;
+                    const float e = exp_neg(x) * kz[k];  /* dropped pairs exactly 0, as the eager softmax's -inf */
+                    row[k] = e;
+                    s += e;
+                }
             }
             const float inv = 1.0f / s;
             if (vals) {  /* four channels per pass over the row (the last group reads zero rows past C) */
@@ -406,7 +447,7 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     const float *v0 = vz + c * KP, *v1 = v0 + KP, *v2 = v1 + KP, *v3 = v2 + KP;
                     float o0 = 0.0f, o1 = 0.0f, o2 = 0.0f, o3 = 0.0f;
                     #pragma omp simd reduction(+:o0, o1, o2, o3)
-                    for (int64_t k = 0; k < KP; ++k) {
+                    for (int64_t k = 0; k < KQ; ++k) {
                         /* normalised weights first: a convex combination cannot overflow for
                            values near the float32 limit (tests/test_reliability.py) */
                         const float w = row[k] * inv;
@@ -418,8 +459,10 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                 continue;
             }
             float *out = W + (b * P + p) * K;
+            const int64_t KW = KQ < K ? KQ : K;
             #pragma omp simd
-            for (int64_t k = 0; k < K; ++k) out[k] = row[k] * inv;
+            for (int64_t k = 0; k < KW; ++k) out[k] = row[k] * inv;
+            for (int64_t k = KW; k < K; ++k) out[k] = 0.0f;  /* beyond the last kept offset */
         }
         free(pz); free(kz); free(row); free(vz);
 #if defined(__SSE__)
