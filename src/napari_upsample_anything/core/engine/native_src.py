@@ -17,11 +17,11 @@ SOURCE = r"""
 #include <omp.h>
 #endif
 
-/* exp(x) for x in [-87, 0] (callers clamp), inlined so that it vectorises with the calling
+/* exp(x) for x in [-87, 80] (callers clamp), inlined so that it vectorises with the calling
    loop: x = n ln2 + r with n the nearest integer to x / ln2 (|r| <= ln2 / 2, ln2 split in two
    parts so that r is exact to float rounding), exp(r) by a degree-5 polynomial fitted for
    minimal relative error on [-ln2/2, ln2/2] (8.3e-8 in exact arithmetic, 1.9e-7 evaluated in
-   float32; tests/test_native_speedpaths.py checks < 5e-7 against float64 over [-87, 0]), and
+   float32; tests/test_native_speedpaths.py checks < 5e-7 against float64 over [-87, 80]), and
    2^n added into the exponent bits. n >= -126 and exp(r) >= 0.7, so the result is a normal
    float or (at the very bottom) an exponent field of 0, which flush-to-zero reads as 0. */
 static inline float exp_neg(float x)
