@@ -10,12 +10,14 @@ process at the same thread count (the yardstick: it runs at close to the CPU's p
 ratio survives a different or a loaded machine better than seconds do), and where the time goes:
 
 * fit: ``forward`` (the native kernel's loss-only pass: log-weights, exp, aggregation, loss),
-  ``backward`` (the kernel's gradient pass: its full time minus the forward), ``other`` (per-step
-  work around the kernel: parameterisation and its backward, gathering the neighbours'
-  coefficients, scattering their gradients, the dynamic radius) and ``Adam`` (the update);
+  ``backward`` (the kernel's gradient pass: its full time minus the forward; the native kernel
+  also gathers the neighbours' coefficients and scatters their gradients itself), ``other``
+  (per-step work around the kernel: parameterisation and its backward, the dynamic radius, and
+  for the other kernels the gather and scatter) and ``Adam`` (the update);
 * render: ``prep`` (neighbour geometry, coefficient and value gathers), ``weights``
   (log-weights + softmax, timed with a 1-channel product), ``products`` (weights x C channels, a batched GEMM) and ``write``
-  (blocks into the ``(C, H, W)`` output).
+  (blocks into the ``(C, H, W)`` output); for at most ``native.FUSED_RENDER_MAX_CHANNELS``
+  channels the kernel aggregates itself and ``weights + products`` is timed as one.
 
 Every time is the fastest of ``--repeats`` runs, interleaved with the matmul yardstick so that
 the load of a shared machine hits both alike; the load average before and after is printed.
@@ -151,17 +153,22 @@ class FitCase:
         field = KernelField.from_raw(self.raw.detach())
         coef = kernel_coefficients(field).reshape(4, -1)
         sigma_eff = torch.maximum(field.sigma_x, field.sigma_y)
+        coef = coef.contiguous()
+        grad = torch.zeros_like(coef)
         calls = []
         for tile in self.tiles:
             r2 = self.engine.radius_sq(sigma_eff, tile).to(torch.int32)
             for b0, n, q, x in self.prep.chunks(tile):
-                c = coef.index_select(1, q).reshape(4, n, self.engine.K)
-                calls.append((c, x, r2[b0 : b0 + n], n))
+                c = coef.index_select(1, q).reshape(4, n, self.engine.K) if self.kernel != "native" else coef
+                calls.append((c, x, r2[b0 : b0 + n], n, q))
         from napari_upsample_anything.core.fit import _fit_chunk
 
-        def run():
-            for c, x, r2, n in calls:
-                _fit_chunk(self.prep, c, x, r2, n, want_grad) if self.kernel == "native" else _fit_chunk(self.prep, c, x, r2, n)
+        def run():  # the native kernel gathers the coefficients and scatters their gradients itself
+            for c, x, r2, n, q in calls:
+                if self.kernel == "native":
+                    _fit_chunk(self.prep, c, x, r2, n, want_grad, q, grad)
+                else:
+                    _fit_chunk(self.prep, c, x, r2, n)
 
         return run
 
@@ -188,7 +195,9 @@ class RenderCase:
         per_block = engine.bytes_per_block(channels, 4, training=False)
         self.tiles = engine.plan(per_block, 2**31, CPU_PREFERRED_TILE_BYTES)
         self.native = native.RenderWeights(engine) if native_usable(engine.device, engine.channels) else None
-        self.name = f"render {size}^2, C = {channels} ({'native' if self.native is not None else 'eager'} weights)"
+        self.fused = self.native is not None and channels <= native.FUSED_RENDER_MAX_CHANNELS
+        kind = "native, fused products" if self.fused else "native weights" if self.native is not None else "eager weights"
+        self.name = f"render {size}^2, C = {channels} ({kind})"
         self.size = size
         coef = kernel_coefficients(self.field).detach()
         sigma_eff = torch.maximum(self.field.sigma_x, self.field.sigma_y).detach()
@@ -234,6 +243,9 @@ class RenderCase:
                     vals = ones
                 if self.native is None:  # eager log-weights and softmax
                     render_blocks(p["phi"], p["psi"], p["rho"], p["jd"], vals, p["mask"], torch.float32, self.workspace)
+                    continue
+                if with_products and self.fused:  # few channels: weights and products in the kernel
+                    self.native.render(p["phi"], p["psi"], p["rho"], p["jd"], vals, p["r2"], p["repeated"])
                     continue
                 nb, k = p["phi"].shape[0], p["psi"].shape[2]
                 cb = chunk_blocks(CPU, self.engine.P, k, nb, self.workspace.chunk_bytes)
@@ -300,10 +312,11 @@ def measure(args, threads: int, yard: Matmul, rows: list, log) -> None:
         t = fastest(fns, args.repeats)
         mm = t["matmul"]
         flops = case.pairs * (FLOPS["logit"] + FLOPS["exp"] + FLOPS["normalise"] + 2 * channels)
-        parts = (
-            f"prep {t['prep'] * 1e3:.1f} ms, weights {t['weights'] * 1e3:.1f} ms, "
-            f"products {(t['weights+products'] - t['weights']) * 1e3:.1f} ms, write {t['write'] * 1e3:.1f} ms"
-        )
+        if case.fused:  # "weights" alone would time the other kernel (weights written for a GEMM)
+            middle = f"weights + products (fused) {t['weights+products'] * 1e3:.1f} ms"
+        else:
+            middle = f"weights {t['weights'] * 1e3:.1f} ms, products {(t['weights+products'] - t['weights']) * 1e3:.1f} ms"
+        parts = f"prep {t['prep'] * 1e3:.1f} ms, {middle}, write {t['write'] * 1e3:.1f} ms"
         rows.append(
             dict(
                 what=case.name,

@@ -64,6 +64,245 @@ def test_loss_only_mode_gives_the_same_loss_and_no_gradient(gen):
     assert float(loss_only[0]) == pytest.approx(float(ref[0]), rel=1e-4)
 
 
+@needs_native
+@pytest.mark.parametrize("G", [1, 3])
+def test_one_pass_softmax_agrees_with_its_max_shifted_fallback(gen, G):
+    """The fit kernel's one-pass softmax (no maximum subtracted) and the max-shifted one it falls
+    back to when a pixel's denominator is out of range compute the same chunk: a range term that
+    is the same for every pair (ic = c, jd = 0, one rho) shifts every log-weight by -80, which
+    sends every pixel to the fallback and changes neither the softmax nor the gradients of A, B
+    and C. Real pixel features (a Gaussian's exponents)."""
+    B, P, K = 3, 37, 45
+    ly, lx = 6 * torch.rand(2, B, P, generator=gen, dtype=torch.float64) - 3
+    phi = torch.stack([lx * lx, lx * ly, ly * ly, lx, ly, torch.ones_like(lx)], 1)
+    abc = 0.5 * torch.randn(3, B, K, generator=gen, dtype=torch.float64)
+    abc[0], abc[2] = abc[0].abs() + 0.3, abc[2].abs() + 0.3
+    abc[1] = abc[1].clamp(-0.25, 0.25)
+    rho = torch.full((1, B, K), 20.0, dtype=torch.float64)
+    d_y, d_x = (torch.randint(-3, 4, (2, B, K), generator=gen) * 2.0).double()
+    d_y[:, 0] = d_x[:, 0] = 0.0  # the centre cell
+    vals, target = torch.randn(B, G, K, generator=gen), torch.randn(B, G, P, generator=gen)
+    weight = torch.rand(B, P, generator=gen)
+    r2_pix = torch.randint(4, K, (B, P), generator=gen, dtype=torch.int32)
+    r2_off, repeated = torch.arange(K, dtype=torch.int32), torch.zeros(B, K, dtype=torch.bool)
+    coef = torch.cat([abc, rho]).float()
+    jd = torch.zeros(B, G, K)
+
+    def run(shift: float):
+        ic = torch.full((B, G, P), (shift / (20.0 * G)) ** 0.5)
+        return native.fit_chunk(
+            phi.float(), coef, d_y.float(), d_x.float(), ic, jd, vals, target, weight, r2_pix, r2_off, repeated
+        )  # fmt: skip
+
+    fast, fallback = run(0.0), run(80.0)
+    assert float(fast[0]) == pytest.approx(float(fallback[0]), rel=1e-5)
+    assert float(fast[1]) == pytest.approx(float(fallback[1]), rel=1e-5)
+    assert all(rel_err(fast[2][i], fallback[2][i]) < 1e-5 for i in range(3))
+    # rho's gradient is 0 without the shift and 4 x (a sum that is 0) with it: only rounding to
+    # compare, so the float64 tests (test_fused.py) check it on both paths instead
+
+
+@needs_native
+@pytest.mark.parametrize("G", [1, 3])
+def test_separable_spatial_term_agrees_with_the_general_form_and_float64(gen, G):
+    """Pixel features that are the monomials (lx^2, lx ly, ly^2, lx, ly, 1) (as pixel_features
+    makes them, rows of pixels sharing ly) take the row-wise quadratic in lx; a block where one
+    feature is off by one ulp (at a pixel of weight 0, so the loss is the same) takes the
+    general six-term form. Both agree with each other within 1e-5 and with float64 within 1e-4."""
+    B, P, K, px = 3, 42, 45, 7  # rows of 7 pixels
+    y, x = torch.arange(P) // px, torch.arange(P) % px
+    ly = (y.double() - 2.5)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)
+    lx = (x.double() - 3.0)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)
+    lx, ly = lx.float(), ly.float()
+    phi = torch.stack([lx * lx, lx * ly, ly * ly, lx, ly, torch.ones_like(lx)], 1)  # float32 products
+    abc = 0.3 * torch.randn(3, B, K, generator=gen)
+    abc[0], abc[2] = abc[0].abs() + 0.1, abc[2].abs() + 0.1
+    abc[1] = abc[1].clamp(-0.05, 0.05)
+    rho = 20 * torch.rand(1, B, K, generator=gen)
+    d_y, d_x = torch.randint(-3, 4, (2, B, K), generator=gen).float() * 7
+    d_y[:, 0] = d_x[:, 0] = 0.0
+    ic, jd = 0.3 * torch.randn(B, G, P, generator=gen), 0.3 * torch.randn(B, G, K, generator=gen)
+    vals, target = torch.randn(B, G, K, generator=gen), torch.randn(B, G, P, generator=gen)
+    weight = torch.rand(B, P, generator=gen)
+    weight[:, 5] = 0.0
+    r2_pix = torch.randint(4, K, (B, P), generator=gen, dtype=torch.int32)
+    r2_off, repeated = torch.arange(K, dtype=torch.int32), torch.rand(B, K, generator=gen) < 0.1
+    repeated[:, 0] = False
+    coef = torch.cat([abc, rho])
+    rest = (d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
+    separable = native.fit_chunk(phi, coef, *rest)
+    general_phi = phi.clone()
+    general_phi[:, 1, 5] = torch.nextafter(general_phi[:, 1, 5], torch.tensor(1e9))
+    general = native.fit_chunk(general_phi, coef, *rest)
+    assert float(separable[0]) == pytest.approx(float(general[0]), rel=1e-5)
+    assert all(rel_err(separable[2][i], general[2][i]) < 1e-5 for i in range(4))
+    assert not torch.equal(separable[2], general[2])  # the two forms really ran (they round differently)
+    c64 = coef.double()
+    psi = compiled.spatial_coefficients(c64, d_y.double(), d_x.double())
+    loss, _, grad_psi, grad_rho = compiled.fit_chunk(
+        phi.double(), psi, c64[3], ic.double(), jd.double(), vals.double(), target.double(), weight.double(),
+        r2_pix, r2_off, repeated,
+    )  # fmt: skip
+    ref = torch.cat([compiled.spatial_coefficients_backward(grad_psi, d_y.double(), d_x.double()), grad_rho[None]])
+    assert float(separable[0]) == pytest.approx(float(loss), rel=1e-4)
+    assert all(rel_err(separable[2][i], ref[i]) < 1e-4 for i in range(4))
+
+
+@needs_native
+def test_skipping_the_dropped_tail_of_the_offsets_changes_nothing(gen):
+    """Offsets come sorted by distance, so a small dynamic radius keeps a prefix and the kernel
+    stops each pixel's loops (and the gradient's neighbour groups) after it. The same chunk
+    with its neighbours in reverse order (the kept ones at the end: nothing skipped) gives the
+    same loss and, per neighbour, the same gradient; both agree with float64. Blocks with one
+    small radius, blocks with mixed radii, and a block at full radius."""
+    B, P, K = 4, 30, 61
+    x = _chunk(gen, B=B, P=P, K=K)
+    x["r2_off"] = torch.arange(K, dtype=torch.int32) // 3  # non-decreasing, like Offsets.r2
+    x["r2_pix"][0] = 3  # one small radius: a short kept prefix
+    x["r2_pix"][1] = torch.randint(1, 8, (P,), generator=gen, dtype=torch.int32)  # mixed small radii
+    x["r2_pix"][3] = K  # everything kept
+    x["repeated"][:] = False
+    rev = torch.arange(K - 1, -1, -1)
+    flipped = dict(x)
+    for name in ("coef", "d_y", "d_x", "jd", "vals", "repeated"):
+        flipped[name] = x[name].index_select(x[name].dim() - 1, rev)
+    flipped["r2_off"] = x["r2_off"].index_select(0, rev)
+    prefix = native.fit_chunk(*_f32(x))
+    whole = native.fit_chunk(*_f32(flipped))
+    assert float(prefix[0]) == pytest.approx(float(whole[0]), rel=1e-5)
+    assert all(rel_err(prefix[2][i], whole[2][i].index_select(1, rev)) < 1e-5 for i in range(4))
+    psi = compiled.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
+    loss, _, grad_psi, grad_rho = compiled.fit_chunk(
+        x["phi"], psi, x["coef"][3], x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
+        x["r2_pix"], x["r2_off"], x["repeated"],
+    )  # fmt: skip
+    ref = torch.cat([compiled.spatial_coefficients_backward(grad_psi, x["d_y"], x["d_x"]), grad_rho[None]])
+    assert float(prefix[0]) == pytest.approx(float(loss), rel=1e-4)
+    assert all(rel_err(prefix[2][i], ref[i]) < 1e-4 for i in range(4))
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gather_and_scatter_inside_the_kernel_equal_index_select_and_index_add(gen, threads):
+    """With the neighbour cells ``q``, the kernel reads the coefficient map itself and adds the
+    gradients into the map's gradient: the same loss, the same per-neighbour gradients and
+    bit for bit the sums of ``index_add_`` (same order; cells repeated within and across blocks),
+    whatever the thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = _f32(_chunk(gen, B=7, P=29, K=41))
+        B, K, N = 7, 41, 23
+        q = torch.randint(0, N, (B * K,), generator=gen)
+        cmap = torch.randn(4, N, generator=gen)
+        cmap[[0, 2]] = cmap[[0, 2]].abs() + 0.5
+        cmap[1] = cmap[1].clamp(-0.4, 0.4)
+        cmap[3] = 20 * torch.rand(N, generator=gen)
+        gathered = args[:1] + [cmap.index_select(1, q).reshape(4, B, K).contiguous()] + args[2:]
+        loss, sq, grad_coef = native.fit_chunk(*gathered)
+        start = torch.randn(4, N, generator=gen)
+        inside = start.clone()
+        loss_q, sq_q, grad_coef_q = native.fit_chunk(*args[:1], cmap, *args[2:], q=q, grad_out=inside)
+        assert float(loss_q) == float(loss) and float(sq_q) == float(sq) and torch.equal(grad_coef_q, grad_coef)
+        assert torch.equal(inside, start.clone().index_add_(1, q, grad_coef.reshape(4, -1)))
+        untouched = start.clone()
+        native.fit_chunk(*args[:1], cmap, *args[2:], want_grad=False, q=q, grad_out=untouched)
+        assert torch.equal(untouched, start)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "hr, lr, options",
+    [
+        ((224, 224), (16, 16), RenderOptions()),
+        ((100, 77), (7, 5), RenderOptions()),  # non-integer scale: padded blocks
+        ((333, 517), (41, 23), RenderOptions(alpha=1.7, radius=6)),  # alpha not a float32 integer
+        ((150, 130), (11, 9), RenderOptions(radius_units="lr", radius=3, alpha=2.3)),
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_dynamic_radius_equals_the_torch_path(hr, lr, options, threads, monkeypatch):
+    """BlockEngine.radius_sq through the C kernel gives exactly the torch path's integers (the
+    same float64 bilinear sums, rounded once, the same float32 ceil): which pairs are dropped
+    must not change. Random sigma maps spanning every radius, several tiles."""
+    from napari_upsample_anything.core.engine.blocks import BlockEngine
+    from napari_upsample_anything.core.field import KernelField
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(sum(hr) + threads)
+    engine = BlockEngine(Guide(np.zeros((*hr, 3), np.float32), "none"), lr, options, torch.device("cpu"))
+    seen, compared = set(), 0
+    try:
+        for _ in range(3):
+            raw = KernelField.initial(lr).raw()
+            lo, hi = (-1.5, 3.5) if options.radius_units == "hr" else (0.5, 4.5)
+            raw[:2] = torch.empty(2, *lr).uniform_(lo, hi, generator=gen)
+            field = KernelField.from_raw(raw)
+            sigma = torch.maximum(field.sigma_x, field.sigma_y)
+            for tile in engine.plan(engine.bytes_per_block(3, 4, training=True), 3_000_000)[:4]:
+                fast = engine.radius_sq(sigma, tile)
+                with monkeypatch.context() as m:
+                    m.setattr(native, "_library", lambda: None)  # the torch path
+                    slow = engine.radius_sq(sigma, tile)
+                assert fast.dtype == slow.dtype == torch.int64 and torch.equal(fast, slow)
+                assert torch.equal(engine.radius_sq(sigma, tile, dtype=torch.int32), slow.to(torch.int32))
+                seen |= set(slow.unique().tolist())
+                compared += slow.numel()
+    finally:
+        torch.set_num_threads(previous)
+    assert len(seen) >= 3 and compared > 10_000  # the radii really vary
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "shape, G, C, options",
+    [
+        ((50, 37, 7, 5), 3, 3, RenderOptions()),  # non-integer scale: padded blocks
+        ((48, 80, 3, 5), 1, 2, RenderOptions(border="unique")),  # masked (unique border) pairs
+        ((45, 61, 6, 9), 2, 5, RenderOptions(radius_units="lr", radius=3)),  # per-pixel dynamic radii
+        ((40, 44, 5, 6), 3, native.FUSED_RENDER_MAX_CHANNELS, RenderOptions()),
+        ((33, 40, 4, 3), 3, 1, RenderOptions(radius=0)),
+    ],
+)
+def test_fused_render_of_few_channels_against_float64_and_the_gemm_path(shape, G, C, options, gen, monkeypatch):
+    """Up to FUSED_RENDER_MAX_CHANNELS channels the native kernel aggregates the values itself
+    (no weights written, no GEMM): the dense float64 reference within 1e-4, and the
+    weights-then-GEMM path (its fallback above the threshold) within 1e-5."""
+    from conftest import random_field
+    from reference_gsjbu import reference_render
+
+    from napari_upsample_anything.core.engine.blocks import BlockEngine
+    from napari_upsample_anything.core.render import render_field
+
+    H, W, h, w = shape
+    guide = torch.rand(H, W, G, generator=gen)
+    lr = torch.randn(C, h, w, generator=gen)
+    field = random_field(h, w, gen, sigma=(0.5, 6.0) if options.radius_units == "lr" else (0.5, 40.0))
+    engine = BlockEngine(Guide(guide.numpy(), "none", channel_axis=-1), (h, w), options, torch.device("cpu"))
+    fused_calls = []
+    kernel = native.render_weights
+    monkeypatch.setattr(
+        native, "render_weights", lambda *a, **k: fused_calls.append(k.get("vals") is not None) or kernel(*a, **k)
+    )
+    fused = torch.full((C, H, W), float("nan"))
+    render_field(engine, lr, field, fused, budget=2**30, backend="auto")
+    assert fused_calls and all(fused_calls)
+    monkeypatch.setattr(native, "FUSED_RENDER_MAX_CHANNELS", 0)
+    fused_calls.clear()
+    gemm = torch.full((C, H, W), float("nan"))
+    render_field(engine, lr, field, gemm, budget=2**30, backend="auto")
+    assert fused_calls and not any(fused_calls)
+    ref = reference_render(
+        lr, guide.permute(2, 0, 1), field.sigma_x, field.sigma_y, field.theta, field.sigma_r,
+        radius=options.radius, alpha=options.alpha, unique_border=options.border == "unique",
+        radius_in_lr_cells=options.radius_units == "lr",
+    )  # fmt: skip
+    assert rel_err(fused, ref) < 1e-4 and rel_err(fused, gemm) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("bench_roofline", BENCH)
@@ -102,6 +341,10 @@ def test_inlined_exp_error_bound():
     assert float(((got - ref).abs() / ref).max()) < 5e-7
     low = native.exp_values(torch.tensor([-88.0, -1e4, -3e38]))
     assert bool(((low >= 0) & (low < 2e-38)).all())  # exp(-87) = 1.65e-38
+    # the one-pass softmax clamps its arguments to [-87, 80] (positive ones only for inputs that
+    # are no Gaussian, then redone max-shifted): the same bound there (measured 2.9e-7)
+    up = torch.linspace(0.0, 80.0, 1_000_001)
+    assert float(((native.exp_values(up).double() - torch.exp(up.double())).abs() / torch.exp(up.double())).max()) < 5e-7
 
 
 @needs_native

@@ -597,13 +597,19 @@ def _rows(rows: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tuple:
     return tuple(None if t is None else t.index_select(0, rows) for t in tensors)
 
 
-def _fit_chunk(prep: _ChunkedFit, c: torch.Tensor, x: dict, r2: torch.Tensor, n: int, want_grad: bool = True):
+def _fit_chunk(
+    prep: _ChunkedFit, c: torch.Tensor, x: dict, r2: torch.Tensor, n: int, want_grad: bool = True, q=None, grad=None
+):  # fmt: skip
     """Loss, squared error and gradient ``[4, n, K]`` (A, B, C, rho) of one chunk of ``n`` blocks
-    from the neighbours' coefficients ``c [4, n, K]``, through the chunk kernel."""
+    from the neighbours' coefficients ``c [4, n, K]``, through the chunk kernel.
+
+    Native kernel only: with ``q`` (the chunk's neighbour cells), ``c`` is the whole coefficient
+    map ``[4, N]`` and the gradient is also added into ``grad [4, N]`` at those cells
+    (:func:`.engine.native.fit_chunk`)."""
     if prep.kernel_name == "native":  # spatial coefficients and their chain rule inside the C kernel
         return native.fit_chunk(
             x["phi"], c, x["d_y"], x["d_x"], x["ic"], x["jd"], x["vals"], x["target"], x["weight"], r2, prep.r2_off, x["repeated"],
-            want_grad,
+            want_grad, q=q, grad_out=grad,
         )  # fmt: skip
     if prep.kernel_name == "triton":
         return triton_kernels.fit_chunk(
@@ -633,7 +639,7 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
     if training:
         field = KernelField.from_raw(raw)
     coef = kernel_coefficients(field)
-    coef_flat = coef.detach().reshape(4, -1)
+    coef_flat = coef.detach().reshape(4, -1).contiguous()
     sigma_eff = torch.maximum(field.sigma_x, field.sigma_y).detach()
     grad = torch.zeros_like(coef_flat) if training else None
     total = torch.zeros((), device=engine.device)
@@ -646,7 +652,7 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
             # the meter reads the process's RSS (psutil, a system call): only when a memory log wants it
             with TileMeter(engine.device) if memlog is not None else nullcontext() as meter:
                 picked = sampler.blocks(tile) if sampler is not None else None
-                r2 = engine.radius_sq(sigma_eff, tile, picked).to(torch.int32)  # picked blocks' rows only
+                r2 = engine.radius_sq(sigma_eff, tile, picked, torch.int32)  # picked blocks' rows only
                 for b0, n, q, x in prep.chunks(tile):
                     r2_chunk = r2[b0 : b0 + n]
                     if picked is not None:  # stochastic fit: this step's blocks of the chunk only
@@ -656,12 +662,15 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
                             continue
                         r2_chunk = r2[inside]
                         x, q, n = prep.subset(x, q, rows, sampler.weight)
-                    c = coef_flat.index_select(1, q).reshape(4, n, K)  # A, B, C, rho of the neighbours
-                    loss, sq, grad_coef = _fit_chunk(prep, c, x, r2_chunk, n, training)
+                    if prep.kernel_name == "native":  # gathers and scatters the coefficients itself
+                        loss, sq, _ = _fit_chunk(prep, coef_flat, x, r2_chunk, n, training, q, grad)
+                    else:
+                        c = coef_flat.index_select(1, q).reshape(4, n, K)  # A, B, C, rho of the neighbours
+                        loss, sq, grad_coef = _fit_chunk(prep, c, x, r2_chunk, n, training)
+                        if training:
+                            grad.index_add_(1, q, grad_coef.reshape(4, -1))
                     total += loss
                     squared += sq
-                    if training:
-                        grad.index_add_(1, q, grad_coef.reshape(4, -1))
             if memlog is not None:
                 nb = _blocks(tile)
                 seconds = time.perf_counter() - t0

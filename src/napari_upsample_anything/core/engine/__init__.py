@@ -6,7 +6,7 @@
   which kernel runs for each backend, device and mode (fit or render).
 * Kernels, the same formulas four ways: :mod:`.eager` (tensor operations, hand-written
   backward), :mod:`.compiled` (``torch.compile``, and the mixed-precision formulas),
-  :mod:`.native` (a C kernel built on first use), :mod:`.triton_kernels` with
+  :mod:`.native` (a C kernel built on first use, source in :mod:`.native_src`), :mod:`.triton_kernels` with
   :mod:`.triton_src` (hand-written Triton kernels for CUDA).
 
 The tile loops that use the engine are the front ends :mod:`..render` and :mod:`..fit`.

@@ -236,12 +236,17 @@ class BlockEngine:
         psi = torch.stack([-A, -2 * B, -C, 2 * ax, 2 * cy, const], 1)
         return psi, rho, jd
 
-    def radius_sq(self, sigma_eff: torch.Tensor, tile: Tile, blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Published dynamic radius squared per block pixel, ``[B, P]`` (int).
+    def radius_sq(
+        self, sigma_eff: torch.Tensor, tile: Tile, blocks: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.int64
+    ) -> torch.Tensor:
+        """Published dynamic radius squared per block pixel, ``[B, P]`` (int64, or ``dtype``).
 
         ``blocks`` (indices into the tile's row-major blocks): only those blocks' rows,
         ``[len(blocks), P]``; the stochastic fit computes the radius of its drawn blocks only
         (the full tile's bilinear resize is most of a step's fixed cost at small fractions).
+        A whole tile on the CPU goes through the native kernel when it is built
+        (:func:`.native.radius_sq_blocks`, the same integers in one pass, several times faster:
+        docs/engine.md); otherwise, or for some blocks, through torch.
         """
         i0, i1, j0, j1 = tile
         py, px = self.grid.rows.pad, self.grid.cols.pad
@@ -250,19 +255,23 @@ class BlockEngine:
         # Bilinear values are convex combinations, so they are >= the smallest sigma: when
         # that one already gives the full radius (with a margin for rounding), skip the resize.
         if float(self.options.alpha) * float(sigma_eff.min()) / units >= self.options.radius - 1 + 1e-3:
-            return torch.full((nb, py * px), self.options.radius**2, dtype=torch.int64, device=self.device)
+            return torch.full((nb, py * px), self.options.radius**2, dtype=dtype, device=self.device)
         src = sigma_eff.detach()
         if self.options.radius_units == "lr":
             src = src / units
         if blocks is None:
             ty = tuple(t.reshape(self.lr_shape[0], py, -1)[i0:i1].reshape((i1 - i0) * py, -1) for t in self._taps_y)
             tx = tuple(t.reshape(self.lr_shape[1], px, -1)[j0:j1].reshape((j1 - j0) * px, -1) for t in self._taps_x)
+            if self.device.type == "cpu" and src.device.type == "cpu":
+                r2 = native.radius_sq_blocks(src, ty, tx, py, px, float(self.options.alpha), self.options.radius)
+                if r2 is not None:
+                    return r2.to(dtype)
             sig = resample(lambda r, c: src[None].index_select(1, r.to(src.device)).index_select(2, c.to(src.device)), ty, tx)
             sig = self.to_blocks(sig.to(self.device), tile)[..., 0]
         else:
             sig = self._block_sigma(src, tile, blocks.to("cpu"))
         r = torch.ceil(float(self.options.alpha) * sig).clamp_(1, self.options.radius)
-        return (r * r).to(torch.int64)
+        return (r * r).to(dtype)
 
     def _block_sigma(self, src: torch.Tensor, tile: Tile, blocks: torch.Tensor) -> torch.Tensor:
         """Bilinear ``src`` (LR map) at the pixels of some of a tile's blocks, ``[k, P]`` float32."""
@@ -427,6 +436,8 @@ class BlockEngine:
         psi, rho, jd = self.neighbour_features(coef, tile, geometry)
         vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
         if isinstance(weights_kernel, native.RenderWeights):
+            if agg_dtype == torch.float32 and weights_kernel.fuses(vals):  # few channels: no weights, no GEMM
+                return weights_kernel.render(phi, psi, rho, jd, vals, r2_pix, geometry[3])
             workspace = workspace if workspace is not None else self.workspace()
             cb = chunk_blocks(self.device, self.P, k, q.shape[0], workspace.chunk_bytes)
             weights_fn = weights_kernel.bind(phi, psi, rho, jd, r2_pix, geometry[3], workspace, cb)

@@ -1,0 +1,533 @@
+"""C source of the native CPU kernels of :mod:`.native` (built with the system compiler on
+first use; :func:`.native._library` writes it to a file and compiles it).
+
+Kept apart from the Python wrappers so that each module stays readable. The string is hashed
+into the cached library's name: any change here rebuilds the library.
+"""
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+/* exp(x) for x in [-87, 80] (callers clamp), inlined so that it vectorises with the calling
+   loop: x = n ln2 + r with n the nearest integer to x / ln2 (|r| <= ln2 / 2, ln2 split in two
+   parts so that r is exact to float rounding), exp(r) by a degree-5 polynomial fitted for
+   minimal relative error on [-ln2/2, ln2/2] (8.3e-8 in exact arithmetic, 1.9e-7 evaluated in
+   float32; tests/test_native_speedpaths.py checks < 5e-7 against float64 over [-87, 80]), and
+   2^n added into the exponent bits. n >= -126 and exp(r) >= 0.7, so the result is a normal
+   float or (at the very bottom) an exponent field of 0, which flush-to-zero reads as 0. */
+static inline float exp_neg(float x)
+{
+    /* rint, not (int)(t - 0.5f): inside the kernel's loops GCC converted the latter with the
+       rounding mode (vcvtps2dq) instead of truncation, which put r in [0, ln2) and made the
+       polynomial's error 1e-4 near r = ln2 (found by tests/test_native_speedpaths.py). */
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const int32_t ni = (int32_t)n;
+    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    float y = 0.0013840248575434089f;
+    y = y * r + 0.008375746197998524f; y = y * r + 0.04166821762919426f; y = y * r + 0.16666407883167267f;
+    y = y * r + 0.49999991059303284f; y = y * r + 1.0f; y = y * r + 1.0f;
+    union { float f; int32_t i; } u; u.f = y; u.i += ni << 23;
+    return u.f;
+}
+
+/* exp_neg on n values (after the same clamp as the kernels), for the error-bound test. */
+void exp_values(int64_t n, const float *x, float *out)
+{
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) { const float v = x[i] < -87.0f ? -87.0f : x[i]; out[i] = exp_neg(v); }
+}
+
+/* The fit kernel's one-pass softmax holds while a pixel's denominator lies between these (far
+   above the K exp(-87) that clamped pairs can add; below exp(80), the upper clamp); outside,
+   the pixel is redone with the max-shifted softmax. */
+#define FUSED_MIN_DENOMINATOR 1e-25f
+#define FUSED_MAX_DENOMINATOR 1e30f
+
+/* 64-byte aligned scratch of n floats (size rounded up to whole cache lines, as C11 requires). */
+static float *falloc(int64_t n) { return (float *)aligned_alloc(64, (size_t)((n + 15) / 16 * 16) * sizeof(float)); }
+
+/* grad_all[c, q[i]] += src[c, i] (c < 4, i < n) in increasing i: torch's index_add_ along dim 1, the
+   same float32 sums in the same order, bit for bit (tests/test_native_speedpaths.py), so that the
+   gradient does not depend on the thread count. The threads split the destination cells; each
+   walks the whole index list (a few hundred KiB per chunk) and adds its own cells only. */
+static void scatter_add_ordered(int64_t threads, int64_t n, int64_t N, const int64_t *q, const float *src, float *grad_all)
+{
+    #pragma omp parallel num_threads(threads)
+    {
+#if defined(_OPENMP)
+        const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+        const int64_t T = 1, t = 0;
+#endif
+        const int64_t lo = N * t / T, hi = N * (t + 1) / T;
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t d = q[i];
+            if (d < lo || d >= hi) continue;
+            for (int64_t c = 0; c < 4; ++c) grad_all[c * N + d] += src[c * n + i];
+        }
+    }
+}
+
+/* One fit chunk: see napari_upsample_anything/core/engine/compiled.py::fit_chunk for the formulas.
+   coef: the neighbours' (A, B, C, rho) as [4, B, K] when q is NULL; otherwise the whole map
+   [4, N] and q [B, K] the neighbours' cells, gathered here (no [4, B, K] copy per step). The
+   gradient is written to grad_coef [4, B, K]; with q (and want_grad) it is then also added into
+   grad_all [4, N] at the neighbours' cells (scatter_add_ordered).
+   *failed is set to 1 when scratch memory could not be allocated (the results are then invalid). */
+void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
+               const float *phi, const float *coef, const float *d_y, const float *d_x, const float *ic,
+               const float *jd, const float *vals, const float *target, const float *weight,
+               const int32_t *r2_pix, const int32_t *r2_off, const uint8_t *repeated,
+               double *loss_out, double *sq_out, float *grad_coef, int32_t want_grad, int32_t *failed,
+               const int64_t *q, int64_t N, float *grad_all)
+{
+/* coefficient c (A, B, C, rho) of neighbour k of block b */
+#define COEF(c, b, k) (q ? coef[(c) * N + q[(b) * K + (k)]] : coef[((c) * B + (b)) * K + (k)])
+    double loss_total = 0.0, sq_total = 0.0;
+    #pragma omp parallel for schedule(dynamic, 1) reduction(+:loss_total, sq_total) num_threads(threads)
+    for (int64_t b = 0; b < B; ++b) {
+#if defined(__SSE__)
+        /* Flush-to-zero / denormals-are-zero for this block only, restored below: weights of far
+           neighbours underflow to subnormals, which are far slower (docs/engine.md), and they
+           are below anything the float32 loss can resolve. */
+        const unsigned int csr_saved = _mm_getcsr();
+        _mm_setcsr(csr_saved | 0x8040u);
+#endif
+        const int64_t KP = (K + 15) / 16 * 16;
+        const int64_t P4 = (P + 3) / 4 * 4;
+        /* Scratch per block on purpose: one per-thread scratch reused across blocks measured
+           slower (same layout, no page faults; cause not found; docs/engine.md). In Dask workers,
+           whose nanny sets MALLOC_TRIM_THRESHOLD_, these allocations became fresh mmaps
+           (page faults, slower): distributed.worker_malloc_defaults unsets it. */
+        float *E = falloc((P4 + 2) * KP);  /* + the row coefficients of the separable spatial term */
+        float *D = falloc(P4 * KP);
+        float *pix = falloc(16 * P4);  /* 13 per-pixel float rows, then KB (int64) */
+        float *jz = falloc(3 * KP);
+        float *vz = falloc(3 * KP);
+        float *pz = falloc(7 * KP);
+        float *kz = falloc(4 * KP);
+        if (!E || !D || !pix || !jz || !vz || !pz || !kz) {
+            free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz);
+            *failed = 1;
+#if defined(__SSE__)
+            _mm_setcsr(csr_saved);
+#endif
+            continue;
+        }
+        /* Padded, aligned copies of the per-neighbour inputs; padding lanes are dropped (keep 0). */
+        memset(jz, 0, sizeof(float) * 3 * KP); memset(vz, 0, sizeof(float) * 3 * KP);
+        memset(pz, 0, sizeof(float) * 7 * KP); memset(kz, 0, sizeof(float) * 4 * KP);
+        memset(pix, 0, sizeof(float) * 16 * P4);
+        const float *jb = jd + b * G * K, *vb = vals + b * G * K, *dyb = d_y + b * K, *dxb = d_x + b * K;
+        const float *ph = phi + b * 6 * P, *ib = ic + b * G * P, *tb = target + b * G * P, *wb = weight + b * P;
+        const uint8_t *rep = repeated + b * K;
+        for (int64_t g = 0; g < G && g < 3; ++g) { memcpy(jz + g * KP, jb + g * K, sizeof(float) * K); memcpy(vz + g * KP, vb + g * K, sizeof(float) * K); }
+        /* The neighbours' quadratic forms in the block's local coordinates (compiled.spatial_coefficients)
+           from their A, B, C and offsets; rho is the range coefficient. */
+        for (int64_t k = 0; k < K; ++k) {
+            const float A = COEF(0, b, k), Bc = COEF(1, b, k), C = COEF(2, b, k);
+            const float dy = dyb[k], dx = dxb[k];
+            const float ax = A * dx + Bc * dy, cy = Bc * dx + C * dy;
+            pz[k] = -A; pz[KP + k] = -2.0f * Bc; pz[2 * KP + k] = -C;
+            pz[3 * KP + k] = 2.0f * ax; pz[4 * KP + k] = 2.0f * cy; pz[5 * KP + k] = -(ax * dx + cy * dy);
+            pz[6 * KP + k] = COEF(3, b, k);
+        }
+        /* Per-pixel inputs, padded to groups of 4 pixels; padding pixels have weight 0. */
+        float *F0 = pix, *F1 = pix + P4, *F2 = pix + 2 * P4, *F3 = pix + 3 * P4, *F4 = pix + 4 * P4, *F5 = pix + 5 * P4;
+        float *I0 = pix + 6 * P4, *I1 = pix + 7 * P4, *I2 = pix + 8 * P4;
+        float *A0 = pix + 9 * P4, *A1 = pix + 10 * P4, *A2 = pix + 11 * P4, *CC = pix + 12 * P4;
+        for (int64_t j = 0; j < 6; ++j) memcpy(pix + j * P4, ph + j * P, sizeof(float) * P);
+        for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pix + (6 + g) * P4, ib + g * P, sizeof(float) * P);
+        const float *j0 = jz, *j1 = jz + KP, *j2 = jz + 2 * KP;
+        const float *v0 = vz, *v1 = vz + KP, *v2 = vz + 2 * KP;
+        const float *p0 = pz, *p1 = pz + KP, *p2 = pz + 2 * KP, *p3 = pz + 3 * KP, *p4 = pz + 4 * KP, *p5 = pz + 5 * KP, *rr = pz + 6 * KP;
+        /* The fit's pixel features are monomials (lx^2, lx ly, ly^2, lx, ly, 1) (BlockEngine.
+           pixel_features, the same float32 products): then phi . psi = (lx p0 + b) lx + c with
+           b = ly p1 + p3 and c = (ly p2 + p4) ly + p5 per neighbour, computed once per pixel row
+           (ly). Checked per block, bit for bit; any other features take the general form. */
+        int separable = 1;
+        for (int64_t p = 0; p < P && separable; ++p)
+            separable = F0[p] == F3[p] * F3[p] && F1[p] == F3[p] * F4[p] && F2[p] == F4[p] * F4[p] && F5[p] == 1.0f;
+        float *row_b = E + P4 * KP, *row_c = row_b + KP, row_ly = 0.0f;
+        int row_ready = 0;
+        double loss_b = 0.0, sq_b = 0.0;
+        int32_t r2_last[4] = {-1, -1, -1, -1};
+        /* kept[q]: pixel slot q's neighbours k >= kept[q] (rounded up to 16) are all dropped,
+           so its loops stop there: offsets are sorted by distance, and a small dynamic radius
+           keeps a short prefix. KB[p]: the same for pixel p, for the gradient pass. */
+        int64_t kept[4] = {KP, KP, KP, KP};
+        int64_t *KB = (int64_t *)(pix + 14 * P4);
+        for (int64_t p = 0; p < P4; p += 4) {
+            /* The keep mask depends on the pixel's radius only: the 4 pixels of a group share one
+               (kz) when their radii agree (the usual case); otherwise each has its own (kz + q KP). */
+            int32_t r2q[4];
+            for (int q = 0; q < 4; ++q) r2q[q] = r2_pix[b * P + (p + q < P ? p + q : P - 1)];
+            const int same = r2q[1] == r2q[0] && r2q[2] == r2q[0] && r2q[3] == r2q[0];
+            for (int q = 0; q < (same ? 1 : 4); ++q) {
+                if (r2q[q] != r2_last[q]) {
+                    float *kq = kz + q * KP;
+                    int64_t last = 0;
+                    for (int64_t k = 0; k < K; ++k) {
+                        kq[k] = (r2_off[k] <= r2q[q] && !rep[k]) ? 1.0f : 0.0f;
+                        if (kq[k] > 0.0f) last = k + 1;
+                    }
+                    kept[q] = (last + 15) / 16 * 16;
+                    r2_last[q] = r2q[q];
+                }
+            }
+            float s_[4], o_[4][3];
+/* One pass per group: log-weight, its exp, the denominator and the aggregation, with no
+   maximum subtracted (the fit's log-weights are a Gaussian's exponents, <= 0 up to rounding).
+   Arguments are clamped to [-87, 80]: kept pairs below -87 come out as exp(-87) = 1.6e-38,
+   dropped pairs as exactly 0, nothing overflows. The result is the softmax's to float32
+   rounding while the denominator s lies in [FUSED_MIN_DENOMINATOR, FUSED_MAX_DENOMINATOR]:
+   then no kept pair reached the upper clamp (exp(80) > FUSED_MAX_DENOMINATOR) and the pairs
+   under the lower one add < K exp(-87) / s ~ 3e-11 relative. Otherwise (tiny sigmas, or
+   inputs that are no Gaussian: tests) the pixel is redone with the max-shifted softmax.
+   Saves the second pass over stored log-weights. */
+#define PIXEL_PASS(SPATIAL) { \
+                _Pragma("omp simd reduction(+:s, a0, a1, a2)") \
+                for (int64_t k = 0; k < KQ; ++k) { \
+                    const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k]; \
+                    const float d = t0 * t0 + t1 * t1 + t2 * t2; \
+                    float x = (SPATIAL) - rr[k] * d; \
+                    x = x < -87.0f ? -87.0f : (x > 80.0f ? 80.0f : x); \
+                    const float e = exp_neg(x) * kq[k]; \
+                    Dq[k] = d; Eq[k] = e; s += e; a0 += e * v0[k]; a1 += e * v1[k]; a2 += e * v2[k]; } }
+            /* One pixel per loop: with four (sharing the neighbours' loads), the sixteen sums and
+               the pixels' 36 broadcast features spilled registers; measured (same-process A/B,
+               448^2, 1 thread) one pixel 0.86x the two-pass kernel's time, two pixels 0.89x,
+               four 0.93x (docs/engine.md). */
+            for (int q = 0; q < 4; ++q) {
+                const int64_t pq = p + q;
+                const float *kq = same ? kz : kz + q * KP;
+                const int64_t KQ = same ? kept[0] : kept[q];
+                KB[pq] = KQ;
+                float *Eq = E + pq * KP, *Dq = D + pq * KP;
+                const float i0 = I0[pq], i1 = I1[pq], i2 = I2[pq];
+                float s = 0.0f, a0 = 0.0f, a1 = 0.0f, a2 = 0.0f;
+                if (separable) {
+                    /* The spatial term as a quadratic in lx with the row's coefficients (ly):
+                       two FMAs per pair instead of six. */
+                    const float lx = F3[pq], ly = F4[pq];
+                    if (!row_ready || ly != row_ly) {
+                        #pragma omp simd
+                        for (int64_t k = 0; k < KP; ++k) { row_b[k] = ly * p1[k] + p3[k]; row_c[k] = (ly * p2[k] + p4[k]) * ly + p5[k]; }
+                        row_ly = ly;
+                        row_ready = 1;
+                    }
+                    PIXEL_PASS((lx * p0[k] + row_b[k]) * lx + row_c[k])
+                } else {
+                    const float f0 = F0[pq], f1 = F1[pq], f2 = F2[pq], f3 = F3[pq], f4 = F4[pq], f5 = F5[pq];
+                    PIXEL_PASS(f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k])
+                }
+                s_[q] = s; o_[q][0] = a0; o_[q][1] = a1; o_[q][2] = a2;
+            }
+#undef PIXEL_PASS
+            for (int q = 0; q < 4; ++q) {
+                const int64_t pq = p + q;
+                if (!(s_[q] >= FUSED_MIN_DENOMINATOR && s_[q] <= FUSED_MAX_DENOMINATOR)) {
+                    /* Rare: the max-shifted softmax for this pixel, from its stored range terms. */
+                    float *e_row = E + pq * KP;
+                    const float *d_row = D + pq * KP, *kq = same ? kz : kz + q * KP;
+                    const float f0 = F0[pq], f1 = F1[pq], f2 = F2[pq], f3 = F3[pq], f4 = F4[pq], f5 = F5[pq];
+                    float m = -3.0e38f;
+                    #pragma omp simd reduction(max:m)
+                    for (int64_t k = 0; k < KB[pq]; ++k) {
+                        const float l = f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k] - rr[k] * d_row[k];
+                        const float lm = kq[k] > 0.0f ? l : -3.0e38f;
+                        e_row[k] = lm;
+                        m = lm > m ? lm : m;
+                    }
+                    float s = 0.0f, a0 = 0.0f, a1 = 0.0f, a2 = 0.0f;
+                    #pragma omp simd reduction(+:s, a0, a1, a2)
+                    for (int64_t k = 0; k < KB[pq]; ++k) {
+                        float x = e_row[k] - m;
+                        x = x < -87.0f ? -87.0f : x;
+                        const float e = exp_neg(x) * kq[k];
+                        e_row[k] = e;
+                        s += e; a0 += e * v0[k]; a1 += e * v1[k]; a2 += e * v2[k];
+                    }
+                    s_[q] = s; o_[q][0] = a0; o_[q][1] = a1; o_[q][2] = a2;
+                }
+                const float inv = 1.0f / s_[q];
+                const float w = pq < P ? wb[pq] : 0.0f;
+                float o[3] = {o_[q][0] * inv, o_[q][1] * inv, o_[q][2] * inv};
+                float sg[3] = {0.0f, 0.0f, 0.0f};
+                float shift = 0.0f;
+                if (pq < P) {
+                    for (int64_t g = 0; g < G && g < 3; ++g) {
+                        const float diff = o[g] - tb[g * P + pq];
+                        loss_b += (double)(fabsf(diff) * w);
+                        sq_b += (double)(diff * diff * w);
+                        sg[g] = (diff > 0.0f ? 1.0f : (diff < 0.0f ? -1.0f : 0.0f)) * w;
+                        shift += sg[g] * o[g];
+                    }
+                }
+                A0[pq] = sg[0] * inv; A1[pq] = sg[1] * inv; A2[pq] = sg[2] * inv; CC[pq] = shift * inv;
+            }
+        }
+        /* Gradients, register-blocked: 16 neighbours at a time, summed over all pixels
+           (skipped for a loss-only evaluation: the final loss, or the benchmark's forward). */
+        /* Pixels' kept prefixes: neighbour groups below kb_min take the plain loop, those from
+           kb_max on have weight 0 everywhere (their E and D were not written: skipped), those
+           between check each pixel (a check in every group measured 5 % slower at full radius). */
+        int64_t kb_min = KP, kb_max = 0;
+        for (int64_t p = 0; p < P4; ++p) { kb_min = KB[p] < kb_min ? KB[p] : kb_min; kb_max = KB[p] > kb_max ? KB[p] : kb_max; }
+#define GRADIENT_PIXEL(p) { \
+                const float f0 = F0[p], f1 = F1[p], f2 = F2[p], f3 = F3[p], f4 = F4[p], f5 = F5[p]; \
+                const float c0 = A0[p], c1 = A1[p], c2 = A2[p], cc = CC[p]; \
+                const float *e = E + (p) * KP + k0, *d = D + (p) * KP + k0; \
+                _Pragma("omp simd aligned(e, d: 64)") \
+                for (int j = 0; j < 16; ++j) { \
+                    const float gl = e[j] * (c0 * v0[k0 + j] + c1 * v1[k0 + j] + c2 * v2[k0 + j] - cc); \
+                    a_0[j] += f0 * gl; a_1[j] += f1 * gl; a_2[j] += f2 * gl; \
+                    a_3[j] += f3 * gl; a_4[j] += f4 * gl; a_5[j] += f5 * gl; \
+                    a_r[j] -= d[j] * gl; } }
+        for (int64_t k0 = 0; want_grad && k0 < KP; k0 += 16) {
+            float a_0[16], a_1[16], a_2[16], a_3[16], a_4[16], a_5[16], a_r[16];
+            #pragma omp simd
+            for (int j = 0; j < 16; ++j) { a_0[j] = 0.0f; a_1[j] = 0.0f; a_2[j] = 0.0f; a_3[j] = 0.0f; a_4[j] = 0.0f; a_5[j] = 0.0f; a_r[j] = 0.0f; }
+            if (k0 < kb_min) {
+                for (int64_t p = 0; p < P4; ++p) GRADIENT_PIXEL(p)
+            } else if (k0 < kb_max) {
+                for (int64_t p = 0; p < P4; ++p) if (k0 < KB[p]) GRADIENT_PIXEL(p)
+            }
+            const int64_t n = K - k0 < 16 ? K - k0 : 16;
+            for (int j = 0; j < n; ++j) {
+                /* Chain rule through the quadratic form (compiled.spatial_coefficients_backward). */
+                const int64_t k = k0 + j;
+                const float dy = dyb[k], dx = dxb[k];
+                grad_coef[b * K + k] = -a_0[j] + 2.0f * a_3[j] * dx - a_5[j] * dx * dx;
+                grad_coef[(B + b) * K + k] = -2.0f * a_1[j] + 2.0f * a_3[j] * dy + 2.0f * a_4[j] * dx - 2.0f * a_5[j] * dx * dy;
+                grad_coef[(2 * B + b) * K + k] = -a_2[j] + 2.0f * a_4[j] * dy - a_5[j] * dy * dy;
+                grad_coef[(3 * B + b) * K + k] = a_r[j];
+            }
+        }
+#undef GRADIENT_PIXEL
+        free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz);
+        loss_total += loss_b;
+        sq_total += sq_b;
+#if defined(__SSE__)
+        _mm_setcsr(csr_saved);
+#endif
+    }
+#undef COEF
+    *loss_out = loss_total;
+    *sq_out = sq_total;
+    if (q && want_grad && !*failed) scatter_add_ordered(threads, B * K, N, q, grad_coef, grad_all);
+}
+
+/* Softmax weights of a render chunk: W[b, p, k] = softmax_k(phi(p) . psi(k) - rho_k ||I(p) - J(k)||^2)
+   over the kept pairs (r2_off[k] <= r2_pix[b, p] and not repeated[b, k]; dropped pairs get 0),
+   the formulas of attention.render_blocks' eager log-weights and softmax, per pixel row (in L1):
+   log-weight, exp and sum in one pass (no maximum subtracted; the fit kernel's fallback to the
+   max-shifted softmax when the sum is out of range), then the normalised row. phi [B, 6, P], psi [B, 6, K], rho [B, K], ic [B, G, P], jd [B, G, K] (G <= 3),
+   r2_pix [B, P], r2_off [K], repeated [B, K] (uint8), W [B, P, K].
+   With vals [B, C, K] (not NULL) the row is aggregated here instead, agg[b, c, p] =
+   sum_k W[b, p, k] vals[b, c, k], and W is not written: for a few channels (the HR PCA picture,
+   class probabilities) the [B, P, K] weights and a GEMM with C = 3 cost far more than the
+   products themselves (docs/benchmarks_engine.md). */
+void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
+                    const float *phi, const float *psi, const float *rho, const float *ic, const float *jd,
+                    const int32_t *r2_pix, const int32_t *r2_off, const uint8_t *repeated, float *W, int32_t *failed,
+                    int64_t C, const float *vals, float *agg)
+{
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t b = 0; b < B; ++b) {
+#if defined(__SSE__)
+        const unsigned int csr_saved = _mm_getcsr();
+        _mm_setcsr(csr_saved | 0x8040u);
+#endif
+        const int64_t KP = (K + 15) / 16 * 16;
+        float *pz = falloc(10 * KP), *kz = falloc(KP), *row = falloc(3 * KP);  /* row + the separable row coefficients */
+        const int64_t C4 = (C + 3) / 4 * 4;
+        float *vz = vals ? falloc(C4 * KP) : NULL;
+        if (!pz || !kz || !row || (vals && !vz)) {
+            free(pz); free(kz); free(row); free(vz);
+            *failed = 1;
+#if defined(__SSE__)
+            _mm_setcsr(csr_saved);
+#endif
+            continue;
+        }
+        memset(pz, 0, sizeof(float) * 10 * KP); memset(kz, 0, sizeof(float) * KP);
+        for (int64_t j = 0; j < 6; ++j) memcpy(pz + j * KP, psi + (b * 6 + j) * K, sizeof(float) * K);
+        memcpy(pz + 6 * KP, rho + b * K, sizeof(float) * K);
+        for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pz + (7 + g) * KP, jd + (b * G + g) * K, sizeof(float) * K);
+        if (vals) {  /* padded copies: the padding lanes have weight 0 and value 0 */
+            memset(vz, 0, sizeof(float) * C4 * KP);
+            for (int64_t c = 0; c < C; ++c) memcpy(vz + c * KP, vals + (b * C + c) * K, sizeof(float) * K);
+        }
+        const float *p0 = pz, *p1 = pz + KP, *p2 = pz + 2 * KP, *p3 = pz + 3 * KP, *p4 = pz + 4 * KP, *p5 = pz + 5 * KP;
+        const float *rr = pz + 6 * KP, *j0 = pz + 7 * KP, *j1 = pz + 8 * KP, *j2 = pz + 9 * KP;
+        const float *ph = phi + b * 6 * P, *ib = ic + b * G * P;
+        const uint8_t *rep = repeated + b * K;
+        /* As in fit_chunk: the spatial term as a quadratic in lx per pixel row when the pixel
+           features are the monomials (checked bit for bit), a one-pass softmax with the
+           max-shifted one as the fallback, and loops that stop after the last kept offset. */
+        const float *F0 = ph, *F1 = ph + P, *F2 = ph + 2 * P, *F3 = ph + 3 * P, *F4 = ph + 4 * P, *F5 = ph + 5 * P;
+        int separable = 1;
+        for (int64_t p = 0; p < P && separable; ++p)
+            separable = F0[p] == F3[p] * F3[p] && F1[p] == F3[p] * F4[p] && F2[p] == F4[p] * F4[p] && F5[p] == 1.0f;
+        float *row_b = row + KP, *row_c = row + 2 * KP, row_ly = 0.0f;
+        int row_ready = 0;
+        int32_t r2_last = -1;
+        int64_t KQ = KP;
+        for (int64_t p = 0; p < P; ++p) {
+            const int32_t r2 = r2_pix[b * P + p];
+            if (r2 != r2_last) {
+                int64_t last = 0;
+                for (int64_t k = 0; k < K; ++k) {
+                    kz[k] = (r2_off[k] <= r2 && !rep[k]) ? 1.0f : 0.0f;
+                    if (kz[k] > 0.0f) last = k + 1;
+                }
+                KQ = (last + 15) / 16 * 16;
+                r2_last = r2;
+            }
+            const float i0 = ib[p], i1 = G > 1 ? ib[P + p] : 0.0f, i2 = G > 2 ? ib[2 * P + p] : 0.0f;
+            float s = 0.0f;
+#define RENDER_PASS(SPATIAL) { \
+            _Pragma("omp simd reduction(+:s)") \
+            for (int64_t k = 0; k < KQ; ++k) { \
+                const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k]; \
+                float x = (SPATIAL) - rr[k] * (t0 * t0 + t1 * t1 + t2 * t2); \
+                x = x < -87.0f ? -87.0f : (x > 80.0f ? 80.0f : x); \
+                const float e = exp_neg(x) * kz[k]; \
+                row[k] = e; s += e; } }
+            if (separable) {
+                const float lx = F3[p], ly = F4[p];
+                if (!row_ready || ly != row_ly) {
+                    #pragma omp simd
+                    for (int64_t k = 0; k < KP; ++k) { row_b[k] = ly * p1[k] + p3[k]; row_c[k] = (ly * p2[k] + p4[k]) * ly + p5[k]; }
+                    row_ly = ly;
+                    row_ready = 1;
+                }
+                RENDER_PASS((lx * p0[k] + row_b[k]) * lx + row_c[k])
+            } else {
+                const float f0 = F0[p], f1 = F1[p], f2 = F2[p], f3 = F3[p], f4 = F4[p], f5 = F5[p];
+                RENDER_PASS(f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k])
+            }
+#undef RENDER_PASS
+            if (!(s >= FUSED_MIN_DENOMINATOR && s <= FUSED_MAX_DENOMINATOR)) {
+                /* Rare (tiny sigmas, or no Gaussian): the max-shifted softmax for this pixel. */
+                const float f0 = F0[p], f1 = F1[p], f2 = F2[p], f3 = F3[p], f4 = F4[p], f5 = F5[p];
+                float m = -3.0e38f;
+                #pragma omp simd reduction(max:m)
+                for (int64_t k = 0; k < KQ; ++k) {
+                    const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k];
+                    const float l = f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k]
+                                  - rr[k] * (t0 * t0 + t1 * t1 + t2 * t2);
+                    const float lm = kz[k] > 0.0f ? l : -3.0e38f;
+                    row[k] = lm;
+                    m = lm > m ? lm : m;
+                }
+                s = 0.0f;
+                #pragma omp simd reduction(+:s)
+                for (int64_t k = 0; k < KQ; ++k) {
+                    float x = row[k] - m;
+                    x = x < -87.0f ? -87.0f : x;
+                    const float e = exp_neg(x) * kz[k];  /* dropped pairs exactly 0, as the eager softmax's -inf */
+                    row[k] = e;
+                    s += e;
+                }
+            }
+            const float inv = 1.0f / s;
+            if (vals) {  /* four channels per pass over the row (the last group reads zero rows past C) */
+                for (int64_t c = 0; c < C; c += 4) {
+                    const float *v0 = vz + c * KP, *v1 = v0 + KP, *v2 = v1 + KP, *v3 = v2 + KP;
+                    float o0 = 0.0f, o1 = 0.0f, o2 = 0.0f, o3 = 0.0f;
+                    #pragma omp simd reduction(+:o0, o1, o2, o3)
+                    for (int64_t k = 0; k < KQ; ++k) {
+                        /* normalised weights first: a convex combination cannot overflow for
+                           values near the float32 limit (tests/test_reliability.py) */
+                        const float w = row[k] * inv;
+                        o0 += w * v0[k]; o1 += w * v1[k]; o2 += w * v2[k]; o3 += w * v3[k];
+                    }
+                    const float o[4] = {o0, o1, o2, o3};
+                    for (int64_t j = 0; j < 4 && c + j < C; ++j) agg[(b * C + c + j) * P + p] = o[j];
+                }
+                continue;
+            }
+            float *out = W + (b * P + p) * K;
+            const int64_t KW = KQ < K ? KQ : K;
+            #pragma omp simd
+            for (int64_t k = 0; k < KW; ++k) out[k] = row[k] * inv;
+            for (int64_t k = KW; k < K; ++k) out[k] = 0.0f;  /* beyond the last kept offset */
+        }
+        free(pz); free(kz); free(row); free(vz);
+#if defined(__SSE__)
+        _mm_setcsr(csr_saved);
+#endif
+    }
+}
+
+/* Squared dynamic radius of every pixel of a tile's blocks (BlockEngine.radius_sq): the LR sigma map
+   src [h, w] (float32, already in the radius' units) resized bilinearly to the pixels in float64 and
+   rounded once to float32, then r = ceil(alpha * sigma) clamped to [1, radius], out = r * r. Taps
+   (interp.linear_taps) of the tile's padded rows iy, wy [ny, 2] and columns ix, wx [nx, 2];
+   out [B, P] in block layout (blocks row-major, ny / py rows of nx / px blocks, P = py * px).
+   The same operations in the same order as the torch path (interp.resample's einsum contracts
+   the row taps first, then the column taps; no fused multiply-adds), hence the same float32
+   sigma bit for bit and the same radii (tests/test_native_speedpaths.py); hence fp-contract off. */
+#if defined(__clang__)
+#define NO_CONTRACT
+#else
+#define NO_CONTRACT __attribute__((optimize("no-fast-math", "fp-contract=off")))
+#endif
+NO_CONTRACT void radius_sq_blocks(int64_t threads, int64_t w, const float *src,
+                                  int64_t ny, const int64_t *iy, const double *wy, int64_t nx, const int64_t *ix, const double *wx,
+                                  int64_t py, int64_t px, float alpha, int32_t radius, int32_t *out)
+{
+#if defined(__clang__)
+    #pragma clang fp contract(off)
+#endif
+    const int64_t nr = ny / py, nc = nx / px, P = py * px;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t row = 0; row < ny; ++row) {
+        const float *s0 = src + iy[2 * row] * w, *s1 = src + iy[2 * row + 1] * w;
+        const double a0 = wy[2 * row], a1 = wy[2 * row + 1];
+        const int64_t bi = row / py, y = row % py;
+        for (int64_t col = 0; col < nx; ++col) {
+            const int64_t c0 = ix[2 * col], c1 = ix[2 * col + 1];
+            const double t0 = (double)s0[c0] * a0 + (double)s1[c0] * a1;
+            const double t1 = (double)s0[c1] * a0 + (double)s1[c1] * a1;
+            const float sigma = (float)(t0 * wx[2 * col] + t1 * wx[2 * col + 1]);
+            float r = ceilf(alpha * sigma);
+            r = r < 1.0f ? 1.0f : (r > (float)radius ? (float)radius : r);
+            out[(bi * nc + col / px) * P + y * px + col % px] = (int32_t)(r * r);
+        }
+    }
+    (void)nr;
+}
+
+/* Flush-to-zero / denormals-are-zero in every thread of an OpenMP team of `threads` (on = 1),
+   or off again (on = 0). torch's CPU thread pool is this OpenMP runtime's pool (one libgomp in
+   the process), and torch.set_flush_denormal only changes the calling thread: without this,
+   torch's worker threads computed subnormal softmax weights during our renders (several times
+   slower; docs/engine.md). "Off" clears the bits rather than
+   restoring a saved state: a worker created during an engine call inherits the caller's FTZ,
+   and restoring would keep it on for good. The Python side only calls this when the calling
+   thread was not flushing before, i.e. when "off" is the user's state. */
+void team_flush_denormals(int64_t threads, int32_t on)
+{
+#if defined(__SSE__)
+    #pragma omp parallel num_threads(threads)
+    {
+        const unsigned int csr = _mm_getcsr();
+        _mm_setcsr(on ? (csr | 0x8040u) : (csr & ~0x8040u));
+    }
+#else
+    (void)threads; (void)on;
+#endif
+}
+"""
