@@ -170,7 +170,7 @@ def test_engine_accounts_for_what_each_path_allocates():
         K = 197  # the published radius 8: offsets of the disk dy^2 + dx^2 <= 64
         blocks = [(t.i1 - t.i0) * (t.j1 - t.j0) for t in log.tiles]
         if fld.meta["kernel"] == "native":
-            per_block = footprint.fused_fit_tile_per_block(P, K, G, kept_inputs=True)
+            per_block = footprint.fused_fit_tile_per_block(P, K, G, kept_inputs=True, kernel="native")
             assert [t.allocated_bytes for t in log.tiles] == [per_block * b for b in blocks]
             assert log.resident_bytes == footprint.fit_resident_bytes(n_cells, P, K, G, kept_inputs=True)
             assert log.working_bytes < log.peak_planned_bytes / 4
@@ -181,19 +181,22 @@ def test_engine_accounts_for_what_each_path_allocates():
         assert log.to_dict()["peak_allocated_bytes"] == log.peak_allocated_bytes
         assert (log.tile_map((5, 6), value="allocated") > 0).all()
 
-    values = rng.standard_normal((16, 5, 6)).astype(np.float32)
-    for backend in ("auto", "eager"):
+    # 16 channels: the native kernel aggregates them itself (no weights buffer); 64: a GEMM
+    # after the native weights, written chunk by chunk into one workspace buffer
+    for channels, backend in ((16, "auto"), (64, "auto"), (16, "eager")):
+        values = rng.standard_normal((channels, 5, 6)).astype(np.float32)
         log = upa.MemoryLog()
         upa.render(values, guide, fld, backend=backend, memory_log=log)
         blocks = [(t.i1 - t.i0) * (t.j1 - t.j0) for t in log.tiles]
         native = backend == "auto" and native_usable(torch.device("cpu"), G)  # the C kernel's weights
         if native:
-            per_block = footprint.native_render_per_block(P, 197, G, 16)
+            per_block = footprint.native_render_per_block(P, 197, G, channels)
             assert [t.allocated_bytes for t in log.tiles] == [per_block * b for b in blocks]
             assert log.peak_allocated_bytes < log.peak_planned_bytes
+            assert (log.resident_bytes == 0) == (channels <= 16)
         else:
             assert [t.allocated_bytes for t in log.tiles] == [t.planned_bytes for t in log.tiles]
-        assert log.resident_bytes > 0  # the workspace's chunk buffers
+            assert log.resident_bytes > 0  # the eager path's chunk buffers
     with pytest.raises(ValueError, match="value='peak'"):
         log.tile_map((5, 6), value="peak")
 

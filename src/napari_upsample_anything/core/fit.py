@@ -259,7 +259,8 @@ class _ChunkedFit:
         (the planner's upper bound) for the kernels that keep ``[B, P, K]`` intermediates."""
         if self.kernel_name not in footprint.FUSED_FIT_KERNELS:
             return planned
-        return footprint.fused_fit_tile_per_block(self.engine.P, self.engine.K, self.engine.channels, self.keep)
+        engine = self.engine
+        return footprint.fused_fit_tile_per_block(engine.P, engine.K, engine.channels, self.keep, self.kernel_name)
 
     def chunks(self, tile: Tile):
         if tile in self.store:

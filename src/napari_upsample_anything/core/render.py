@@ -88,11 +88,13 @@ def render_field(
     # what a tile really allocates (the planner's bound is the eager path's own figure)
     # and what it keeps for every tile (the workspace's chunk buffers)
     allocated_per_block, resident = per_block, engine.tile_overhead()
-    if choice.kernel == "native":  # one chunk buffer of softmax weights
+    if choice.kernel == "native":
         allocated_per_block = footprint.native_render_per_block(
             engine.P, engine.K, engine.channels, C, agg_bytes, affine is not None
         )
-        resident = engine.chunk_bytes
+        # one chunk buffer of softmax weights, unless the kernel aggregates the few channels itself
+        fused = agg_dtype == torch.float32 and C <= native.FUSED_RENDER_MAX_CHANNELS
+        resident = 0 if fused else engine.chunk_bytes
     if memlog is not None:
         memlog.keep(stage, resident)
     while queue:

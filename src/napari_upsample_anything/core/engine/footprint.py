@@ -53,17 +53,19 @@ def fit_input_build_per_block(P: int, K: int, G: int) -> int:
     return int(P * 2 * (7 + G) * F32 + K * (F64 + 2 * F32))
 
 
-def fused_fit_tile_per_block(P: int, K: int, G: int, kept_inputs: bool) -> int:
+def fused_fit_tile_per_block(P: int, K: int, G: int, kept_inputs: bool, kernel: str = "native") -> int:
     """Bytes per block that a step of a fused fit allocates for a tile, at its largest (the step
     that prepares the tile's inputs: the first one when they are kept, every one otherwise).
 
-    The dynamic radius (the bilinear sigma in float64, the radius in int64 and its int32
-    copy), the neighbours' coefficients and their gradient (``[4, B, K]`` float32 each), the
-    temporaries that prepare the inputs (:func:`fit_input_build_per_block`) and, when the
-    inputs are not kept, the tile's inputs themselves.
+    The dynamic radius (``kernel="native"``: int32 from the C pass, and a copy; otherwise the
+    bilinear sigma in float64, the radius in int64 and its int32 copy), the neighbours'
+    coefficients and their gradient (``[4, B, K]`` float32 each; the native kernel gathers and
+    scatters them in the coefficient map itself), the temporaries that prepare the inputs
+    (:func:`fit_input_build_per_block`) and, when the inputs are not kept, the tile's inputs.
     """
-    radius = P * (F64 + F64 + F32)
-    coefficients = 2 * 4 * K * F32
+    native = kernel == "native"
+    radius = P * 2 * F32 if native else P * (F64 + F64 + F32)
+    coefficients = 0 if native else 2 * 4 * K * F32
     inputs = 0 if kept_inputs else chunked_fit_inputs_per_block(P, K, G)
     return int(radius + coefficients + fit_input_build_per_block(P, K, G) + inputs)
 
