@@ -7,11 +7,15 @@ How
 :func:`measure_rates` times the engine on a small synthetic crop (112 x 112 pixels, an 8 x 8
 LR grid: the published 14-pixel cells) with the run's device, precision and thread count:
 
-* one and three Adam steps of the kernel fit -> seconds per step per HR pixel (the slope)
-  and the fixed cost of a fit (the rest);
+* one and three Adam steps of the kernel fit -> seconds per step (the slope) and the fixed
+  cost of a fit (the rest); on two crops (8 x 8 and 16 x 16 LR cells), so that a step's cost
+  splits into a part per HR pixel and a fixed part per step (the Python, Adam and kernel-launch
+  work around the kernel: a quarter of a step on the small crop, nothing on a large image);
 * renders of 3 and 384 channels (after a warm-up render; 384: ViT-S's width, so the product
   runs at the size most runs use) -> seconds per HR pixel, and per HR pixel and channel;
-* a matrix product shaped like a ViT block's MLP -> the backbone's multiply-adds per second;
+* a matrix product shaped like a ViT block's MLP on 4096 tokens -> the backbone's multiply-adds
+  per second (with 1024 tokens the product ran at 40 % of the large images' ViT rate on an
+  AMD EPYC);
 * one ViT-S block on 16 tokens -> a block's fixed cost, whatever the image (on small planes
   of a stack the backbone's per-block overhead outweighs its arithmetic);
 * the PCA basis of 384-channel features (a 384 x 384 eigendecomposition): once per run,
@@ -95,6 +99,7 @@ class Rates:
     slowdown: float = 1.0  # wall-clock / CPU seconds of the measurement (1: rates are wall-clock seconds)
     pca_basis: float = 0.0  # s to fit the PCA basis of 384-channel features (once per run; grows as C^3)
     block_fixed: float = 0.0  # s of one transformer block on a handful of tokens (per block, per plane)
+    fit_step_fixed: float = 0.0  # s per Adam step, whatever the pixels
     # the engine's accounting of what the paths really allocate (memory log, core.engine.footprint)
     fit_resident_per_px: float = 0.0  # bytes a fit keeps across steps, per HR pixel of the image
     fit_tile_per_px: float = 0.0  # bytes a fit tile allocates per HR pixel of the tile
@@ -215,18 +220,29 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
         return (cpu if cpu_clock else wall), out
 
     common = dict(device=dev, precision=precision, cancel=cancel)
-    api.fit_kernels(guide, lr, steps=1, **common)  # warm-up (first-call allocations, kernel caches)
-    check()
-    # the fastest of two tries: other processes only ever make a try slower
-    t1 = min(timed(lambda: api.fit_kernels(guide, lr, steps=1, **common))[0] for _ in range(2))
-    check()
+
+    def fit_costs(crop_guide, crop_lr):
+        """Seconds of one step and of the rest of a fit on a crop (fastest of two tries each:
+        other processes only ever make a try slower) and its 3-step field."""
+        api.fit_kernels(crop_guide, crop_lr, steps=1, **common)  # warm-up (first-call allocations, kernel caches)
+        check()
+        t1 = min(timed(lambda: api.fit_kernels(crop_guide, crop_lr, steps=1, **common))[0] for _ in range(2))
+        check()
+        t3, fitted = timed(lambda: api.fit_kernels(crop_guide, crop_lr, steps=3, memory_log=log, **common))
+        check()
+        t3 = min(t3, timed(lambda: api.fit_kernels(crop_guide, crop_lr, steps=3, **common))[0])
+        check()
+        one_step = max((t3 - t1) / 2.0, t3 / 6.0)  # a noisy slope never makes a step cheaper than a sixth of a 3-step fit
+        return one_step, max(t3 - 3 * one_step, 0.0), fitted
+
+    big_n = 2 * n
     log = MemoryLog()
-    t3, fld = timed(lambda: api.fit_kernels(guide, lr, steps=3, memory_log=log, **common))
-    check()
-    t3 = min(t3, timed(lambda: api.fit_kernels(guide, lr, steps=3, **common))[0])
-    check()
-    step = max((t3 - t1) / 2.0, t3 / 6.0)  # a noisy slope never makes a step cheaper than a sixth of a 3-step fit
-    fixed = max(t3 - 3 * step, 0.0)
+    big_step, _, _ = fit_costs(_crop_guide(big_n), (2 * CROP_CELLS, 2 * CROP_CELLS))
+    log = MemoryLog()  # the small crop's (read by fit_costs): the bytes per pixel below come from it
+    step, fixed, fld = fit_costs(guide, lr)
+    # a step = a fixed part + a part per pixel: the two crops give both (4x the pixels)
+    step_per_px = max((big_step - step) / (big_n * big_n - px), step / px / 4.0)
+    step_fixed = max(step - step_per_px * px, 0.0)
     rng = np.random.default_rng(0)
     small = rng.random((3,) + lr).astype(np.float32)
     wide = rng.random((WIDE,) + lr).astype(np.float32)
@@ -251,12 +267,13 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
     pca_basis = min(timed(lambda: fit_pca(lr_feats, 3))[0] for _ in range(2))
     check()
     # a ViT MLP-like product (tokens x D @ D x 4D) in the run's thread setting
-    a = torch.randn(1024, 384, device=dev)
+    tokens = 4096
+    a = torch.randn(tokens, 384, device=dev)
     b = torch.randn(384, 1536, device=dev)
     a @ b
-    reps = 5
-    tm, _ = timed(lambda: [a @ b for _ in range(reps)])
-    flops = 2 * 1024 * 384 * 1536 * reps / max(tm, 1e-9)
+    reps = 3
+    tm = min(timed(lambda: [a @ b for _ in range(reps)])[0] for _ in range(2))
+    flops = 2 * tokens * 384 * 1536 * reps / max(tm, 1e-9)
     try:  # the engine's tile cap (CPU): a run's working set stops growing there
         from ..core.engine.blocks import CPU_PREFERRED_TILE_BYTES
 
@@ -268,8 +285,9 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
     alloc_slope = (rlog.peak_allocated_bytes - slog.peak_allocated_bytes) / px / (WIDE - 3)
     plan_slope = (rlog.peak_planned_bytes - slog.peak_planned_bytes) / px / (WIDE - 3)
     rates = Rates(
-        fit_step_per_px=step / px,
+        fit_step_per_px=step_per_px,
         fit_fixed=fixed,
+        fit_step_fixed=step_fixed,
         render_per_px=per_px,
         render_per_px_channel=per_channel / px,
         flops=flops,
@@ -342,11 +360,11 @@ def clear_rates() -> None:
 def estimate_fit(rates: Rates, hr_shape: Tuple[int, int], steps: int, fit_fraction: float = 1.0) -> float:
     """Seconds of one kernel fit of ``steps`` steps on an ``hr_shape`` image.
 
-    A stochastic fit (``fit_fraction < 1``) does that fraction of a step's pixel work; its small
-    fixed part per step is left out (measured at 1024^2: 21 of 411 ms; docs/quality_stochastic.md).
+    A stochastic fit (``fit_fraction < 1``) does that fraction of a step's pixel work and all of its
+    fixed part (``fit_step_fixed``: the work around the kernel, whatever the pixels).
     """
     work = rates.fit_step_per_px * float(hr_shape[0] * hr_shape[1]) * int(steps) * float(fit_fraction)
-    return rates.fit_fixed + work
+    return rates.fit_fixed + rates.fit_step_fixed * int(steps) + work
 
 
 def backbone_flops(size: str, tokens: float) -> float:

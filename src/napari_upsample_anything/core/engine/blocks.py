@@ -59,6 +59,10 @@ Tile = Tuple[int, int, int, int]  # LR cells [i0, i1) x [j0, j1)
 # Working-set size per CPU tile: large enough to amortise per-tile Python overhead (docs/engine.md,
 # "Design measurements"), small enough to leave RAM alone.
 CPU_PREFERRED_TILE_BYTES = 256 * 2**20
+#: Renders of at least this many channels on a padded grid are written block by block (one
+#: copy per LR cell: its Python cost is paid back by the data it moves; fewer channels keep
+#: the tile-image route).
+BLOCKWISE_WRITE_MIN_CHANNELS = 16
 
 
 @dataclass(frozen=True)
@@ -366,14 +370,16 @@ class BlockEngine:
         y0, y1, x0, x1 = self._hr_rect(tile)
         view = blocks.reshape(nr, nc, c, py, px).permute(2, 0, 3, 1, 4)  # [C, nr, py, nc, px]
         target = None
-        if self.regular:
-            if isinstance(out, torch.Tensor) and out.dtype == blocks.dtype:
-                target = out
-            elif isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.writeable and blocks.device.type == "cpu":
-                target = torch.from_numpy(out)
-        if target is not None:
+        if isinstance(out, torch.Tensor) and out.dtype == blocks.dtype:
+            target = out
+        elif isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.writeable and blocks.device.type == "cpu":
+            target = torch.from_numpy(out)
+        if target is not None and self.regular:
             dest = target[:, y0:y1, x0:x1].unflatten(1, (nr, py)).unflatten(3, (nc, px))
             dest.copy_(view)
+            return
+        if target is not None and target.device == blocks.device and c >= BLOCKWISE_WRITE_MIN_CHANNELS:
+            self._write_blockwise(target, blocks, tile)
             return
         img = view.reshape(c, nr * py, nc * px)
         if not self.regular:
@@ -381,6 +387,20 @@ class BlockEngine:
             vx = self.grid.cols.valid[j0:j1].reshape(-1).to(img.device)
             img = img[:, vy][:, :, vx]
         _write(out, img, (y0, y1, x0, x1))
+
+    def _write_blockwise(self, target: torch.Tensor, blocks: torch.Tensor, tile: Tile) -> None:
+        """:meth:`write_blocks` on a padded grid: each block's valid pixels (a prefix of its
+        rows and of its columns) copied straight into place, one pass over the data (assembling
+        the tile image and dropping the padding takes four: docs/engine.md)."""
+        i0, i1, j0, j1 = tile
+        rows, cols = self.grid.rows, self.grid.cols
+        b5 = blocks.reshape(i1 - i0, j1 - j0, blocks.shape[1], rows.pad, cols.pad)
+        y_start, y_count = rows.start[i0:i1].tolist(), rows.count[i0:i1].tolist()
+        x_start, x_count = cols.start[j0:j1].tolist(), cols.count[j0:j1].tolist()
+        for a, (ya, na) in enumerate(zip(y_start, y_count)):
+            band = target[:, ya : ya + na]
+            for b, (xb, nb) in enumerate(zip(x_start, x_count)):
+                band[:, :, xb : xb + nb].copy_(b5[a, b, :, :na, :nb])
 
     def pixel_weights(self, field: KernelField, y: int, x: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Effective upsampling weights of HR pixel ``(y, x)`` over its LR neighbours.
