@@ -5,13 +5,15 @@ that to the run? Each case runs in a fresh process (so the memory figure is that
 own peak, VmHWM), on the CPU, with a randomly initialised ViT-S/14 (pretrained weights cannot
 be downloaded here; the cost does not depend on the weights' values):
 
-1. the quick measurement of this machine (:func:`widgets._estimate.measure_rates`) and the
-   estimate for the case (:func:`widgets._estimate.estimate_run`), as the widget makes them;
-2. the backbone is built and warmed up on a small image (the estimate leaves model loading out:
+1. the backbone is built and warmed up on a small image (the estimate leaves model loading out:
    it happens once per session);
-3. the run itself (:func:`widgets._pipeline.run_pipeline`, what the widget's Run starts),
+2. the run itself (:func:`widgets._pipeline.run_pipeline`, what the widget's Run starts),
    timed by the wall clock and in CPU seconds (``time.process_time``); memory = VmHWM at the
-   end minus the resident size just before the run.
+   end (reset just before the run) minus the resident size just before the run;
+3. the quick measurement of this machine (:func:`widgets._estimate.measure_rates`) and the
+   estimate for the case (:func:`widgets._estimate.estimate_run`), as the widget makes them.
+   After the run, not before as in the widget: the heap the measurement leaves behind would
+   serve the run, and its VmHWM would miss memory the run needs.
 
 With one thread the estimate is CPU seconds times the slowdown measured with the rates
 (wall / CPU seconds: the share of a core the process got). The table gives both ratios: the
@@ -89,20 +91,7 @@ def child(args) -> dict:
     if args.quick:
         shape = (max(56, shape[0] // 4), max(56, shape[1] // 4))
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    rates = measure_rates("cpu", "fp32", args.threads)
-    measure_s = time.perf_counter() - t0
     config = RunConfig(steps=args.steps, device="cpu", precision="fp32", pretrained=False, hr_features=hr)
-    est = estimate_run(
-        rates,
-        shape,
-        n_planes=n_planes,
-        backbone=config.backbone,
-        steps=config.steps,
-        hr_features=hr,
-        auto_in_memory_bytes=AUTO_IN_MEMORY_BYTES,
-        threads=args.threads,
-    )
     channel_axis = None if channels in ("rgb", 1) else -1
 
     def planes(seed0):
@@ -124,6 +113,9 @@ def child(args) -> dict:
             stage_time[last["stage"]] = stage_time.get(last["stage"], 0.0) + now - last["t"]
         last["stage"], last["t"] = event.stage, now
 
+    # the high-water mark from here on (model loading, the rates and the warm-up are not the run's)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     rss0 = _vm("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     last["t"] = c0
@@ -133,6 +125,21 @@ def child(args) -> dict:
         stage_time[last["stage"]] = stage_time.get(last["stage"], 0.0) + time.process_time() - last["t"]
     peak = _vm("VmHWM") - rss0
     del result
+    # the rates after the run: what they allocate would otherwise sit in the heap and serve the
+    # run (its VmHWM would then miss the memory it needs)
+    t0 = time.perf_counter()
+    rates = measure_rates("cpu", "fp32", args.threads)
+    measure_s = time.perf_counter() - t0
+    est = estimate_run(
+        rates,
+        shape,
+        n_planes=n_planes,
+        backbone=config.backbone,
+        steps=config.steps,
+        hr_features=hr,
+        auto_in_memory_bytes=AUTO_IN_MEMORY_BYTES,
+        threads=args.threads,
+    )
     return {
         "case": args.case,
         "shape": list(shape),
@@ -204,7 +211,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}."
         + (" **Quick mode: images 4x smaller per side; the numbers mean nothing.**" if args.quick else ""),
         "",
-        "Time: the run without model loading (as the estimate). Memory: VmHWM at the end of the run minus "
+        "Time: the run without model loading (as the estimate). Memory: VmHWM at the end of the run (reset just before it) minus "
         "the resident size before it (the estimate: engine working memory + the arrays the run keeps). "
         "Ratio = measured / estimated; the goal is 0.77 .. 1.3 (within 30 %). CPU ratio: the run's CPU seconds "
         "over the estimate's (the estimate divided by the slowdown measured with the rates; with one thread).",

@@ -7,12 +7,14 @@ How
 :func:`measure_rates` times the engine on a small synthetic crop (112 x 112 pixels, an 8 x 8
 LR grid: the published 14-pixel cells) with the run's device, precision and thread count:
 
-* one and three Adam steps of the kernel fit -> seconds per step (the slope) and the fixed
+* one and four Adam steps of the kernel fit -> seconds per step (the slope) and the fixed
   cost of a fit (the rest); on two crops (8 x 8 and 16 x 16 LR cells), so that a step's cost
   splits into a part per HR pixel and a fixed part per step (the Python, Adam and kernel-launch
   work around the kernel: a quarter of a step on the small crop, nothing on a large image);
-* renders of 3 and 384 channels (after a warm-up render; 384: ViT-S's width, so the product
-  runs at the size most runs use) -> seconds per HR pixel, and per HR pixel and channel;
+* renders of 3 and 384 channels on the large crop into fresh output arrays (after a warm-up
+  render; 384: ViT-S's width, so the product runs at the size most runs use; fresh outputs:
+  a run's first write into its output touches new pages, at 512^2 a quarter of the render)
+  -> seconds per HR pixel, and per HR pixel and channel;
 * a matrix product shaped like a ViT block's MLP on 4096 tokens -> the backbone's multiply-adds
   per second (with 1024 tokens the product ran at 40 % of the large images' ViT rate on an
   AMD EPYC);
@@ -226,39 +228,48 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
         other processes only ever make a try slower) and its 3-step field."""
         api.fit_kernels(crop_guide, crop_lr, steps=1, **common)  # warm-up (first-call allocations, kernel caches)
         check()
-        t1 = min(timed(lambda: api.fit_kernels(crop_guide, crop_lr, steps=1, **common))[0] for _ in range(2))
+        t1 = min(timed(lambda: api.fit_kernels(crop_guide, crop_lr, steps=1, **common))[0] for _ in range(3))
         check()
-        t3, fitted = timed(lambda: api.fit_kernels(crop_guide, crop_lr, steps=3, memory_log=log, **common))
+        t4, fitted = timed(lambda: api.fit_kernels(crop_guide, crop_lr, steps=4, memory_log=log, **common))
         check()
-        t3 = min(t3, timed(lambda: api.fit_kernels(crop_guide, crop_lr, steps=3, **common))[0])
+        t4 = min([t4] + [timed(lambda: api.fit_kernels(crop_guide, crop_lr, steps=4, **common))[0] for _ in range(2)])
         check()
-        one_step = max((t3 - t1) / 2.0, t3 / 6.0)  # a noisy slope never makes a step cheaper than a sixth of a 3-step fit
-        return one_step, max(t3 - 3 * one_step, 0.0), fitted
+        one_step = max((t4 - t1) / 3.0, t4 / 8.0)  # a noisy slope never makes a step cheaper than an eighth of a 4-step fit
+        return one_step, max(t4 - 4 * one_step, 0.0), fitted
 
-    big_n = 2 * n
+    # the large crop: 4x the pixels, and a padded grid (224 pixels over 17 cells of 13-14), the
+    # layout of most images (an HR size that is not a multiple of the LR size)
+    big_n, big_lr = 2 * n, (2 * CROP_CELLS + 1, 2 * CROP_CELLS + 1)
+    big_guide, big_px = _crop_guide(big_n), float(big_n * big_n)
     log = MemoryLog()
-    big_step, _, _ = fit_costs(_crop_guide(big_n), (2 * CROP_CELLS, 2 * CROP_CELLS))
-    log = MemoryLog()  # the small crop's (read by fit_costs): the bytes per pixel below come from it
-    step, fixed, fld = fit_costs(guide, lr)
+    big_step, _, big_fld = fit_costs(big_guide, big_lr)
+    log = MemoryLog()  # the small crop's (read by fit_costs): the fit's bytes per pixel come from it
+    step, fixed, _ = fit_costs(guide, lr)
     # a step = a fixed part + a part per pixel: the two crops give both (4x the pixels)
-    step_per_px = max((big_step - step) / (big_n * big_n - px), step / px / 4.0)
+    step_per_px = max((big_step - step) / (big_px - px), step / px / 4.0)
     step_fixed = max(step - step_per_px * px, 0.0)
     rng = np.random.default_rng(0)
-    small = rng.random((3,) + lr).astype(np.float32)
-    wide = rng.random((WIDE,) + lr).astype(np.float32)
-    api.render(small, guide, fld, **common)  # warm-up, as for the fit: first-call costs are not per pixel
+    small = rng.random((3,) + big_lr).astype(np.float32)
+    wide = rng.random((WIDE,) + big_lr).astype(np.float32)
+
+    def render_into_fresh_output(values, memory_log=None):
+        # a new output array each time, as a run's: writing it first touches its pages
+        out = np.empty((values.shape[0], big_n, big_n), np.float32)
+        api.render(values, big_guide, big_fld, out=out, memory_log=memory_log, **common)
+
+    render_into_fresh_output(small)  # warm-up, as for the fit: first-call costs are not per pixel
     check()
     slog = MemoryLog()
-    r3, _ = timed(lambda: api.render(small, guide, fld, memory_log=slog, **common))
-    r3 = min(r3, timed(lambda: api.render(small, guide, fld, **common))[0])
+    r3, _ = timed(lambda: render_into_fresh_output(small, slog))
+    r3 = min(r3, timed(lambda: render_into_fresh_output(small))[0])
     check()
     rlog = MemoryLog()
-    rwide, _ = timed(lambda: api.render(wide, guide, fld, memory_log=rlog, **common))
+    rwide, _ = timed(lambda: render_into_fresh_output(wide, rlog))
     check()
-    rwide = min(rwide, timed(lambda: api.render(wide, guide, fld, **common))[0])
+    rwide = min(rwide, timed(lambda: render_into_fresh_output(wide))[0])
     check()
     per_channel = max((rwide - r3) / (WIDE - 3), rwide / WIDE / 4.0)
-    per_px = max(r3 - 3 * per_channel, 0.0) / px
+    per_px = max(r3 - 3 * per_channel, 0.0) / big_px
     from ..core.pca import fit_pca
 
     block_fixed = _block_overhead(dev, timed)
@@ -282,14 +293,14 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
         cap = math.inf
     slowdown = max(1.0, spent["wall"] / max(spent["cpu"], 1e-9)) if cpu_clock else 1.0
     # bytes: two channel counts give the per-pixel and per-channel parts (a straight line)
-    alloc_slope = (rlog.peak_allocated_bytes - slog.peak_allocated_bytes) / px / (WIDE - 3)
-    plan_slope = (rlog.peak_planned_bytes - slog.peak_planned_bytes) / px / (WIDE - 3)
+    alloc_slope = (rlog.peak_allocated_bytes - slog.peak_allocated_bytes) / big_px / (WIDE - 3)
+    plan_slope = (rlog.peak_planned_bytes - slog.peak_planned_bytes) / big_px / (WIDE - 3)
     rates = Rates(
         fit_step_per_px=step_per_px,
         fit_fixed=fixed,
         fit_step_fixed=step_fixed,
         render_per_px=per_px,
-        render_per_px_channel=per_channel / px,
+        render_per_px_channel=per_channel / big_px,
         flops=flops,
         fit_planned_per_px=float(log.peak_planned_bytes) / px,
         render_planned_per_px_channel=plan_slope,
@@ -302,9 +313,9 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
         fit_resident_per_px=float(log.resident_bytes) / px,
         fit_tile_per_px=float(log.peak_allocated_bytes) / px,
         render_resident=float(rlog.resident_bytes),
-        render_tile_per_px=max(0.0, slog.peak_allocated_bytes / px - 3 * alloc_slope),
+        render_tile_per_px=max(0.0, slog.peak_allocated_bytes / big_px - 3 * alloc_slope),
         render_tile_per_px_channel=alloc_slope,
-        render_planned_per_px=max(0.0, slog.peak_planned_bytes / px - 3 * plan_slope),
+        render_planned_per_px=max(0.0, slog.peak_planned_bytes / big_px - 3 * plan_slope),
     )
     with _LOCK:
         _RATES[key] = rates
