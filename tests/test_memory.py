@@ -213,9 +213,7 @@ def test_one_memory_log_for_several_stages_counts_them_apart():
     fit_only = log.working_bytes
     upa.render(rng.standard_normal((64, 5, 6)).astype(np.float32), guide, fld, memory_log=log)
     assert set(log.resident) == {"fit", "render"}
-    per_stage = {
-        s: log.resident[s] + max(t.allocated_bytes for t in log.tiles if t.stage == s) for s in ("fit", "render")
-    }
+    per_stage = {s: log.resident[s] + max(t.allocated_bytes for t in log.tiles if t.stage == s) for s in ("fit", "render")}
     assert per_stage["fit"] == fit_only
     assert log.working_bytes == max(per_stage.values())
     assert log.to_dict()["resident_bytes"] == log.resident

@@ -675,7 +675,9 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
             if memlog is not None:
                 nb = _blocks(tile)
                 seconds = time.perf_counter() - t0
-                memlog.add(TileRecord("fit", *tile, per_block * nb, meter.peak, seconds, prep.allocated_per_block(per_block) * nb))
+                memlog.add(
+                    TileRecord("fit", *tile, per_block * nb, meter.peak, seconds, prep.allocated_per_block(per_block) * nb)
+                )
     if training:
         coef.backward(grad.view_as(coef))
     return float(total), float(squared)

@@ -261,7 +261,9 @@ class MemoryLog:
         largest = {s: max((t.allocated_bytes for t in self.tiles if t.stage == s), default=0) for s in stages}
         return int(max((self.resident.get(s, 0) + largest[s] for s in stages), default=0))
 
-    def tile_map(self, lr_shape: tuple[int, int], stage: Optional[str] = None, measured: bool = True, value: Optional[str] = None):
+    def tile_map(
+        self, lr_shape: tuple[int, int], stage: Optional[str] = None, measured: bool = True, value: Optional[str] = None
+    ):
         """An (h, w) float array: for each LR cell, the bytes of the tile that covered it.
 
         ``value``: ``"measured"`` (the tile's measured peak), ``"planned"`` (the planner's bytes)
