@@ -48,6 +48,16 @@ def _f32(x: dict):
     return [x[n].float() for n in names] + [x["r2_pix"], x["r2_off"], x["repeated"]]
 
 
+def _compiled_reference(x: dict):
+    """``(loss, grad [4, B, K])`` of a chunk through the compiled-path formulas (A, B, C, rho)."""
+    psi = compiled.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
+    loss, _, grad_psi, grad_rho = compiled.fit_chunk(
+        x["phi"], psi, x["coef"][3], x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
+        x["r2_pix"], x["r2_off"], x["repeated"],
+    )  # fmt: skip
+    return loss, torch.cat([compiled.spatial_coefficients_backward(grad_psi, x["d_y"], x["d_x"]), grad_rho[None]])
+
+
 @needs_native
 def test_loss_only_mode_gives_the_same_loss_and_no_gradient(gen):
     """want_grad=False (the final loss, the benchmark's forward) skips the gradient pass only."""
@@ -56,12 +66,8 @@ def test_loss_only_mode_gives_the_same_loss_and_no_gradient(gen):
     loss_only = native.fit_chunk(*_f32(x), want_grad=False)
     assert float(loss_only[0]) == float(full[0]) and float(loss_only[1]) == float(full[1])
     assert torch.count_nonzero(loss_only[2]) == 0 and torch.count_nonzero(full[2]) > 0
-    psi = compiled.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
-    ref = compiled.fit_chunk(
-        x["phi"], psi, x["coef"][3], x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
-        x["r2_pix"], x["r2_off"], x["repeated"],
-    )  # fmt: skip
-    assert float(loss_only[0]) == pytest.approx(float(ref[0]), rel=1e-4)
+    ref_loss, _ = _compiled_reference(x)
+    assert float(loss_only[0]) == pytest.approx(float(ref_loss), rel=1e-4)
 
 
 @needs_native
@@ -171,12 +177,7 @@ def test_skipping_the_dropped_tail_of_the_offsets_changes_nothing(gen):
     whole = native.fit_chunk(*_f32(flipped))
     assert float(prefix[0]) == pytest.approx(float(whole[0]), rel=1e-5)
     assert all(rel_err(prefix[2][i], whole[2][i].index_select(1, rev)) < 1e-5 for i in range(4))
-    psi = compiled.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
-    loss, _, grad_psi, grad_rho = compiled.fit_chunk(
-        x["phi"], psi, x["coef"][3], x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
-        x["r2_pix"], x["r2_off"], x["repeated"],
-    )  # fmt: skip
-    ref = torch.cat([compiled.spatial_coefficients_backward(grad_psi, x["d_y"], x["d_x"]), grad_rho[None]])
+    loss, ref = _compiled_reference(x)
     assert float(prefix[0]) == pytest.approx(float(loss), rel=1e-4)
     assert all(rel_err(prefix[2][i], ref[i]) < 1e-4 for i in range(4))
 
@@ -360,12 +361,7 @@ def test_tuned_build_agrees_with_the_plain_build_and_float64(gen):
     other = native.fit_chunk(*_f32(x), lib=plain)
     assert float(tuned[0]) == pytest.approx(float(other[0]), rel=1e-6)
     assert rel_err(tuned[2], other[2]) < 1e-6
-    psi = compiled.spatial_coefficients(x["coef"], x["d_y"], x["d_x"])
-    loss, _, grad_psi, grad_rho = compiled.fit_chunk(
-        x["phi"], psi, x["coef"][3], x["ic"], x["jd"], x["vals"], x["target"], x["weight"],
-        x["r2_pix"], x["r2_off"], x["repeated"],
-    )  # fmt: skip
-    ref = torch.cat([compiled.spatial_coefficients_backward(grad_psi, x["d_y"], x["d_x"]), grad_rho[None]])
+    loss, ref = _compiled_reference(x)
     assert float(tuned[0]) == pytest.approx(float(loss), rel=1e-4)
     assert all(rel_err(tuned[2][i], ref[i]) < 1e-4 for i in range(4))
 
