@@ -378,7 +378,9 @@ class BlockEngine:
             dest = target[:, y0:y1, x0:x1].unflatten(1, (nr, py)).unflatten(3, (nc, px))
             dest.copy_(view)
             return
-        if target is not None and target.device == blocks.device and c >= BLOCKWISE_WRITE_MIN_CHANNELS:
+        # on the CPU only: on a GPU each block's copy would be a kernel launch of its own
+        cpu = blocks.device.type == "cpu" and target is not None and target.device.type == "cpu"
+        if cpu and c >= BLOCKWISE_WRITE_MIN_CHANNELS:
             self._write_blockwise(target, blocks, tile)
             return
         img = view.reshape(c, nr * py, nc * px)
