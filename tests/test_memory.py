@@ -84,7 +84,7 @@ def test_memory_log_records_every_tile():
     upa.render(rng.standard_normal((8, 5, 6)).astype(np.float32), guide, field, max_memory="3MB", memory_log=log)
     assert len(log.tiles) > 1 and all(t.stage == "render" for t in log.tiles)
     assert log.peak_planned_bytes <= 3 * 10**6
-    tile_map = log.tile_map((5, 6), measured=False)
+    tile_map = log.tile_map((5, 6), value="planned")
     assert tile_map.shape == (5, 6) and (tile_map > 0).all()
     assert log.to_dict()["budget_bytes"] == 3 * 10**6
 
@@ -148,7 +148,7 @@ def test_memory_log_merges_repeated_tiles():
     upa.fit_kernels(rng.random((70, 84, 3)).astype(np.float32), (5, 6), steps=4, max_memory="3MB", memory_log=log)
     rects = [(t.i0, t.i1, t.j0, t.j1) for t in log.tiles]
     assert len(rects) == len(set(rects)) > 1  # one record per tile, not one per tile and step
-    assert log.tile_map((5, 6), stage="fit", measured=False).min() > 0
+    assert log.tile_map((5, 6), stage="fit", value="planned").min() > 0
 
 
 def test_engine_accounts_for_what_each_path_allocates():

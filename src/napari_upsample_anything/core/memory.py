@@ -261,25 +261,21 @@ class MemoryLog:
         largest = {s: max((t.allocated_bytes for t in self.tiles if t.stage == s), default=0) for s in stages}
         return int(max((self.resident.get(s, 0) + largest[s] for s in stages), default=0))
 
-    def tile_map(
-        self, lr_shape: tuple[int, int], stage: Optional[str] = None, measured: bool = True, value: Optional[str] = None
-    ):
+    def tile_map(self, lr_shape: tuple[int, int], stage: Optional[str] = None, value: str = "measured"):
         """An (h, w) float array: for each LR cell, the bytes of the tile that covered it.
 
         ``value``: ``"measured"`` (the tile's measured peak), ``"planned"`` (the planner's bytes)
-        or ``"allocated"`` (the engine's accounting of what the tile materialised); None: by
-        ``measured``. Several stages may cover the same cell; the largest value wins.
+        or ``"allocated"`` (the engine's accounting of what the tile materialised). Several
+        stages may cover the same cell; the largest value wins.
         """
         import numpy as np
 
-        kind = value if value is not None else ("measured" if measured else "planned")
         out = np.zeros(lr_shape, dtype=np.float64)
         for t in self.tiles:
             if stage is not None and t.stage != stage:
                 continue
-            value = tile_bytes(t, kind)
             block = out[t.i0 : t.i1, t.j0 : t.j1]
-            np.maximum(block, value, out=block)
+            np.maximum(block, tile_bytes(t, value), out=block)
         return out
 
     def to_dict(self) -> dict:
@@ -295,14 +291,15 @@ class MemoryLog:
         }
 
 
-TILE_VALUES = ("measured", "planned", "allocated")
+#: The kinds of a tile's bytes and the :class:`TileRecord` field that holds each.
+TILE_FIELDS = {"measured": "peak_bytes", "planned": "planned_bytes", "allocated": "allocated_bytes"}
 
 
 def tile_bytes(record: TileRecord, value: str) -> int:
     """A tile's bytes of one kind: ``"measured"``, ``"planned"`` or ``"allocated"``."""
-    if value not in TILE_VALUES:
-        raise ValueError(f"value={value!r}: use one of {', '.join(TILE_VALUES)}")
-    return {"measured": record.peak_bytes, "planned": record.planned_bytes, "allocated": record.allocated_bytes}[value]
+    if value not in TILE_FIELDS:
+        raise ValueError(f"value={value!r}: use one of {', '.join(TILE_FIELDS)}")
+    return getattr(record, TILE_FIELDS[value])
 
 
 class TileMeter:

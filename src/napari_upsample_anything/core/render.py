@@ -93,8 +93,7 @@ def render_field(
             engine.P, engine.K, engine.channels, C, agg_bytes, affine is not None
         )
         # one chunk buffer of softmax weights, unless the kernel aggregates the few channels itself
-        fused = agg_dtype == torch.float32 and C <= native.FUSED_RENDER_MAX_CHANNELS
-        resident = 0 if fused else engine.chunk_bytes
+        resident = 0 if native.RenderWeights.fuses_channels(C, agg_dtype) else engine.chunk_bytes
     if memlog is not None:
         memlog.keep(stage, resident)
     while queue:

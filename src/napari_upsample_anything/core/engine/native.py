@@ -416,9 +416,14 @@ class RenderWeights:
         return weights
 
     @staticmethod
+    def fuses_channels(channels: int, dtype: torch.dtype) -> bool:
+        """Whether :meth:`render` takes ``channels`` gathered values of ``dtype`` (few float32 channels)."""
+        return dtype == torch.float32 and channels <= FUSED_RENDER_MAX_CHANNELS
+
+    @staticmethod
     def fuses(values: torch.Tensor) -> bool:
-        """Whether :meth:`render` takes these gathered values ``[B, K, C]`` (few float32 channels)."""
-        return values.dtype == torch.float32 and values.shape[2] <= FUSED_RENDER_MAX_CHANNELS
+        """Whether :meth:`render` takes these gathered values ``[B, K, C]``."""
+        return RenderWeights.fuses_channels(values.shape[2], values.dtype)
 
     def render(self, phi, psi, rho, jd, vals, r2_pix, repeated) -> torch.Tensor:
         """``[B, C, P]`` render of a tile's blocks, weights and products in the kernel
