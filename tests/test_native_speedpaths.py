@@ -332,20 +332,20 @@ def test_roofline_benchmark_quick_mode_writes_its_table(bench, tmp_path, capsys)
 
 @needs_native
 def test_inlined_exp_error_bound():
-    """The kernels' exp (range reduction + degree-6 polynomial): relative error < 5e-7 against
-    float64 on a dense grid of [-87, 0] (measured 3.1e-7), and clamped below -87 to a value that
-    cannot overflow or go negative."""
-    x = torch.linspace(-87.0, 0.0, 2_000_001, dtype=torch.float32)
+    """The kernels' exp, in base 2 (exact range reduction + degree-5 polynomial): relative error
+    < 5e-7 against float64 on a dense grid of the clamped range [-126, 115] (measured 2.4e-7),
+    clamped outside it to values that cannot overflow or go negative, and exactly 2^n at integers."""
+    x = torch.linspace(-126.0, 115.0, 4_000_001, dtype=torch.float32)
     x = torch.cat([x, -torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 2.0])
-    got = native.exp_values(x).double()
-    ref = torch.exp(x.double())
+    got = native.exp2_values(x).double()
+    ref = torch.exp2(x.double())
     assert float(((got - ref).abs() / ref).max()) < 5e-7
-    low = native.exp_values(torch.tensor([-88.0, -1e4, -3e38]))
-    assert bool(((low >= 0) & (low < 2e-38)).all())  # exp(-87) = 1.65e-38
-    # the one-pass softmax clamps its arguments to [-87, 80] (positive ones only for inputs that
-    # are no Gaussian, then redone max-shifted): the same bound there (measured 2.9e-7)
-    up = torch.linspace(0.0, 80.0, 1_000_001)
-    assert float(((native.exp_values(up).double() - torch.exp(up.double())).abs() / torch.exp(up.double())).max()) < 5e-7
+    low = native.exp2_values(torch.tensor([-127.0, -1e4, -3e38]))
+    assert bool(((low >= 0) & (low < 1.2e-38)).all())  # 2^-126 = 1.18e-38
+    high = native.exp2_values(torch.tensor([116.0, 1e4, 3e38]))
+    assert bool((torch.isfinite(high) & (high > 4e34)).all())  # 2^115 = 4.2e34
+    n = torch.arange(-126, 116, dtype=torch.float32)
+    assert float(((native.exp2_values(n).double() - torch.exp2(n.double())).abs() / torch.exp2(n.double())).max()) < 2e-7
 
 
 @needs_native

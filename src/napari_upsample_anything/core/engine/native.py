@@ -12,9 +12,10 @@ takes two passes:
    four per-pixel factors of the gradient. No maximum is subtracted: the fit's log-weights
    are a Gaussian's exponents (<= 0), and the arguments are clamped to [-87, 80]; a pixel
    whose denominator falls outside [1e-25, 1e30] (tiny sigmas, or inputs that are no
-   Gaussian) is redone with the max-shifted softmax. ``exp`` is inlined (Cody-Waite
-   reduction and a polynomial, relative error below 5e-7, ``test_inlined_exp_error_bound``):
-   calling glibc's vector ``expf`` cost a third of the kernel. With the fit's monomial pixel
+   Gaussian) is redone with the max-shifted softmax. ``exp`` is inlined and in base 2 (the
+   coefficients are scaled by log2(e) per block, so the range reduction is exact; a polynomial,
+   relative error below 5e-7, ``test_inlined_exp_error_bound``): calling glibc's vector
+   ``expf`` cost a third of the kernel. With the fit's monomial pixel
    features the spatial term is a quadratic in lx per pixel row, and each pixel's loop stops
    after its last kept offset (offsets are sorted by distance);
 2. the gradient, summed over the block's pixels sixteen neighbours at a time in registers
@@ -187,7 +188,7 @@ def _load(lib_path: Path) -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(lib_path))
     except OSError:
         return None
-    for name in ("fit_chunk", "render_weights", "exp_values", "team_flush_denormals", "radius_sq_blocks"):
+    for name in ("fit_chunk", "render_weights", "exp2_values", "team_flush_denormals", "radius_sq_blocks"):
         getattr(lib, name).restype = None
     return lib
 
@@ -217,15 +218,15 @@ def team_flush_denormals(on: bool) -> bool:
     return True
 
 
-def exp_values(x: torch.Tensor) -> torch.Tensor:
-    """The kernels' inlined ``exp`` on float32 ``x`` (clamped below at -87 as in the kernels; for
-    arguments <= 0), to test its error bound."""
+def exp2_values(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' inlined ``2^x`` on float32 ``x`` (clamped to [-126, 115] as in the kernels,
+    whose log-weights are in base 2), to test its error bound."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the native library could not be built (no C compiler?)")
     x = x.contiguous().to(torch.float32)
     out = torch.empty_like(x)
-    lib.exp_values(ctypes.c_int64(x.numel()), _ptr(x), _ptr(out))
+    lib.exp2_values(ctypes.c_int64(x.numel()), _ptr(x), _ptr(out))
     return out
 
 

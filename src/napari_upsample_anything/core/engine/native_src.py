@@ -17,37 +17,46 @@ SOURCE = r"""
 #include <omp.h>
 #endif
 
-/* exp(x) for x in [-87, 80] (callers clamp), inlined so that it vectorises with the calling
-   loop: x = n ln2 + r with n the nearest integer to x / ln2 (|r| <= ln2 / 2, ln2 split in two
-   parts so that r is exact to float rounding), exp(r) by a degree-5 polynomial fitted for
-   minimal relative error on [-ln2/2, ln2/2] (8.3e-8 in exact arithmetic, 1.9e-7 evaluated in
-   float32; tests/test_native_speedpaths.py checks < 5e-7 against float64 over [-87, 80]), and
-   2^n added into the exponent bits. n >= -126 and exp(r) >= 0.7, so the result is a normal
-   float or (at the very bottom) an exponent field of 0, which flush-to-zero reads as 0. */
-static inline float exp_neg(float x)
+/* 2^x for x in [-126, 115] (callers clamp): the kernels' log-weights are in base 2 (their
+   coefficients are multiplied by log2(e) once per block), so the reduction is exact: n = rint(x),
+   r = x - n in [-1/2, 1/2] (no Cody-Waite split, no multiplication by 1/ln2), 2^r by a degree-5
+   polynomial fitted for minimal relative error on [-1/2, 1/2] (7.5e-8 in exact arithmetic, 2.4e-7
+   evaluated in float32; tests/test_native_speedpaths.py checks < 5e-7 against float64), and 2^n
+   added into the exponent bits. n >= -126 and 2^r >= 2^-1/2 with r >= 0 at n = -126, so the
+   result is a normal float. */
+static inline float exp2_neg(float x)
 {
-    /* rint, not (int)(t - 0.5f): inside the kernel's loops GCC converted the latter with the
-       rounding mode (vcvtps2dq) instead of truncation, which put r in [0, ln2) and made the
-       polynomial's error 1e-4 near r = ln2 (found by tests/test_native_speedpaths.py). */
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
-    const int32_t ni = (int32_t)n;
-    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-    float y = 0.0013840248575434089f;
-    y = y * r + 0.008375746197998524f; y = y * r + 0.04166821762919426f; y = y * r + 0.16666407883167267f;
-    y = y * r + 0.49999991059303284f; y = y * r + 1.0f; y = y * r + 1.0f;
-    union { float f; int32_t i; } u; u.f = y; u.i += ni << 23;
+    const float n = __builtin_rintf(x);
+    const float r = x - n;
+    float y = 0.001327647129073739f;
+    y = y * r + 0.009675541892647743f; y = y * r + 0.05550713092088699f; y = y * r + 0.24022120237350464f;
+    y = y * r + 0.6931469440460205f; y = y * r + 1.0000001192092896f;
+    union { float f; int32_t i; } u; u.f = y; u.i += (int32_t)n << 23;
     return u.f;
 }
 
-/* exp_neg on n values (after the same clamp as the kernels), for the error-bound test. */
-void exp_values(int64_t n, const float *x, float *out)
+/* exp2_neg(x) where keep is all ones, exactly 0 where keep is 0 (a dropped pair): a bitwise AND
+   on the integer pipes instead of a multiplication on the FMA pipes. */
+static inline float exp2_kept(float x, uint32_t keep)
 {
-    #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) { const float v = x[i] < -87.0f ? -87.0f : x[i]; out[i] = exp_neg(v); }
+    union { float f; uint32_t i; } u; u.f = exp2_neg(x); u.i &= keep;
+    return u.f;
 }
 
+/* exp2_neg on n values (after the kernels' clamp to [-126, 115]), for the error-bound test. */
+void exp2_values(int64_t n, const float *x, float *out)
+{
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) { const float v = x[i] < -126.0f ? -126.0f : (x[i] > 115.0f ? 115.0f : x[i]); out[i] = exp2_neg(v); }
+}
+
+/* The kernels' log-weights are computed in base 2: every coefficient is multiplied by LOG2E when
+   a block's inputs are laid out, so that exp(l) = exp2_neg(l log2(e)) costs no multiplication
+   and no Cody-Waite split per pair (the gradients stay in natural units: they use the weights
+   and the range terms, not the coefficients). */
+#define LOG2E 1.44269504088896341f
 /* The fit kernel's one-pass softmax holds while a pixel's denominator lies between these (far
-   above the K exp(-87) that clamped pairs can add; below exp(80), the upper clamp); outside,
+   above the K 2^-126 that clamped pairs can add; below 2^115, the upper clamp); outside,
    the pixel is redone with the max-shifted softmax. */
 #define FUSED_MIN_DENOMINATOR 1e-25f
 #define FUSED_MAX_DENOMINATOR 1e30f
@@ -114,7 +123,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         float *jz = falloc(3 * KP);
         float *vz = falloc(3 * KP);
         float *pz = falloc(7 * KP);
-        float *kz = falloc(4 * KP);
+        uint32_t *kz = (uint32_t *)falloc(4 * KP);  /* keep masks: all ones or 0 */
         if (!E || !D || !pix || !jz || !vz || !pz || !kz) {
             free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz);
             *failed = 1;
@@ -137,9 +146,9 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             const float A = COEF(0, b, k), Bc = COEF(1, b, k), C = COEF(2, b, k);
             const float dy = dyb[k], dx = dxb[k];
             const float ax = A * dx + Bc * dy, cy = Bc * dx + C * dy;
-            pz[k] = -A; pz[KP + k] = -2.0f * Bc; pz[2 * KP + k] = -C;
-            pz[3 * KP + k] = 2.0f * ax; pz[4 * KP + k] = 2.0f * cy; pz[5 * KP + k] = -(ax * dx + cy * dy);
-            pz[6 * KP + k] = COEF(3, b, k);
+            pz[k] = -A * LOG2E; pz[KP + k] = -2.0f * Bc * LOG2E; pz[2 * KP + k] = -C * LOG2E;
+            pz[3 * KP + k] = 2.0f * ax * LOG2E; pz[4 * KP + k] = 2.0f * cy * LOG2E; pz[5 * KP + k] = -(ax * dx + cy * dy) * LOG2E;
+            pz[6 * KP + k] = COEF(3, b, k) * LOG2E;
         }
         /* Per-pixel inputs, padded to groups of 4 pixels; padding pixels have weight 0. */
         float *F0 = pix, *F1 = pix + P4, *F2 = pix + 2 * P4, *F3 = pix + 3 * P4, *F4 = pix + 4 * P4, *F5 = pix + 5 * P4;
@@ -174,11 +183,11 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             const int same = r2q[1] == r2q[0] && r2q[2] == r2q[0] && r2q[3] == r2q[0];
             for (int q = 0; q < (same ? 1 : 4); ++q) {
                 if (r2q[q] != r2_last[q]) {
-                    float *kq = kz + q * KP;
+                    uint32_t *kq = kz + q * KP;
                     int64_t last = 0;
                     for (int64_t k = 0; k < K; ++k) {
-                        kq[k] = (r2_off[k] <= r2q[q] && !rep[k]) ? 1.0f : 0.0f;
-                        if (kq[k] > 0.0f) last = k + 1;
+                        kq[k] = (r2_off[k] <= r2q[q] && !rep[k]) ? 0xFFFFFFFFu : 0u;
+                        if (kq[k]) last = k + 1;
                     }
                     kept[q] = (last + 15) / 16 * 16;
                     r2_last[q] = r2q[q];
@@ -187,11 +196,11 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             float s_[4], o_[4][3];
 /* One pass per group: log-weight, its exp, the denominator and the aggregation, with no
    maximum subtracted (the fit's log-weights are a Gaussian's exponents, <= 0 up to rounding).
-   Arguments are clamped to [-87, 80]: kept pairs below -87 come out as exp(-87) = 1.6e-38,
-   dropped pairs as exactly 0, nothing overflows. The result is the softmax's to float32
-   rounding while the denominator s lies in [FUSED_MIN_DENOMINATOR, FUSED_MAX_DENOMINATOR]:
-   then no kept pair reached the upper clamp (exp(80) > FUSED_MAX_DENOMINATOR) and the pairs
-   under the lower one add < K exp(-87) / s ~ 3e-11 relative. Otherwise (tiny sigmas, or
+   Base-2 arguments are clamped to [-126, 115]: kept pairs below come out as 2^-126 = 1.2e-38,
+   dropped pairs as exactly 0 (their keep mask is 0), nothing overflows. The result is the
+   softmax's to float32 rounding while the denominator s lies in [FUSED_MIN_DENOMINATOR,
+   FUSED_MAX_DENOMINATOR]: then no kept pair reached the upper clamp (2^115 >
+   FUSED_MAX_DENOMINATOR) and the pairs under the lower one add < K 2^-126 / s ~ 3e-11 relative. Otherwise (tiny sigmas, or
    inputs that are no Gaussian: tests) the pixel is redone with the max-shifted softmax.
    Saves the second pass over stored log-weights. */
 #define PIXEL_PASS(SPATIAL) { \
@@ -200,8 +209,8 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k]; \
                     const float d = t0 * t0 + t1 * t1 + t2 * t2; \
                     float x = (SPATIAL) - rr[k] * d; \
-                    x = x < -87.0f ? -87.0f : (x > 80.0f ? 80.0f : x); \
-                    const float e = exp_neg(x) * kq[k]; \
+                    x = x < -126.0f ? -126.0f : (x > 115.0f ? 115.0f : x); \
+                    const float e = exp2_kept(x, kq[k]); \
                     Dq[k] = d; Eq[k] = e; s += e; a0 += e * v0[k]; a1 += e * v1[k]; a2 += e * v2[k]; } }
             /* One pixel per loop: with four (sharing the neighbours' loads), the sixteen sums and
                the pixels' 36 broadcast features spilled registers; measured (same-process A/B,
@@ -209,7 +218,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                four 0.93x (docs/engine.md). */
             for (int q = 0; q < 4; ++q) {
                 const int64_t pq = p + q;
-                const float *kq = same ? kz : kz + q * KP;
+                const uint32_t *kq = same ? kz : kz + q * KP;
                 const int64_t KQ = same ? kept[0] : kept[q];
                 KB[pq] = KQ;
                 float *Eq = E + pq * KP, *Dq = D + pq * KP;
@@ -238,13 +247,14 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                 if (!(s_[q] >= FUSED_MIN_DENOMINATOR && s_[q] <= FUSED_MAX_DENOMINATOR)) {
                     /* Rare: the max-shifted softmax for this pixel, from its stored range terms. */
                     float *e_row = E + pq * KP;
-                    const float *d_row = D + pq * KP, *kq = same ? kz : kz + q * KP;
+                    const float *d_row = D + pq * KP;
+                    const uint32_t *kq = same ? kz : kz + q * KP;
                     const float f0 = F0[pq], f1 = F1[pq], f2 = F2[pq], f3 = F3[pq], f4 = F4[pq], f5 = F5[pq];
                     float m = -3.0e38f;
                     #pragma omp simd reduction(max:m)
                     for (int64_t k = 0; k < KB[pq]; ++k) {
                         const float l = f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k] - rr[k] * d_row[k];
-                        const float lm = kq[k] > 0.0f ? l : -3.0e38f;
+                        const float lm = kq[k] ? l : -3.0e38f;
                         e_row[k] = lm;
                         m = lm > m ? lm : m;
                     }
@@ -252,8 +262,8 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     #pragma omp simd reduction(+:s, a0, a1, a2)
                     for (int64_t k = 0; k < KB[pq]; ++k) {
                         float x = e_row[k] - m;
-                        x = x < -87.0f ? -87.0f : x;
-                        const float e = exp_neg(x) * kq[k];
+                        x = x < -126.0f ? -126.0f : x;
+                        const float e = exp2_kept(x, kq[k]);
                         e_row[k] = e;
                         s += e; a0 += e * v0[k]; a1 += e * v1[k]; a2 += e * v2[k];
                     }
@@ -361,8 +371,9 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             continue;
         }
         memset(pz, 0, sizeof(float) * 10 * KP); memset(kz, 0, sizeof(float) * KP);
-        for (int64_t j = 0; j < 6; ++j) memcpy(pz + j * KP, psi + (b * 6 + j) * K, sizeof(float) * K);
-        memcpy(pz + 6 * KP, rho + b * K, sizeof(float) * K);
+        /* base-2 log-weights (exp2_neg) */
+        for (int64_t j = 0; j < 6; ++j) for (int64_t k = 0; k < K; ++k) pz[j * KP + k] = psi[(b * 6 + j) * K + k] * LOG2E;
+        for (int64_t k = 0; k < K; ++k) pz[6 * KP + k] = rho[b * K + k] * LOG2E;
         for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pz + (7 + g) * KP, jd + (b * G + g) * K, sizeof(float) * K);
         if (vals) {  /* padded copies: the padding lanes have weight 0 and value 0 */
             memset(vz, 0, sizeof(float) * C4 * KP);
@@ -401,8 +412,8 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             for (int64_t k = 0; k < KQ; ++k) { \
                 const float t0 = i0 - j0[k], t1 = i1 - j1[k], t2 = i2 - j2[k]; \
                 float x = (SPATIAL) - rr[k] * (t0 * t0 + t1 * t1 + t2 * t2); \
-                x = x < -87.0f ? -87.0f : (x > 80.0f ? 80.0f : x); \
-                const float e = exp_neg(x) * kz[k]; \
+                x = x < -126.0f ? -126.0f : (x > 115.0f ? 115.0f : x); \
+                const float e = exp2_neg(x) * kz[k]; \
                 row[k] = e; s += e; } }
             if (separable) {
                 const float lx = F3[p], ly = F4[p];
@@ -435,8 +446,8 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                 #pragma omp simd reduction(+:s)
                 for (int64_t k = 0; k < KQ; ++k) {
                     float x = row[k] - m;
-                    x = x < -87.0f ? -87.0f : x;
-                    const float e = exp_neg(x) * kz[k];  /* dropped pairs exactly 0, as the eager softmax's -inf */
+                    x = x < -126.0f ? -126.0f : x;
+                    const float e = exp2_neg(x) * kz[k];  /* dropped pairs exactly 0, as the eager softmax's -inf */
                     row[k] = e;
                     s += e;
                 }
