@@ -13,7 +13,7 @@ from reference_gsjbu import reference_render
 from napari_upsample_anything.core.engine import native
 from napari_upsample_anything.core.engine.blocks import BlockEngine, RenderOptions
 from napari_upsample_anything.core.errors import Cancelled
-from napari_upsample_anything.core.field import KernelField
+from napari_upsample_anything.core.field import KernelField, kernel_coefficients, kernel_coefficients_backward
 from napari_upsample_anything.core.fit import (
     Adam,
     CellSampler,
@@ -330,3 +330,22 @@ def test_loading_the_native_kernel_keeps_subnormal_floats():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) > 0.0, "subnormal float32 flushed to zero after loading the kernel"
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_written_out_parameterisation_backward_equals_autograd(dtype, tol):
+    """kernel_coefficients_backward (the fused fit's chain rule from (A, B, C, rho) back to the raw
+    parameters) equals autograd through KernelField.from_raw and kernel_coefficients, including
+    sigmas below the 1e-6 clamp (no gradient) and saturated angles."""
+    g = torch.Generator().manual_seed(5)
+    raw = torch.randn(4, 9, 11, generator=g, dtype=dtype) * 3
+    raw[0, 0, :3] = -20.0  # sigma_x = 2e-9 < 1e-6: clamped
+    raw[3, 1, :3] = -20.0  # sigma_r clamped
+    raw[2, 2, :3] = torch.tensor([8.0, -8.0, 0.0], dtype=dtype)  # tanh saturated, and theta = 0
+    raw.requires_grad_(True)
+    grad_coef = torch.randn(4, 9, 11, generator=g, dtype=dtype)
+    kernel_coefficients(KernelField.from_raw(raw)).backward(grad_coef)
+    written = kernel_coefficients_backward(raw.detach(), grad_coef)
+    assert written.dtype == dtype and written.shape == raw.shape
+    assert float((written - raw.grad).abs().max() / raw.grad.abs().max()) < tol
+    assert float(written[0, 0, :3].abs().max()) == 0.0 and float(written[3, 1, :3].abs().max()) == 0.0

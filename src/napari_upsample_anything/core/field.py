@@ -429,3 +429,37 @@ def kernel_coefficients(field: KernelField) -> torch.Tensor:
     B = (a - b) * s * c
     rho = 1.0 / (2 * sr * sr + 1e-8)
     return torch.stack([A, B, C, rho])
+
+
+def kernel_coefficients_backward(raw: torch.Tensor, grad_coef: torch.Tensor) -> torch.Tensor:
+    """Gradient ``[4, h, w]`` with respect to ``raw`` (:meth:`KernelField.raw`) of
+    ``sum(grad_coef * kernel_coefficients(KernelField.from_raw(raw)))``, written out.
+
+    The fit's C kernel returns the gradient of the loss in the coefficients (A, B, C, rho);
+    autograd's engine took about 0.8 ms per step to carry it through the parameterisation of a
+    16 x 16 grid (a tenth of a 224^2 step at 2 threads), these few element-wise operations take
+    a fraction of that. ``grad_coef [4, h, w]``: gradient in A, B, C, rho. The clamps of
+    :func:`kernel_coefficients` pass no gradient where a sigma is below 1e-6, as autograd's.
+    Tested against autograd (``tests/test_fit.py``).
+    """
+    with torch.no_grad():
+        gA, gB, gC, grho = grad_coef.unbind(0)
+        sx, sy, sr = torch.exp(raw[0]), torch.exp(raw[1]), torch.exp(raw[3])
+        t = torch.tanh(raw[2])
+        theta = math.pi * t
+        sxc, syc, src = sx.clamp_min(1e-6), sy.clamp_min(1e-6), sr.clamp_min(1e-6)
+        a = 1.0 / (2 * sxc * sxc + 1e-8)
+        b = 1.0 / (2 * syc * syc + 1e-8)
+        rho = 1.0 / (2 * src * src + 1e-8)
+        c, s = torch.cos(theta), torch.sin(theta)
+        cc, ss, sc = c * c, s * s, s * c
+        # A = a c^2 + b s^2, C = a s^2 + b c^2, B = (a - b) s c
+        g_a = gA * cc + gB * sc + gC * ss
+        g_b = gA * ss - gB * sc + gC * cc
+        g_theta = 2 * sc * (b - a) * (gA - gC) + gB * (a - b) * (cc - ss)
+        # d(1 / (2 x^2 + 1e-8)) / dx = -4 x (1 / (2 x^2 + 1e-8))^2; d exp(r) / dr = exp(r)
+        g0 = torch.where(sx >= 1e-6, g_a * (-4.0 * sxc * a * a) * sx, 0.0)
+        g1 = torch.where(sy >= 1e-6, g_b * (-4.0 * syc * b * b) * sy, 0.0)
+        g2 = g_theta * (math.pi * (1 - t * t))
+        g3 = torch.where(sr >= 1e-6, grho * (-4.0 * src * rho * rho) * sr, 0.0)
+        return torch.stack([g0, g1, g2, g3])

@@ -41,7 +41,7 @@ from .engine.compiled import (
 )
 from .engine.eager import block_attention
 from .errors import Cancelled, FitDivergedError
-from .field import KernelField, kernel_coefficients
+from .field import KernelField, kernel_coefficients, kernel_coefficients_backward
 from .guide import Guide
 from .memory import MemoryLog, TileMeter, TileRecord, halve_tile, is_out_of_memory, release_cached_memory
 from .progress import CancelFn, ProgressFn, check_cancel, report
@@ -638,7 +638,7 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
     engine = prep.engine
     training = raw is not None
     if training:
-        field = KernelField.from_raw(raw)
+        field = KernelField.from_raw(raw.detach())  # the chain rule back to raw is written out below
     coef = kernel_coefficients(field)
     coef_flat = coef.detach().reshape(4, -1).contiguous()
     sigma_eff = torch.maximum(field.sigma_x, field.sigma_y).detach()
@@ -679,5 +679,6 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
                     TileRecord("fit", *tile, per_block * nb, meter.peak, seconds, prep.allocated_per_block(per_block) * nb)
                 )
     if training:
-        coef.backward(grad.view_as(coef))
+        grad_raw = kernel_coefficients_backward(raw.detach(), grad.view_as(coef))
+        raw.grad = grad_raw if raw.grad is None else raw.grad + grad_raw
     return float(total), float(squared)
