@@ -218,6 +218,14 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                four 0.93x (docs/engine.md). */
             for (int q = 0; q < 4; ++q) {
                 const int64_t pq = p + q;
+                if (pq >= P || wb[pq] == 0.0f) {
+                    /* A pixel of weight 0 (the padding of blocks at non-integer scales, 12 % of a
+                       4096^2 fit's pixels; pixels outside the image) adds exactly 0 to the loss and
+                       the gradient: skipped, and left out of the gradient pass (KB = 0). */
+                    KB[pq] = 0;
+                    s_[q] = 1.0f; o_[q][0] = 0.0f; o_[q][1] = 0.0f; o_[q][2] = 0.0f;
+                    continue;
+                }
                 const uint32_t *kq = same ? kz : kz + q * KP;
                 const int64_t KQ = same ? kept[0] : kept[q];
                 KB[pq] = KQ;
@@ -291,6 +299,8 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         /* Pixels' kept prefixes: neighbour groups below kb_min take the plain loop, those from
            kb_max on have weight 0 everywhere (their E and D were not written: skipped), those
            between check each pixel (a check in every group measured 5 % slower at full radius). */
+        /* Skipped pixels (KB = 0) take the checked loop, which leaves them out. (A list of the
+           live pixels' indices instead made GCC keep the sixteen-lane sums in memory: 9x slower.) */
         int64_t kb_min = KP, kb_max = 0;
         for (int64_t p = 0; p < P4; ++p) { kb_min = KB[p] < kb_min ? KB[p] : kb_min; kb_max = KB[p] > kb_max ? KB[p] : kb_max; }
 #define GRADIENT_PIXEL(p) { \
