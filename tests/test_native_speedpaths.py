@@ -113,8 +113,8 @@ def test_one_pass_softmax_agrees_with_its_max_shifted_fallback(gen, G):
 def test_separable_spatial_term_agrees_with_the_general_form_and_float64(gen, G):
     """Pixel features that are the monomials (lx^2, lx ly, ly^2, lx, ly, 1) (as pixel_features
     makes them, rows of pixels sharing ly) take the row-wise quadratic in lx; a block where one
-    feature is off by one ulp (at a pixel of weight 0, so the loss is the same) takes the
-    general six-term form. Both agree with each other within 1e-5 and with float64 within 1e-4."""
+    feature is off by one ulp takes the general six-term form. Both agree with each other within
+    1e-5 and with float64 within 1e-4. Pixels of weight 0 are skipped entirely."""
     B, P, K, px = 3, 42, 45, 7  # rows of 7 pixels
     y, x = torch.arange(P) // px, torch.arange(P) % px
     ly = (y.double() - 2.5)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)
@@ -138,8 +138,14 @@ def test_separable_spatial_term_agrees_with_the_general_form_and_float64(gen, G)
     rest = (d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
     separable = native.fit_chunk(phi, coef, *rest)
     general_phi = phi.clone()
-    general_phi[:, 1, 5] = torch.nextafter(general_phi[:, 1, 5], torch.tensor(1e9))
+    general_phi[:, 1, 6] = torch.nextafter(general_phi[:, 1, 6], torch.tensor(1e9))
     general = native.fit_chunk(general_phi, coef, *rest)
+    # pixel 5 has weight 0: it takes no part at all (not even in the separability check), so
+    # garbage there changes nothing, bit for bit
+    skipped_phi, skipped_ic = phi.clone(), ic.clone()
+    skipped_phi[:, :, 5], skipped_ic[:, :, 5] = float("nan"), float("inf")
+    skipped = native.fit_chunk(skipped_phi, coef, d_y, d_x, skipped_ic, *rest[3:])
+    assert float(skipped[0]) == float(separable[0]) and torch.equal(skipped[2], separable[2])
     assert float(separable[0]) == pytest.approx(float(general[0]), rel=1e-5)
     assert all(rel_err(separable[2][i], general[2][i]) < 1e-5 for i in range(4))
     assert not torch.equal(separable[2], general[2])  # the two forms really ran (they round differently)

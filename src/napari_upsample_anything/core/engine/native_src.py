@@ -119,7 +119,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
            (page faults, slower): distributed.worker_malloc_defaults unsets it. */
         float *E = falloc((P4 + 2) * KP);  /* + the row coefficients of the separable spatial term */
         float *D = falloc(P4 * KP);
-        float *pix = falloc(16 * P4);  /* 13 per-pixel float rows, then KB (int64) */
+        float *pix = falloc(18 * P4 + 16);  /* 13 per-pixel float rows, KB (int64, rows 14-15), live, row_at (int32) */
         float *jz = falloc(3 * KP);
         float *vz = falloc(3 * KP);
         float *pz = falloc(7 * KP);
@@ -135,7 +135,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         /* Padded, aligned copies of the per-neighbour inputs; padding lanes are dropped (keep 0). */
         memset(jz, 0, sizeof(float) * 3 * KP); memset(vz, 0, sizeof(float) * 3 * KP);
         memset(pz, 0, sizeof(float) * 7 * KP); memset(kz, 0, sizeof(float) * 4 * KP);
-        memset(pix, 0, sizeof(float) * 16 * P4);
+        memset(pix, 0, sizeof(float) * (18 * P4 + 16));
         const float *jb = jd + b * G * K, *vb = vals + b * G * K, *dyb = d_y + b * K, *dxb = d_x + b * K;
         const float *ph = phi + b * 6 * P, *ib = ic + b * G * P, *tb = target + b * G * P, *wb = weight + b * P;
         const uint8_t *rep = repeated + b * K;
@@ -150,12 +150,25 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             pz[3 * KP + k] = 2.0f * ax * LOG2E; pz[4 * KP + k] = 2.0f * cy * LOG2E; pz[5 * KP + k] = -(ax * dx + cy * dy) * LOG2E;
             pz[6 * KP + k] = COEF(3, b, k) * LOG2E;
         }
-        /* Per-pixel inputs, padded to groups of 4 pixels; padding pixels have weight 0. */
+        /* Per-pixel inputs of the block's live pixels only, in slots 0 .. NL - 1 (live[slot] is the
+           pixel), padded to groups of 4 slots. A pixel of weight 0 (the padding of blocks at
+           non-integer scales: 12 % of a 4096^2 fit's pixels; pixels outside the image) adds
+           exactly 0 to the loss and the gradient, so it gets no slot: no pass over its
+           neighbours, and the gradient pass runs over live slots without a check per pixel. */
+        int32_t *live = (int32_t *)(pix + 16 * P4);
+        int64_t NL = 0;
+        for (int64_t p = 0; p < P; ++p) if (wb[p] != 0.0f) live[NL++] = (int32_t)p;
+        const int64_t NL4 = (NL + 3) / 4 * 4;
         float *F0 = pix, *F1 = pix + P4, *F2 = pix + 2 * P4, *F3 = pix + 3 * P4, *F4 = pix + 4 * P4, *F5 = pix + 5 * P4;
         float *I0 = pix + 6 * P4, *I1 = pix + 7 * P4, *I2 = pix + 8 * P4;
         float *A0 = pix + 9 * P4, *A1 = pix + 10 * P4, *A2 = pix + 11 * P4, *CC = pix + 12 * P4;
-        for (int64_t j = 0; j < 6; ++j) memcpy(pix + j * P4, ph + j * P, sizeof(float) * P);
-        for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pix + (6 + g) * P4, ib + g * P, sizeof(float) * P);
+        if (NL == P) {  /* every pixel live: plain copies */
+            for (int64_t j = 0; j < 6; ++j) memcpy(pix + j * P4, ph + j * P, sizeof(float) * P);
+            for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pix + (6 + g) * P4, ib + g * P, sizeof(float) * P);
+        } else {
+            for (int64_t j = 0; j < 6; ++j) for (int64_t i = 0; i < NL; ++i) pix[j * P4 + i] = ph[j * P + live[i]];
+            for (int64_t g = 0; g < G && g < 3; ++g) for (int64_t i = 0; i < NL; ++i) pix[(6 + g) * P4 + i] = ib[g * P + live[i]];
+        }
         const float *j0 = jz, *j1 = jz + KP, *j2 = jz + 2 * KP;
         const float *v0 = vz, *v1 = vz + KP, *v2 = vz + 2 * KP;
         const float *p0 = pz, *p1 = pz + KP, *p2 = pz + 2 * KP, *p3 = pz + 3 * KP, *p4 = pz + 4 * KP, *p5 = pz + 5 * KP, *rr = pz + 6 * KP;
@@ -164,7 +177,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
            b = ly p1 + p3 and c = (ly p2 + p4) ly + p5 per neighbour, computed once per pixel row
            (ly). Checked per block, bit for bit; any other features take the general form. */
         int separable = 1;
-        for (int64_t p = 0; p < P && separable; ++p)
+        for (int64_t p = 0; p < NL && separable; ++p)
             separable = F0[p] == F3[p] * F3[p] && F1[p] == F3[p] * F4[p] && F2[p] == F4[p] * F4[p] && F5[p] == 1.0f;
         float *row_b = E + P4 * KP, *row_c = row_b + KP, row_ly = 0.0f;
         int row_ready = 0;
@@ -175,11 +188,11 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
            keeps a short prefix. KB[p]: the same for pixel p, for the gradient pass. */
         int64_t kept[4] = {KP, KP, KP, KP};
         int64_t *KB = (int64_t *)(pix + 14 * P4);
-        for (int64_t p = 0; p < P4; p += 4) {
+        for (int64_t p = 0; p < NL4; p += 4) {
             /* The keep mask depends on the pixel's radius only: the 4 pixels of a group share one
                (kz) when their radii agree (the usual case); otherwise each has its own (kz + q KP). */
             int32_t r2q[4];
-            for (int q = 0; q < 4; ++q) r2q[q] = r2_pix[b * P + (p + q < P ? p + q : P - 1)];
+            for (int q = 0; q < 4; ++q) r2q[q] = r2_pix[b * P + live[p + q < NL ? p + q : NL - 1]];
             const int same = r2q[1] == r2q[0] && r2q[2] == r2q[0] && r2q[3] == r2q[0];
             for (int q = 0; q < (same ? 1 : 4); ++q) {
                 if (r2q[q] != r2_last[q]) {
@@ -218,10 +231,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                four 0.93x (docs/engine.md). */
             for (int q = 0; q < 4; ++q) {
                 const int64_t pq = p + q;
-                if (pq >= P || wb[pq] == 0.0f) {
-                    /* A pixel of weight 0 (the padding of blocks at non-integer scales, 12 % of a
-                       4096^2 fit's pixels; pixels outside the image) adds exactly 0 to the loss and
-                       the gradient: skipped, and left out of the gradient pass (KB = 0). */
+                if (pq >= NL) {  /* a padding slot */
                     KB[pq] = 0;
                     s_[q] = 1.0f; o_[q][0] = 0.0f; o_[q][1] = 0.0f; o_[q][2] = 0.0f;
                     continue;
@@ -278,13 +288,13 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     s_[q] = s; o_[q][0] = a0; o_[q][1] = a1; o_[q][2] = a2;
                 }
                 const float inv = 1.0f / s_[q];
-                const float w = pq < P ? wb[pq] : 0.0f;
+                const float w = pq < NL ? wb[live[pq]] : 0.0f;
                 float o[3] = {o_[q][0] * inv, o_[q][1] * inv, o_[q][2] * inv};
                 float sg[3] = {0.0f, 0.0f, 0.0f};
                 float shift = 0.0f;
-                if (pq < P) {
+                if (pq < NL) {
                     for (int64_t g = 0; g < G && g < 3; ++g) {
-                        const float diff = o[g] - tb[g * P + pq];
+                        const float diff = o[g] - tb[g * P + live[pq]];
                         loss_b += (double)(fabsf(diff) * w);
                         sq_b += (double)(diff * diff * w);
                         sg[g] = (diff > 0.0f ? 1.0f : (diff < 0.0f ? -1.0f : 0.0f)) * w;
@@ -299,10 +309,10 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         /* Pixels' kept prefixes: neighbour groups below kb_min take the plain loop, those from
            kb_max on have weight 0 everywhere (their E and D were not written: skipped), those
            between check each pixel (a check in every group measured 5 % slower at full radius). */
-        /* Skipped pixels (KB = 0) take the checked loop, which leaves them out. (A list of the
-           live pixels' indices instead made GCC keep the sixteen-lane sums in memory: 9x slower.) */
+        /* (Looping over a list of the live pixels' indices here instead of compacted slots made
+           GCC keep the sixteen-lane sums in memory: 9x slower.) */
         int64_t kb_min = KP, kb_max = 0;
-        for (int64_t p = 0; p < P4; ++p) { kb_min = KB[p] < kb_min ? KB[p] : kb_min; kb_max = KB[p] > kb_max ? KB[p] : kb_max; }
+        for (int64_t p = 0; p < NL; ++p) { kb_min = KB[p] < kb_min ? KB[p] : kb_min; kb_max = KB[p] > kb_max ? KB[p] : kb_max; }
 #define GRADIENT_PIXEL(p) { \
                 const float f0 = F0[p], f1 = F1[p], f2 = F2[p], f3 = F3[p], f4 = F4[p], f5 = F5[p]; \
                 const float c0 = A0[p], c1 = A1[p], c2 = A2[p], cc = CC[p]; \
@@ -313,14 +323,54 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     a_0[j] += f0 * gl; a_1[j] += f1 * gl; a_2[j] += f2 * gl; \
                     a_3[j] += f3 * gl; a_4[j] += f4 * gl; a_5[j] += f5 * gl; \
                     a_r[j] -= d[j] * gl; } }
+/* With monomial features (separable), per pixel row (one ly): S0 = sum gl, S1 = sum lx gl,
+   S2 = sum lx^2 gl, folded into the six sums when the row ends (a_0 += S2, a_1 += ly S1,
+   a_2 += ly^2 S0, a_3 += S1, a_4 += ly S0, a_5 += S0): three multiply-adds per pair instead of
+   six, for a pass bound by them. */
+#define GRADIENT_ROW_PIXEL(p) { \
+                const float lx = F3[p], lx2 = F0[p]; \
+                const float c0 = A0[p], c1 = A1[p], c2 = A2[p], cc = CC[p]; \
+                const float *e = E + (p) * KP + k0, *d = D + (p) * KP + k0; \
+                _Pragma("omp simd aligned(e, d: 64)") \
+                for (int j = 0; j < 16; ++j) { \
+                    const float gl = e[j] * (c0 * v0[k0 + j] + c1 * v1[k0 + j] + c2 * v2[k0 + j] - cc); \
+                    s_0[j] += gl; s_1[j] += lx * gl; s_2[j] += lx2 * gl; \
+                    a_r[j] -= d[j] * gl; } }
+        /* the pixel rows (runs of one ly) of a separable block: row r is [row_at[r], row_at[r + 1]) */
+        int64_t n_rows = 0;
+        int32_t *row_at = (int32_t *)(pix + 17 * P4);  /* up to NL + 1 entries */
+        if (separable) {
+            for (int64_t p = 0; p < NL; ++p)
+                if (p == 0 || F4[p] != F4[p - 1]) row_at[n_rows++] = (int32_t)p;
+            row_at[n_rows] = (int32_t)NL;
+        }
         for (int64_t k0 = 0; want_grad && k0 < KP; k0 += 16) {
             float a_0[16], a_1[16], a_2[16], a_3[16], a_4[16], a_5[16], a_r[16];
             #pragma omp simd
             for (int j = 0; j < 16; ++j) { a_0[j] = 0.0f; a_1[j] = 0.0f; a_2[j] = 0.0f; a_3[j] = 0.0f; a_4[j] = 0.0f; a_5[j] = 0.0f; a_r[j] = 0.0f; }
-            if (k0 < kb_min) {
-                for (int64_t p = 0; p < P4; ++p) GRADIENT_PIXEL(p)
+            if (separable && k0 < kb_max) {
+                const int checked = k0 >= kb_min;
+                for (int64_t r = 0; r < n_rows; ++r) {
+                    float s_0[16], s_1[16], s_2[16];
+                    #pragma omp simd
+                    for (int j = 0; j < 16; ++j) { s_0[j] = 0.0f; s_1[j] = 0.0f; s_2[j] = 0.0f; }
+                    const int64_t p0_ = row_at[r], p1_ = row_at[r + 1];
+                    if (!checked) {
+                        for (int64_t p = p0_; p < p1_; ++p) GRADIENT_ROW_PIXEL(p)
+                    } else {
+                        for (int64_t p = p0_; p < p1_; ++p) if (k0 < KB[p]) GRADIENT_ROW_PIXEL(p)
+                    }
+                    const float ly = F4[p0_], ly2 = F2[p0_];
+                    #pragma omp simd
+                    for (int j = 0; j < 16; ++j) {
+                        a_0[j] += s_2[j]; a_1[j] += ly * s_1[j]; a_2[j] += ly2 * s_0[j];
+                        a_3[j] += s_1[j]; a_4[j] += ly * s_0[j]; a_5[j] += s_0[j];
+                    }
+                }
+            } else if (k0 < kb_min) {
+                for (int64_t p = 0; p < NL; ++p) GRADIENT_PIXEL(p)
             } else if (k0 < kb_max) {
-                for (int64_t p = 0; p < P4; ++p) if (k0 < KB[p]) GRADIENT_PIXEL(p)
+                for (int64_t p = 0; p < NL; ++p) if (k0 < KB[p]) GRADIENT_PIXEL(p)
             }
             const int64_t n = K - k0 < 16 ? K - k0 : 16;
             for (int j = 0; j < n; ++j) {
@@ -334,6 +384,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             }
         }
 #undef GRADIENT_PIXEL
+#undef GRADIENT_ROW_PIXEL
         free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz);
         loss_total += loss_b;
         sq_total += sq_b;
