@@ -166,8 +166,19 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             for (int64_t j = 0; j < 6; ++j) memcpy(pix + j * P4, ph + j * P, sizeof(float) * P);
             for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pix + (6 + g) * P4, ib + g * P, sizeof(float) * P);
         } else {
-            for (int64_t j = 0; j < 6; ++j) for (int64_t i = 0; i < NL; ++i) pix[j * P4 + i] = ph[j * P + live[i]];
-            for (int64_t g = 0; g < G && g < 3; ++g) for (int64_t i = 0; i < NL; ++i) pix[(6 + g) * P4 + i] = ib[g * P + live[i]];
+            /* vector gathers: the scalar loop was 5 % of a 1024^2 step */
+            for (int64_t j = 0; j < 6; ++j) {
+                float *restrict dst = pix + j * P4;
+                const float *restrict src = ph + j * P;
+                #pragma omp simd
+                for (int64_t i = 0; i < NL; ++i) dst[i] = src[live[i]];
+            }
+            for (int64_t g = 0; g < G && g < 3; ++g) {
+                float *restrict dst = pix + (6 + g) * P4;
+                const float *restrict src = ib + g * P;
+                #pragma omp simd
+                for (int64_t i = 0; i < NL; ++i) dst[i] = src[live[i]];
+            }
         }
         const float *j0 = jz, *j1 = jz + KP, *j2 = jz + 2 * KP;
         const float *v0 = vz, *v1 = vz + KP, *v2 = vz + 2 * KP;
