@@ -119,7 +119,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
            (page faults, slower): distributed.worker_malloc_defaults unsets it. */
         float *E = falloc((P4 + 2) * KP);  /* + the row coefficients of the separable spatial term */
         float *D = falloc(P4 * KP);
-        float *pix = falloc(18 * P4 + 16);  /* 13 per-pixel float rows, KB (int64, rows 14-15), live, row_at (int32) */
+        float *pix = falloc(23 * P4 + 16);  /* 13 per-pixel float rows, KB (int64, rows 14-15), live (int32), -, target, weight, row_at (int32) */
         float *jz = falloc(3 * KP);
         float *vz = falloc(3 * KP);
         float *pz = falloc(7 * KP);
@@ -135,7 +135,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         /* Padded, aligned copies of the per-neighbour inputs; padding lanes are dropped (keep 0). */
         memset(jz, 0, sizeof(float) * 3 * KP); memset(vz, 0, sizeof(float) * 3 * KP);
         memset(pz, 0, sizeof(float) * 7 * KP); memset(kz, 0, sizeof(float) * 4 * KP);
-        memset(pix, 0, sizeof(float) * (18 * P4 + 16));
+        memset(pix, 0, sizeof(float) * (23 * P4 + 16));
         const float *jb = jd + b * G * K, *vb = vals + b * G * K, *dyb = d_y + b * K, *dxb = d_x + b * K;
         const float *ph = phi + b * 6 * P, *ib = ic + b * G * P, *tb = target + b * G * P, *wb = weight + b * P;
         const uint8_t *rep = repeated + b * K;
@@ -162,6 +162,10 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         float *F0 = pix, *F1 = pix + P4, *F2 = pix + 2 * P4, *F3 = pix + 3 * P4, *F4 = pix + 4 * P4, *F5 = pix + 5 * P4;
         float *I0 = pix + 6 * P4, *I1 = pix + 7 * P4, *I2 = pix + 8 * P4;
         float *A0 = pix + 9 * P4, *A1 = pix + 10 * P4, *A2 = pix + 11 * P4, *CC = pix + 12 * P4;
+        /* the live pixels' targets and weights (rows 18-21; zero in padding slots and unused channels) */
+        float *T0 = pix + 18 * P4, *T1 = pix + 19 * P4, *T2 = pix + 20 * P4, *W = pix + 21 * P4;
+        for (int64_t g = 0; g < G && g < 3; ++g) for (int64_t i = 0; i < NL; ++i) pix[(18 + g) * P4 + i] = tb[g * P + live[i]];
+        for (int64_t i = 0; i < NL; ++i) W[i] = wb[live[i]];
         if (NL == P) {  /* every pixel live: plain copies */
             for (int64_t j = 0; j < 6; ++j) memcpy(pix + j * P4, ph + j * P, sizeof(float) * P);
             for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pix + (6 + g) * P4, ib + g * P, sizeof(float) * P);
@@ -298,22 +302,25 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     }
                     s_[q] = s; o_[q][0] = a0; o_[q][1] = a1; o_[q][2] = a2;
                 }
-                const float inv = 1.0f / s_[q];
-                const float w = pq < NL ? wb[live[pq]] : 0.0f;
-                float o[3] = {o_[q][0] * inv, o_[q][1] * inv, o_[q][2] * inv};
-                float sg[3] = {0.0f, 0.0f, 0.0f};
-                float shift = 0.0f;
-                if (pq < NL) {
-                    for (int64_t g = 0; g < G && g < 3; ++g) {
-                        const float diff = o[g] - tb[g * P + live[pq]];
-                        loss_b += (double)(fabsf(diff) * w);
-                        sq_b += (double)(diff * diff * w);
-                        sg[g] = (diff > 0.0f ? 1.0f : (diff < 0.0f ? -1.0f : 0.0f)) * w;
-                        shift += sg[g] * o[g];
-                    }
-                }
-                A0[pq] = sg[0] * inv; A1[pq] = sg[1] * inv; A2[pq] = sg[2] * inv; CC[pq] = shift * inv;
+                /* the denominator and the sums, for the loss below */
+                CC[pq] = s_[q]; A0[pq] = o_[q][0]; A1[pq] = o_[q][1]; A2[pq] = o_[q][2];
             }
+        }
+        /* The loss and each pixel's four gradient factors, vectorised over the slots (it was a
+           scalar tail after every pixel's pass): o = sums / s, the L1 loss and squared error in
+           double, sg = sign(o - target) w, A_g = sg_g / s, CC = (sg . o) / s. Padding slots and
+           unused channels have weight, sums and target 0, so they add 0. */
+        #pragma omp simd reduction(+:loss_b, sq_b)
+        for (int64_t i = 0; i < NL4; ++i) {
+            const float inv = 1.0f / CC[i], w = W[i];
+            const float o0 = A0[i] * inv, o1 = A1[i] * inv, o2 = A2[i] * inv;
+            const float d0 = o0 - T0[i], d1 = o1 - T1[i], d2 = o2 - T2[i];
+            loss_b += (double)(fabsf(d0) * w) + (double)(fabsf(d1) * w) + (double)(fabsf(d2) * w);
+            sq_b += (double)(d0 * d0 * w) + (double)(d1 * d1 * w) + (double)(d2 * d2 * w);
+            const float g0 = (d0 > 0.0f ? 1.0f : (d0 < 0.0f ? -1.0f : 0.0f)) * w;
+            const float g1 = (d1 > 0.0f ? 1.0f : (d1 < 0.0f ? -1.0f : 0.0f)) * w;
+            const float g2 = (d2 > 0.0f ? 1.0f : (d2 < 0.0f ? -1.0f : 0.0f)) * w;
+            A0[i] = g0 * inv; A1[i] = g1 * inv; A2[i] = g2 * inv; CC[i] = (g0 * o0 + g1 * o1 + g2 * o2) * inv;
         }
         /* Gradients, register-blocked: 16 neighbours at a time, summed over all pixels
            (skipped for a loss-only evaluation: the final loss, or the benchmark's forward). */
@@ -349,7 +356,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     a_r[j] -= d[j] * gl; } }
         /* the pixel rows (runs of one ly) of a separable block: row r is [row_at[r], row_at[r + 1]) */
         int64_t n_rows = 0;
-        int32_t *row_at = (int32_t *)(pix + 17 * P4);  /* up to NL + 1 entries */
+        int32_t *row_at = (int32_t *)(pix + 22 * P4);  /* up to NL + 1 entries */
         if (separable) {
             for (int64_t p = 0; p < NL; ++p)
                 if (p == 0 || F4[p] != F4[p - 1]) row_at[n_rows++] = (int32_t)p;
