@@ -269,8 +269,7 @@ class _ChunkedFit:
         target = eng.guide_blocks(tile)
         phi = eng.pixel_features(tile, target)
         q, d_y, d_x, repeated = eng.neighbours(tile, K)
-        zero = torch.zeros(4, *eng.lr_shape, device=eng.device)
-        _, _, jd = eng.neighbour_features(zero, tile, (q, d_y, d_x, repeated))
+        jd = eng.neighbour_guide(tile, q)
         nb = q.shape[0]
         weight = torch.full((nb, eng.P), 1.0 / self.n_values, device=eng.device)
         if not eng.regular:

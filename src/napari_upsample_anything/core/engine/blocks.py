@@ -226,19 +226,24 @@ class BlockEngine:
         :func:`kernel_coefficients` ``[4, h, w]``; psi and rho are differentiable in it.
         """
         q, d_y, d_x, _ = geometry
-        i0, i1, j0, j1 = tile
         nb, k = q.shape
-        flat_q = q.reshape(-1)
-        A, B, C, rho = coef.reshape(4, -1)[:, flat_q].reshape(4, nb, k)
-        g = self.channels
-        jq = self.guide_lr.reshape(g, -1)[:, flat_q].reshape(g, nb, k)
-        jc = self.guide_lr[:, i0:i1, j0:j1].reshape(g, nb, 1)
-        jd = (jq - jc).permute(1, 2, 0).contiguous()
+        A, B, C, rho = coef.reshape(4, -1)[:, q.reshape(-1)].reshape(4, nb, k)
+        jd = self.neighbour_guide(tile, q)
         ax = A * d_x + B * d_y
         cy = B * d_x + C * d_y
         const = -(ax * d_x + cy * d_y)
         psi = torch.stack([-A, -2 * B, -C, 2 * ax, 2 * cy, const], 1)
         return psi, rho, jd
+
+    def neighbour_guide(self, tile: Tile, q: torch.Tensor) -> torch.Tensor:
+        """``jd [B, k, G]``: the neighbours' LR guide minus the block's own (guide-only: the fit
+        prepares it once, without the coefficient side of :meth:`neighbour_features`)."""
+        i0, i1, j0, j1 = tile
+        nb, k = q.shape
+        g = self.channels
+        jq = self.guide_lr.reshape(g, -1)[:, q.reshape(-1)].reshape(g, nb, k)
+        jc = self.guide_lr[:, i0:i1, j0:j1].reshape(g, nb, 1)
+        return (jq - jc).permute(1, 2, 0).contiguous()
 
     def radius_sq(
         self, sigma_eff: torch.Tensor, tile: Tile, blocks: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.int64
