@@ -66,10 +66,16 @@ static float *falloc(int64_t n) { return (float *)aligned_alloc(64, (size_t)((n 
 
 /* grad_all[c, q[i]] += src[c, i] (c < 4, i < n) in increasing i: torch's index_add_ along dim 1, the
    same float32 sums in the same order, bit for bit (tests/test_native_speedpaths.py), so that the
-   gradient does not depend on the thread count. The threads split the destination cells; each
-   walks the whole index list (a few hundred KiB per chunk) and adds its own cells only. */
+   gradient does not depend on the thread count. The threads split the destination cells that
+   this chunk reaches (its neighbours' range: splitting the whole map instead gave a tile in one
+   half of the image to one thread, while the other waited); each walks the whole index list (a
+   few hundred KiB per chunk) and adds its own cells only. */
 static void scatter_add_ordered(int64_t threads, int64_t n, int64_t N, const int64_t *q, const float *src, float *grad_all)
 {
+    int64_t q_min = N, q_max = -1;
+    for (int64_t i = 0; i < n; ++i) { q_min = q[i] < q_min ? q[i] : q_min; q_max = q[i] > q_max ? q[i] : q_max; }
+    const int64_t span = q_max + 1 - q_min;
+    if (span <= 0) return;
     #pragma omp parallel num_threads(threads)
     {
 #if defined(_OPENMP)
@@ -77,7 +83,7 @@ static void scatter_add_ordered(int64_t threads, int64_t n, int64_t N, const int
 #else
         const int64_t T = 1, t = 0;
 #endif
-        const int64_t lo = N * t / T, hi = N * (t + 1) / T;
+        const int64_t lo = q_min + span * t / T, hi = q_min + span * (t + 1) / T;
         for (int64_t i = 0; i < n; ++i) {
             const int64_t d = q[i];
             if (d < lo || d >= hi) continue;
