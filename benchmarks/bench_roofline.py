@@ -213,12 +213,17 @@ class RenderCase:
         k = eng.tile_k(r2)
         geometry = eng.neighbours(tile, k)
         q = geometry[0]
-        phi = eng.pixel_features(tile)
+        if self.native is not None:  # as render_tile: the kernel's channels-first layout
+            spatial, ic = eng.pixel_features_channels_first(tile)
+            phi = spatial.transpose(1, 2)  # its shape is all render_blocks reads with a weights kernel
+        else:
+            phi = eng.pixel_features(tile)
+            spatial = ic = None
         psi, rho, jd = eng.neighbour_features(coef, tile, geometry)
         vals = self.values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
         return dict(
-            tile=tile, phi=phi, psi=psi, rho=rho, jd=jd, vals=vals, mask=eng.weights_mask(r2, geometry[3], k),
-            r2=r2, repeated=geometry[3],
+            tile=tile, phi=phi, spatial=spatial, ic=ic, psi=psi, rho=rho, jd=jd, vals=vals,
+            mask=eng.weights_mask(r2, geometry[3], k), r2=r2, repeated=geometry[3],
         )  # fmt: skip
 
     def full(self):
@@ -245,11 +250,13 @@ class RenderCase:
                     render_blocks(p["phi"], p["psi"], p["rho"], p["jd"], vals, p["mask"], torch.float32, self.workspace)
                     continue
                 if with_products and self.fused:  # few channels: weights and products in the kernel
-                    self.native.render(p["phi"], p["psi"], p["rho"], p["jd"], vals, p["r2"], p["repeated"])
+                    self.native.render(p["spatial"], p["ic"], p["psi"], p["rho"], p["jd"], vals, p["r2"], p["repeated"])
                     continue
                 nb, k = p["phi"].shape[0], p["psi"].shape[2]
                 cb = chunk_blocks(CPU, self.engine.P, k, nb, self.workspace.chunk_bytes)
-                fn = self.native.bind(p["phi"], p["psi"], p["rho"], p["jd"], p["r2"], p["repeated"], self.workspace, cb)
+                fn = self.native.bind(
+                    p["spatial"], p["ic"], p["psi"], p["rho"], p["jd"], p["r2"], p["repeated"], self.workspace, cb
+                )
                 render_blocks(p["phi"], p["psi"], p["rho"], p["jd"], vals, None, torch.float32, self.workspace, fn, cb)
 
         return run

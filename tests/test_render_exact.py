@@ -224,3 +224,19 @@ def test_blockwise_write_on_a_padded_grid_equals_the_tile_image_route(out_kind, 
     blockwise, tile_image = render(16), render(10**9)
     assert np.isfinite(blockwise).all()  # every pixel written
     assert np.array_equal(blockwise, tile_image)
+
+
+@pytest.mark.parametrize("hr, lr, channels", [((97, 83), (7, 6), 3), ((56, 70), (4, 5), 1), ((40, 48), (5, 6), 4)])
+def test_channels_first_pixel_features_are_the_pixel_features(hr, lr, channels):
+    """The native renderer's channels-first pixel features (built directly) hold the same float32
+    values as pixel_features' columns, bit for bit, on padded and regular grids, for every tile."""
+    rng = np.random.default_rng(11)
+    guide = Guide(rng.random((*hr, channels)).astype(np.float32))
+    engine = BlockEngine(guide, lr, RenderOptions(), torch.device("cpu"))
+    h, w = lr
+    for tile in [(0, h, 0, w), (1, h, 2, w), (0, 2, 1, 3)]:
+        phi = engine.pixel_features(tile)
+        spatial, ic = engine.pixel_features_channels_first(tile)
+        assert spatial.shape == (phi.shape[0], 6, engine.P) and ic.shape == (phi.shape[0], channels, engine.P)
+        assert torch.equal(spatial, phi[:, :, :6].transpose(1, 2))
+        assert torch.equal(ic, phi[:, :, 7 : 7 + channels].transpose(1, 2))

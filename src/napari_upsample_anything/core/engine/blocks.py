@@ -176,19 +176,43 @@ class BlockEngine:
         rows, cols = self.tile_hr_rows_cols(tile)
         return self.to_blocks(self.guide.gather(rows, cols, self.device), tile)
 
+    def _local_coords(self, tile: Tile) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``lx, ly [B, P]``: each block pixel's offset from its block's LR cell centre (HR pixels)."""
+        i0, i1, j0, j1 = tile
+        nr, nc = i1 - i0, j1 - j0
+        py, px = self.grid.rows.pad, self.grid.cols.pad
+        ly = self._ly[i0:i1][:, None, :, None].expand(nr, nc, py, px).reshape(nr * nc, py * px)
+        lx = self._lx[j0:j1][None, :, None, :].expand(nr, nc, py, px).reshape(nr * nc, py * px)
+        return lx, ly
+
     def pixel_features(self, tile: Tile, guide_blocks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``phi``: ``[B, P, 7 + G]`` = lx^2, lx*ly, ly^2, lx, ly, 1, ||I'||^2, I' (I' = I - J(centre))."""
         i0, i1, j0, j1 = tile
         nr, nc = i1 - i0, j1 - j0
-        py, px = self.grid.rows.pad, self.grid.cols.pad
         if guide_blocks is None:
             guide_blocks = self.guide_blocks(tile)
         jc = self.guide_lr[:, i0:i1, j0:j1].permute(1, 2, 0).reshape(nr * nc, 1, self.channels)
         ic = guide_blocks - jc
-        ly = self._ly[i0:i1][:, None, :, None].expand(nr, nc, py, px).reshape(nr * nc, py * px)
-        lx = self._lx[j0:j1][None, :, None, :].expand(nr, nc, py, px).reshape(nr * nc, py * px)
+        lx, ly = self._local_coords(tile)
         cols = [lx * lx, lx * ly, ly * ly, lx, ly, torch.ones_like(lx), (ic * ic).sum(-1)]
         return torch.cat([torch.stack(cols, -1), ic], -1).contiguous()
+
+    def pixel_features_channels_first(self, tile: Tile) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The native kernels' layout of :meth:`pixel_features`' columns, built directly:
+        ``spatial [B, 6, P]`` (lx^2, lx*ly, ly^2, lx, ly, 1) and ``ic [B, G, P]`` (I - J(centre)),
+        the same float32 values. Building ``[B, P, 7 + G]`` and transposing it was a third of a
+        3-channel native render at 1024^2."""
+        i0, i1, j0, j1 = tile
+        nr, nc = i1 - i0, j1 - j0
+        py, px = self.grid.rows.pad, self.grid.cols.pad
+        g = self.channels
+        rows, cols = self.tile_hr_rows_cols(tile)
+        img = self.guide.gather(rows, cols, self.device)  # [G, nr * py, nc * px]
+        blocks = img.reshape(g, nr, py, nc, px).permute(1, 3, 0, 2, 4).reshape(nr * nc, g, py * px)
+        ic = blocks - self.guide_lr[:, i0:i1, j0:j1].permute(1, 2, 0).reshape(nr * nc, g, 1)
+        lx, ly = self._local_coords(tile)
+        spatial = torch.stack([lx * lx, lx * ly, ly * ly, lx, ly, torch.ones_like(lx)], 1)
+        return spatial, ic
 
     def neighbours(self, tile: Tile, k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Neighbour geometry of a tile for the first ``k`` offsets.
@@ -459,16 +483,18 @@ class BlockEngine:
         k = self.K if isinstance(weights_kernel, compiled.RenderWeights) else self.tile_k(r2_pix)
         geometry = self.neighbours(tile, k)
         q = geometry[0]
-        phi = self.pixel_features(tile)
         psi, rho, jd = self.neighbour_features(coef, tile, geometry)
         vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
         if isinstance(weights_kernel, native.RenderWeights):
+            spatial, ic = self.pixel_features_channels_first(tile)
             if agg_dtype == torch.float32 and weights_kernel.fuses(vals):  # few channels: no weights, no GEMM
-                return weights_kernel.render(phi, psi, rho, jd, vals, r2_pix, geometry[3])
+                return weights_kernel.render(spatial, ic, psi, rho, jd, vals, r2_pix, geometry[3])
             workspace = workspace if workspace is not None else self.workspace()
             cb = chunk_blocks(self.device, self.P, k, q.shape[0], workspace.chunk_bytes)
-            weights_fn = weights_kernel.bind(phi, psi, rho, jd, r2_pix, geometry[3], workspace, cb)
-            return render_blocks(phi, psi, rho, jd, vals, None, agg_dtype, workspace, weights_fn, cb)
+            weights_fn = weights_kernel.bind(spatial, ic, psi, rho, jd, r2_pix, geometry[3], workspace, cb)
+            # render_blocks reads only the shape of its first argument when given weights_fn
+            return render_blocks(spatial.transpose(1, 2), psi, rho, jd, vals, None, agg_dtype, workspace, weights_fn, cb)
+        phi = self.pixel_features(tile)
         if weights_kernel is not None:
             weights_fn = weights_kernel.bind(phi, psi, rho, jd, r2_pix, geometry[3])
             return render_blocks(phi, psi, rho, jd, vals, None, agg_dtype, workspace, weights_fn, weights_kernel.cb)

@@ -398,11 +398,14 @@ class RenderWeights:
         self.channels = engine.channels
         self.P = engine.P
 
-    def bind(self, phi, psi, rho, jd, r2_pix, repeated, workspace, chunk: int):
-        g, nb, k = self.channels, phi.shape[0], psi.shape[2]
+    def bind(self, spatial, ic, psi, rho, jd, r2_pix, repeated, workspace, chunk: int):
+        """``weights(b0, b1)``: the ``[n, P, K]`` softmax weights of blocks ``b0:b1``, written into a
+        workspace buffer. ``spatial [B, 6, P]`` and ``ic [B, G, P]``:
+        :meth:`.blocks.BlockEngine.pixel_features_channels_first`; the rest as
+        :meth:`.blocks.BlockEngine.neighbour_features` and :meth:`.blocks.BlockEngine.neighbours` give them."""
+        nb, k = spatial.shape[0], psi.shape[2]
         rep = repeated[:, 0, :] if repeated is not None else torch.zeros(nb, k, dtype=torch.bool)
-        spatial = phi[:, :, :6].transpose(1, 2).contiguous()  # [B, 6, P]
-        ic = phi[:, :, 7 : 7 + g].transpose(1, 2).contiguous()  # [B, G, P]
+        spatial, ic = spatial.contiguous(), ic.contiguous()
         jd_t = jd.transpose(1, 2).contiguous()  # [B, G, K]
         psi, rho = psi.contiguous(), rho.contiguous()
         r2, r2_off = r2_pix.to(torch.int32).contiguous(), self.r2_off[:k].contiguous()
@@ -426,12 +429,11 @@ class RenderWeights:
         """Whether :meth:`render` takes these gathered values ``[B, K, C]``."""
         return RenderWeights.fuses_channels(values.shape[2], values.dtype)
 
-    def render(self, phi, psi, rho, jd, vals, r2_pix, repeated) -> torch.Tensor:
+    def render(self, spatial, ic, psi, rho, jd, vals, r2_pix, repeated) -> torch.Tensor:
         """``[B, C, P]`` render of a tile's blocks, weights and products in the kernel
         (``vals [B, K, C]``, the other inputs those of :meth:`bind`)."""
-        g, nb, k = self.channels, phi.shape[0], psi.shape[2]
+        nb, k = spatial.shape[0], psi.shape[2]
         rep = repeated[:, 0, :] if repeated is not None else torch.zeros(nb, k, dtype=torch.bool)
         return render_weights(
-            phi[:, :, :6].transpose(1, 2), psi, rho, phi[:, :, 7 : 7 + g].transpose(1, 2), jd.transpose(1, 2),
-            r2_pix.to(torch.int32), self.r2_off[:k], rep, vals=vals.transpose(1, 2),
+            spatial, psi, rho, ic, jd.transpose(1, 2), r2_pix.to(torch.int32), self.r2_off[:k], rep, vals=vals.transpose(1, 2),
         )  # fmt: skip
