@@ -10,7 +10,7 @@ takes two passes:
 1. per pixel, one pass over its neighbours: log-weight, exp, denominator and aggregation
    (keeping the weight and the range term per pair for the gradient), then the loss and the
    four per-pixel factors of the gradient. No maximum is subtracted: the fit's log-weights
-   are a Gaussian's exponents (<= 0), and the arguments are clamped to [-87, 80]; a pixel
+   are a Gaussian's exponents (<= 0), and their base-2 values are clamped to [-126, 115]; a pixel
    whose denominator falls outside [1e-25, 1e30] (tiny sigmas, or inputs that are no
    Gaussian) is redone with the max-shifted softmax. ``exp`` is inlined and in base 2 (the
    coefficients are scaled by log2(e) per block, so the range reduction is exact; a polynomial,

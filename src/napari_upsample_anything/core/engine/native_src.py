@@ -61,6 +61,15 @@ void exp2_values(int64_t n, const float *x, float *out)
 #define FUSED_MIN_DENOMINATOR 1e-25f
 #define FUSED_MAX_DENOMINATOR 1e30f
 
+/* The separable spatial term's coefficients for one pixel row (ly), per neighbour k: the
+   quadratic in lx is (lx p0 + row_b) lx + row_c (fit and render kernels). */
+static inline void separable_row(int64_t KP, float ly, const float *p1, const float *p2, const float *p3,
+                                 const float *p4, const float *p5, float *row_b, float *row_c)
+{
+    #pragma omp simd
+    for (int64_t k = 0; k < KP; ++k) { row_b[k] = ly * p1[k] + p3[k]; row_c[k] = (ly * p2[k] + p4[k]) * ly + p5[k]; }
+}
+
 /* 64-byte aligned scratch of n floats (size rounded up to whole cache lines, as C11 requires). */
 static float *falloc(int64_t n) { return (float *)aligned_alloc(64, (size_t)((n + 15) / 16 * 16) * sizeof(float)); }
 
@@ -268,8 +277,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                        two FMAs per pair instead of six. */
                     const float lx = F3[pq], ly = F4[pq];
                     if (!row_ready || ly != row_ly) {
-                        #pragma omp simd
-                        for (int64_t k = 0; k < KP; ++k) { row_b[k] = ly * p1[k] + p3[k]; row_c[k] = (ly * p2[k] + p4[k]) * ly + p5[k]; }
+                        separable_row(KP, ly, p1, p2, p3, p4, p5, row_b, row_c);
                         row_ly = ly;
                         row_ready = 1;
                     }
@@ -503,8 +511,7 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             if (separable) {
                 const float lx = F3[p], ly = F4[p];
                 if (!row_ready || ly != row_ly) {
-                    #pragma omp simd
-                    for (int64_t k = 0; k < KP; ++k) { row_b[k] = ly * p1[k] + p3[k]; row_c[k] = (ly * p2[k] + p4[k]) * ly + p5[k]; }
+                    separable_row(KP, ly, p1, p2, p3, p4, p5, row_b, row_c);
                     row_ly = ly;
                     row_ready = 1;
                 }
