@@ -61,11 +61,16 @@ void exp2_values(int64_t n, const float *x, float *out)
 #define FUSED_MIN_DENOMINATOR 1e-25f
 #define FUSED_MAX_DENOMINATOR 1e30f
 
-/* The separable spatial term's coefficients for one pixel row (ly), per neighbour k: the
-   quadratic in lx is (lx p0 + row_b) lx + row_c (fit and render kernels). */
+/* The separable spatial term's coefficients for the pixel row ly, per neighbour k: the quadratic
+   in lx is (lx p0 + row_b) lx + row_c (fit and render kernels). Recomputed only when ly differs
+   from the row they hold (*row_ly, valid once *row_ready). */
 static inline void separable_row(int64_t KP, float ly, const float *p1, const float *p2, const float *p3,
-                                 const float *p4, const float *p5, float *row_b, float *row_c)
+                                 const float *p4, const float *p5, float *row_b, float *row_c,
+                                 float *row_ly, int *row_ready)
 {
+    if (*row_ready && ly == *row_ly) return;
+    *row_ly = ly;
+    *row_ready = 1;
     #pragma omp simd
     for (int64_t k = 0; k < KP; ++k) { row_b[k] = ly * p1[k] + p3[k]; row_c[k] = (ly * p2[k] + p4[k]) * ly + p5[k]; }
 }
@@ -276,11 +281,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     /* The spatial term as a quadratic in lx with the row's coefficients (ly):
                        two FMAs per pair instead of six. */
                     const float lx = F3[pq], ly = F4[pq];
-                    if (!row_ready || ly != row_ly) {
-                        separable_row(KP, ly, p1, p2, p3, p4, p5, row_b, row_c);
-                        row_ly = ly;
-                        row_ready = 1;
-                    }
+                    separable_row(KP, ly, p1, p2, p3, p4, p5, row_b, row_c, &row_ly, &row_ready);
                     PIXEL_PASS((lx * p0[k] + row_b[k]) * lx + row_c[k])
                 } else {
                     const float f0 = F0[pq], f1 = F1[pq], f2 = F2[pq], f3 = F3[pq], f4 = F4[pq], f5 = F5[pq];
@@ -510,11 +511,7 @@ void render_weights(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                 row[k] = e; s += e; } }
             if (separable) {
                 const float lx = F3[p], ly = F4[p];
-                if (!row_ready || ly != row_ly) {
-                    separable_row(KP, ly, p1, p2, p3, p4, p5, row_b, row_c);
-                    row_ly = ly;
-                    row_ready = 1;
-                }
+                separable_row(KP, ly, p1, p2, p3, p4, p5, row_b, row_c, &row_ly, &row_ready);
                 RENDER_PASS((lx * p0[k] + row_b[k]) * lx + row_c[k])
             } else {
                 const float f0 = F0[p], f1 = F1[p], f2 = F2[p], f3 = F3[p], f4 = F4[p], f5 = F5[p];
