@@ -43,7 +43,7 @@ import napari_upsample_anything as upa
 from napari_upsample_anything.core.engine import native
 from napari_upsample_anything.core.engine.backends import fit_kernel_name, native_usable
 from napari_upsample_anything.core.engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions
-from napari_upsample_anything.core.engine.eager import chunk_blocks, render_blocks
+from napari_upsample_anything.core.engine.eager import render_blocks, render_chunk_blocks
 from napari_upsample_anything.core.field import KernelField, kernel_coefficients
 from napari_upsample_anything.core.fit import Adam, _ChunkedFit, _loss_and_grad_fused, schedule_gamma
 from napari_upsample_anything.core.guide import Guide
@@ -222,7 +222,7 @@ class RenderCase:
         psi, rho, jd = eng.neighbour_features(coef, tile, geometry)
         vals = self.values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
         return dict(
-            tile=tile, phi=phi, spatial=spatial, ic=ic, psi=psi, rho=rho, jd=jd, vals=vals,
+            tile=tile, phi=phi, spatial=spatial, ic=ic, psi=psi, rho=rho, jd=jd, vals=vals, q=q,
             mask=eng.weights_mask(r2, geometry[3], k), r2=r2, repeated=geometry[3],
         )  # fmt: skip
 
@@ -236,28 +236,35 @@ class RenderCase:
             self._prepare(coef, sigma_eff, t)
 
     def weights_and_products(self, with_products: bool):
+        """The weights, and with ``with_products`` the products, as :meth:`.BlockEngine.render_tile`
+        computes them: neighbour values gathered and products made chunk by chunk (the chunks'
+        writing into the image is :meth:`write`)."""
         ones = None
+        discard = lambda b0, b1, chunk: None  # noqa: E731
 
         def run():
             nonlocal ones
             for p in self.prepared:
-                vals = p["vals"]
+                vals = (self.values_flat, p["q"])
                 if not with_products:  # the same weights, aggregated into one channel only
-                    if ones is None or ones.shape[0] != vals.shape[0] or ones.shape[1] != vals.shape[1]:
-                        ones = vals[:, :, :1].contiguous()
+                    if ones is None or ones.shape[0] != p["vals"].shape[0] or ones.shape[1] != p["vals"].shape[1]:
+                        ones = p["vals"][:, :, :1].contiguous()
                     vals = ones
                 if self.native is None:  # eager log-weights and softmax
-                    render_blocks(p["phi"], p["psi"], p["rho"], p["jd"], vals, p["mask"], torch.float32, self.workspace)
+                    render_blocks(
+                        p["phi"], p["psi"], p["rho"], p["jd"], vals, p["mask"], torch.float32, self.workspace, sink=discard
+                    )
                     continue
                 if with_products and self.fused:  # few channels: weights and products in the kernel
-                    self.native.render(p["spatial"], p["ic"], p["psi"], p["rho"], p["jd"], vals, p["r2"], p["repeated"])
+                    self.native.render(p["spatial"], p["ic"], p["psi"], p["rho"], p["jd"], p["vals"], p["r2"], p["repeated"])
                     continue
                 nb, k = p["phi"].shape[0], p["psi"].shape[2]
-                cb = chunk_blocks(CPU, self.engine.P, k, nb, self.workspace.chunk_bytes)
+                c = self.channels if with_products else 1
+                cb = render_chunk_blocks(CPU, self.engine.P, k, c, nb, self.workspace.chunk_bytes)
                 fn = self.native.bind(
                     p["spatial"], p["ic"], p["psi"], p["rho"], p["jd"], p["r2"], p["repeated"], self.workspace, cb
                 )
-                render_blocks(p["phi"], p["psi"], p["rho"], p["jd"], vals, None, torch.float32, self.workspace, fn, cb)
+                render_blocks(p["phi"], p["psi"], p["rho"], p["jd"], vals, None, torch.float32, self.workspace, fn, cb, discard)
 
         return run
 

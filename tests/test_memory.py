@@ -190,7 +190,7 @@ def test_engine_accounts_for_what_each_path_allocates():
         blocks = [(t.i1 - t.i0) * (t.j1 - t.j0) for t in log.tiles]
         native = backend == "auto" and native_usable(torch.device("cpu"), G)  # the C kernel's weights
         if native:
-            per_block = footprint.native_render_per_block(P, 197, G, channels)
+            per_block = footprint.native_render_per_block(P, 197, G, channels, fused=channels <= 16)
             assert [t.allocated_bytes for t in log.tiles] == [per_block * b for b in blocks]
             assert log.peak_allocated_bytes < log.peak_planned_bytes
             assert (log.resident_bytes == 0) == (channels <= 16)

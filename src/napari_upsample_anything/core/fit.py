@@ -29,7 +29,7 @@ import torch
 from .checks import check_float
 from .engine import footprint, native, triton_kernels
 from .engine.backends import choose_backend, fit_kernel_name
-from .engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions, Tile
+from .engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions, Tile, tile_blocks
 from .engine.compiled import (
     compiled_chunk_blocks,
     fit_chunk_mixed,
@@ -242,7 +242,7 @@ class _ChunkedFit:
         self.pair_dtype = pair_dtype
         direct = kernel_name in ("native", "triton", "mixed")
         self.fn = None if direct else kernel("fit", kernel_name == "inductor")  # direct: called by _fit_chunk
-        largest = max(_blocks(t) for t in tiles)
+        largest = max(tile_blocks(t) for t in tiles)
         # The native kernel keeps no [B, P, K] intermediates and takes any B: whole tiles, no
         # padding. Compiled kernels: cache-sized chunks of one fixed size (one compilation).
         whole = self.kernel_name in ("native", "triton")  # no [B, P, K] intermediates: whole tiles, no padding
@@ -327,10 +327,6 @@ def _resident_bytes(engine: BlockEngine, fused: bool, kept: bool, keep_range: bo
         return parameters_and_inputs
     cache, ranges = _cache_bytes(engine, False)
     return parameters_and_inputs + cache + (ranges if keep_range else 0)
-
-
-def _blocks(tile: Tile) -> int:
-    return (tile[1] - tile[0]) * (tile[3] - tile[2])
 
 
 @engine_call
@@ -672,7 +668,7 @@ def _loss_and_grad_fused(prep: _ChunkedFit, tiles, raw, per_block, memlog, cance
                     total += loss
                     squared += sq
             if memlog is not None:
-                nb = _blocks(tile)
+                nb = tile_blocks(tile)
                 seconds = time.perf_counter() - t0
                 memlog.add(
                     TileRecord("fit", *tile, per_block * nb, meter.peak, seconds, prep.allocated_per_block(per_block) * nb)

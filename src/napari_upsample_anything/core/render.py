@@ -23,7 +23,7 @@ import torch
 
 from .engine import compiled, footprint, native
 from .engine.backends import choose_backend
-from .engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, Tile
+from .engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, tile_blocks
 from .field import KernelField, kernel_coefficients
 from .grid import AxisBlocks
 from .guide import Guide
@@ -80,34 +80,34 @@ def render_field(
     choice = choose_backend(backend, engine.device, "render", guide_channels=engine.channels)
     weights_kernel = None  # eager
     if choice.kernel == "inductor":
-        weights_kernel = compiled.RenderWeights(engine, max(_tile_blocks(t) for t in queue))
+        weights_kernel = compiled.RenderWeights(engine, max(tile_blocks(t) for t in queue))
     elif choice.kernel == "triton":
         weights_kernel = "triton"  # the Triton render kernel (weights and aggregation, :mod:`.engine.triton_kernels`)
     elif choice.kernel == "native":  # CPU: the C kernel's weights (same formulas)
         weights_kernel = native.RenderWeights(engine)
-    # what a tile really allocates (the planner's bound is the eager path's own figure)
-    # and what it keeps for every tile (the workspace's chunk buffers)
-    allocated_per_block, resident = per_block, engine.tile_overhead()
+    # what a tile really allocates (the planner's bound is the eager path's own figure); what the
+    # render keeps across tiles (its workspace's chunk buffers) is read from the workspace
+    allocated_per_block = per_block
     if choice.kernel == "native":
         allocated_per_block = footprint.native_render_per_block(
-            engine.P, engine.K, engine.channels, C, agg_bytes, affine is not None
+            engine.P, engine.K, engine.channels, C, agg_bytes, native.RenderWeights.fuses_channels(C, agg_dtype)
         )
-        # one chunk buffer of softmax weights, unless the kernel aggregates the few channels itself
-        resident = 0 if native.RenderWeights.fuses_channels(C, agg_dtype) else engine.chunk_bytes
     if memlog is not None:
-        memlog.keep(stage, resident)
+        memlog.keep(stage, 0)
     while queue:
         tile = queue.pop(0)
         check_cancel(cancel, stage)
         t0 = time.perf_counter()
+
+        def write(b0: int, b1: int, rendered: torch.Tensor, tile=tile) -> None:
+            if affine is not None:  # in place: ``rendered`` is the engine's own float32 buffer
+                rendered.mul_(affine[0][None, :, None]).add_(affine[1][None, :, None])
+            engine.write_block_range(out, rendered, tile, b0, b1)
+
         try:
             # the meter reads the process's RSS (psutil, a system call): only when a memory log wants it
             with torch.no_grad(), TileMeter(engine.device) if memlog is not None else nullcontext() as meter:
-                block_out = engine.render_tile(values_flat, coef, sigma_eff, tile, agg_dtype, workspace, weights_kernel)
-                if affine is not None:  # float32 result: the undo must not overflow half precision
-                    block_out = torch.addcmul(affine[1][None, :, None], block_out, affine[0][None, :, None])
-                engine.write_blocks(out, block_out, tile)
-                del block_out
+                engine.render_tile(values_flat, coef, sigma_eff, tile, agg_dtype, write, workspace, weights_kernel)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
             if not is_out_of_memory(exc):
                 raise
@@ -115,16 +115,13 @@ def render_field(
             workspace = engine.workspace()
             release_cached_memory(engine.device)
             continue
-        nblocks = (tile[1] - tile[0]) * (tile[3] - tile[2])
+        nblocks = tile_blocks(tile)
         done += nblocks
         if memlog is not None:
             seconds = time.perf_counter() - t0
+            memlog.keep(stage, workspace.nbytes)
             memlog.add(TileRecord(stage, *tile, per_block * nblocks, meter.peak, seconds, allocated_per_block * nblocks))
         report(progress, done, total, stage=stage)
-
-
-def _tile_blocks(tile: Tile) -> int:
-    return (tile[1] - tile[0]) * (tile[3] - tile[2])
 
 
 def area_lr_guide(guide: Guide, lr_shape: Tuple[int, int], device: torch.device) -> torch.Tensor:

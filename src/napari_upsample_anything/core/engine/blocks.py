@@ -52,9 +52,23 @@ from ..guide import Guide
 from ..interp import linear_taps, resample, resample_blocks
 from ..memory import format_bytes
 from . import compiled, native
-from .eager import CHUNK_OVERHEAD_BYTES, CPU_CHUNK_BYTES, Workspace, block_attention, chunk_blocks, render_blocks
+from .eager import (
+    CHUNK_OVERHEAD_BYTES,
+    CPU_CHUNK_BYTES,
+    Workspace,
+    block_attention,
+    gather_values,
+    render_blocks,
+    render_chunk_blocks,
+)
 
 Tile = Tuple[int, int, int, int]  # LR cells [i0, i1) x [j0, j1)
+
+
+def tile_blocks(tile: Tile) -> int:
+    """The number of blocks (LR cells) in ``tile``."""
+    return (tile[1] - tile[0]) * (tile[3] - tile[2])
+
 
 # Working-set size per CPU tile: large enough to amortise per-tile Python overhead (docs/engine.md,
 # "Design measurements"), small enough to leave RAM alone.
@@ -419,6 +433,24 @@ class BlockEngine:
             img = img[:, vy][:, :, vx]
         _write(out, img, (y0, y1, x0, x1))
 
+    def write_block_range(self, out, blocks: torch.Tensor, tile: Tile, b0: int, b1: int) -> None:
+        """Write blocks ``b0:b1`` (row-major within ``tile``) of a tile's result, ``blocks
+        [b1 - b0, C, P]``, into ``out`` ``(C, H, W)``: whole block rows in one
+        :meth:`write_blocks`, the partial rows at either end as tiles of their own."""
+        i0, _, j0, j1 = tile
+        nc = j1 - j0
+        b = b0
+        while b < b1:
+            r, c = divmod(b, nc)
+            if c == 0 and b1 - b >= nc:  # whole block rows
+                n = (b1 - b) // nc * nc
+                sub = (i0 + r, i0 + r + n // nc, j0, j1)
+            else:
+                n = min(nc - c, b1 - b)
+                sub = (i0 + r, i0 + r + 1, j0 + c, j0 + c + n)
+            self.write_blocks(out, blocks[b - b0 : b - b0 + n], sub)
+            b += n
+
     def _write_blockwise(self, target: torch.Tensor, blocks: torch.Tensor, tile: Tile) -> None:
         """:meth:`write_blocks` on a padded grid: each block's valid pixels (a prefix of its
         rows and of its columns) copied straight into place, one pass over the data (assembling
@@ -468,38 +500,47 @@ class BlockEngine:
         x0, x1 = self.grid.cols.hr_range(j0, j1)
         return y0, y1, x0, x1
 
-    def render_tile(
-        self, values_flat, coef, sigma_eff, tile: Tile, agg_dtype, workspace=None, weights_kernel=None
-    ) -> torch.Tensor:
-        """``[B, C, P]`` render of one tile (channels first, see :func:`.eager.render_blocks`).
+    def render_tile(self, values_flat, coef, sigma_eff, tile: Tile, agg_dtype, sink, workspace=None, weights_kernel=None) -> None:
+        """Render one tile, handing its ``[n, C, P]`` results (channels first, see
+        :func:`.eager.render_blocks`) to ``sink(b0, b1, out)`` chunk by chunk: blocks ``b0:b1`` of the
+        tile in row-major order (:meth:`write_block_range` writes them). ``out`` may be a buffer
+        reused for the next chunk: the sink must write or copy it before it returns.
 
         ``weights_kernel``: None (eager), ``"triton"``, a :class:`.compiled.RenderWeights` or a
         :class:`.native.RenderWeights` (made by :func:`..render.render_field` from the backend
         choice).
         """
         r2_pix = self.radius_sq(sigma_eff, tile)
+        nb = tile_blocks(tile)
         if weights_kernel == "triton":
-            return self._render_tile_triton(values_flat, coef, r2_pix, tile, agg_dtype)
+            sink(0, nb, self._render_tile_triton(values_flat, coef, r2_pix, tile, agg_dtype))
+            return
         k = self.K if isinstance(weights_kernel, compiled.RenderWeights) else self.tile_k(r2_pix)
         geometry = self.neighbours(tile, k)
         q = geometry[0]
         psi, rho, jd = self.neighbour_features(coef, tile, geometry)
-        vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
+        workspace = workspace if workspace is not None else self.workspace()
         if isinstance(weights_kernel, native.RenderWeights):
             spatial, ic = self.pixel_features_channels_first(tile)
-            if agg_dtype == torch.float32 and weights_kernel.fuses(vals):  # few channels: no weights, no GEMM
-                return weights_kernel.render(spatial, ic, psi, rho, jd, vals, r2_pix, geometry[3])
-            workspace = workspace if workspace is not None else self.workspace()
-            cb = chunk_blocks(self.device, self.P, k, q.shape[0], workspace.chunk_bytes)
+            channels = values_flat.shape[1]
+            if weights_kernel.fuses_channels(channels, values_flat.dtype):  # few channels: no weights, no GEMM
+                vals = gather_values(values_flat, q)
+                sink(0, nb, weights_kernel.render(spatial, ic, psi, rho, jd, vals, r2_pix, geometry[3]))
+                return
+            cb = render_chunk_blocks(self.device, self.P, k, channels, nb, workspace.chunk_bytes)
             weights_fn = weights_kernel.bind(spatial, ic, psi, rho, jd, r2_pix, geometry[3], workspace, cb)
             # render_blocks reads only the shape of its first argument when given weights_fn
-            return render_blocks(spatial.transpose(1, 2), psi, rho, jd, vals, None, agg_dtype, workspace, weights_fn, cb)
+            render_blocks(
+                spatial.transpose(1, 2), psi, rho, jd, (values_flat, q), None, agg_dtype, workspace, weights_fn, cb, sink
+            )
+            return
         phi = self.pixel_features(tile)
         if weights_kernel is not None:
             weights_fn = weights_kernel.bind(phi, psi, rho, jd, r2_pix, geometry[3])
-            return render_blocks(phi, psi, rho, jd, vals, None, agg_dtype, workspace, weights_fn, weights_kernel.cb)
+            render_blocks(phi, psi, rho, jd, (values_flat, q), None, agg_dtype, workspace, weights_fn, weights_kernel.cb, sink)
+            return
         mask = self.weights_mask(r2_pix, geometry[3], k)
-        return render_blocks(phi, psi, rho, jd, vals, mask, agg_dtype, workspace)
+        render_blocks(phi, psi, rho, jd, (values_flat, q), mask, agg_dtype, workspace, sink=sink)
 
     def _render_tile_triton(self, values_flat, coef, r2_pix, tile: Tile, agg_dtype) -> torch.Tensor:
         """:meth:`render_tile` through the Triton render kernel (no ``[B, K, C]`` gather)."""

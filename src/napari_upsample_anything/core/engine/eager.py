@@ -22,6 +22,9 @@ CPU_CHUNK_BYTES = 5 * 2**19
 # Fixed per-tile overhead of the chunk temporaries (log-weights, range, temporary, weights),
 # sized for the largest chunk a CPU or a small GPU tile uses.
 CHUNK_OVERHEAD_BYTES = 4 * CPU_CHUNK_BYTES
+# The most ``[chunk, C, P]`` float32 render output per chunk (CPU): written into the image
+# while it is still in the caches (render_chunk_blocks).
+CPU_RENDER_CHUNK_BYTES = 2**23
 
 
 class Workspace:
@@ -177,6 +180,28 @@ def block_attention(
     return _BlockAttention.apply(phi, psi, rho, jd, values, mask, agg_dtype, workspace, dist)
 
 
+def render_chunk_blocks(device: torch.device, p: int, k: int, c: int, nb: int, chunk_bytes: int = CPU_CHUNK_BYTES) -> int:
+    """Blocks per render chunk: :func:`chunk_blocks`, and on the CPU also no more than
+    :data:`CPU_RENDER_CHUNK_BYTES` of ``[chunk, C, P]`` float32 output (each chunk's output is
+    written into the image while it is in the caches)."""
+    cb = chunk_blocks(device, p, k, nb, chunk_bytes)
+    if device.type != "cpu":
+        return cb
+    return max(1, min(cb, CPU_RENDER_CHUNK_BYTES // max(1, c * p * 4)))
+
+
+def gather_values(values_flat: torch.Tensor, q: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[n, k, C]``: the rows ``q [n, k]`` of ``values_flat [h * w, C]`` (the neighbours' values),
+    written into ``out`` (any buffer of at least ``n * k * C`` elements) when given."""
+    n, k = q.shape
+    c = values_flat.shape[1]
+    if out is None:
+        return values_flat.index_select(0, q.reshape(-1)).reshape(n, k, c)
+    dest = out.reshape(-1)[: n * k * c].view(n * k, c)
+    torch.index_select(values_flat, 0, q.reshape(-1), out=dest)
+    return dest.view(n, k, c)
+
+
 def render_blocks(
     phi,
     psi,
@@ -188,7 +213,8 @@ def render_blocks(
     workspace: Optional[Workspace] = None,
     weights_fn=None,
     chunk: Optional[int] = None,
-) -> torch.Tensor:
+    sink=None,
+) -> Optional[torch.Tensor]:
     """Render one tile: ``[B, C, P]`` (channels first) = ``values^T @ softmax(log_w)^T`` per block.
 
     Same inputs and formulas as :class:`_BlockAttention` (no gradients). The output is laid
@@ -197,15 +223,32 @@ def render_blocks(
     time at C = 384). ``weights_fn(b0, b1) -> [n, P, K]`` replaces the eager log-weights and
     softmax of blocks ``b0:b1`` (the compiled path, :mod:`.compiled`), with ``chunk`` its fixed
     chunk size.
+
+    ``values``: the gathered neighbour values ``[B, K, C]``, or ``(values_flat [h * w, C],
+    q [B, K])`` to gather them chunk by chunk into a workspace buffer. ``sink(b0, b1,
+    out [n, C, P])``: receives each chunk's result (a workspace buffer, reused for the next
+    chunk) and nothing is returned; without it the whole ``[B, C, P]`` tile is returned. With
+    both, a tile never holds its ``[B, K, C]`` values or ``[B, C, P]`` output: at C = 384 those
+    were two fresh 77 MB tensors per 224^2 render, whose page faults and memory traffic took a
+    third of the render (docs/engine.md).
     """
     nb, p, k = phi.shape[0], phi.shape[1], psi.shape[2]
     g = jd.shape[2]
     ws = workspace if workspace is not None else Workspace(phi.device)
     wd = phi.dtype
     half = agg_dtype not in (torch.float32, torch.float64)
-    cb = chunk if chunk is not None else chunk_blocks(phi.device, p, k, nb, ws.chunk_bytes)
-    vals_t = values.to(agg_dtype if half else wd).transpose(1, 2)  # [B, C, K] (a view)
-    out = torch.empty(nb, vals_t.shape[1], p, dtype=wd, device=phi.device)
+    gathered = isinstance(values, tuple)
+    c = values[0].shape[1] if gathered else values.shape[2]
+    cb = chunk if chunk is not None else render_chunk_blocks(phi.device, p, k, c, nb, ws.chunk_bytes)
+    if gathered:
+        values_flat, q = values
+        vals_buf = ws.get("gathered_values", (cb, k, c), values_flat.dtype)
+    else:
+        vals_t = values.to(agg_dtype if half else wd).transpose(1, 2)  # [B, C, K] (a view)
+    if sink is None:
+        out = torch.empty(nb, c, p, dtype=wd, device=phi.device)
+    else:
+        out_buf = ws.get("rendered_chunk", (cb, c, p), wd)
     if weights_fn is None:
         logits_buf = ws.get("logits", (cb, p, k), wd)
         dist_buf = ws.get("range", (cb, p, k), wd)
@@ -220,10 +263,10 @@ def render_blocks(
         else:
             logits = torch.bmm(spatial[b0:b1], psi[b0:b1], out=logits_buf[:n])
             dist = dist_buf[:n]
-            for c in range(g):
-                ic = phi[b0:b1, :, 7 + c, None]
-                jc = jd[b0:b1, None, :, c]
-                if c == 0:
+            for ch in range(g):
+                ic = phi[b0:b1, :, 7 + ch, None]
+                jc = jd[b0:b1, None, :, ch]
+                if ch == 0:
                     torch.sub(ic, jc, out=dist).square_()
                 else:
                     tmp = torch.sub(ic, jc, out=tmp_buf[:n])
@@ -232,8 +275,15 @@ def render_blocks(
             if mask is not None:
                 logits.masked_fill_(mask[b0:b1], -math.inf)
             w = torch.softmax(logits, dim=-1, out=w_buf[:n])
-        if half:
-            out[b0:b1] = torch.bmm(vals_t[b0:b1], w.to(agg_dtype).transpose(1, 2)).to(wd)
+        if gathered:
+            v = gather_values(values_flat, q[b0:b1], vals_buf).to(agg_dtype if half else wd).transpose(1, 2)
         else:
-            torch.bmm(vals_t[b0:b1], w.transpose(1, 2), out=out[b0:b1])
-    return out
+            v = vals_t[b0:b1]
+        dest = out[b0:b1] if sink is None else out_buf[:n]
+        if half:
+            dest.copy_(torch.bmm(v, w.to(agg_dtype).transpose(1, 2)))
+        else:
+            torch.bmm(v, w.transpose(1, 2), out=dest)
+        if sink is not None:
+            sink(b0, b1, dest)
+    return out if sink is None else None

@@ -70,18 +70,21 @@ def fused_fit_tile_per_block(P: int, K: int, G: int, kept_inputs: bool, kernel: 
     return int(radius + coefficients + fit_input_build_per_block(P, K, G) + inputs)
 
 
-def native_render_per_block(P: int, k: int, G: int, C: int, agg_bytes: int = F32, affine: bool = False) -> int:
-    """Bytes per block of a render tile through the native weights kernel (weights in
-    cache-sized chunks, products as a GEMM).
+def native_render_per_block(P: int, k: int, G: int, C: int, agg_bytes: int = F32, fused: bool = False) -> int:
+    """Bytes per block of a render tile through the native weights kernel.
 
     Per block: pixel features ``[P, 7 + G]`` and their kernel-layout copies (``[6, P]``,
     ``[G, P]``), the radius; neighbour geometry and features (index, offsets, ``psi [6, k]``,
-    ``rho``, ``J' [k, G]`` and its copy); the gathered neighbour values ``[k, C]`` (float32,
-    or half precision plus its float32 view); the output ``[C, P]`` float32, its copy in image
-    layout when written, and one more with ``affine`` (the undo of a normalisation).
+    ``rho``, ``J' [k, G]`` and its copy). With ``fused`` (few channels, aggregated in the
+    kernel: :meth:`.native.RenderWeights.render`) also the gathered neighbour values ``[k, C]``
+    and the output ``[C, P]`` float32 with its copy in image layout. Otherwise the values are
+    gathered and the products written chunk by chunk into the workspace
+    (:func:`.eager.render_blocks`), which the memory log counts as kept, not per block.
     """
     pixel = P * ((7 + G) + 6 + G + 2 + 1) * F32
     neighbours = k * (F64 + 2 * F32 + 6 * F32 + F32 + 2 * G * F32)
+    if not fused:
+        return int(pixel + neighbours)
     values = k * C * (agg_bytes + (F32 if agg_bytes != F32 else 0))
-    outputs = P * C * F32 * (3 if affine else 2)
+    outputs = P * C * F32 * 2
     return int(pixel + neighbours + values + outputs)
