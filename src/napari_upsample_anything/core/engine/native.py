@@ -48,6 +48,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -190,6 +191,7 @@ def _load(lib_path: Path) -> Optional[ctypes.CDLL]:
         return None
     for name in ("fit_chunk", "render_weights", "exp2_values", "team_flush_denormals", "radius_sq_blocks"):
         getattr(lib, name).restype = None
+    lib.parameter_step.restype = ctypes.c_int64
     return lib
 
 
@@ -304,6 +306,42 @@ def radius_sq_blocks(src, taps_y, taps_x, py: int, px: int, alpha: float, radius
         ctypes.c_int64(py), ctypes.c_int64(px), ctypes.c_float(alpha), ctypes.c_int32(radius), _ptr(out),
     )  # fmt: skip
     return out
+
+
+def parameter_step(raw, coef_out, sigma_eff_out, adam=None, grad_coef=None) -> int:
+    """The fused fit's parameter work between two kernel passes, in one call (float32 tensors,
+    contiguous, updated in place; :class:`..fit.FusedParameters` calls it).
+
+    With ``grad_coef [4, N]`` (the loss's gradient in A, B, C, rho) and ``adam`` (an
+    :class:`..fit.Adam` on ``raw``, whose moments and step count are updated here): the chain rule
+    back to ``raw [4, N]`` and one Adam step of ``raw``. Then, in any case, the coefficients of
+    ``raw`` into ``coef_out [4, N]`` and ``max(sigma_x, sigma_y)`` into ``sigma_eff_out [N]``.
+    The same formulas as :func:`..field.kernel_coefficients_backward`, :meth:`..fit.Adam.step`
+    and :func:`..field.kernel_coefficients`, computed in float64 per cell and rounded once
+    (tested against them). Returns how many cells have non-finite parameters or a sigma that
+    overflowed or underflowed float32 (0 when the step is sound).
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the native library could not be built (no C compiler?)")
+    for name, t in (("raw", raw), ("coef_out", coef_out), ("sigma_eff_out", sigma_eff_out), ("grad_coef", grad_coef)):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"):
+            raise ValueError(f"parameter_step: {name} must be a contiguous float32 CPU tensor")
+    n = raw.numel() // 4
+    if grad_coef is None:
+        return int(lib.parameter_step(ctypes.c_int64(n), _ptr(raw), None, None, None, *[ctypes.c_double(0.0)] * 5,
+                                      _ptr(coef_out), _ptr(sigma_eff_out)))  # fmt: skip
+    lr = adam.lr  # the schedule's rate for this step, before the step count advances (as Adam.step)
+    adam.t += 1
+    step_size = lr / (1 - adam.beta1**adam.t)
+    bias2_sqrt = math.sqrt(1 - adam.beta2**adam.t)
+    return int(
+        lib.parameter_step(
+            ctypes.c_int64(n), _ptr(raw), _ptr(grad_coef), _ptr(adam.exp_avg), _ptr(adam.exp_avg_sq),
+            ctypes.c_double(adam.beta1), ctypes.c_double(adam.beta2), ctypes.c_double(step_size),
+            ctypes.c_double(bias2_sqrt), ctypes.c_double(adam.eps), _ptr(coef_out), _ptr(sigma_eff_out),
+        )
+    )  # fmt: skip
 
 
 def _ptr(t: torch.Tensor):
