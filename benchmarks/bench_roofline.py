@@ -12,8 +12,10 @@ ratio survives a different or a loaded machine better than seconds do), and wher
 * fit: ``forward`` (the native kernel's loss-only pass: log-weights, exp, aggregation, loss),
   ``backward`` (the kernel's gradient pass: its full time minus the forward; the native kernel
   also gathers the neighbours' coefficients and scatters their gradients itself), ``other``
-  (per-step work around the kernel: parameterisation and its backward, the dynamic radius, and
-  for the other kernels the gather and scatter) and ``Adam`` (the update);
+  (per-step work around the kernel: the dynamic radius and the tile loop, and for the other
+  kernels the gather and scatter) and ``update`` (the parameter update of the fit's loop,
+  :meth:`.fit.FusedParameters.update`: chain rule back to the raw parameters, Adam, the
+  divergence check and the next coefficients; one native call with the native kernel);
 * render: ``prep`` (neighbour geometry, coefficient and value gathers), ``weights``
   (log-weights + softmax, timed with a 1-channel product), ``products`` (weights x C channels, a batched GEMM) and ``write``
   (blocks into the ``(C, H, W)`` output); for at most ``native.FUSED_RENDER_MAX_CHANNELS``
@@ -45,7 +47,14 @@ from napari_upsample_anything.core.engine.backends import fit_kernel_name, nativ
 from napari_upsample_anything.core.engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions
 from napari_upsample_anything.core.engine.eager import render_blocks, render_chunk_blocks
 from napari_upsample_anything.core.field import KernelField, kernel_coefficients
-from napari_upsample_anything.core.fit import Adam, _ChunkedFit, _loss_and_grad_fused, schedule_gamma
+from napari_upsample_anything.core.fit import (
+    Adam,
+    FusedParameters,
+    _ChunkedFit,
+    _fused_pass,
+    _loss_and_grad_fused,
+    schedule_gamma,
+)
 from napari_upsample_anything.core.guide import Guide
 from napari_upsample_anything.core.render import bicubic_lr_guide, render_field
 from napari_upsample_anything.core.threads import flushed_denormals
@@ -135,14 +144,16 @@ class FitCase:
         self.raw = (raw + 0.2 * torch.randn(raw.shape, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
         self.adam = Adam(self.raw, lr=0.1, gamma=schedule_gamma(0.1))
         self.raw0 = self.raw.detach().clone()
+        self.params = FusedParameters(self.raw, self.adam, use_native=self.kernel == "native")  # as the fit's loop
+        self.zero_grad = torch.zeros(4, h * w)
         # every chunk evaluates all K offsets (the dynamic radius is a mask inside the kernel)
         self.pairs = sum(n * engine.P * engine.K for t in self.tiles for _, n, _, _ in self.prep.chunks(t))
         self.name = f"fit step {size}^2 ({h}^2 LR, {self.kernel})"
         self.size = size
 
     def step(self):
-        self.raw.grad = None
-        _loss_and_grad_fused(self.prep, self.tiles, self.raw, self.per_block, None, None)
+        """The kernel pass of one step of the fit's loop (loss and gradient in the coefficients)."""
+        _fused_pass(self.prep, self.tiles, *self.params.coefficients, self.per_block, None, None)
 
     def forward(self):
         with torch.no_grad():
@@ -172,10 +183,9 @@ class FitCase:
 
         return run
 
-    def adam_step(self):
-        with torch.no_grad():
-            self.raw.grad = torch.zeros_like(self.raw) if self.raw.grad is None else self.raw.grad
-        self.adam.step()
+    def update(self):
+        """The parameter update of one step of the fit's loop (a zero gradient: the field stays)."""
+        self.params.update(self.zero_grad, 0, 0.1)
         with torch.no_grad():
             self.raw.copy_(self.raw0)  # keep measuring the same field
 
@@ -280,7 +290,7 @@ def measure(args, threads: int, yard: Matmul, rows: list, log) -> None:
     for size in args.fit_sizes:
         case = FitCase(size, args.patch)
         case.step()  # warm: builds caches and the kernel's inputs
-        fns = {"matmul": yard, "step": case.step, "adam": case.adam_step}
+        fns = {"matmul": yard, "step": case.step, "update": case.update}
         if case.kernel == "native":
             fns["kernel"] = case.kernel_only(True)
             fns["forward"] = case.kernel_only(False)
@@ -290,10 +300,10 @@ def measure(args, threads: int, yard: Matmul, rows: list, log) -> None:
         mm = t["matmul"]
         kernel = t["kernel"]
         forward = t.get("forward", float("nan"))
-        step = t["step"] + t["adam"]
+        step = t["step"] + t["update"]
         parts = (
             f"forward {forward * 1e3:.1f} ms, backward {(kernel - forward) * 1e3:.1f} ms, "
-            f"other {(t['step'] - kernel) * 1e3:.1f} ms, Adam {t['adam'] * 1e3:.2f} ms"
+            f"other {(t['step'] - kernel) * 1e3:.1f} ms, update {t['update'] * 1e3:.2f} ms"
         )
         rows.append(
             dict(

@@ -487,7 +487,8 @@ def fit_field(
         try:
             if fused_path:
                 if params is None:
-                    params = FusedParameters(raw, adam, use_native=cache.kernel_name == "native")
+                    native_update = cache.kernel_name == "native" and raw.dtype == torch.float32
+                    params = FusedParameters(raw, adam, use_native=native_update)
                 loss, _, grad_coef = _fused_pass(cache, tiles, *params.coefficients, per_block, memlog, cancel, sampler)
             else:
                 loss, _ = _loss_and_grad(

@@ -328,8 +328,9 @@ def parameter_step(raw, coef_out, sigma_eff_out, adam=None, grad_coef=None) -> i
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"):
             raise ValueError(f"parameter_step: {name} must be a contiguous float32 CPU tensor")
     n = raw.numel() // 4
+    threads = ctypes.c_int64(max(1, torch.get_num_threads()))
     if grad_coef is None:
-        return int(lib.parameter_step(ctypes.c_int64(n), _ptr(raw), None, None, None, *[ctypes.c_double(0.0)] * 5,
+        return int(lib.parameter_step(threads, ctypes.c_int64(n), _ptr(raw), None, None, None, *[ctypes.c_double(0.0)] * 5,
                                       _ptr(coef_out), _ptr(sigma_eff_out)))  # fmt: skip
     lr = adam.lr  # the schedule's rate for this step, before the step count advances (as Adam.step)
     adam.t += 1
@@ -337,7 +338,7 @@ def parameter_step(raw, coef_out, sigma_eff_out, adam=None, grad_coef=None) -> i
     bias2_sqrt = math.sqrt(1 - adam.beta2**adam.t)
     return int(
         lib.parameter_step(
-            ctypes.c_int64(n), _ptr(raw), _ptr(grad_coef), _ptr(adam.exp_avg), _ptr(adam.exp_avg_sq),
+            threads, ctypes.c_int64(n), _ptr(raw), _ptr(grad_coef), _ptr(adam.exp_avg), _ptr(adam.exp_avg_sq),
             ctypes.c_double(adam.beta1), ctypes.c_double(adam.beta2), ctypes.c_double(step_size),
             ctypes.c_double(bias2_sqrt), ctypes.c_double(adam.eps), _ptr(coef_out), _ptr(sigma_eff_out),
         )
@@ -461,11 +462,6 @@ class RenderWeights:
     def fuses_channels(channels: int, dtype: torch.dtype) -> bool:
         """Whether :meth:`render` takes ``channels`` gathered values of ``dtype`` (few float32 channels)."""
         return dtype == torch.float32 and channels <= FUSED_RENDER_MAX_CHANNELS
-
-    @staticmethod
-    def fuses(values: torch.Tensor) -> bool:
-        """Whether :meth:`render` takes these gathered values ``[B, K, C]``."""
-        return RenderWeights.fuses_channels(values.shape[2], values.dtype)
 
     def render(self, spatial, ic, psi, rho, jd, vals, r2_pix, repeated) -> torch.Tensor:
         """``[B, C, P]`` render of a tile's blocks, weights and products in the kernel
