@@ -246,7 +246,7 @@ def test_channels_first_pixel_features_are_the_pixel_features(hr, lr, channels):
 @pytest.mark.parametrize("hr, lr", [((97, 83), (7, 6)), ((56, 70), (4, 5))])
 def test_render_chunks_that_split_block_rows_write_every_pixel_once(backend, hr, lr, monkeypatch):
     """Each render chunk is written into the image as soon as it is computed
-    (:meth:`BlockEngine.write_block_range`); chunks of 1, 4 or 5 blocks start and end inside
+    (:meth:`BlockEngine.tile_writer`); chunks of 1, 4 or 5 blocks start and end inside
     block rows. The image must not change, normalised (the undo applied in place per chunk) or not."""
     from napari_upsample_anything.core.engine import eager
 

@@ -94,19 +94,22 @@ def render_field(
         )
     if memlog is not None:
         memlog.keep(stage, 0)
+    undo = None
+    if affine is not None:
+        scale, shift = affine[0][None, :, None], affine[1][None, :, None]
+
+        def undo(rendered: torch.Tensor) -> None:  # in place: the engine's own float32 buffer
+            rendered.mul_(scale).add_(shift)
+
     while queue:
         tile = queue.pop(0)
         check_cancel(cancel, stage)
         t0 = time.perf_counter()
 
-        def write(b0: int, b1: int, rendered: torch.Tensor, tile=tile) -> None:
-            if affine is not None:  # in place: ``rendered`` is the engine's own float32 buffer
-                rendered.mul_(affine[0][None, :, None]).add_(affine[1][None, :, None])
-            engine.write_block_range(out, rendered, tile, b0, b1)
-
         try:
             # the meter reads the process's RSS (psutil, a system call): only when a memory log wants it
             with torch.no_grad(), TileMeter(engine.device) if memlog is not None else nullcontext() as meter:
+                write = engine.tile_writer(out, tile, undo)
                 engine.render_tile(values_flat, coef, sigma_eff, tile, agg_dtype, write, workspace, weights_kernel)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
             if not is_out_of_memory(exc):
