@@ -310,6 +310,10 @@ def test_estimate_arithmetic_from_given_rates():
     # memory: the fit keeps 40 B/px and its one tile (the whole image) allocates 20 B/px; the
     # 384-channel render keeps 1 MB and allocates 30 + 2 C B/px: the larger of the two
     assert est.working_bytes == int(max(60.0 * px, 1e6 + (30 + 2 * C) * px))
+    # what a render keeps grows with its channels when the rates say so (chunk buffers of values
+    # and products): 1 MB + 5 kB per channel
+    per_channel = estimate_run(_rates(render_resident_per_channel=5e3), (H, W), steps=50, hr_features="memory")
+    assert per_channel.working_bytes == int(max(60.0 * px, 1e6 + 5e3 * C + (30 + 2 * C) * px))
     kept = 4 * 3 * px + 4 * C * h * w + 4 * 3 * px  # guide, LR features, HR PCA
     assert est.kept_bytes == int(kept + 4 * C * px) and est.disk_bytes == 0
     assert est.text().startswith(f"about {format_seconds(est.total_seconds)}") and "busy" not in est.text()

@@ -105,7 +105,8 @@ class Rates:
     # the engine's accounting of what the paths really allocate (memory log, core.engine.footprint)
     fit_resident_per_px: float = 0.0  # bytes a fit keeps across steps, per HR pixel of the image
     fit_tile_per_px: float = 0.0  # bytes a fit tile allocates per HR pixel of the tile
-    render_resident: float = 0.0  # bytes a render keeps for every tile (workspace)
+    render_resident: float = 0.0  # bytes a render keeps for every tile (workspace), any channel count
+    render_resident_per_channel: float = 0.0  # ... and per channel (its chunk buffers of values and products)
     render_tile_per_px: float = 0.0  # bytes a render tile allocates per HR pixel, any channel count
     render_tile_per_px_channel: float = 0.0  # ... and per HR pixel and channel
     render_planned_per_px: float = 0.0  # planned bytes of a render tile per HR pixel, any channel count
@@ -295,6 +296,7 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
     # bytes: two channel counts give the per-pixel and per-channel parts (a straight line)
     alloc_slope = (rlog.peak_allocated_bytes - slog.peak_allocated_bytes) / big_px / (WIDE - 3)
     plan_slope = (rlog.peak_planned_bytes - slog.peak_planned_bytes) / big_px / (WIDE - 3)
+    resident_slope = (rlog.resident_bytes - slog.resident_bytes) / (WIDE - 3)
     rates = Rates(
         fit_step_per_px=step_per_px,
         fit_fixed=fixed,
@@ -312,7 +314,10 @@ def measure_rates(device: str = "cpu", precision: str = "auto", threads: int = 1
         block_fixed=block_fixed,
         fit_resident_per_px=float(log.resident_bytes) / px,
         fit_tile_per_px=float(log.peak_allocated_bytes) / px,
-        render_resident=float(rlog.resident_bytes),
+        # a straight line through the two renders, as for the tiles: a few channels keep nothing (the
+        # kernel aggregates them), many keep chunk buffers of gathered values and products
+        render_resident=max(0.0, slog.resident_bytes - 3 * resident_slope),
+        render_resident_per_channel=resident_slope,
         render_tile_per_px=max(0.0, slog.peak_allocated_bytes / big_px - 3 * alloc_slope),
         render_tile_per_px_channel=alloc_slope,
         render_planned_per_px=max(0.0, slog.peak_planned_bytes / big_px - 3 * plan_slope),
@@ -406,7 +411,8 @@ def working_bytes(rates: Rates, px: float, channels: int, budget_bytes: Optional
     fit = fit_kept + rates.fit_tile_per_px * tile_pixels(rates.fit_planned_per_px, px, cap)
     render_planned = rates.render_planned_per_px + rates.render_planned_per_px_channel * channels
     render_tile = tile_pixels(render_planned, px, cap)
-    render = rates.render_resident + (rates.render_tile_per_px + rates.render_tile_per_px_channel * channels) * render_tile
+    render_kept = rates.render_resident + rates.render_resident_per_channel * channels
+    render = render_kept + (rates.render_tile_per_px + rates.render_tile_per_px_channel * channels) * render_tile
     return min(max(fit, render), budget)
 
 
