@@ -45,7 +45,7 @@ import napari_upsample_anything as upa
 from napari_upsample_anything.core.engine import native
 from napari_upsample_anything.core.engine.backends import fit_kernel_name, native_usable
 from napari_upsample_anything.core.engine.blocks import CPU_PREFERRED_TILE_BYTES, BlockEngine, RenderOptions
-from napari_upsample_anything.core.engine.eager import render_blocks, render_chunk_blocks
+from napari_upsample_anything.core.engine.eager import gather_values, render_blocks, render_chunk_blocks
 from napari_upsample_anything.core.field import KernelField, kernel_coefficients
 from napari_upsample_anything.core.fit import (
     Adam,
@@ -230,7 +230,7 @@ class RenderCase:
             phi = eng.pixel_features(tile)
             spatial = ic = None
         psi, rho, jd = eng.neighbour_features(coef, tile, geometry)
-        vals = self.values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
+        vals = gather_values(self.values_flat, q)
         return dict(
             tile=tile, phi=phi, spatial=spatial, ic=ic, psi=psi, rho=rho, jd=jd, vals=vals, q=q,
             mask=eng.weights_mask(r2, geometry[3], k), r2=r2, repeated=geometry[3],

@@ -39,7 +39,7 @@ from .engine.compiled import (
     spatial_coefficients_backward,
     warn_fallback,
 )
-from .engine.eager import block_attention
+from .engine.eager import block_attention, gather_values
 from .errors import Cancelled, FitDivergedError
 from .field import KernelField, kernel_coefficients, kernel_coefficients_backward
 from .guide import Guide
@@ -318,7 +318,7 @@ class _ChunkedFit:
         if not eng.regular:
             weight = weight * eng.tile_valid(tile)
         rep = repeated[:, 0, :] if repeated is not None else torch.zeros(nb, K, dtype=torch.bool, device=eng.device)
-        vals = self.values_flat.index_select(0, q.reshape(-1)).reshape(nb, K, -1)
+        vals = gather_values(self.values_flat, q)
         g = eng.channels
         channel_major = {
             "phi": phi[:, :, :6].transpose(1, 2),
@@ -622,7 +622,7 @@ def _loss_and_grad(engine, cache, tiles, raw, values_flat, n_values, per_block, 
                 geometry = _rows(picked, *geometry)
             q = geometry[0]
             mask = engine.weights_mask(r2, geometry[3], k)
-            vals = values_flat.index_select(0, q.reshape(-1)).reshape(q.shape[0], k, -1)
+            vals = gather_values(values_flat, q)
             out = block_attention(phi, psi, rho, jd, vals, mask, cache.agg_dtype, cache.workspace, dist)
             diff = (out - target).abs_()
             if valid is not None:
