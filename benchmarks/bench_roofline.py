@@ -249,17 +249,13 @@ class RenderCase:
         """The weights, and with ``with_products`` the products, as :meth:`.BlockEngine.render_tile`
         computes them: neighbour values gathered and products made chunk by chunk (the chunks'
         writing into the image is :meth:`write`)."""
-        ones = None
         discard = lambda b0, b1, chunk: None  # noqa: E731
+        ones_flat = self.values_flat[:, :1].contiguous()
 
         def run():
-            nonlocal ones
             for p in self.prepared:
-                vals = (self.values_flat, p["q"])
-                if not with_products:  # the same weights, aggregated into one channel only
-                    if ones is None or ones.shape[0] != p["vals"].shape[0] or ones.shape[1] != p["vals"].shape[1]:
-                        ones = p["vals"][:, :, :1].contiguous()
-                    vals = ones
+                # without products: the same weights, aggregated into one channel only
+                vals = (self.values_flat if with_products else ones_flat, p["q"])
                 if self.native is None:  # eager log-weights and softmax
                     render_blocks(
                         p["phi"], p["psi"], p["rho"], p["jd"], vals, p["mask"], torch.float32, self.workspace, sink=discard
@@ -274,7 +270,9 @@ class RenderCase:
                 fn = self.native.bind(
                     p["spatial"], p["ic"], p["psi"], p["rho"], p["jd"], p["r2"], p["repeated"], self.workspace, cb
                 )
-                render_blocks(p["phi"], p["psi"], p["rho"], p["jd"], vals, None, torch.float32, self.workspace, fn, cb, discard)
+                render_blocks(
+                    p["phi"], p["psi"], p["rho"], p["jd"], vals, None, torch.float32, self.workspace, fn, cb, sink=discard
+                )
 
         return run
 

@@ -541,13 +541,15 @@ class BlockEngine:
             weights_fn = weights_kernel.bind(spatial, ic, psi, rho, jd, r2_pix, geometry[3], workspace, cb)
             # render_blocks reads only the shape of its first argument when given weights_fn
             render_blocks(
-                spatial.transpose(1, 2), psi, rho, jd, (values_flat, q), None, agg_dtype, workspace, weights_fn, cb, sink
+                spatial.transpose(1, 2), psi, rho, jd, (values_flat, q), None, agg_dtype, workspace, weights_fn, cb, sink=sink
             )
             return
         phi = self.pixel_features(tile)
         if weights_kernel is not None:
             weights_fn = weights_kernel.bind(phi, psi, rho, jd, r2_pix, geometry[3])
-            render_blocks(phi, psi, rho, jd, (values_flat, q), None, agg_dtype, workspace, weights_fn, weights_kernel.cb, sink)
+            render_blocks(
+                phi, psi, rho, jd, (values_flat, q), None, agg_dtype, workspace, weights_fn, weights_kernel.cb, sink=sink
+            )
             return
         mask = self.weights_mask(r2_pix, geometry[3], k)
         render_blocks(phi, psi, rho, jd, (values_flat, q), mask, agg_dtype, workspace, sink=sink)

@@ -213,42 +213,33 @@ def render_blocks(
     workspace: Optional[Workspace] = None,
     weights_fn=None,
     chunk: Optional[int] = None,
-    sink=None,
-) -> Optional[torch.Tensor]:
-    """Render one tile: ``[B, C, P]`` (channels first) = ``values^T @ softmax(log_w)^T`` per block.
+    *,
+    sink,
+) -> None:
+    """Render one tile chunk by chunk: ``[n, C, P]`` (channels first) = ``values^T @
+    softmax(log_w)^T`` per block, handed to ``sink(b0, b1, out)`` for blocks ``b0:b1``.
 
-    Same inputs and formulas as :class:`_BlockAttention` (no gradients). The output is laid
-    out ``[B, C, P]`` so that the tile image ``(C, rows, cols)`` is a copy of contiguous runs
-    of ``P_x`` pixels (the ``[B, P, C]`` layout had to be read with stride C, 32 % of render
-    time at C = 384). ``weights_fn(b0, b1) -> [n, P, K]`` replaces the eager log-weights and
-    softmax of blocks ``b0:b1`` (the compiled path, :mod:`.compiled`), with ``chunk`` its fixed
-    chunk size.
-
-    ``values``: the gathered neighbour values ``[B, K, C]``, or ``(values_flat [h * w, C],
-    q [B, K])`` to gather them chunk by chunk into a workspace buffer. ``sink(b0, b1,
-    out [n, C, P])``: receives each chunk's result (a workspace buffer, reused for the next
-    chunk) and nothing is returned; without it the whole ``[B, C, P]`` tile is returned. With
-    both, a tile never holds its ``[B, K, C]`` values or ``[B, C, P]`` output: at C = 384 those
-    were two fresh 77 MB tensors per 224^2 render, whose page faults and memory traffic took a
-    third of the render (docs/engine.md).
+    Same formulas as :class:`_BlockAttention` (no gradients). ``values = (values_flat [h * w, C],
+    q [B, K])``: the neighbours' values are gathered chunk by chunk into a workspace buffer, and
+    ``out`` is a workspace buffer too, reused for the next chunk (the sink writes or copies it),
+    so a tile never holds its ``[B, K, C]`` values or ``[B, C, P]`` output: at C = 384 those were
+    two fresh 77 MB tensors per 224^2 render, whose page faults and memory traffic took a third
+    of the render (docs/engine.md). The output is channels-first so that the image ``(C, H, W)``
+    is reached by copying contiguous runs of ``P_x`` pixels (the ``[B, P, C]`` layout had to be
+    read with stride C, 32 % of render time at C = 384). ``weights_fn(b0, b1) -> [n, P, K]``
+    replaces the eager log-weights and softmax of blocks ``b0:b1`` (the compiled and native
+    paths), with ``chunk`` its fixed chunk size.
     """
     nb, p, k = phi.shape[0], phi.shape[1], psi.shape[2]
     g = jd.shape[2]
     ws = workspace if workspace is not None else Workspace(phi.device)
     wd = phi.dtype
     half = agg_dtype not in (torch.float32, torch.float64)
-    gathered = isinstance(values, tuple)
-    c = values[0].shape[1] if gathered else values.shape[2]
+    values_flat, q = values
+    c = values_flat.shape[1]
     cb = chunk if chunk is not None else render_chunk_blocks(phi.device, p, k, c, nb, ws.chunk_bytes)
-    if gathered:
-        values_flat, q = values
-        vals_buf = ws.get("gathered_values", (cb, k, c), values_flat.dtype)
-    else:
-        vals_t = values.to(agg_dtype if half else wd).transpose(1, 2)  # [B, C, K] (a view)
-    if sink is None:
-        out = torch.empty(nb, c, p, dtype=wd, device=phi.device)
-    else:
-        out_buf = ws.get("rendered_chunk", (cb, c, p), wd)
+    vals_buf = ws.get("gathered_values", (cb, k, c), values_flat.dtype)
+    out_buf = ws.get("rendered_chunk", (cb, c, p), wd)
     if weights_fn is None:
         logits_buf = ws.get("logits", (cb, p, k), wd)
         dist_buf = ws.get("range", (cb, p, k), wd)
@@ -275,15 +266,11 @@ def render_blocks(
             if mask is not None:
                 logits.masked_fill_(mask[b0:b1], -math.inf)
             w = torch.softmax(logits, dim=-1, out=w_buf[:n])
-        if gathered:
-            v = gather_values(values_flat, q[b0:b1], vals_buf).to(agg_dtype if half else wd).transpose(1, 2)
-        else:
-            v = vals_t[b0:b1]
-        dest = out[b0:b1] if sink is None else out_buf[:n]
+        # [n, C, K] (a view of the gathered [n, K, C])
+        v = gather_values(values_flat, q[b0:b1], vals_buf).to(agg_dtype if half else wd).transpose(1, 2)
+        dest = out_buf[:n]
         if half:
             dest.copy_(torch.bmm(v, w.to(agg_dtype).transpose(1, 2)))
         else:
             torch.bmm(v, w.transpose(1, 2), out=dest)
-        if sink is not None:
-            sink(b0, b1, dest)
-    return out if sink is None else None
+        sink(b0, b1, dest)
