@@ -81,15 +81,20 @@ class Adam:
     def lr(self) -> float:
         return self.lr0 * self.gamma**self.t
 
+    def advance(self) -> Tuple[float, float, float]:
+        """Count one step: the schedule's rate for it and Adam's bias corrections
+        ``(lr, 1 - beta1^t, 1 - beta2^t)`` (also used by the native step, which updates the
+        moments itself: :func:`.engine.native.parameter_step`)."""
+        lr = self.lr
+        self.t += 1
+        return lr, 1 - self.beta1**self.t, 1 - self.beta2**self.t
+
     @torch.no_grad()
     def step(self) -> None:
         grad = self.param.grad
-        lr = self.lr
-        self.t += 1
+        lr, bias1, bias2 = self.advance()
         self.exp_avg.lerp_(grad, 1 - self.beta1)
         self.exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        bias1 = 1 - self.beta1**self.t
-        bias2 = 1 - self.beta2**self.t
         denom = (self.exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(self.eps)
         self.param.addcdiv_(self.exp_avg, denom, value=-lr / bias1)
         self.param.grad = None

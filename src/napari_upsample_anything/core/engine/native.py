@@ -332,10 +332,8 @@ def parameter_step(raw, coef_out, sigma_eff_out, adam=None, grad_coef=None) -> i
     if grad_coef is None:
         return int(lib.parameter_step(threads, ctypes.c_int64(n), _ptr(raw), None, None, None, *[ctypes.c_double(0.0)] * 5,
                                       _ptr(coef_out), _ptr(sigma_eff_out)))  # fmt: skip
-    lr = adam.lr  # the schedule's rate for this step, before the step count advances (as Adam.step)
-    adam.t += 1
-    step_size = lr / (1 - adam.beta1**adam.t)
-    bias2_sqrt = math.sqrt(1 - adam.beta2**adam.t)
+    lr, bias1, bias2 = adam.advance()
+    step_size, bias2_sqrt = lr / bias1, math.sqrt(bias2)
     return int(
         lib.parameter_step(
             threads, ctypes.c_int64(n), _ptr(raw), _ptr(grad_coef), _ptr(adam.exp_avg), _ptr(adam.exp_avg_sq),
