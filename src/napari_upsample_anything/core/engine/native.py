@@ -204,6 +204,16 @@ def plain_build() -> Optional[ctypes.CDLL]:
     return _load(path) if path is not None else None
 
 
+def portable_build() -> Optional[ctypes.CDLL]:
+    """The library built without AVX-512 (``-mno-avx512f``): the portable loops that CPUs without
+    AVX-512 run (the AVX-512 build takes intrinsic paths for the fit kernel's separable blocks),
+    to test them on a CPU that has it; None without a compiler."""
+    cc = _compiler()
+    flags = _flag_choices()[-1] + ["-mno-avx512f"]
+    path = _build(cc, flags, ["-shared", "-fopenmp"]) if cc else None
+    return _load(path) if path is not None else None
+
+
 def available() -> bool:
     """Whether the native CPU kernel can be built and loaded here."""
     return _library() is not None
@@ -229,6 +239,22 @@ def exp2_values(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous().to(torch.float32)
     out = torch.empty_like(x)
     lib.exp2_values(ctypes.c_int64(x.numel()), _ptr(x), _ptr(out))
+    return out
+
+
+def exp2_values_avx512(x: torch.Tensor, lib=None) -> Optional[torch.Tensor]:
+    """The AVX-512 fit kernel's ``2^x`` (table, degree-2 polynomial and VSCALEFPS, no clamp) on
+    float32 ``x``, to test its error bound; None from a library built without AVX-512 (``lib``:
+    another build, default this one)."""
+    lib = lib if lib is not None else _library()
+    if lib is None:
+        raise RuntimeError("the native library could not be built (no C compiler?)")
+    if not hasattr(lib, "exp2_values_avx512"):
+        return None
+    x = x.contiguous().to(torch.float32)
+    out = torch.empty_like(x)
+    lib.exp2_values_avx512.restype = ctypes.c_int
+    lib.exp2_values_avx512(ctypes.c_int64(x.numel()), _ptr(x), _ptr(out))
     return out
 
 

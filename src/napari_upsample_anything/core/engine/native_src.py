@@ -43,6 +43,119 @@ static inline float exp2_kept(float x, uint32_t keep)
     return u.f;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static const float EXP2_TABLE[32] = {
+    1.0f, 1.0218971486541166f, 1.0442737824274138f, 1.0671404006768237f, 1.0905077326652577f, 1.1143867425958924f,
+    1.1387886347566916f, 1.1637248587775775f, 1.1892071150027210f, 1.2152473599804690f, 1.2418578120734840f,
+    1.2690509571917332f, 1.2968395546510096f, 1.3252366431597413f, 1.3542555469368927f, 1.3839098819638320f,
+    1.4142135623730951f, 1.4451808069770467f, 1.4768261459394993f, 1.5091644275934228f, 1.5422108254079407f,
+    1.5759808451078865f, 1.6104903319492543f, 1.6457554781539650f, 1.6817928305074290f, 1.7186192981224779f,
+    1.7562521603732995f, 1.7947090750031072f, 1.8340080864093424f, 1.8741676341102999f, 1.9152065613971474f,
+    1.9571441241754002f};
+/* The horizontal sums of four vectors at once (256-bit halves, then pairwise): out[i] = sum of v_i. */
+static inline void reduce_add4(__m512 v0, __m512 v1, __m512 v2, __m512 v3, float out[4])
+{
+    const __m256 h0 = _mm256_add_ps(_mm512_castps512_ps256(v0), _mm512_extractf32x8_ps(v0, 1));
+    const __m256 h1 = _mm256_add_ps(_mm512_castps512_ps256(v1), _mm512_extractf32x8_ps(v1, 1));
+    const __m256 h2 = _mm256_add_ps(_mm512_castps512_ps256(v2), _mm512_extractf32x8_ps(v2, 1));
+    const __m256 h3 = _mm256_add_ps(_mm512_castps512_ps256(v3), _mm512_extractf32x8_ps(v3, 1));
+    const __m256 g = _mm256_hadd_ps(_mm256_hadd_ps(h0, h1), _mm256_hadd_ps(h2, h3));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1)));
+}
+/* 2^x (AVX-512) into e, for lanes whose bit in keep is set, exactly 0 for the others (dropped
+   pairs), for finite x (neither -inf nor NaN: the kernels' coefficients and offsets are finite
+   and bounded). x = n + j/32 + r with n + j/32 = x rounded to 1/32 (VRNDSCALEPS) and r in
+   [-1/64, 1/64]: 2^(j/32) from a 32-entry table (t_lo, t_hi: EXP2_TABLE's halves; VPERMT2PS,
+   indexed by the low bits of x + 1.5 * 2^18, which hold round(32 x)), 2^r = 1 + r (c1 + r c2)
+   (minimax for relative error on [-1/64, 1/64], 5.3e-8), and 2^n applied by VSCALEFPS: below
+   2^-126 it gives 0 (under the kernels' flush-to-zero), above 2^127 inf (the denominator check
+   then redoes the pixel), so no clamp is needed. Relative error < 2e-7 evaluated in float32
+   (tests/test_native_speedpaths.py). Three multiply-adds instead of the portable exp2_neg's
+   five, no clamps, no integer conversion and no exponent-bit arithmetic. A macro: as an inline
+   function, GCC reloaded the table in every iteration of the fit kernel's loops (measured 5 %
+   slower). */
+#define EXP2_AVX512(x, keep, t_lo, t_hi, e) { \
+        const __m512 nf_ = _mm512_roundscale_ps(x, (5 << 4) | _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); \
+        const __m512i j_ = _mm512_castps_si512(_mm512_add_ps(x, _mm512_set1_ps(393216.0f))); \
+        const __m512 r_ = _mm512_sub_ps(x, nf_); \
+        const __m512 t_ = _mm512_permutex2var_ps(t_lo, j_, t_hi); \
+        const __m512 p_ = _mm512_mul_ps(r_, _mm512_fmadd_ps(r_, _mm512_set1_ps(0.24022676f), _mm512_set1_ps(0.69315733f))); \
+        e = _mm512_maskz_scalef_ps(keep, _mm512_fmadd_ps(t_, p_, t_), nf_); }
+
+/* EXP2_AVX512 on n values (all kept), for the error-bound test. Returns 1 (0 from the library
+   built without AVX-512, which leaves out unchanged). */
+int exp2_values_avx512(int64_t n, const float *x, float *out)
+{
+    const __m512 t_lo = _mm512_loadu_ps(EXP2_TABLE), t_hi = _mm512_loadu_ps(EXP2_TABLE + 16);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 lanes = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 e;
+        EXP2_AVX512(_mm512_maskz_loadu_ps(lanes, x + i), lanes, t_lo, t_hi, e)
+        _mm512_mask_storeu_ps(out + i, lanes, e);
+    }
+    return 1;
+}
+
+/* PIXEL_PASS for AVX-512 (separable blocks), with EXP2_AVX512: one pixel's weights and range
+   terms for 16 neighbours into e and d, stored to E + k and D + k. lx, i0, i1, i2: the pixel's
+   (broadcast); J0 .. J2, P0, RB, RC, RR: the neighbours' (loaded by the caller). */
+#define PIXEL_WEIGHTS_AVX512(lx, i0, i1, i2, E, D, e) { \
+        const __m512 t0_ = _mm512_sub_ps(i0, J0), t1_ = _mm512_sub_ps(i1, J1), t2_ = _mm512_sub_ps(i2, J2); \
+        const __m512 d_ = _mm512_fmadd_ps(t2_, t2_, _mm512_fmadd_ps(t1_, t1_, _mm512_mul_ps(t0_, t0_))); \
+        const __m512 x_ = _mm512_fnmadd_ps(RR, d_, _mm512_fmadd_ps(_mm512_fmadd_ps(lx, P0, RB), lx, RC)); \
+        EXP2_AVX512(x_, keep, t_lo, t_hi, e) \
+        _mm512_store_ps(D + k, d_); _mm512_store_ps(E + k, e); }
+
+/* The fit kernel's separable one-pass forward (PIXEL_PASS) for AVX-512: n = 1 or 2 pixels of one
+   row (the same row coefficients row_b, row_c and the same keep mask) per pass, sharing the
+   neighbours' loads. lx[u], ii[u][g]: pixel u's lx and guide values; writes its weights and
+   range terms to E[u] and D[u] and its denominator and sums to sums[u]. */
+static inline void pixel_pass_avx512(int n, int64_t KQ, const float lx[2], const float ii[2][3], const float *p0,
+                                     const float *row_b, const float *row_c, const float *rr, const float *j0,
+                                     const float *j1, const float *j2, const uint16_t *keep_bits, const float *v0,
+                                     const float *v1, const float *v2, float *E[2], float *D[2], float sums[2][4])
+{
+    const __m512 t_lo = _mm512_loadu_ps(EXP2_TABLE), t_hi = _mm512_loadu_ps(EXP2_TABLE + 16);
+    const __m512 lxa = _mm512_set1_ps(lx[0]);
+    const __m512 ia0 = _mm512_set1_ps(ii[0][0]), ia1 = _mm512_set1_ps(ii[0][1]), ia2 = _mm512_set1_ps(ii[0][2]);
+    __m512 sa = _mm512_setzero_ps(), aa0 = _mm512_setzero_ps(), aa1 = _mm512_setzero_ps(), aa2 = _mm512_setzero_ps();
+    if (n > 1) {
+        const __m512 lxb = _mm512_set1_ps(lx[1]);
+        const __m512 ib0 = _mm512_set1_ps(ii[1][0]), ib1 = _mm512_set1_ps(ii[1][1]), ib2 = _mm512_set1_ps(ii[1][2]);
+        __m512 sb = _mm512_setzero_ps(), ab0 = _mm512_setzero_ps(), ab1 = _mm512_setzero_ps(), ab2 = _mm512_setzero_ps();
+        for (int64_t k = 0; k < KQ; k += 16) {
+            const __mmask16 keep = (__mmask16)keep_bits[k >> 4];
+            const __m512 J0 = _mm512_load_ps(j0 + k), J1 = _mm512_load_ps(j1 + k), J2 = _mm512_load_ps(j2 + k);
+            const __m512 P0 = _mm512_load_ps(p0 + k), RB = _mm512_load_ps(row_b + k), RC = _mm512_load_ps(row_c + k);
+            const __m512 RR = _mm512_load_ps(rr + k);
+            __m512 ea, eb;
+            PIXEL_WEIGHTS_AVX512(lxa, ia0, ia1, ia2, E[0], D[0], ea)
+            PIXEL_WEIGHTS_AVX512(lxb, ib0, ib1, ib2, E[1], D[1], eb)
+            const __m512 V0 = _mm512_load_ps(v0 + k), V1 = _mm512_load_ps(v1 + k), V2 = _mm512_load_ps(v2 + k);
+            sa = _mm512_add_ps(sa, ea); aa0 = _mm512_fmadd_ps(ea, V0, aa0); aa1 = _mm512_fmadd_ps(ea, V1, aa1); aa2 = _mm512_fmadd_ps(ea, V2, aa2);
+            sb = _mm512_add_ps(sb, eb); ab0 = _mm512_fmadd_ps(eb, V0, ab0); ab1 = _mm512_fmadd_ps(eb, V1, ab1); ab2 = _mm512_fmadd_ps(eb, V2, ab2);
+        }
+        reduce_add4(sb, ab0, ab1, ab2, sums[1]);
+    } else {
+        for (int64_t k = 0; k < KQ; k += 16) {
+            const __mmask16 keep = (__mmask16)keep_bits[k >> 4];
+            const __m512 J0 = _mm512_load_ps(j0 + k), J1 = _mm512_load_ps(j1 + k), J2 = _mm512_load_ps(j2 + k);
+            const __m512 P0 = _mm512_load_ps(p0 + k), RB = _mm512_load_ps(row_b + k), RC = _mm512_load_ps(row_c + k);
+            const __m512 RR = _mm512_load_ps(rr + k);
+            __m512 ea;
+            PIXEL_WEIGHTS_AVX512(lxa, ia0, ia1, ia2, E[0], D[0], ea)
+            sa = _mm512_add_ps(sa, ea);
+            aa0 = _mm512_fmadd_ps(ea, _mm512_load_ps(v0 + k), aa0);
+            aa1 = _mm512_fmadd_ps(ea, _mm512_load_ps(v1 + k), aa1);
+            aa2 = _mm512_fmadd_ps(ea, _mm512_load_ps(v2 + k), aa2);
+        }
+    }
+    reduce_add4(sa, aa0, aa1, aa2, sums[0]);
+}
+#undef PIXEL_WEIGHTS_AVX512
+#endif
+
 /* exp2_neg on n values (after the kernels' clamp to [-126, 115]), for the error-bound test. */
 void exp2_values(int64_t n, const float *x, float *out)
 {
@@ -106,6 +219,123 @@ static void scatter_add_ordered(int64_t threads, int64_t n, int64_t N, const int
     }
 }
 
+/* Keep masks cached per radius within a block (fit_chunk): slot i holds the mask of pixels
+   whose squared radius is r2[i]. */
+#define MASK_SLOTS 16
+struct mask_slots { int32_t r2[MASK_SLOTS]; int64_t kept[MASK_SLOTS]; int n, victim; };
+
+/* The slot holding the keep mask of squared radius r2 (kz: MASK_SLOTS x KP uint32, all ones
+   where r2_off[k] <= r2 and not repeated[k], else 0; kbits: the same as bits), made if no slot
+   holds it. When all slots are taken one is reused, never one of busy[0 .. n_busy - 1] (the
+   slots that the other pixels of the current group use). */
+static int keep_mask_slot(struct mask_slots *m, int32_t r2, const int *busy, int n_busy, int64_t K, int64_t KP,
+                          const int32_t *r2_off, const uint8_t *rep, uint32_t *kz, uint16_t *kbits)
+{
+    for (int i = 0; i < m->n; ++i) if (m->r2[i] == r2) return i;
+    int i = m->n;
+    if (i < MASK_SLOTS) {
+        m->n += 1;
+    } else {
+        for (;;) {
+            i = m->victim;
+            m->victim = (m->victim + 1) % MASK_SLOTS;
+            int taken = 0;
+            for (int j = 0; j < n_busy; ++j) taken |= busy[j] == i;
+            if (!taken) break;
+        }
+    }
+    uint32_t *kq = kz + i * KP;
+    uint16_t *bq = kbits + i * (KP / 16);
+    memset(kq, 0, sizeof(uint32_t) * KP);
+    memset(bq, 0, sizeof(uint16_t) * (KP / 16));
+    int64_t last = 0;
+    for (int64_t k = 0; k < K; ++k) {
+        kq[k] = (r2_off[k] <= r2 && !rep[k]) ? 0xFFFFFFFFu : 0u;
+        if (kq[k]) { last = k + 1; bq[k >> 4] |= (uint16_t)(1u << (k & 15)); }
+    }
+    m->r2[i] = r2;
+    m->kept[i] = (last + 15) / 16 * 16;
+    return i;
+}
+
+/* The gradient of neighbours k0 .. k0 + n - 1 of block b in their A, B, C and rho (grad_coef [4, B, K])
+   from the sums a_0 .. a_5 (in their six spatial coefficients) and a_r (in rho), indexed from 0:
+   the chain rule through the quadratic form (compiled.spatial_coefficients_backward). */
+static inline void spatial_chain_rule(int64_t n, int64_t k0, int64_t b, int64_t B, int64_t K, const float *dyb,
+                                      const float *dxb, const float *a_0, const float *a_1, const float *a_2,
+                                      const float *a_3, const float *a_4, const float *a_5, const float *a_r,
+                                      float *grad_coef)
+{
+    for (int64_t j = 0; j < n; ++j) {
+        const int64_t k = k0 + j;
+        const float dy = dyb[k], dx = dxb[k];
+        grad_coef[b * K + k] = -a_0[j] + 2.0f * a_3[j] * dx - a_5[j] * dx * dx;
+        grad_coef[(B + b) * K + k] = -2.0f * a_1[j] + 2.0f * a_3[j] * dy + 2.0f * a_4[j] * dx - 2.0f * a_5[j] * dx * dy;
+        grad_coef[(2 * B + b) * K + k] = -a_2[j] + 2.0f * a_4[j] * dy - a_5[j] * dy * dy;
+        grad_coef[(3 * B + b) * K + k] = a_r[j];
+    }
+}
+#if defined(__AVX512F__)
+/* The gradient pass of a separable block (AVX-512), 32 neighbours (two vectors) at a time over
+   all pixel rows: per row the sums S0 = sum gl, S1 = sum lx gl, S2 = sum lx^2 gl (registers),
+   folded into the six spatial sums when the row ends; a_r -= d gl. The same terms and per-row
+   order as GRADIENT_ROW_PIXEL, with the pixels' six factors broadcast once per two vectors.
+   E, D: [NL, KP] weights and range terms; c0..cc, lx, lx2, ly, ly2 per slot; KB[p] the pixel's
+   kept prefix (its E and D are valid below it); rows as row_at. Writes grad_coef of block b. */
+static void gradient_rows_avx512(int64_t K, int64_t KP, int64_t kb_max, const float *E, const float *D,
+                                 const float *A0, const float *A1, const float *A2, const float *CC, const float *LX,
+                                 const float *LX2, const float *LY, const float *LY2, const int64_t *KB,
+                                 int64_t n_rows, const int32_t *row_at, const float *v0, const float *v1, const float *v2,
+                                 int64_t b, int64_t B, const float *dyb, const float *dxb, float *grad_coef)
+{
+    for (int64_t k0 = 0; k0 < KP; k0 += 32) {
+        float a[7][32] __attribute__((aligned(64)));  /* a_0 .. a_5, a_r of these 32 neighbours */
+        memset(a, 0, sizeof(a));
+        const int two = k0 + 16 < KP;
+        if (k0 < kb_max) {
+            const __m512 V00 = _mm512_load_ps(v0 + k0), V01 = _mm512_load_ps(v1 + k0), V02 = _mm512_load_ps(v2 + k0);
+            const __m512 V10 = two ? _mm512_load_ps(v0 + k0 + 16) : V00, V11 = two ? _mm512_load_ps(v1 + k0 + 16) : V01;
+            const __m512 V12 = two ? _mm512_load_ps(v2 + k0 + 16) : V02;
+            __m512 R0 = _mm512_setzero_ps(), R1 = _mm512_setzero_ps();
+            for (int64_t r = 0; r < n_rows; ++r) {
+                __m512 S00 = _mm512_setzero_ps(), S01 = _mm512_setzero_ps(), S02 = _mm512_setzero_ps();
+                __m512 S10 = _mm512_setzero_ps(), S11 = _mm512_setzero_ps(), S12 = _mm512_setzero_ps();
+                for (int64_t p = row_at[r]; p < row_at[r + 1]; ++p) {
+                    if (k0 >= KB[p]) continue;
+                    const __m512 c0 = _mm512_set1_ps(A0[p]), c1 = _mm512_set1_ps(A1[p]), c2 = _mm512_set1_ps(A2[p]);
+                    const __m512 cc = _mm512_set1_ps(CC[p]), lx = _mm512_set1_ps(LX[p]), lx2 = _mm512_set1_ps(LX2[p]);
+                    const float *e = E + p * KP + k0, *d = D + p * KP + k0;
+                    const __m512 g0 = _mm512_mul_ps(_mm512_load_ps(e), _mm512_fmadd_ps(c2, V02, _mm512_fmadd_ps(c1, V01, _mm512_fmsub_ps(c0, V00, cc))));
+                    S00 = _mm512_add_ps(S00, g0); S01 = _mm512_fmadd_ps(lx, g0, S01); S02 = _mm512_fmadd_ps(lx2, g0, S02);
+                    R0 = _mm512_fnmadd_ps(_mm512_load_ps(d), g0, R0);
+                    if (two && k0 + 16 < KB[p]) {
+                        const __m512 g1 = _mm512_mul_ps(_mm512_load_ps(e + 16), _mm512_fmadd_ps(c2, V12, _mm512_fmadd_ps(c1, V11, _mm512_fmsub_ps(c0, V10, cc))));
+                        S10 = _mm512_add_ps(S10, g1); S11 = _mm512_fmadd_ps(lx, g1, S11); S12 = _mm512_fmadd_ps(lx2, g1, S12);
+                        R1 = _mm512_fnmadd_ps(_mm512_load_ps(d + 16), g1, R1);
+                    }
+                }
+                const __m512 ly = _mm512_set1_ps(LY[row_at[r]]), ly2 = _mm512_set1_ps(LY2[row_at[r]]);
+#define FOLD(h, S0_, S1_, S2_) { \
+                    float *o = &a[0][16 * (h)]; \
+                    _mm512_store_ps(o, _mm512_add_ps(_mm512_load_ps(o), S2_)); \
+                    _mm512_store_ps(o + 32, _mm512_fmadd_ps(ly, S1_, _mm512_load_ps(o + 32))); \
+                    _mm512_store_ps(o + 64, _mm512_fmadd_ps(ly2, S0_, _mm512_load_ps(o + 64))); \
+                    _mm512_store_ps(o + 96, _mm512_add_ps(_mm512_load_ps(o + 96), S1_)); \
+                    _mm512_store_ps(o + 128, _mm512_fmadd_ps(ly, S0_, _mm512_load_ps(o + 128))); \
+                    _mm512_store_ps(o + 160, _mm512_add_ps(_mm512_load_ps(o + 160), S0_)); }
+                FOLD(0, S00, S01, S02)
+                FOLD(1, S10, S11, S12)
+#undef FOLD
+            }
+            _mm512_store_ps(&a[6][0], R0);
+            _mm512_store_ps(&a[6][16], R1);
+        }
+        const int64_t n = K - k0 < 32 ? K - k0 : 32;
+        spatial_chain_rule(n, k0, b, B, K, dyb, dxb, a[0], a[1], a[2], a[3], a[4], a[5], a[6], grad_coef);
+    }
+}
+#endif
+
 /* One fit chunk: see napari_upsample_anything/core/engine/compiled.py::fit_chunk for the formulas.
    coef: the neighbours' (A, B, C, rho) as [4, B, K] when q is NULL; otherwise the whole map
    [4, N] and q [B, K] the neighbours' cells, gathered here (no [4, B, K] copy per step). The
@@ -143,9 +373,10 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         float *jz = falloc(3 * KP);
         float *vz = falloc(3 * KP);
         float *pz = falloc(7 * KP);
-        uint32_t *kz = (uint32_t *)falloc(4 * KP);  /* keep masks: all ones or 0 */
-        if (!E || !D || !pix || !jz || !vz || !pz || !kz) {
-            free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz);
+        uint32_t *kz = (uint32_t *)falloc(MASK_SLOTS * KP);  /* keep masks per radius: all ones or 0 */
+        uint16_t *kbits = (uint16_t *)falloc(MASK_SLOTS * KP / 16);  /* the same as bits, 16 neighbours per uint16 */
+        if (!E || !D || !pix || !jz || !vz || !pz || !kz || !kbits) {
+            free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz); free(kbits);
             *failed = 1;
 #if defined(__SSE__)
             _mm_setcsr(csr_saved);
@@ -154,8 +385,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         }
         /* Padded, aligned copies of the per-neighbour inputs; padding lanes are dropped (keep 0). */
         memset(jz, 0, sizeof(float) * 3 * KP); memset(vz, 0, sizeof(float) * 3 * KP);
-        memset(pz, 0, sizeof(float) * 7 * KP); memset(kz, 0, sizeof(float) * 4 * KP);
-        memset(pix, 0, sizeof(float) * (23 * P4 + 16));
+        memset(pz, 0, sizeof(float) * 7 * KP);
         const float *jb = jd + b * G * K, *vb = vals + b * G * K, *dyb = d_y + b * K, *dxb = d_x + b * K;
         const float *ph = phi + b * 6 * P, *ib = ic + b * G * P, *tb = target + b * G * P, *wb = weight + b * P;
         const uint8_t *rep = repeated + b * K;
@@ -177,19 +407,35 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
            neighbours, and the gradient pass runs over live slots without a check per pixel. */
         int32_t *live = (int32_t *)(pix + 16 * P4);
         int64_t NL = 0;
-        for (int64_t p = 0; p < P; ++p) if (wb[p] != 0.0f) live[NL++] = (int32_t)p;
+        int all_live = 1;
+        #pragma omp simd reduction(&:all_live)
+        for (int64_t p = 0; p < P; ++p) all_live &= wb[p] != 0.0f;
+        if (all_live) {
+            NL = P;
+            #pragma omp simd
+            for (int64_t p = 0; p < P; ++p) live[p] = (int32_t)p;
+        } else {
+            for (int64_t p = 0; p < P; ++p) if (wb[p] != 0.0f) live[NL++] = (int32_t)p;
+        }
         const int64_t NL4 = (NL + 3) / 4 * 4;
+        /* Zeros where rows are read before they are written: the padding slots NL .. P4 - 1 of the
+           features, guide values, targets and weights (the loss runs over groups of 4 slots), and
+           the rows of unused guide channels (their neighbours' values are 0: range term 0). */
+        for (int64_t row = 0; row < 22; ++row) if (row < 9 || row >= 18) memset(pix + row * P4 + NL, 0, sizeof(float) * (P4 - NL));
+        for (int64_t g = G < 3 ? G : 3; g < 3; ++g) { memset(pix + (6 + g) * P4, 0, sizeof(float) * P4); memset(pix + (18 + g) * P4, 0, sizeof(float) * P4); }
         float *F0 = pix, *F1 = pix + P4, *F2 = pix + 2 * P4, *F3 = pix + 3 * P4, *F4 = pix + 4 * P4, *F5 = pix + 5 * P4;
         float *I0 = pix + 6 * P4, *I1 = pix + 7 * P4, *I2 = pix + 8 * P4;
         float *A0 = pix + 9 * P4, *A1 = pix + 10 * P4, *A2 = pix + 11 * P4, *CC = pix + 12 * P4;
         /* the live pixels' targets and weights (rows 18-21; zero in padding slots and unused channels) */
         float *T0 = pix + 18 * P4, *T1 = pix + 19 * P4, *T2 = pix + 20 * P4, *W = pix + 21 * P4;
-        for (int64_t g = 0; g < G && g < 3; ++g) for (int64_t i = 0; i < NL; ++i) pix[(18 + g) * P4 + i] = tb[g * P + live[i]];
-        for (int64_t i = 0; i < NL; ++i) W[i] = wb[live[i]];
         if (NL == P) {  /* every pixel live: plain copies */
             for (int64_t j = 0; j < 6; ++j) memcpy(pix + j * P4, ph + j * P, sizeof(float) * P);
             for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pix + (6 + g) * P4, ib + g * P, sizeof(float) * P);
+            for (int64_t g = 0; g < G && g < 3; ++g) memcpy(pix + (18 + g) * P4, tb + g * P, sizeof(float) * P);
+            memcpy(W, wb, sizeof(float) * P);
         } else {
+            for (int64_t g = 0; g < G && g < 3; ++g) for (int64_t i = 0; i < NL; ++i) pix[(18 + g) * P4 + i] = tb[g * P + live[i]];
+            for (int64_t i = 0; i < NL; ++i) W[i] = wb[live[i]];
             /* vector gathers: the scalar loop was 5 % of a 1024^2 step */
             for (int64_t j = 0; j < 6; ++j) {
                 float *restrict dst = pix + j * P4;
@@ -212,35 +458,24 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
            b = ly p1 + p3 and c = (ly p2 + p4) ly + p5 per neighbour, computed once per pixel row
            (ly). Checked per block, bit for bit; any other features take the general form. */
         int separable = 1;
-        for (int64_t p = 0; p < NL && separable; ++p)
-            separable = F0[p] == F3[p] * F3[p] && F1[p] == F3[p] * F4[p] && F2[p] == F4[p] * F4[p] && F5[p] == 1.0f;
+        #pragma omp simd reduction(&:separable)
+        for (int64_t p = 0; p < NL; ++p)
+            separable &= (F0[p] == F3[p] * F3[p]) & (F1[p] == F3[p] * F4[p]) & (F2[p] == F4[p] * F4[p]) & (F5[p] == 1.0f);
         float *row_b = E + P4 * KP, *row_c = row_b + KP, row_ly = 0.0f;
         int row_ready = 0;
         double loss_b = 0.0, sq_b = 0.0;
-        int32_t r2_last[4] = {-1, -1, -1, -1};
-        /* kept[q]: pixel slot q's neighbours k >= kept[q] (rounded up to 16) are all dropped,
-           so its loops stop there: offsets are sorted by distance, and a small dynamic radius
-           keeps a short prefix. KB[p]: the same for pixel p, for the gradient pass. */
-        int64_t kept[4] = {KP, KP, KP, KP};
+        /* A pixel's keep mask depends on its radius only, and a block holds a few radii (at most
+           `radius` values), which alternate along its pixel rows: each mask is made once per block,
+           in a slot of kz (and kbits), found by its r2 (keep_mask_slot). kept[slot]: neighbours
+           k >= kept[slot] (rounded up to 16) are all dropped, so the loops stop there: offsets
+           are sorted by distance, and a small dynamic radius keeps a short prefix. KB[p]: the
+           same for pixel p, for the gradient pass. */
+        struct mask_slots masks = {.n = 0, .victim = 0};
         int64_t *KB = (int64_t *)(pix + 14 * P4);
         for (int64_t p = 0; p < NL4; p += 4) {
-            /* The keep mask depends on the pixel's radius only: the 4 pixels of a group share one
-               (kz) when their radii agree (the usual case); otherwise each has its own (kz + q KP). */
-            int32_t r2q[4];
-            for (int q = 0; q < 4; ++q) r2q[q] = r2_pix[b * P + live[p + q < NL ? p + q : NL - 1]];
-            const int same = r2q[1] == r2q[0] && r2q[2] == r2q[0] && r2q[3] == r2q[0];
-            for (int q = 0; q < (same ? 1 : 4); ++q) {
-                if (r2q[q] != r2_last[q]) {
-                    uint32_t *kq = kz + q * KP;
-                    int64_t last = 0;
-                    for (int64_t k = 0; k < K; ++k) {
-                        kq[k] = (r2_off[k] <= r2q[q] && !rep[k]) ? 0xFFFFFFFFu : 0u;
-                        if (kq[k]) last = k + 1;
-                    }
-                    kept[q] = (last + 15) / 16 * 16;
-                    r2_last[q] = r2q[q];
-                }
-            }
+            int slot[4];
+            for (int q = 0; q < 4; ++q)
+                slot[q] = keep_mask_slot(&masks, r2_pix[b * P + live[p + q < NL ? p + q : NL - 1]], slot, q, K, KP, r2_off, rep, kz, kbits);
             float s_[4], o_[4][3];
 /* One pass per group: log-weight, its exp, the denominator and the aggregation, with no
    maximum subtracted (the fit's log-weights are a Gaussian's exponents, <= 0 up to rounding).
@@ -260,19 +495,40 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     x = x < -126.0f ? -126.0f : (x > 115.0f ? 115.0f : x); \
                     const float e = exp2_kept(x, kq[k]); \
                     Dq[k] = d; Eq[k] = e; s += e; a0 += e * v0[k]; a1 += e * v1[k]; a2 += e * v2[k]; } }
-            /* One pixel per loop: with four (sharing the neighbours' loads), the sixteen sums and
-               the pixels' 36 broadcast features spilled registers; measured (same-process A/B,
-               448^2, 1 thread) one pixel 0.86x the two-pass kernel's time, two pixels 0.89x,
-               four 0.93x (docs/engine.md). */
+            /* Portable path: one pixel per loop (with four sharing the neighbours' loads, the sixteen
+               sums and the pixels' 36 broadcast features spilled registers; measured (same-process
+               A/B, 448^2, 1 thread) one pixel 0.86x the two-pass kernel's time, two pixels 0.89x,
+               four 0.93x; docs/engine.md). AVX-512 (separable blocks): two pixels per pass when
+               they share a row and a keep mask (0.97x one pixel's time; intrinsics keep the sums
+               in registers). */
             for (int q = 0; q < 4; ++q) {
                 const int64_t pq = p + q;
+#if defined(__AVX512F__)
+                if (separable && pq < NL) {
+                    const int n = (q & 1) == 0 && pq + 1 < NL && slot[q + 1] == slot[q] && F4[pq + 1] == F4[pq] ? 2 : 1;
+                    const int64_t KQ = masks.kept[slot[q]];
+                    separable_row(KP, F4[pq], p1, p2, p3, p4, p5, row_b, row_c, &row_ly, &row_ready);
+                    const float lx[2] = {F3[pq], F3[pq + n - 1]};
+                    const float ii[2][3] = {{I0[pq], I1[pq], I2[pq]}, {I0[pq + n - 1], I1[pq + n - 1], I2[pq + n - 1]}};
+                    float *Eu[2] = {E + pq * KP, E + (pq + n - 1) * KP}, *Du[2] = {D + pq * KP, D + (pq + n - 1) * KP};
+                    float sums[2][4];
+                    pixel_pass_avx512(n, KQ, lx, ii, p0, row_b, row_c, rr, j0, j1, j2, kbits + slot[q] * (KP / 16), v0, v1, v2,
+                                      Eu, Du, sums);
+                    for (int u = 0; u < n; ++u) {
+                        KB[pq + u] = KQ;
+                        s_[q + u] = sums[u][0]; o_[q + u][0] = sums[u][1]; o_[q + u][1] = sums[u][2]; o_[q + u][2] = sums[u][3];
+                    }
+                    q += n - 1;
+                    continue;
+                }
+#endif
                 if (pq >= NL) {  /* a padding slot */
                     KB[pq] = 0;
                     s_[q] = 1.0f; o_[q][0] = 0.0f; o_[q][1] = 0.0f; o_[q][2] = 0.0f;
                     continue;
                 }
-                const uint32_t *kq = same ? kz : kz + q * KP;
-                const int64_t KQ = same ? kept[0] : kept[q];
+                const uint32_t *kq = kz + slot[q] * KP;
+                const int64_t KQ = masks.kept[slot[q]];
                 KB[pq] = KQ;
                 float *Eq = E + pq * KP, *Dq = D + pq * KP;
                 const float i0 = I0[pq], i1 = I1[pq], i2 = I2[pq];
@@ -296,7 +552,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                     /* Rare: the max-shifted softmax for this pixel, from its stored range terms. */
                     float *e_row = E + pq * KP;
                     const float *d_row = D + pq * KP;
-                    const uint32_t *kq = same ? kz : kz + q * KP;
+                    const uint32_t *kq = kz + slot[q] * KP;
                     const float f0 = F0[pq], f1 = F1[pq], f2 = F2[pq], f3 = F3[pq], f4 = F4[pq], f5 = F5[pq];
                     float m = -3.0e38f;
                     #pragma omp simd reduction(max:m)
@@ -377,7 +633,14 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                 if (p == 0 || F4[p] != F4[p - 1]) row_at[n_rows++] = (int32_t)p;
             row_at[n_rows] = (int32_t)NL;
         }
-        for (int64_t k0 = 0; want_grad && k0 < KP; k0 += 16) {
+        int portable_gradient = want_grad;
+#if defined(__AVX512F__)
+        if (separable && want_grad) {
+            gradient_rows_avx512(K, KP, kb_max, E, D, A0, A1, A2, CC, F3, F0, F4, F2, KB, n_rows, row_at, v0, v1, v2, b, B, dyb, dxb, grad_coef);
+            portable_gradient = 0;
+        }
+#endif
+        for (int64_t k0 = 0; portable_gradient && k0 < KP; k0 += 16) {
             float a_0[16], a_1[16], a_2[16], a_3[16], a_4[16], a_5[16], a_r[16];
             #pragma omp simd
             for (int j = 0; j < 16; ++j) { a_0[j] = 0.0f; a_1[j] = 0.0f; a_2[j] = 0.0f; a_3[j] = 0.0f; a_4[j] = 0.0f; a_5[j] = 0.0f; a_r[j] = 0.0f; }
@@ -405,20 +668,11 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             } else if (k0 < kb_max) {
                 for (int64_t p = 0; p < NL; ++p) if (k0 < KB[p]) GRADIENT_PIXEL(p)
             }
-            const int64_t n = K - k0 < 16 ? K - k0 : 16;
-            for (int j = 0; j < n; ++j) {
-                /* Chain rule through the quadratic form (compiled.spatial_coefficients_backward). */
-                const int64_t k = k0 + j;
-                const float dy = dyb[k], dx = dxb[k];
-                grad_coef[b * K + k] = -a_0[j] + 2.0f * a_3[j] * dx - a_5[j] * dx * dx;
-                grad_coef[(B + b) * K + k] = -2.0f * a_1[j] + 2.0f * a_3[j] * dy + 2.0f * a_4[j] * dx - 2.0f * a_5[j] * dx * dy;
-                grad_coef[(2 * B + b) * K + k] = -a_2[j] + 2.0f * a_4[j] * dy - a_5[j] * dy * dy;
-                grad_coef[(3 * B + b) * K + k] = a_r[j];
-            }
+            spatial_chain_rule(K - k0 < 16 ? K - k0 : 16, k0, b, B, K, dyb, dxb, a_0, a_1, a_2, a_3, a_4, a_5, a_r, grad_coef);
         }
 #undef GRADIENT_PIXEL
 #undef GRADIENT_ROW_PIXEL
-        free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz);
+        free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz); free(kbits);
         loss_total += loss_b;
         sq_total += sq_b;
 #if defined(__SSE__)
