@@ -358,7 +358,6 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                const int64_t *q, int64_t N, float *grad_all)
 {
 /* coefficient c (A, B, C, rho) of neighbour k of block b */
-#define COEF(c, b, k) (q ? coef[(c) * N + q[(b) * K + (k)]] : coef[((c) * B + (b)) * K + (k)])
     double loss_total = 0.0, sq_total = 0.0;
     #pragma omp parallel for schedule(dynamic, 1) reduction(+:loss_total, sq_total) num_threads(threads)
     for (int64_t b = 0; b < B; ++b) {
@@ -375,39 +374,83 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
            slower (same layout, no page faults; cause not found; docs/engine.md). In Dask workers,
            whose nanny sets MALLOC_TRIM_THRESHOLD_, these allocations became fresh mmaps
            (page faults, slower): distributed.worker_malloc_defaults unsets it. */
-        float *E = falloc((P4 + 2) * KP);  /* + the row coefficients of the separable spatial term */
-        float *D = falloc(P4 * KP);
-        float *pix = falloc(23 * P4 + 16);  /* 13 per-pixel float rows, KB (int64, rows 14-15), live (int32), -, target, weight, row_at (int32) */
-        float *jz = falloc(3 * KP);
-        float *vz = falloc(3 * KP);
-        float *pz = falloc(7 * KP);
-        uint32_t *kz = (uint32_t *)falloc(MASK_SLOTS * KP);  /* keep masks per radius: all ones or 0 */
-        uint16_t *kbits = (uint16_t *)falloc(MASK_SLOTS * KP / 16);  /* the same as bits, 16 neighbours per uint16 */
-        if (!E || !D || !pix || !jz || !vz || !pz || !kz || !kbits) {
-            free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz); free(kbits);
+        /* One allocation, carved into 64-byte aligned arrays (sizes in floats, rounded to 16): E
+           [P4, KP] + the row coefficients of the separable spatial term (2 KP), D [P4, KP], pix
+           (13 per-pixel float rows, KB (int64, rows 14-15), live (int32), -, target, weight,
+           row_at (int32)), jz and vz (3 KP each), pz (7 KP, then 4 KP of gathered coefficients),
+           kz (keep masks per radius: all ones or 0) and kbits (the same as bits, 16 per uint16). */
+#define ROUND16(n) (((n) + 15) / 16 * 16)
+        const int64_t sizes[8] = {ROUND16((P4 + 2) * KP), ROUND16(P4 * KP), ROUND16(23 * P4 + 16), 3 * KP, 3 * KP, 11 * KP,
+                                  MASK_SLOTS * KP, ROUND16(MASK_SLOTS * KP / 32 + 1)};
+#undef ROUND16
+        int64_t total = 0;
+        for (int i = 0; i < 8; ++i) total += sizes[i];
+        float *arena = falloc(total);
+        if (!arena) {
             *failed = 1;
 #if defined(__SSE__)
             _mm_setcsr(csr_saved);
 #endif
             continue;
         }
-        /* Padded, aligned copies of the per-neighbour inputs; padding lanes are dropped (keep 0). */
-        memset(jz, 0, sizeof(float) * 3 * KP); memset(vz, 0, sizeof(float) * 3 * KP);
-        memset(pz, 0, sizeof(float) * 7 * KP);
+        float *E = arena, *D = E + sizes[0], *pix = D + sizes[1], *jz = pix + sizes[2], *vz = jz + sizes[3], *pz = vz + sizes[4];
+        uint32_t *kz = (uint32_t *)(pz + sizes[5]);
+        uint16_t *kbits = (uint16_t *)(pz + sizes[5] + sizes[6]);
         const float *jb = jd + b * G * K, *vb = vals + b * G * K, *dyb = d_y + b * K, *dxb = d_x + b * K;
         const float *ph = phi + b * 6 * P, *ib = ic + b * G * P, *tb = target + b * G * P, *wb = weight + b * P;
         const uint8_t *rep = repeated + b * K;
-        for (int64_t g = 0; g < G && g < 3; ++g) { memcpy(jz + g * KP, jb + g * K, sizeof(float) * K); memcpy(vz + g * KP, vb + g * K, sizeof(float) * K); }
+        {
+            /* The inputs of the block this thread probably takes next (b + threads: the dynamic
+               schedule hands blocks out in turn), fetched into the cache while this one runs: a
+               block's inputs (17 KB at 14 x 14 pixels) are read once per step, from memory. */
+            const int64_t nb = b + threads;
+            if (nb < B) {
+#define PREFETCH_ROWS(ptr, bytes) for (int64_t o_ = 0; o_ < (int64_t)(bytes); o_ += 64) __builtin_prefetch((const char *)(ptr) + o_, 0, 3);
+                PREFETCH_ROWS(phi + nb * 6 * P, sizeof(float) * 6 * P)
+                PREFETCH_ROWS(ic + nb * G * P, sizeof(float) * G * P)
+                PREFETCH_ROWS(target + nb * G * P, sizeof(float) * G * P)
+                PREFETCH_ROWS(weight + nb * P, sizeof(float) * P)
+                PREFETCH_ROWS(r2_pix + nb * P, sizeof(int32_t) * P)
+                PREFETCH_ROWS(jd + nb * G * K, sizeof(float) * G * K)
+                PREFETCH_ROWS(vals + nb * G * K, sizeof(float) * G * K)
+                PREFETCH_ROWS(d_y + nb * K, sizeof(float) * K)
+                PREFETCH_ROWS(d_x + nb * K, sizeof(float) * K)
+                PREFETCH_ROWS(repeated + nb * K, K)
+                if (q) PREFETCH_ROWS(q + nb * K, sizeof(int64_t) * K)
+#undef PREFETCH_ROWS
+            }
+        }
+        /* Padded, aligned copies of the per-neighbour inputs; padding lanes (and unused channels)
+           are 0, and dropped (keep 0). */
+        for (int64_t g = 0; g < 3; ++g) {
+            const int64_t n = g < G ? K : 0;
+            if (n) { memcpy(jz + g * KP, jb + g * K, sizeof(float) * K); memcpy(vz + g * KP, vb + g * K, sizeof(float) * K); }
+            memset(jz + g * KP + n, 0, sizeof(float) * (KP - n)); memset(vz + g * KP + n, 0, sizeof(float) * (KP - n));
+        }
         /* The neighbours' quadratic forms in the block's local coordinates (compiled.spatial_coefficients)
-           from their A, B, C and offsets; rho is the range coefficient. */
+           from their A, B, C and offsets; rho is the range coefficient. Their coefficients are
+           gathered first (cA .. cR), so that the arithmetic runs vectorised. */
+        float *cA = pz + 7 * KP, *cB = pz + 8 * KP, *cC = pz + 9 * KP, *cR = pz + 10 * KP;
+        if (q) {
+            const int64_t *qb = q + b * K;
+            for (int64_t k = 0; k < K; ++k) {
+                const int64_t c = qb[k];
+                cA[k] = coef[c]; cB[k] = coef[N + c]; cC[k] = coef[2 * N + c]; cR[k] = coef[3 * N + c];
+            }
+        } else {
+            memcpy(cA, coef + b * K, sizeof(float) * K); memcpy(cB, coef + (B + b) * K, sizeof(float) * K);
+            memcpy(cC, coef + (2 * B + b) * K, sizeof(float) * K); memcpy(cR, coef + (3 * B + b) * K, sizeof(float) * K);
+        }
+        #pragma omp simd
         for (int64_t k = 0; k < K; ++k) {
-            const float A = COEF(0, b, k), Bc = COEF(1, b, k), C = COEF(2, b, k);
+            const float A = cA[k], Bc = cB[k], C = cC[k];
             const float dy = dyb[k], dx = dxb[k];
             const float ax = A * dx + Bc * dy, cy = Bc * dx + C * dy;
             pz[k] = -A * LOG2E; pz[KP + k] = -2.0f * Bc * LOG2E; pz[2 * KP + k] = -C * LOG2E;
             pz[3 * KP + k] = 2.0f * ax * LOG2E; pz[4 * KP + k] = 2.0f * cy * LOG2E; pz[5 * KP + k] = -(ax * dx + cy * dy) * LOG2E;
-            pz[6 * KP + k] = COEF(3, b, k) * LOG2E;
+            pz[6 * KP + k] = cR[k] * LOG2E;
         }
+        for (int64_t j = 0; j < 7; ++j) memset(pz + j * KP + K, 0, sizeof(float) * (KP - K));
         /* Per-pixel inputs of the block's live pixels only, in slots 0 .. NL - 1 (live[slot] is the
            pixel), padded to groups of 4 slots. A pixel of weight 0 (the padding of blocks at
            non-integer scales: 12 % of a 4096^2 fit's pixels; pixels outside the image) adds
@@ -643,14 +686,13 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             spatial_chain_rule(K - k0 < 16 ? K - k0 : 16, k0, b, B, K, dyb, dxb, a_0, a_1, a_2, a_3, a_4, a_5, a_r, grad_coef);
         }
 #undef GRADIENT_PIXEL
-        free(E); free(D); free(pix); free(jz); free(vz); free(pz); free(kz); free(kbits);
+        free(arena);
         loss_total += loss_b;
         sq_total += sq_b;
 #if defined(__SSE__)
         _mm_setcsr(csr_saved);
 #endif
     }
-#undef COEF
     *loss_out = loss_total;
     *sq_out = sq_total;
     if (q && want_grad && !*failed) scatter_add_ordered(threads, B * K, N, q, grad_coef, grad_all);
