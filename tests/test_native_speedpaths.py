@@ -355,39 +355,49 @@ def test_inlined_exp_error_bound():
 
 
 @needs_native
-def test_avx512_exp_error_bound():
-    """The AVX-512 fit kernel's 2^x (32-entry table, degree-2 polynomial, VSCALEFPS): present
-    exactly when the CPU has AVX-512; relative error < 2e-7 against float64 on a dense grid of
-    [-126, 127] (measured 1.6e-7), exactly 2^n at integers, 0 below 2^-150 (flushed) and inf above
-    2^128, with no clamp."""
+@pytest.mark.parametrize("without", [(), ("avx512f",), ("avx512f", "avx2")])
+def test_vector_exp_error_bound(without):
+    """The 2^x of the fit kernel's vector paths, in each build this CPU can run: AVX-512 (32-entry
+    table, degree-2 polynomial, VSCALEFPS: no clamp, 0 below 2^-150, inf from 2^128) and AVX2
+    (8-entry table, degree-3 polynomial, clamped to [-126, 115] like the portable exp). Relative
+    error < 2e-7 against float64 on a dense grid (measured 1.6e-7 and 1.1e-7), exactly 2^n at
+    integers. A build has the path its flags allow, and the portable loops only otherwise."""
     from napari_upsample_anything.core.threads import flushed_denormals
 
-    x = torch.linspace(-126.0, 127.0, 4_000_001, dtype=torch.float32)
+    lib = native.build_without(*without)
+    assert lib is not None
+    cpu = native._cpu_flags() - {name for name in without}
+    expected = 512 if "avx512f" in cpu else 256 if {"avx2", "fma"} <= cpu else 0
+    x = torch.linspace(-126.0, 115.0, 4_000_001, dtype=torch.float32)
     x = torch.cat([x, -torch.rand(100_003, generator=torch.Generator().manual_seed(0)) * 2.0])  # odd length: a tail
     with flushed_denormals():
-        got = native.exp2_values_avx512(x)
-        if "avx512f" not in native._cpu_flags():
+        got, width = native.exp2_values_vector(x, lib)
+        assert width == expected
+        if width == 0:
             assert got is None
             return
-        assert got is not None
         ref = torch.exp2(x.double())
         assert float(((got.double() - ref).abs() / ref).max()) < 2e-7
-        n = torch.arange(-126, 128, dtype=torch.float32)
-        assert torch.equal(native.exp2_values_avx512(n).double(), torch.exp2(n.double()))
-        low = native.exp2_values_avx512(torch.tensor([-151.0, -1e4, -3e38]))
-        assert torch.equal(low, torch.zeros(3))
-        high = native.exp2_values_avx512(torch.tensor([128.0, 1e4, 3e38]))
-        assert bool(torch.isinf(high).all())
+        n = torch.arange(-126, 116, dtype=torch.float32)
+        assert torch.equal(native.exp2_values_vector(n, lib)[0].double(), torch.exp2(n.double()))
+        low, _ = native.exp2_values_vector(torch.tensor([-151.0, -1e4, -3e38]), lib)
+        high, _ = native.exp2_values_vector(torch.tensor([128.0, 1e4, 3e38]), lib)
+        if width == 512:
+            assert torch.equal(low, torch.zeros(3)) and bool(torch.isinf(high).all())
+        else:  # clamped: 2^-126 and 2^115
+            assert torch.equal(low, torch.full((3,), 2.0**-126)) and torch.equal(high, torch.full((3,), 2.0**115))
 
 
 @needs_native
 @pytest.mark.parametrize("rho_scale", [1.0, 300.0])  # 300: most pixels of block 0 take the max-shifted fallback
-def test_avx512_fit_path_agrees_with_the_portable_build_and_float64(gen, rho_scale):
+@pytest.mark.parametrize("without", [("avx512f",), ("avx512f", "avx2")])
+def test_vector_fit_paths_agree_with_narrower_builds_and_float64(gen, rho_scale, without):
     """On separable blocks the AVX-512 build runs its own forward (two pixels of a row per pass,
-    the table exp) and gradient pass; the build without AVX-512 runs the portable loops. Both
-    compute the same chunk within 1e-5 and float64 within 1e-4: rows of 7 pixels (pairs and a
-    pixel alone), radii that differ per pixel (more keep masks than the kernel caches), repeated
-    neighbours, a pixel of weight 0, and denominators out of range (the fallback)."""
+    the table exp), the AVX2 build its own (one pixel, another table exp), and a build with
+    neither the portable loops. Each computes what this CPU's build computes within 1e-5 and
+    float64 within 1e-4: rows of 7 pixels (pairs and a pixel alone), radii that differ per pixel
+    (more keep masks than the kernel caches), repeated neighbours, a pixel of weight 0, and
+    denominators out of range (the fallback)."""
     B, P, K, px = 3, 42, 45, 7
     y, x = torch.arange(P) // px, torch.arange(P) % px
     ly = ((y.double() - 2.5)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)).float()
@@ -409,10 +419,10 @@ def test_avx512_fit_path_agrees_with_the_portable_build_and_float64(gen, rho_sca
     repeated[:, 0] = False
     coef = torch.cat([abc, rho])
     args = (phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
-    portable = native.portable_build()
-    assert portable is not None
+    narrower = native.build_without(*without)
+    assert narrower is not None
     fast = native.fit_chunk(*args)
-    slow = native.fit_chunk(*args, lib=portable)
+    slow = native.fit_chunk(*args, lib=narrower)
     assert float(fast[0]) == pytest.approx(float(slow[0]), rel=1e-5)
     assert all(rel_err(fast[2][i], slow[2][i]) < 1e-5 for i in range(4))
     c64 = coef.double()

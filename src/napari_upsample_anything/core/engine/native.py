@@ -54,7 +54,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -204,12 +204,13 @@ def plain_build() -> Optional[ctypes.CDLL]:
     return _load(path) if path is not None else None
 
 
-def portable_build() -> Optional[ctypes.CDLL]:
-    """The library built without AVX-512 (``-mno-avx512f``): the portable loops that CPUs without
-    AVX-512 run (the AVX-512 build takes intrinsic paths for the fit kernel's separable blocks),
-    to test them on a CPU that has it; None without a compiler."""
+def build_without(*extensions: str) -> Optional[ctypes.CDLL]:
+    """The library built without some of this CPU's vector extensions (``"avx512f"``,
+    ``"avx2"``: ``-mno-avx512f`` ...), to test on this CPU the paths that other CPUs take: the
+    fit kernel has AVX-512 and AVX2 paths for separable blocks and portable loops otherwise.
+    None without a compiler."""
     cc = _compiler()
-    flags = _flag_choices()[-1] + ["-mno-avx512f"]
+    flags = _flag_choices()[-1] + [f"-mno-{name}" for name in extensions]
     path = _build(cc, flags, ["-shared", "-fopenmp"]) if cc else None
     return _load(path) if path is not None else None
 
@@ -242,20 +243,22 @@ def exp2_values(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def exp2_values_avx512(x: torch.Tensor, lib=None) -> Optional[torch.Tensor]:
-    """The AVX-512 fit kernel's ``2^x`` (table, degree-2 polynomial and VSCALEFPS, no clamp) on
-    float32 ``x``, to test its error bound; None from a library built without AVX-512 (``lib``:
-    another build, default this one)."""
+def exp2_values_vector(x: torch.Tensor, lib=None) -> Tuple[Optional[torch.Tensor], int]:
+    """The ``2^x`` of the fit kernel's vector path for separable blocks on float32 ``x``, to test its
+    error bound: ``(values, 512)`` from an AVX-512 build (table, degree-2 polynomial and
+    VSCALEFPS, no clamp), ``(values, 256)`` from an AVX2 build (table, degree-3 polynomial, clamped
+    to [-126, 115]), ``(None, 0)`` from a build with neither (``lib``: another build, default
+    this one)."""
     lib = lib if lib is not None else _library()
     if lib is None:
         raise RuntimeError("the native library could not be built (no C compiler?)")
-    if not hasattr(lib, "exp2_values_avx512"):
-        return None
+    if not hasattr(lib, "exp2_values_vector"):
+        return None, 0
     x = x.contiguous().to(torch.float32)
     out = torch.empty_like(x)
-    lib.exp2_values_avx512.restype = ctypes.c_int
-    lib.exp2_values_avx512(ctypes.c_int64(x.numel()), _ptr(x), _ptr(out))
-    return out
+    lib.exp2_values_vector.restype = ctypes.c_int
+    width = lib.exp2_values_vector(ctypes.c_int64(x.numel()), _ptr(x), _ptr(out))
+    return out, int(width)
 
 
 def render_weights(phi, psi, rho, ic, jd, r2_pix, r2_off, repeated, out=None, vals=None) -> torch.Tensor:

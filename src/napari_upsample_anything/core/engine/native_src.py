@@ -83,9 +83,8 @@ static inline void reduce_add4(__m512 v0, __m512 v1, __m512 v2, __m512 v3, float
         const __m512 p_ = _mm512_mul_ps(r_, _mm512_fmadd_ps(r_, _mm512_set1_ps(0.24022676f), _mm512_set1_ps(0.69315733f))); \
         e = _mm512_maskz_scalef_ps(keep, _mm512_fmadd_ps(t_, p_, t_), nf_); }
 
-/* EXP2_AVX512 on n values (all kept), for the error-bound test. Returns 1 (0 from the library
-   built without AVX-512, which leaves out unchanged). */
-int exp2_values_avx512(int64_t n, const float *x, float *out)
+/* EXP2_AVX512 on n values (all kept), for the error-bound test. Returns 512 (the vector width). */
+int exp2_values_vector(int64_t n, const float *x, float *out)
 {
     const __m512 t_lo = _mm512_loadu_ps(EXP2_TABLE), t_hi = _mm512_loadu_ps(EXP2_TABLE + 16);
     for (int64_t i = 0; i < n; i += 16) {
@@ -94,7 +93,7 @@ int exp2_values_avx512(int64_t n, const float *x, float *out)
         EXP2_AVX512(_mm512_maskz_loadu_ps(lanes, x + i), lanes, t_lo, t_hi, e)
         _mm512_mask_storeu_ps(out + i, lanes, e);
     }
-    return 1;
+    return 512;
 }
 
 /* PIXEL_PASS for AVX-512 (separable blocks), with EXP2_AVX512: one pixel's weights and range
@@ -154,6 +153,85 @@ static inline void pixel_pass_avx512(int n, int64_t KQ, const float lx[2], const
     reduce_add4(sa, aa0, aa1, aa2, sums[0]);
 }
 #undef PIXEL_WEIGHTS_AVX512
+#endif
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* 2^(j/8), j = 0 .. 7 (float32) */
+static const float EXP2_TABLE8[8] = {1.0f, 1.0905077326652577f, 1.1892071150027210f, 1.2968395546510096f,
+                                     1.4142135623730951f, 1.5422108254079407f, 1.6817928305074290f, 1.8340080864093424f};
+/* 2^x (AVX2) into e for x clamped to [-126, 115] as exp2_neg, ANDed with keep (all ones or 0 per
+   lane: dropped pairs exactly 0). x = n + j/8 + r with n + j/8 = x rounded to 1/8 by adding and
+   subtracting 1.5 * 2^20 (the sum's low mantissa bits hold round(8 x): its low three bits index
+   the table (VPERMPS), and shifted up 20 and masked they are n in the exponent field), r in
+   [-1/16, 1/16]: 2^r = 1 + r (c1 + r (c2 + r c3)) (minimax for relative error, 2.5e-8), 2^n added
+   into the exponent bits (normal results: n >= -126 and the mantissa factor >= 2^-1/16 only
+   when n > -126). Relative error < 2e-7 in float32 (tests/test_native_speedpaths.py). Four
+   multiply-adds instead of exp2_neg's five, no rounding instruction and no conversion. */
+#define EXP2_AVX2(x, keep, table, e) { \
+        const __m256 xc_ = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(115.0f)); \
+        __m256 xs_ = _mm256_add_ps(xc_, _mm256_set1_ps(1572864.0f)); \
+        __asm__("" : "+x"(xs_));  /* -ffast-math must not fold (xc + m) - m into xc ... */ \
+        __m256 nf_ = _mm256_sub_ps(xs_, _mm256_set1_ps(1572864.0f)); \
+        __asm__("" : "+x"(nf_));  /* ... nor reassociate xc - (xs - m) into (xc - xs) + m, which rounds */ \
+        const __m256 r_ = _mm256_sub_ps(xc_, nf_); \
+        const __m256i bits_ = _mm256_castps_si256(xs_); \
+        const __m256 t_ = _mm256_permutevar8x32_ps(table, bits_); \
+        const __m256 q_ = _mm256_fmadd_ps(_mm256_fmadd_ps(r_, _mm256_set1_ps(0.055496220f), _mm256_set1_ps(0.24025762f)), r_, \
+                                          _mm256_set1_ps(0.69314724f)); \
+        const __m256 y_ = _mm256_fmadd_ps(t_, _mm256_mul_ps(r_, q_), t_); \
+        const __m256i n_ = _mm256_and_si256(_mm256_slli_epi32(bits_, 20), _mm256_set1_epi32((int)0xFF800000u)); \
+        e = _mm256_and_ps(_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y_), n_)), keep); }
+
+/* EXP2_AVX2 on n values (all kept), for the error-bound test. Returns 256 (the vector width). */
+int exp2_values_vector(int64_t n, const float *x, float *out)
+{
+    const __m256 table = _mm256_loadu_ps(EXP2_TABLE8), keep = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    float in[8], res[8];
+    for (int64_t i = 0; i < n; i += 8) {
+        const int64_t m = n - i < 8 ? n - i : 8;
+        memset(in, 0, sizeof(in));
+        memcpy(in, x + i, sizeof(float) * m);
+        __m256 e;
+        EXP2_AVX2(_mm256_loadu_ps(in), keep, table, e)
+        _mm256_storeu_ps(res, e);
+        memcpy(out + i, res, sizeof(float) * m);
+    }
+    return 256;
+}
+
+/* PIXEL_PASS for AVX2 (separable blocks), with EXP2_AVX2: one pixel's weights and range terms
+   into Eq and Dq, its denominator and sums into sums[4]. Written out because GCC's code for the
+   pragma loop kept the pixel's broadcast values and two polynomial coefficients on the stack. */
+static inline void pixel_pass_avx2(int64_t KQ, float lx, float i0, float i1, float i2, const float *p0,
+                                   const float *row_b, const float *row_c, const float *rr, const float *j0,
+                                   const float *j1, const float *j2, const uint32_t *kq, const float *v0,
+                                   const float *v1, const float *v2, float *Eq, float *Dq, float sums[4])
+{
+    const __m256 table = _mm256_loadu_ps(EXP2_TABLE8);
+    const __m256 vlx = _mm256_set1_ps(lx), vi0 = _mm256_set1_ps(i0), vi1 = _mm256_set1_ps(i1), vi2 = _mm256_set1_ps(i2);
+    __m256 s = _mm256_setzero_ps(), a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < KQ; k += 8) {
+        const __m256 t0 = _mm256_sub_ps(vi0, _mm256_load_ps(j0 + k));
+        const __m256 t1 = _mm256_sub_ps(vi1, _mm256_load_ps(j1 + k));
+        const __m256 t2 = _mm256_sub_ps(vi2, _mm256_load_ps(j2 + k));
+        const __m256 d = _mm256_fmadd_ps(t2, t2, _mm256_fmadd_ps(t1, t1, _mm256_mul_ps(t0, t0)));
+        const __m256 x = _mm256_fnmadd_ps(_mm256_load_ps(rr + k), d,
+                                          _mm256_fmadd_ps(_mm256_fmadd_ps(vlx, _mm256_load_ps(p0 + k), _mm256_load_ps(row_b + k)),
+                                                          vlx, _mm256_load_ps(row_c + k)));
+        __m256 e;
+        EXP2_AVX2(x, _mm256_load_ps((const float *)kq + k), table, e)
+        _mm256_store_ps(Dq + k, d);
+        _mm256_store_ps(Eq + k, e);
+        s = _mm256_add_ps(s, e);
+        a0 = _mm256_fmadd_ps(e, _mm256_load_ps(v0 + k), a0);
+        a1 = _mm256_fmadd_ps(e, _mm256_load_ps(v1 + k), a1);
+        a2 = _mm256_fmadd_ps(e, _mm256_load_ps(v2 + k), a2);
+    }
+    /* the four horizontal sums together */
+    const __m256 g = _mm256_hadd_ps(_mm256_hadd_ps(s, a0), _mm256_hadd_ps(a1, a2));
+    _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1)));
+}
 #endif
 
 /* exp2_neg on n values (after the kernels' clamp to [-126, 115]), for the error-bound test. */
@@ -589,7 +667,13 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                        two FMAs per pair instead of six. */
                     const float lx = F3[pq], ly = F4[pq];
                     separable_row(KP, ly, p1, p2, p3, p4, p5, row_b, row_c, &row_ly, &row_ready);
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+                    float sums[4];
+                    pixel_pass_avx2(KQ, lx, i0, i1, i2, p0, row_b, row_c, rr, j0, j1, j2, kq, v0, v1, v2, Eq, Dq, sums);
+                    s = sums[0]; a0 = sums[1]; a1 = sums[2]; a2 = sums[3];
+#else
                     PIXEL_PASS((lx * p0[k] + row_b[k]) * lx + row_c[k])
+#endif
                 } else {
                     const float f0 = F0[pq], f1 = F1[pq], f2 = F2[pq], f3 = F3[pq], f4 = F4[pq], f5 = F5[pq];
                     PIXEL_PASS(f0 * p0[k] + f1 * p1[k] + f2 * p2[k] + f3 * p3[k] + f4 * p4[k] + f5 * p5[k])
