@@ -300,7 +300,7 @@ static void scatter_add_ordered(int64_t threads, int64_t n, int64_t N, const int
 /* Keep masks cached per radius within a block (fit_chunk): slot i holds the mask of pixels
    whose squared radius is r2[i]. */
 #define MASK_SLOTS 16
-struct mask_slots { int32_t r2[MASK_SLOTS]; int64_t kept[MASK_SLOTS]; int n, victim; };
+struct mask_slots { int32_t r2[MASK_SLOTS]; int64_t kept[MASK_SLOTS]; int n, victim, last; };
 
 /* The slot holding the keep mask of squared radius r2 (kz: MASK_SLOTS x KP uint32, all ones
    where r2_off[k] <= r2 and not repeated[k], else 0; kbits: the same as bits), made if no slot
@@ -309,7 +309,8 @@ struct mask_slots { int32_t r2[MASK_SLOTS]; int64_t kept[MASK_SLOTS]; int n, vic
 static int keep_mask_slot(struct mask_slots *m, int32_t r2, const int *busy, int n_busy, int64_t K, int64_t KP,
                           const int32_t *r2_off, const uint8_t *rep, uint32_t *kz, uint16_t *kbits)
 {
-    for (int i = 0; i < m->n; ++i) if (m->r2[i] == r2) return i;
+    if (m->n > 0 && m->r2[m->last] == r2) return m->last;  /* the usual case: the previous pixel's radius */
+    for (int i = 0; i < m->n; ++i) if (m->r2[i] == r2) return m->last = i;
     int i = m->n;
     if (i < MASK_SLOTS) {
         m->n += 1;
@@ -333,6 +334,7 @@ static int keep_mask_slot(struct mask_slots *m, int32_t r2, const int *busy, int
     }
     m->r2[i] = r2;
     m->kept[i] = (last + 15) / 16 * 16;
+    m->last = i;
     return i;
 }
 
@@ -599,7 +601,7 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
            k >= kept[slot] (rounded up to 16) are all dropped, so the loops stop there: offsets
            are sorted by distance, and a small dynamic radius keeps a short prefix. KB[p]: the
            same for pixel p, for the gradient pass. */
-        struct mask_slots masks = {.n = 0, .victim = 0};
+        struct mask_slots masks = {.n = 0, .victim = 0, .last = 0};
         int64_t *KB = (int64_t *)(pix + 14 * P4);
         for (int64_t p = 0; p < NL4; p += 4) {
             int slot[4];
