@@ -58,6 +58,40 @@ def _compiled_reference(x: dict):
     return loss, torch.cat([compiled.spatial_coefficients_backward(grad_psi, x["d_y"], x["d_x"]), grad_rho[None]])
 
 
+def _separable_chunk(gen, G=3, rho_scale=1.0):
+    """Fit-chunk inputs (float32) whose pixel features are the monomials (lx^2, lx ly, ly^2, lx,
+    ly, 1) as pixel_features makes them, in rows of 7 pixels sharing ly (3 blocks of 42 pixels,
+    45 neighbours): radii that differ per pixel, repeated neighbours, pixel 5 of weight 0;
+    block 0's first rho times ``rho_scale``."""
+    B, P, K, px = 3, 42, 45, 7
+    y, x = torch.arange(P) // px, torch.arange(P) % px
+    ly = ((y.double() - 2.5)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)).float()
+    lx = ((x.double() - 3.0)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)).float()
+    phi = torch.stack([lx * lx, lx * ly, ly * ly, lx, ly, torch.ones_like(lx)], 1)  # float32 products
+    abc = 0.3 * torch.randn(3, B, K, generator=gen)
+    abc[0], abc[2] = abc[0].abs() + 0.1, abc[2].abs() + 0.1
+    abc[1] = abc[1].clamp(-0.05, 0.05)
+    rho = 20 * torch.rand(1, B, K, generator=gen)
+    rho[0, 0] *= rho_scale
+    d_y, d_x = torch.randint(-3, 4, (2, B, K), generator=gen).float() * 7
+    d_y[:, 0] = d_x[:, 0] = 0.0
+    ic, jd = 0.3 * torch.randn(B, G, P, generator=gen), 0.3 * torch.randn(B, G, K, generator=gen)
+    vals, target = torch.randn(B, G, K, generator=gen), torch.randn(B, G, P, generator=gen)
+    weight = torch.rand(B, P, generator=gen)
+    weight[:, 5] = 0.0
+    r2_pix = torch.randint(4, K, (B, P), generator=gen, dtype=torch.int32)
+    repeated = torch.rand(B, K, generator=gen) < 0.1
+    repeated[:, 0] = False
+    return dict(
+        phi=phi, coef=torch.cat([abc, rho]), d_y=d_y, d_x=d_x, ic=ic, jd=jd, vals=vals, target=target,
+        weight=weight, r2_pix=r2_pix, r2_off=torch.arange(K, dtype=torch.int32), repeated=repeated,
+    )  # fmt: skip
+
+
+def _float64(x: dict) -> dict:
+    return {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
+
+
 @needs_native
 def test_loss_only_mode_gives_the_same_loss_and_no_gradient(gen):
     """want_grad=False (the final loss, the benchmark's forward) skips the gradient pass only."""
@@ -115,27 +149,10 @@ def test_separable_spatial_term_agrees_with_the_general_form_and_float64(gen, G)
     makes them, rows of pixels sharing ly) take the row-wise quadratic in lx; a block where one
     feature is off by one ulp takes the general six-term form. Both agree with each other within
     1e-5 and with float64 within 1e-4. Pixels of weight 0 are skipped entirely."""
-    B, P, K, px = 3, 42, 45, 7  # rows of 7 pixels
-    y, x = torch.arange(P) // px, torch.arange(P) % px
-    ly = (y.double() - 2.5)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)
-    lx = (x.double() - 3.0)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)
-    lx, ly = lx.float(), ly.float()
-    phi = torch.stack([lx * lx, lx * ly, ly * ly, lx, ly, torch.ones_like(lx)], 1)  # float32 products
-    abc = 0.3 * torch.randn(3, B, K, generator=gen)
-    abc[0], abc[2] = abc[0].abs() + 0.1, abc[2].abs() + 0.1
-    abc[1] = abc[1].clamp(-0.05, 0.05)
-    rho = 20 * torch.rand(1, B, K, generator=gen)
-    d_y, d_x = torch.randint(-3, 4, (2, B, K), generator=gen).float() * 7
-    d_y[:, 0] = d_x[:, 0] = 0.0
-    ic, jd = 0.3 * torch.randn(B, G, P, generator=gen), 0.3 * torch.randn(B, G, K, generator=gen)
-    vals, target = torch.randn(B, G, K, generator=gen), torch.randn(B, G, P, generator=gen)
-    weight = torch.rand(B, P, generator=gen)
-    weight[:, 5] = 0.0
-    r2_pix = torch.randint(4, K, (B, P), generator=gen, dtype=torch.int32)
-    r2_off, repeated = torch.arange(K, dtype=torch.int32), torch.rand(B, K, generator=gen) < 0.1
-    repeated[:, 0] = False
-    coef = torch.cat([abc, rho])
-    rest = (d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
+    x = _separable_chunk(gen, G)
+    phi, coef, ic = x["phi"], x["coef"], x["ic"]
+    rest = tuple(x[name] for name in ("d_y", "d_x", "ic", "jd", "vals", "target", "weight", "r2_pix", "r2_off", "repeated"))
+    d_y, d_x = x["d_y"], x["d_x"]
     separable = native.fit_chunk(phi, coef, *rest)
     general_phi = phi.clone()
     general_phi[:, 1, 6] = torch.nextafter(general_phi[:, 1, 6], torch.tensor(1e9))
@@ -149,13 +166,7 @@ def test_separable_spatial_term_agrees_with_the_general_form_and_float64(gen, G)
     assert float(separable[0]) == pytest.approx(float(general[0]), rel=1e-5)
     assert all(rel_err(separable[2][i], general[2][i]) < 1e-5 for i in range(4))
     assert not torch.equal(separable[2], general[2])  # the two forms really ran (they round differently)
-    c64 = coef.double()
-    psi = compiled.spatial_coefficients(c64, d_y.double(), d_x.double())
-    loss, _, grad_psi, grad_rho = compiled.fit_chunk(
-        phi.double(), psi, c64[3], ic.double(), jd.double(), vals.double(), target.double(), weight.double(),
-        r2_pix, r2_off, repeated,
-    )  # fmt: skip
-    ref = torch.cat([compiled.spatial_coefficients_backward(grad_psi, d_y.double(), d_x.double()), grad_rho[None]])
+    loss, ref = _compiled_reference(_float64(x))
     assert float(separable[0]) == pytest.approx(float(loss), rel=1e-4)
     assert all(rel_err(separable[2][i], ref[i]) < 1e-4 for i in range(4))
 
@@ -398,40 +409,15 @@ def test_vector_fit_paths_agree_with_narrower_builds_and_float64(gen, rho_scale,
     float64 within 1e-4: rows of 7 pixels (pairs and a pixel alone), radii that differ per pixel
     (more keep masks than the kernel caches), repeated neighbours, a pixel of weight 0, and
     denominators out of range (the fallback)."""
-    B, P, K, px = 3, 42, 45, 7
-    y, x = torch.arange(P) // px, torch.arange(P) % px
-    ly = ((y.double() - 2.5)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)).float()
-    lx = ((x.double() - 3.0)[None].repeat(B, 1) + 0.1 * torch.randn(B, 1, generator=gen, dtype=torch.float64)).float()
-    phi = torch.stack([lx * lx, lx * ly, ly * ly, lx, ly, torch.ones_like(lx)], 1)
-    abc = 0.3 * torch.randn(3, B, K, generator=gen)
-    abc[0], abc[2] = abc[0].abs() + 0.1, abc[2].abs() + 0.1
-    abc[1] = abc[1].clamp(-0.05, 0.05)
-    rho = 20 * torch.rand(1, B, K, generator=gen)
-    rho[0, 0] *= rho_scale
-    d_y, d_x = torch.randint(-3, 4, (2, B, K), generator=gen).float() * 7
-    d_y[:, 0] = d_x[:, 0] = 0.0
-    ic, jd = 0.3 * torch.randn(B, 3, P, generator=gen), 0.3 * torch.randn(B, 3, K, generator=gen)
-    vals, target = torch.randn(B, 3, K, generator=gen), torch.randn(B, 3, P, generator=gen)
-    weight = torch.rand(B, P, generator=gen)
-    weight[:, 9] = 0.0
-    r2_pix = torch.randint(4, K, (B, P), generator=gen, dtype=torch.int32)
-    r2_off, repeated = torch.arange(K, dtype=torch.int32), torch.rand(B, K, generator=gen) < 0.1
-    repeated[:, 0] = False
-    coef = torch.cat([abc, rho])
-    args = (phi, coef, d_y, d_x, ic, jd, vals, target, weight, r2_pix, r2_off, repeated)
+    x = _separable_chunk(gen, 3, rho_scale)
+    args = _f32(x)
     narrower = native.build_without(*without)
     assert narrower is not None
     fast = native.fit_chunk(*args)
     slow = native.fit_chunk(*args, lib=narrower)
     assert float(fast[0]) == pytest.approx(float(slow[0]), rel=1e-5)
     assert all(rel_err(fast[2][i], slow[2][i]) < 1e-5 for i in range(4))
-    c64 = coef.double()
-    psi = compiled.spatial_coefficients(c64, d_y.double(), d_x.double())
-    loss, _, grad_psi, grad_rho = compiled.fit_chunk(
-        phi.double(), psi, c64[3], ic.double(), jd.double(), vals.double(), target.double(), weight.double(),
-        r2_pix, r2_off, repeated,
-    )  # fmt: skip
-    ref = torch.cat([compiled.spatial_coefficients_backward(grad_psi, d_y.double(), d_x.double()), grad_rho[None]])
+    loss, ref = _compiled_reference(_float64(x))
     for got in (fast, slow):
         assert float(got[0]) == pytest.approx(float(loss), rel=1e-4)
         assert all(rel_err(got[2][i], ref[i]) < 1e-4 for i in range(4))
