@@ -437,7 +437,6 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
                double *loss_out, double *sq_out, float *grad_coef, int32_t want_grad, int32_t *failed,
                const int64_t *q, int64_t N, float *grad_all)
 {
-/* coefficient c (A, B, C, rho) of neighbour k of block b */
     double loss_total = 0.0, sq_total = 0.0;
     #pragma omp parallel for schedule(dynamic, 1) reduction(+:loss_total, sq_total) num_threads(threads)
     for (int64_t b = 0; b < B; ++b) {
@@ -549,9 +548,10 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
             for (int64_t p = 0; p < P; ++p) if (wb[p] != 0.0f) live[NL++] = (int32_t)p;
         }
         const int64_t NL4 = (NL + 3) / 4 * 4;
-        /* Zeros where rows are read before they are written: the padding slots NL .. P4 - 1 of the
-           features, guide values, targets and weights (the loss runs over groups of 4 slots), and
-           the rows of unused guide channels (their neighbours' values are 0: range term 0). */
+        /* Zeros in the padding slots NL .. P4 - 1 of the targets and weights (the loss runs over
+           groups of 4 slots, and padding must add 0) and, as a safeguard, of the features and guide
+           values (only live slots read those); and the rows of unused guide channels (their
+           neighbours' values are 0 too: range term 0). */
         for (int64_t row = 0; row < 22; ++row) if (row < 9 || row >= 18) memset(pix + row * P4 + NL, 0, sizeof(float) * (P4 - NL));
         for (int64_t g = G < 3 ? G : 3; g < 3; ++g) { memset(pix + (6 + g) * P4, 0, sizeof(float) * P4); memset(pix + (18 + g) * P4, 0, sizeof(float) * P4); }
         float *F0 = pix, *F1 = pix + P4, *F2 = pix + 2 * P4, *F3 = pix + 3 * P4, *F4 = pix + 4 * P4, *F5 = pix + 5 * P4;
