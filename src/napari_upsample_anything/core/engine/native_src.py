@@ -190,7 +190,7 @@ static const float EXP2_TABLE8[8] = {1.0f, 1.0905077326652577f, 1.18920711500272
         const __m256 t_ = _mm256_permutevar8x32_ps(table, bits_); \
         const __m256 q_ = _mm256_fmadd_ps(_mm256_fmadd_ps(r_, _mm256_set1_ps(0.055496220f), _mm256_set1_ps(0.24025762f)), r_, \
                                           _mm256_set1_ps(0.69314724f)); \
-        const __m256 y_ = _mm256_fmadd_ps(t_, _mm256_mul_ps(r_, q_), t_); \
+        const __m256 y_ = _mm256_fmadd_ps(_mm256_mul_ps(t_, r_), q_, t_);  /* t r beside q: off the chain */ \
         const __m256i n_ = _mm256_slli_epi32(_mm256_srli_epi32(bits_, 3), 23); \
         e = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y_), n_)); }
 /* The magic constant of EXP2_AVX2 (1.5 * 2^20), hidden from the compiler so that it keeps one register
