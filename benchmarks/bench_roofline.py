@@ -2,6 +2,7 @@
 
     python benchmarks/bench_roofline.py --out docs/benchmarks_engine.md     # full (minutes)
     python benchmarks/bench_roofline.py --quick                             # small sizes (a test runs it)
+    python benchmarks/bench_roofline.py --isa avx2 --fit-sizes 448 --threads 1   # AVX2 code on an AVX-512 CPU
 
 For the fit step and the render at 224^2, 1024^2 and 4096^2 (``--fit-sizes``, ``--render-sizes``),
 with 1 thread and with all threads, it reports pairs/s (pixel-neighbour pairs), exps/s, the
@@ -26,6 +27,13 @@ the load of a shared machine hits both alike; the load average before and after 
 Flop counts are nominal per pair (FMA = 2 flops; the exp counted as the operations of its
 inlined polynomial; see ``FLOPS``), so GFLOP/s compares kernels, not a hardware counter.
 The table names the CPU model, its widest vector unit and the native kernel's build.
+
+``--isa avx2`` measures, on an AVX-512 CPU, the code that AVX2 CPUs run: the script reruns itself
+in a child process with the kernel built without AVX-512 (``UPSAMPLE_ANYTHING_NATIVE_WITHOUT=avx512f``)
+and torch and MKL told to use their AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``,
+``MKL_ENABLE_INSTRUCTIONS=AVX2``), so that the matmul yardstick is AVX2 code as well. It is an
+emulation: the core's AVX-512 machinery runs 256-bit code, which a real AVX2 CPU may run faster
+or slower. Its table goes between markers of its own.
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ import argparse
 import datetime
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -62,6 +72,8 @@ from napari_upsample_anything.core.threads import flushed_denormals
 CPU = torch.device("cpu")
 MARK_BEGIN = "<!-- bench_roofline:begin -->"
 MARK_END = "<!-- bench_roofline:end -->"
+# --isa avx2: the environment of the child process (read by torch and MKL when they load)
+AVX2_ENV = {native.WITHOUT_ENV: "avx512f", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 # Nominal flops per (pixel, neighbour) pair with a 3-channel guide (FMA = 2):
 # log-weight: range term 3 sub + 3 mul/add (8), spatial 6 FMA (12), minus rho * d (2), max (1);
 # exp: 20 (a vectorised exp: reduction, a degree-6 polynomial, scaling); aggregation: sum +
@@ -399,13 +411,21 @@ def table(rows, env: str, command: str, matmul: int = 2048) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Put ``text`` between the roofline markers of ``path`` (appended when absent), atomically."""
+def markers(isa: str = "native") -> Tuple[str, str]:
+    """The begin and end markers of the table for ``--isa``."""
+    if isa == "native":
+        return MARK_BEGIN, MARK_END
+    return f"<!-- bench_roofline {isa}:begin -->", f"<!-- bench_roofline {isa}:end -->"
+
+
+def write_section(path: Path, text: str, isa: str = "native") -> None:
+    """Put ``text`` between the markers of ``path`` for ``isa`` (appended when absent), atomically."""
+    begin, end = markers(isa)
     old = path.read_text() if path.exists() else ""
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in old and MARK_END in old:
-        head, rest = old.split(MARK_BEGIN, 1)
-        new = head + block + rest.split(MARK_END, 1)[1]
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1]
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + block + "\n"
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -425,7 +445,20 @@ def main(argv=None) -> int:
     ap.add_argument("--no-upsample", dest="upsample", action="store_false", help="skip the 224^2 full upsample row")
     ap.add_argument("--quick", action="store_true", help="small sizes, 2 repeats (for a test)")
     ap.add_argument("--out", type=Path, default=None, help="markdown file to put the table into (between markers)")
+    ap.add_argument(
+        "--isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="avx2: AVX2 code on an AVX-512 CPU (the kernel, torch and MKL; a child process)",
+    )
     args = ap.parse_args(argv)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        if "avx2" not in native._cpu_flags():
+            ap.error("--isa avx2: this CPU has no AVX2")
+        # torch picks its kernels when it is imported: only a new process can be told
+        child = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], env={**os.environ, **AVX2_ENV})
+        return child.returncode
     if args.quick:
         args.fit_sizes, args.render_sizes, args.render_channels = [56, 112], [56], [8]
         args.repeats, args.matmul, args.upsample = 2, 256, False
@@ -449,15 +482,17 @@ def main(argv=None) -> int:
                 measure(args, n, yard, rows, log)
     finally:
         torch.set_num_threads(previous)
+    emulated = "; AVX2 code on this CPU (--isa avx2: " + ", ".join(f"{k}={v}" for k, v in AVX2_ENV.items()) + ")"
     env = (
-        f"{cpu_description()}; torch {torch.__version__}; {datetime.date.today().isoformat()}; load average "
+        f"{cpu_description()}{emulated if args.isa == 'avx2' else ''}; torch {torch.__version__} "
+        f"({torch.backends.cpu.get_cpu_capability()} kernels); {datetime.date.today().isoformat()}; load average "
         f"(1/5/15 min) {load_before} before, {_load()} after"
     )
     command = "python benchmarks/bench_roofline.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(rows, env, command.strip(), args.matmul)
     print(text)
     if args.out is not None:
-        write_section(args.out, text)
+        write_section(args.out, text, args.isa)
     return 0
 
 

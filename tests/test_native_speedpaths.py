@@ -4,6 +4,7 @@ roofline benchmark's quick mode (benchmarks/bench_roofline.py; it measures, neve
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -345,6 +346,45 @@ def test_roofline_benchmark_quick_mode_writes_its_table(bench, tmp_path, capsys)
     assert "cores" in first and ("AVX" in first or "SSE" in first)  # names the CPU and its vector unit
     assert bench.main(["--quick", "--threads", "1", "--no-upsample", "--out", str(page)]) == 0
     assert page.read_text().count(bench.MARK_BEGIN) == 1 and "kept text" in page.read_text()
+
+
+def test_native_without_extensions_from_the_environment(monkeypatch):
+    """UPSAMPLE_ANYTHING_NATIVE_WITHOUT=avx512f builds the kernel with -mno-avx512f and no 512-bit
+    tuning, and says so; a name that is no extension is refused with the variable named."""
+    monkeypatch.setenv(native.WITHOUT_ENV, "avx512f")
+    flags = native.compile_flags()
+    assert "-mno-avx512f" in flags and "-mprefer-vector-width=512" not in flags
+    assert native.vector_width() != "512-bit (AVX-512)"
+    if "avx2" in native._cpu_flags():
+        assert native.vector_width() == "256-bit (AVX2)"
+    monkeypatch.setenv(native.WITHOUT_ENV, "avx2, avx512f")
+    assert native.compile_flags()[-2:] == ["-mno-avx2", "-mno-avx512f"] and "AVX" not in native.vector_width()
+    monkeypatch.setenv(native.WITHOUT_ENV, "avx512f -O0;rm")
+    with pytest.raises(ValueError, match="UPSAMPLE_ANYTHING_NATIVE_WITHOUT.*'-O0;rm'"):
+        native.compile_flags()
+
+
+@needs_native
+def test_roofline_benchmark_isa_avx2_runs_avx2_code_in_a_child(tmp_path):
+    """--isa avx2 reruns the benchmark with the kernel built without AVX-512 and torch on its AVX2
+    kernels, says so in its table, and writes the table between markers of its own."""
+    page = tmp_path / "page.md"
+    page.write_text("# Engine\n")
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--threads", "1", "--isa", "avx2", "--no-upsample", "--out", str(page)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if "avx2" not in native._cpu_flags():
+        assert run.returncode == 2 and "this CPU has no AVX2" in run.stderr
+        return
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = page.read_text()
+    assert "<!-- bench_roofline avx2:begin -->" in text and "<!-- bench_roofline:begin -->" not in text
+    machine = next(line for line in text.splitlines() if line.startswith("Machine:"))
+    assert "-mno-avx512f" in machine and "256-bit (AVX2) vectors" in machine and "(AVX2 kernels)" in machine
+    assert len([line for line in text.splitlines() if line.startswith("| fit step")]) == 2
 
 
 @needs_native

@@ -88,6 +88,30 @@ def _cpu_signature() -> str:
         return platform.machine() + platform.processor()
 
 
+WITHOUT_ENV = "UPSAMPLE_ANYTHING_NATIVE_WITHOUT"
+
+
+def excluded_extensions() -> Tuple[str, ...]:
+    """Vector extensions the kernel is told not to use (``UPSAMPLE_ANYTHING_NATIVE_WITHOUT``, e.g.
+    ``avx512f``: the AVX2 build on an AVX-512 CPU, to measure here what AVX2 CPUs run; see
+    ``benchmarks/bench_roofline.py --isa avx2``). Empty when unset.
+
+    Raises
+    ------
+    ValueError
+        When a name is not a plain extension name (letters, digits, ``.`` or ``_``): it becomes a
+        ``-mno-<name>`` compiler flag.
+    """
+    names = tuple(n for n in os.environ.get(WITHOUT_ENV, "").replace(",", " ").split() if n)
+    bad = [n for n in names if not n.replace(".", "").replace("_", "").isalnum()]
+    if bad:
+        raise ValueError(
+            f"{WITHOUT_ENV}={os.environ.get(WITHOUT_ENV)!r}: {bad[0]!r} is not an extension name; "
+            "give names such as 'avx512f' or 'avx2', separated by commas"
+        )
+    return names
+
+
 def compile_flags() -> List[str]:
     """Compiler flags for this CPU.
 
@@ -96,16 +120,22 @@ def compile_flags() -> List[str]:
     penalty of 512-bit code on older Intel parts). On AVX-512 CPUs the kernel is asked for
     512-bit vectors: half the instructions for the same lanes (measured in
     docs/benchmarks_engine.md). Elsewhere (AVX2, ARM, no /proc/cpuinfo) the compiler's choice stands.
+    Extensions named in ``UPSAMPLE_ANYTHING_NATIVE_WITHOUT`` are turned off (``-mno-<name>``;
+    :func:`excluded_extensions`).
     """
     flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
-    if "avx512f" in _cpu_flags():
+    without = excluded_extensions()
+    if "avx512f" in _cpu_flags() and "avx512f" not in without:
         flags.append("-mprefer-vector-width=512")
-    return flags
+    return flags + [f"-mno-{name}" for name in without]
 
 
 def vector_width() -> str:
     """The vector width the kernel is built for here: ``"512-bit (AVX-512)"``, ``"256-bit (AVX2)"`` or the compiler's default."""
-    cpu = _cpu_flags()
+    without = set(excluded_extensions())
+    cpu = _cpu_flags() - without
+    if without & {"avx", "avx2"}:  # GCC's -mno-avx2 turns AVX-512 off too
+        cpu.discard("avx512f")
     if "avx512f" in cpu:
         return "512-bit (AVX-512)"
     if "avx2" in cpu:
@@ -119,7 +149,8 @@ def build_description() -> str:
     if cc is None or not available():
         return "native kernel unavailable (eager / compiled fallback)"
     flags = _BUILT.get("flags") or tuple(compile_flags())
-    width = vector_width() if "-mprefer-vector-width=512" in flags or "avx512f" not in _cpu_flags() else "256-bit (GCC's tuning)"
+    tuned = "-mprefer-vector-width=512" in flags or "avx512f" not in _cpu_flags() or "-mno-avx512f" in flags
+    width = vector_width() if tuned else "256-bit (GCC's tuning)"
     return f"native kernel: {Path(cc).name} {' '.join(flags)}, {width} vectors"
 
 
