@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import rel_err
+from reference_fit64 import float64_fit_losses
 
 from napari_upsample_anything.core.engine import compiled, native
 from napari_upsample_anything.core.engine.blocks import RenderOptions
@@ -481,57 +482,15 @@ def test_tuned_build_agrees_with_the_plain_build_and_float64(gen):
     assert all(rel_err(tuned[2][i], ref[i]) < 1e-4 for i in range(4))
 
 
-def _float64_fit_losses(guide: Guide, lr_shape, steps: int):
-    """Loss before each of ``steps`` published Adam steps, computed in float64: the fused
-    formulas (:func:`.compiled.fit_chunk`, checked against autograd at 1e-12) over every block, the
-    chain rule through the parameterisation by autograd, the same Adam and schedule."""
-    from napari_upsample_anything.core.engine.blocks import BlockEngine
-    from napari_upsample_anything.core.field import KernelField, kernel_coefficients
-    from napari_upsample_anything.core.fit import Adam, _ChunkedFit, schedule_gamma
-    from napari_upsample_anything.core.render import bicubic_lr_guide
-
-    cpu = torch.device("cpu")
-    engine = BlockEngine(guide, lr_shape, RenderOptions(), cpu)
-    h, w = lr_shape
-    values = bicubic_lr_guide(guide, lr_shape, cpu)
-    values_flat = values.permute(1, 2, 0).reshape(h * w, -1).contiguous()
-    tile = (0, h, 0, w)
-    n_values = guide.channels * guide.shape[0] * guide.shape[1]
-    prep = _ChunkedFit(engine, [tile], values_flat, n_values, keep=True, compiled=True, kernel_name="fused-eager")
-    ((_, n, q, x),) = [c for c in prep.chunks(tile)]
-    x64 = {k: (v[:n].double() if v.is_floating_point() else v[:n]) for k, v in x.items()}
-    raw = KernelField.initial(lr_shape).raw().double().requires_grad_(True)
-    adam = Adam(raw, lr=0.1, gamma=schedule_gamma(0.1))
-    losses = []
-    for _ in range(steps):
-        field = KernelField.from_raw(raw)
-        coef = kernel_coefficients(field)
-        sigma_eff = torch.maximum(field.sigma_x, field.sigma_y).detach().float()
-        r2 = engine.radius_sq(sigma_eff, tile).to(torch.int32)
-        c = coef.detach().reshape(4, -1).index_select(1, q).reshape(4, n, engine.K)
-        psi = compiled.spatial_coefficients(c, x64["d_y"], x64["d_x"])
-        loss, _, grad_psi, grad_rho = compiled.fit_chunk(
-            x64["phi"], psi, c[3], x64["ic"], x64["jd"], x64["vals"], x64["target"], x64["weight"],
-            r2, prep.r2_off, x64["repeated"],
-        )  # fmt: skip
-        grad_c = torch.cat([compiled.spatial_coefficients_backward(grad_psi, x64["d_y"], x64["d_x"]), grad_rho[None]])
-        grad = torch.zeros_like(coef).reshape(4, -1).index_add_(1, q, grad_c.reshape(4, -1))
-        raw.grad = None
-        coef.backward(grad.view_as(coef))
-        losses.append(float(loss))
-        adam.step()
-    return np.array(losses)
-
-
 @needs_native
 def test_native_fit_loss_curve_follows_the_float64_reference():
     """51 published steps with the native kernel: the loss before every step within 0.1 % of
-    the same fit computed in float64 (:func:`_float64_fit_losses`)."""
+    the same fit computed in float64 (:func:`reference_fit64.float64_fit_losses`)."""
     rng = np.random.default_rng(3)
     guide = Guide((rng.random((50, 37, 3)) * 255).astype(np.uint8))  # non-integer scale: padded blocks
     fast = fit_field(guide, (7, 5), steps=51, budget=2**30, backend="auto")
     assert fast.meta["kernel"] == "native"
-    ref = _float64_fit_losses(guide, (7, 5), 51)
+    ref = float64_fit_losses(guide, (7, 5), 51)
     assert np.abs(np.array(fast.meta["loss_per_step"]) / ref - 1).max() < 1e-3
 
 
@@ -573,3 +532,26 @@ def test_native_render_weights_against_float64(shape, G, C, options, gen, monkey
         radius_in_lr_cells=options.radius_units == "lr",
     )  # fmt: skip
     assert rel_err(out, ref) < 1e-4 and rel_err(out, eager) < 1e-4
+
+
+def test_loss_curve_benchmark_compares_trees_backends_and_float64(tmp_path):
+    """bench_loss_curve.py fits in child processes (this tree and a git revision, two backends)
+    and puts the pairwise table, float64 included, between its markers; the float32 curves of
+    a tiny fit stay within 0.1 % of float64 and a curve is 0 from itself."""
+    spec = importlib.util.spec_from_file_location("bench_loss_curve", BENCH.parent / "bench_loss_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = tmp_path / "page.md"
+    args = ["--size", "42", "--steps", "4", "--backends", "eager", "auto", "--rev", "HEAD", "--threads", "1"]
+    assert module.main([*args, "--out", str(page)]) == 0
+    text = page.read_text()
+    assert text.count(module.MARK_BEGIN) == 1
+    rows = [
+        line.split("|")[1:-1]
+        for line in text.splitlines()
+        if line.startswith("| this tree") or line.startswith("| HEAD") or line.startswith("| float64")
+    ]
+    assert len(rows) == 5 and rows[-1][0].strip() == "float64"
+    values = np.array([[float(v) for v in row[1:]] for row in rows])
+    assert np.all(np.diag(values) == 0.0) and np.all(values[:, -1] < 0.1)
+    assert np.allclose(values, values.T)
