@@ -74,8 +74,10 @@ def curve(src: Path, size: int, steps: int, backend: str, threads: int) -> dict:
 
 
 def max_rel_percent(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest relative difference per step, in percent."""
-    return float(np.abs(np.asarray(a) / np.asarray(b) - 1).max() * 100)
+    """Largest relative difference per step, in percent, relative to the smaller of the two losses
+    (symmetric, and never below either curve's difference relative to the other)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float((np.abs(a - b) / np.minimum(np.abs(a), np.abs(b))).max() * 100)
 
 
 def table(curves: Dict[str, np.ndarray], command: str, size: int, steps: int) -> str:
@@ -86,7 +88,8 @@ def table(curves: Dict[str, np.ndarray], command: str, size: int, steps: int) ->
         f"Command: `{command}`",
         "",
         f"Astronaut {size}^2, LR {size // 14}^2, {steps} published steps. Each cell: the largest relative",
-        "difference of the loss before a step between the row's and the column's curve, in percent.",
+        "difference of the loss before a step between the row's and the column's curve (relative to the",
+        "smaller of the two), in percent.",
         "",
         "| curve | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),

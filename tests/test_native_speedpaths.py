@@ -554,4 +554,4 @@ def test_loss_curve_benchmark_compares_trees_backends_and_float64(tmp_path):
     assert len(rows) == 5 and rows[-1][0].strip() == "float64"
     values = np.array([[float(v) for v in row[1:]] for row in rows])
     assert np.all(np.diag(values) == 0.0) and np.all(values[:, -1] < 0.1)
-    assert np.allclose(values, values.T)
+    assert np.array_equal(values, values.T)
