@@ -443,14 +443,19 @@ def test_vector_exp_error_bound(without):
 @needs_native
 @pytest.mark.parametrize("rho_scale", [1.0, 300.0])  # 300: most pixels of block 0 take the max-shifted fallback
 @pytest.mark.parametrize("without", [("avx512f",), ("avx512f", "avx2")])
-def test_vector_fit_paths_agree_with_narrower_builds_and_float64(gen, rho_scale, without):
+@pytest.mark.parametrize("form", ["separable", "general"])
+def test_vector_fit_paths_agree_with_narrower_builds_and_float64(gen, rho_scale, without, form):
     """On separable blocks the AVX-512 build runs its own forward (two pixels of a row per pass,
-    the table exp), the AVX2 build its own (one pixel, another table exp), and a build with
-    neither the portable loops. Each computes what this CPU's build computes within 1e-5 and
-    float64 within 1e-4: rows of 7 pixels (pairs and a pixel alone), radii that differ per pixel
-    (more keep masks than the kernel caches), repeated neighbours, a pixel of weight 0, and
-    denominators out of range (the fallback)."""
+    the table exp), the AVX2 build its own (one pixel, another table exp; kept prefixes in
+    vectors of 8), and a build with neither the portable loops; blocks of the general form take
+    the portable loops in every build (kept prefixes in vectors of 16). Each computes what this
+    CPU's build computes within 1e-5 and float64 within 1e-4: rows of 7 pixels (pairs and a
+    pixel alone), radii that differ per pixel (more keep masks than the kernel caches), repeated
+    neighbours, a pixel of weight 0, and denominators out of range (the fallback)."""
     x = _separable_chunk(gen, 3, rho_scale)
+    if form == "general":  # one feature off by one ulp in every block: no row-wise quadratic
+        x["phi"] = x["phi"].clone()
+        x["phi"][:, 1, 6] = torch.nextafter(x["phi"][:, 1, 6], torch.tensor(1e9))
     args = _f32(x)
     narrower = native.build_without(*without)
     assert narrower is not None

@@ -319,8 +319,8 @@ static void scatter_add_ordered(int64_t threads, int64_t n, int64_t N, const int
 }
 
 /* Keep masks cached per radius within a block (fit_chunk): slot i holds the mask of pixels
-   whose squared radius is r2[i]; neighbours k >= kept[i] are all dropped, and k < full[i] (a
-   multiple of 16) all kept. */
+   whose squared radius is r2[i]; neighbours k >= kept[i] are all dropped, and k < full[i] all
+   kept (both multiples of the round_to given to keep_mask_slot). */
 #define MASK_SLOTS 16
 struct mask_slots { int32_t r2[MASK_SLOTS]; int64_t kept[MASK_SLOTS], full[MASK_SLOTS]; int n, victim, last; };
 
@@ -329,7 +329,7 @@ struct mask_slots { int32_t r2[MASK_SLOTS]; int64_t kept[MASK_SLOTS], full[MASK_
    holds it. When all slots are taken one is reused, never one of busy[0 .. n_busy - 1] (the
    slots that the other pixels of the current group use). */
 static int keep_mask_slot(struct mask_slots *m, int32_t r2, const int *busy, int n_busy, int64_t K, int64_t KP,
-                          const int32_t *r2_off, const uint8_t *rep, uint32_t *kz, uint16_t *kbits)
+                          const int32_t *r2_off, const uint8_t *rep, uint32_t *kz, uint16_t *kbits, int64_t round_to)
 {
     if (m->n > 0 && m->r2[m->last] == r2) return m->last;  /* the usual case: the previous pixel's radius */
     for (int i = 0; i < m->n; ++i) if (m->r2[i] == r2) return m->last = i;
@@ -356,8 +356,8 @@ static int keep_mask_slot(struct mask_slots *m, int32_t r2, const int *busy, int
         if (kq[k]) { last = k + 1; bq[k >> 4] |= (uint16_t)(1u << (k & 15)); }
     }
     m->r2[i] = r2;
-    m->kept[i] = (last + 15) / 16 * 16;
-    m->full[i] = (full < 0 ? K : full) / 16 * 16;
+    m->kept[i] = (last + round_to - 1) / round_to * round_to;
+    m->full[i] = (full < 0 ? K : full) / round_to * round_to;
     m->last = i;
     return i;
 }
@@ -622,15 +622,23 @@ void fit_chunk(int64_t threads, int64_t B, int64_t P, int64_t K, int64_t G,
         /* A pixel's keep mask depends on its radius only, and a block holds a few radii (at most
            `radius` values), which alternate along its pixel rows: each mask is made once per block,
            in a slot of kz (and kbits), found by its r2 (keep_mask_slot). kept[slot]: neighbours
-           k >= kept[slot] (rounded up to 16) are all dropped, so the loops stop there: offsets
+           k >= kept[slot] (rounded up to whole vectors: kept_round) are all dropped, so the loops stop there: offsets
            are sorted by distance, and a small dynamic radius keeps a short prefix. KB[p]: the
            same for pixel p, for the gradient pass. */
         struct mask_slots masks = {.n = 0, .victim = 0, .last = 0};
+        /* kept prefixes in whole vectors of the passes that read them: 16 neighbours (the AVX-512
+           pass, the portable gradient), 8 for separable blocks in AVX2 builds (pixel_pass_avx2 and
+           gradient_rows: 0.96x of the step at 448^2 against 16) */
+#if defined(__AVX512F__) || !defined(__AVX2__) || !defined(__FMA__)
+        const int64_t kept_round = 16;
+#else
+        const int64_t kept_round = separable ? 8 : 16;
+#endif
         int64_t *KB = (int64_t *)(pix + 14 * P4);
         for (int64_t p = 0; p < NL4; p += 4) {
             int slot[4];
             for (int q = 0; q < 4; ++q)
-                slot[q] = keep_mask_slot(&masks, r2_pix[b * P + live[p + q < NL ? p + q : NL - 1]], slot, q, K, KP, r2_off, rep, kz, kbits);
+                slot[q] = keep_mask_slot(&masks, r2_pix[b * P + live[p + q < NL ? p + q : NL - 1]], slot, q, K, KP, r2_off, rep, kz, kbits, kept_round);
             float s_[4], o_[4][3];
 /* One pass per group: log-weight, its exp, the denominator and the aggregation, with no
    maximum subtracted (the fit's log-weights are a Gaussian's exponents, <= 0 up to rounding).
