@@ -80,12 +80,18 @@ def max_rel_percent(a: np.ndarray, b: np.ndarray) -> float:
     return float((np.abs(a - b) / np.minimum(np.abs(a), np.abs(b))).max() * 100)
 
 
+def tree_revision() -> str:
+    """This tree's commit (``git describe --always --dirty``), or "unknown" outside a git checkout."""
+    run = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return run.stdout.strip() if run.returncode == 0 and run.stdout.strip() else "unknown"
+
+
 def table(curves: Dict[str, np.ndarray], command: str, size: int, steps: int) -> str:
     names = list(curves)
     lines = [
         "## Fit loss curves against float64 (`benchmarks/bench_loss_curve.py`)",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}` (this tree: {tree_revision()})",
         "",
         f"Astronaut {size}^2, LR {size // 14}^2, {steps} published steps. Each cell: the largest relative",
         "difference of the loss before a step between the row's and the column's curve (relative to the",

@@ -550,7 +550,7 @@ def test_loss_curve_benchmark_compares_trees_backends_and_float64(tmp_path):
     args = ["--size", "42", "--steps", "4", "--backends", "eager", "auto", "--rev", "HEAD", "--threads", "1"]
     assert module.main([*args, "--out", str(page)]) == 0
     text = page.read_text()
-    assert text.count(module.MARK_BEGIN) == 1
+    assert text.count(module.MARK_BEGIN) == 1 and "(this tree: " in text
     rows = [
         line.split("|")[1:-1]
         for line in text.splitlines()
