@@ -30,6 +30,9 @@ from typing import Dict, List
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # markdown_section, when run or imported from elsewhere
+from markdown_section import write_marked_section
+
 MARK_BEGIN = "<!-- bench_loss_curve:begin -->"
 MARK_END = "<!-- bench_loss_curve:end -->"
 
@@ -105,20 +108,6 @@ def table(curves: Dict[str, np.ndarray], command: str, size: int, steps: int) ->
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Put ``text`` between this benchmark's markers in ``path`` (appended when absent), atomically."""
-    old = path.read_text() if path.exists() else ""
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in old and MARK_END in old:
-        head, rest = old.split(MARK_BEGIN, 1)
-        new = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + block + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
-
-
 def main(argv: List[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=224, help="guide side in pixels (LR side: size // 14)")
@@ -153,7 +142,7 @@ def main(argv: List[str] | None = None) -> int:
     text = table(curves, command.strip(), args.size, args.steps)
     print(text)
     if args.out is not None:
-        write_section(args.out, text)
+        write_marked_section(args.out, text, MARK_BEGIN, MARK_END)
     return 0
 
 

@@ -51,6 +51,9 @@ from typing import Tuple
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # markdown_section, when run or imported from elsewhere
+from markdown_section import write_marked_section
+
 import napari_upsample_anything as upa
 from napari_upsample_anything.core.engine import native
 from napari_upsample_anything.core.engine.backends import fit_kernel_name, native_usable
@@ -420,17 +423,7 @@ def markers(isa: str = "native") -> Tuple[str, str]:
 
 def write_section(path: Path, text: str, isa: str = "native") -> None:
     """Put ``text`` between the markers of ``path`` for ``isa`` (appended when absent), atomically."""
-    begin, end = markers(isa)
-    old = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{text}\n{end}"
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        new = head + block + rest.split(end, 1)[1]
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + block + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    write_marked_section(path, text, *markers(isa))
 
 
 def main(argv=None) -> int:
