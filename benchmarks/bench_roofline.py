@@ -481,7 +481,7 @@ def main(argv=None) -> int:
         f"({torch.backends.cpu.get_cpu_capability()} kernels); {datetime.date.today().isoformat()}; load average "
         f"(1/5/15 min) {load_before} before, {_load()} after"
     )
-    command = "python benchmarks/bench_roofline.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_roofline.py " + " ".join(argv)
     text = table(rows, env, command.strip(), args.matmul)
     print(text)
     if args.out is not None:

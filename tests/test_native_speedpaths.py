@@ -360,6 +360,8 @@ def test_native_without_extensions_from_the_environment(monkeypatch):
         assert native.vector_width() == "256-bit (AVX2)"
     monkeypatch.setenv(native.WITHOUT_ENV, "avx2, avx512f")
     assert native.compile_flags()[-2:] == ["-mno-avx2", "-mno-avx512f"] and "AVX" not in native.vector_width()
+    monkeypatch.setenv(native.WITHOUT_ENV, "avx")  # -mno-avx: no AVX2 nor AVX-512 either
+    assert "AVX" not in native.vector_width()
     monkeypatch.setenv(native.WITHOUT_ENV, "avx512f -O0;rm")
     with pytest.raises(ValueError, match="UPSAMPLE_ANYTHING_NATIVE_WITHOUT.*'-O0;rm'"):
         native.compile_flags()

@@ -134,8 +134,10 @@ def vector_width() -> str:
     """The vector width the kernel is built for here: ``"512-bit (AVX-512)"``, ``"256-bit (AVX2)"`` or the compiler's default."""
     without = set(excluded_extensions())
     cpu = _cpu_flags() - without
-    if without & {"avx", "avx2"}:  # GCC's -mno-avx2 turns AVX-512 off too
+    if without & {"avx", "avx2"}:  # GCC's -mno-avx2 turns AVX-512 off too, -mno-avx both
         cpu.discard("avx512f")
+    if "avx" in without:
+        cpu.discard("avx2")
     if "avx512f" in cpu:
         return "512-bit (AVX-512)"
     if "avx2" in cpu:
