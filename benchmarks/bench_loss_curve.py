@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -36,38 +35,28 @@ from markdown_section import write_marked_section
 MARK_BEGIN = "<!-- bench_loss_curve:begin -->"
 MARK_END = "<!-- bench_loss_curve:end -->"
 
-# Run in a child process with the tree's src/ first on sys.path: the fit's loss before each step.
+# Run in a child process with the tree's src/ (its last argument) first on sys.path: the fit's loss before each step,
+# on the guide the parent saved (one image for every curve and the float64 fit).
 CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[5])
-import numpy as np, skimage.data, skimage.transform, torch
+import numpy as np, torch
 from napari_upsample_anything.core.fit import fit_field
 from napari_upsample_anything.core.guide import Guide
-size, steps, backend, threads = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+guide_file, steps, backend, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 torch.set_num_threads(threads)
-img = skimage.transform.resize(skimage.data.astronaut(), (size, size), order=3, anti_aliasing=True)
-guide = Guide((np.clip(img, 0, 1) * 255).astype(np.uint8))
+guide = Guide(np.load(guide_file))
+size = guide.shape[0]
 field = fit_field(guide, (size // 14, size // 14), steps=steps, budget=2**31, backend=backend, threads=threads)
 print(json.dumps({"loss": field.meta["loss_per_step"], "kernel": field.meta.get("kernel", backend)}))
 """
 
 
-def _guide(size: int):
-    import skimage.data
-    import skimage.transform
-
-    from napari_upsample_anything.core.guide import Guide
-
-    img = skimage.transform.resize(skimage.data.astronaut(), (size, size), order=3, anti_aliasing=True)
-    return Guide((np.clip(img, 0, 1) * 255).astype(np.uint8))
-
-
-def curve(src: Path, size: int, steps: int, backend: str, threads: int) -> dict:
-    """``{"loss": [...], "kernel": name}`` of one fit, run by the package under ``src``."""
-    env = {**os.environ, "PYTHONPATH": str(src) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def curve(src: Path, guide_file: Path, steps: int, backend: str, threads: int) -> dict:
+    """``{"loss": [...], "kernel": name}`` of one fit of the (H, W, 3) uint8 guide in ``guide_file``
+    (.npy), run by the package under ``src``."""
     run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(size), str(steps), backend, str(threads), str(src)],
-        env=env,
+        [sys.executable, "-c", CHILD, str(guide_file), str(steps), backend, str(threads), str(src)],
         capture_output=True,
         text=True,
     )
@@ -119,8 +108,18 @@ def main(argv: List[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.size < 14:
         ap.error(f"--size {args.size}: needs at least 14 pixels (one LR cell)")
+    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "src"))
+    from bench_roofline import _guide  # the astronaut at size^2, as the roofline's fits use it
+    from reference_fit64 import float64_fit_losses
+
+    from napari_upsample_anything.core.guide import Guide
+
+    image = _guide(args.size)
     curves: Dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        guide_file = Path(tmp) / "guide.npy"
+        np.save(guide_file, image)
         trees = [("this tree", ROOT / "src")]
         for rev in args.rev:
             folder = Path(tmp) / rev
@@ -130,14 +129,10 @@ def main(argv: List[str] | None = None) -> int:
             trees.append((rev, folder / "src"))
         for name, src in trees:
             for backend in args.backends:
-                got = curve(src, args.size, args.steps, backend, args.threads)
+                got = curve(src, guide_file, args.steps, backend, args.threads)
                 curves[f"{name}, {backend} ({got['kernel']})"] = np.asarray(got["loss"])
                 print(f"{name}, {backend}: kernel {got['kernel']}, final loss {got['loss'][-1]:.6f}", flush=True)
-    sys.path.insert(0, str(ROOT / "tests"))
-    sys.path.insert(0, str(ROOT / "src"))
-    from reference_fit64 import float64_fit_losses
-
-    curves["float64"] = float64_fit_losses(_guide(args.size), (args.size // 14, args.size // 14), args.steps)
+    curves["float64"] = float64_fit_losses(Guide(image), (args.size // 14, args.size // 14), args.steps)
     command = "python benchmarks/bench_loss_curve.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = table(curves, command.strip(), args.size, args.steps)
     print(text)
